@@ -1,0 +1,133 @@
+//! Code generation: the user's function, signature and attributes as
+//! written, with its body wrapped in a call to the runtime.
+//!
+//! ```text
+//! async fn get_user(&self, id: u64) -> R {
+//!     let __cache = <the cache>;
+//!     let __key = <the rendered key>;          // before the body moves the arguments
+//!     let __body = async move { let __ret: R = <body>; __ret };
+//!     ::redis_cached::__private::cached::<Shape, R, _>(__cache, __key, policy, __body).await
+//! }
+//! ```
+
+use proc_macro2::{Ident, Span, TokenStream};
+use quote::{quote, quote_spanned, ToTokens};
+
+use crate::args::Kind;
+use crate::model::{KeyPart, Model};
+
+fn local(name: &str) -> Ident {
+    Ident::new(name, Span::mixed_site())
+}
+
+pub(crate) fn expand(model: &Model) -> TokenStream {
+    let krate = &model.krate;
+    let private = quote!(#krate::__private);
+    let func = &model.func;
+    let (attrs, vis, sig) = (&func.attrs, &func.vis, &func.sig);
+    let block = &func.block;
+    let ret = &model.ret;
+    let (cache, key, body) = (local("__cache"), local("__key"), local("__body"));
+    let ret_local = local("__ret");
+
+    let cache_expr = match &model.cache {
+        Some(expr) => {
+            let span = syn::spanned::Spanned::span(expr);
+            quote_spanned!(span=> #private::cache_of(&(#expr)))
+        }
+        None => quote!(#private::global_cache()),
+    };
+    let key_expr = key_expr(model, &private);
+    let call = match model.kind {
+        Kind::Cached | Kind::Put => {
+            let shape = Ident::new(model.shape.runtime_name(), model.ret_span);
+            let entry = Ident::new(
+                if model.kind == Kind::Cached {
+                    "cached"
+                } else {
+                    "put"
+                },
+                model.ret_span,
+            );
+            let policy = policy(model);
+            // Spanned at the return type: an unserializable value is reported there.
+            quote_spanned!(model.ret_span=>
+                #private::#entry::<#private::#shape, #ret, _>(#cache, #key, #policy, #body).await
+            )
+        }
+        Kind::Evict => {
+            let succeeded = if model.shape == crate::model::Shape::Plain
+                || model.shape == crate::model::Shape::Option
+            {
+                quote!(#private::always)
+            } else {
+                quote!(#private::is_ok)
+            };
+            quote!(#private::evict::<#ret, _>(#cache, #key, #succeeded, #body).await)
+        }
+    };
+
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            let #cache = #cache_expr;
+            let #key = #key_expr;
+            let #body = async move {
+                let #ret_local: #ret = #block;
+                #ret_local
+            };
+            #call
+        }
+    }
+}
+
+fn key_expr(model: &Model, private: &TokenStream) -> TokenStream {
+    let builder = local("__k");
+    let capacity: usize = model
+        .key
+        .iter()
+        .map(|p| match p {
+            KeyPart::Literal(text) => text.len(),
+            KeyPart::ModulePath => 32,
+            KeyPart::Value(_) => 16,
+        })
+        .sum();
+    let pushes = model.key.iter().map(|part| match part {
+        KeyPart::Literal(text) => quote!(#builder.literal(#text);),
+        KeyPart::ModulePath => quote!(#builder.literal(::core::module_path!());),
+        KeyPart::Value(value) => {
+            let root = &value.root;
+            let fields = &value.fields;
+            let span = root.span();
+            // Spanned at the parameter: a type without `CacheKey`, or a
+            // field that does not exist, is reported there.
+            quote_spanned!(span=> #private::KeyBuilder::value(&mut #builder, &#root #(.#fields)*);)
+        }
+    });
+    let version = match model.version {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    quote!({
+        let mut #builder = #private::KeyBuilder::with_capacity(#capacity);
+        #(#pushes)*
+        #builder.finish(#version)
+    })
+}
+
+fn policy(model: &Model) -> TokenStream {
+    let krate = &model.krate;
+    let duration = |ms: Option<u64>| match ms {
+        Some(ms) => quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms))),
+        None => quote!(::core::option::Option::None),
+    };
+    let ttl = duration(model.ttl_ms);
+    let cache_none = duration(model.cache_none_ms);
+    quote!(#krate::__private::Policy { ttl: #ttl, cache_none: #cache_none })
+}
+
+/// The user's function unchanged, for when the attribute has errors: callers
+/// and IDEs keep working while the errors are shown.
+pub(crate) fn passthrough(item: &TokenStream) -> TokenStream {
+    item.to_token_stream()
+}

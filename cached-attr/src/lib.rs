@@ -1,0 +1,73 @@
+//! The attributes of `redis-cached`. Use them through the `redis-cached`
+//! crate, which documents them in full; this crate only generates code.
+//!
+//! Each attribute runs one chain: parse the arguments (`args`), parse and
+//! check the key template (`key`), build the checked model of the function
+//! (`model`), generate code (`expand`). Errors from every phase are
+//! reported together, next to the user's function left unchanged.
+
+mod args;
+mod errors;
+mod expand;
+mod key;
+mod model;
+
+use proc_macro::TokenStream;
+
+use args::{Args, Kind};
+use errors::Errors;
+
+/// Caches an `async fn`'s result: cache-aside on Redis or in memory.
+///
+/// `#[redis_cached(key = "user:<id>", ttl = 3600)]`; see the `redis-cached`
+/// crate for every argument.
+#[proc_macro_attribute]
+pub fn redis_cached(args: TokenStream, item: TokenStream) -> TokenStream {
+    entry(Kind::Cached, args, item)
+}
+
+/// Writes an `async fn`'s returned value to the cache after it succeeds
+/// (write-through): `#[cache_put(key = "user:<user.id>", ttl = 3600)]`.
+#[proc_macro_attribute]
+pub fn cache_put(args: TokenStream, item: TokenStream) -> TokenStream {
+    entry(Kind::Put, args, item)
+}
+
+/// Deletes a key after an `async fn` succeeds:
+/// `#[cache_evict(key = "user:<user.id>")]`.
+#[proc_macro_attribute]
+pub fn cache_evict(args: TokenStream, item: TokenStream) -> TokenStream {
+    entry(Kind::Evict, args, item)
+}
+
+fn entry(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
+    let item = proc_macro2::TokenStream::from(item);
+    run(kind, args.into(), item.clone())
+        .unwrap_or_else(|err| {
+            let mut out = err.into_compile_error();
+            out.extend(expand::passthrough(&item));
+            out
+        })
+        .into()
+}
+
+fn run(
+    kind: Kind,
+    args: proc_macro2::TokenStream,
+    item: proc_macro2::TokenStream,
+) -> syn::Result<proc_macro2::TokenStream> {
+    let mut errors = Errors::new();
+    let args = Args::parse(kind, args, &mut errors);
+    let func: syn::ItemFn = syn::parse2(item).map_err(|err| {
+        syn::Error::new(
+            err.span(),
+            format!("#[{}] applies to an `async fn`: {err}", kind.name()),
+        )
+    })?;
+    let model = model::Model::build(kind, args, func, &mut errors);
+    let model = errors.finish(model)?;
+    // `build` returns no model only after recording an error.
+    let model = model
+        .ok_or_else(|| syn::Error::new(proc_macro2::Span::call_site(), "invalid attribute"))?;
+    Ok(expand::expand(&model))
+}

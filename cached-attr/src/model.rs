@@ -1,0 +1,258 @@
+//! The checked, typed description of one annotated function: what `expand`
+//! needs, with every user error found before any code is written.
+
+use proc_macro2::{Ident, Span};
+use syn::spanned::Spanned;
+use syn::{FnArg, ItemFn, Pat, ReturnType, Type};
+
+use crate::args::{Args, Kind};
+use crate::errors::Errors;
+use crate::key::{self, Segment};
+
+/// Which part of the return type is stored (the runtime's `Shape`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    Plain,
+    Result,
+    Option,
+    ResultOption,
+}
+
+impl Shape {
+    fn of(ty: &Type) -> Shape {
+        match last_segment(ty) {
+            Some(("Result", first_arg)) => match first_arg.and_then(last_segment) {
+                Some(("Option", _)) => Shape::ResultOption,
+                _ => Shape::Result,
+            },
+            Some(("Option", _)) => Shape::Option,
+            _ => Shape::Plain,
+        }
+    }
+
+    pub(crate) fn runtime_name(self) -> &'static str {
+        match self {
+            Shape::Plain => "Plain",
+            Shape::Result => "ResultOf",
+            Shape::Option => "OptionOf",
+            Shape::ResultOption => "ResultOptionOf",
+        }
+    }
+
+    fn has_absent(self) -> bool {
+        matches!(self, Shape::Option | Shape::ResultOption)
+    }
+}
+
+/// The last path segment's name of `ty` and its first type argument.
+fn last_segment(ty: &Type) -> Option<(&'static str, Option<&Type>)> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    let name = if last.ident == "Result" {
+        "Result"
+    } else if last.ident == "Option" {
+        "Option"
+    } else {
+        return None;
+    };
+    let first = match &last.arguments {
+        syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
+            syn::GenericArgument::Type(t) => Some(t),
+            _ => None,
+        }),
+        _ => None,
+    };
+    Some((name, first))
+}
+
+/// A placeholder resolved to the parameter it reads.
+pub(crate) struct KeyValue {
+    /// The parameter's (or `self`'s) identifier, spanned at the parameter.
+    pub(crate) root: Ident,
+    pub(crate) fields: Vec<syn::Member>,
+}
+
+pub(crate) enum KeyPart {
+    Literal(String),
+    /// Literal text computed at the call site: the default key's module path.
+    ModulePath,
+    Value(KeyValue),
+}
+
+pub(crate) struct Model {
+    pub(crate) kind: Kind,
+    pub(crate) func: ItemFn,
+    pub(crate) key: Vec<KeyPart>,
+    pub(crate) version: Option<u32>,
+    pub(crate) ttl_ms: Option<u64>,
+    pub(crate) cache_none_ms: Option<u64>,
+    pub(crate) cache: Option<syn::Expr>,
+    pub(crate) krate: syn::Path,
+    pub(crate) ret: Type,
+    pub(crate) ret_span: Span,
+    pub(crate) shape: Shape,
+}
+
+/// A named parameter of the function.
+struct Param {
+    ident: Ident,
+    is_self: bool,
+}
+
+impl Model {
+    pub(crate) fn build(
+        kind: Kind,
+        args: Args,
+        func: ItemFn,
+        errors: &mut Errors,
+    ) -> Option<Model> {
+        if func.sig.asyncness.is_none() {
+            errors.push(syn::Error::new(
+                func.sig.fn_token.span(),
+                format!(
+                    "#[{}] applies to `async fn` only: write `async fn {}`",
+                    kind.name(),
+                    func.sig.ident
+                ),
+            ));
+        }
+        let (params, unnamed) = params(&func);
+        let key = match &args.key {
+            Some(lit) => errors
+                .ok(key::parse(lit))
+                .and_then(|segments| errors.ok(resolve(lit, &segments, &params))),
+            None => errors.ok(default_key(&func, &params, &unnamed)),
+        };
+        let (ret, ret_span) = match &func.sig.output {
+            ReturnType::Default => (syn::parse_quote!(()), func.sig.ident.span()),
+            ReturnType::Type(_, ty) => ((**ty).clone(), ty.span()),
+        };
+        if matches!(ret, Type::ImplTrait(_)) {
+            errors.push(syn::Error::new(
+                ret_span,
+                "a cached function must return a concrete type that implements Serialize and Deserialize, not `impl Trait`",
+            ));
+        }
+        let shape = Shape::of(&ret);
+        if let Some(cache_none) = &args.cache_none {
+            if !shape.has_absent() {
+                errors.push(syn::Error::new(
+                    cache_none.span,
+                    "`cache_none` caches `None` results, but this function does not return an `Option` or `Result<Option<_>, _>`",
+                ));
+            }
+        }
+        let key = key?;
+        Some(Model {
+            kind,
+            key,
+            version: args.version,
+            ttl_ms: args.ttl.map(|d| millis(d.value)),
+            cache_none_ms: args.cache_none.map(|d| millis(d.value)),
+            cache: args.cache,
+            krate: args
+                .krate
+                .unwrap_or_else(|| syn::parse_quote!(::redis_cached)),
+            ret,
+            ret_span,
+            shape,
+            func,
+        })
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The named parameters, and the spans of those without a plain name.
+fn params(func: &ItemFn) -> (Vec<Param>, Vec<Span>) {
+    let mut named = Vec::new();
+    let mut unnamed = Vec::new();
+    for input in &func.sig.inputs {
+        match input {
+            FnArg::Receiver(recv) => named.push(Param {
+                ident: Ident::new("self", recv.self_token.span),
+                is_self: true,
+            }),
+            FnArg::Typed(typed) => match &*typed.pat {
+                Pat::Ident(p) if p.subpat.is_none() => named.push(Param {
+                    ident: p.ident.clone(),
+                    is_self: false,
+                }),
+                other => unnamed.push(other.span()),
+            },
+        }
+    }
+    (named, unnamed)
+}
+
+fn resolve(lit: &syn::LitStr, segments: &[Segment], params: &[Param]) -> syn::Result<Vec<KeyPart>> {
+    let mut parts = Vec::new();
+    let mut errors = Errors::new();
+    for segment in segments {
+        match segment {
+            Segment::Literal(text) => parts.push(KeyPart::Literal(text.clone())),
+            Segment::Placeholder { root, fields } => {
+                let Some(param) = params.iter().find(|p| p.ident == root) else {
+                    let names: Vec<String> =
+                        params.iter().map(|p| format!("`{}`", p.ident)).collect();
+                    let listed = if names.is_empty() {
+                        "the function has no parameters".to_owned()
+                    } else {
+                        format!("parameters are {}", names.join(", "))
+                    };
+                    errors.push(syn::Error::new(
+                        lit.span(),
+                        format!("unknown placeholder `<{root}>` in the key template: {listed}"),
+                    ));
+                    continue;
+                };
+                if param.is_self && fields.is_empty() {
+                    errors.push(syn::Error::new(
+                        lit.span(),
+                        "placeholder `<self>` needs a field, e.g. `<self.tenant>`",
+                    ));
+                    continue;
+                }
+                let span = param.ident.span();
+                parts.push(KeyPart::Value(KeyValue {
+                    root: param.ident.clone(),
+                    fields: fields.iter().map(|f| field_ident(f, span)).collect(),
+                }));
+            }
+        }
+    }
+    errors.finish(parts)
+}
+
+/// A field of a placeholder's path (`id`, or `0` of a tuple), spanned at
+/// the parameter so that rustc's errors about it point there.
+fn field_ident(field: &str, span: Span) -> syn::Member {
+    match field.parse::<u32>() {
+        Ok(index) => syn::Member::Unnamed(syn::Index { index, span }),
+        Err(_) => syn::Member::Named(Ident::new(field, span)),
+    }
+}
+
+/// `<module path>::<fn>` then `:<arg>` for every non-self argument.
+fn default_key(func: &ItemFn, params: &[Param], unnamed: &[Span]) -> syn::Result<Vec<KeyPart>> {
+    if let Some(span) = unnamed.first() {
+        return Err(syn::Error::new(
+            *span,
+            "the default key needs every argument to have a plain name: bind it to a name, or give a `key = \"…\"` template",
+        ));
+    }
+    let mut parts = vec![
+        KeyPart::ModulePath,
+        KeyPart::Literal(format!("::{}", func.sig.ident)),
+    ];
+    for param in params.iter().filter(|p| !p.is_self) {
+        parts.push(KeyPart::Literal(":".into()));
+        parts.push(KeyPart::Value(KeyValue {
+            root: param.ident.clone(),
+            fields: Vec::new(),
+        }));
+    }
+    Ok(parts)
+}

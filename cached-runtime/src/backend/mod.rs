@@ -1,0 +1,87 @@
+//! Where entries live: Redis, or an embedded in-memory store with the same
+//! semantics. Both speak [`Backend`]; [`AnyBackend`] picks one at run time.
+
+mod memory;
+mod redis;
+
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) use self::memory::MemoryBackend;
+pub use self::memory::MemoryConfig;
+pub(crate) use self::redis::RedisBackend;
+use crate::error::Result;
+
+/// An entry's bytes as a backend hands them out.
+#[derive(Debug, Clone)]
+pub(crate) enum Bytes {
+    Owned(Vec<u8>),
+    Shared(Arc<[u8]>),
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Shared(v) => v,
+        }
+    }
+}
+
+/// The operations the cache needs from a store. Errors are reported, never
+/// retried here: the cache decides what a failure means.
+pub(crate) trait Backend: Send + Sync {
+    /// The entry at `key`, if any.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>>> + Send;
+    /// Stores `value` at `key` for `ttl`, replacing what was there.
+    fn set(
+        &self,
+        key: &str,
+        value: Arc<[u8]>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes `key`.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+}
+
+// One per cache, inside its `Arc`: boxing the larger variant would only add
+// an indirection to every Redis operation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum AnyBackend {
+    Redis(RedisBackend),
+    Memory(MemoryBackend),
+}
+
+impl AnyBackend {
+    pub(crate) fn is_redis(&self) -> bool {
+        matches!(self, AnyBackend::Redis(_))
+    }
+}
+
+impl Backend for AnyBackend {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match self {
+            AnyBackend::Redis(b) => b.get(key).await,
+            AnyBackend::Memory(b) => b.get(key).await,
+        }
+    }
+
+    async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.set(key, value, ttl).await,
+            AnyBackend::Memory(b) => b.set(key, value, ttl).await,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.delete(key).await,
+            AnyBackend::Memory(b) => b.delete(key).await,
+        }
+    }
+}

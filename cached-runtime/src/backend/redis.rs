@@ -1,0 +1,104 @@
+//! The Redis backend: one multiplexed connection per cache, managed by
+//! redis-rs's `ConnectionManager`, which reconnects in the background.
+//!
+//! The manager is created on first use, inside the caller's Tokio runtime,
+//! so building a cache never touches the network and works outside a
+//! runtime. When the breaker opens, the manager is dropped and the next
+//! probe builds a fresh one: redis-rs only reconnects after I/O errors, so a
+//! connection that failed for another reason (a wrong password that has
+//! since been fixed) would otherwise stay failed.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Backend, Bytes};
+use crate::error::{Error, Result};
+
+pub(crate) struct RedisBackend {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    manager: Mutex<Option<ConnectionManager>>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let info = self.client.get_connection_info();
+        f.debug_struct("RedisBackend")
+            .field("addr", &info.addr().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Parses `url` and prepares the connection settings; connects nothing.
+    pub(crate) fn new(url: &str, op_timeout: Duration, connect_timeout: Duration) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(|e| {
+            // The error text of a URL parse never needs the URL itself.
+            Error::InvalidUrl(format!("{:?}", e.kind()))
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(op_timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(500));
+        Ok(RedisBackend {
+            client,
+            config,
+            manager: Mutex::new(None),
+        })
+    }
+
+    fn connection(&self) -> Result<ConnectionManager> {
+        let mut slot = self.manager.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(manager) = slot.as_ref() {
+            return Ok(manager.clone());
+        }
+        let manager =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+                .map_err(|e| Error::from_redis(&e))?;
+        *slot = Some(manager.clone());
+        Ok(manager)
+    }
+
+    /// Drops the current connection; the next operation connects afresh.
+    pub(crate) fn reset(&self) {
+        self.manager
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let mut conn = self.connection()?;
+        cmd.query_async(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))
+    }
+}
+
+impl Backend for RedisBackend {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let value: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
+        Ok(value.map(Bytes::Owned))
+    }
+
+    async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        // PX takes whole milliseconds; a TTL under 1 ms still lives 1 ms.
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.query(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(&*value)
+                .arg("PX")
+                .arg(ttl_ms),
+        )
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.query(redis::cmd("DEL").arg(key)).await
+    }
+}

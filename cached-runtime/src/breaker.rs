@@ -1,0 +1,194 @@
+//! The circuit breaker in front of Redis.
+//!
+//! After `failure_threshold` consecutive failures the breaker opens and every
+//! Redis operation is skipped (a miss, then the computation) for `cooldown`.
+//! Then one operation goes through as a probe: its success closes the
+//! breaker, its failure opens it for another cool-down. A probe that never
+//! reports (its caller was cancelled) is replaced after one more cool-down.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// Settings of the circuit breaker, see [`CacheBuilder::breaker`](crate::CacheBuilder::breaker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker. Default 5.
+    pub failure_threshold: u32,
+    /// How long an open breaker skips Redis before probing. Default 1 s.
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: 5,
+            cooldown: Duration::from_secs(1),
+        }
+    }
+}
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// What a call to [`Breaker::failure`] did, for the caller to count and log.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Transition {
+    None,
+    Opened,
+}
+
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    config: BreakerConfig,
+    state: AtomicU8,
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` at which an open breaker lets a probe through.
+    retry_at_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Breaker {
+    pub(crate) fn new(config: BreakerConfig) -> Self {
+        Breaker {
+            config,
+            state: AtomicU8::new(CLOSED),
+            failures: AtomicU32::new(0),
+            retry_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn cooldown_ms(&self) -> u64 {
+        u64::try_from(self.config.cooldown.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether an operation may go to Redis now.
+    pub(crate) fn allow(&self) -> bool {
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => true,
+            _ => {
+                // Open, or half-open with a probe out: once the retry time has
+                // passed, exactly one caller wins the right to probe.
+                let now = self.now_ms();
+                let retry_at = self.retry_at_ms.load(Ordering::Acquire);
+                now >= retry_at
+                    && self
+                        .retry_at_ms
+                        .compare_exchange(
+                            retry_at,
+                            now.saturating_add(self.cooldown_ms()),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                    && {
+                        self.state.store(HALF_OPEN, Ordering::Release);
+                        true
+                    }
+            }
+        }
+    }
+
+    /// Records a successful operation; returns whether the breaker was not
+    /// closed before (it recovered).
+    pub(crate) fn success(&self) -> bool {
+        self.failures.store(0, Ordering::Relaxed);
+        self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED
+    }
+
+    /// Records a failed operation.
+    pub(crate) fn failure(&self) -> Transition {
+        let opened = match self.state.load(Ordering::Acquire) {
+            HALF_OPEN => true,
+            OPEN => false,
+            _ => {
+                let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                failures >= self.config.failure_threshold
+            }
+        };
+        if !opened {
+            return Transition::None;
+        }
+        self.retry_at_ms.store(
+            self.now_ms().saturating_add(self.cooldown_ms()),
+            Ordering::Release,
+        );
+        if self.state.swap(OPEN, Ordering::AcqRel) == OPEN {
+            Transition::None
+        } else {
+            self.failures.store(0, Ordering::Relaxed);
+            Transition::Opened
+        }
+    }
+
+    /// Whether the breaker is currently open or probing.
+    pub(crate) fn is_open(&self) -> bool {
+        self.state.load(Ordering::Acquire) != CLOSED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(cooldown_ms: u64) -> Breaker {
+        Breaker::new(BreakerConfig {
+            failure_threshold: 3,
+            cooldown: Duration::from_millis(cooldown_ms),
+        })
+    }
+
+    #[test]
+    fn opens_after_threshold_consecutive_failures() {
+        let b = breaker(10_000);
+        assert_eq!(b.failure(), Transition::None);
+        assert_eq!(b.failure(), Transition::None);
+        assert!(b.allow());
+        assert_eq!(b.failure(), Transition::Opened);
+        assert!(!b.allow());
+        assert!(b.is_open());
+    }
+
+    #[test]
+    fn success_resets_the_count() {
+        let b = breaker(10_000);
+        b.failure();
+        b.failure();
+        assert!(!b.success());
+        b.failure();
+        b.failure();
+        assert!(b.allow());
+    }
+
+    #[test]
+    fn probes_once_after_cooldown_and_recovers() {
+        let b = breaker(20);
+        for _ in 0..3 {
+            b.failure();
+        }
+        assert!(!b.allow());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(b.allow(), "one probe after the cool-down");
+        assert!(!b.allow(), "only one probe at a time");
+        assert!(b.success());
+        assert!(b.allow());
+        assert!(!b.is_open());
+    }
+
+    #[test]
+    fn failed_probe_reopens() {
+        let b = breaker(20);
+        for _ in 0..3 {
+            b.failure();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(b.allow());
+        assert_eq!(b.failure(), Transition::Opened);
+        assert!(!b.allow());
+    }
+}

@@ -1,0 +1,496 @@
+//! The [`Cache`] handle, its builder, and the cache-aside algorithm.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::backend::{AnyBackend, Backend, Bytes, MemoryBackend, MemoryConfig, RedisBackend};
+use crate::breaker::{Breaker, BreakerConfig, Transition};
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::flight::{self, Flights, Role};
+use crate::key::full_key;
+use crate::shape::{Plain, Shape, Stored};
+use crate::stats::{Counters, Stats};
+
+/// The URL that selects the in-memory backend in [`Cache::builder`].
+pub const MEMORY_URL: &str = "memory://";
+
+/// A cache: a backend (Redis or in-memory) plus the policy around it.
+///
+/// Cheap to clone (an `Arc` inside), `Send + Sync`. Redis failures never
+/// surface from the lookup methods: they count as misses, are counted in
+/// [`Cache::stats`], and open a circuit breaker when they repeat.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use cached_runtime::Cache;
+///
+/// let cache = Cache::in_memory();
+/// cache.set("greeting", &"hello", Duration::from_secs(60)).await.unwrap();
+/// assert_eq!(cache.get::<String>("greeting").await.as_deref(), Some("hello"));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: AnyBackend,
+    namespace: Option<String>,
+    default_ttl: Duration,
+    op_timeout: Duration,
+    max_value_bytes: usize,
+    codec: Codec,
+    breaker: Breaker,
+    counters: Counters,
+    flights: Flights,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("backend", &self.inner.backend)
+            .field("namespace", &self.inner.namespace)
+            .field("default_ttl", &self.inner.default_ttl)
+            .field("op_timeout", &self.inner.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`Cache`]; from [`Cache::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct CacheBuilder {
+    url: String,
+    namespace: Option<String>,
+    default_ttl: Duration,
+    op_timeout: Duration,
+    connect_timeout: Duration,
+    max_value_bytes: usize,
+    codec: Codec,
+    breaker: BreakerConfig,
+    memory: MemoryConfig,
+}
+
+/// Where the lookup of one key ended.
+enum Lookup<T> {
+    Hit(T),
+    HitAbsent,
+    Miss,
+}
+
+impl Cache {
+    /// A Redis-backed cache with default settings.
+    ///
+    /// Lazy: only the URL is checked here (`redis://`, `rediss://`,
+    /// `unix://`, with an optional `user:password@`), so this never fails
+    /// because Redis is down; the connection is made on first use.
+    pub fn redis(url: &str) -> Result<Cache> {
+        Cache::builder(url).build()
+    }
+
+    /// An embedded in-memory cache with the same semantics as Redis
+    /// (per-entry TTL, bounded size), for tests, development and single
+    /// processes.
+    pub fn in_memory() -> Cache {
+        Cache::from_builder(
+            Cache::builder(MEMORY_URL),
+            AnyBackend::Memory(MemoryBackend::new(MemoryConfig::default())),
+        )
+    }
+
+    /// Starts configuring a cache at `url`: a Redis URL, or
+    /// [`MEMORY_URL`] (`memory://`) for the in-memory backend.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cached_runtime::Cache;
+    ///
+    /// let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "memory://".into());
+    /// let cache = Cache::builder(&url)
+    ///     .namespace("shop")
+    ///     .default_ttl(Duration::from_secs(600))
+    ///     .op_timeout(Duration::from_millis(100))
+    ///     .build()?;
+    /// # Ok::<(), cached_runtime::Error>(())
+    /// ```
+    pub fn builder(url: &str) -> CacheBuilder {
+        CacheBuilder {
+            url: url.to_owned(),
+            namespace: None,
+            default_ttl: Duration::from_secs(3600),
+            op_timeout: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(1),
+            max_value_bytes: 16 * 1024 * 1024,
+            codec: Codec::Json,
+            breaker: BreakerConfig::default(),
+            memory: MemoryConfig::default(),
+        }
+    }
+
+    fn from_builder(b: CacheBuilder, backend: AnyBackend) -> Cache {
+        Cache {
+            inner: Arc::new(Inner {
+                backend,
+                namespace: b.namespace,
+                default_ttl: b.default_ttl,
+                op_timeout: b.op_timeout,
+                max_value_bytes: b.max_value_bytes,
+                codec: b.codec,
+                breaker: Breaker::new(b.breaker),
+                counters: Counters::default(),
+                flights: Flights::default(),
+            }),
+        }
+    }
+
+    /// The value at `key`, or `None` when it is absent, undecodable as a
+    /// `T`, or Redis is unavailable (all counted as misses).
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        match self.lookup(&self.full_key(key.to_owned())).await {
+            Lookup::Hit(value) => Some(value),
+            Lookup::HitAbsent | Lookup::Miss => None,
+        }
+    }
+
+    /// Stores `value` at `key` for `ttl`.
+    ///
+    /// # Errors
+    /// When the value cannot be serialized or is over `max_value_bytes`, or
+    /// Redis fails, times out or is skipped by the open breaker.
+    pub async fn set<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        let entry = self.inner.codec.encode(value)?;
+        self.store(&self.full_key(key.to_owned()), entry.into(), ttl)
+            .await
+    }
+
+    /// Deletes `key`, so the next lookup misses.
+    ///
+    /// # Errors
+    /// When Redis fails, times out or is skipped by the open breaker: the
+    /// old value may then still be served until its TTL ends.
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        self.delete(&self.full_key(key.to_owned())).await
+    }
+
+    /// The value at `key`; on a miss, runs `compute`, stores its result for
+    /// `ttl` and returns it. Concurrent misses for one key in this process
+    /// share one computation.
+    pub async fn get_or_compute<T, F, Fut>(&self, key: &str, ttl: Duration, compute: F) -> T
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.fill::<Plain, T, _>(self.full_key(key.to_owned()), Some(ttl), None, compute)
+            .await
+    }
+
+    /// A snapshot of this cache's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// The default TTL of entries whose function gives none.
+    pub fn default_ttl(&self) -> Duration {
+        self.inner.default_ttl
+    }
+
+    /// Whether the circuit breaker currently skips Redis.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    /// How many entries the in-memory backend holds after its pending
+    /// housekeeping; `None` for Redis.
+    pub fn memory_entry_count(&self) -> Option<u64> {
+        match &self.inner.backend {
+            AnyBackend::Memory(m) => {
+                m.run_pending_tasks();
+                Some(m.entry_count())
+            }
+            AnyBackend::Redis(_) => None,
+        }
+    }
+
+    pub(crate) fn full_key(&self, key: String) -> String {
+        full_key(self.inner.namespace.as_deref(), key)
+    }
+
+    pub(crate) fn codec(&self) -> Codec {
+        self.inner.codec
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The cache-aside algorithm: look up `key`; on a miss, lead or follow
+    /// the in-process computation; store what the shape says to store.
+    pub(crate) async fn fill<S, R, Fut>(
+        &self,
+        key: String,
+        ttl: Option<Duration>,
+        absent_ttl: Option<Duration>,
+        compute: impl FnOnce() -> Fut,
+    ) -> R
+    where
+        S: Shape<R>,
+        Fut: Future<Output = R>,
+    {
+        match self.lookup::<S::Value>(&key).await {
+            Lookup::Hit(value) => return S::from_value(value),
+            Lookup::HitAbsent => {
+                if let Some(result) = S::absent() {
+                    return result;
+                }
+            }
+            Lookup::Miss => {}
+        }
+        let leader = loop {
+            match self.inner.flights.join(&key) {
+                Role::Leader(leader) => break leader,
+                Role::Follower(receiver) => {
+                    Counters::bump(&self.inner.counters.coalesced);
+                    if let Some(result) = self.follow::<S, R>(receiver).await {
+                        return result;
+                    }
+                }
+            }
+        };
+        Counters::bump(&self.inner.counters.computes);
+        let result = compute().await;
+        let (entry, ttl) = match S::view(&result) {
+            Stored::Value(value) => match self.inner.codec.encode(value) {
+                Ok(entry) => (entry, ttl.or(Some(self.inner.default_ttl))),
+                Err(err) => {
+                    Counters::bump(&self.inner.counters.encode_errors);
+                    tracing::warn!(error = %err, "value not cached: it cannot be serialized");
+                    return result;
+                }
+            },
+            Stored::Absent => (self.inner.codec.encode_absent(), absent_ttl),
+            Stored::Skip => return result,
+        };
+        let entry: Arc<[u8]> = entry.into();
+        leader.publish(entry.clone());
+        if let Some(ttl) = ttl {
+            // Failures are counted inside; the caller gets its value anyway.
+            let _ = self.store(&key, entry, ttl).await;
+        }
+        drop(leader);
+        result
+    }
+
+    async fn follow<S: Shape<R>, R>(&self, receiver: flight::Receiver) -> Option<R> {
+        let entry = flight::follow(receiver).await?;
+        match self.inner.codec.decode::<S::Value>(&entry) {
+            Ok(Some(value)) => Some(S::from_value(value)),
+            Ok(None) => S::absent(),
+            Err(_) => None,
+        }
+    }
+
+    async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
+        let counters = &self.inner.counters;
+        let found = match self.guarded(self.inner.backend.get(key)).await {
+            Ok(Some(bytes)) => self.decode::<T>(&bytes),
+            Ok(None) | Err(_) => Lookup::Miss,
+        };
+        match found {
+            Lookup::Miss => Counters::bump(&counters.misses),
+            Lookup::Hit(_) | Lookup::HitAbsent => Counters::bump(&counters.hits),
+        }
+        found
+    }
+
+    fn decode<T: DeserializeOwned>(&self, bytes: &Bytes) -> Lookup<T> {
+        if bytes.len() > self.inner.max_value_bytes {
+            Counters::bump(&self.inner.counters.oversized);
+            return Lookup::Miss;
+        }
+        match self.inner.codec.decode::<T>(bytes) {
+            Ok(Some(value)) => Lookup::Hit(value),
+            Ok(None) => Lookup::HitAbsent,
+            Err(err) => {
+                Counters::bump(&self.inner.counters.decode_errors);
+                tracing::debug!(error = %err, "stored value undecodable; treated as a miss");
+                Lookup::Miss
+            }
+        }
+    }
+
+    pub(crate) async fn store(&self, key: &str, entry: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        if entry.len() > self.inner.max_value_bytes {
+            Counters::bump(&self.inner.counters.oversized);
+            return Err(Error::Config(format!(
+                "value of {} bytes is over max_value_bytes ({})",
+                entry.len(),
+                self.inner.max_value_bytes
+            )));
+        }
+        self.guarded(self.inner.backend.set(key, entry, ttl))
+            .await?;
+        Counters::bump(&self.inner.counters.writes);
+        Ok(())
+    }
+
+    pub(crate) async fn delete(&self, key: &str) -> Result<()> {
+        self.guarded(self.inner.backend.delete(key)).await?;
+        Counters::bump(&self.inner.counters.invalidations);
+        Ok(())
+    }
+
+    /// Runs one backend operation under the breaker and `op_timeout`,
+    /// counting what happens. The in-memory backend cannot fail or block, so
+    /// it runs bare.
+    async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        let inner = &*self.inner;
+        if !inner.backend.is_redis() {
+            return op.await;
+        }
+        if !inner.breaker.allow() {
+            Counters::bump(&inner.counters.breaker_skips);
+            return Err(Error::BreakerOpen);
+        }
+        let err = match tokio::time::timeout(inner.op_timeout, op).await {
+            Ok(Ok(value)) => {
+                if inner.breaker.success() {
+                    tracing::info!("Redis reachable again; caching resumed");
+                }
+                return Ok(value);
+            }
+            Ok(Err(err)) => {
+                Counters::bump(&inner.counters.errors);
+                err
+            }
+            Err(_) => {
+                Counters::bump(&inner.counters.timeouts);
+                Error::Timeout(inner.op_timeout)
+            }
+        };
+        tracing::debug!(error = %err, "Redis operation failed");
+        if inner.breaker.failure() == Transition::Opened {
+            Counters::bump(&inner.counters.breaker_opens);
+            tracing::warn!(
+                error = %err,
+                "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
+            );
+            if let AnyBackend::Redis(redis) = &inner.backend {
+                redis.reset();
+            }
+        }
+        Err(err)
+    }
+}
+
+impl CacheBuilder {
+    /// Prefixes every key with `<namespace>:`. Letters, digits and
+    /// `- _ . : /` only.
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_owned());
+        self
+    }
+
+    /// TTL of entries whose function or call gives none. Default 3600 s.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// Upper bound of each Redis operation; a slower one counts as a failure
+    /// and the caller computes instead. Default 200 ms.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Upper bound of one connection attempt (made in the background of
+    /// the operations, which stay bounded by `op_timeout`). Default 1 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Circuit-breaker settings.
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
+    /// Serialization format of stored values. Default JSON.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Limits of the in-memory backend (ignored for Redis).
+    pub fn memory(mut self, config: MemoryConfig) -> Self {
+        self.memory = config;
+        self
+    }
+
+    /// Largest stored value, in bytes (header included); larger values are
+    /// neither stored nor read. Default 16 MiB.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// Checks the settings and builds the cache. Connects nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a malformed URL, [`Error::Config`] for a
+    /// zero TTL or timeout or a namespace with characters outside
+    /// `A-Z a-z 0-9 - _ . : /`.
+    pub fn build(self) -> Result<Cache> {
+        if let Some(ns) = &self.namespace {
+            let valid = !ns.is_empty()
+                && ns
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+            if !valid {
+                return Err(Error::Config(format!(
+                    "namespace {ns:?} must be non-empty and use only A-Z a-z 0-9 - _ . : /"
+                )));
+            }
+        }
+        for (name, value) in [
+            ("default_ttl", self.default_ttl),
+            ("op_timeout", self.op_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("breaker cooldown", self.breaker.cooldown),
+        ] {
+            if value.is_zero() {
+                return Err(Error::Config(format!("{name} must be greater than zero")));
+            }
+        }
+        if self.breaker.failure_threshold == 0 {
+            return Err(Error::Config(
+                "breaker failure_threshold must be at least 1".into(),
+            ));
+        }
+        let backend = if self.url == MEMORY_URL {
+            AnyBackend::Memory(MemoryBackend::new(self.memory))
+        } else {
+            AnyBackend::Redis(RedisBackend::new(
+                &self.url,
+                self.op_timeout,
+                self.connect_timeout,
+            )?)
+        };
+        Ok(Cache::from_builder(self, backend))
+    }
+}

@@ -1,0 +1,56 @@
+//! The one error type of the fallible public API.
+//!
+//! Cached functions never see these: inside the cache every Redis or codec
+//! failure becomes a counted, logged event and the value is computed instead.
+
+/// What can go wrong when building a [`Cache`](crate::Cache) or calling its
+/// fallible methods.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The Redis URL could not be parsed. The URL itself is not repeated,
+    /// since it may hold a password.
+    #[error("invalid Redis URL: {0}")]
+    InvalidUrl(String),
+    /// A builder setting is out of range.
+    #[error("invalid cache configuration: {0}")]
+    Config(String),
+    /// Redis answered with an error or could not be reached.
+    #[error("Redis error: {0}")]
+    Redis(String),
+    /// A Redis operation took longer than the cache's `op_timeout`.
+    #[error("Redis operation timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// The circuit breaker is open: Redis is skipped until its cool-down ends.
+    #[error("Redis skipped: circuit breaker open")]
+    BreakerOpen,
+    /// A value could not be serialized or deserialized.
+    #[error("codec error: {0}")]
+    Codec(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Describes a redis-rs error without anything that could carry a secret.
+    ///
+    /// redis-rs errors never include the password, but connection errors can
+    /// include the whole connection info in their detail; only the kind,
+    /// category and code are kept.
+    pub(crate) fn from_redis(err: &redis::RedisError) -> Self {
+        let mut text = format!("{:?}", err.kind());
+        if let Some(code) = err.code() {
+            text.push_str(": ");
+            text.push_str(code);
+        }
+        if err.is_timeout() {
+            text.push_str(" (timeout)");
+        } else if err.is_connection_refusal() {
+            text.push_str(" (connection refused)");
+        } else if err.is_io_error() {
+            text.push_str(" (I/O error)");
+        }
+        Error::Redis(text)
+    }
+}

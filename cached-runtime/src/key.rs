@@ -1,0 +1,344 @@
+//! Key encoding: how argument values become Redis key text.
+//!
+//! The encoding is injective. A value's encoding uses only the *safe* bytes
+//! `A-Z a-z 0-9 - _ .` and `%`; every other byte of a string is written as
+//! `%XX` (upper-case hex), and the few structural marks (`%N` for `None`,
+//! `%[`, `%,`, `%]` for sequences) are `%` followed by a byte that is never a
+//! hex digit, so they cannot be confused with an escape. A key template puts a
+//! byte outside that alphabet (such as `:`) between any two placeholders, so
+//! the rendered key can be split back into its values: two different argument
+//! lists never give the same key, and no value can inject `:`, `*`, `{`, `}`,
+//! spaces or control bytes.
+//!
+//! Keys longer than [`MAX_KEY_LEN`] are shortened to a readable prefix plus
+//! the SHA-256 of the whole key.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+/// The longest key sent to Redis, in bytes. Longer keys are shortened.
+pub const MAX_KEY_LEN: usize = 256;
+/// How much of a shortened key is kept as a readable prefix.
+const SHORTENED_PREFIX_LEN: usize = MAX_KEY_LEN - 1 - 64;
+
+/// A value that can stand in a key placeholder.
+///
+/// Implementations must be injective (different values, different text) and
+/// write only the bytes `A-Z a-z 0-9 - _ . %`; [`escape_into`] does both for
+/// any text. Implemented for integers, `bool`, `char`, strings, floats,
+/// `Option` of those, sequences and references.
+///
+/// ```
+/// use cached_runtime::{escape_into, CacheKey};
+///
+/// struct Email(String);
+///
+/// impl CacheKey for Email {
+///     fn write_key(&self, out: &mut String) {
+///         escape_into(self.0.to_ascii_lowercase().as_bytes(), out);
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used in a cache key",
+    label = "this key placeholder's value has type `{Self}`, which does not implement `CacheKey`",
+    note = "implement `redis_cached::CacheKey` for it, or use a field that does (integers, strings, bool, char, Option, Vec)"
+)]
+pub trait CacheKey {
+    /// Appends this value's key encoding to `out`.
+    fn write_key(&self, out: &mut String);
+}
+
+/// A key value that is not itself an `Option`; lets `Option<T>` be a key
+/// without `Option<Option<T>>`, whose `None` and `Some(None)` would collide.
+pub trait KeyAtom: CacheKey {}
+
+fn is_safe(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+/// Appends `bytes` to `out`, escaping every byte outside `A-Z a-z 0-9 - _ .`
+/// as `%XX`.
+pub fn escape_into(bytes: &[u8], out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.reserve(bytes.len());
+    for &b in bytes {
+        if is_safe(b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        }
+    }
+}
+
+macro_rules! display_keys {
+    ($($t:ty),*) => {$(
+        impl CacheKey for $t {
+            fn write_key(&self, out: &mut String) {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "{}", self);
+            }
+        }
+        impl KeyAtom for $t {}
+    )*};
+}
+// Integers and bools print only safe bytes (digits, `-`, letters).
+display_keys!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool);
+
+macro_rules! float_keys {
+    ($($t:ty),*) => {$(
+        impl CacheKey for $t {
+            fn write_key(&self, out: &mut String) {
+                // Rust prints the shortest text that reads back to the same
+                // float, so distinct values give distinct text; `inf` and
+                // `NaN` are letters. All NaNs share one key.
+                let mut text = String::new();
+                let _ = write!(text, "{:?}", self);
+                escape_into(text.as_bytes(), out);
+            }
+        }
+        impl KeyAtom for $t {}
+    )*};
+}
+float_keys!(f32, f64);
+
+impl CacheKey for str {
+    fn write_key(&self, out: &mut String) {
+        escape_into(self.as_bytes(), out);
+    }
+}
+impl KeyAtom for str {}
+
+impl CacheKey for String {
+    fn write_key(&self, out: &mut String) {
+        escape_into(self.as_bytes(), out);
+    }
+}
+impl KeyAtom for String {}
+
+impl CacheKey for char {
+    fn write_key(&self, out: &mut String) {
+        let mut buf = [0u8; 4];
+        escape_into(self.encode_utf8(&mut buf).as_bytes(), out);
+    }
+}
+impl KeyAtom for char {}
+
+impl CacheKey for Cow<'_, str> {
+    fn write_key(&self, out: &mut String) {
+        escape_into(self.as_bytes(), out);
+    }
+}
+impl KeyAtom for Cow<'_, str> {}
+
+macro_rules! forward_keys {
+    ($($wrapper:ident),*) => {$(
+        impl<T: CacheKey + ?Sized> CacheKey for $wrapper<T> {
+            fn write_key(&self, out: &mut String) {
+                (**self).write_key(out);
+            }
+        }
+        impl<T: KeyAtom + ?Sized> KeyAtom for $wrapper<T> {}
+    )*};
+}
+forward_keys!(Box, Rc, Arc);
+
+impl<T: CacheKey + ?Sized> CacheKey for &T {
+    fn write_key(&self, out: &mut String) {
+        (**self).write_key(out);
+    }
+}
+impl<T: KeyAtom + ?Sized> KeyAtom for &T {}
+
+impl<T: CacheKey + ?Sized> CacheKey for &mut T {
+    fn write_key(&self, out: &mut String) {
+        (**self).write_key(out);
+    }
+}
+impl<T: KeyAtom + ?Sized> KeyAtom for &mut T {}
+
+impl<T: KeyAtom> CacheKey for Option<T> {
+    fn write_key(&self, out: &mut String) {
+        match self {
+            Some(value) => value.write_key(out),
+            None => out.push_str("%N"),
+        }
+    }
+}
+
+impl<T: CacheKey> CacheKey for [T] {
+    fn write_key(&self, out: &mut String) {
+        // Every element is introduced by `%,`, so `[]` and `[""]` differ.
+        out.push_str("%[");
+        for item in self {
+            out.push_str("%,");
+            item.write_key(out);
+        }
+        out.push_str("%]");
+    }
+}
+impl<T: CacheKey> KeyAtom for [T] {}
+
+impl<T: CacheKey, const N: usize> CacheKey for [T; N] {
+    fn write_key(&self, out: &mut String) {
+        self.as_slice().write_key(out);
+    }
+}
+impl<T: CacheKey, const N: usize> KeyAtom for [T; N] {}
+
+impl<T: CacheKey> CacheKey for Vec<T> {
+    fn write_key(&self, out: &mut String) {
+        self.as_slice().write_key(out);
+    }
+}
+impl<T: CacheKey> KeyAtom for Vec<T> {}
+
+/// Renders a key template: literal text and encoded values, then the version.
+///
+/// Generated code builds one per call; the attribute has checked the
+/// template at compile time.
+#[derive(Debug)]
+pub struct KeyBuilder {
+    buf: String,
+}
+
+impl KeyBuilder {
+    /// Starts a key with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        KeyBuilder {
+            buf: String::with_capacity(capacity),
+        }
+    }
+
+    /// Appends literal template text as written.
+    pub fn literal(&mut self, text: &str) {
+        self.buf.push_str(text);
+    }
+
+    /// Appends a placeholder's value in its key encoding.
+    pub fn value<K: CacheKey + ?Sized>(&mut self, value: &K) {
+        value.write_key(&mut self.buf);
+    }
+
+    /// Ends the key, appending `@v<version>` when a version is given.
+    pub fn finish(mut self, version: Option<u32>) -> String {
+        if let Some(version) = version {
+            let _ = write!(self.buf, "@v{version}");
+        }
+        self.buf
+    }
+}
+
+/// The key sent to Redis for `key` under `namespace`: `<namespace>:<key>`,
+/// shortened when longer than [`MAX_KEY_LEN`].
+pub(crate) fn full_key(namespace: Option<&str>, key: String) -> String {
+    let mut full = match namespace {
+        Some(ns) => {
+            let mut s = String::with_capacity(ns.len() + 1 + key.len());
+            s.push_str(ns);
+            s.push(':');
+            s.push_str(&key);
+            s
+        }
+        None => key,
+    };
+    if full.len() > MAX_KEY_LEN {
+        full = shorten(&full);
+    }
+    full
+}
+
+/// A readable prefix of `key`, then `~` and the hex SHA-256 of the whole key.
+fn shorten(key: &str) -> String {
+    let mut cut = SHORTENED_PREFIX_LEN;
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(MAX_KEY_LEN);
+    out.push_str(&key[..cut]);
+    out.push('~');
+    for byte in digest {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc<K: CacheKey + ?Sized>(value: &K) -> String {
+        let mut out = String::new();
+        value.write_key(&mut out);
+        out
+    }
+
+    #[test]
+    fn plain_values_are_readable() {
+        assert_eq!(enc(&42u64), "42");
+        assert_eq!(enc(&-7i32), "-7");
+        assert_eq!(enc("alice"), "alice");
+        assert_eq!(enc(&true), "true");
+        assert_eq!(enc(&1.5f64), "1.5");
+    }
+
+    #[test]
+    fn unsafe_bytes_are_escaped() {
+        assert_eq!(enc("a:b"), "a%3Ab");
+        assert_eq!(enc("*{x} %"), "%2A%7Bx%7D%20%25");
+        assert_eq!(enc("é"), "%C3%A9");
+        assert_eq!(enc("\n"), "%0A");
+    }
+
+    #[test]
+    fn structure_marks_do_not_collide() {
+        assert_ne!(enc(&None::<String>), enc(&Some("%N".to_owned())));
+        assert_eq!(enc(&Some("%N".to_owned())), "%25N");
+        let empty: Vec<String> = vec![];
+        assert_ne!(enc(&empty), enc(&vec![String::new()]));
+        assert_ne!(
+            enc(&vec![vec![1u8], vec![2, 3]]),
+            enc(&vec![vec![1u8, 2], vec![3]])
+        );
+    }
+
+    #[test]
+    fn builder_renders_template_and_version() {
+        let mut k = KeyBuilder::with_capacity(16);
+        k.literal("user:");
+        k.value(&42u64);
+        assert_eq!(k.finish(None), "user:42");
+        let mut k = KeyBuilder::with_capacity(16);
+        k.literal("user:");
+        k.value(&42u64);
+        assert_eq!(k.finish(Some(2)), "user:42@v2");
+    }
+
+    #[test]
+    fn namespace_is_a_prefix() {
+        assert_eq!(full_key(None, "user:42".into()), "user:42");
+        assert_eq!(full_key(Some("app"), "user:42".into()), "app:user:42");
+    }
+
+    #[test]
+    fn long_keys_are_shortened_with_a_digest() {
+        let long_a = format!("user:{}", "a".repeat(400));
+        let long_b = format!("user:{}b", "a".repeat(399));
+        let a = full_key(None, long_a);
+        let b = full_key(None, long_b);
+        assert_eq!(a.len(), MAX_KEY_LEN);
+        assert_eq!(b.len(), MAX_KEY_LEN);
+        assert!(a.starts_with("user:aaaa"));
+        assert_ne!(a, b);
+        // Multi-byte text is cut on a character boundary.
+        let wide = "é".repeat(300);
+        assert!(full_key(None, wide).len() <= MAX_KEY_LEN);
+    }
+}

@@ -1,0 +1,35 @@
+//! The runtime of `redis-cached`: the [`Cache`] handle, its Redis and
+//! in-memory backends, the value codec, key encoding, in-process
+//! coalescing, the circuit breaker and statistics.
+//!
+//! Users depend on the `redis-cached` facade, which re-exports this crate;
+//! the attributes' generated code calls [`__private`].
+
+#![warn(missing_docs)]
+
+mod backend;
+mod breaker;
+mod cache;
+mod codec;
+mod error;
+mod flight;
+mod global;
+mod key;
+mod shape;
+mod stats;
+
+#[doc(hidden)]
+pub mod __private {
+    //! Generated code's entry points; not a stable API.
+    pub use crate::private::*;
+}
+mod private;
+
+pub use backend::MemoryConfig;
+pub use breaker::BreakerConfig;
+pub use cache::{Cache, CacheBuilder, MEMORY_URL};
+pub use codec::Codec;
+pub use error::{Error, Result};
+pub use global::{global, set_global};
+pub use key::{escape_into, CacheKey, KeyAtom, KeyBuilder, MAX_KEY_LEN};
+pub use stats::Stats;

@@ -1,0 +1,122 @@
+//! What generated code calls. Not a stable API: reached only through
+//! `redis_cached::__private`, by code the attributes write.
+
+use std::borrow::Borrow;
+use std::future::Future;
+use std::time::Duration;
+
+pub use crate::key::KeyBuilder;
+use crate::shape::Stored;
+pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
+use crate::stats::Counters;
+use crate::{global, Cache};
+
+/// The per-function settings of a cached function.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// TTL of stored values; `None`: the cache's default.
+    pub ttl: Option<Duration>,
+    /// TTL of a stored absence; `None`: absences are not stored.
+    pub cache_none: Option<Duration>,
+}
+
+/// The cache of a `cache = …` argument: anything that borrows as a `Cache`
+/// (`Cache`, `&Cache`, `Arc<Cache>`).
+pub fn cache_of<C: Borrow<Cache> + ?Sized>(cache: &C) -> Option<Cache> {
+    Some(cache.borrow().clone())
+}
+
+/// The global cache, for attributes without `cache = …`.
+pub fn global_cache() -> Option<Cache> {
+    global::global()
+}
+
+/// The body of a `#[redis_cached]` function.
+pub async fn cached<S, R, Fut>(cache: Option<Cache>, key: String, policy: Policy, body: Fut) -> R
+where
+    S: Shape<R>,
+    Fut: Future<Output = R>,
+{
+    let Some(cache) = cache else {
+        global::warn_unset();
+        return body.await;
+    };
+    let key = cache.full_key(key);
+    cache
+        .fill::<S, R, _>(key, policy.ttl, policy.cache_none, || body)
+        .await
+}
+
+/// The body of a `#[cache_put]` function: run it, then write its value.
+pub async fn put<S, R, Fut>(cache: Option<Cache>, key: String, policy: Policy, body: Fut) -> R
+where
+    S: Shape<R>,
+    Fut: Future<Output = R>,
+{
+    let result = body.await;
+    let Some(cache) = cache else {
+        global::warn_unset();
+        return result;
+    };
+    let key = cache.full_key(key);
+    let codec_entry = match S::view(&result) {
+        Stored::Value(value) => match cache.codec().encode(value) {
+            Ok(entry) => Some((entry, policy.ttl.unwrap_or(cache.default_ttl()))),
+            Err(err) => {
+                Counters::bump(&cache.counters().encode_errors);
+                tracing::warn!(error = %err, "value not cached: it cannot be serialized");
+                None
+            }
+        },
+        Stored::Absent => policy
+            .cache_none
+            .map(|ttl| (cache.codec().encode_absent(), ttl)),
+        Stored::Skip => return result,
+    };
+    // Failures are counted inside; the caller gets its value anyway.
+    let _ = match codec_entry {
+        Some((entry, ttl)) => cache.store(&key, entry.into(), ttl).await,
+        // The stored value is now wrong and no absence may be stored: drop it.
+        None => cache.delete(&key).await,
+    };
+    result
+}
+
+/// The body of a `#[cache_evict]` function: run it, then delete the key if
+/// it succeeded.
+pub async fn evict<R, Fut>(
+    cache: Option<Cache>,
+    key: String,
+    succeeded: fn(&R) -> bool,
+    body: Fut,
+) -> R
+where
+    Fut: Future<Output = R>,
+{
+    let result = body.await;
+    let Some(cache) = cache else {
+        global::warn_unset();
+        return result;
+    };
+    if succeeded(&result) {
+        let key = cache.full_key(key);
+        // Failures are counted inside; the caller gets its value anyway.
+        let _ = cache.delete(&key).await;
+    }
+    result
+}
+
+/// `true` for any result: functions that do not return a `Result` always
+/// succeed.
+pub fn always<R>(_: &R) -> bool {
+    true
+}
+
+/// Whether a `Result` is `Ok`.
+pub fn is_ok<T, E>(result: &Result<T, E>) -> bool {
+    result.is_ok()
+}
+
+/// Fails to compile, at the return type, when the cached part of `R` is not
+/// serializable; generated code calls it only to check.
+pub fn assert_cacheable<S: Shape<R>, R>() {}

@@ -1,0 +1,109 @@
+//! Return-type shapes: which part of a cached function's result is stored.
+//!
+//! `Result<T, E>` stores `Ok(T)` only; `Option<T>` stores `Some(T)`, and
+//! `None` only with `cache_none`; `Result<Option<T>, E>` does both; any other
+//! `T` is stored as is. The attribute picks the shape from the written return
+//! type; values are serialized by reference, so no `Clone` bound is needed.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// What a result contributes to the cache.
+#[derive(Debug)]
+pub enum Stored<'a, V> {
+    /// A value to store and share.
+    Value(&'a V),
+    /// A known absence (`None`): stored only with `cache_none`.
+    Absent,
+    /// Nothing: an error, never stored or shared.
+    Skip,
+}
+
+/// How to take a result `R` apart for the cache and put it back together.
+pub trait Shape<R> {
+    /// The stored part of `R`.
+    type Value: Serialize + DeserializeOwned + Send + 'static;
+    /// The part of `result` to store.
+    fn view(result: &R) -> Stored<'_, Self::Value>;
+    /// Rebuilds a result from a stored value.
+    fn from_value(value: Self::Value) -> R;
+    /// The result that a stored absence stands for, if `R` has one.
+    fn absent() -> Option<R>;
+}
+
+/// Any type, stored as is.
+#[derive(Debug)]
+pub struct Plain;
+/// `Result<T, E>`: `Ok` stored, `Err` skipped.
+#[derive(Debug)]
+pub struct ResultOf;
+/// `Option<T>`: `Some` stored, `None` an absence.
+#[derive(Debug)]
+pub struct OptionOf;
+/// `Result<Option<T>, E>`: `Ok(Some)` stored, `Ok(None)` an absence, `Err` skipped.
+#[derive(Debug)]
+pub struct ResultOptionOf;
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<T> for Plain {
+    type Value = T;
+    fn view(result: &T) -> Stored<'_, T> {
+        Stored::Value(result)
+    }
+    fn from_value(value: T) -> T {
+        value
+    }
+    fn absent() -> Option<T> {
+        None
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<T, E>> for ResultOf {
+    type Value = T;
+    fn view(result: &Result<T, E>) -> Stored<'_, T> {
+        match result {
+            Ok(value) => Stored::Value(value),
+            Err(_) => Stored::Skip,
+        }
+    }
+    fn from_value(value: T) -> Result<T, E> {
+        Ok(value)
+    }
+    fn absent() -> Option<Result<T, E>> {
+        None
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<Option<T>> for OptionOf {
+    type Value = T;
+    fn view(result: &Option<T>) -> Stored<'_, T> {
+        match result {
+            Some(value) => Stored::Value(value),
+            None => Stored::Absent,
+        }
+    }
+    fn from_value(value: T) -> Option<T> {
+        Some(value)
+    }
+    fn absent() -> Option<Option<T>> {
+        Some(None)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<Option<T>, E>>
+    for ResultOptionOf
+{
+    type Value = T;
+    fn view(result: &Result<Option<T>, E>) -> Stored<'_, T> {
+        match result {
+            Ok(Some(value)) => Stored::Value(value),
+            Ok(None) => Stored::Absent,
+            Err(_) => Stored::Skip,
+        }
+    }
+    fn from_value(value: T) -> Result<Option<T>, E> {
+        Ok(Some(value))
+    }
+    fn absent() -> Option<Result<Option<T>, E>> {
+        Some(Ok(None))
+    }
+}

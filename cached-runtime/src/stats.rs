@@ -1,0 +1,76 @@
+//! Counters of everything the cache does, and their snapshot [`Stats`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $( pub(crate) $name: AtomicU64, )*
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> Stats {
+                Stats { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+
+        /// A snapshot of a cache's counters, from [`Cache::stats`](crate::Cache::stats).
+        ///
+        /// Counters only grow; subtract two snapshots to measure an interval.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+    };
+}
+
+counters! {
+    /// Lookups answered from the cache.
+    hits,
+    /// Lookups that found nothing usable (absent, undecodable, or Redis unavailable).
+    misses,
+    /// Times a cached function's body (or a `get_or_compute` closure) ran.
+    computes,
+    /// Callers that waited for another caller's computation in this process instead of computing.
+    coalesced,
+    /// Values written to the cache.
+    writes,
+    /// Keys deleted by `invalidate` or `#[cache_evict]`.
+    invalidations,
+    /// Redis operations that failed (error reply, I/O error, refused connection or authentication).
+    errors,
+    /// Redis operations abandoned after `op_timeout`.
+    timeouts,
+    /// Redis operations skipped because the circuit breaker was open.
+    breaker_skips,
+    /// Times the circuit breaker opened.
+    breaker_opens,
+    /// Stored values that could not be decoded and were treated as misses.
+    decode_errors,
+    /// Values that could not be serialized and were returned uncached.
+    encode_errors,
+    /// Values not stored, or stored values ignored, because they exceed `max_value_bytes`.
+    oversized,
+    /// Calls to cached functions that ran uncached because no cache was set.
+    uncached_calls,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    /// `hits / (hits + misses)`, or 0 before the first lookup.
+    pub fn hit_rate(&self) -> f64 {
+        let lookups = self.hits + self.misses;
+        if lookups == 0 {
+            0.0
+        } else {
+            self.hits as f64 / lookups as f64
+        }
+    }
+}

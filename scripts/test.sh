@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project on a fresh Debian machine:
+# installs redis-server when missing (the integration tests start their own
+# servers on free ports), then format, lint, unit, integration, doc and UI tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "installing redis-server (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends redis-server redis-tools >/dev/null
+fi
+# The package may start a system server on 6379; the tests never use it.
+redis-server --version
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --all-targets --locked
+cargo test --workspace --doc --locked

@@ -1,0 +1,14 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub use cached_attr::{cache_evict, cache_put, redis_cached};
+pub use cached_runtime::{
+    escape_into, global, set_global, BreakerConfig, Cache, CacheBuilder, CacheKey, Codec, Error,
+    KeyAtom, KeyBuilder, MemoryConfig, Result, Stats, MAX_KEY_LEN, MEMORY_URL,
+};
+
+/// What generated code calls; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use cached_runtime::__private::*;
+}
