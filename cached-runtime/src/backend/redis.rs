@@ -40,7 +40,9 @@ impl RedisBackend {
         })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(op_timeout))
+            // Our own op_timeout (counted as a timeout) fires first; this only
+            // stops redis-rs from holding a request forever.
+            .set_response_timeout(Some(op_timeout.saturating_mul(2)))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(500));

@@ -1,0 +1,227 @@
+//! Cache-aside on a real `redis-server`: what lands in Redis, under which
+//! key, for how long, and how many commands each operation costs.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use redis_cached::{redis_cached, Cache};
+use serde::{Deserialize, Serialize};
+use support::RedisServer;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+}
+
+struct Repo {
+    cache: Cache,
+    calls: AtomicU32,
+}
+
+impl Repo {
+    fn new(server: &RedisServer) -> Self {
+        Repo {
+            cache: Cache::redis(&server.url()).expect("valid URL"),
+            calls: AtomicU32::new(0),
+        }
+    }
+
+    fn calls(&self) -> u32 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    #[redis_cached(key = "user:<id>", ttl = 60, cache = self.cache)]
+    async fn get_user(&self, id: u64) -> Result<Option<User>, String> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match id {
+            0 => Err("database down".to_owned()),
+            1..=1000 => Ok(Some(User {
+                id,
+                name: format!("u{id}"),
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    #[redis_cached(key = "opt:<id>", ttl = 60, cache_none = "2s", cache = self.cache)]
+    async fn find(&self, id: u64) -> Option<u64> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        (id < 10).then_some(id)
+    }
+
+    #[redis_cached(key = "short:<id>", ttl = "300ms", cache = self.cache)]
+    async fn short(&self, id: u64) -> u64 {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        id
+    }
+
+    #[redis_cached(key = "slow:<id>", cache = self.cache)]
+    async fn slow(&self, id: u64) -> u64 {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        id
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hit_miss_and_the_stored_entry() {
+    let server = RedisServer::start();
+    let repo = Repo::new(&server);
+    let expected = Some(User {
+        id: 42,
+        name: "u42".into(),
+    });
+    assert_eq!(repo.get_user(42).await, Ok(expected.clone()));
+    assert_eq!(repo.get_user(42).await, Ok(expected.clone()));
+    assert_eq!(repo.calls(), 1);
+
+    // The key is the template, exactly; the entry is a 4-byte header then JSON.
+    let raw: Vec<u8> = server.cmd(redis::cmd("GET").arg("user:42")).await;
+    assert_eq!(&raw[..4], &[0xCA, 1, 1, 0]);
+    assert_eq!(&raw[4..], br#"{"id":42,"name":"u42"}"#);
+    let ttl_ms: i64 = server.cmd(redis::cmd("PTTL").arg("user:42")).await;
+    assert!((59_000..=60_000).contains(&ttl_ms), "ttl {ttl_ms}");
+
+    let stats = repo.cache.stats();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.writes, stats.errors),
+        (1, 1, 1, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn err_is_never_cached_and_none_only_with_cache_none() {
+    let server = RedisServer::start();
+    let repo = Repo::new(&server);
+    assert!(repo.get_user(0).await.is_err());
+    assert!(repo.get_user(0).await.is_err());
+    assert_eq!(repo.calls(), 2);
+    let exists: u32 = server.cmd(redis::cmd("EXISTS").arg("user:0")).await;
+    assert_eq!(exists, 0, "an Err leaves nothing in Redis");
+
+    assert_eq!(repo.get_user(5000).await, Ok(None));
+    assert_eq!(repo.get_user(5000).await, Ok(None));
+    assert_eq!(repo.calls(), 4, "None is not cached without cache_none");
+
+    assert_eq!(repo.find(50).await, None);
+    assert_eq!(repo.find(50).await, None);
+    assert_eq!(repo.calls(), 5, "None is cached with cache_none");
+    let ttl_ms: i64 = server.cmd(redis::cmd("PTTL").arg("opt:50")).await;
+    assert!(
+        (1..=2000).contains(&ttl_ms),
+        "absence lives cache_none = 2s, got {ttl_ms}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_expire_after_their_ttl() {
+    let server = RedisServer::start();
+    let repo = Repo::new(&server);
+    assert_eq!(repo.short(3).await, 3);
+    assert_eq!(repo.short(3).await, 3);
+    assert_eq!(repo.calls(), 1);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(repo.short(3).await, 3);
+    assert_eq!(repo.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_at_a_key_is_recomputed_and_overwritten() {
+    let server = RedisServer::start();
+    let repo = Repo::new(&server);
+    for garbage in [
+        &b"garbage"[..],
+        b"",
+        b"\xCA\x01\x01\x00{\"id\":",
+        b"\xCA\x01\x01\x00\"a string\"",
+    ] {
+        let _: () = server
+            .cmd(redis::cmd("SET").arg("user:7").arg(garbage))
+            .await;
+        assert_eq!(
+            repo.get_user(7).await,
+            Ok(Some(User {
+                id: 7,
+                name: "u7".into()
+            }))
+        );
+        let raw: Vec<u8> = server.cmd(redis::cmd("GET").arg("user:7")).await;
+        assert_eq!(&raw[4..], br#"{"id":7,"name":"u7"}"#, "overwritten");
+    }
+    assert_eq!(repo.calls(), 4);
+    assert_eq!(repo.cache.stats().decode_errors, 4);
+    assert_eq!(repo.get_user(7).await.unwrap().unwrap().id, 7);
+    assert_eq!(repo.calls(), 4, "hit once repaired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_is_one_command_and_a_miss_two() {
+    let server = RedisServer::start();
+    let repo = Repo::new(&server);
+    // Connect first, so connection set-up commands do not count.
+    assert_eq!(repo.cache.get::<u64>("warm-up").await, None);
+    let (get0, set0) = (
+        server.command_calls("get").await,
+        server.command_calls("set").await,
+    );
+    repo.get_user(11).await.unwrap();
+    let (get1, set1) = (
+        server.command_calls("get").await,
+        server.command_calls("set").await,
+    );
+    assert_eq!((get1 - get0, set1 - set0), (1, 1), "miss: GET then SET");
+    repo.get_user(11).await.unwrap();
+    let (get2, set2) = (
+        server.command_calls("get").await,
+        server.command_calls("set").await,
+    );
+    assert_eq!((get2 - get1, set2 - set1), (1, 0), "hit: one GET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_for_one_key_run_the_body_once() {
+    let server = RedisServer::start();
+    let repo = std::sync::Arc::new(Repo::new(&server));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move { repo.slow(9).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 9);
+    }
+    assert_eq!(repo.calls(), 1);
+    assert_eq!(repo.slow(9).await, 9);
+    assert_eq!(repo.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_api_set_get_invalidate_and_namespace() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .namespace("app")
+        .build()
+        .unwrap();
+    cache
+        .set("k", &vec![1, 2, 3], Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<Vec<u8>>("k").await, Some(vec![1, 2, 3]));
+    let exists: u32 = server.cmd(redis::cmd("EXISTS").arg("app:k")).await;
+    assert_eq!(exists, 1, "namespace is a `<ns>:` prefix");
+    assert_eq!(cache.get::<String>("k").await, None, "wrong type is a miss");
+    cache.invalidate("k").await.unwrap();
+    assert_eq!(cache.get::<Vec<u8>>("k").await, None);
+
+    let computed = cache
+        .get_or_compute("gc", Duration::from_secs(5), || async { 5u8 })
+        .await;
+    let again = cache
+        .get_or_compute("gc", Duration::from_secs(5), || async { 6u8 })
+        .await;
+    assert_eq!((computed, again), (5, 5));
+}
