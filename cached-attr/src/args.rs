@@ -30,16 +30,28 @@ impl Kind {
 
     fn valid_args(self) -> &'static [&'static str] {
         match self {
-            Kind::Cached => &["key", "ttl", "cache_none", "version", "cache", "crate"],
+            Kind::Cached => &[
+                "key",
+                "ttl",
+                "lock",
+                "lock_ttl",
+                "lock_wait",
+                "stale",
+                "early",
+                "cache_none",
+                "version",
+                "cache",
+                "crate",
+            ],
             Kind::Put => &["key", "ttl", "cache_none", "version", "cache", "crate"],
             Kind::Evict => &["key", "version", "cache", "crate"],
         }
     }
 }
 
-/// Arguments that SPEC-level users may write but this version does not
-/// implement yet: accepted flags must work, so these are refused clearly.
-const NOT_YET: &[&str] = &["lock", "lock_ttl", "lock_wait", "stale", "early", "tags"];
+/// Arguments of the documented grammar that this version does not
+/// implement yet: an accepted flag must work, so these are refused clearly.
+const NOT_YET: &[&str] = &["tags"];
 
 /// An argument's value with the span of its tokens.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +67,11 @@ pub(crate) struct Args {
     pub(crate) ttl: Option<WithSpan<Duration>>,
     pub(crate) cache_none: Option<WithSpan<Duration>>,
     pub(crate) version: Option<u32>,
+    pub(crate) lock: Option<WithSpan<bool>>,
+    pub(crate) lock_ttl: Option<WithSpan<Duration>>,
+    pub(crate) lock_wait: Option<WithSpan<Duration>>,
+    pub(crate) stale: Option<WithSpan<Duration>>,
+    pub(crate) early: Option<WithSpan<f64>>,
     pub(crate) cache: Option<Expr>,
     pub(crate) krate: Option<syn::Path>,
 }
@@ -113,6 +130,11 @@ impl Args {
             "ttl" => self.ttl = errors.ok(duration_arg(&value, "ttl")),
             "cache_none" => self.cache_none = errors.ok(duration_arg(&value, "cache_none")),
             "version" => self.version = errors.ok(version_arg(&value)),
+            "lock" => self.lock = errors.ok(bool_arg(&value, "lock")),
+            "lock_ttl" => self.lock_ttl = errors.ok(duration_arg(&value, "lock_ttl")),
+            "lock_wait" => self.lock_wait = errors.ok(duration_arg(&value, "lock_wait")),
+            "stale" => self.stale = errors.ok(duration_arg(&value, "stale")),
+            "early" => self.early = errors.ok(beta_arg(&value)),
             "cache" => self.cache = Some(value),
             "crate" => {
                 self.krate = errors.ok(lit_str(&value, "crate", "a path such as \"my_cache\"")
@@ -133,6 +155,46 @@ fn lit_str(value: &Expr, name: &str, example: &str) -> syn::Result<LitStr> {
             value.span(),
             format!("`{name}` takes a string literal: {example}"),
         )),
+    }
+}
+
+fn bool_arg(value: &Expr, name: &str) -> syn::Result<WithSpan<bool>> {
+    match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Bool(lit),
+            ..
+        }) => Ok(WithSpan {
+            value: lit.value,
+            span: lit.span,
+        }),
+        _ => Err(syn::Error::new(
+            value.span(),
+            format!("`{name}` takes `true` or `false`"),
+        )),
+    }
+}
+
+fn beta_arg(value: &Expr) -> syn::Result<WithSpan<f64>> {
+    let beta = match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(lit),
+            ..
+        }) => lit.base10_parse::<f64>()?,
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(lit), ..
+        }) => lit.base10_parse::<f64>()?,
+        _ => f64::NAN,
+    };
+    if beta.is_finite() && beta > 0.0 {
+        Ok(WithSpan {
+            value: beta,
+            span: value.span(),
+        })
+    } else {
+        Err(syn::Error::new(
+            value.span(),
+            "`early` takes a positive number, the XFetch beta (1.0 is the usual choice)",
+        ))
     }
 }
 

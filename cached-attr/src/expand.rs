@@ -11,7 +11,7 @@
 //! ```
 
 use proc_macro2::{Ident, Span, TokenStream};
-use quote::{quote, quote_spanned, ToTokens};
+use quote::{quote, quote_spanned};
 
 use crate::args::Kind;
 use crate::model::{KeyPart, Model};
@@ -50,7 +50,9 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
                 model.ret_span,
             );
             let policy = policy(model);
-            // Spanned at the return type: an unserializable value is reported there.
+            // Spanned at the return type, path included: an unserializable
+            // value is reported there, and only there.
+            let private = respan(private.clone(), model.ret_span);
             quote_spanned!(model.ret_span=>
                 #private::#entry::<#private::#shape, #ret, _>(#cache, #key, #policy, #body).await
             )
@@ -79,6 +81,24 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             #call
         }
     }
+}
+
+/// `tokens` with every span set to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                tree = proc_macro2::TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }
 
 fn key_expr(model: &Model, private: &TokenStream) -> TokenStream {
@@ -124,10 +144,4 @@ fn policy(model: &Model) -> TokenStream {
     let ttl = duration(model.ttl_ms);
     let cache_none = duration(model.cache_none_ms);
     quote!(#krate::__private::Policy { ttl: #ttl, cache_none: #cache_none })
-}
-
-/// The user's function unchanged, for when the attribute has errors: callers
-/// and IDEs keep working while the errors are shown.
-pub(crate) fn passthrough(item: &TokenStream) -> TokenStream {
-    item.to_token_stream()
 }

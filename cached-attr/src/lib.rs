@@ -45,7 +45,7 @@ fn entry(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     run(kind, args.into(), item.clone())
         .unwrap_or_else(|err| {
             let mut out = err.into_compile_error();
-            out.extend(expand::passthrough(&item));
+            out.extend(item);
             out
         })
         .into()

@@ -133,6 +133,7 @@ impl Model {
                 "a cached function must return a concrete type that implements Serialize and Deserialize, not `impl Trait`",
             ));
         }
+        check_freshness_args(&args, errors);
         let shape = Shape::of(&ret);
         if let Some(cache_none) = &args.cache_none {
             if !shape.has_absent() {
@@ -158,6 +159,34 @@ impl Model {
             shape,
             func,
         })
+    }
+}
+
+/// `lock`, `stale` and `early` are part of the grammar, but their
+/// cross-process machinery is not in this version: refuse them rather than
+/// accept a flag that does nothing. `lock = false` is what every function
+/// gets, so it is accepted.
+fn check_freshness_args(args: &Args, errors: &mut Errors) {
+    let not_yet = |name: &str| {
+        format!("`{name}` is not supported by this version of redis-cached yet; concurrent calls in one process already share one computation")
+    };
+    let locked = args.lock.is_some_and(|l| l.value);
+    if let Some(lock) = args.lock.filter(|l| l.value) {
+        errors.push(syn::Error::new(lock.span, not_yet("lock")));
+    }
+    for (name, arg) in [("lock_ttl", args.lock_ttl), ("lock_wait", args.lock_wait)] {
+        if let (Some(arg), false) = (arg, locked) {
+            errors.push(syn::Error::new(
+                arg.span,
+                format!("`{name}` only applies with `lock = true`: add `lock = true` or remove `{name}`"),
+            ));
+        }
+    }
+    if let Some(stale) = args.stale {
+        errors.push(syn::Error::new(stale.span, not_yet("stale")));
+    }
+    if let Some(early) = args.early {
+        errors.push(syn::Error::new(early.span, not_yet("early")));
     }
 }
 
