@@ -213,12 +213,12 @@ impl Cache {
         self.inner.breaker.is_open()
     }
 
-    /// How many entries the in-memory backend holds after its pending
-    /// housekeeping; `None` for Redis.
-    pub fn memory_entry_count(&self) -> Option<u64> {
+    /// How many unexpired entries the in-memory backend holds (expired
+    /// ones are swept first); `None` for Redis.
+    pub fn memory_entry_count(&self) -> Option<usize> {
         match &self.inner.backend {
             AnyBackend::Memory(m) => {
-                m.run_pending_tasks();
+                m.sweep();
                 Some(m.entry_count())
             }
             AnyBackend::Redis(_) => None,
@@ -485,11 +485,7 @@ impl CacheBuilder {
         let backend = if self.url == MEMORY_URL {
             AnyBackend::Memory(MemoryBackend::new(self.memory))
         } else {
-            AnyBackend::Redis(RedisBackend::new(
-                &self.url,
-                self.op_timeout,
-                self.connect_timeout,
-            )?)
+            AnyBackend::Redis(RedisBackend::new(&self.url, self.connect_timeout)?)
         };
         Ok(Cache::from_builder(self, backend))
     }
