@@ -16,5 +16,8 @@ redis-server --version
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --all-targets --locked
-cargo test --workspace --doc --locked
+# Unit, integration, trybuild and doc tests (benchmarks are type-checked by
+# clippy above and run with `cargo bench`).
+cargo test --workspace --locked
+# The quickstart, on the in-memory default.
+env -u REDIS_URL cargo run --locked --example quickstart
