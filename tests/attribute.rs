@@ -296,3 +296,38 @@ async fn concurrent_calls_share_one_computation() {
     assert_eq!(stats.computes, 1);
     assert_eq!(stats.coalesced, 99);
 }
+
+/// Serializes as a string but deserializes only from a number: what a
+/// careless serde impl can do. Its cached copies never read back.
+#[derive(Debug, PartialEq, Deserialize)]
+struct OneWay(u32);
+
+impl Serialize for OneWay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("not a number")
+    }
+}
+
+#[tokio::test]
+async fn values_that_do_not_read_back_are_recomputed_not_looped_on() {
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+
+    #[redis_cached(key = "oneway:<id>", cache = cache)]
+    async fn one_way(cache: Cache, id: u32) -> OneWay {
+        CALLS.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        OneWay(id)
+    }
+
+    let cache = Cache::in_memory();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(one_way(cache.clone(), 3)))
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), OneWay(3));
+    }
+    assert_eq!(one_way(cache.clone(), 3).await, OneWay(3));
+    let stats = cache.stats();
+    assert!(stats.decode_errors >= 10, "{stats:?}");
+    assert_eq!(u64::from(CALLS.load(Ordering::SeqCst)), stats.computes);
+}

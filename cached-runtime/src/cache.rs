@@ -79,6 +79,15 @@ pub struct CacheBuilder {
     memory: MemoryConfig,
 }
 
+/// What a follower of another caller's computation got.
+enum Followed<R> {
+    Value(R),
+    /// The leader published nothing (an error, a panic, a cancellation).
+    Retry,
+    /// The leader's entry does not decode as this function's type.
+    Undecodable,
+}
+
 /// Where the lookup of one key ended.
 enum Lookup<T> {
     Hit(T),
@@ -264,8 +273,16 @@ impl Cache {
                 Role::Leader(leader) => break leader,
                 Role::Follower(receiver) => {
                     Counters::bump(&self.inner.counters.coalesced);
-                    if let Some(result) = self.follow::<S, R>(receiver).await {
-                        return result;
+                    match self.follow::<S, R>(receiver).await {
+                        Followed::Value(result) => return result,
+                        Followed::Retry => {}
+                        Followed::Undecodable => {
+                            // The leader's value does not read back as this
+                            // type (a serde impl that does not round-trip):
+                            // joining again would find the same entry.
+                            Counters::bump(&self.inner.counters.computes);
+                            return compute().await;
+                        }
                     }
                 }
             }
@@ -294,12 +311,18 @@ impl Cache {
         result
     }
 
-    async fn follow<S: Shape<R>, R>(&self, receiver: flight::Receiver) -> Option<R> {
-        let entry = flight::follow(receiver).await?;
+    async fn follow<S: Shape<R>, R>(&self, receiver: flight::Receiver) -> Followed<R> {
+        let Some(entry) = flight::follow(receiver).await else {
+            return Followed::Retry;
+        };
         match self.inner.codec.decode::<S::Value>(&entry) {
-            Ok(Some(value)) => Some(S::from_value(value)),
-            Ok(None) => S::absent(),
-            Err(_) => None,
+            Ok(Some(value)) => Followed::Value(S::from_value(value)),
+            Ok(None) => S::absent().map_or(Followed::Undecodable, Followed::Value),
+            Err(err) => {
+                Counters::bump(&self.inner.counters.decode_errors);
+                tracing::debug!(error = %err, "shared value undecodable; computing instead");
+                Followed::Undecodable
+            }
         }
     }
 

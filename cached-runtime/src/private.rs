@@ -116,7 +116,3 @@ pub fn always<R>(_: &R) -> bool {
 pub fn is_ok<T, E>(result: &Result<T, E>) -> bool {
     result.is_ok()
 }
-
-/// Fails to compile, at the return type, when the cached part of `R` is not
-/// serializable; generated code calls it only to check.
-pub fn assert_cacheable<S: Shape<R>, R>() {}

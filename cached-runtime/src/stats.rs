@@ -53,8 +53,6 @@ counters! {
     encode_errors,
     /// Values not stored, or stored values ignored, because they exceed `max_value_bytes`.
     oversized,
-    /// Calls to cached functions that ran uncached because no cache was set.
-    uncached_calls,
 }
 
 impl Counters {
