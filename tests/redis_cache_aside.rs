@@ -161,24 +161,24 @@ async fn garbage_at_a_key_is_recomputed_and_overwritten() {
 async fn a_hit_is_one_command_and_a_miss_two() {
     let server = RedisServer::start();
     let repo = Repo::new(&server);
-    // Connect first, so connection set-up commands do not count.
-    assert_eq!(repo.cache.get::<u64>("warm-up").await, None);
-    let (get0, set0) = (
-        server.command_calls("get").await,
-        server.command_calls("set").await,
-    );
+    // Connect and load the store script first, so set-up does not count.
+    repo.get_user(10).await.unwrap();
+    let monitor = server.monitor();
+    monitor.take_client_commands().await;
+
     repo.get_user(11).await.unwrap();
-    let (get1, set1) = (
-        server.command_calls("get").await,
-        server.command_calls("set").await,
+    let miss = monitor.take_client_commands().await;
+    assert_eq!(
+        miss.len(),
+        2,
+        "miss: GET, then the compare-and-set script: {miss:?}"
     );
-    assert_eq!((get1 - get0, set1 - set0), (1, 1), "miss: GET then SET");
+    assert!(miss[0].starts_with("\"GET\" \"user:11\""), "{miss:?}");
+    assert!(miss[1].starts_with("\"EVALSHA\""), "{miss:?}");
+
     repo.get_user(11).await.unwrap();
-    let (get2, set2) = (
-        server.command_calls("get").await,
-        server.command_calls("set").await,
-    );
-    assert_eq!((get2 - get1, set2 - set1), (1, 0), "hit: one GET");
+    let hit = monitor.take_client_commands().await;
+    assert_eq!(hit, vec!["\"GET\" \"user:11\"".to_owned()], "hit: one GET");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

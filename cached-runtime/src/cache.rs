@@ -7,13 +7,15 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backend::{AnyBackend, Backend, Bytes, MemoryBackend, MemoryConfig, RedisBackend};
+use crate::aside::Lookup;
+use crate::backend::{AnyBackend, Backend, MemoryBackend, MemoryConfig, RedisBackend};
 use crate::breaker::{Breaker, BreakerConfig, Transition};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
-use crate::flight::{self, Flights, Role};
+use crate::flight::Flights;
 use crate::key::full_key;
-use crate::shape::{Plain, Shape, Stored};
+use crate::private::Policy;
+use crate::shape::Plain;
 use crate::stats::{Counters, Stats};
 
 /// The URL that selects the in-memory backend in [`Cache::builder`].
@@ -38,19 +40,20 @@ pub const MEMORY_URL: &str = "memory://";
 /// ```
 #[derive(Clone)]
 pub struct Cache {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    backend: AnyBackend,
-    namespace: Option<String>,
-    default_ttl: Duration,
-    op_timeout: Duration,
-    max_value_bytes: usize,
-    codec: Codec,
-    breaker: Breaker,
-    counters: Counters,
-    flights: Flights,
+pub(crate) struct Inner {
+    pub(crate) backend: AnyBackend,
+    pub(crate) namespace: Option<String>,
+    pub(crate) default_ttl: Duration,
+    pub(crate) op_timeout: Duration,
+    pub(crate) invalidation_window: Duration,
+    pub(crate) max_value_bytes: usize,
+    pub(crate) codec: Codec,
+    pub(crate) breaker: Breaker,
+    pub(crate) counters: Counters,
+    pub(crate) flights: Flights,
 }
 
 impl std::fmt::Debug for Cache {
@@ -73,26 +76,11 @@ pub struct CacheBuilder {
     default_ttl: Duration,
     op_timeout: Duration,
     connect_timeout: Duration,
+    invalidation_window: Duration,
     max_value_bytes: usize,
     codec: Codec,
     breaker: BreakerConfig,
     memory: MemoryConfig,
-}
-
-/// What a follower of another caller's computation got.
-enum Followed<R> {
-    Value(R),
-    /// The leader published nothing (an error, a panic, a cancellation).
-    Retry,
-    /// The leader's entry does not decode as this function's type.
-    Undecodable,
-}
-
-/// Where the lookup of one key ended.
-enum Lookup<T> {
-    Hit(T),
-    HitAbsent,
-    Miss,
 }
 
 impl Cache {
@@ -137,6 +125,7 @@ impl Cache {
             default_ttl: Duration::from_secs(3600),
             op_timeout: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(1),
+            invalidation_window: Duration::from_secs(60),
             max_value_bytes: 16 * 1024 * 1024,
             codec: Codec::Json,
             breaker: BreakerConfig::default(),
@@ -151,6 +140,7 @@ impl Cache {
                 namespace: b.namespace,
                 default_ttl: b.default_ttl,
                 op_timeout: b.op_timeout,
+                invalidation_window: b.invalidation_window,
                 max_value_bytes: b.max_value_bytes,
                 codec: b.codec,
                 breaker: Breaker::new(b.breaker),
@@ -164,8 +154,8 @@ impl Cache {
     /// `T`, or Redis is unavailable (all counted as misses).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         match self.lookup(&self.full_key(key.to_owned())).await {
-            Lookup::Hit(value) => Some(value),
-            Lookup::HitAbsent | Lookup::Miss => None,
+            Lookup::Hit(hit) => hit.value,
+            Lookup::Miss(_) => None,
         }
     }
 
@@ -180,18 +170,23 @@ impl Cache {
         value: &T,
         ttl: Duration,
     ) -> Result<()> {
-        let entry = self.inner.codec.encode(value)?;
+        let entry = self.inner.codec.encode(value, None)?;
         self.store(&self.full_key(key.to_owned()), entry.into(), ttl)
             .await
     }
 
-    /// Deletes `key`, so the next lookup misses.
+    /// Invalidates `key`: the next lookup misses, and a computation of it
+    /// that began before this call does not store its (older) result.
+    ///
+    /// The key is replaced by a small tombstone that lives for the cache's
+    /// `invalidation_window` (60 s by default); a computation that takes
+    /// longer than that may still store its result.
     ///
     /// # Errors
     /// When Redis fails, times out or is skipped by the open breaker: the
     /// old value may then still be served until its TTL ends.
     pub async fn invalidate(&self, key: &str) -> Result<()> {
-        self.delete(&self.full_key(key.to_owned())).await
+        self.tombstone(&self.full_key(key.to_owned())).await
     }
 
     /// The value at `key`; on a miss, runs `compute`, stores its result for
@@ -203,7 +198,11 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
     {
-        self.fill::<Plain, T, _>(self.full_key(key.to_owned()), Some(ttl), None, compute)
+        let policy = Policy {
+            ttl: Some(ttl),
+            ..Policy::default()
+        };
+        self.fill::<Plain, T, _>(self.full_key(key.to_owned()), &policy, compute)
             .await
     }
 
@@ -238,124 +237,15 @@ impl Cache {
         full_key(self.inner.namespace.as_deref(), key)
     }
 
-    pub(crate) fn codec(&self) -> Codec {
-        self.inner.codec
-    }
-
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.inner.counters
-    }
-
-    /// The cache-aside algorithm: look up `key`; on a miss, lead or follow
-    /// the in-process computation; store what the shape says to store.
-    pub(crate) async fn fill<S, R, Fut>(
-        &self,
-        key: String,
-        ttl: Option<Duration>,
-        absent_ttl: Option<Duration>,
-        compute: impl FnOnce() -> Fut,
-    ) -> R
-    where
-        S: Shape<R>,
-        Fut: Future<Output = R>,
-    {
-        match self.lookup::<S::Value>(&key).await {
-            Lookup::Hit(value) => return S::from_value(value),
-            Lookup::HitAbsent => {
-                if let Some(result) = S::absent() {
-                    return result;
-                }
-            }
-            Lookup::Miss => {}
-        }
-        let leader = loop {
-            match self.inner.flights.join(&key) {
-                Role::Leader(leader) => break leader,
-                Role::Follower(receiver) => {
-                    Counters::bump(&self.inner.counters.coalesced);
-                    match self.follow::<S, R>(receiver).await {
-                        Followed::Value(result) => return result,
-                        Followed::Retry => {}
-                        Followed::Undecodable => {
-                            // The leader's value does not read back as this
-                            // type (a serde impl that does not round-trip):
-                            // joining again would find the same entry.
-                            Counters::bump(&self.inner.counters.computes);
-                            return compute().await;
-                        }
-                    }
-                }
-            }
-        };
-        Counters::bump(&self.inner.counters.computes);
-        let result = compute().await;
-        let (entry, ttl) = match S::view(&result) {
-            Stored::Value(value) => match self.inner.codec.encode(value) {
-                Ok(entry) => (entry, ttl.or(Some(self.inner.default_ttl))),
-                Err(err) => {
-                    Counters::bump(&self.inner.counters.encode_errors);
-                    tracing::warn!(error = %err, "value not cached: it cannot be serialized");
-                    return result;
-                }
-            },
-            Stored::Absent => (self.inner.codec.encode_absent(), absent_ttl),
-            Stored::Skip => return result,
-        };
-        let entry: Arc<[u8]> = entry.into();
-        leader.publish(entry.clone());
-        if let Some(ttl) = ttl {
-            // Failures are counted inside; the caller gets its value anyway.
-            let _ = self.store(&key, entry, ttl).await;
-        }
-        drop(leader);
-        result
-    }
-
-    async fn follow<S: Shape<R>, R>(&self, receiver: flight::Receiver) -> Followed<R> {
-        let Some(entry) = flight::follow(receiver).await else {
-            return Followed::Retry;
-        };
-        match self.inner.codec.decode::<S::Value>(&entry) {
-            Ok(Some(value)) => Followed::Value(S::from_value(value)),
-            Ok(None) => S::absent().map_or(Followed::Undecodable, Followed::Value),
-            Err(err) => {
-                Counters::bump(&self.inner.counters.decode_errors);
-                tracing::debug!(error = %err, "shared value undecodable; computing instead");
-                Followed::Undecodable
-            }
-        }
-    }
-
-    async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
-        let counters = &self.inner.counters;
-        let found = match self.guarded(self.inner.backend.get(key)).await {
-            Ok(Some(bytes)) => self.decode::<T>(&bytes),
-            Ok(None) | Err(_) => Lookup::Miss,
-        };
-        match found {
-            Lookup::Miss => Counters::bump(&counters.misses),
-            Lookup::Hit(_) | Lookup::HitAbsent => Counters::bump(&counters.hits),
-        }
-        found
-    }
-
-    fn decode<T: DeserializeOwned>(&self, bytes: &Bytes) -> Lookup<T> {
-        if bytes.len() > self.inner.max_value_bytes {
-            Counters::bump(&self.inner.counters.oversized);
-            return Lookup::Miss;
-        }
-        match self.inner.codec.decode::<T>(bytes) {
-            Ok(Some(value)) => Lookup::Hit(value),
-            Ok(None) => Lookup::HitAbsent,
-            Err(err) => {
-                Counters::bump(&self.inner.counters.decode_errors);
-                tracing::debug!(error = %err, "stored value undecodable; treated as a miss");
-                Lookup::Miss
-            }
-        }
-    }
-
     pub(crate) async fn store(&self, key: &str, entry: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        self.check_size(&entry)?;
+        self.guarded(self.inner.backend.set(key, entry, ttl))
+            .await?;
+        Counters::bump(&self.inner.counters.writes);
+        Ok(())
+    }
+
+    pub(crate) fn check_size(&self, entry: &[u8]) -> Result<()> {
         if entry.len() > self.inner.max_value_bytes {
             Counters::bump(&self.inner.counters.oversized);
             return Err(Error::Config(format!(
@@ -364,14 +254,18 @@ impl Cache {
                 self.inner.max_value_bytes
             )));
         }
-        self.guarded(self.inner.backend.set(key, entry, ttl))
-            .await?;
-        Counters::bump(&self.inner.counters.writes);
         Ok(())
     }
 
-    pub(crate) async fn delete(&self, key: &str) -> Result<()> {
-        self.guarded(self.inner.backend.delete(key)).await?;
+    /// Replaces `key` by a unique tombstone (see [`Cache::invalidate`]).
+    pub(crate) async fn tombstone(&self, key: &str) -> Result<()> {
+        let tombstone = self.inner.codec.encode_tombstone();
+        self.guarded(
+            self.inner
+                .backend
+                .set(key, tombstone.into(), self.inner.invalidation_window),
+        )
+        .await?;
         Counters::bump(&self.inner.counters.invalidations);
         Ok(())
     }
@@ -379,7 +273,7 @@ impl Cache {
     /// Runs one backend operation under the breaker and `op_timeout`,
     /// counting what happens. The in-memory backend cannot fail or block, so
     /// it runs bare.
-    async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+    pub(crate) async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
         let inner = &*self.inner;
         if !inner.backend.is_redis() {
             return op.await;
@@ -465,6 +359,13 @@ impl CacheBuilder {
         self
     }
 
+    /// How long an invalidation blocks the computations that began before
+    /// it from storing their results. Default 60 s.
+    pub fn invalidation_window(mut self, window: Duration) -> Self {
+        self.invalidation_window = window;
+        self
+    }
+
     /// Largest stored value, in bytes (header included); larger values are
     /// neither stored nor read. Default 16 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
@@ -494,6 +395,7 @@ impl CacheBuilder {
             ("default_ttl", self.default_ttl),
             ("op_timeout", self.op_timeout),
             ("connect_timeout", self.connect_timeout),
+            ("invalidation_window", self.invalidation_window),
             ("breaker cooldown", self.breaker.cooldown),
         ] {
             if value.is_zero() {

@@ -4,9 +4,18 @@
 //! byte 0   0xCA     magic: this is a redis-cached entry
 //! byte 1   1        format version
 //! byte 2   codec    1 = JSON
-//! byte 3   flags    bit 0: a cached "absent" (`None`) with no payload
-//! 4..      payload  the value in the codec's format
+//! byte 3   flags    bit 0: a cached "absent" (`None`), no payload
+//!                   bit 1: timed: 12 bytes of freshness data follow
+//!                   bit 2: a tombstone left by an invalidation: 8 random bytes follow
+//! [4..16]  timed    soft expiry (u64 LE, Unix ms), last computation time (u32 LE, ms)
+//! ..       payload  the value in the codec's format
 //! ```
+//!
+//! Freshness data is written only for functions with `stale` or `early`, so
+//! the usual overhead is the 4-byte header. A tombstone marks a key as
+//! invalidated: it reads as a miss, and because each one is unique, a fill
+//! that began before the invalidation sees the key changed and does not
+//! store its stale result (see `Cache::fill`).
 //!
 //! Anything else at a key (another program's data, an older format, a
 //! truncated write, a value of another type) fails to decode and is treated
@@ -21,7 +30,30 @@ const MAGIC: u8 = 0xCA;
 const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 4;
 const FLAG_ABSENT: u8 = 0b0000_0001;
-const KNOWN_FLAGS: u8 = FLAG_ABSENT;
+const FLAG_TIMED: u8 = 0b0000_0010;
+const FLAG_TOMBSTONE: u8 = 0b0000_0100;
+const KNOWN_FLAGS: u8 = FLAG_ABSENT | FLAG_TIMED | FLAG_TOMBSTONE;
+const TIMED_LEN: usize = 12;
+const TOMBSTONE_ID_LEN: usize = 8;
+
+/// Freshness data stored with a value of a `stale` or `early` function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timing {
+    /// When the value stops being fresh (Unix ms): served stale after it
+    /// (`stale`), or the expiry XFetch refreshes ahead of (`early`).
+    pub(crate) soft_expiry_ms: u64,
+    /// How long the computation that produced the value took (ms).
+    pub(crate) delta_ms: u32,
+}
+
+/// A decoded entry.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Entry<T> {
+    /// A value (`None`: a cached absence), with its freshness data if timed.
+    Value(Option<T>, Option<Timing>),
+    /// An invalidated key: a miss.
+    Tombstone,
+}
 
 /// The serialization format of cached values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,10 +71,24 @@ impl Codec {
         }
     }
 
-    /// Encodes `value` with the entry header in front.
-    pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>> {
+    fn header(self, flags: u8, timing: Option<Timing>) -> Vec<u8> {
         let mut buf = Vec::with_capacity(64);
-        buf.extend_from_slice(&[MAGIC, FORMAT_VERSION, self.id(), 0]);
+        let timed = if timing.is_some() { FLAG_TIMED } else { 0 };
+        buf.extend_from_slice(&[MAGIC, FORMAT_VERSION, self.id(), flags | timed]);
+        if let Some(t) = timing {
+            buf.extend_from_slice(&t.soft_expiry_ms.to_le_bytes());
+            buf.extend_from_slice(&t.delta_ms.to_le_bytes());
+        }
+        buf
+    }
+
+    /// Encodes `value` with the entry header in front.
+    pub(crate) fn encode<T: Serialize + ?Sized>(
+        self,
+        value: &T,
+        timing: Option<Timing>,
+    ) -> Result<Vec<u8>> {
+        let mut buf = self.header(0, timing);
         match self {
             Codec::Json => serde_json::to_writer(&mut buf, value)
                 .map_err(|e| Error::Codec(format!("cannot serialize value: {e}")))?,
@@ -51,14 +97,20 @@ impl Codec {
     }
 
     /// The entry that records a cached absence (a `None` result).
-    pub(crate) fn encode_absent(self) -> Vec<u8> {
-        vec![MAGIC, FORMAT_VERSION, self.id(), FLAG_ABSENT]
+    pub(crate) fn encode_absent(self, timing: Option<Timing>) -> Vec<u8> {
+        self.header(FLAG_ABSENT, timing)
     }
 
-    /// Decodes an entry written by [`Codec::encode`] or
-    /// [`Codec::encode_absent`]: `Ok(None)` for a cached absence.
-    pub(crate) fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<Option<T>> {
-        let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+    /// A tombstone with a fresh random id, unlike any other.
+    pub(crate) fn encode_tombstone(self) -> Vec<u8> {
+        let mut buf = self.header(FLAG_TOMBSTONE, None);
+        buf.extend_from_slice(&crate::token::random_bytes::<TOMBSTONE_ID_LEN>());
+        buf
+    }
+
+    /// Decodes an entry written by this codec.
+    pub(crate) fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<Entry<T>> {
+        let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
             return Err(Error::Codec(format!(
                 "entry of {} bytes is shorter than its header",
                 bytes.len()
@@ -76,19 +128,45 @@ impl Codec {
         if flags & !KNOWN_FLAGS != 0 {
             return Err(Error::Codec(format!("unknown entry flags {flags:#04x}")));
         }
+        if flags & FLAG_TOMBSTONE != 0 {
+            return if flags == FLAG_TOMBSTONE && rest.len() == TOMBSTONE_ID_LEN {
+                Ok(Entry::Tombstone)
+            } else {
+                Err(Error::Codec("malformed tombstone".into()))
+            };
+        }
+        let (timing, payload) = if flags & FLAG_TIMED != 0 {
+            let Some((timed, payload)) = rest.split_first_chunk::<TIMED_LEN>() else {
+                return Err(Error::Codec(
+                    "timed entry shorter than its freshness data".into(),
+                ));
+            };
+            let (expiry, delta) = timed.split_at(8);
+            let timing = Timing {
+                soft_expiry_ms: u64::from_le_bytes(expiry.try_into().map_err(|_| bad_timing())?),
+                delta_ms: u32::from_le_bytes(delta.try_into().map_err(|_| bad_timing())?),
+            };
+            (Some(timing), payload)
+        } else {
+            (None, rest)
+        };
         if flags & FLAG_ABSENT != 0 {
             return if payload.is_empty() {
-                Ok(None)
+                Ok(Entry::Value(None, timing))
             } else {
                 Err(Error::Codec("absent entry with a payload".into()))
             };
         }
-        match self {
+        let value = match self {
             Codec::Json => serde_json::from_slice(payload)
-                .map(Some)
-                .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}"))),
-        }
+                .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}")))?,
+        };
+        Ok(Entry::Value(Some(value), timing))
     }
+}
+
+fn bad_timing() -> Error {
+    Error::Codec("malformed freshness data".into())
 }
 
 #[cfg(test)]
@@ -108,25 +186,57 @@ mod tests {
             id: 7,
             name: "ada".into(),
         };
-        let bytes = Codec::Json.encode(&user).unwrap();
+        let bytes = Codec::Json.encode(&user, None).unwrap();
         assert_eq!(&bytes[..4], &[MAGIC, FORMAT_VERSION, 1, 0]);
-        assert_eq!(Codec::Json.decode::<User>(&bytes).unwrap(), Some(user));
+        assert_eq!(
+            Codec::Json.decode::<User>(&bytes).unwrap(),
+            Entry::Value(Some(user), None)
+        );
+    }
+
+    #[test]
+    fn timed_round_trip() {
+        let timing = Timing {
+            soft_expiry_ms: 1_700_000_000_123,
+            delta_ms: 250,
+        };
+        let bytes = Codec::Json.encode(&7u32, Some(timing)).unwrap();
+        assert_eq!(bytes.len(), 4 + 12 + 1);
+        assert_eq!(
+            Codec::Json.decode::<u32>(&bytes).unwrap(),
+            Entry::Value(Some(7), Some(timing))
+        );
+        let absent = Codec::Json.encode_absent(Some(timing));
+        assert_eq!(
+            Codec::Json.decode::<u32>(&absent).unwrap(),
+            Entry::Value(None, Some(timing))
+        );
     }
 
     #[test]
     fn absent_round_trip() {
-        let bytes = Codec::Json.encode_absent();
-        assert_eq!(Codec::Json.decode::<User>(&bytes).unwrap(), None);
+        let bytes = Codec::Json.encode_absent(None);
+        assert_eq!(
+            Codec::Json.decode::<User>(&bytes).unwrap(),
+            Entry::Value(None, None)
+        );
+    }
+
+    #[test]
+    fn tombstones_are_unique() {
+        let a = Codec::Json.encode_tombstone();
+        let b = Codec::Json.encode_tombstone();
+        assert_ne!(a, b);
+        assert_eq!(Codec::Json.decode::<User>(&a).unwrap(), Entry::Tombstone);
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let good = Codec::Json
-            .encode(&User {
-                id: 1,
-                name: "x".into(),
-            })
-            .unwrap();
+        let user = User {
+            id: 1,
+            name: "x".into(),
+        };
+        let good = Codec::Json.encode(&user, None).unwrap();
         let cases: Vec<Vec<u8>> = vec![
             vec![],
             vec![MAGIC],
@@ -136,7 +246,23 @@ mod tests {
             vec![MAGIC, FORMAT_VERSION, 1, 0x80, b'1'],
             vec![MAGIC, FORMAT_VERSION, 1, FLAG_ABSENT, b'1'],
             good[..good.len() - 3].to_vec(),
-            Codec::Json.encode(&"a string, not a user").unwrap(),
+            Codec::Json.encode(&"a string, not a user", None).unwrap(),
+            vec![MAGIC, FORMAT_VERSION, 1, FLAG_TIMED, 1, 2, 3],
+            vec![MAGIC, FORMAT_VERSION, 1, FLAG_TOMBSTONE, 1, 2],
+            vec![
+                MAGIC,
+                FORMAT_VERSION,
+                1,
+                FLAG_TOMBSTONE | FLAG_ABSENT,
+                1,
+                2,
+                3,
+                4,
+                5,
+                6,
+                7,
+                8,
+            ],
         ];
         for bytes in cases {
             assert!(Codec::Json.decode::<User>(&bytes).is_err(), "{bytes:?}");

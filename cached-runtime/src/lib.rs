@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+mod aside;
 mod backend;
 mod breaker;
 mod cache;
@@ -17,6 +18,7 @@ mod global;
 mod key;
 mod shape;
 mod stats;
+mod token;
 
 #[doc(hidden)]
 pub mod __private {

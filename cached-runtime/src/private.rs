@@ -8,11 +8,10 @@ use std::time::Duration;
 pub use crate::key::KeyBuilder;
 use crate::shape::Stored;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
-use crate::stats::Counters;
 use crate::{global, Cache};
 
 /// The per-function settings of a cached function.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Policy {
     /// TTL of stored values; `None`: the cache's default.
     pub ttl: Option<Duration>,
@@ -42,9 +41,7 @@ where
         return body.await;
     };
     let key = cache.full_key(key);
-    cache
-        .fill::<S, R, _>(key, policy.ttl, policy.cache_none, || body)
-        .await
+    cache.fill::<S, R, _>(key, &policy, || body).await
 }
 
 /// The body of a `#[cache_put]` function: run it, then write its value.
@@ -59,25 +56,15 @@ where
         return result;
     };
     let key = cache.full_key(key);
-    let codec_entry = match S::view(&result) {
-        Stored::Value(value) => match cache.codec().encode(value) {
-            Ok(entry) => Some((entry, policy.ttl.unwrap_or(cache.default_ttl()))),
-            Err(err) => {
-                Counters::bump(&cache.counters().encode_errors);
-                tracing::warn!(error = %err, "value not cached: it cannot be serialized");
-                None
-            }
-        },
-        Stored::Absent => policy
-            .cache_none
-            .map(|ttl| (cache.codec().encode_absent(), ttl)),
-        Stored::Skip => return result,
-    };
+    // A write-through is the newest state: it overwrites whatever is there.
+    // A `None` that may not be cached, or a value that cannot be encoded,
+    // leaves the old value wrong: invalidate it instead.
     // Failures are counted inside; the caller gets its value anyway.
-    let _ = match codec_entry {
-        Some((entry, ttl)) => cache.store(&key, entry.into(), ttl).await,
-        // The stored value is now wrong and no absence may be stored: drop it.
-        None => cache.delete(&key).await,
+    let _ = match cache.encode_result::<S, R>(&result, &policy, None) {
+        Some((entry, Some(ttl))) => cache.store(&key, entry, ttl).await,
+        Some((_, None)) => cache.tombstone(&key).await,
+        None if matches!(S::view(&result), Stored::Skip) => return result,
+        None => cache.tombstone(&key).await,
     };
     result
 }
@@ -101,7 +88,7 @@ where
     if succeeded(&result) {
         let key = cache.full_key(key);
         // Failures are counted inside; the caller gets its value anyway.
-        let _ = cache.delete(&key).await;
+        let _ = cache.tombstone(&key).await;
     }
     result
 }

@@ -37,6 +37,8 @@ counters! {
     coalesced,
     /// Values written to the cache.
     writes,
+    /// Results not stored because their key was invalidated or rewritten while they were computed.
+    stale_sets_refused,
     /// Keys deleted by `invalidate` or `#[cache_evict]`.
     invalidations,
     /// Redis operations that failed (error reply, I/O error, refused connection or authentication).

@@ -109,15 +109,9 @@ impl RedisServer {
         cmd.query_async(&mut conn).await.expect("command succeeds")
     }
 
-    /// How many times each command ran, from `INFO commandstats`.
-    pub async fn command_calls(&self, name: &str) -> u64 {
-        let info: String = self.cmd(redis::cmd("INFO").arg("commandstats")).await;
-        let prefix = format!("cmdstat_{}:calls=", name.to_ascii_lowercase());
-        info.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+    /// Starts watching every command the server runs (`MONITOR`).
+    pub fn monitor(&self) -> Monitor {
+        Monitor::start(self.port)
     }
 
     /// SIGKILL: the server dies without a word, losing its data.
@@ -165,5 +159,62 @@ impl Drop for RedisServer {
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `redis-cli monitor` attached to a server: sees every command, with
+/// commands run inside Lua scripts marked as such, so the commands a client
+/// sent (its round trips) can be counted exactly.
+pub struct Monitor {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    fn start(port: u16) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "monitor"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli is installed with redis-server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().expect("monitor lines").push(line);
+            }
+        });
+        let monitor = Monitor { child, lines };
+        // MONITOR answers OK once attached.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while monitor.lines.lock().expect("monitor lines").is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        monitor
+    }
+
+    /// The client commands (not those inside scripts) seen since the last
+    /// call, as `COMMAND arg0`, after letting the output settle.
+    pub async fn take_client_commands(&self) -> Vec<String> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let lines = std::mem::take(&mut *self.lines.lock().expect("monitor lines"));
+        lines
+            .iter()
+            .filter(|l| !l.contains(" lua] ") && l.contains('['))
+            .filter_map(|l| l.split_once("] ").map(|(_, cmd)| cmd.to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

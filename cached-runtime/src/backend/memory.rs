@@ -1,13 +1,18 @@
 //! The embedded backend: a bounded `quick_cache` (S3-FIFO eviction, which
 //! keeps frequently read entries over one-hit wonders) with a TTL per entry.
 //!
+//! Reads take no lock. Writes take one of a fixed set of striped mutexes, so
+//! that a compare-and-set (`set_if`) is atomic against every other write to
+//! the same key.
+//!
 //! An expired entry is never returned: a read that finds one removes it.
 //! Expired entries nobody reads are reclaimed by a sweep that runs after
 //! every `max_entries / 4` writes, so they cost at most the bound's memory
 //! for a short while, never more.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::Cache as Store;
@@ -37,8 +42,12 @@ struct Entry {
     expires_at: Instant,
 }
 
+const STRIPES: usize = 64;
+
 pub(crate) struct MemoryBackend {
     entries: Store<String, Entry>,
+    stripes: [Mutex<()>; STRIPES],
+    hasher: RandomState,
     writes: AtomicU64,
     sweep_every: u64,
 }
@@ -57,8 +66,42 @@ impl MemoryBackend {
         let capacity = config.max_entries.max(1);
         MemoryBackend {
             entries: Store::new(capacity),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
+            hasher: RandomState::new(),
             writes: AtomicU64::new(0),
             sweep_every: (capacity as u64 / 4).max(64),
+        }
+    }
+
+    fn write_lock(&self, key: &str) -> MutexGuard<'_, ()> {
+        let stripe = self.hasher.hash_one(key) as usize % STRIPES;
+        self.stripes[stripe]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The unexpired entry at `key`.
+    fn live(&self, key: &str) -> Option<Entry> {
+        self.entries
+            .get(key)
+            .filter(|entry| entry.expires_at > Instant::now())
+    }
+
+    fn insert(&self, key: &str, value: Arc<[u8]>, ttl: Duration) {
+        let now = Instant::now();
+        // A TTL too long for the clock is as good as forever.
+        let expires_at = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+        self.entries.insert(
+            key.to_owned(),
+            Entry {
+                bytes: value,
+                expires_at,
+            },
+        );
+        if self.writes.fetch_add(1, Ordering::Relaxed) % self.sweep_every == self.sweep_every - 1 {
+            self.sweep();
         }
     }
 
@@ -88,27 +131,25 @@ impl Backend for MemoryBackend {
     }
 
     async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
-        let now = Instant::now();
-        // A TTL too long for the clock is as good as forever.
-        let expires_at = now
-            .checked_add(ttl)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
-        self.entries.insert(
-            key.to_owned(),
-            Entry {
-                bytes: value,
-                expires_at,
-            },
-        );
-        if self.writes.fetch_add(1, Ordering::Relaxed) % self.sweep_every == self.sweep_every - 1 {
-            self.sweep();
-        }
+        let _write = self.write_lock(key);
+        self.insert(key, value, ttl);
         Ok(())
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.entries.remove(key);
-        Ok(())
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Arc<[u8]>,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let _write = self.write_lock(key);
+        let current = self.live(key);
+        if current.as_ref().map(|e| &*e.bytes) != expected {
+            return Ok(false);
+        }
+        self.insert(key, value, ttl);
+        Ok(true)
     }
 }
 
@@ -151,6 +192,35 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(m.get("k").await.unwrap().as_deref(), Some(&b"b"[..]));
+    }
+
+    #[tokio::test]
+    async fn set_if_compares_with_the_live_entry() {
+        let m = MemoryBackend::new(MemoryConfig::default());
+        assert!(m
+            .set_if("k", None, bytes("a"), Duration::from_secs(60))
+            .await
+            .unwrap());
+        assert!(!m
+            .set_if("k", None, bytes("b"), Duration::from_secs(60))
+            .await
+            .unwrap());
+        assert!(m
+            .set_if("k", Some(b"a"), bytes("c"), Duration::from_millis(10))
+            .await
+            .unwrap());
+        assert!(!m
+            .set_if("k", Some(b"a"), bytes("d"), Duration::from_secs(60))
+            .await
+            .unwrap());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            m.set_if("k", None, bytes("e"), Duration::from_secs(60))
+                .await
+                .unwrap(),
+            "expired counts as absent"
+        );
+        assert_eq!(m.get("k").await.unwrap().as_deref(), Some(&b"e"[..]));
     }
 
     #[tokio::test]

@@ -44,8 +44,16 @@ pub(crate) trait Backend: Send + Sync {
         value: Arc<[u8]>,
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// Deletes `key`.
-    fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Stores `value` at `key` for `ttl` only if `key` still holds exactly
+    /// `expected` (`None`: nothing); returns whether it stored. The compare
+    /// and the write are one atomic step.
+    fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Arc<[u8]>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }
 
 // One per cache, inside its `Arc`: boxing the larger variant would only add
@@ -78,10 +86,16 @@ impl Backend for AnyBackend {
         }
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Arc<[u8]>,
+        ttl: Duration,
+    ) -> Result<bool> {
         match self {
-            AnyBackend::Redis(b) => b.delete(key).await,
-            AnyBackend::Memory(b) => b.delete(key).await,
+            AnyBackend::Redis(b) => b.set_if(key, expected, value, ttl).await,
+            AnyBackend::Memory(b) => b.set_if(key, expected, value, ttl).await,
         }
     }
 }

@@ -17,8 +17,21 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::{Backend, Bytes};
 use crate::error::{Error, Result};
 
+/// Compare-and-set: `SET` only if the key still holds what the caller saw.
+/// KEYS[1] the key; ARGV: `1` if a value is expected (else `0`), that value,
+/// the new value, its TTL in ms.
+const SET_IF: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if (ARGV[1] == '0' and not cur) or (ARGV[1] == '1' and cur == ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  return 1
+end
+return 0
+";
+
 pub(crate) struct RedisBackend {
     client: redis::Client,
+    set_if: redis::Script,
     config: ConnectionManagerConfig,
     /// Read on every operation: an `ArcSwap` load shares no cache line
     /// between threads, where a mutex would.
@@ -54,6 +67,7 @@ impl RedisBackend {
             .set_max_delay(Duration::from_millis(500));
         Ok(RedisBackend {
             client,
+            set_if: redis::Script::new(SET_IF),
             config,
             manager: ArcSwapOption::empty(),
         })
@@ -81,6 +95,18 @@ impl RedisBackend {
         self.manager.store(None);
     }
 
+    /// Runs `script` (EVALSHA, loading it on NOSCRIPT).
+    pub(crate) async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let mut conn = self.connection()?;
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         let mut conn = self.connection()?;
         cmd.query_async(&mut conn)
@@ -96,19 +122,35 @@ impl Backend for RedisBackend {
     }
 
     async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
-        // PX takes whole milliseconds; a TTL under 1 ms still lives 1 ms.
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.query(
             redis::cmd("SET")
                 .arg(key)
                 .arg(&*value)
                 .arg("PX")
-                .arg(ttl_ms),
+                .arg(px(ttl)),
         )
         .await
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.query(redis::cmd("DEL").arg(key)).await
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Arc<[u8]>,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let mut invocation = self.set_if.key(key);
+        invocation
+            .arg(if expected.is_some() { "1" } else { "0" })
+            .arg(expected.unwrap_or_default())
+            .arg(&*value)
+            .arg(px(ttl));
+        let stored: i64 = self.invoke(&invocation).await?;
+        Ok(stored == 1)
     }
+}
+
+/// A TTL in whole milliseconds for PX; under 1 ms still lives 1 ms.
+pub(crate) fn px(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }

@@ -1,0 +1,212 @@
+//! The cache-aside algorithm behind `#[redis_cached]` and `get_or_compute`:
+//! look up the key; on a miss, lead or follow this process's computation;
+//! store the result only if the key has not changed since it was read.
+//!
+//! That last rule is the "no stale set" of memcache leases: a computation
+//! that began before an invalidation (which leaves a unique tombstone) or a
+//! write-through (which leaves a new value) finds the key changed, and its
+//! older result is not stored. The compare and the write are one atomic
+//! step in the backend (`set_if`).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::backend::{Backend, Bytes};
+use crate::cache::Cache;
+use crate::codec::{Entry, Timing};
+use crate::flight::{self, Role};
+use crate::private::Policy;
+use crate::shape::{Shape, Stored};
+use crate::stats::Counters;
+
+/// What a lookup found.
+pub(crate) enum Lookup<T> {
+    Hit(Hit<T>),
+    /// Nothing usable; what was there, for the compare-and-set.
+    Miss(Seen),
+}
+
+/// A usable entry.
+pub(crate) struct Hit<T> {
+    /// The value; `None` for a cached absence.
+    pub(crate) value: Option<T>,
+    /// The entry as stored, for a refresh's compare-and-set.
+    pub(crate) raw: Bytes,
+}
+
+/// What a key held when it was read: a later store of this key only
+/// happens if it still holds exactly that.
+#[derive(Debug, Clone)]
+pub(crate) enum Seen {
+    Nothing,
+    Bytes(Bytes),
+    /// The read failed: the store is skipped, since a stale set cannot be
+    /// ruled out.
+    Unknown,
+}
+
+/// What a follower of another caller's computation got.
+enum Followed<R> {
+    Value(R),
+    /// The leader published nothing (an error, a panic, a cancellation).
+    Retry,
+    /// The leader's entry does not decode as this function's type.
+    Undecodable,
+}
+
+impl Cache {
+    /// The cache-aside algorithm; `key` is the full key.
+    pub(crate) async fn fill<S, R, Fut>(
+        &self,
+        key: String,
+        policy: &Policy,
+        compute: impl FnOnce() -> Fut,
+    ) -> R
+    where
+        S: Shape<R>,
+        Fut: Future<Output = R>,
+    {
+        let seen = match self.lookup::<S::Value>(&key).await {
+            Lookup::Hit(hit) => match hit.value {
+                Some(value) => return S::from_value(value),
+                None => match S::absent() {
+                    Some(result) => return result,
+                    // An absence stored for a type that has none: overwrite it.
+                    None => Seen::Bytes(hit.raw),
+                },
+            },
+            Lookup::Miss(seen) => seen,
+        };
+        let leader = loop {
+            match self.inner.flights.join(&key) {
+                Role::Leader(leader) => break leader,
+                Role::Follower(receiver) => {
+                    Counters::bump(&self.inner.counters.coalesced);
+                    match self.follow::<S, R>(receiver).await {
+                        Followed::Value(result) => return result,
+                        Followed::Retry => {}
+                        Followed::Undecodable => {
+                            // The leader's value does not read back as this
+                            // type (a serde impl that does not round-trip):
+                            // joining again would find the same entry.
+                            Counters::bump(&self.inner.counters.computes);
+                            return compute().await;
+                        }
+                    }
+                }
+            }
+        };
+        Counters::bump(&self.inner.counters.computes);
+        let result = compute().await;
+        if let Some((entry, ttl)) = self.encode_result::<S, R>(&result, policy, None) {
+            leader.publish(entry.clone());
+            if let Some(ttl) = ttl {
+                // Failures are counted inside; the caller gets its value anyway.
+                let _ = self.store_if(&key, &seen, entry, ttl).await;
+            }
+        }
+        drop(leader);
+        result
+    }
+
+    /// The entry to store for `result` and its TTL (`None`: share with
+    /// followers but do not store), or nothing for an error.
+    pub(crate) fn encode_result<S: Shape<R>, R>(
+        &self,
+        result: &R,
+        policy: &Policy,
+        timing: Option<Timing>,
+    ) -> Option<(Arc<[u8]>, Option<std::time::Duration>)> {
+        let codec = self.inner.codec;
+        match S::view(result) {
+            Stored::Value(value) => match codec.encode(value, timing) {
+                Ok(entry) => Some((
+                    entry.into(),
+                    Some(policy.ttl.unwrap_or(self.inner.default_ttl)),
+                )),
+                Err(err) => {
+                    Counters::bump(&self.inner.counters.encode_errors);
+                    tracing::warn!(error = %err, "value not cached: it cannot be serialized");
+                    None
+                }
+            },
+            Stored::Absent => Some((codec.encode_absent(timing).into(), policy.cache_none)),
+            Stored::Skip => None,
+        }
+    }
+
+    async fn follow<S: Shape<R>, R>(&self, receiver: flight::Receiver) -> Followed<R> {
+        let Some(entry) = flight::follow(receiver).await else {
+            return Followed::Retry;
+        };
+        match self.inner.codec.decode::<S::Value>(&entry) {
+            Ok(Entry::Value(Some(value), _)) => Followed::Value(S::from_value(value)),
+            Ok(Entry::Value(None, _)) => S::absent().map_or(Followed::Undecodable, Followed::Value),
+            Ok(Entry::Tombstone) => Followed::Retry,
+            Err(err) => {
+                Counters::bump(&self.inner.counters.decode_errors);
+                tracing::debug!(error = %err, "shared value undecodable; computing instead");
+                Followed::Undecodable
+            }
+        }
+    }
+
+    /// Reads and decodes `key`, counting a hit or a miss.
+    pub(crate) async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
+        let found = match self.guarded(self.inner.backend.get(key)).await {
+            Ok(Some(bytes)) => self.decode::<T>(bytes),
+            Ok(None) => Lookup::Miss(Seen::Nothing),
+            Err(_) => Lookup::Miss(Seen::Unknown),
+        };
+        let counters = &self.inner.counters;
+        match found {
+            Lookup::Miss(_) => Counters::bump(&counters.misses),
+            Lookup::Hit(_) => Counters::bump(&counters.hits),
+        }
+        found
+    }
+
+    fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
+        if bytes.len() > self.inner.max_value_bytes {
+            Counters::bump(&self.inner.counters.oversized);
+            return Lookup::Miss(Seen::Bytes(bytes));
+        }
+        match self.inner.codec.decode::<T>(&bytes) {
+            Ok(Entry::Value(value, _timing)) => Lookup::Hit(Hit { value, raw: bytes }),
+            Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
+            Err(err) => {
+                Counters::bump(&self.inner.counters.decode_errors);
+                tracing::debug!(error = %err, "stored value undecodable; treated as a miss");
+                Lookup::Miss(Seen::Bytes(bytes))
+            }
+        }
+    }
+
+    /// Stores `entry` at `key` if the key still holds what was `seen`.
+    pub(crate) async fn store_if(
+        &self,
+        key: &str,
+        seen: &Seen,
+        entry: Arc<[u8]>,
+        ttl: std::time::Duration,
+    ) -> crate::Result<bool> {
+        self.check_size(&entry)?;
+        let expected = match seen {
+            Seen::Nothing => None,
+            Seen::Bytes(bytes) => Some(&**bytes),
+            Seen::Unknown => return Ok(false),
+        };
+        let stored = self
+            .guarded(self.inner.backend.set_if(key, expected, entry, ttl))
+            .await?;
+        let counters = &self.inner.counters;
+        Counters::bump(if stored {
+            &counters.writes
+        } else {
+            &counters.stale_sets_refused
+        });
+        Ok(stored)
+    }
+}

@@ -1,0 +1,41 @@
+//! Randomness: lock tokens, tombstone ids and XFetch draws, from the
+//! operating system's CSPRNG.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+/// `N` random bytes. If the OS generator fails (it practically never does),
+/// falls back to a digest of the time, the process id and a counter: still
+/// unique, though predictable, and the failure is logged.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    if getrandom::fill(&mut buf).is_ok() {
+        return buf;
+    }
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    tracing::warn!("the OS random generator failed; using a time-based unique id");
+    let mut hasher = Sha256::new();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.update(nanos.to_le_bytes());
+    hasher.update(std::process::id().to_le_bytes());
+    hasher.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let digest = hasher.finalize();
+    for (dst, src) in buf.iter_mut().zip(digest.iter().cycle()) {
+        *dst = *src;
+    }
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_bytes_differ() {
+        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
+    }
+}

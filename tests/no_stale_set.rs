@@ -1,0 +1,128 @@
+//! No stale set: a computation that began before an invalidation or a
+//! write-through of its key must not overwrite the newer state. Each
+//! interleaving is forced step by step, on both backends.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use redis_cached::{cache_put, redis_cached, Cache};
+use support::RedisServer;
+use tokio::sync::{oneshot, Notify};
+
+/// A database row and a way to hold a query between reading it and
+/// returning it.
+struct Db {
+    cache: Cache,
+    row: AtomicU32,
+    gate: Notify,
+    reads: AtomicU32,
+}
+
+impl Db {
+    fn new(cache: Cache) -> Arc<Self> {
+        Arc::new(Db {
+            cache,
+            row: AtomicU32::new(1),
+            gate: Notify::new(),
+            reads: AtomicU32::new(0),
+        })
+    }
+
+    /// Reads the row, signals `read`, then waits for the gate (if held).
+    #[redis_cached(key = "row:<id>", cache = self.cache)]
+    async fn load(&self, id: u32, read: Option<oneshot::Sender<()>>) -> u32 {
+        let _ = id;
+        let value = self.row.load(Ordering::SeqCst);
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if let Some(read) = read {
+            let _ = read.send(());
+            self.gate.notified().await;
+        }
+        value
+    }
+
+    #[cache_put(key = "row:<id>", cache = self.cache)]
+    async fn update(&self, id: u32, value: u32) -> u32 {
+        let _ = id;
+        self.row.store(value, Ordering::SeqCst);
+        value
+    }
+}
+
+/// Starts a load that reads the row and then blocks; returns it once the
+/// read happened.
+async fn start_slow_load(db: &Arc<Db>) -> tokio::task::JoinHandle<u32> {
+    let (read_tx, read_rx) = oneshot::channel();
+    let db2 = db.clone();
+    let task = tokio::spawn(async move { db2.load(1, Some(read_tx)).await });
+    read_rx.await.expect("the load read the row");
+    task
+}
+
+async fn fill_then_invalidate(cache: Cache) {
+    let db = Db::new(cache);
+    let slow = start_slow_load(&db).await;
+    // The row changes and the key is invalidated while the load is in flight.
+    db.row.store(2, Ordering::SeqCst);
+    db.cache.invalidate("row:1").await.expect("invalidate");
+    db.gate.notify_one();
+    assert_eq!(slow.await.unwrap(), 1, "the slow caller gets what it read");
+    assert_eq!(
+        db.cache.get::<u32>("row:1").await,
+        None,
+        "its old value was not stored"
+    );
+    assert_eq!(db.cache.stats().stale_sets_refused, 1);
+    assert_eq!(db.load(1, None).await, 2, "the next call reads the new row");
+    assert_eq!(db.cache.get::<u32>("row:1").await, Some(2), "and caches it");
+}
+
+async fn fill_then_write_through(cache: Cache) {
+    let db = Db::new(cache);
+    let slow = start_slow_load(&db).await;
+    assert_eq!(db.update(1, 3).await, 3);
+    db.gate.notify_one();
+    assert_eq!(slow.await.unwrap(), 1);
+    assert_eq!(
+        db.cache.get::<u32>("row:1").await,
+        Some(3),
+        "the write-through survives"
+    );
+    assert_eq!(db.cache.stats().stale_sets_refused, 1);
+    let reads = db.reads.load(Ordering::SeqCst);
+    assert_eq!(db.load(1, None).await, 3);
+    assert_eq!(
+        db.reads.load(Ordering::SeqCst),
+        reads,
+        "served from the cache"
+    );
+}
+
+async fn fill_with_no_interference_stores(cache: Cache) {
+    let db = Db::new(cache);
+    let slow = start_slow_load(&db).await;
+    db.gate.notify_one();
+    assert_eq!(slow.await.unwrap(), 1);
+    assert_eq!(db.cache.get::<u32>("row:1").await, Some(1));
+    assert_eq!(db.cache.stats().stale_sets_refused, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory() {
+    fill_then_invalidate(Cache::in_memory()).await;
+    fill_then_write_through(Cache::in_memory()).await;
+    fill_with_no_interference_stores(Cache::in_memory()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis() {
+    let server = RedisServer::start();
+    // Each scenario starts from an empty server.
+    fill_then_invalidate(Cache::redis(&server.url()).unwrap()).await;
+    let _: () = server.cmd(&redis::cmd("FLUSHALL")).await;
+    fill_then_write_through(Cache::redis(&server.url()).unwrap()).await;
+    let _: () = server.cmd(&redis::cmd("FLUSHALL")).await;
+    fill_with_no_interference_stores(Cache::redis(&server.url()).unwrap()).await;
+}
