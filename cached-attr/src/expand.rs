@@ -143,5 +143,12 @@ fn policy(model: &Model) -> TokenStream {
     };
     let ttl = duration(model.ttl_ms);
     let cache_none = duration(model.cache_none_ms);
-    quote!(#krate::__private::Policy { ttl: #ttl, cache_none: #cache_none })
+    let lock = match model.lock_ms {
+        Some((ttl, wait)) => quote!(::core::option::Option::Some(#krate::__private::LockPolicy {
+            ttl: ::core::time::Duration::from_millis(#ttl),
+            wait: ::core::time::Duration::from_millis(#wait),
+        })),
+        None => quote!(::core::option::Option::None),
+    };
+    quote!(#krate::__private::Policy { ttl: #ttl, cache_none: #cache_none, lock: #lock })
 }

@@ -86,6 +86,8 @@ pub(crate) struct Model {
     pub(crate) version: Option<u32>,
     pub(crate) ttl_ms: Option<u64>,
     pub(crate) cache_none_ms: Option<u64>,
+    /// `(lock_ttl, lock_wait)` in ms, for `lock = true`.
+    pub(crate) lock_ms: Option<(u64, u64)>,
     pub(crate) cache: Option<syn::Expr>,
     pub(crate) krate: syn::Path,
     pub(crate) ret: Type,
@@ -150,6 +152,12 @@ impl Model {
             version: args.version,
             ttl_ms: args.ttl.map(|d| millis(d.value)),
             cache_none_ms: args.cache_none.map(|d| millis(d.value)),
+            lock_ms: args.lock.filter(|l| l.value).map(|_| {
+                (
+                    args.lock_ttl.map_or(10_000, |d| millis(d.value)),
+                    args.lock_wait.map_or(5_000, |d| millis(d.value)),
+                )
+            }),
             cache: args.cache,
             krate: args
                 .krate
@@ -162,18 +170,14 @@ impl Model {
     }
 }
 
-/// `lock`, `stale` and `early` are part of the grammar, but their
-/// cross-process machinery is not in this version: refuse them rather than
-/// accept a flag that does nothing. `lock = false` is what every function
-/// gets, so it is accepted.
+/// `lock_ttl` and `lock_wait` need `lock = true`. `stale` and `early` are
+/// part of the grammar but not in this version: refuse them rather than
+/// accept a flag that does nothing.
 fn check_freshness_args(args: &Args, errors: &mut Errors) {
     let not_yet = |name: &str| {
-        format!("`{name}` is not supported by this version of redis-cached yet; concurrent calls in one process already share one computation")
+        format!("`{name}` is not supported by this version of redis-cached yet; `lock = true` protects a hot key from stampedes")
     };
     let locked = args.lock.is_some_and(|l| l.value);
-    if let Some(lock) = args.lock.filter(|l| l.value) {
-        errors.push(syn::Error::new(lock.span, not_yet("lock")));
-    }
     for (name, arg) in [("lock_ttl", args.lock_ttl), ("lock_wait", args.lock_wait)] {
         if let (Some(arg), false) = (arg, locked) {
             errors.push(syn::Error::new(

@@ -10,16 +10,19 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
 use crate::backend::{Backend, Bytes};
 use crate::cache::Cache;
 use crate::codec::{Entry, Timing};
-use crate::flight::{self, Role};
+use crate::flight::{self, Leader, Role};
+use crate::lock::{lock_key, Acquire, LockPolicy};
 use crate::private::Policy;
 use crate::shape::{Shape, Stored};
 use crate::stats::Counters;
+use crate::token::lock_token;
 
 /// What a lookup found.
 pub(crate) enum Lookup<T> {
@@ -98,17 +101,175 @@ impl Cache {
                 }
             }
         };
+        match policy.lock {
+            Some(lock) if self.inner.backend.is_redis() => {
+                self.fill_locked::<S, R, _>(&key, seen, &lock, policy, &leader, compute)
+                    .await
+            }
+            _ => {
+                self.compute_and_store::<S, R, _>(&key, &seen, policy, &leader, compute)
+                    .await
+            }
+        }
+    }
+
+    /// Computes, shares the result with this process's followers, and
+    /// stores it if the key still holds what was `seen`.
+    async fn compute_and_store<S, R, Fut>(
+        &self,
+        key: &str,
+        seen: &Seen,
+        policy: &Policy,
+        leader: &Leader<'_>,
+        compute: impl FnOnce() -> Fut,
+    ) -> R
+    where
+        S: Shape<R>,
+        Fut: Future<Output = R>,
+    {
         Counters::bump(&self.inner.counters.computes);
         let result = compute().await;
         if let Some((entry, ttl)) = self.encode_result::<S, R>(&result, policy, None) {
             leader.publish(entry.clone());
             if let Some(ttl) = ttl {
                 // Failures are counted inside; the caller gets its value anyway.
-                let _ = self.store_if(&key, &seen, entry, ttl).await;
+                let _ = self.store_if(key, seen, entry, ttl).await;
             }
         }
-        drop(leader);
         result
+    }
+
+    /// The miss path of `lock = true`: take the cross-process lock and
+    /// compute, or wait for the holder's value, or after `lock_wait` (or
+    /// when Redis fails) compute without the lock.
+    async fn fill_locked<S, R, Fut>(
+        &self,
+        key: &str,
+        mut seen: Seen,
+        lock: &LockPolicy,
+        policy: &Policy,
+        leader: &Leader<'_>,
+        compute: impl FnOnce() -> Fut,
+    ) -> R
+    where
+        S: Shape<R>,
+        Fut: Future<Output = R>,
+    {
+        let lock_key = lock_key(key);
+        let token = lock_token();
+        let watch = self.watch(key);
+        let deadline = Instant::now() + lock.wait;
+        // Pub/sub can drop a message; a waiter also retries on this timer.
+        let retry = (lock.wait / 20).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        let mut waited = false;
+        let holding = loop {
+            // Register for the notification before looking, so that a value
+            // landing in between still wakes us.
+            let notified = watch.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let expected = match &seen {
+                Seen::Nothing => None,
+                Seen::Bytes(bytes) => Some(&**bytes),
+                Seen::Unknown => break false,
+            };
+            match self
+                .try_acquire(key, &lock_key, expected, &token, lock)
+                .await
+            {
+                Some(Ok(Acquire::Acquired(now))) => {
+                    Counters::bump(&self.inner.counters.lock_acquired);
+                    seen = now.map_or(Seen::Nothing, Seen::Bytes);
+                    break true;
+                }
+                Some(Ok(Acquire::Landed(bytes))) => match self.decode::<S::Value>(bytes) {
+                    Lookup::Hit(hit) => match hit.value.map(S::from_value).or_else(S::absent) {
+                        Some(result) => {
+                            leader.publish(Arc::from(&*hit.raw));
+                            return result;
+                        }
+                        None => seen = Seen::Bytes(hit.raw),
+                    },
+                    // A tombstone or garbage: the key changed, but holds no value.
+                    Lookup::Miss(now) => seen = now,
+                },
+                Some(Ok(Acquire::Held)) => {
+                    if !waited {
+                        waited = true;
+                        Counters::bump(&self.inner.counters.lock_waits);
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        Counters::bump(&self.inner.counters.lock_wait_timeouts);
+                        break false;
+                    }
+                    let _ = tokio::time::timeout(retry.min(deadline - now), notified).await;
+                    // The notification carries the stored entry: no read needed.
+                    if let Some(bytes) = watch.landed() {
+                        if let Lookup::Hit(hit) = self.decode::<S::Value>(bytes) {
+                            if let Some(result) = hit.value.map(S::from_value).or_else(S::absent) {
+                                leader.publish(Arc::from(&*hit.raw));
+                                return result;
+                            }
+                        }
+                    }
+                }
+                // Redis is failing: compute without the lock, like any miss.
+                Some(Err(_)) | None => break false,
+            }
+        };
+        drop(watch);
+        if !holding {
+            return self
+                .compute_and_store::<S, R, _>(key, &seen, policy, leader, compute)
+                .await;
+        }
+        Counters::bump(&self.inner.counters.computes);
+        let result = self.with_watchdog(compute(), &lock_key, &token, lock).await;
+        let encoded = self.encode_result::<S, R>(&result, policy, None);
+        if let Some((entry, _)) = &encoded {
+            leader.publish(entry.clone());
+        }
+        let store = encoded
+            .as_ref()
+            .and_then(|(entry, ttl)| ttl.map(|ttl| (&**entry, ttl)))
+            .filter(|(entry, _)| self.check_size(entry).is_ok());
+        let expected = match &seen {
+            Seen::Bytes(bytes) => Some(&**bytes),
+            Seen::Nothing | Seen::Unknown => None,
+        };
+        if let Ok(stored) = self
+            .release_lock(key, &lock_key, &token, expected, store)
+            .await
+        {
+            if store.is_some() {
+                let counters = &self.inner.counters;
+                Counters::bump(if stored {
+                    &counters.writes
+                } else {
+                    &counters.stale_sets_refused
+                });
+            }
+        }
+        result
+    }
+
+    /// Runs `computation`, extending the lock every `ttl / 3` until it ends.
+    async fn with_watchdog<F: Future>(
+        &self,
+        computation: F,
+        lock_key: &str,
+        token: &str,
+        lock: &LockPolicy,
+    ) -> F::Output {
+        let mut computation = std::pin::pin!(computation);
+        let period = (lock.ttl / 3).max(Duration::from_millis(1));
+        loop {
+            match tokio::time::timeout(period, computation.as_mut()).await {
+                Ok(result) => return result,
+                Err(_) => self.extend_lock(lock_key, token, lock).await,
+            }
+        }
     }
 
     /// The entry to store for `result` and its TTL (`None`: share with
@@ -168,7 +329,7 @@ impl Cache {
         found
     }
 
-    fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
+    pub(crate) fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
         if bytes.len() > self.inner.max_value_bytes {
             Counters::bump(&self.inner.counters.oversized);
             return Lookup::Miss(Seen::Bytes(bytes));

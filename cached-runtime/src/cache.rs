@@ -14,6 +14,7 @@ use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::key::full_key;
+use crate::lock::{Notifier, Scripts};
 use crate::private::Policy;
 use crate::shape::Plain;
 use crate::stats::{Counters, Stats};
@@ -54,6 +55,8 @@ pub(crate) struct Inner {
     pub(crate) breaker: Breaker,
     pub(crate) counters: Counters,
     pub(crate) flights: Flights,
+    pub(crate) scripts: Scripts,
+    pub(crate) notifier: Arc<Notifier>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -137,7 +140,7 @@ impl Cache {
         Cache {
             inner: Arc::new(Inner {
                 backend,
-                namespace: b.namespace,
+                namespace: b.namespace.clone(),
                 default_ttl: b.default_ttl,
                 op_timeout: b.op_timeout,
                 invalidation_window: b.invalidation_window,
@@ -146,6 +149,8 @@ impl Cache {
                 breaker: Breaker::new(b.breaker),
                 counters: Counters::default(),
                 flights: Flights::default(),
+                scripts: Scripts::default(),
+                notifier: Notifier::new(b.namespace.as_deref()),
             }),
         }
     }

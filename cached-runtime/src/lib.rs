@@ -16,6 +16,7 @@ mod error;
 mod flight;
 mod global;
 mod key;
+mod lock;
 mod shape;
 mod stats;
 mod token;

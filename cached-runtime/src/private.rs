@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use crate::key::KeyBuilder;
+pub use crate::lock::LockPolicy;
 use crate::shape::Stored;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
 use crate::{global, Cache};
@@ -17,6 +18,8 @@ pub struct Policy {
     pub ttl: Option<Duration>,
     /// TTL of a stored absence; `None`: absences are not stored.
     pub cache_none: Option<Duration>,
+    /// The cross-process lock, for `lock = true`.
+    pub lock: Option<LockPolicy>,
 }
 
 /// The cache of a `cache = …` argument: anything that borrows as a `Cache`

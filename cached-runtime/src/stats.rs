@@ -37,6 +37,14 @@ counters! {
     coalesced,
     /// Values written to the cache.
     writes,
+    /// Cross-process locks taken (`lock = true`): this process computed.
+    lock_acquired,
+    /// Misses that found another process computing and waited for it.
+    lock_waits,
+    /// Waits that reached `lock_wait` and computed by themselves.
+    lock_wait_timeouts,
+    /// Lock extensions by the watchdog of a long computation.
+    lock_extends,
     /// Results not stored because their key was invalidated or rewritten while they were computed.
     stale_sets_refused,
     /// Keys deleted by `invalidate` or `#[cache_evict]`.

@@ -30,12 +30,23 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     buf
 }
 
+/// A lock token: 128 random bits as 32 hex characters.
+pub(crate) fn lock_token() -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(32);
+    for b in random_bytes::<16>() {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn random_bytes_differ() {
-        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
+    fn tokens_differ() {
+        assert_ne!(lock_token(), lock_token());
+        assert_eq!(lock_token().len(), 32);
     }
 }

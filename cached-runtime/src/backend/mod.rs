@@ -2,7 +2,7 @@
 //! semantics. Both speak [`Backend`]; [`AnyBackend`] picks one at run time.
 
 mod memory;
-mod redis;
+pub(crate) mod redis;
 
 use std::future::Future;
 use std::ops::Deref;

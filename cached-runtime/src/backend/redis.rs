@@ -90,6 +90,11 @@ impl RedisBackend {
         Ok(ConnectionManager::clone(&manager))
     }
 
+    /// The client, for the dedicated subscriber connection.
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
     /// Drops the current connection; the next operation connects afresh.
     pub(crate) fn reset(&self) {
         self.manager.store(None);

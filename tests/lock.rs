@@ -1,0 +1,181 @@
+//! `lock = true` on a real Redis, with two `Cache` handles standing in for
+//! two processes (each has its own in-process coalescing): round trips,
+//! the watchdog, waiting, wait time-outs, and errors that release the lock.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_cached::{redis_cached, Cache};
+use support::RedisServer;
+
+struct Db {
+    cache: Cache,
+    computes: Arc<AtomicU32>,
+}
+
+impl Db {
+    fn new(server: &RedisServer, computes: &Arc<AtomicU32>) -> Arc<Db> {
+        Arc::new(Db {
+            cache: Cache::redis(&server.url()).expect("valid URL"),
+            computes: computes.clone(),
+        })
+    }
+
+    #[redis_cached(key = "item:<id>", lock = true, lock_ttl = "300ms", lock_wait = "3s", cache = self.cache)]
+    async fn item(&self, id: u64, body: Duration, fail: bool) -> Result<u64, String> {
+        self.computes.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(body).await;
+        if fail {
+            Err("database error".to_owned())
+        } else {
+            Ok(id * 10)
+        }
+    }
+
+    #[redis_cached(key = "short:<id>", lock = true, lock_wait = "300ms", cache = self.cache)]
+    async fn short_wait(&self, id: u64) -> u64 {
+        self.computes.fetch_add(1, Ordering::SeqCst);
+        id
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_miss_is_three_round_trips_and_a_hit_one() {
+    let server = RedisServer::start();
+    let computes = Arc::new(AtomicU32::new(0));
+    let db = Db::new(&server, &computes);
+    // Load the scripts and connect first.
+    db.item(1, Duration::ZERO, false).await.unwrap();
+    let monitor = server.monitor();
+    monitor.take_client_commands().await;
+
+    assert_eq!(db.item(2, Duration::ZERO, false).await, Ok(20));
+    let miss = monitor.take_client_commands().await;
+    assert_eq!(miss.len(), 3, "GET, acquire, release-and-store: {miss:?}");
+    assert!(miss[0].starts_with("\"GET\" \"item:2\""), "{miss:?}");
+    assert!(
+        miss[1].starts_with("\"EVALSHA\"") && miss[2].starts_with("\"EVALSHA\""),
+        "{miss:?}"
+    );
+
+    assert_eq!(db.item(2, Duration::ZERO, false).await, Ok(20));
+    let hit = monitor.take_client_commands().await;
+    assert_eq!(hit, vec!["\"GET\" \"item:2\"".to_owned()]);
+    let lock_left: u32 = server.cmd(redis::cmd("EXISTS").arg("{item:2}:lock")).await;
+    assert_eq!(lock_left, 0, "the lock is released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_process_waits_and_the_watchdog_keeps_the_lock() {
+    let server = RedisServer::start();
+    let computes = Arc::new(AtomicU32::new(0));
+    let (a, b) = (Db::new(&server, &computes), Db::new(&server, &computes));
+    let holder = {
+        let a = a.clone();
+        tokio::spawn(async move { a.item(5, Duration::from_millis(1000), false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.item(5, Duration::from_millis(1000), false).await })
+    };
+    // Past lock_ttl (300 ms) the holder still computes: its lock must live on.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let pttl: i64 = server.cmd(redis::cmd("PTTL").arg("{item:5}:lock")).await;
+    assert!(pttl > 0, "the watchdog extended the lock: PTTL {pttl}");
+    assert_eq!(holder.await.unwrap(), Ok(50));
+    assert_eq!(waiter.await.unwrap(), Ok(50));
+    assert_eq!(
+        computes.load(Ordering::SeqCst),
+        1,
+        "one computation for both"
+    );
+    let (sa, sb) = (a.cache.stats(), b.cache.stats());
+    assert_eq!(sa.lock_acquired, 1);
+    assert!(sa.lock_extends >= 2, "{sa:?}");
+    assert_eq!(
+        (sb.lock_waits, sb.lock_wait_timeouts, sb.computes),
+        (1, 0, 0),
+        "{sb:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_releases_the_lock_for_the_next_caller() {
+    let server = RedisServer::start();
+    let computes = Arc::new(AtomicU32::new(0));
+    let (a, b) = (Db::new(&server, &computes), Db::new(&server, &computes));
+    let failing = {
+        let a = a.clone();
+        tokio::spawn(async move { a.item(6, Duration::from_millis(300), true).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let next = b.item(6, Duration::ZERO, false).await;
+    assert!(
+        failing.await.unwrap().is_err(),
+        "the error goes to its own caller only"
+    );
+    assert_eq!(next, Ok(60), "the waiter computed its own value");
+    let sb = b.cache.stats();
+    assert_eq!(
+        (sb.lock_waits, sb.lock_wait_timeouts, sb.lock_acquired),
+        (1, 0, 1),
+        "{sb:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_computes_itself_after_lock_wait() {
+    let server = RedisServer::start();
+    let computes = Arc::new(AtomicU32::new(0));
+    let db = Db::new(&server, &computes);
+    // Someone else holds the lock and never finishes.
+    let _: () = server
+        .cmd(
+            redis::cmd("SET")
+                .arg("{short:7}:lock")
+                .arg("someone-else")
+                .arg("PX")
+                .arg(60_000),
+        )
+        .await;
+    assert_eq!(db.short_wait(7).await, 7);
+    let stats = db.cache.stats();
+    assert_eq!(
+        (stats.lock_waits, stats.lock_wait_timeouts, stats.computes),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    let owner: String = server.cmd(redis::cmd("GET").arg("{short:7}:lock")).await;
+    assert_eq!(
+        owner, "someone-else",
+        "another's lock is never released by us"
+    );
+    assert_eq!(
+        db.cache.get::<u64>("short:7").await,
+        Some(7),
+        "the value was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_on_the_in_memory_backend_is_in_process_coalescing() {
+    let computes = Arc::new(AtomicU32::new(0));
+    let db = Arc::new(Db {
+        cache: Cache::in_memory(),
+        computes: computes.clone(),
+    });
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { db.item(8, Duration::from_millis(50), false).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), Ok(80));
+    }
+    assert_eq!(computes.load(Ordering::SeqCst), 1);
+}

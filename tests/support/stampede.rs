@@ -1,0 +1,220 @@
+//! A stampede across OS processes: each worker process runs many concurrent
+//! calls for one cold key whose body takes a while and counts its runs in
+//! Redis. Used by the stampede tests and by `cargo bench --bench stampede`.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis_cached::{redis_cached, Cache};
+
+/// What one worker process saw.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    pub calls: usize,
+    pub failed: usize,
+    pub wrong: usize,
+    pub max: Duration,
+    pub p50: Duration,
+}
+
+/// The settings a worker reads from its environment.
+pub struct WorkerConfig {
+    pub url: String,
+    pub run: String,
+    pub lock: bool,
+    pub tasks: usize,
+    pub body: Duration,
+    pub start_at_ms: u64,
+}
+
+pub const ENV_WORKER: &str = "REDIS_CACHED_STAMPEDE_WORKER";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Db {
+    cache: Cache,
+    /// Connected before the start, so the body is the INCR and the sleep.
+    counter: redis::aio::MultiplexedConnection,
+    body: Duration,
+}
+
+impl Db {
+    async fn query(&self, run: &str) -> Result<u64, String> {
+        let mut conn = self.counter.clone();
+        let _: u64 = redis::cmd("INCR")
+            .arg(format!("body-runs:{run}"))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::time::sleep(self.body).await;
+        Ok(run.len() as u64 * 1000 + 7)
+    }
+
+    #[redis_cached(key = "stampede:<run>", ttl = 60, lock = true, lock_ttl = "1s", lock_wait = "5s", cache = self.cache)]
+    async fn locked(&self, run: &str) -> Result<u64, String> {
+        self.query(run).await
+    }
+
+    #[redis_cached(key = "stampede:<run>", ttl = 60, cache = self.cache)]
+    async fn unlocked(&self, run: &str) -> Result<u64, String> {
+        self.query(run).await
+    }
+}
+
+impl WorkerConfig {
+    pub fn from_env() -> Option<WorkerConfig> {
+        let var = |name: &str| std::env::var(format!("{ENV_WORKER}_{name}")).ok();
+        std::env::var(ENV_WORKER).ok()?;
+        Some(WorkerConfig {
+            url: var("URL")?,
+            run: var("RUN")?,
+            lock: var("LOCK")? == "1",
+            tasks: var("TASKS")?.parse().ok()?,
+            body: Duration::from_millis(var("BODY_MS")?.parse().ok()?),
+            start_at_ms: var("START_AT")?.parse().ok()?,
+        })
+    }
+
+    /// Runs the worker's calls and prints its report line.
+    pub fn run(self) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let report = runtime.block_on(self.calls());
+        println!(
+            "WORKER calls={} failed={} wrong={} max_us={} p50_us={}",
+            report.calls,
+            report.failed,
+            report.wrong,
+            report.max.as_micros(),
+            report.p50.as_micros()
+        );
+    }
+
+    async fn calls(self) -> WorkerReport {
+        let db = Arc::new(Db {
+            cache: Cache::builder(&self.url)
+                .op_timeout(Duration::from_millis(500))
+                .build()
+                .expect("valid URL"),
+            counter: redis::Client::open(self.url.as_str())
+                .expect("valid URL")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect the counter"),
+            body: self.body,
+        });
+        // Connect (and subscribe) before the start, so set-up is not timed.
+        let _ = db.cache.get::<u64>("warm-up").await;
+        let expected = self.run.len() as u64 * 1000 + 7;
+        let wait = self.start_at_ms.saturating_sub(now_ms());
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let tasks: Vec<_> = (0..self.tasks)
+            .map(|_| {
+                let db = db.clone();
+                let run = self.run.clone();
+                let lock = self.lock;
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    let result = if lock {
+                        db.locked(&run).await
+                    } else {
+                        db.unlocked(&run).await
+                    };
+                    (result, start.elapsed())
+                })
+            })
+            .collect();
+        let mut report = WorkerReport::default();
+        let mut latencies = Vec::new();
+        for task in tasks {
+            report.calls += 1;
+            match task.await {
+                Ok((Ok(value), elapsed)) => {
+                    if value != expected {
+                        report.wrong += 1;
+                    }
+                    latencies.push(elapsed);
+                }
+                _ => report.failed += 1,
+            }
+        }
+        latencies.sort();
+        report.max = latencies.last().copied().unwrap_or_default();
+        report.p50 = latencies
+            .get(latencies.len() / 2)
+            .copied()
+            .unwrap_or_default();
+        report
+    }
+}
+
+/// One stampede: `processes` worker processes of `tasks` callers each.
+pub struct Stampede<'a> {
+    pub url: &'a str,
+    pub run: &'a str,
+    pub lock: bool,
+    pub processes: usize,
+    pub tasks: usize,
+    pub body: Duration,
+}
+
+impl Stampede<'_> {
+    /// Spawns the workers as processes of `exe` (with `args`), all set to
+    /// start at one instant.
+    pub fn spawn(&self, exe: &std::path::Path, args: &[&str]) -> Vec<std::process::Child> {
+        let start_at = now_ms() + 1500;
+        (0..self.processes)
+            .map(|_| {
+                Command::new(exe)
+                    .args(args)
+                    .env(ENV_WORKER, "1")
+                    .env(format!("{ENV_WORKER}_URL"), self.url)
+                    .env(format!("{ENV_WORKER}_RUN"), self.run)
+                    .env(
+                        format!("{ENV_WORKER}_LOCK"),
+                        if self.lock { "1" } else { "0" },
+                    )
+                    .env(format!("{ENV_WORKER}_TASKS"), self.tasks.to_string())
+                    .env(
+                        format!("{ENV_WORKER}_BODY_MS"),
+                        self.body.as_millis().to_string(),
+                    )
+                    .env(format!("{ENV_WORKER}_START_AT"), start_at.to_string())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn a worker process")
+            })
+            .collect()
+    }
+}
+
+/// Waits for a worker and reads its report line.
+pub fn collect(child: std::process::Child) -> Option<WorkerReport> {
+    let output = child.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.find("WORKER ").map(|at| &l[at..]))?;
+    let field = |name: &str| -> Option<u128> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+    };
+    Some(WorkerReport {
+        calls: field("calls")? as usize,
+        failed: field("failed")? as usize,
+        wrong: field("wrong")? as usize,
+        max: Duration::from_micros(field("max_us")? as u64),
+        p50: Duration::from_micros(field("p50_us")? as u64),
+    })
+}
