@@ -41,14 +41,15 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     let call = match model.kind {
         Kind::Cached | Kind::Put => {
             let shape = Ident::new(model.shape.runtime_name(), model.ret_span);
-            let entry = Ident::new(
-                if model.kind == Kind::Cached {
-                    "cached"
-                } else {
-                    "put"
-                },
-                model.ret_span,
-            );
+            let entry = match model.kind {
+                // Its body may run as a background refresh.
+                Kind::Cached if model.stale_ms.is_some() || model.early.is_some() => {
+                    "cached_refreshing"
+                }
+                Kind::Cached => "cached",
+                _ => "put",
+            };
+            let entry = Ident::new(entry, model.ret_span);
             let policy = policy(model);
             // Spanned at the return type, path included: an unserializable
             // value is reported there, and only there.
@@ -150,5 +151,16 @@ fn policy(model: &Model) -> TokenStream {
         })),
         None => quote!(::core::option::Option::None),
     };
-    quote!(#krate::__private::Policy { ttl: #ttl, cache_none: #cache_none, lock: #lock })
+    let stale = duration(model.stale_ms);
+    let early = match model.early {
+        Some(beta) => quote!(::core::option::Option::Some(#beta)),
+        None => quote!(::core::option::Option::None),
+    };
+    quote!(#krate::__private::Policy {
+        ttl: #ttl,
+        cache_none: #cache_none,
+        lock: #lock,
+        stale: #stale,
+        early: #early,
+    })
 }

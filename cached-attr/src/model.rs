@@ -88,6 +88,8 @@ pub(crate) struct Model {
     pub(crate) cache_none_ms: Option<u64>,
     /// `(lock_ttl, lock_wait)` in ms, for `lock = true`.
     pub(crate) lock_ms: Option<(u64, u64)>,
+    pub(crate) stale_ms: Option<u64>,
+    pub(crate) early: Option<f64>,
     pub(crate) cache: Option<syn::Expr>,
     pub(crate) krate: syn::Path,
     pub(crate) ret: Type,
@@ -136,6 +138,7 @@ impl Model {
             ));
         }
         check_freshness_args(&args, errors);
+        check_refresh_ownership(&args, &func, errors);
         let shape = Shape::of(&ret);
         if let Some(cache_none) = &args.cache_none {
             if !shape.has_absent() {
@@ -152,6 +155,8 @@ impl Model {
             version: args.version,
             ttl_ms: args.ttl.map(|d| millis(d.value)),
             cache_none_ms: args.cache_none.map(|d| millis(d.value)),
+            stale_ms: args.stale.map(|d| millis(d.value)),
+            early: args.early.map(|b| b.value),
             lock_ms: args.lock.filter(|l| l.value).map(|_| {
                 (
                     args.lock_ttl.map_or(10_000, |d| millis(d.value)),
@@ -170,13 +175,8 @@ impl Model {
     }
 }
 
-/// `lock_ttl` and `lock_wait` need `lock = true`. `stale` and `early` are
-/// part of the grammar but not in this version: refuse them rather than
-/// accept a flag that does nothing.
+/// `lock_ttl` and `lock_wait` need `lock = true`.
 fn check_freshness_args(args: &Args, errors: &mut Errors) {
-    let not_yet = |name: &str| {
-        format!("`{name}` is not supported by this version of redis-cached yet; `lock = true` protects a hot key from stampedes")
-    };
     let locked = args.lock.is_some_and(|l| l.value);
     for (name, arg) in [("lock_ttl", args.lock_ttl), ("lock_wait", args.lock_wait)] {
         if let (Some(arg), false) = (arg, locked) {
@@ -186,11 +186,37 @@ fn check_freshness_args(args: &Args, errors: &mut Errors) {
             ));
         }
     }
-    if let Some(stale) = args.stale {
-        errors.push(syn::Error::new(stale.span, not_yet("stale")));
-    }
-    if let Some(early) = args.early {
-        errors.push(syn::Error::new(early.span, not_yet("early")));
+}
+
+/// With `stale` or `early` the body may run as a background refresh after
+/// the call returned, so it cannot borrow: catch the usual borrows here,
+/// with a message that says what to do, before rustc reports a lifetime.
+fn check_refresh_ownership(args: &Args, func: &ItemFn, errors: &mut Errors) {
+    let Some(span) = args.stale.map(|s| s.span).or(args.early.map(|e| e.span)) else {
+        return;
+    };
+    let borrowed: Vec<String> = func
+        .sig
+        .inputs
+        .iter()
+        .filter_map(|input| match input {
+            FnArg::Receiver(recv) if recv.reference.is_some() => Some("`self`".to_owned()),
+            FnArg::Typed(typed) if matches!(*typed.ty, Type::Reference(_)) => Some(format!(
+                "`{}`",
+                quote::ToTokens::to_token_stream(&typed.pat)
+            )),
+            _ => None,
+        })
+        .collect();
+    if !borrowed.is_empty() {
+        errors.push(syn::Error::new(
+            span,
+            format!(
+                "`stale` and `early` refresh in the background, after the call has returned, so the function cannot borrow its arguments: {} {} borrowed; take `self: Arc<Self>` and owned values instead",
+                borrowed.join(", "),
+                if borrowed.len() == 1 { "is" } else { "are" }
+            ),
+        ));
     }
 }
 

@@ -22,7 +22,7 @@ use crate::lock::{lock_key, Acquire, LockPolicy};
 use crate::private::Policy;
 use crate::shape::{Shape, Stored};
 use crate::stats::Counters;
-use crate::token::lock_token;
+use crate::token::{lock_token, now_unix_ms};
 
 /// What a lookup found.
 pub(crate) enum Lookup<T> {
@@ -35,6 +35,7 @@ pub(crate) enum Lookup<T> {
 pub(crate) struct Hit<T> {
     /// The value; `None` for a cached absence.
     pub(crate) value: Option<T>,
+    pub(crate) timing: Option<Timing>,
     /// The entry as stored, for a refresh's compare-and-set.
     pub(crate) raw: Bytes,
 }
@@ -82,6 +83,23 @@ impl Cache {
             },
             Lookup::Miss(seen) => seen,
         };
+        self.fill_missed::<S, R, _>(key, seen, policy, compute)
+            .await
+    }
+
+    /// The miss path: lead or follow this process's computation of `key`,
+    /// which held `seen` when it was read.
+    pub(crate) async fn fill_missed<S, R, Fut>(
+        &self,
+        key: String,
+        seen: Seen,
+        policy: &Policy,
+        compute: impl FnOnce() -> Fut,
+    ) -> R
+    where
+        S: Shape<R>,
+        Fut: Future<Output = R>,
+    {
         let leader = loop {
             match self.inner.flights.join(&key) {
                 Role::Leader(leader) => break leader,
@@ -128,8 +146,9 @@ impl Cache {
         Fut: Future<Output = R>,
     {
         Counters::bump(&self.inner.counters.computes);
+        let started = Instant::now();
         let result = compute().await;
-        if let Some((entry, ttl)) = self.encode_result::<S, R>(&result, policy, None) {
+        if let Some((entry, ttl)) = self.encode_result::<S, R>(&result, policy, started.elapsed()) {
             leader.publish(entry.clone());
             if let Some(ttl) = ttl {
                 // Failures are counted inside; the caller gets its value anyway.
@@ -225,8 +244,9 @@ impl Cache {
                 .await;
         }
         Counters::bump(&self.inner.counters.computes);
+        let started = Instant::now();
         let result = self.with_watchdog(compute(), &lock_key, &token, lock).await;
-        let encoded = self.encode_result::<S, R>(&result, policy, None);
+        let encoded = self.encode_result::<S, R>(&result, policy, started.elapsed());
         if let Some((entry, _)) = &encoded {
             leader.publish(entry.clone());
         }
@@ -255,7 +275,7 @@ impl Cache {
     }
 
     /// Runs `computation`, extending the lock every `ttl / 3` until it ends.
-    async fn with_watchdog<F: Future>(
+    pub(crate) async fn with_watchdog<F: Future>(
         &self,
         computation: F,
         lock_key: &str,
@@ -272,30 +292,44 @@ impl Cache {
         }
     }
 
-    /// The entry to store for `result` and its TTL (`None`: share with
-    /// followers but do not store), or nothing for an error.
+    /// The entry to store for `result` and how long to store it (`None`:
+    /// share with followers but do not store), or nothing for an error.
+    /// `delta` is how long the computation took; with `stale` or `early`
+    /// the entry carries its freshness data, and with `stale` it is kept
+    /// that much longer than its TTL.
     pub(crate) fn encode_result<S: Shape<R>, R>(
         &self,
         result: &R,
         policy: &Policy,
-        timing: Option<Timing>,
-    ) -> Option<(Arc<[u8]>, Option<std::time::Duration>)> {
+        delta: Duration,
+    ) -> Option<(Arc<[u8]>, Option<Duration>)> {
         let codec = self.inner.codec;
-        match S::view(result) {
+        let fresh_for = match S::view(result) {
+            Stored::Value(_) => Some(policy.ttl.unwrap_or(self.inner.default_ttl)),
+            Stored::Absent => policy.cache_none,
+            Stored::Skip => return None,
+        };
+        let timing = fresh_for
+            .filter(|_| policy.stale.is_some() || policy.early.is_some())
+            .map(|ttl| Timing {
+                soft_expiry_ms: now_unix_ms()
+                    .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+                delta_ms: u32::try_from(delta.as_millis()).unwrap_or(u32::MAX),
+            });
+        let keep_for = fresh_for.map(|ttl| ttl.saturating_add(policy.stale.unwrap_or_default()));
+        let entry = match S::view(result) {
             Stored::Value(value) => match codec.encode(value, timing) {
-                Ok(entry) => Some((
-                    entry.into(),
-                    Some(policy.ttl.unwrap_or(self.inner.default_ttl)),
-                )),
+                Ok(entry) => entry,
                 Err(err) => {
                     Counters::bump(&self.inner.counters.encode_errors);
                     tracing::warn!(error = %err, "value not cached: it cannot be serialized");
-                    None
+                    return None;
                 }
             },
-            Stored::Absent => Some((codec.encode_absent(timing).into(), policy.cache_none)),
-            Stored::Skip => None,
-        }
+            Stored::Absent => codec.encode_absent(timing),
+            Stored::Skip => return None,
+        };
+        Some((entry.into(), keep_for))
     }
 
     async fn follow<S: Shape<R>, R>(&self, receiver: flight::Receiver) -> Followed<R> {
@@ -335,7 +369,11 @@ impl Cache {
             return Lookup::Miss(Seen::Bytes(bytes));
         }
         match self.inner.codec.decode::<T>(&bytes) {
-            Ok(Entry::Value(value, _timing)) => Lookup::Hit(Hit { value, raw: bytes }),
+            Ok(Entry::Value(value, timing)) => Lookup::Hit(Hit {
+                value,
+                timing,
+                raw: bytes,
+            }),
             Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
             Err(err) => {
                 Counters::bump(&self.inner.counters.decode_errors);

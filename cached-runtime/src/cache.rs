@@ -13,6 +13,7 @@ use crate::breaker::{Breaker, BreakerConfig, Transition};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::flight::Flights;
+use crate::fresh::Refreshing;
 use crate::key::full_key;
 use crate::lock::{Notifier, Scripts};
 use crate::private::Policy;
@@ -56,6 +57,7 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) flights: Flights,
     pub(crate) scripts: Scripts,
+    pub(crate) refreshing: Refreshing,
     pub(crate) notifier: Arc<Notifier>,
 }
 
@@ -150,6 +152,7 @@ impl Cache {
                 counters: Counters::default(),
                 flights: Flights::default(),
                 scripts: Scripts::default(),
+                refreshing: Refreshing::default(),
                 notifier: Notifier::new(b.namespace.as_deref()),
             }),
         }

@@ -14,6 +14,7 @@ mod cache;
 mod codec;
 mod error;
 mod flight;
+mod fresh;
 mod global;
 mod key;
 mod lock;

@@ -20,6 +20,10 @@ pub struct Policy {
     pub cache_none: Option<Duration>,
     /// The cross-process lock, for `lock = true`.
     pub lock: Option<LockPolicy>,
+    /// How long a value is served stale after its TTL while it is refreshed.
+    pub stale: Option<Duration>,
+    /// The XFetch beta of early refresh.
+    pub early: Option<f64>,
 }
 
 /// The cache of a `cache = …` argument: anything that borrows as a `Cache`
@@ -47,6 +51,27 @@ where
     cache.fill::<S, R, _>(key, &policy, || body).await
 }
 
+/// The body of a `#[redis_cached]` function with `stale` or `early`: its
+/// body may run as a background refresh, so it must be `Send + 'static`.
+pub async fn cached_refreshing<S, R, Fut>(
+    cache: Option<Cache>,
+    key: String,
+    policy: Policy,
+    body: Fut,
+) -> R
+where
+    S: Shape<R> + 'static,
+    R: Send + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    let Some(cache) = cache else {
+        global::warn_unset();
+        return body.await;
+    };
+    let key = cache.full_key(key);
+    cache.fill_refreshing::<S, R, Fut>(key, policy, body).await
+}
+
 /// The body of a `#[cache_put]` function: run it, then write its value.
 pub async fn put<S, R, Fut>(cache: Option<Cache>, key: String, policy: Policy, body: Fut) -> R
 where
@@ -63,7 +88,7 @@ where
     // A `None` that may not be cached, or a value that cannot be encoded,
     // leaves the old value wrong: invalidate it instead.
     // Failures are counted inside; the caller gets its value anyway.
-    let _ = match cache.encode_result::<S, R>(&result, &policy, None) {
+    let _ = match cache.encode_result::<S, R>(&result, &policy, Duration::ZERO) {
         Some((entry, Some(ttl))) => cache.store(&key, entry, ttl).await,
         Some((_, None)) => cache.tombstone(&key).await,
         None if matches!(S::view(&result), Stored::Skip) => return result,

@@ -45,6 +45,14 @@ counters! {
     lock_wait_timeouts,
     /// Lock extensions by the watchdog of a long computation.
     lock_extends,
+    /// Hits served after their TTL (`stale`) while a refresh runs.
+    stale_serves,
+    /// XFetch early refreshes started by hits (`early`).
+    early_refreshes,
+    /// Background refreshes that ran (`stale`, `early`).
+    refreshes,
+    /// Background refreshes that failed; the old value stays until it expires.
+    refresh_failures,
     /// Results not stored because their key was invalidated or rewritten while they were computed.
     stale_sets_refused,
     /// Keys deleted by `invalidate` or `#[cache_evict]`.

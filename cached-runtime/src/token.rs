@@ -40,6 +40,19 @@ pub(crate) fn lock_token() -> String {
     out
 }
 
+/// A uniform draw in (0, 1], for XFetch's `ln(rand())`.
+pub(crate) fn unit_interval() -> f64 {
+    let bits = u64::from_le_bytes(random_bytes::<8>()) >> 11; // 53 bits
+    (bits as f64 + 1.0) / (1u64 << 53) as f64
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +61,9 @@ mod tests {
     fn tokens_differ() {
         assert_ne!(lock_token(), lock_token());
         assert_eq!(lock_token().len(), 32);
+        for _ in 0..1000 {
+            let u = unit_interval();
+            assert!(u > 0.0 && u <= 1.0, "{u}");
+        }
     }
 }
