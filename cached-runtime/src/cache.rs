@@ -297,6 +297,13 @@ impl Cache {
                 }
                 return Ok(value);
             }
+            Ok(Err(err @ Error::Refused(_))) => {
+                // Redis answered: it is up, only this command was refused.
+                inner.breaker.success();
+                Counters::bump(&inner.counters.refused);
+                tracing::debug!(error = %err, "Redis refused a command");
+                return Err(err);
+            }
             Ok(Err(err)) => {
                 Counters::bump(&inner.counters.errors);
                 err

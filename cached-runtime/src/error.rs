@@ -18,6 +18,11 @@ pub enum Error {
     /// Redis answered with an error or could not be reached.
     #[error("Redis error: {0}")]
     Redis(String),
+    /// Redis is up but refused the command (out of memory with
+    /// `noeviction`, a read-only replica, failing persistence): counted,
+    /// but not held against the circuit breaker, since reads still work.
+    #[error("Redis refused the command: {0}")]
+    Refused(String),
     /// A Redis operation took longer than the cache's `op_timeout`.
     #[error("Redis operation timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -39,6 +44,9 @@ impl Error {
     /// include the whole connection info in their detail; only the kind,
     /// category and code are kept.
     pub(crate) fn from_redis(err: &redis::RedisError) -> Self {
+        if let Some(code @ ("OOM" | "READONLY" | "MISCONF")) = err.code() {
+            return Error::Refused(code.to_owned());
+        }
         let mut text = format!("{:?}", err.kind());
         if let Some(code) = err.code() {
             text.push_str(": ");

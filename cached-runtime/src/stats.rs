@@ -59,6 +59,8 @@ counters! {
     invalidations,
     /// Redis operations that failed (error reply, I/O error, refused connection or authentication).
     errors,
+    /// Commands Redis refused while up (out of memory under `noeviction`, read-only replica).
+    refused,
     /// Redis operations abandoned after `op_timeout`.
     timeouts,
     /// Redis operations skipped because the circuit breaker was open.
