@@ -179,3 +179,48 @@ async fn lock_on_the_in_memory_backend_is_in_process_coalescing() {
     }
     assert_eq!(computes.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_notifications_are_covered_by_the_retry_timer() {
+    let server = RedisServer::start();
+    // This user may not subscribe to anything: every notification to it is lost.
+    let _: () = server
+        .cmd(
+            redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("deaf")
+                .arg("on")
+                .arg(">pw")
+                .arg("~*")
+                .arg("resetchannels")
+                .arg("+@all"),
+        )
+        .await;
+    let computes = Arc::new(AtomicU32::new(0));
+    let holder = Db::new(&server, &computes);
+    let deaf = Arc::new(Db {
+        cache: Cache::redis(&format!("redis://deaf:pw@127.0.0.1:{}/", server.port())).unwrap(),
+        computes: computes.clone(),
+    });
+    let computing = {
+        let holder = holder.clone();
+        tokio::spawn(async move { holder.item(9, Duration::from_millis(500), false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        deaf.item(9, Duration::from_millis(500), false).await,
+        Ok(90)
+    );
+    assert_eq!(computing.await.unwrap(), Ok(90));
+    let stats = deaf.cache.stats();
+    assert_eq!(
+        computes.load(Ordering::SeqCst),
+        1,
+        "the waiter did not compute"
+    );
+    assert_eq!(
+        (stats.lock_waits, stats.lock_wait_timeouts),
+        (1, 0),
+        "it found the value by retrying: {stats:?}"
+    );
+}
