@@ -6,7 +6,6 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_cached::{redis_cached, Cache};
@@ -174,5 +173,4 @@ async fn stale_with_lock_refreshes_once_across_caches() {
     );
     let stale_serves: u64 = caches.iter().map(|c| c.stats().stale_serves).sum();
     assert_eq!(stale_serves, 3);
-    let _ = Arc::new(());
 }
