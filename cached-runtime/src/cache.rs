@@ -73,7 +73,7 @@ impl std::fmt::Debug for Cache {
 }
 
 /// Configures a [`Cache`]; from [`Cache::builder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct CacheBuilder {
     url: String,
@@ -83,6 +83,7 @@ pub struct CacheBuilder {
     connect_timeout: Duration,
     invalidation_window: Duration,
     max_value_bytes: usize,
+    tls_root: Option<Vec<u8>>,
     codec: Codec,
     breaker: BreakerConfig,
     memory: MemoryConfig,
@@ -131,6 +132,7 @@ impl Cache {
             op_timeout: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(1),
             invalidation_window: Duration::from_secs(60),
+            tls_root: None,
             max_value_bytes: 16 * 1024 * 1024,
             codec: Codec::Json,
             breaker: BreakerConfig::default(),
@@ -328,6 +330,29 @@ impl Cache {
     }
 }
 
+impl std::fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("url", &redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("default_ttl", &self.default_ttl)
+            .field("op_timeout", &self.op_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` with any `user:password@` replaced, for logs and `Debug`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 impl CacheBuilder {
     /// Prefixes every key with `<namespace>:`. Letters, digits and
     /// `- _ . : /` only.
@@ -371,6 +396,14 @@ impl CacheBuilder {
     /// Limits of the in-memory backend (ignored for Redis).
     pub fn memory(mut self, config: MemoryConfig) -> Self {
         self.memory = config;
+        self
+    }
+
+    /// Trusts this CA certificate (PEM) for `rediss://` instead of the
+    /// system's roots: for servers with a private CA.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_cert(mut self, pem: &[u8]) -> Self {
+        self.tls_root = Some(pem.to_vec());
         self
     }
 
@@ -425,8 +458,26 @@ impl CacheBuilder {
         let backend = if self.url == MEMORY_URL {
             AnyBackend::Memory(MemoryBackend::new(self.memory))
         } else {
-            AnyBackend::Redis(RedisBackend::new(&self.url, self.connect_timeout)?)
+            AnyBackend::Redis(RedisBackend::new(
+                &self.url,
+                self.connect_timeout,
+                self.tls_root.as_deref(),
+            )?)
         };
         Ok(Cache::from_builder(self, backend))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let builder = Cache::builder("redis://app:hunter2@db.internal:6379/0");
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://***@db.internal:6379/0"), "{shown}");
+        assert_eq!(redact("redis://localhost/"), "redis://localhost/");
     }
 }

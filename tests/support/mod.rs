@@ -18,6 +18,7 @@ pub struct RedisServer {
     dir: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
+    tls: bool,
 }
 
 /// A port nobody listens on right now.
@@ -48,14 +49,22 @@ impl RedisServer {
             dir,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             child: None,
+            tls: false,
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
+        // A TLS server gets its ports from `extra`.
+        let port_flag: Vec<String> = if self.tls {
+            Vec::new()
+        } else {
+            vec!["--port".to_owned(), self.port.to_string()]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&port_flag)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -79,7 +88,105 @@ impl RedisServer {
         panic!("redis-server on port {} did not start", self.port);
     }
 
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1
+    /// signed by a CA made for it (openssl, at test time); returns the
+    /// server and the CA certificate (PEM).
+    pub fn start_tls() -> (Self, Vec<u8>) {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("redis-cached-tls-{port}"));
+        std::fs::create_dir_all(&dir).expect("certificate directory");
+        let openssl = |args: &[&str]| {
+            let ok = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "openssl {args:?} (scripts/test.sh installs openssl)");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=redis-cached test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("write san.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let extra = [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path("server.crt"),
+            "--tls-key-file".to_owned(),
+            path("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            path("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let ca = std::fs::read(dir.join("ca.crt")).expect("read the CA");
+        let mut server = RedisServer {
+            port,
+            dir,
+            extra: extra.to_vec(),
+            child: None,
+            tls: true,
+        };
+        server.spawn();
+        (server, ca)
+    }
+
     fn ping(&self) -> bool {
+        if self.tls {
+            // Plain TCP cannot speak to it; a connect shows it listens.
+            return TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        }
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };

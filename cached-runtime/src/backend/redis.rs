@@ -49,11 +49,13 @@ impl std::fmt::Debug for RedisBackend {
 
 impl RedisBackend {
     /// Parses `url` and prepares the connection settings; connects nothing.
-    pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| {
-            // The error text of a URL parse never needs the URL itself.
-            Error::InvalidUrl(format!("{:?}", e.kind()))
-        })?;
+    /// `tls_root` (PEM) replaces the system's trusted roots for `rediss://`.
+    pub(crate) fn new(
+        url: &str,
+        connect_timeout: Duration,
+        tls_root: Option<&[u8]>,
+    ) -> Result<Self> {
+        let client = open_client(url, tls_root)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             // Every operation is already bounded by the cache's own
@@ -153,6 +155,38 @@ impl Backend for RedisBackend {
         let stored: i64 = self.invoke(&invocation).await?;
         Ok(stored == 1)
     }
+}
+
+fn invalid_url(err: &redis::RedisError) -> Error {
+    // The error text of a URL parse never needs the URL itself.
+    Error::InvalidUrl(format!("{:?}", err.kind()))
+}
+
+#[cfg(feature = "tls")]
+fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
+    // One process-wide provider; if the application installed its own, keep it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match tls_root {
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| invalid_url(&e))
+}
+
+#[cfg(not(feature = "tls"))]
+fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
+    if tls_root.is_some() || url.starts_with("rediss://") {
+        return Err(Error::Config(
+            "rediss:// needs the `tls` feature of redis-cached".into(),
+        ));
+    }
+    redis::Client::open(url).map_err(|e| invalid_url(&e))
 }
 
 /// A TTL in whole milliseconds for PX; under 1 ms still lives 1 ms.

@@ -1,0 +1,64 @@
+//! `rediss://` against a real `redis-server` that speaks only TLS, with a
+//! certificate made at test time: cached with the right CA; with a CA it
+//! does not trust, the cache falls back to computing, counted, never failing.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use redis_cached::{redis_cached, BreakerConfig, Cache};
+use support::RedisServer;
+
+static COMPUTES: AtomicU32 = AtomicU32::new(0);
+
+#[redis_cached(key = "tls:<n>", cache = cache)]
+async fn square(cache: &Cache, n: u64) -> u64 {
+    COMPUTES.fetch_add(1, Ordering::SeqCst);
+    n * n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_the_servers_ca() {
+    let (server, ca) = RedisServer::start_tls();
+    let url = format!("rediss://127.0.0.1:{}/", server.port());
+    let cache = Cache::builder(&url)
+        .tls_root_cert(&ca)
+        .build()
+        .expect("valid settings");
+    assert_eq!(square(&cache, 12).await, 144);
+    let before = COMPUTES.load(Ordering::SeqCst);
+    assert_eq!(square(&cache, 12).await, 144);
+    assert_eq!(
+        COMPUTES.load(Ordering::SeqCst),
+        before,
+        "served from Redis over TLS"
+    );
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.hits, stats.writes, stats.errors),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+
+    // A CA the server's certificate does not chain to: no connection, no failure.
+    let (_other, wrong_ca) = RedisServer::start_tls();
+    let untrusting = Cache::builder(&url)
+        .tls_root_cert(&wrong_ca)
+        .op_timeout(Duration::from_millis(200))
+        .breaker(BreakerConfig {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(5),
+        })
+        .build()
+        .expect("valid settings");
+    for _ in 0..5 {
+        assert_eq!(square(&untrusting, 13).await, 169);
+    }
+    let stats = untrusting.stats();
+    assert_eq!(stats.hits, 0, "{stats:?}");
+    assert!(
+        stats.errors + stats.timeouts >= 2 && stats.breaker_opens >= 1,
+        "{stats:?}"
+    );
+}
