@@ -237,4 +237,54 @@ mod tests {
             assert!(parse(&lit(ok)).is_ok(), "{ok}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn render(segments: &[Segment]) -> String {
+            segments.iter().map(display).collect()
+        }
+
+        /// Template-like text: mostly the characters that matter to the parser.
+        fn template_text() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    Just('<'),
+                    Just('>'),
+                    Just('{'),
+                    Just('}'),
+                    Just(':'),
+                    Just('.'),
+                    Just('a'),
+                    Just('b'),
+                    Just('_'),
+                    Just('1'),
+                    Just('%'),
+                    Just(' '),
+                    any::<char>(),
+                ],
+                0..24,
+            )
+            .prop_map(|chars| chars.into_iter().collect())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn never_panics_and_accepted_templates_round_trip(text in template_text()) {
+                if let Ok(segments) = parse(&lit(&text)) {
+                    prop_assert_eq!(render(&segments), text.clone());
+                    prop_assert!(check_separators(&segments).is_ok());
+                    prop_assert!(!text.chars().any(|c| c.is_whitespace() || c.is_control()));
+                }
+            }
+
+            #[test]
+            fn arbitrary_unicode_never_panics(text in any::<String>()) {
+                let _ = parse(&lit(&text));
+            }
+        }
+    }
 }

@@ -268,4 +268,39 @@ mod tests {
             assert!(Codec::Json.decode::<User>(&bytes).is_err(), "{bytes:?}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+                let _ = Codec::Json.decode::<User>(&bytes);
+                let _ = Codec::Json.decode::<Vec<String>>(&bytes);
+            }
+
+            #[test]
+            fn damaged_entries_never_panic_or_misread(
+                id in any::<u64>(),
+                name in ".{0,12}",
+                cut in any::<prop::sample::Index>(),
+                flip in any::<prop::sample::Index>(),
+                bit in 0u8..8,
+            ) {
+                let user = User { id, name };
+                let timing = Some(Timing { soft_expiry_ms: id, delta_ms: 7 });
+                let good = Codec::Json.encode(&user, timing).unwrap();
+                // Truncated anywhere: an error, never a panic, never another user.
+                let truncated = &good[..cut.index(good.len())];
+                prop_assert!(Codec::Json.decode::<User>(truncated).is_err());
+                // One bit flipped: whatever decodes is only ever a User.
+                let mut flipped = good.clone();
+                flipped[flip.index(good.len())] ^= 1 << bit;
+                let _ = Codec::Json.decode::<User>(&flipped);
+            }
+        }
+    }
 }
