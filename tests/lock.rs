@@ -54,8 +54,8 @@ async fn a_locked_miss_is_three_round_trips_and_a_hit_one() {
 
     assert_eq!(db.item(2, Duration::ZERO, false).await, Ok(20));
     let miss = monitor.take_client_commands().await;
-    assert_eq!(miss.len(), 3, "GET, acquire, release-and-store: {miss:?}");
-    assert!(miss[0].starts_with("\"GET\" \"item:2\""), "{miss:?}");
+    assert_eq!(miss.len(), 3, "read, acquire, release-and-store: {miss:?}");
+    assert_eq!(miss[0], "\"GET\" \"item:2\"", "{miss:?}");
     assert!(
         miss[1].starts_with("\"EVALSHA\"") && miss[2].starts_with("\"EVALSHA\""),
         "{miss:?}"

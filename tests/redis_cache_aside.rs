@@ -152,7 +152,9 @@ async fn garbage_at_a_key_is_recomputed_and_overwritten() {
         assert_eq!(&raw[4..], br#"{"id":7,"name":"u7"}"#, "overwritten");
     }
     assert_eq!(repo.calls(), 4);
-    assert_eq!(repo.cache.stats().decode_errors, 4);
+    // The empty string reads as no entry at all (no entry is ever empty);
+    // the other three are undecodable.
+    assert_eq!(repo.cache.stats().decode_errors, 3);
     assert_eq!(repo.get_user(7).await.unwrap().unwrap().id, 7);
     assert_eq!(repo.calls(), 4, "hit once repaired");
 }
@@ -173,7 +175,7 @@ async fn a_hit_is_one_command_and_a_miss_two() {
         2,
         "miss: GET, then the compare-and-set script: {miss:?}"
     );
-    assert!(miss[0].starts_with("\"GET\" \"user:11\""), "{miss:?}");
+    assert_eq!(miss[0], "\"GET\" \"user:11\"", "{miss:?}");
     assert!(miss[1].starts_with("\"EVALSHA\""), "{miss:?}");
 
     repo.get_user(11).await.unwrap();
@@ -224,4 +226,72 @@ async fn runtime_api_set_get_invalidate_and_namespace() {
         .get_or_compute("gc", Duration::from_secs(5), || async { 6u8 })
         .await;
     assert_eq!((computed, again), (5, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_over_the_size_limit_are_misses_read_only_in_part() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .max_value_bytes(1024)
+        .bounded_reads(true)
+        .build()
+        .unwrap();
+    let repo = Repo {
+        cache,
+        calls: AtomicU32::new(0),
+    };
+    // Someone stored a 1 MiB value at our key.
+    let _: () = server
+        .cmd(redis::cmd("SET").arg("user:8").arg(vec![b'x'; 1 << 20]))
+        .await;
+    let monitor = server.monitor();
+    monitor.take_client_commands().await;
+    assert_eq!(
+        repo.get_user(8).await,
+        Ok(Some(User {
+            id: 8,
+            name: "u8".into()
+        }))
+    );
+    let commands = monitor.take_client_commands().await;
+    assert!(
+        commands[0].starts_with("\"GETRANGE\" \"user:8\" \"0\" \"1024\""),
+        "{commands:?}"
+    );
+    let stats = repo.cache.stats();
+    assert_eq!((stats.oversized, stats.writes), (1, 1), "{stats:?}");
+    assert_eq!(repo.get_user(8).await.unwrap().unwrap().id, 8);
+    assert_eq!(repo.calls(), 1, "overwritten with our own value, then hit");
+    // A value of ours over the limit is not stored at all.
+    let big = "x".repeat(2000);
+    assert!(repo
+        .cache
+        .set("big", &big, Duration::from_secs(5))
+        .await
+        .is_err());
+    assert_eq!(repo.cache.stats().oversized, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_over_the_size_limit_are_misses_with_whole_reads_too() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .max_value_bytes(1024)
+        .build()
+        .unwrap();
+    let repo = Repo {
+        cache,
+        calls: AtomicU32::new(0),
+    };
+    let _: () = server
+        .cmd(redis::cmd("SET").arg("user:9").arg(vec![b'x'; 1 << 20]))
+        .await;
+    assert_eq!(repo.get_user(9).await.unwrap().unwrap().id, 9);
+    assert_eq!(repo.get_user(9).await.unwrap().unwrap().id, 9);
+    let stats = repo.cache.stats();
+    assert_eq!(
+        (stats.oversized, stats.writes, stats.hits),
+        (1, 1, 1),
+        "{stats:?}"
+    );
 }

@@ -33,7 +33,17 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     let cache_expr = match &model.cache {
         Some(expr) => {
             let span = syn::spanned::Spanned::span(expr);
-            quote_spanned!(span=> #private::cache_of(&(#expr)))
+            if model.cache_borrowable {
+                // `&self.cache` is borrowed as the place `self.cache`: a
+                // reference to a fresh `&Cache` would not outlive the statement.
+                let mut place = expr;
+                while let syn::Expr::Reference(r) = place {
+                    place = &r.expr;
+                }
+                quote_spanned!(span=> #private::cache_ref(&(#place)))
+            } else {
+                quote_spanned!(span=> #private::cache_of(&(#expr)))
+            }
         }
         None => quote!(#private::global_cache()),
     };
@@ -55,7 +65,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             // value is reported there, and only there.
             let private = respan(private.clone(), model.ret_span);
             quote_spanned!(model.ret_span=>
-                #private::#entry::<#private::#shape, #ret, _>(#cache, #key, #policy, #body).await
+                #private::#entry::<#private::#shape, #ret, _>(#cache.get(), #key, #policy, #body).await
             )
         }
         Kind::Evict => {
@@ -66,7 +76,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             } else {
                 quote!(#private::is_ok)
             };
-            quote!(#private::evict::<#ret, _>(#cache, #key, #succeeded, #body).await)
+            quote!(#private::evict::<#ret, _>(#cache.get(), #key, #succeeded, #body).await)
         }
     };
 

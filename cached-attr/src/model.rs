@@ -91,6 +91,9 @@ pub(crate) struct Model {
     pub(crate) stale_ms: Option<u64>,
     pub(crate) early: Option<f64>,
     pub(crate) cache: Option<syn::Expr>,
+    /// Whether the `cache` expression can be borrowed for the whole call
+    /// rather than cloned (see [`borrowable`]).
+    pub(crate) cache_borrowable: bool,
     pub(crate) krate: syn::Path,
     pub(crate) ret: Type,
     pub(crate) ret_span: Span,
@@ -163,6 +166,7 @@ impl Model {
                     args.lock_wait.map_or(5_000, |d| millis(d.value)),
                 )
             }),
+            cache_borrowable: args.cache.as_ref().is_some_and(|e| borrowable(e, &func)),
             cache: args.cache,
             krate: args
                 .krate
@@ -185,6 +189,45 @@ fn check_freshness_args(args: &Args, errors: &mut Errors) {
                 format!("`{name}` only applies with `lock = true`: add `lock = true` or remove `{name}`"),
             ));
         }
+    }
+}
+
+/// Whether `expr` names a place that stays borrowed-valid while the body,
+/// which moves every argument, runs: a field path of `self` under a `&self`
+/// receiver, or of a parameter whose type is a shared reference. Moving a
+/// shared reference copies it, so the borrow survives. Anything else (a
+/// method call's temporary, `self: Arc<Self>`, an owned parameter) is
+/// cloned instead.
+fn borrowable(expr: &syn::Expr, func: &ItemFn) -> bool {
+    let root = match place_root(expr) {
+        Some(root) => root,
+        None => return false,
+    };
+    func.sig.inputs.iter().any(|input| match input {
+        FnArg::Receiver(recv) => {
+            root == "self"
+                && recv.colon_token.is_none()
+                && recv.reference.is_some()
+                && recv.mutability.is_none()
+        }
+        FnArg::Typed(typed) => {
+            matches!(&*typed.pat, Pat::Ident(p) if p.ident == root)
+                && matches!(&*typed.ty, Type::Reference(r) if r.mutability.is_none())
+        }
+    })
+}
+
+/// The variable a place expression (`a`, `a.b.c`, `(a.b)`, `&a.b`) starts at.
+fn place_root(expr: &syn::Expr) -> Option<String> {
+    match expr {
+        syn::Expr::Path(p) => p.path.get_ident().map(ToString::to_string).or_else(|| {
+            (p.path.segments.len() == 1 && p.path.segments[0].ident == "self")
+                .then(|| "self".to_owned())
+        }),
+        syn::Expr::Field(f) => place_root(&f.base),
+        syn::Expr::Paren(p) => place_root(&p.expr),
+        syn::Expr::Reference(r) if r.mutability.is_none() => place_root(&r.expr),
+        _ => None,
     }
 }
 

@@ -49,6 +49,9 @@ pub(crate) enum Seen {
     /// The read failed: the store is skipped, since a stale set cannot be
     /// ruled out.
     Unknown,
+    /// A value over `max_value_bytes`, read only in part: none of ours
+    /// (ours are bounded), so it is overwritten without comparing.
+    Oversized,
 }
 
 /// What a follower of another caller's computation got.
@@ -190,7 +193,7 @@ impl Cache {
             let expected = match &seen {
                 Seen::Nothing => None,
                 Seen::Bytes(bytes) => Some(&**bytes),
-                Seen::Unknown => break false,
+                Seen::Unknown | Seen::Oversized => break false,
             };
             match self
                 .try_acquire(key, &lock_key, expected, &token, lock)
@@ -256,7 +259,7 @@ impl Cache {
             .filter(|(entry, _)| self.check_size(entry).is_ok());
         let expected = match &seen {
             Seen::Bytes(bytes) => Some(&**bytes),
-            Seen::Nothing | Seen::Unknown => None,
+            Seen::Nothing | Seen::Unknown | Seen::Oversized => None,
         };
         if let Ok(stored) = self
             .release_lock(key, &lock_key, &token, expected, store)
@@ -350,7 +353,12 @@ impl Cache {
 
     /// Reads and decodes `key`, counting a hit or a miss.
     pub(crate) async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
-        let found = match self.guarded(self.inner.backend.get(key)).await {
+        let limit = if self.inner.bounded_reads {
+            Some(self.inner.max_value_bytes)
+        } else {
+            None
+        };
+        let found = match self.guarded(self.inner.backend.get(key, limit)).await {
             Ok(Some(bytes)) => self.decode::<T>(bytes),
             Ok(None) => Lookup::Miss(Seen::Nothing),
             Err(_) => Lookup::Miss(Seen::Unknown),
@@ -366,7 +374,7 @@ impl Cache {
     pub(crate) fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
         if bytes.len() > self.inner.max_value_bytes {
             Counters::bump(&self.inner.counters.oversized);
-            return Lookup::Miss(Seen::Bytes(bytes));
+            return Lookup::Miss(Seen::Oversized);
         }
         match self.inner.codec.decode::<T>(&bytes) {
             Ok(Entry::Value(value, timing)) => Lookup::Hit(Hit {
@@ -396,6 +404,7 @@ impl Cache {
             Seen::Nothing => None,
             Seen::Bytes(bytes) => Some(&**bytes),
             Seen::Unknown => return Ok(false),
+            Seen::Oversized => return self.store(key, entry, ttl).await.map(|()| true),
         };
         let stored = self
             .guarded(self.inner.backend.set_if(key, expected, entry, ttl))

@@ -97,8 +97,13 @@ impl Breaker {
     /// Records a successful operation; returns whether the breaker was not
     /// closed before (it recovered).
     pub(crate) fn success(&self) -> bool {
-        self.failures.store(0, Ordering::Relaxed);
-        self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED
+        // Called on every operation: write only when something changes, so
+        // that threads do not trade the cache line back and forth.
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        self.state.load(Ordering::Acquire) != CLOSED
+            && self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED
     }
 
     /// Records a failed operation.

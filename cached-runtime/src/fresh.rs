@@ -153,7 +153,7 @@ impl Cache {
         if let Some(lock) = &lock {
             let expected = match &seen {
                 Seen::Bytes(bytes) => Some(&**bytes),
-                Seen::Nothing | Seen::Unknown => None,
+                Seen::Nothing | Seen::Unknown | Seen::Oversized => None,
             };
             match self
                 .try_acquire(key, &lock_key, expected, &token, lock)
@@ -188,7 +188,7 @@ impl Cache {
             (Some(_), store) => {
                 let expected = match &seen {
                     Seen::Bytes(bytes) => Some(&**bytes),
-                    Seen::Nothing | Seen::Unknown => None,
+                    Seen::Nothing | Seen::Unknown | Seen::Oversized => None,
                 };
                 let store = store.filter(|(entry, _)| self.check_size(entry).is_ok());
                 if let Ok(stored) = self

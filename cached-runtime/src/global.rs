@@ -1,11 +1,14 @@
 //! The process-wide cache used by attributes that name no `cache = …`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use crate::cache::Cache;
 
-static GLOBAL: RwLock<Option<Cache>> = RwLock::new(None);
+/// Read on every call of a cached function: an `ArcSwap` load takes no lock.
+static GLOBAL: ArcSwapOption<Cache> = ArcSwapOption::const_empty();
 static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Sets the cache that `#[redis_cached]` functions use when they name no
@@ -15,15 +18,17 @@ static WARNED: AtomicBool = AtomicBool::new(false);
 /// cached_runtime::set_global(cached_runtime::Cache::in_memory());
 /// ```
 pub fn set_global(cache: Cache) {
-    *GLOBAL.write().unwrap_or_else(PoisonError::into_inner) = Some(cache);
+    GLOBAL.store(Some(Arc::new(cache)));
 }
 
 /// The global cache, if one was set.
 pub fn global() -> Option<Cache> {
-    GLOBAL
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
+    GLOBAL.load_full().map(|cache| Cache::clone(&cache))
+}
+
+/// The global cache, shared rather than cloned.
+pub(crate) fn global_shared() -> Option<Arc<Cache>> {
+    GLOBAL.load_full()
 }
 
 /// Logs, once per process, that cached functions run uncached.

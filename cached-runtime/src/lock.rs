@@ -44,6 +44,7 @@ pub struct LockPolicy {
 /// lock was taken (with what the key holds now), `{3}` when it is held.
 const ACQUIRE: &str = r"
 local cur = redis.call('GET', KEYS[1])
+if cur == '' then cur = false end
 if cur and (ARGV[1] == '0' or cur ~= ARGV[2]) then
   return {1, cur}
 end
@@ -66,7 +67,7 @@ end
 local stored = 0
 if ARGV[2] == '1' then
   local cur = redis.call('GET', KEYS[1])
-  if (ARGV[3] == '0' and not cur) or (ARGV[3] == '1' and cur == ARGV[4]) then
+  if (ARGV[3] == '0' and (not cur or cur == '')) or (ARGV[3] == '1' and cur == ARGV[4]) then
     redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
     stored = 1
   end

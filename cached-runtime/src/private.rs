@@ -3,6 +3,7 @@
 
 use std::borrow::Borrow;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::key::KeyBuilder;
@@ -26,19 +27,49 @@ pub struct Policy {
     pub early: Option<f64>,
 }
 
-/// The cache of a `cache = …` argument: anything that borrows as a `Cache`
-/// (`Cache`, `&Cache`, `Arc<Cache>`).
-pub fn cache_of<C: Borrow<Cache> + ?Sized>(cache: &C) -> Option<Cache> {
-    Some(cache.borrow().clone())
+/// The cache one call uses, held for the call: borrowed where the
+/// attribute can prove the borrow outlives the call, owned otherwise.
+/// Borrowing spares each call an atomic reference-count update that all
+/// threads would contend for.
+#[derive(Debug)]
+pub enum CacheHold<'a> {
+    /// `cache = self.field` with a `&self` receiver, or a `&Cache` parameter.
+    Borrowed(&'a Cache),
+    /// Any other `cache = …` expression, evaluated and cloned.
+    Owned(Cache),
+    /// The global cache, if set.
+    Global(Option<Arc<Cache>>),
+}
+
+impl CacheHold<'_> {
+    /// The cache, if there is one.
+    pub fn get(&self) -> Option<&Cache> {
+        match self {
+            CacheHold::Borrowed(cache) => Some(cache),
+            CacheHold::Owned(cache) => Some(cache),
+            CacheHold::Global(cache) => cache.as_deref(),
+        }
+    }
+}
+
+/// Borrows the cache of a `cache = …` argument: anything that borrows as a
+/// `Cache` (`Cache`, `&Cache`, `Arc<Cache>`).
+pub fn cache_ref<C: Borrow<Cache> + ?Sized>(cache: &C) -> CacheHold<'_> {
+    CacheHold::Borrowed(cache.borrow())
+}
+
+/// Clones the cache of a `cache = …` argument.
+pub fn cache_of<C: Borrow<Cache> + ?Sized>(cache: &C) -> CacheHold<'static> {
+    CacheHold::Owned(cache.borrow().clone())
 }
 
 /// The global cache, for attributes without `cache = …`.
-pub fn global_cache() -> Option<Cache> {
-    global::global()
+pub fn global_cache() -> CacheHold<'static> {
+    CacheHold::Global(global::global_shared())
 }
 
 /// The body of a `#[redis_cached]` function.
-pub async fn cached<S, R, Fut>(cache: Option<Cache>, key: String, policy: Policy, body: Fut) -> R
+pub async fn cached<S, R, Fut>(cache: Option<&Cache>, key: String, policy: Policy, body: Fut) -> R
 where
     S: Shape<R>,
     Fut: Future<Output = R>,
@@ -54,7 +85,7 @@ where
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
 /// body may run as a background refresh, so it must be `Send + 'static`.
 pub async fn cached_refreshing<S, R, Fut>(
-    cache: Option<Cache>,
+    cache: Option<&Cache>,
     key: String,
     policy: Policy,
     body: Fut,
@@ -73,7 +104,7 @@ where
 }
 
 /// The body of a `#[cache_put]` function: run it, then write its value.
-pub async fn put<S, R, Fut>(cache: Option<Cache>, key: String, policy: Policy, body: Fut) -> R
+pub async fn put<S, R, Fut>(cache: Option<&Cache>, key: String, policy: Policy, body: Fut) -> R
 where
     S: Shape<R>,
     Fut: Future<Output = R>,
@@ -100,7 +131,7 @@ where
 /// The body of a `#[cache_evict]` function: run it, then delete the key if
 /// it succeeded.
 pub async fn evict<R, Fut>(
-    cache: Option<Cache>,
+    cache: Option<&Cache>,
     key: String,
     succeeded: fn(&R) -> bool,
     body: Fut,

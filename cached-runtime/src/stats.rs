@@ -1,17 +1,46 @@
 //! Counters of everything the cache does, and their snapshot [`Stats`].
+//!
+//! Each counter is striped over a few cache lines, one picked per thread,
+//! so that threads counting hits at once do not trade a cache line back and
+//! forth on every lookup; a snapshot adds the stripes up.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+const STRIPES: usize = 4;
+
+/// One stripe, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+/// A counter that many threads bump cheaply.
+#[derive(Debug, Default)]
+pub(crate) struct Striped([Stripe; STRIPES]);
+
+impl Striped {
+    fn sum(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
+}
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         #[derive(Debug, Default)]
         pub(crate) struct Counters {
-            $( pub(crate) $name: AtomicU64, )*
+            $( pub(crate) $name: Striped, )*
         }
 
         impl Counters {
             pub(crate) fn snapshot(&self) -> Stats {
-                Stats { $( $name: self.$name.load(Ordering::Relaxed), )* }
+                Stats { $( $name: self.$name.sum(), )* }
             }
         }
 
@@ -76,8 +105,8 @@ counters! {
 }
 
 impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn bump(counter: &Striped) {
+        counter.0[stripe()].0.fetch_add(1, Ordering::Relaxed);
     }
 }
 

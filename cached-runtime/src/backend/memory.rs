@@ -117,7 +117,8 @@ impl MemoryBackend {
 }
 
 impl Backend for MemoryBackend {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+    async fn get(&self, key: &str, _limit: Option<usize>) -> Result<Option<Bytes>> {
+        // Entries come only from this process's writes, which are bounded.
         let Some(entry) = self.entries.get(key) else {
             return Ok(None);
         };
@@ -170,9 +171,9 @@ mod tests {
         m.set("long", bytes("b"), Duration::from_secs(60))
             .await
             .unwrap();
-        assert!(m.get("short").await.unwrap().is_some());
+        assert!(m.get("short", None).await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(40)).await;
-        assert!(m.get("short").await.unwrap().is_none(), "expired");
+        assert!(m.get("short", None).await.unwrap().is_none(), "expired");
         m.set("unread", bytes("c"), Duration::from_millis(1))
             .await
             .unwrap();
@@ -191,7 +192,7 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
-        assert_eq!(m.get("k").await.unwrap().as_deref(), Some(&b"b"[..]));
+        assert_eq!(m.get("k", None).await.unwrap().as_deref(), Some(&b"b"[..]));
     }
 
     #[tokio::test]
@@ -220,7 +221,7 @@ mod tests {
                 .unwrap(),
             "expired counts as absent"
         );
-        assert_eq!(m.get("k").await.unwrap().as_deref(), Some(&b"e"[..]));
+        assert_eq!(m.get("k", None).await.unwrap().as_deref(), Some(&b"e"[..]));
     }
 
     #[tokio::test]

@@ -35,8 +35,14 @@ impl Deref for Bytes {
 /// The operations the cache needs from a store. Errors are reported, never
 /// retried here: the cache decides what a failure means.
 pub(crate) trait Backend: Send + Sync {
-    /// The entry at `key`, if any.
-    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>>> + Send;
+    /// The entry at `key`, if any. With a `limit`, at most `limit + 1` of
+    /// its bytes, so a stored value larger than `limit` is seen (and
+    /// rejected) without being read whole.
+    fn get(
+        &self,
+        key: &str,
+        limit: Option<usize>,
+    ) -> impl Future<Output = Result<Option<Bytes>>> + Send;
     /// Stores `value` at `key` for `ttl`, replacing what was there.
     fn set(
         &self,
@@ -72,10 +78,10 @@ impl AnyBackend {
 }
 
 impl Backend for AnyBackend {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+    async fn get(&self, key: &str, limit: Option<usize>) -> Result<Option<Bytes>> {
         match self {
-            AnyBackend::Redis(b) => b.get(key).await,
-            AnyBackend::Memory(b) => b.get(key).await,
+            AnyBackend::Redis(b) => b.get(key, limit).await,
+            AnyBackend::Memory(b) => b.get(key, limit).await,
         }
     }
 

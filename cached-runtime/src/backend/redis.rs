@@ -18,11 +18,12 @@ use super::{Backend, Bytes};
 use crate::error::{Error, Result};
 
 /// Compare-and-set: `SET` only if the key still holds what the caller saw.
-/// KEYS[1] the key; ARGV: `1` if a value is expected (else `0`), that value,
-/// the new value, its TTL in ms.
+/// KEYS[1] the key; ARGV: `1` if a value is expected (else `0`: nothing, or
+/// an empty string, which no entry is), that value, the new value, its TTL
+/// in ms.
 const SET_IF: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if (ARGV[1] == '0' and not cur) or (ARGV[1] == '1' and cur == ARGV[2]) then
+if (ARGV[1] == '0' and (not cur or cur == '')) or (ARGV[1] == '1' and cur == ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   return 1
 end
@@ -123,9 +124,18 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let value: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
-        Ok(value.map(Bytes::Owned))
+    async fn get(&self, key: &str, limit: Option<usize>) -> Result<Option<Bytes>> {
+        let value: Option<Vec<u8>> = match limit {
+            // GETRANGE reads at most limit + 1 bytes: an oversized value
+            // costs no more than that to reject.
+            Some(limit) => {
+                self.query(redis::cmd("GETRANGE").arg(key).arg(0).arg(limit))
+                    .await?
+            }
+            None => self.query(redis::cmd("GET").arg(key)).await?,
+        };
+        // A missing key reads as empty through GETRANGE; no entry is empty.
+        Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned))
     }
 
     async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
