@@ -162,3 +162,18 @@ pub fn always<R>(_: &R) -> bool {
 pub fn is_ok<T, E>(result: &Result<T, E>) -> bool {
     result.is_ok()
 }
+
+/// Decodes `bytes` as stored entries of a few types, for the fuzz targets;
+/// returns how many decoded.
+pub fn fuzz_decode(bytes: &[u8]) -> usize {
+    use crate::codec::Codec;
+    let ok = [
+        Codec::Json.decode::<u64>(bytes).is_ok(),
+        Codec::Json.decode::<String>(bytes).is_ok(),
+        Codec::Json.decode::<Vec<Option<i32>>>(bytes).is_ok(),
+        Codec::Json
+            .decode::<std::collections::BTreeMap<String, (bool, f64)>>(bytes)
+            .is_ok(),
+    ];
+    ok.iter().filter(|ok| **ok).count()
+}
