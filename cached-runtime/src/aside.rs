@@ -54,6 +54,21 @@ pub(crate) enum Seen {
     Oversized,
 }
 
+impl Seen {
+    /// The bytes a compare-and-set expects (`None`: no entry).
+    pub(crate) fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Seen::Bytes(bytes) => Some(bytes),
+            Seen::Nothing | Seen::Unknown | Seen::Oversized => None,
+        }
+    }
+
+    /// Whether a compare-and-set against it can be trusted.
+    fn comparable(&self) -> bool {
+        matches!(self, Seen::Nothing | Seen::Bytes(_))
+    }
+}
+
 /// What a follower of another caller's computation got.
 enum Followed<R> {
     Value(R),
@@ -190,11 +205,10 @@ impl Cache {
             let notified = watch.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let expected = match &seen {
-                Seen::Nothing => None,
-                Seen::Bytes(bytes) => Some(&**bytes),
-                Seen::Unknown | Seen::Oversized => break false,
-            };
+            if !seen.comparable() {
+                break false;
+            }
+            let expected = seen.bytes();
             match self
                 .try_acquire(key, &lock_key, expected, &token, lock)
                 .await
@@ -253,16 +267,26 @@ impl Cache {
         if let Some((entry, _)) = &encoded {
             leader.publish(entry.clone());
         }
+        self.release_and_store(key, &lock_key, &token, &seen, encoded.as_ref())
+            .await;
+        result
+    }
+
+    /// Releases a held lock, storing `encoded` (entry, TTL) by
+    /// compare-and-set against `seen`, and counts what happened.
+    pub(crate) async fn release_and_store(
+        &self,
+        key: &str,
+        lock_key: &str,
+        token: &str,
+        seen: &Seen,
+        encoded: Option<&(Arc<[u8]>, Option<Duration>)>,
+    ) {
         let store = encoded
-            .as_ref()
             .and_then(|(entry, ttl)| ttl.map(|ttl| (&**entry, ttl)))
             .filter(|(entry, _)| self.check_size(entry).is_ok());
-        let expected = match &seen {
-            Seen::Bytes(bytes) => Some(&**bytes),
-            Seen::Nothing | Seen::Unknown | Seen::Oversized => None,
-        };
         if let Ok(stored) = self
-            .release_lock(key, &lock_key, &token, expected, store)
+            .release_lock(key, lock_key, token, seen.bytes(), store)
             .await
         {
             if store.is_some() {
@@ -274,7 +298,6 @@ impl Cache {
                 });
             }
         }
-        result
     }
 
     /// Runs `computation`, extending the lock every `ttl / 3` until it ends.

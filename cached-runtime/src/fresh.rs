@@ -151,12 +151,8 @@ impl Cache {
         let lock_key = lock_key(key);
         let mut seen = Seen::Bytes(seen);
         if let Some(lock) = &lock {
-            let expected = match &seen {
-                Seen::Bytes(bytes) => Some(&**bytes),
-                Seen::Nothing | Seen::Unknown | Seen::Oversized => None,
-            };
             match self
-                .try_acquire(key, &lock_key, expected, &token, lock)
+                .try_acquire(key, &lock_key, seen.bytes(), &token, lock)
                 .await
             {
                 Some(Ok(Acquire::Acquired(now))) => {
@@ -181,40 +177,16 @@ impl Cache {
             );
         }
         let encoded = self.encode_result::<S, R>(&result, policy, started.elapsed());
-        let store = encoded
-            .as_ref()
-            .and_then(|(entry, ttl)| ttl.map(|ttl| (entry.clone(), ttl)));
-        match (&lock, store) {
-            (Some(_), store) => {
-                let expected = match &seen {
-                    Seen::Bytes(bytes) => Some(&**bytes),
-                    Seen::Nothing | Seen::Unknown | Seen::Oversized => None,
-                };
-                let store = store.filter(|(entry, _)| self.check_size(entry).is_ok());
-                if let Ok(stored) = self
-                    .release_lock(
-                        key,
-                        &lock_key,
-                        &token,
-                        expected,
-                        store.as_ref().map(|(e, t)| (&**e, *t)),
-                    )
-                    .await
-                {
-                    if store.is_some() {
-                        Counters::bump(if stored {
-                            &counters.writes
-                        } else {
-                            &counters.stale_sets_refused
-                        });
-                    }
-                }
+        match (&lock, &encoded) {
+            (Some(_), encoded) => {
+                self.release_and_store(key, &lock_key, &token, &seen, encoded.as_ref())
+                    .await;
             }
-            (None, Some((entry, ttl))) => {
+            (None, Some((entry, Some(ttl)))) => {
                 // Failures are counted inside.
-                let _ = self.store_if(key, &seen, entry, ttl).await;
+                let _ = self.store_if(key, &seen, entry.clone(), *ttl).await;
             }
-            (None, None) => {}
+            (None, _) => {}
         }
     }
 }
