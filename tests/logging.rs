@@ -1,0 +1,80 @@
+//! What the cache logs: failures, never keys, values or passwords, at any
+//! level, so that turning on debug logging in production leaks no data.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis_cached::{redis_cached, BreakerConfig, Cache};
+use support::RedisServer;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[redis_cached(key = "secret-key-name:<id>", cache = cache)]
+async fn lookup(cache: &Cache, id: u64) -> String {
+    format!("secret-value-{id}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_values_and_passwords_are_never_logged() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = RedisServer::start_with(&["--requirepass", "pw-in-url"]);
+    // Wrong password: failures are logged, the breaker opens.
+    let wrong = Cache::builder(&format!(
+        "redis://:wrong-pw-in-url@127.0.0.1:{}/",
+        server.port()
+    ))
+    .breaker(BreakerConfig {
+        failure_threshold: 2,
+        cooldown: Duration::from_secs(5),
+    })
+    .build()
+    .unwrap();
+    for id in 0..5 {
+        assert_eq!(lookup(&wrong, id).await, format!("secret-value-{id}"));
+    }
+    // Right password, then garbage at a key and a dead server.
+    let mut server = server;
+    let good = Cache::builder(&format!("redis://:pw-in-url@127.0.0.1:{}/", server.port()))
+        .breaker(BreakerConfig {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(5),
+        })
+        .build()
+        .unwrap();
+    lookup(&good, 1).await;
+    server.kill();
+    for id in 0..5 {
+        lookup(&good, id).await;
+    }
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("WARN"), "failures are logged: {logs}");
+    for secret in ["secret-key-name", "secret-value", "pw-in-url"] {
+        assert!(
+            !logs.contains(secret),
+            "{secret:?} leaked into the logs:\n{logs}"
+        );
+    }
+}
