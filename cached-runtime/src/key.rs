@@ -341,4 +341,25 @@ mod tests {
         let wide = "é".repeat(300);
         assert!(full_key(None, wide).len() <= MAX_KEY_LEN);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn keys_stay_bounded_and_distinct(
+                prefix in "[a-z:]{0,300}",
+                a in ".{0,40}",
+                b in ".{0,40}",
+            ) {
+                let (ka, kb) = (format!("{prefix}{a}"), format!("{prefix}{b}"));
+                let (fa, fb) = (full_key(Some("ns"), ka.clone()), full_key(Some("ns"), kb.clone()));
+                prop_assert!(fa.len() <= MAX_KEY_LEN && fb.len() <= MAX_KEY_LEN);
+                prop_assert_eq!(fa == fb, ka == kb);
+            }
+        }
+    }
 }
