@@ -40,6 +40,7 @@ impl Kind {
                 "early",
                 "cache_none",
                 "version",
+                "tags",
                 "cache",
                 "crate",
             ],
@@ -48,10 +49,6 @@ impl Kind {
         }
     }
 }
-
-/// Arguments of the documented grammar that this version does not
-/// implement yet: an accepted flag must work, so these are refused clearly.
-const NOT_YET: &[&str] = &["tags"];
 
 /// An argument's value with the span of its tokens.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +71,8 @@ pub(crate) struct Args {
     pub(crate) early: Option<WithSpan<f64>>,
     pub(crate) cache: Option<Expr>,
     pub(crate) krate: Option<syn::Path>,
+    /// Tag templates, each a key template.
+    pub(crate) tags: Vec<LitStr>,
 }
 
 impl Args {
@@ -104,11 +103,7 @@ impl Args {
         let value: Expr = meta.value()?.parse()?;
         let valid = kind.valid_args();
         if !valid.contains(&name.as_str()) {
-            let hint = if NOT_YET.contains(&name.as_str()) {
-                format!("`{name}` is not supported by this version of redis-cached; ")
-            } else {
-                format!("unknown argument `{name}` for #[{}]; ", kind.name())
-            };
+            let hint = format!("unknown argument `{name}` for #[{}]; ", kind.name());
             errors.push(syn::Error::new(
                 meta.path.span(),
                 format!("{hint}valid arguments are: {}", valid.join(", ")),
@@ -136,6 +131,7 @@ impl Args {
             "stale" => self.stale = errors.ok(duration_arg(&value, "stale")),
             "early" => self.early = errors.ok(beta_arg(&value)),
             "cache" => self.cache = Some(value),
+            "tags" => self.tags = errors.ok(tags_arg(&value)).unwrap_or_default(),
             "crate" => {
                 self.krate = errors.ok(lit_str(&value, "crate", "a path such as \"my_cache\"")
                     .and_then(|lit| lit.parse::<syn::Path>()));
@@ -156,6 +152,26 @@ fn lit_str(value: &Expr, name: &str, example: &str) -> syn::Result<LitStr> {
             format!("`{name}` takes a string literal: {example}"),
         )),
     }
+}
+
+fn tags_arg(value: &Expr) -> syn::Result<Vec<LitStr>> {
+    let Expr::Array(array) = value else {
+        return Err(syn::Error::new(
+            value.span(),
+            "`tags` takes an array of templates, e.g. `tags = [\"tenant:<tenant_id>\"]`",
+        ));
+    };
+    array
+        .elems
+        .iter()
+        .map(|elem| {
+            lit_str(
+                elem,
+                "each tag",
+                "a template such as \"tenant:<tenant_id>\"",
+            )
+        })
+        .collect()
 }
 
 fn bool_arg(value: &Expr, name: &str) -> syn::Result<WithSpan<bool>> {

@@ -47,7 +47,10 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
         }
         None => quote!(#private::global_cache()),
     };
-    let key_expr = key_expr(model, &private);
+    let key_expr = render(&model.key, model.version, &private);
+    let tags = local("__tags");
+    let tag_exprs = model.tags.iter().map(|tag| render(tag, None, &private));
+    let tag_count = model.tags.len();
     let call = match model.kind {
         Kind::Cached | Kind::Put => {
             let shape = Ident::new(model.shape.runtime_name(), model.ret_span);
@@ -61,11 +64,16 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             };
             let entry = Ident::new(entry, model.ret_span);
             let policy = policy(model);
+            let tags_arg = if model.kind == Kind::Cached {
+                quote!(&#tags,)
+            } else {
+                quote!()
+            };
             // Spanned at the return type, path included: an unserializable
             // value is reported there, and only there.
             let private = respan(private.clone(), model.ret_span);
             quote_spanned!(model.ret_span=>
-                #private::#entry::<#private::#shape, #ret, _>(#cache.get(), #key, #policy, #body).await
+                #private::#entry::<#private::#shape, #ret, _>(#cache.get(), #key, #tags_arg #policy, #body).await
             )
         }
         Kind::Evict => {
@@ -85,6 +93,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
         #vis #sig {
             let #cache = #cache_expr;
             let #key = #key_expr;
+            let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
             let #body = async move {
                 let #ret_local: #ret = #block;
                 #ret_local
@@ -112,10 +121,10 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
         .collect()
 }
 
-fn key_expr(model: &Model, private: &TokenStream) -> TokenStream {
+/// The expression that renders a key (or tag) template.
+fn render(parts: &[KeyPart], version: Option<u32>, private: &TokenStream) -> TokenStream {
     let builder = local("__k");
-    let capacity: usize = model
-        .key
+    let capacity: usize = parts
         .iter()
         .map(|p| match p {
             KeyPart::Literal(text) => text.len(),
@@ -123,7 +132,7 @@ fn key_expr(model: &Model, private: &TokenStream) -> TokenStream {
             KeyPart::Value(_) => 16,
         })
         .sum();
-    let pushes = model.key.iter().map(|part| match part {
+    let pushes = parts.iter().map(|part| match part {
         KeyPart::Literal(text) => quote!(#builder.literal(#text);),
         KeyPart::ModulePath => quote!(#builder.literal(::core::module_path!());),
         KeyPart::Value(value) => {
@@ -135,7 +144,7 @@ fn key_expr(model: &Model, private: &TokenStream) -> TokenStream {
             quote_spanned!(span=> #private::KeyBuilder::value(&mut #builder, &#root #(.#fields)*);)
         }
     });
-    let version = match model.version {
+    let version = match version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
         None => quote!(::core::option::Option::None),
     };

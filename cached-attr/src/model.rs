@@ -83,6 +83,8 @@ pub(crate) struct Model {
     pub(crate) kind: Kind,
     pub(crate) func: ItemFn,
     pub(crate) key: Vec<KeyPart>,
+    /// The rendered parts of each tag template.
+    pub(crate) tags: Vec<Vec<KeyPart>>,
     pub(crate) version: Option<u32>,
     pub(crate) ttl_ms: Option<u64>,
     pub(crate) cache_none_ms: Option<u64>,
@@ -130,6 +132,15 @@ impl Model {
                 .and_then(|segments| errors.ok(resolve(lit, &segments, &params))),
             None => errors.ok(default_key(&func, &params, &unnamed)),
         };
+        let tags: Vec<Vec<KeyPart>> = args
+            .tags
+            .iter()
+            .filter_map(|lit| {
+                errors
+                    .ok(key::parse(lit))
+                    .and_then(|segments| errors.ok(resolve(lit, &segments, &params)))
+            })
+            .collect();
         let (ret, ret_span) = match &func.sig.output {
             ReturnType::Default => (syn::parse_quote!(()), func.sig.ident.span()),
             ReturnType::Type(_, ty) => ((**ty).clone(), ty.span()),
@@ -155,6 +166,7 @@ impl Model {
         Some(Model {
             kind,
             key,
+            tags,
             version: args.version,
             ttl_ms: args.ttl.map(|d| millis(d.value)),
             cache_none_ms: args.cache_none.map(|d| millis(d.value)),

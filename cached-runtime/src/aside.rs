@@ -83,6 +83,7 @@ impl Cache {
     pub(crate) async fn fill<S, R, Fut>(
         &self,
         key: String,
+        tags: &[String],
         policy: &Policy,
         compute: impl FnOnce() -> Fut,
     ) -> R
@@ -101,7 +102,7 @@ impl Cache {
             },
             Lookup::Miss(seen) => seen,
         };
-        self.fill_missed::<S, R, _>(key, seen, policy, compute)
+        self.fill_missed::<S, R, _>(key, tags, seen, policy, compute)
             .await
     }
 
@@ -110,6 +111,7 @@ impl Cache {
     pub(crate) async fn fill_missed<S, R, Fut>(
         &self,
         key: String,
+        tags: &[String],
         seen: Seen,
         policy: &Policy,
         compute: impl FnOnce() -> Fut,
@@ -137,6 +139,13 @@ impl Cache {
                 }
             }
         };
+        if !tags.is_empty() {
+            // Before computing: an invalidation of a tag from now on reaches
+            // this key, and so also refuses this fill's store if it lands first.
+            let ttl =
+                policy.ttl.unwrap_or(self.inner.default_ttl) + policy.stale.unwrap_or_default();
+            let _ = self.tag(&key, tags, ttl).await;
+        }
         match policy.lock {
             Some(lock) if self.inner.backend.is_redis() => {
                 self.fill_locked::<S, R, _>(&key, seen, &lock, policy, &leader, compute)

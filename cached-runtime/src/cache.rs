@@ -205,6 +205,40 @@ impl Cache {
         self.tombstone(&self.full_key(key.to_owned())).await
     }
 
+    /// Invalidates every key cached under `tag` (the `tags = [...]` of
+    /// `#[redis_cached]`), as [`Cache::invalidate`] does for one key.
+    ///
+    /// # Errors
+    /// When Redis fails, times out or is skipped by the open breaker.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
+        let tag_key = self.tag_key(tag);
+        let tombstone = self.inner.codec.encode_tombstone();
+        let window = self.inner.invalidation_window;
+        let count = self
+            .guarded(
+                self.inner
+                    .backend
+                    .invalidate_tag(&tag_key, tombstone.into(), window),
+            )
+            .await?;
+        for _ in 0..count {
+            Counters::bump(&self.inner.counters.invalidations);
+        }
+        Ok(())
+    }
+
+    /// The set of keys cached under `tag`.
+    fn tag_key(&self, tag: &str) -> String {
+        self.full_key(format!("redis-cached:tag:{tag}"))
+    }
+
+    /// Records `key` under each of `tags` for at least `ttl`.
+    pub(crate) async fn tag(&self, key: &str, tags: &[String], ttl: Duration) -> Result<()> {
+        let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
+        self.guarded(self.inner.backend.tag(key, &tag_keys, ttl))
+            .await
+    }
+
     /// The value at `key`; on a miss, runs `compute`, stores its result for
     /// `ttl` and returns it. Concurrent misses for one key in this process
     /// share one computation.
@@ -218,7 +252,7 @@ impl Cache {
             ttl: Some(ttl),
             ..Policy::default()
         };
-        self.fill::<Plain, T, _>(self.full_key(key.to_owned()), &policy, compute)
+        self.fill::<Plain, T, _>(self.full_key(key.to_owned()), &[], &policy, compute)
             .await
     }
 

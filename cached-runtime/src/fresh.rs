@@ -82,6 +82,7 @@ impl Cache {
     pub(crate) async fn fill_refreshing<S, R, Fut>(
         &self,
         key: String,
+        tags: &[String],
         policy: Policy,
         body: Fut,
     ) -> R
@@ -113,7 +114,7 @@ impl Cache {
             },
             Lookup::Miss(seen) => seen,
         };
-        self.fill_missed::<S, R, _>(key, seen, &policy, || body)
+        self.fill_missed::<S, R, _>(key, tags, seen, &policy, || body)
             .await
     }
 

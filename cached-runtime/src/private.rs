@@ -69,7 +69,13 @@ pub fn global_cache() -> CacheHold<'static> {
 }
 
 /// The body of a `#[redis_cached]` function.
-pub async fn cached<S, R, Fut>(cache: Option<&Cache>, key: String, policy: Policy, body: Fut) -> R
+pub async fn cached<S, R, Fut>(
+    cache: Option<&Cache>,
+    key: String,
+    tags: &[String],
+    policy: Policy,
+    body: Fut,
+) -> R
 where
     S: Shape<R>,
     Fut: Future<Output = R>,
@@ -79,7 +85,7 @@ where
         return body.await;
     };
     let key = cache.full_key(key);
-    cache.fill::<S, R, _>(key, &policy, || body).await
+    cache.fill::<S, R, _>(key, tags, &policy, || body).await
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
@@ -87,6 +93,7 @@ where
 pub async fn cached_refreshing<S, R, Fut>(
     cache: Option<&Cache>,
     key: String,
+    tags: &[String],
     policy: Policy,
     body: Fut,
 ) -> R
@@ -100,7 +107,9 @@ where
         return body.await;
     };
     let key = cache.full_key(key);
-    cache.fill_refreshing::<S, R, Fut>(key, policy, body).await
+    cache
+        .fill_refreshing::<S, R, Fut>(key, tags, policy, body)
+        .await
 }
 
 /// The body of a `#[cache_put]` function: run it, then write its value.

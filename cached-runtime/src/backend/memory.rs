@@ -10,6 +10,7 @@
 //! every `max_entries / 4` writes, so they cost at most the bound's memory
 //! for a short while, never more.
 
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -46,6 +47,9 @@ const STRIPES: usize = 64;
 
 pub(crate) struct MemoryBackend {
     entries: Store<String, Entry>,
+    /// Tag set → the keys cached under it. Bounded like the entries: a set
+    /// whose keys all expired is dropped by the sweep.
+    tags: Mutex<HashMap<String, HashSet<String>>>,
     stripes: [Mutex<()>; STRIPES],
     hasher: RandomState,
     writes: AtomicU64,
@@ -66,6 +70,7 @@ impl MemoryBackend {
         let capacity = config.max_entries.max(1);
         MemoryBackend {
             entries: Store::new(capacity),
+            tags: Mutex::new(HashMap::new()),
             stripes: std::array::from_fn(|_| Mutex::new(())),
             hasher: RandomState::new(),
             writes: AtomicU64::new(0),
@@ -105,10 +110,16 @@ impl MemoryBackend {
         }
     }
 
-    /// Removes every expired entry.
+    /// Removes every expired entry, and from the tag sets the keys that
+    /// are no longer held.
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         self.entries.retain(|_, entry| entry.expires_at > now);
+        let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        tags.retain(|_, keys| {
+            keys.retain(|key| self.entries.contains_key(key.as_str()));
+            !keys.is_empty()
+        });
     }
 
     pub(crate) fn entry_count(&self) -> usize {
@@ -151,6 +162,35 @@ impl Backend for MemoryBackend {
         }
         self.insert(key, value, ttl);
         Ok(true)
+    }
+
+    async fn tag(&self, key: &str, tag_keys: &[String], _ttl: Duration) -> Result<()> {
+        let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        for tag_key in tag_keys {
+            tags.entry(tag_key.clone())
+                .or_default()
+                .insert(key.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn invalidate_tag(
+        &self,
+        tag_key: &str,
+        tombstone: Arc<[u8]>,
+        window: Duration,
+    ) -> Result<u64> {
+        let keys = self
+            .tags
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(tag_key)
+            .unwrap_or_default();
+        for key in &keys {
+            let _write = self.write_lock(key);
+            self.insert(key, tombstone.clone(), window);
+        }
+        Ok(keys.len() as u64)
     }
 }
 

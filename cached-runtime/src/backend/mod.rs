@@ -60,6 +60,21 @@ pub(crate) trait Backend: Send + Sync {
         value: Arc<[u8]>,
         ttl: Duration,
     ) -> impl Future<Output = Result<bool>> + Send;
+    /// Adds `key` to each tag set in `tag_keys`, each kept at least `ttl`.
+    fn tag(
+        &self,
+        key: &str,
+        tag_keys: &[String],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Replaces every key in the tag set by `tombstone` (for `window`) and
+    /// drops the set; returns how many keys it had.
+    fn invalidate_tag(
+        &self,
+        tag_key: &str,
+        tombstone: Arc<[u8]>,
+        window: Duration,
+    ) -> impl Future<Output = Result<u64>> + Send;
 }
 
 // One per cache, inside its `Arc`: boxing the larger variant would only add
@@ -78,6 +93,25 @@ impl AnyBackend {
 }
 
 impl Backend for AnyBackend {
+    async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.tag(key, tag_keys, ttl).await,
+            AnyBackend::Memory(b) => b.tag(key, tag_keys, ttl).await,
+        }
+    }
+
+    async fn invalidate_tag(
+        &self,
+        tag_key: &str,
+        tombstone: Arc<[u8]>,
+        window: Duration,
+    ) -> Result<u64> {
+        match self {
+            AnyBackend::Redis(b) => b.invalidate_tag(tag_key, tombstone, window).await,
+            AnyBackend::Memory(b) => b.invalidate_tag(tag_key, tombstone, window).await,
+        }
+    }
+
     async fn get(&self, key: &str, limit: Option<usize>) -> Result<Option<Bytes>> {
         match self {
             AnyBackend::Redis(b) => b.get(key, limit).await,

@@ -30,9 +30,33 @@ end
 return 0
 ";
 
+/// Adds ARGV[1] to each tag set in KEYS, keeping each set at least ARGV[2] ms.
+const TAG: &str = r"
+for _, tag in ipairs(KEYS) do
+  redis.call('SADD', tag, ARGV[1])
+  if redis.call('PTTL', tag) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', tag, ARGV[2])
+  end
+end
+return 0
+";
+
+/// Replaces every key of the tag set KEYS[1] by the tombstone ARGV[1] for
+/// ARGV[2] ms, deletes the set, and returns how many keys it held.
+const INVALIDATE_TAG: &str = r"
+local members = redis.call('SMEMBERS', KEYS[1])
+for _, key in ipairs(members) do
+  redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+return #members
+";
+
 pub(crate) struct RedisBackend {
     client: redis::Client,
     set_if: redis::Script,
+    tag: redis::Script,
+    invalidate_tag: redis::Script,
     config: ConnectionManagerConfig,
     /// Read on every operation: an `ArcSwap` load shares no cache line
     /// between threads, where a mutex would.
@@ -71,6 +95,8 @@ impl RedisBackend {
         Ok(RedisBackend {
             client,
             set_if: redis::Script::new(SET_IF),
+            tag: redis::Script::new(TAG),
+            invalidate_tag: redis::Script::new(INVALIDATE_TAG),
             config,
             manager: ArcSwapOption::empty(),
         })
@@ -164,6 +190,27 @@ impl Backend for RedisBackend {
             .arg(px(ttl));
         let stored: i64 = self.invoke(&invocation).await?;
         Ok(stored == 1)
+    }
+
+    async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+        let mut invocation = self.tag.prepare_invoke();
+        for tag_key in tag_keys {
+            invocation.key(tag_key);
+        }
+        invocation.arg(key).arg(px(ttl));
+        let _: i64 = self.invoke(&invocation).await?;
+        Ok(())
+    }
+
+    async fn invalidate_tag(
+        &self,
+        tag_key: &str,
+        tombstone: Arc<[u8]>,
+        window: Duration,
+    ) -> Result<u64> {
+        let mut invocation = self.invalidate_tag.key(tag_key);
+        invocation.arg(&*tombstone).arg(px(window));
+        self.invoke(&invocation).await
     }
 }
 
