@@ -69,6 +69,22 @@ impl Seen {
     }
 }
 
+/// How joining this process's computation of a key ended.
+enum Joined<'a, R> {
+    Leader(Leader<'a>),
+    Done(R),
+    Undecodable,
+}
+
+/// The result a hit stands for, or (for an absence stored for a type that
+/// has none) what to overwrite.
+fn rebuild<S: Shape<R>, R>(hit: Hit<S::Value>) -> Result<R, Seen> {
+    match hit.value {
+        Some(value) => Ok(S::from_value(value)),
+        None => S::absent().ok_or(Seen::Bytes(hit.raw)),
+    }
+}
+
 /// What a follower of another caller's computation got.
 enum Followed<R> {
     Value(R),
@@ -91,18 +107,56 @@ impl Cache {
         S: Shape<R>,
         Fut: Future<Output = R>,
     {
+        if policy.lock.is_some() && self.inner.backend.is_redis() {
+            return self.fill_hot::<S, R, _>(key, tags, policy, compute).await;
+        }
         let seen = match self.lookup::<S::Value>(&key).await {
-            Lookup::Hit(hit) => match hit.value {
-                Some(value) => return S::from_value(value),
-                None => match S::absent() {
-                    Some(result) => return result,
-                    // An absence stored for a type that has none: overwrite it.
-                    None => Seen::Bytes(hit.raw),
-                },
+            Lookup::Hit(hit) => match rebuild::<S, R>(hit) {
+                Ok(result) => return result,
+                Err(seen) => seen,
             },
             Lookup::Miss(seen) => seen,
         };
         self.fill_missed::<S, R, _>(key, tags, seen, policy, compute)
+            .await
+    }
+
+    /// `lock = true` marks a hot or costly key: its callers in this process
+    /// also share one read, so that a crowd arriving at a cold key sends
+    /// one `GET` (and one lock attempt) per process rather than one each.
+    async fn fill_hot<S, R, Fut>(
+        &self,
+        key: String,
+        tags: &[String],
+        policy: &Policy,
+        compute: impl FnOnce() -> Fut,
+    ) -> R
+    where
+        S: Shape<R>,
+        Fut: Future<Output = R>,
+    {
+        let leader = match self.join::<S, R>(&key).await {
+            Joined::Leader(leader) => leader,
+            Joined::Done(result) => return result,
+            Joined::Undecodable => {
+                Counters::bump(&self.inner.counters.computes);
+                return compute().await;
+            }
+        };
+        let seen = match self.lookup::<S::Value>(&key).await {
+            Lookup::Hit(hit) => {
+                let raw = Arc::from(&*hit.raw);
+                match rebuild::<S, R>(hit) {
+                    Ok(result) => {
+                        leader.publish(raw);
+                        return result;
+                    }
+                    Err(seen) => seen,
+                }
+            }
+            Lookup::Miss(seen) => seen,
+        };
+        self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)
             .await
     }
 
@@ -120,39 +174,69 @@ impl Cache {
         S: Shape<R>,
         Fut: Future<Output = R>,
     {
-        let leader = loop {
-            match self.inner.flights.join(&key) {
-                Role::Leader(leader) => break leader,
+        match self.join::<S, R>(&key).await {
+            Joined::Leader(leader) => {
+                self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)
+                    .await
+            }
+            Joined::Done(result) => result,
+            Joined::Undecodable => {
+                Counters::bump(&self.inner.counters.computes);
+                compute().await
+            }
+        }
+    }
+
+    /// Becomes this process's leader for `key`, or follows the current one
+    /// to its result (trying again when it ends without one).
+    async fn join<S: Shape<R>, R>(&self, key: &str) -> Joined<'_, R> {
+        loop {
+            match self.inner.flights.join(key) {
+                Role::Leader(leader) => return Joined::Leader(leader),
                 Role::Follower(receiver) => {
                     Counters::bump(&self.inner.counters.coalesced);
                     match self.follow::<S, R>(receiver).await {
-                        Followed::Value(result) => return result,
+                        Followed::Value(result) => return Joined::Done(result),
                         Followed::Retry => {}
-                        Followed::Undecodable => {
-                            // The leader's value does not read back as this
-                            // type (a serde impl that does not round-trip):
-                            // joining again would find the same entry.
-                            Counters::bump(&self.inner.counters.computes);
-                            return compute().await;
-                        }
+                        // The leader's value does not read back as this type
+                        // (a serde impl that does not round-trip): joining
+                        // again would find the same entry.
+                        Followed::Undecodable => return Joined::Undecodable,
                     }
                 }
             }
-        };
+        }
+    }
+
+    /// The leader's part: tag the key, then compute (under the lock with
+    /// `lock = true`) and store.
+    async fn lead<S, R, Fut>(
+        &self,
+        key: &str,
+        leader: &Leader<'_>,
+        tags: &[String],
+        seen: Seen,
+        policy: &Policy,
+        compute: impl FnOnce() -> Fut,
+    ) -> R
+    where
+        S: Shape<R>,
+        Fut: Future<Output = R>,
+    {
         if !tags.is_empty() {
             // Before computing: an invalidation of a tag from now on reaches
             // this key, and so also refuses this fill's store if it lands first.
             let ttl =
                 policy.ttl.unwrap_or(self.inner.default_ttl) + policy.stale.unwrap_or_default();
-            let _ = self.tag(&key, tags, ttl).await;
+            let _ = self.tag(key, tags, ttl).await;
         }
         match policy.lock {
             Some(lock) if self.inner.backend.is_redis() => {
-                self.fill_locked::<S, R, _>(&key, seen, &lock, policy, &leader, compute)
+                self.fill_locked::<S, R, _>(key, seen, &lock, policy, leader, compute)
                     .await
             }
             _ => {
-                self.compute_and_store::<S, R, _>(&key, &seen, policy, &leader, compute)
+                self.compute_and_store::<S, R, _>(key, &seen, policy, leader, compute)
                     .await
             }
         }
