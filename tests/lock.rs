@@ -224,3 +224,37 @@ async fn lost_notifications_are_covered_by_the_retry_timer() {
         "it found the value by retrying: {stats:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_in_one_process_sends_one_read_and_one_lock_attempt() {
+    let server = RedisServer::start();
+    let computes = Arc::new(AtomicU32::new(0));
+    let db = Db::new(&server, &computes);
+    db.item(1, Duration::ZERO, false).await.unwrap(); // connect, load scripts
+    let monitor = server.monitor();
+    monitor.take_client_commands().await;
+    let crowd: Vec<_> = (0..100)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { db.item(3, Duration::from_millis(100), false).await })
+        })
+        .collect();
+    for call in crowd {
+        assert_eq!(call.await.unwrap(), Ok(30));
+    }
+    let commands = monitor.take_client_commands().await;
+    let reads = commands
+        .iter()
+        .filter(|c| c.starts_with("\"GET\" \"item:3\""))
+        .count();
+    let scripts = commands
+        .iter()
+        .filter(|c| c.starts_with("\"EVALSHA\""))
+        .count();
+    assert_eq!(
+        (reads, scripts),
+        (1, 2),
+        "one read, one acquire, one release: {commands:?}"
+    );
+    assert_eq!(computes.load(Ordering::SeqCst), 2);
+}
