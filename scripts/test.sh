@@ -22,8 +22,11 @@ redis-server --version
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p cached-runtime --all-features --all-targets --locked -- -D warnings
 # Unit, integration, trybuild and doc tests (benchmarks are type-checked by
 # clippy above and run with `cargo bench`).
 cargo test --workspace --locked
+# The optional binary codec.
+cargo test -p cached-runtime --features postcard --locked codec
 # The quickstart, on the in-memory default.
 env -u REDIS_URL cargo run --locked --example quickstart

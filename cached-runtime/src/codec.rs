@@ -3,7 +3,7 @@
 //! ```text
 //! byte 0   0xCA     magic: this is a redis-cached entry
 //! byte 1   1        format version
-//! byte 2   codec    1 = JSON
+//! byte 2   codec    1 = JSON, 2 = postcard
 //! byte 3   flags    bit 0: a cached "absent" (`None`), no payload
 //!                   bit 1: timed: 12 bytes of freshness data follow
 //!                   bit 2: a tombstone left by an invalidation: 8 random bytes follow
@@ -62,12 +62,19 @@ pub enum Codec {
     /// `serde_json`: readable with `redis-cli`, works with every serde type.
     #[default]
     Json,
+    /// `postcard`: compact and fast, not human-readable; for types whose
+    /// serde impls do not rely on self-description (no
+    /// `#[serde(flatten)]`, untagged enums or `deserialize_any`).
+    #[cfg(feature = "postcard")]
+    Postcard,
 }
 
 impl Codec {
     fn id(self) -> u8 {
         match self {
             Codec::Json => 1,
+            #[cfg(feature = "postcard")]
+            Codec::Postcard => 2,
         }
     }
 
@@ -92,6 +99,11 @@ impl Codec {
         match self {
             Codec::Json => serde_json::to_writer(&mut buf, value)
                 .map_err(|e| Error::Codec(format!("cannot serialize value: {e}")))?,
+            #[cfg(feature = "postcard")]
+            Codec::Postcard => {
+                buf = postcard::to_extend(value, buf)
+                    .map_err(|e| Error::Codec(format!("cannot serialize value: {e}")))?;
+            }
         }
         Ok(buf)
     }
@@ -160,6 +172,9 @@ impl Codec {
         let value = match self {
             Codec::Json => serde_json::from_slice(payload)
                 .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}")))?,
+            #[cfg(feature = "postcard")]
+            Codec::Postcard => postcard::from_bytes(payload)
+                .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}")))?,
         };
         Ok(Entry::Value(Some(value), timing))
     }
@@ -192,6 +207,29 @@ mod tests {
             Codec::Json.decode::<User>(&bytes).unwrap(),
             Entry::Value(Some(user), None)
         );
+    }
+
+    #[cfg(feature = "postcard")]
+    #[test]
+    fn postcard_round_trip_and_codec_mismatch() {
+        let user = User {
+            id: 7,
+            name: "ada".into(),
+        };
+        let bytes = Codec::Postcard.encode(&user, None).unwrap();
+        assert_eq!(&bytes[..4], &[MAGIC, FORMAT_VERSION, 2, 0]);
+        assert!(bytes.len() < Codec::Json.encode(&user, None).unwrap().len());
+        assert_eq!(
+            Codec::Postcard.decode::<User>(&bytes).unwrap(),
+            Entry::Value(Some(user), None)
+        );
+        assert!(
+            Codec::Json.decode::<User>(&bytes).is_err(),
+            "another codec's entry is a miss"
+        );
+        assert!(Codec::Postcard
+            .decode::<User>(&bytes[..bytes.len() - 1])
+            .is_err());
     }
 
     #[test]
