@@ -423,7 +423,8 @@ impl Cache {
         delta: Duration,
     ) -> Option<(Arc<[u8]>, Option<Duration>)> {
         let codec = self.inner.codec;
-        let fresh_for = match S::view(result) {
+        let view = S::view(result);
+        let fresh_for = match view {
             Stored::Value(_) => Some(policy.ttl.unwrap_or(self.inner.default_ttl)),
             Stored::Absent => policy.cache_none,
             Stored::Skip => return None,
@@ -436,7 +437,7 @@ impl Cache {
                 delta_ms: u32::try_from(delta.as_millis()).unwrap_or(u32::MAX),
             });
         let keep_for = fresh_for.map(|ttl| ttl.saturating_add(policy.stale.unwrap_or_default()));
-        let entry = match S::view(result) {
+        let entry = match view {
             Stored::Value(value) => match codec.encode(value, timing) {
                 Ok(entry) => entry,
                 Err(err) => {
@@ -445,8 +446,7 @@ impl Cache {
                     return None;
                 }
             },
-            Stored::Absent => codec.encode_absent(timing),
-            Stored::Skip => return None,
+            _ => codec.encode_absent(timing),
         };
         Some((entry.into(), keep_for))
     }

@@ -465,7 +465,7 @@ impl CacheBuilder {
     /// entry (`GETRANGE key 0 max`), so that a huge value at a key (another
     /// program's, or a hostile writer's) costs no more memory than the limit
     /// to reject. Off by default: a lookup is then a plain `GET`, which on a
-    /// busy 2-core machine gives about 12% more hit throughput, and a value
+    /// busy 2-core machine gave 0 to 9% more hit throughput, and a value
     /// over the limit is rejected after it was read (Redis caps a value at
     /// 512 MB). Turn it on when programs you do not trust can write to the
     /// cache's Redis.

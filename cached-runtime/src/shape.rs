@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// What a result contributes to the cache.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub enum Stored<'a, V> {
     /// A value to store and share.
     Value(&'a V),
