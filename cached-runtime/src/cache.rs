@@ -50,6 +50,7 @@ pub(crate) struct Inner {
     pub(crate) namespace: Option<String>,
     pub(crate) default_ttl: Duration,
     pub(crate) op_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     pub(crate) invalidation_window: Duration,
     pub(crate) max_value_bytes: usize,
     /// Read at most `max_value_bytes + 1` bytes of an entry (GETRANGE) rather
@@ -152,6 +153,7 @@ impl Cache {
                 namespace: b.namespace.clone(),
                 default_ttl: b.default_ttl,
                 op_timeout: b.op_timeout,
+                connect_timeout: b.connect_timeout,
                 invalidation_window: b.invalidation_window,
                 max_value_bytes: b.max_value_bytes,
                 bounded_reads: b.bounded_reads,
@@ -253,6 +255,29 @@ impl Cache {
             ..Policy::default()
         };
         self.fill::<Plain, T, _>(self.full_key(key.to_owned()), &[], &policy, compute)
+            .await
+    }
+
+    /// Connects now rather than at the first call: the Redis connection
+    /// (loading the cache's Lua scripts), and the subscriber connection that
+    /// wakes `lock = true` waiters when a value lands. Optional, since every call connects on demand; a service
+    /// calls it at start-up to find a wrong URL or password at once and to
+    /// keep connection set-up out of its first requests. Does nothing on
+    /// the in-memory backend.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached, refuses the credentials, or the
+    /// subscription is not confirmed within `connect_timeout`. The cache
+    /// stays usable either way: calls fall back, and it keeps reconnecting.
+    pub async fn connect(&self) -> Result<()> {
+        let AnyBackend::Redis(redis) = &self.inner.backend else {
+            return Ok(());
+        };
+        self.guarded(redis.prepare(&crate::lock::SCRIPTS)).await?;
+        let timeout = self.inner.connect_timeout;
+        self.inner
+            .notifier
+            .subscribed(redis.client().clone(), timeout)
             .await
     }
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::backend::redis::px;
 use crate::backend::{AnyBackend, Bytes, RedisBackend};
@@ -85,6 +85,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
+
+/// The sources of the scripts below, for loading them ahead of use.
+pub(crate) const SCRIPTS: [&str; 3] = [ACQUIRE, RELEASE, EXTEND];
 
 /// The scripts, hashed once per cache.
 pub(crate) struct Scripts {
@@ -240,6 +243,8 @@ pub(crate) struct Notifier {
     pub(crate) channel: String,
     waiters: Mutex<HashMap<String, Slot>>,
     subscribed: std::sync::atomic::AtomicBool,
+    /// Whether the subscription is confirmed and listening.
+    listening: watch::Sender<bool>,
 }
 
 /// The waiters of one key in this process.
@@ -295,6 +300,7 @@ impl Notifier {
             channel,
             waiters: Mutex::new(HashMap::new()),
             subscribed: std::sync::atomic::AtomicBool::new(false),
+            listening: watch::Sender::new(false),
         })
     }
 
@@ -345,6 +351,24 @@ impl Notifier {
         }
     }
 
+    /// Starts the subscriber if need be and waits until it listens.
+    pub(crate) async fn subscribed(
+        self: &Arc<Self>,
+        client: redis::Client,
+        timeout: Duration,
+    ) -> Result<()> {
+        let mut listening = self.listening.subscribe();
+        self.ensure_subscribed(client);
+        let confirmed = tokio::time::timeout(timeout, listening.wait_for(|&on| on))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if confirmed {
+            Ok(())
+        } else {
+            Err(crate::Error::Timeout(timeout))
+        }
+    }
+
     /// Starts the subscriber task once; it reconnects by itself and ends
     /// when the cache is dropped.
     fn ensure_subscribed(self: &Arc<Self>, client: redis::Client) {
@@ -370,6 +394,9 @@ async fn subscribe_loop(notifier: Weak<Notifier>, client: redis::Client, channel
         match listen(&notifier, &client, &channel).await {
             Ok(()) => return,
             Err(err) => {
+                if let Some(n) = notifier.upgrade() {
+                    n.listening.send_replace(false);
+                }
                 tracing::debug!(error = %err, "lock notifications interrupted; waiters poll meanwhile");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -390,6 +417,10 @@ async fn listen(notifier: &Weak<Notifier>, client: &redis::Client, channel: &str
         .map_err(|_| crate::Error::Timeout(Duration::from_secs(2)))?
         .map_err(|e| crate::Error::from_redis(&e))?;
     let mut messages = pubsub.into_on_message();
+    match notifier.upgrade() {
+        Some(n) => n.listening.send_replace(true),
+        None => return Ok(()),
+    };
     loop {
         // Wake up now and then to notice a dropped cache.
         match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {

@@ -129,6 +129,21 @@ impl RedisBackend {
         self.manager.store(None);
     }
 
+    /// Connects if need be and loads this backend's scripts and `more`
+    /// (one round trip), so that no later call pays for a `NOSCRIPT` retry.
+    pub(crate) async fn prepare(&self, more: &[&str]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for source in [SET_IF, TAG, INVALIDATE_TAG].iter().chain(more) {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(*source);
+        }
+        let mut conn = self.connection()?;
+        let _: Vec<String> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))?;
+        Ok(())
+    }
+
     /// Runs `script` (EVALSHA, loading it on NOSCRIPT).
     pub(crate) async fn invoke<T: redis::FromRedisValue>(
         &self,
