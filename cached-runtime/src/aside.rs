@@ -22,7 +22,11 @@ use crate::lock::{lock_key, Acquire, LockPolicy};
 use crate::private::Policy;
 use crate::shape::{Shape, Stored};
 use crate::stats::Counters;
-use crate::token::{lock_token, now_unix_ms};
+use crate::token::{lock_token, now_unix_ms, unit_interval};
+
+/// How long a lock holder lets its release (and so the other processes'
+/// wake-up) go ahead of waking its own process's followers.
+const RELEASE_FIRST: Duration = Duration::from_millis(2);
 
 /// What a lookup found.
 pub(crate) enum Lookup<T> {
@@ -332,7 +336,10 @@ impl Cache {
                         Counters::bump(&self.inner.counters.lock_wait_timeouts);
                         break false;
                     }
-                    let _ = tokio::time::timeout(retry.min(deadline - now), notified).await;
+                    // Jittered, so that waiters started together do not
+                    // all retry at once (possibly just as the value lands).
+                    let pause = retry.mul_f64(0.5 + unit_interval());
+                    let _ = tokio::time::timeout(pause.min(deadline - now), notified).await;
                     // The notification carries the stored entry: no read needed.
                     if let Some(bytes) = watch.landed() {
                         if let Lookup::Hit(hit) = self.decode::<S::Value>(bytes) {
@@ -357,11 +364,20 @@ impl Cache {
         let started = Instant::now();
         let result = self.with_watchdog(compute(), &lock_key, &token, lock).await;
         let encoded = self.encode_result::<S, R>(&result, policy, started.elapsed());
+        // The release carries the other processes' wake-up: let it go first,
+        // before this process's followers wake and take the cores, but not
+        // for long, since they could have the value already.
+        let release = self.release_and_store(key, &lock_key, &token, &seen, encoded.as_ref());
+        let mut release = std::pin::pin!(release);
+        let released = tokio::time::timeout(RELEASE_FIRST, release.as_mut())
+            .await
+            .is_ok();
         if let Some((entry, _)) = &encoded {
             leader.publish(entry.clone());
         }
-        self.release_and_store(key, &lock_key, &token, &seen, encoded.as_ref())
-            .await;
+        if !released {
+            release.await;
+        }
         result
     }
 

@@ -9,8 +9,9 @@
 //! holds its token (compare-and-delete), stores the value by compare-and-set
 //! and publishes the key on the cache's notification channel. A waiter is
 //! woken by that message (one subscriber connection per cache, for all
-//! keys); as pub/sub can lose messages, it also retries on a short timer,
-//! and after `lock_wait` it computes by itself. A crashed holder's lock
+//! keys); as pub/sub can lose messages, it also retries on a short timer
+//! (jittered, so waiters do not retry in step), and after `lock_wait` it
+//! computes by itself. A crashed holder's lock
 //! expires after `lock_ttl` and the next retry takes it.
 //!
 //! The lock key shares the value's hash slot: `{key}:lock` when the key has
