@@ -2,9 +2,12 @@
 //! cold key whose body takes 200 ms and counts its runs in Redis. Prints,
 //! from one run: how many times the body ran and the worst caller's latency
 //! with `lock = true`, and the same without the lock (plain cache-aside,
-//! coalesced within each process only).
+//! coalesced within each process only). A last pair of lines repeats both
+//! with one caller per process, which leaves out the cost of waking 600
+//! callers on this machine and so shows what the lock protocol itself adds.
 //!
-//! `cargo bench --bench stampede` (needs `redis-server` on the PATH).
+//! `cargo bench --bench stampede` (needs `redis-server` on the PATH);
+//! `REDIS_CACHED_STAMPEDE_ROUNDS` sets the rounds per line (default 5).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -12,68 +15,117 @@ mod support;
 use std::time::Duration;
 
 use support::stampede::{collect, Stampede, WorkerConfig, WorkerReport};
+use support::RedisServer;
 
 const PROCESSES: usize = 3;
 const TASKS: usize = 200;
 const BODY: Duration = Duration::from_millis(200);
-const ROUNDS: usize = 5;
+const DEFAULT_ROUNDS: usize = 5;
+
+/// What the rounds of one line saw.
+#[derive(Default)]
+struct Line {
+    /// The worst caller of each round.
+    worst: Vec<Duration>,
+    /// How long the body took, each time it ran.
+    body: Vec<Duration>,
+    /// How many times the body ran, per round.
+    runs: Vec<u64>,
+    failed: usize,
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+fn measure(server: &RedisServer, lock: bool, tasks: usize, rounds: usize) -> Line {
+    let exe = std::env::current_exe().expect("the benchmark's path");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let url = server.url();
+    let mut line = Line::default();
+    for round in 0..rounds {
+        let run = format!("{}-{tasks}-{round}", if lock { "locked" } else { "plain" });
+        let stampede = Stampede {
+            url: &url,
+            run: &run,
+            lock,
+            processes: PROCESSES,
+            tasks,
+            body: BODY,
+        };
+        let children = stampede.spawn(&exe, &[]);
+        let reports: Vec<WorkerReport> = children.into_iter().filter_map(collect).collect();
+        line.failed += reports.iter().map(|r| r.failed + r.wrong).sum::<usize>()
+            + (PROCESSES - reports.len()) * tasks;
+        line.worst
+            .push(reports.iter().map(|r| r.max).max().unwrap_or_default());
+        line.body.extend(
+            reports
+                .iter()
+                .map(|r| r.body)
+                .filter(|body| !body.is_zero()),
+        );
+        let count: Option<u64> =
+            runtime.block_on(server.cmd(redis::cmd("GET").arg(format!("body-runs:{run}"))));
+        line.runs.push(count.unwrap_or(0));
+    }
+    line
+}
+
+fn print(label: &str, line: &Line) -> Duration {
+    let worst = median(line.worst.clone());
+    let max = line.worst.iter().max().copied().unwrap_or_default();
+    let body = median(line.body.clone());
+    println!(
+        "{label:<24} body runs per round {:?}; failed callers {}; worst caller per round: median {worst:.1?} (body + {:.1?}), max {max:.1?}; the body itself took {body:.1?} (median)",
+        line.runs,
+        line.failed,
+        worst.saturating_sub(BODY),
+    );
+    worst
+}
 
 fn main() {
     if let Some(config) = WorkerConfig::from_env() {
         config.run();
         return;
     }
-    let server = support::RedisServer::start();
-    let exe = std::env::current_exe().expect("the benchmark's path");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    println!("{PROCESSES} processes x {TASKS} concurrent callers, one cold key, body {BODY:?}, {ROUNDS} rounds");
-    for lock in [true, false] {
-        let mut worst = Vec::new();
-        let mut runs = Vec::new();
-        let mut failed = 0;
-        for round in 0..ROUNDS {
-            let run = format!("{}-{round}", if lock { "locked" } else { "plain" });
-            let url = server.url();
-            let stampede = Stampede {
-                url: &url,
-                run: &run,
-                lock,
-                processes: PROCESSES,
-                tasks: TASKS,
-                body: BODY,
-            };
-            let children = stampede.spawn(&exe, &[]);
-            let reports: Vec<WorkerReport> = children.into_iter().filter_map(collect).collect();
-            failed += reports.iter().map(|r| r.failed + r.wrong).sum::<usize>()
-                + (PROCESSES - reports.len()) * TASKS;
-            worst.push(reports.iter().map(|r| r.max).max().unwrap_or_default());
-            let count: Option<u64> =
-                runtime.block_on(server.cmd(redis::cmd("GET").arg(format!("body-runs:{run}"))));
-            runs.push(count.unwrap_or(0));
+    let rounds: usize = std::env::var("REDIS_CACHED_STAMPEDE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_ROUNDS);
+    let server = RedisServer::start();
+    println!("{PROCESSES} processes x {TASKS} concurrent callers, one cold key, body {BODY:?}, {rounds} rounds");
+    let locked = measure(&server, true, TASKS, rounds);
+    let worst = print("lock=true", &locked);
+    let ok = locked.runs.iter().all(|&r| r == 1) && locked.failed == 0;
+    let met = |bound: Duration| {
+        if worst <= bound + Duration::from_millis(5) {
+            "met"
+        } else {
+            "NOT MET"
         }
-        worst.sort();
-        let median = worst[worst.len() / 2];
-        let over = median.saturating_sub(BODY);
-        println!(
-            "{:<10} body runs per round {:?}; failed callers {failed}; worst caller per round: median {median:.1?} (body + {over:.1?}), max {:.1?}",
-            if lock { "lock=true" } else { "no lock" },
-            runs,
-            worst.last().copied().unwrap_or_default(),
-        );
-        if lock {
-            let ok = runs.iter().all(|&r| r == 1) && failed == 0;
-            println!(
-                "           target: body once, no failures, worst caller <= body + 5 ms: {} / {}",
-                if ok { "met" } else { "NOT MET" },
-                if over <= Duration::from_millis(5) {
-                    "met"
-                } else {
-                    "NOT MET"
-                }
-            );
-        }
-    }
+    };
+    // The body is a Redis INCR and a 200 ms timer, which together take a
+    // little longer than 200 ms: the target is judged against both.
+    println!(
+        "{:<24} target: body once, no failures: {}; worst caller <= body + 5 ms: {} against the body as measured, {} against the nominal {BODY:?}",
+        "",
+        if ok { "met" } else { "NOT MET" },
+        met(median(locked.body.clone())),
+        met(BODY),
+    );
+    print("no lock", &measure(&server, false, TASKS, rounds));
+    print(
+        "lock=true, 1 caller/proc",
+        &measure(&server, true, 1, rounds),
+    );
+    print(
+        "no lock, 1 caller/proc",
+        &measure(&server, false, 1, rounds),
+    );
 }

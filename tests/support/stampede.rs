@@ -3,6 +3,7 @@
 //! Redis. Used by the stampede tests and by `cargo bench --bench stampede`.
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,8 @@ pub struct WorkerReport {
     pub wrong: usize,
     pub max: Duration,
     pub p50: Duration,
+    /// How long the body took in this process (zero if it did not run here).
+    pub body: Duration,
 }
 
 /// The settings a worker reads from its environment.
@@ -42,10 +45,13 @@ struct Db {
     /// Connected before the start, so the body is the INCR and the sleep.
     counter: redis::aio::MultiplexedConnection,
     body: Duration,
+    /// How long the last run of the body took, in microseconds.
+    body_took_us: AtomicU64,
 }
 
 impl Db {
     async fn query(&self, run: &str) -> Result<u64, String> {
+        let started = Instant::now();
         let mut conn = self.counter.clone();
         let _: u64 = redis::cmd("INCR")
             .arg(format!("body-runs:{run}"))
@@ -53,6 +59,8 @@ impl Db {
             .await
             .map_err(|e| e.to_string())?;
         tokio::time::sleep(self.body).await;
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.body_took_us.store(took, Ordering::Relaxed);
         Ok(run.len() as u64 * 1000 + 7)
     }
 
@@ -88,14 +96,19 @@ impl WorkerConfig {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let report = runtime.block_on(self.calls());
+        // Callers are spawned from a worker thread, as a server's accept
+        // loop spawns its requests, not from outside the runtime.
+        let report = runtime
+            .block_on(async { tokio::spawn(self.calls()).await })
+            .expect("the worker's calls");
         println!(
-            "WORKER calls={} failed={} wrong={} max_us={} p50_us={}",
+            "WORKER calls={} failed={} wrong={} max_us={} p50_us={} body_us={}",
             report.calls,
             report.failed,
             report.wrong,
             report.max.as_micros(),
-            report.p50.as_micros()
+            report.p50.as_micros(),
+            report.body.as_micros()
         );
     }
 
@@ -111,9 +124,10 @@ impl WorkerConfig {
                 .await
                 .expect("connect the counter"),
             body: self.body,
+            body_took_us: AtomicU64::new(0),
         });
-        // Connect (and subscribe) before the start, so set-up is not timed.
-        let _ = db.cache.get::<u64>("warm-up").await;
+        // Connect and subscribe before the start, so set-up is not timed.
+        db.cache.connect().await.expect("connect before the start");
         let expected = self.run.len() as u64 * 1000 + 7;
         let wait = self.start_at_ms.saturating_sub(now_ms());
         tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -147,6 +161,12 @@ impl WorkerConfig {
                 _ => report.failed += 1,
             }
         }
+        // Stay up until every process should be done: one exiting while
+        // others still wait would take the cores they need to wake up.
+        let linger_until = self.start_at_ms + 3 * self.body.as_millis() as u64 + 300;
+        let linger = linger_until.saturating_sub(now_ms());
+        tokio::time::sleep(Duration::from_millis(linger)).await;
+        report.body = Duration::from_micros(db.body_took_us.load(Ordering::Relaxed));
         latencies.sort();
         report.max = latencies.last().copied().unwrap_or_default();
         report.p50 = latencies
@@ -216,5 +236,6 @@ pub fn collect(child: std::process::Child) -> Option<WorkerReport> {
         wrong: field("wrong")? as usize,
         max: Duration::from_micros(field("max_us")? as u64),
         p50: Duration::from_micros(field("p50_us")? as u64),
+        body: Duration::from_micros(field("body_us")? as u64),
     })
 }
