@@ -160,8 +160,7 @@ impl Cache {
             }
             Lookup::Miss(seen) => seen,
         };
-        self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)
-            .await
+        Box::pin(self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)).await
     }
 
     /// The miss path: lead or follow this process's computation of `key`,
@@ -180,8 +179,7 @@ impl Cache {
     {
         match self.join::<S, R>(&key).await {
             Joined::Leader(leader) => {
-                self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)
-                    .await
+                Box::pin(self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)).await
             }
             Joined::Done(result) => result,
             Joined::Undecodable => {
@@ -214,6 +212,10 @@ impl Cache {
 
     /// The leader's part: tag the key, then compute (under the lock with
     /// `lock = true`) and store.
+    ///
+    /// Callers box this future: it holds the lock machinery, several times
+    /// the size of the rest, and only a miss's one leader needs it, while
+    /// every call (a hit, a follower) would otherwise carry its space.
     async fn lead<S, R, Fut>(
         &self,
         key: &str,
