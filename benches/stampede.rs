@@ -2,9 +2,11 @@
 //! cold key whose body takes 200 ms and counts its runs in Redis. Prints,
 //! from one run: how many times the body ran and the worst caller's latency
 //! with `lock = true`, and the same without the lock (plain cache-aside,
-//! coalesced within each process only). A last pair of lines repeats both
-//! with one caller per process, which leaves out the cost of waking 600
-//! callers on this machine and so shows what the lock protocol itself adds.
+//! coalesced within each process only). A pair of lines repeats both with
+//! one caller per process, which leaves out the cost of waking 600 callers
+//! on this machine and so shows what the lock protocol itself adds; a last
+//! line times one pub/sub message from `PUBLISH` to its subscriber on an
+//! idle machine, the floor of any cross-process wake-up here.
 //!
 //! `cargo bench --bench stampede` (needs `redis-server` on the PATH);
 //! `REDIS_CACHED_STAMPEDE_ROUNDS` sets the rounds per line (default 5).
@@ -12,7 +14,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
 
 use support::stampede::{collect, Stampede, WorkerConfig, WorkerReport};
 use support::RedisServer;
@@ -127,5 +131,64 @@ fn main() {
     print(
         "no lock, 1 caller/proc",
         &measure(&server, false, 1, rounds),
+    );
+    notification_floor(&server);
+}
+
+/// Times 200 messages, 10 ms apart, from the publisher's `PUBLISH` to the
+/// subscriber task receiving it, in one process with two worker threads.
+fn notification_floor(server: &RedisServer) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut delays = runtime.block_on(async {
+        let client = server.client();
+        let mut pubsub = client.get_async_pubsub().await.expect("subscribe");
+        pubsub.subscribe("floor").await.expect("subscribe");
+        let mut messages = pubsub.into_on_message();
+        let epoch = Instant::now();
+        let publisher = tokio::spawn(async move {
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let sent = epoch.elapsed().as_nanos().to_string();
+                let _: u64 = redis::cmd("PUBLISH")
+                    .arg("floor")
+                    .arg(sent)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("publish");
+            }
+        });
+        let mut delays = Vec::new();
+        while delays.len() < 200 {
+            let Some(message) = messages.next().await else {
+                break;
+            };
+            let sent: u128 = message
+                .get_payload::<String>()
+                .map_or(0, |s| s.parse().unwrap_or(0));
+            let delay = epoch.elapsed().as_nanos().saturating_sub(sent);
+            delays.push(Duration::from_nanos(
+                u64::try_from(delay).unwrap_or(u64::MAX),
+            ));
+        }
+        publisher.await.expect("publisher");
+        delays
+    });
+    delays.sort();
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q) as usize];
+    println!(
+        "{:<24} PUBLISH to subscriber, idle, {} messages: p50 {:.2?}, p90 {:.2?}, max {:.2?}",
+        "notification floor",
+        delays.len(),
+        at(0.5),
+        at(0.9),
+        at(1.0),
     );
 }
