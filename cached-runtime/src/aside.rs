@@ -100,67 +100,84 @@ enum Followed<R> {
 
 impl Cache {
     /// The cache-aside algorithm; `key` is the full key.
-    pub(crate) async fn fill<S, R, Fut>(
-        &self,
+    ///
+    /// This and [`Cache::fill_hot`] return `async move` blocks rather than
+    /// being `async fn`s: an `async fn` keeps a second copy of its
+    /// arguments (the caller's whole unstarted body among them) in its
+    /// state, and every call carries that state.
+    #[allow(clippy::manual_async_fn)] // deliberate: see `Cache::fill`
+    pub(crate) fn fill<'a, S, R, Fut, C>(
+        &'a self,
         key: String,
-        tags: &[String],
-        policy: &Policy,
-        compute: impl FnOnce() -> Fut,
-    ) -> R
+        tags: &'a [String],
+        policy: &'a Policy,
+        compute: C,
+    ) -> impl Future<Output = R> + 'a
     where
-        S: Shape<R>,
-        Fut: Future<Output = R>,
+        S: Shape<R> + 'a,
+        R: 'a,
+        C: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = R> + 'a,
     {
-        if policy.lock.is_some() && self.inner.backend.is_redis() {
-            return self.fill_hot::<S, R, _>(key, tags, policy, compute).await;
+        async move {
+            if policy.lock.is_some() && self.inner.backend.is_redis() {
+                return self
+                    .fill_hot::<S, R, Fut, C>(key, tags, policy, compute)
+                    .await;
+            }
+            let seen = match self.lookup::<S::Value>(&key).await {
+                Lookup::Hit(hit) => match rebuild::<S, R>(hit) {
+                    Ok(result) => return result,
+                    Err(seen) => seen,
+                },
+                Lookup::Miss(seen) => seen,
+            };
+            self.fill_missed::<S, R, _>(key, tags, seen, policy, compute)
+                .await
         }
-        let seen = match self.lookup::<S::Value>(&key).await {
-            Lookup::Hit(hit) => match rebuild::<S, R>(hit) {
-                Ok(result) => return result,
-                Err(seen) => seen,
-            },
-            Lookup::Miss(seen) => seen,
-        };
-        self.fill_missed::<S, R, _>(key, tags, seen, policy, compute)
-            .await
     }
 
     /// `lock = true` marks a hot or costly key: its callers in this process
     /// also share one read, so that a crowd arriving at a cold key sends
     /// one `GET` (and one lock attempt) per process rather than one each.
-    async fn fill_hot<S, R, Fut>(
-        &self,
+    #[allow(clippy::manual_async_fn)] // deliberate: see `Cache::fill`
+    fn fill_hot<'a, S, R, Fut, C>(
+        &'a self,
         key: String,
-        tags: &[String],
-        policy: &Policy,
-        compute: impl FnOnce() -> Fut,
-    ) -> R
+        tags: &'a [String],
+        policy: &'a Policy,
+        compute: C,
+    ) -> impl Future<Output = R> + 'a
     where
-        S: Shape<R>,
-        Fut: Future<Output = R>,
+        S: Shape<R> + 'a,
+        R: 'a,
+        C: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = R> + 'a,
     {
-        let leader = match self.join::<S, R>(&key).await {
-            Joined::Leader(leader) => leader,
-            Joined::Done(result) => return result,
-            Joined::Undecodable => {
-                Counters::bump(&self.inner.counters.computes);
-                return compute().await;
-            }
-        };
-        let seen = match self.lookup::<S::Value>(&key).await {
-            Lookup::Hit(hit) => {
-                let raw = Arc::from(&*hit.raw);
-                match rebuild::<S, R>(hit) {
-                    Ok(result) => {
-                        leader.publish(raw);
-                        return result;
-                    }
-                    Err(seen) => seen,
+        async move {
+            let leader = match self.join::<S, R>(&key).await {
+                Joined::Leader(leader) => leader,
+                Joined::Done(result) => return result,
+                Joined::Undecodable => {
+                    Counters::bump(&self.inner.counters.computes);
+                    return compute().await;
                 }
-            }
-            Lookup::Miss(seen) => seen,
-        };
-        Box::pin(self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)).await
+            };
+            let seen = match self.lookup::<S::Value>(&key).await {
+                Lookup::Hit(hit) => {
+                    let raw = Arc::from(&*hit.raw);
+                    match rebuild::<S, R>(hit) {
+                        Ok(result) => {
+                            leader.publish(raw);
+                            return result;
+                        }
+                        Err(seen) => seen,
+                    }
+                }
+                Lookup::Miss(seen) => seen,
+            };
+            Box::pin(self.lead::<S, R, _>(&key, &leader, tags, seen, policy, compute)).await
+        }
     }
 
     /// The miss path: lead or follow this process's computation of `key`,

@@ -254,7 +254,7 @@ impl Cache {
             ttl: Some(ttl),
             ..Policy::default()
         };
-        self.fill::<Plain, T, _>(self.full_key(key.to_owned()), &[], &policy, compute)
+        self.fill::<Plain, T, _, _>(self.full_key(key.to_owned()), &[], &policy, compute)
             .await
     }
 

@@ -68,24 +68,30 @@ pub fn global_cache() -> CacheHold<'static> {
     CacheHold::Global(global::global_shared())
 }
 
-/// The body of a `#[redis_cached]` function.
-pub async fn cached<S, R, Fut>(
-    cache: Option<&Cache>,
+/// The body of a `#[redis_cached]` function. (An `async` block rather
+/// than an `async fn`, which would keep its arguments twice in its state;
+/// see `Cache::fill`.)
+#[allow(clippy::manual_async_fn)] // deliberate: see `Cache::fill`
+pub fn cached<'a, S, R, Fut>(
+    cache: Option<&'a Cache>,
     key: String,
-    tags: &[String],
+    tags: &'a [String],
     policy: Policy,
     body: Fut,
-) -> R
+) -> impl Future<Output = R> + 'a
 where
-    S: Shape<R>,
-    Fut: Future<Output = R>,
+    S: Shape<R> + 'a,
+    R: 'a,
+    Fut: Future<Output = R> + 'a,
 {
-    let Some(cache) = cache else {
-        global::warn_unset();
-        return body.await;
-    };
-    let key = cache.full_key(key);
-    cache.fill::<S, R, _>(key, tags, &policy, || body).await
+    async move {
+        let Some(cache) = cache else {
+            global::warn_unset();
+            return body.await;
+        };
+        let key = cache.full_key(key);
+        cache.fill::<S, R, _, _>(key, tags, &policy, || body).await
+    }
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
