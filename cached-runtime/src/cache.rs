@@ -260,10 +260,10 @@ impl Cache {
 
     /// Connects now rather than at the first call: the Redis connection
     /// (loading the cache's Lua scripts), and the subscriber connection that
-    /// wakes `lock = true` waiters when a value lands. Optional, since every call connects on demand; a service
-    /// calls it at start-up to find a wrong URL or password at once and to
-    /// keep connection set-up out of its first requests. Does nothing on
-    /// the in-memory backend.
+    /// wakes `lock = true` waiters when a value lands. Optional, since every
+    /// call connects on demand; a service calls it at start-up to find a
+    /// wrong URL or password at once and to keep connection set-up out of
+    /// its first requests. Does nothing on the in-memory backend.
     ///
     /// # Errors
     /// When Redis cannot be reached, refuses the credentials, or the

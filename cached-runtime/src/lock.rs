@@ -11,8 +11,8 @@
 //! woken by that message (one subscriber connection per cache, for all
 //! keys); as pub/sub can lose messages, it also retries on a short timer
 //! (jittered, so waiters do not retry in step), and after `lock_wait` it
-//! computes by itself. A crashed holder's lock
-//! expires after `lock_ttl` and the next retry takes it.
+//! computes by itself. A crashed holder's lock expires after `lock_ttl` and
+//! the next retry takes it.
 //!
 //! The lock key shares the value's hash slot: `{key}:lock` when the key has
 //! no hash tag of its own, `key:lock` when it has one.
@@ -418,10 +418,13 @@ async fn listen(notifier: &Weak<Notifier>, client: &redis::Client, channel: &str
         .map_err(|_| crate::Error::Timeout(Duration::from_secs(2)))?
         .map_err(|e| crate::Error::from_redis(&e))?;
     let mut messages = pubsub.into_on_message();
-    match notifier.upgrade() {
-        Some(n) => n.listening.send_replace(true),
-        None => return Ok(()),
-    };
+    // Upgraded only for the moment: a strong reference held here would
+    // keep the cache alive.
+    if let Some(n) = notifier.upgrade() {
+        n.listening.send_replace(true);
+    } else {
+        return Ok(());
+    }
     loop {
         // Wake up now and then to notice a dropped cache.
         match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
