@@ -105,7 +105,7 @@ impl Cache {
     /// being `async fn`s: an `async fn` keeps a second copy of its
     /// arguments (the caller's whole unstarted body among them) in its
     /// state, and every call carries that state.
-    #[allow(clippy::manual_async_fn)] // deliberate: see `Cache::fill`
+    #[allow(clippy::manual_async_fn)] // deliberate: see above
     pub(crate) fn fill<'a, S, R, Fut, C>(
         &'a self,
         key: String,

@@ -87,7 +87,8 @@ end
 return 0
 ";
 
-/// The sources of the scripts below, for loading them ahead of use.
+/// The sources of the scripts above, in [`Scripts`]' order; also loaded
+/// ahead of use by `Cache::connect`.
 pub(crate) const SCRIPTS: [&str; 3] = [ACQUIRE, RELEASE, EXTEND];
 
 /// The scripts, hashed once per cache.
@@ -99,10 +100,11 @@ pub(crate) struct Scripts {
 
 impl Default for Scripts {
     fn default() -> Self {
+        let [acquire, release, extend] = SCRIPTS.map(redis::Script::new);
         Scripts {
-            acquire: redis::Script::new(ACQUIRE),
-            release: redis::Script::new(RELEASE),
-            extend: redis::Script::new(EXTEND),
+            acquire,
+            release,
+            extend,
         }
     }
 }

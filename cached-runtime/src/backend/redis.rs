@@ -52,6 +52,10 @@ redis.call('DEL', KEYS[1])
 return #members
 ";
 
+/// The sources of the scripts above, in the order of [`RedisBackend`]'s
+/// fields; also loaded ahead of use by [`RedisBackend::prepare`].
+const SCRIPTS: [&str; 3] = [SET_IF, TAG, INVALIDATE_TAG];
+
 pub(crate) struct RedisBackend {
     client: redis::Client,
     set_if: redis::Script,
@@ -92,11 +96,12 @@ impl RedisBackend {
             .set_number_of_retries(0)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(500));
+        let [set_if, tag, invalidate_tag] = SCRIPTS.map(redis::Script::new);
         Ok(RedisBackend {
             client,
-            set_if: redis::Script::new(SET_IF),
-            tag: redis::Script::new(TAG),
-            invalidate_tag: redis::Script::new(INVALIDATE_TAG),
+            set_if,
+            tag,
+            invalidate_tag,
             config,
             manager: ArcSwapOption::empty(),
         })
@@ -133,7 +138,7 @@ impl RedisBackend {
     /// (one round trip), so that no later call pays for a `NOSCRIPT` retry.
     pub(crate) async fn prepare(&self, more: &[&str]) -> Result<()> {
         let mut pipe = redis::pipe();
-        for source in [SET_IF, TAG, INVALIDATE_TAG].iter().chain(more) {
+        for source in SCRIPTS.iter().chain(more) {
             pipe.cmd("SCRIPT").arg("LOAD").arg(*source);
         }
         let mut conn = self.connection()?;
