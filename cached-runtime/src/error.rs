@@ -23,6 +23,12 @@ pub enum Error {
     /// but not held against the circuit breaker, since reads still work.
     #[error("Redis refused the command: {0}")]
     Refused(String),
+    /// Redis rejected this command for this key or this user (`WRONGTYPE`:
+    /// another program's data of another type at the key; `NOPERM`: an ACL
+    /// forbids it): a miss for this key alone, counted, and not held
+    /// against the circuit breaker, since other keys still work.
+    #[error("Redis rejected the command: {0}")]
+    Rejected(String),
     /// A Redis operation took longer than the cache's `op_timeout`.
     #[error("Redis operation timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -44,8 +50,18 @@ impl Error {
     /// include the whole connection info in their detail; only the kind,
     /// category and code are kept.
     pub(crate) fn from_redis(err: &redis::RedisError) -> Self {
-        if let Some(code @ ("OOM" | "READONLY" | "MISCONF")) = err.code() {
-            return Error::Refused(code.to_owned());
+        match err.code() {
+            Some(code @ ("OOM" | "READONLY" | "MISCONF")) => {
+                return Error::Refused(code.to_owned())
+            }
+            // The server's own state, or the connection's credentials:
+            // every key is affected, so these feed the breaker.
+            Some(
+                "LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" | "NOAUTH"
+                | "WRONGPASS" | "NOREPLICAS" | "NOTBUSY",
+            )
+            | None => {}
+            Some(code) => return Error::Rejected(code.to_owned()),
         }
         let mut text = format!("{:?}", err.kind());
         if let Some(code) = err.code() {

@@ -1,20 +1,36 @@
 //! In-process coalescing: concurrent misses for one key share one computation.
 //!
 //! The first caller for a key becomes the *leader* and computes; the others
-//! become *followers* and wait for the leader's encoded value. A leader that
-//! fails (an `Err`), panics or is cancelled publishes nothing: its followers
-//! then try again, one of them becoming the next leader, so an error is never
-//! handed to a caller that did not produce it.
+//! become *followers* and wait for what the leader shares:
+//! - its encoded value: the followers decode it;
+//! - a failure (its result was an `Err`, or it panicked): each follower
+//!   computes by itself at once, so that followers of a failing database do
+//!   not queue behind one another (an error is never handed to a caller
+//!   that did not produce it);
+//! - nothing (it was cancelled): the followers join again, one of them
+//!   becoming the next leader.
+//!
+//! An invalidation detaches the key's flight: callers that start after it
+//! begin a new computation instead of joining one that read the key before.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
 /// The encoded entry a leader shares with its followers.
 pub(crate) type Shared = Arc<[u8]>;
+
+/// What a leader has shared so far.
+#[derive(Debug, Clone)]
+pub(crate) enum State {
+    Pending,
+    Value(Shared),
+    Failed,
+}
+
 /// A follower's end of a flight.
-pub(crate) type Receiver = watch::Receiver<Option<Shared>>;
+pub(crate) type Receiver = watch::Receiver<State>;
 
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
@@ -26,25 +42,38 @@ pub(crate) enum Role<'a> {
     Follower(Receiver),
 }
 
-/// The right and duty to compute one key; dropping it without
-/// [`Leader::publish`] lets the followers retry.
+/// The right and duty to compute one key. Dropped without sharing, it lets
+/// the followers join again; dropped while its thread panics, it tells them
+/// the computation failed.
 pub(crate) struct Leader<'a> {
     flights: &'a Flights,
     key: String,
-    sender: watch::Sender<Option<Shared>>,
+    sender: watch::Sender<State>,
+}
+
+/// What a follower got from its leader.
+#[derive(Debug)]
+pub(crate) enum Followed {
+    Value(Shared),
+    Failed,
+    /// The leader ended without sharing anything: join again.
+    Nothing,
 }
 
 impl Flights {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Receiver>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Joins the flight for `key`, or starts one.
     pub(crate) fn join(&self, key: &str) -> Role<'_> {
-        let mut map = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.map();
         if let Some(receiver) = map.get(key) {
             return Role::Follower(receiver.clone());
         }
-        let (sender, receiver) = watch::channel(None);
+        let (sender, receiver) = watch::channel(State::Pending);
         map.insert(key.to_owned(), receiver);
         Role::Leader(Leader {
             flights: self,
@@ -53,21 +82,35 @@ impl Flights {
         })
     }
 
+    /// Makes callers that start from now on begin a new flight for `key`
+    /// rather than join the current one (after an invalidation of `key`).
+    pub(crate) fn detach(&self, key: &str) {
+        self.map().remove(key);
+    }
+
+    /// [`Flights::detach`] for every key (after a tag's invalidation).
+    pub(crate) fn detach_all(&self) {
+        self.map().clear();
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.map().len()
     }
 }
 
-/// Waits for the leader: `Some(entry)` when it published one, `None` when it
-/// ended without (the caller should try again).
-pub(crate) async fn follow(mut receiver: Receiver) -> Option<Shared> {
-    match receiver.wait_for(Option::is_some).await {
-        Ok(entry) => entry.clone(),
-        Err(_) => None,
+/// Waits for the leader.
+pub(crate) async fn follow(mut receiver: Receiver) -> Followed {
+    match receiver
+        .wait_for(|state| !matches!(state, State::Pending))
+        .await
+    {
+        Ok(state) => match &*state {
+            State::Value(entry) => Followed::Value(entry.clone()),
+            State::Failed => Followed::Failed,
+            State::Pending => Followed::Nothing,
+        },
+        Err(_) => Followed::Nothing,
     }
 }
 
@@ -76,20 +119,36 @@ impl Leader<'_> {
     /// this leader is dropped.
     pub(crate) fn publish(&self, entry: Shared) {
         // A send error only means no follower is left.
-        let _ = self.sender.send(Some(entry));
+        let _ = self.sender.send(State::Value(entry));
+    }
+
+    /// Tells the followers the computation failed: each computes by itself.
+    /// Later callers start a new flight.
+    pub(crate) fn fail(&self) {
+        self.leave();
+        let _ = self.sender.send(State::Failed);
+    }
+
+    /// Removes this flight from the map, if it is still there.
+    fn leave(&self) {
+        let mut map = self.flights.map();
+        if map
+            .get(&self.key)
+            .is_some_and(|receiver| receiver.same_channel(&self.sender.subscribe()))
+        {
+            map.remove(&self.key);
+        }
     }
 }
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        // Remove the flight before the sender drops, so a retrying follower
+        // Leave before the sender drops, so a follower that joins again
         // starts a new flight instead of finding this finished one.
-        let mut map = self
-            .flights
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.remove(&self.key);
+        self.leave();
+        if std::thread::panicking() {
+            let _ = self.sender.send(State::Failed);
+        }
     }
 }
 
@@ -109,7 +168,7 @@ mod tests {
         let waiter = tokio::spawn(follow(rx));
         leader.publish(Arc::from(&b"v"[..]));
         drop(leader);
-        assert_eq!(waiter.await.unwrap().as_deref(), Some(&b"v"[..]));
+        assert!(matches!(waiter.await.unwrap(), Followed::Value(v) if &*v == b"v"));
         assert_eq!(flights.len(), 0);
     }
 
@@ -121,7 +180,41 @@ mod tests {
             panic!("second caller must follow")
         };
         drop(leader);
-        assert_eq!(follow(rx).await, None);
+        assert!(matches!(follow(rx).await, Followed::Nothing));
         assert!(matches!(flights.join("k"), Role::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_shared_and_detaches() {
+        let flights = Flights::default();
+        let Role::Leader(leader) = flights.join("k") else {
+            panic!("first caller must lead")
+        };
+        let Role::Follower(rx) = flights.join("k") else {
+            panic!("second caller must follow")
+        };
+        leader.fail();
+        assert!(matches!(follow(rx).await, Followed::Failed));
+        assert!(matches!(flights.join("k"), Role::Leader(_)), "a new flight");
+    }
+
+    #[tokio::test]
+    async fn a_detached_flight_is_not_joined_and_its_end_keeps_the_new_one() {
+        let flights = Flights::default();
+        let Role::Leader(old) = flights.join("k") else {
+            panic!("first caller must lead")
+        };
+        flights.detach("k");
+        let Role::Leader(new) = flights.join("k") else {
+            panic!("after a detach, a new flight starts")
+        };
+        drop(old);
+        assert!(
+            matches!(flights.join("k"), Role::Follower(_)),
+            "{}",
+            flights.len()
+        );
+        drop(new);
+        assert_eq!(flights.len(), 0);
     }
 }

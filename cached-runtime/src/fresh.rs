@@ -17,41 +17,22 @@
 //! it. It stores by compare-and-set against the entry it refreshes, so an
 //! invalidation during the refresh wins.
 
-use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::aside::{Lookup, Seen};
-use crate::backend::Bytes;
-use crate::cache::Cache;
+use crate::aside::{marked, rebuild};
+use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
-use crate::lock::{lock_key, Acquire};
-use crate::private::Policy;
+use crate::core::{Inner, Lookup};
+use crate::lock::LockWait;
+use crate::policy::Policy;
 use crate::shape::{Shape, Stored};
 use crate::stats::Counters;
-use crate::token::{lock_token, now_unix_ms, unit_interval};
+use crate::token::{now_unix_ms, unit_interval};
 
-/// The keys this process is refreshing.
-#[derive(Debug, Default)]
-pub(crate) struct Refreshing {
-    keys: Mutex<HashSet<String>>,
-}
-
-impl Refreshing {
-    /// Claims `key`; `false` if it is being refreshed already.
-    fn claim(&self, key: &str) -> bool {
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        !keys.contains(key) && keys.insert(key.to_owned())
-    }
-
-    fn release(&self, key: &str) {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(key);
-    }
-}
+/// The shortest time bound of a background refresh.
+const MIN_REFRESH_BOUND: Duration = Duration::from_secs(1);
 
 /// Why a hit starts a refresh.
 #[derive(Debug, PartialEq)]
@@ -77,10 +58,20 @@ fn refresh_due(
     (now_ms as f64 + head_start >= timing.soft_expiry_ms as f64).then_some(Due::Early)
 }
 
-impl Cache {
+/// How long a background refresh may run before it is abandoned (and its
+/// key may be refreshed again): the stale window, or with `early` the TTL.
+/// A refresh slower than that serves nobody: the old value has expired.
+fn refresh_bound(policy: &Policy, default_ttl: Duration) -> Duration {
+    policy
+        .stale
+        .unwrap_or(policy.ttl.unwrap_or(default_ttl))
+        .max(MIN_REFRESH_BOUND)
+}
+
+impl Inner {
     /// Cache-aside with background refresh, for `stale` and `early`.
     pub(crate) async fn fill_refreshing<S, R, Fut>(
-        &self,
+        self: &Arc<Self>,
         key: String,
         tags: &[String],
         policy: Policy,
@@ -88,104 +79,150 @@ impl Cache {
     ) -> R
     where
         S: Shape<R> + 'static,
-        R: Send + 'static,
+        R: 'static,
         Fut: Future<Output = R> + Send + 'static,
     {
         let seen = match self.lookup::<S::Value>(&key).await {
-            Lookup::Hit(hit) => match hit.value.map(S::from_value).or_else(S::absent) {
-                Some(result) => {
-                    match refresh_due(hit.timing, &policy, now_unix_ms(), unit_interval) {
-                        Some(due) => {
-                            let counters = &self.inner.counters;
-                            if due == Due::Stale {
-                                Counters::bump(&counters.stale_serves);
-                            }
-                            if self.spawn_refresh::<S, R, Fut>(key, policy, hit.raw, body)
-                                && due == Due::Early
-                            {
-                                Counters::bump(&counters.early_refreshes);
-                            }
-                        }
-                        None => drop(body),
+            Lookup::Hit(hit) => {
+                let (timing, raw) = (hit.timing, hit.raw.clone());
+                match rebuild::<S, R>(hit) {
+                    Ok(result) => {
+                        self.maybe_refresh::<S, R, Fut>(key, tags, policy, timing, raw, body);
+                        return result;
                     }
-                    return result;
+                    Err(seen) => seen,
                 }
-                None => Seen::Bytes(hit.raw),
-            },
+            }
             Lookup::Miss(seen) => seen,
         };
-        self.fill_missed::<S, R, _>(key, tags, seen, &policy, || body)
+        self.fill_missed::<S, R, Fut>(key, tags, seen, &policy, body)
             .await
     }
 
+    /// Starts a refresh of a hit if it is due, counting why.
+    fn maybe_refresh<S, R, Fut>(
+        self: &Arc<Self>,
+        key: String,
+        tags: &[String],
+        policy: Policy,
+        timing: Option<Timing>,
+        raw: Bytes,
+        body: Fut,
+    ) where
+        S: Shape<R> + 'static,
+        R: 'static,
+        Fut: Future<Output = R> + Send + 'static,
+    {
+        let Some(due) = refresh_due(timing, &policy, now_unix_ms(), unit_interval) else {
+            return;
+        };
+        let counters = &self.counters;
+        if due == Due::Stale {
+            Counters::bump(&counters.stale_serves);
+        }
+        if self.spawn_refresh::<S, R, Fut>(key, tags, policy, raw, body) && due == Due::Early {
+            Counters::bump(&counters.early_refreshes);
+        }
+    }
+
     /// Starts a background refresh of `key` unless one runs already;
-    /// returns whether it started.
-    fn spawn_refresh<S, R, Fut>(&self, key: String, policy: Policy, seen: Bytes, body: Fut) -> bool
+    /// returns whether it started. The refresh holds a claim on the key
+    /// that its end releases, however it ends, and it is abandoned after
+    /// its time bound.
+    fn spawn_refresh<S, R, Fut>(
+        self: &Arc<Self>,
+        key: String,
+        tags: &[String],
+        policy: Policy,
+        seen: Bytes,
+        body: Fut,
+    ) -> bool
     where
         S: Shape<R> + 'static,
-        R: Send + 'static,
+        R: 'static,
         Fut: Future<Output = R> + Send + 'static,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        if !self.inner.refreshing.claim(&key) {
+        let Some(claim) = self.refreshing.claim(&key) else {
             return false;
-        }
-        let cache = self.clone();
+        };
+        let inner = Arc::clone(self);
+        let tags = tags.to_vec();
+        let bound = refresh_bound(&policy, self.settings.default_ttl);
         runtime.spawn(async move {
-            cache.refresh::<S, R, Fut>(&key, &policy, seen, body).await;
-            cache.inner.refreshing.release(&key);
+            let _claim = claim;
+            let refresh = inner.refresh::<S, R, Fut>(&key, &tags, &policy, seen, body);
+            if tokio::time::timeout(bound, refresh).await.is_err() {
+                Counters::bump(&inner.counters.refresh_failures);
+                tracing::warn!(
+                    "background refresh still running after {bound:?}; abandoned, the key may be refreshed again"
+                );
+            }
         });
         true
     }
 
     /// Recomputes `key` in the background; `seen` is the entry it replaces.
-    async fn refresh<S, R, Fut>(&self, key: &str, policy: &Policy, seen: Bytes, body: Fut)
-    where
+    async fn refresh<S, R, Fut>(
+        &self,
+        key: &str,
+        tags: &[String],
+        policy: &Policy,
+        seen: Bytes,
+        body: Fut,
+    ) where
         S: Shape<R>,
         Fut: Future<Output = R>,
     {
-        let counters = &self.inner.counters;
-        let lock = policy.lock.filter(|_| self.inner.backend.is_redis());
-        let token = lock_token();
-        let lock_key = lock_key(key);
+        let counters = &self.counters;
         let mut seen = Seen::Bytes(seen);
-        if let Some(lock) = &lock {
-            match self
-                .try_acquire(key, &lock_key, seen.bytes(), &token, lock)
-                .await
-            {
-                Some(Ok(Acquire::Acquired(now))) => {
-                    Counters::bump(&counters.lock_acquired);
-                    seen = now.map_or(Seen::Nothing, Seen::Bytes);
+        let lock = policy.lock.filter(|_| self.backend.is_redis());
+        let guard = match &lock {
+            Some(lock) => match LockWait::try_once(self, key, &seen, lock).await {
+                Some((guard, now)) => {
+                    seen = now;
+                    Some(guard)
                 }
                 // Refreshed by someone else, being refreshed, or Redis failing.
-                _ => return,
-            }
+                None => return,
+            },
+            None => None,
+        };
+        if !tags.is_empty() {
+            // The refreshed key lives on: so must its tag sets.
+            let ttl =
+                policy.ttl.unwrap_or(self.settings.default_ttl) + policy.stale.unwrap_or_default();
+            let _ = self.tag(key, tags, ttl).await;
         }
         Counters::bump(&counters.refreshes);
         Counters::bump(&counters.computes);
-        let started = Instant::now();
-        let result = match &lock {
-            Some(lock) => self.with_watchdog(body, &lock_key, &token, lock).await,
-            None => body.await,
-        };
-        if matches!(S::view(&result), Stored::Skip) {
-            Counters::bump(&counters.refresh_failures);
-            tracing::debug!(
-                "background refresh failed; the stale value is served until it expires"
-            );
-        }
-        let encoded = self.encode_result::<S, R>(&result, policy, started.elapsed());
-        match (&lock, &encoded) {
-            (Some(_), encoded) => {
-                self.release_and_store(key, &lock_key, &token, &seen, encoded.as_ref())
-                    .await;
+        // In a scope of its own: the result is not held across the
+        // `.await`s below (it need not be `Send`).
+        let encoded = {
+            let started = Instant::now();
+            let body = marked(key, body);
+            let result = match (&guard, &lock) {
+                (Some(guard), Some(lock)) => guard.hold(lock, body).await,
+                _ => body.await,
+            };
+            if matches!(S::view(&result), Stored::Skip) {
+                Counters::bump(&counters.refresh_failures);
+                tracing::debug!(
+                    "background refresh failed; the stale value is served until it expires"
+                );
             }
+            self.encode_result::<S, R>(&result, policy, started.elapsed())
+        };
+        match (guard, encoded) {
+            (Some(guard), Some(encoded)) => {
+                guard.release(&seen, &encoded).await;
+            }
+            (Some(guard), None) => guard.fail(),
             (None, Some((entry, Some(ttl)))) => {
                 // Failures are counted inside.
-                let _ = self.store_if(key, &seen, entry.clone(), *ttl).await;
+                self.store_if(key, &seen, entry, ttl).await;
             }
             (None, _) => {}
         }

@@ -4,20 +4,28 @@
 //!
 //! Users depend on the `redis-cached` facade, which re-exports this crate;
 //! the attributes' generated code calls [`__private`].
+//!
+//! Imports run one way: `cache` and `builder` (the public handle) over the
+//! algorithms (`fresh` → `aside` → `lock`), over `core` (read, decode,
+//! store), over the backends, codec, keys, breaker and counters.
 
 #![warn(missing_docs)]
 
 mod aside;
 mod backend;
 mod breaker;
+mod builder;
 mod cache;
+mod claims;
 mod codec;
+mod core;
 mod error;
 mod flight;
 mod fresh;
 mod global;
 mod key;
 mod lock;
+mod policy;
 mod shape;
 mod stats;
 mod token;
@@ -31,7 +39,8 @@ mod private;
 
 pub use backend::MemoryConfig;
 pub use breaker::BreakerConfig;
-pub use cache::{Cache, CacheBuilder, MEMORY_URL};
+pub use builder::{CacheBuilder, MEMORY_URL};
+pub use cache::Cache;
 pub use codec::Codec;
 pub use error::{Error, Result};
 pub use global::{global, set_global};

@@ -1,442 +1,289 @@
-//! The cross-process stampede lock of `lock = true`, and the notifications
-//! that wake its waiters.
+//! The cross-process stampede lock of `lock = true`.
 //!
-//! On a miss, this process's computing caller runs one script that either
-//! finds the value has landed meanwhile, or takes the lock (`SET lock token
-//! NX PX lock_ttl`, the token 128 random bits), or reports it held. The
-//! holder computes, extending its lock every `lock_ttl / 3` while it does
-//! (a watchdog), then runs one script that releases the lock only if it still
-//! holds its token (compare-and-delete), stores the value by compare-and-set
-//! and publishes the key on the cache's notification channel. A waiter is
-//! woken by that message (one subscriber connection per cache, for all
-//! keys); as pub/sub can lose messages, it also retries on a short timer
-//! (jittered, so waiters do not retry in step), and after `lock_wait` it
-//! computes by itself. A crashed holder's lock expires after `lock_ttl` and
-//! the next retry takes it.
+//! On a miss, this process's computing caller either finds that a value
+//! has landed meanwhile, or takes the lock (`SET lock token NX PX lock_ttl`,
+//! the token 128 random bits), or finds it held and waits ([`LockWait`]).
+//! The holder computes while a watchdog extends the lock every
+//! `lock_ttl / 3`, then releases it, storing the value by compare-and-set
+//! and telling the waiters in one step ([`LockGuard`]). Waiters are woken by
+//! that notification (one subscriber connection per cache), which carries a
+//! small value, says "fetch" for a large one, "try again" when nothing was
+//! stored, or "compute yourselves" when the holder's computation failed, so
+//! that followers of a failing database do not queue behind one another.
+//! As pub/sub can lose messages, a waiter also retries on a short jittered
+//! timer, and after `lock_wait` it computes by itself. A crashed holder's
+//! lock expires after `lock_ttl`; a holder whose future is dropped
+//! releases its lock at once from a task of its own.
 //!
-//! The lock key shares the value's hash slot: `{key}:lock` when the key has
-//! no hash tag of its own, `key:lock` when it has one.
+//! Nothing here is generic: the per-function code decodes what a wait
+//! returns and encodes what the holder computed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use tokio::sync::{watch, Notify};
-
-use crate::backend::redis::px;
-use crate::backend::{AnyBackend, Bytes, RedisBackend};
-use crate::cache::Cache;
-use crate::error::Result;
-
-/// Lock settings of one cached function.
-#[derive(Debug, Clone, Copy)]
-pub struct LockPolicy {
-    /// How long a lock lives without its holder extending it.
-    pub ttl: Duration,
-    /// How long a caller waits for another's computation before computing itself.
-    pub wait: Duration,
-}
-
-/// Takes the lock unless the value changed since it was read.
-/// KEYS: value, lock. ARGV: `1` if a value was seen (else `0`), that value,
-/// the token, the lock TTL in ms.
-/// Returns `{1, entry}` when a new entry landed, `{2, seen?, entry}` when the
-/// lock was taken (with what the key holds now), `{3}` when it is held.
-const ACQUIRE: &str = r"
-local cur = redis.call('GET', KEYS[1])
-if cur == '' then cur = false end
-if cur and (ARGV[1] == '0' or cur ~= ARGV[2]) then
-  return {1, cur}
-end
-if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then
-  if cur then return {2, 1, cur} end
-  return {2, 0, ''}
-end
-return {3}
-";
-
-/// Releases the lock if this token holds it, stores the value by
-/// compare-and-set if asked, and publishes `<key length>:<key><entry>` (the
-/// entry only if it was stored), so that waiters need no further read.
-/// KEYS: value, lock. ARGV: token, `1` to store, `1` if a value was seen,
-/// that value, the new value, its TTL in ms, the channel, the key as given.
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-end
-local stored = 0
-if ARGV[2] == '1' then
-  local cur = redis.call('GET', KEYS[1])
-  if (ARGV[3] == '0' and (not cur or cur == '')) or (ARGV[3] == '1' and cur == ARGV[4]) then
-    redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
-    stored = 1
-  end
-end
-local message = #ARGV[8] .. ':' .. ARGV[8]
-if stored == 1 then message = message .. ARGV[5] end
-redis.call('PUBLISH', ARGV[7], message)
-return stored
-";
-
-/// Extends the lock if this token still holds it. KEYS: lock. ARGV: token, TTL in ms.
-const EXTEND: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
-
-/// The sources of the scripts above, in [`Scripts`]' order; also loaded
-/// ahead of use by `Cache::connect`.
-pub(crate) const SCRIPTS: [&str; 3] = [ACQUIRE, RELEASE, EXTEND];
-
-/// The scripts, hashed once per cache.
-pub(crate) struct Scripts {
-    acquire: redis::Script,
-    release: redis::Script,
-    extend: redis::Script,
-}
-
-impl Default for Scripts {
-    fn default() -> Self {
-        let [acquire, release, extend] = SCRIPTS.map(redis::Script::new);
-        Scripts {
-            acquire,
-            release,
-            extend,
-        }
-    }
-}
-
-/// What an acquire attempt found.
-pub(crate) enum Acquire {
-    /// A new entry landed at the key since it was read.
-    Landed(Bytes),
-    /// The lock is ours; the key holds this now.
-    Acquired(Option<Bytes>),
-    /// Another caller holds the lock.
-    Held,
-}
+use crate::backend::{Acquire, Bytes, Landing, RedisBackend, Release, Seen};
+use crate::core::{Encoded, Inner, StoreOutcome};
+use crate::error::Error;
+use crate::policy::LockPolicy;
+use crate::stats::Counters;
+use crate::token::{lock_token, unit_interval};
 
 /// The key of `key`'s lock, in the same hash slot.
 pub(crate) fn lock_key(key: &str) -> String {
-    companion(key, "lock")
-}
-
-fn companion(key: &str, suffix: &str) -> String {
     let has_tag = key
         .find('{')
         .and_then(|open| key[open + 1..].find('}'))
         .is_some_and(|len| len > 0);
     if has_tag || key.contains(['{', '}']) {
         // Appending keeps the key's own tag. (A key with braces but no valid
-        // tag hashes whole; its companion may then land in another slot,
-        // which matters only on Redis Cluster.)
-        format!("{key}:{suffix}")
+        // tag hashes whole; its lock may then land in another slot, which
+        // matters only on Redis Cluster.)
+        format!("{key}:lock")
     } else {
-        format!("{{{key}}}:{suffix}")
+        format!("{{{key}}}:lock")
     }
 }
 
-impl Cache {
-    fn redis_backend(&self) -> Option<&RedisBackend> {
-        match &self.inner.backend {
-            AnyBackend::Redis(redis) => Some(redis),
-            AnyBackend::Memory(_) => None,
+/// What waiting for a key's lock ended with.
+pub(crate) enum Waited<'a> {
+    /// The lock is ours; the key holds this now.
+    Hold(LockGuard<'a>, Seen),
+    /// An entry landed (it may be a tombstone or undecodable).
+    Landed(Bytes),
+    /// Compute without the lock: `lock_wait` passed, Redis is failing, or
+    /// (`failed`) the holder's computation failed.
+    Compute { seen: Seen, failed: bool },
+}
+
+/// One caller's wait for a key's lock, across attempts.
+pub(crate) struct LockWait {
+    token: String,
+    deadline: Instant,
+    /// The backup retry period, since pub/sub can drop a message.
+    retry: Duration,
+    waited: bool,
+}
+
+impl LockWait {
+    pub(crate) fn new(policy: &LockPolicy) -> Self {
+        LockWait {
+            token: lock_token(),
+            deadline: Instant::now() + policy.wait,
+            retry: (policy.wait / 20).clamp(Duration::from_millis(5), Duration::from_millis(100)),
+            waited: false,
         }
     }
 
-    /// One acquire attempt; `None` on the in-memory backend, where
-    /// in-process coalescing is already the whole story.
-    pub(crate) async fn try_acquire(
-        &self,
+    /// Takes the lock for `key`, which held `seen` when read, or waits for
+    /// the holder's value, or gives up (see [`Waited`]).
+    pub(crate) async fn next<'a>(
+        &mut self,
+        inner: &'a Inner,
         key: &str,
-        lock: &str,
-        seen: Option<&[u8]>,
-        token: &str,
+        mut seen: Seen,
         policy: &LockPolicy,
-    ) -> Option<Result<Acquire>> {
-        let redis = self.redis_backend()?;
-        let mut invocation = self.inner.scripts.acquire.key(key);
-        invocation
-            .key(lock)
-            .arg(if seen.is_some() { "1" } else { "0" })
-            .arg(seen.unwrap_or_default())
-            .arg(token)
-            .arg(px(policy.ttl));
-        let reply = self
-            .guarded(redis.invoke::<Vec<redis::Value>>(&invocation))
-            .await;
-        Some(reply.map(|values| parse_acquire(&values)))
-    }
-
-    /// Extends the lock while its holder computes.
-    pub(crate) async fn extend_lock(&self, lock: &str, token: &str, policy: &LockPolicy) {
-        let Some(redis) = self.redis_backend() else {
-            return;
+    ) -> Waited<'a> {
+        let Some(redis) = inner.backend.redis() else {
+            return Waited::Compute {
+                seen,
+                failed: false,
+            };
         };
-        let mut invocation = self.inner.scripts.extend.key(lock);
-        invocation.arg(token).arg(px(policy.ttl));
-        if let Ok(1) = self.guarded(redis.invoke::<i64>(&invocation)).await {
-            crate::stats::Counters::bump(&self.inner.counters.lock_extends);
-        }
-    }
-
-    /// Releases the lock, stores `store` (entry, TTL) if the key still holds
-    /// `seen`, and wakes the waiters; returns whether it stored.
-    pub(crate) async fn release_lock(
-        &self,
-        key: &str,
-        lock: &str,
-        token: &str,
-        seen: Option<&[u8]>,
-        store: Option<(&[u8], Duration)>,
-    ) -> Result<bool> {
-        let Some(redis) = self.redis_backend() else {
-            return Ok(false);
-        };
-        let mut invocation = self.inner.scripts.release.key(key);
-        invocation
-            .key(lock)
-            .arg(token)
-            .arg(if store.is_some() { "1" } else { "0" })
-            .arg(if seen.is_some() { "1" } else { "0" })
-            .arg(seen.unwrap_or_default())
-            .arg(store.map(|(entry, _)| entry).unwrap_or_default())
-            .arg(store.map_or(1, |(_, ttl)| px(ttl)))
-            .arg(&self.inner.notifier.channel)
-            .arg(key);
-        let stored: i64 = self.guarded(redis.invoke(&invocation)).await?;
-        Ok(stored == 1)
-    }
-
-    /// Registers interest in `key`'s notifications, starting the
-    /// subscriber on first use.
-    pub(crate) fn watch(&self, key: &str) -> Watch {
-        if let Some(redis) = self.redis_backend() {
-            self.inner
-                .notifier
-                .ensure_subscribed(redis.client().clone());
-        }
-        self.inner.notifier.register(key)
-    }
-}
-
-fn parse_acquire(values: &[redis::Value]) -> Acquire {
-    let int = |v: Option<&redis::Value>| match v {
-        Some(redis::Value::Int(i)) => *i,
-        _ => 0,
-    };
-    let bytes = |v: Option<&redis::Value>| match v {
-        Some(redis::Value::BulkString(b)) => Bytes::Owned(b.clone()),
-        _ => Bytes::Owned(Vec::new()),
-    };
-    match int(values.first()) {
-        1 => Acquire::Landed(bytes(values.get(1))),
-        2 if int(values.get(1)) == 1 => Acquire::Acquired(Some(bytes(values.get(2)))),
-        2 => Acquire::Acquired(None),
-        _ => Acquire::Held,
-    }
-}
-
-/// Wakes this process's lock waiters when a value lands. One subscriber
-/// connection per cache listens on one channel for every key.
-pub(crate) struct Notifier {
-    pub(crate) channel: String,
-    waiters: Mutex<HashMap<String, Slot>>,
-    subscribed: std::sync::atomic::AtomicBool,
-    /// Whether the subscription is confirmed and listening.
-    listening: watch::Sender<bool>,
-}
-
-/// The waiters of one key in this process.
-struct Slot {
-    notify: Arc<Notify>,
-    watches: usize,
-    /// The entry the last notification carried.
-    landed: Option<Bytes>,
-}
-
-/// Interest in one key's notifications; dropping it ends the interest.
-pub(crate) struct Watch {
-    notifier: Arc<Notifier>,
-    key: String,
-    notify: Arc<Notify>,
-}
-
-impl Watch {
-    /// Resolves at the next notification for the key; create it before
-    /// checking the key, then await it.
-    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.notify.notified()
-    }
-
-    /// The entry a notification carried since this watch began, if any.
-    pub(crate) fn landed(&self) -> Option<Bytes> {
-        self.notifier
-            .lock()
-            .get(&self.key)
-            .and_then(|slot| slot.landed.clone())
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let mut waiters = self.notifier.lock();
-        if let Some(slot) = waiters.get_mut(&self.key) {
-            slot.watches -= 1;
-            if slot.watches == 0 {
-                waiters.remove(&self.key);
+        let lock = lock_key(key);
+        let watch = redis.watch(key);
+        loop {
+            // Register for the notification before looking, so that a value
+            // landing in between still wakes us.
+            let notified = watch.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if matches!(seen, Seen::Unknown) {
+                return Waited::Compute {
+                    seen,
+                    failed: false,
+                };
             }
-        }
-    }
-}
-
-impl Notifier {
-    pub(crate) fn new(namespace: Option<&str>) -> Arc<Notifier> {
-        let channel = match namespace {
-            Some(ns) => format!("{ns}:redis-cached:filled"),
-            None => "redis-cached:filled".to_owned(),
-        };
-        Arc::new(Notifier {
-            channel,
-            waiters: Mutex::new(HashMap::new()),
-            subscribed: std::sync::atomic::AtomicBool::new(false),
-            listening: watch::Sender::new(false),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
-        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn register(self: &Arc<Self>, key: &str) -> Watch {
-        let mut waiters = self.lock();
-        let slot = waiters.entry(key.to_owned()).or_insert_with(|| Slot {
-            notify: Arc::new(Notify::new()),
-            watches: 0,
-            landed: None,
-        });
-        slot.watches += 1;
-        let notify = slot.notify.clone();
-        drop(waiters);
-        Watch {
-            notifier: Arc::clone(self),
-            key: key.to_owned(),
-            notify,
-        }
-    }
-
-    /// Handles one message: `<key length>:<key><entry or nothing>`.
-    fn wake(&self, message: &[u8]) {
-        let Some(colon) = message.iter().position(|&b| b == b':') else {
-            return;
-        };
-        let Some(len) = std::str::from_utf8(&message[..colon])
-            .ok()
-            .and_then(|digits| digits.parse::<usize>().ok())
-        else {
-            return;
-        };
-        let rest = &message[colon + 1..];
-        let (Some(key), Some(entry)) = (rest.get(..len), rest.get(len..)) else {
-            return;
-        };
-        let Ok(key) = std::str::from_utf8(key) else {
-            return;
-        };
-        if let Some(slot) = self.lock().get_mut(key) {
-            if !entry.is_empty() {
-                slot.landed = Some(Bytes::Owned(entry.to_vec()));
-            }
-            slot.notify.notify_waiters();
-        }
-    }
-
-    /// Starts the subscriber if need be and waits until it listens.
-    pub(crate) async fn subscribed(
-        self: &Arc<Self>,
-        client: redis::Client,
-        timeout: Duration,
-    ) -> Result<()> {
-        let mut listening = self.listening.subscribe();
-        self.ensure_subscribed(client);
-        let confirmed = tokio::time::timeout(timeout, listening.wait_for(|&on| on))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if confirmed {
-            Ok(())
-        } else {
-            Err(crate::Error::Timeout(timeout))
-        }
-    }
-
-    /// Starts the subscriber task once; it reconnects by itself and ends
-    /// when the cache is dropped.
-    fn ensure_subscribed(self: &Arc<Self>, client: redis::Client) {
-        use std::sync::atomic::Ordering;
-        if self.subscribed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.subscribed.store(false, Ordering::Release);
-            return;
-        };
-        runtime.spawn(subscribe_loop(
-            Arc::downgrade(self),
-            client,
-            self.channel.clone(),
-        ));
-    }
-}
-
-async fn subscribe_loop(notifier: Weak<Notifier>, client: redis::Client, channel: String) {
-    let mut backoff = Duration::from_millis(50);
-    while notifier.strong_count() > 0 {
-        match listen(&notifier, &client, &channel).await {
-            Ok(()) => return,
-            Err(err) => {
-                if let Some(n) = notifier.upgrade() {
-                    n.listening.send_replace(false);
+            let attempt = redis.acquire(key, &lock, &seen, &self.token, policy.ttl);
+            match inner.guarded(attempt).await {
+                Ok(Acquire::Acquired(now)) => {
+                    Counters::bump(&inner.counters.lock_acquired);
+                    let guard = LockGuard::new(inner, redis, key, lock, &self.token);
+                    return Waited::Hold(guard, now);
                 }
-                tracing::debug!(error = %err, "lock notifications interrupted; waiters poll meanwhile");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                Ok(Acquire::Landed(Seen::Bytes(bytes))) => return Waited::Landed(bytes),
+                // A value too large to read: it counts as seen.
+                Ok(Acquire::Landed(now)) => seen = now,
+                Ok(Acquire::Held) => {
+                    if !self.waited {
+                        self.waited = true;
+                        Counters::bump(&inner.counters.lock_waits);
+                    }
+                    let now = Instant::now();
+                    if now >= self.deadline {
+                        Counters::bump(&inner.counters.lock_wait_timeouts);
+                        return Waited::Compute {
+                            seen,
+                            failed: false,
+                        };
+                    }
+                    // Jittered, so that waiters started together do not
+                    // all retry at once (possibly just as the value lands).
+                    let pause = self.retry.mul_f64(0.5 + unit_interval());
+                    let _ = tokio::time::timeout(pause.min(self.deadline - now), notified).await;
+                    match watch.landed() {
+                        Some(Landing::Value(bytes)) => return Waited::Landed(bytes),
+                        Some(Landing::Fetch) => match inner.read(key).await {
+                            Ok(bytes) => return Waited::Landed(bytes),
+                            Err(now) => seen = now,
+                        },
+                        Some(Landing::Failed) => return Waited::Compute { seen, failed: true },
+                        Some(Landing::Retry) | None => {}
+                    }
+                }
+                Err(err) => {
+                    abandon_attempt(inner, redis, key, &lock, &self.token, &err);
+                    // Redis is failing: compute without the lock, like any miss.
+                    return Waited::Compute {
+                        seen,
+                        failed: false,
+                    };
+                }
+            }
+        }
+    }
+
+    /// One attempt at the lock, without waiting: for a background refresh,
+    /// which another process's holder makes unnecessary.
+    pub(crate) async fn try_once<'a>(
+        inner: &'a Inner,
+        key: &str,
+        seen: &Seen,
+        policy: &LockPolicy,
+    ) -> Option<(LockGuard<'a>, Seen)> {
+        let redis = inner.backend.redis()?;
+        let token = lock_token();
+        let lock = lock_key(key);
+        let attempt = redis.acquire(key, &lock, seen, &token, policy.ttl);
+        match inner.guarded(attempt).await {
+            Ok(Acquire::Acquired(now)) => {
+                Counters::bump(&inner.counters.lock_acquired);
+                Some((LockGuard::new(inner, redis, key, lock, &token), now))
+            }
+            Ok(_) => None,
+            Err(err) => {
+                abandon_attempt(inner, redis, key, &lock, &token, &err);
+                None
             }
         }
     }
 }
 
-/// Listens until the connection fails (`Err`) or the cache is gone (`Ok`).
-async fn listen(notifier: &Weak<Notifier>, client: &redis::Client, channel: &str) -> Result<()> {
-    let connect = async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
-        Ok::<_, redis::RedisError>(pubsub)
-    };
-    let pubsub = tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .map_err(|_| crate::Error::Timeout(Duration::from_secs(2)))?
-        .map_err(|e| crate::Error::from_redis(&e))?;
-    let mut messages = pubsub.into_on_message();
-    // Upgraded only for the moment: a strong reference held here would
-    // keep the cache alive.
-    if let Some(n) = notifier.upgrade() {
-        n.listening.send_replace(true);
-    } else {
-        return Ok(());
+/// After an acquire that failed on the way back (a timeout, a dropped
+/// connection), Redis may have run it and given us the lock: release
+/// whatever this token holds, so nobody waits for a holder that is not
+/// computing.
+fn abandon_attempt(
+    inner: &Inner,
+    redis: &RedisBackend,
+    key: &str,
+    lock: &str,
+    token: &str,
+    err: &Error,
+) {
+    if matches!(err, Error::Timeout(_) | Error::Redis(_)) {
+        redis.release_detached(key, lock, token, false, inner.settings.op_timeout);
     }
-    loop {
-        // Wake up now and then to notice a dropped cache.
-        match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
-            Ok(Some(msg)) => match notifier.upgrade() {
-                Some(n) => n.wake(msg.get_payload_bytes()),
-                None => return Ok(()),
-            },
-            Ok(None) => return Err(crate::Error::Redis("subscription closed".into())),
-            Err(_) if notifier.strong_count() == 0 => return Ok(()),
-            Err(_) => {}
+}
+
+/// A held lock. Dropped without [`LockGuard::release`] (its holder was
+/// cancelled or panicked), it releases the lock from a task of its own.
+pub(crate) struct LockGuard<'a> {
+    inner: &'a Inner,
+    redis: &'a RedisBackend,
+    key: String,
+    lock: String,
+    token: String,
+    released: bool,
+}
+
+impl<'a> LockGuard<'a> {
+    fn new(
+        inner: &'a Inner,
+        redis: &'a RedisBackend,
+        key: &str,
+        lock: String,
+        token: &str,
+    ) -> Self {
+        LockGuard {
+            inner,
+            redis,
+            key: key.to_owned(),
+            lock,
+            token: token.to_owned(),
+            released: false,
+        }
+    }
+
+    /// Runs `computation`, extending the lock every `ttl / 3` until it ends.
+    pub(crate) async fn hold<F: Future>(&self, policy: &LockPolicy, computation: F) -> F::Output {
+        let mut computation = std::pin::pin!(computation);
+        let period = (policy.ttl / 3).max(Duration::from_millis(1));
+        loop {
+            // A statement of its own, so that no result (of a type that
+            // need not be `Send`) is held across the extension's `.await`.
+            if let Ok(result) = tokio::time::timeout(period, computation.as_mut()).await {
+                return result;
+            }
+            self.extend(policy).await;
+        }
+    }
+
+    async fn extend(&self, policy: &LockPolicy) {
+        let extend = self.redis.extend(&self.lock, &self.token, policy.ttl);
+        if let Ok(true) = self.inner.guarded(extend).await {
+            Counters::bump(&self.inner.counters.lock_extends);
+        }
+    }
+
+    /// Releases the lock, storing `encoded` by compare-and-set against
+    /// `seen`, and wakes the waiters.
+    pub(crate) async fn release(mut self, seen: &Seen, encoded: &Encoded) -> StoreOutcome {
+        let inner = self.inner;
+        let release = match encoded {
+            (entry, Some(ttl)) if inner.check_size(entry).is_ok() => Release::Store(entry, *ttl),
+            _ => Release::Nothing,
+        };
+        let released = self
+            .redis
+            .release(&self.key, &self.lock, &self.token, seen, release);
+        match inner.guarded(released).await {
+            Ok(stored) => {
+                self.released = true;
+                match release {
+                    Release::Store(..) => inner.count_store(stored),
+                    _ => StoreOutcome::Failed,
+                }
+            }
+            Err(_) => StoreOutcome::Failed,
+        }
+    }
+
+    /// Releases the lock in the background after a failed computation:
+    /// waiters compute by themselves rather than wait for one another.
+    pub(crate) fn fail(mut self) {
+        self.released = true;
+        let timeout = self.inner.settings.op_timeout;
+        self.redis
+            .release_detached(&self.key, &self.lock, &self.token, true, timeout);
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            let timeout = self.inner.settings.op_timeout;
+            self.redis
+                .release_detached(&self.key, &self.lock, &self.token, false, timeout);
         }
     }
 }
@@ -444,23 +291,6 @@ async fn listen(notifier: &Weak<Notifier>, client: &redis::Client, channel: &str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn messages_carry_the_key_and_the_entry() {
-        let notifier = Notifier::new(None);
-        let watch = notifier.register("a:b");
-        let other = notifier.register("a");
-        notifier.wake(b"3:a:bENTRY");
-        assert_eq!(watch.landed().as_deref(), Some(&b"ENTRY"[..]));
-        assert_eq!(other.landed().as_deref(), None);
-        notifier.wake(b"1:a");
-        assert_eq!(other.landed().as_deref(), None, "no entry: only a wake-up");
-        for garbage in [&b""[..], b"x", b"9:a", b"-1:a", b"1:"] {
-            notifier.wake(garbage);
-        }
-        drop((watch, other));
-        assert!(notifier.lock().is_empty());
-    }
 
     #[test]
     fn lock_keys_share_the_value_slot() {

@@ -7,25 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::key::KeyBuilder;
-pub use crate::lock::LockPolicy;
-use crate::shape::Stored;
+pub use crate::policy::{LockPolicy, Policy};
+use crate::shape::Split;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
 use crate::{global, Cache};
-
-/// The per-function settings of a cached function.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Policy {
-    /// TTL of stored values; `None`: the cache's default.
-    pub ttl: Option<Duration>,
-    /// TTL of a stored absence; `None`: absences are not stored.
-    pub cache_none: Option<Duration>,
-    /// The cross-process lock, for `lock = true`.
-    pub lock: Option<LockPolicy>,
-    /// How long a value is served stale after its TTL while it is refreshed.
-    pub stale: Option<Duration>,
-    /// The XFetch beta of early refresh.
-    pub early: Option<f64>,
-}
 
 /// The cache one call uses, held for the call: borrowed where the
 /// attribute can prove the borrow outlives the call, owned otherwise.
@@ -70,8 +55,8 @@ pub fn global_cache() -> CacheHold<'static> {
 
 /// The body of a `#[redis_cached]` function. (An `async` block rather
 /// than an `async fn`, which would keep its arguments twice in its state;
-/// see `Cache::fill`.)
-#[allow(clippy::manual_async_fn)] // deliberate: see `Cache::fill`
+/// see `Inner::fill`.)
+#[allow(clippy::manual_async_fn)] // deliberate: see above
 pub fn cached<'a, S, R, Fut>(
     cache: Option<&'a Cache>,
     key: String,
@@ -89,8 +74,9 @@ where
             global::warn_unset();
             return body.await;
         };
-        let key = cache.full_key(key);
-        cache.fill::<S, R, _, _>(key, tags, &policy, || body).await
+        let inner = &cache.inner;
+        let key = inner.full_key(key);
+        inner.fill::<S, R, Fut>(key, tags, &policy, body).await
     }
 }
 
@@ -105,78 +91,138 @@ pub async fn cached_refreshing<S, R, Fut>(
 ) -> R
 where
     S: Shape<R> + 'static,
-    R: Send + 'static,
+    R: 'static,
     Fut: Future<Output = R> + Send + 'static,
 {
     let Some(cache) = cache else {
         global::warn_unset();
         return body.await;
     };
-    let key = cache.full_key(key);
-    cache
+    let inner = &cache.inner;
+    let key = inner.full_key(key);
+    inner
         .fill_refreshing::<S, R, Fut>(key, tags, policy, body)
         .await
 }
 
 /// The body of a `#[cache_put]` function: run it, then write its value.
+///
+/// A write-through is the newest state: it overwrites whatever is there.
+/// When it cannot (a `None` that may not be cached, a value that cannot be
+/// encoded or is over `max_value_bytes`, Redis failing), the old value
+/// would be wrong: the key is invalidated instead.
 pub async fn put<S, R, Fut>(cache: Option<&Cache>, key: String, policy: Policy, body: Fut) -> R
 where
     S: Shape<R>,
     Fut: Future<Output = R>,
 {
-    let result = body.await;
     let Some(cache) = cache else {
         global::warn_unset();
-        return result;
+        return body.await;
     };
-    let key = cache.full_key(key);
-    // A write-through is the newest state: it overwrites whatever is there.
-    // A `None` that may not be cached, or a value that cannot be encoded,
-    // leaves the old value wrong: invalidate it instead.
-    // Failures are counted inside; the caller gets its value anyway.
-    let _ = match cache.encode_result::<S, R>(&result, &policy, Duration::ZERO) {
-        Some((entry, Some(ttl))) => cache.store(&key, entry, ttl).await,
-        Some((_, None)) => cache.tombstone(&key).await,
-        None if matches!(S::view(&result), Stored::Skip) => return result,
-        None => cache.tombstone(&key).await,
+    let inner = &cache.inner;
+    // Only the stored part of the result is kept across the writes below.
+    let (encoded, kept) = {
+        let result = body.await;
+        let encoded = inner.encode_result::<S, R>(&result, &policy, Duration::ZERO);
+        let kept: Result<S::Value, fn() -> R> = match S::split(result) {
+            Split::Value(value) => Ok(value),
+            Split::Absent(absent) => Err(absent),
+            Split::Other(result) => return result,
+        };
+        (encoded, kept)
     };
-    result
+    let key = inner.full_key(key);
+    let written = match encoded {
+        Some((entry, Some(ttl))) => inner.store(&key, entry, ttl).await,
+        _ => Err(crate::Error::Config("not storable".into())),
+    };
+    if written.is_err() {
+        // Failures are counted inside; the caller gets its value anyway.
+        let _ = inner.tombstone(&key).await;
+    }
+    inner.flights.detach(&key);
+    match kept {
+        Ok(value) => S::from_value(value),
+        Err(absent) => absent(),
+    }
 }
 
 /// The body of a `#[cache_evict]` function: run it, then delete the key if
-/// it succeeded.
+/// it succeeded. Only the successful part of the result is held across the
+/// deletion, so an error type need not be `Send`.
 pub async fn evict<R, Fut>(
     cache: Option<&Cache>,
     key: String,
-    succeeded: fn(&R) -> bool,
+    succeeded: impl Success<R>,
     body: Fut,
 ) -> R
 where
     Fut: Future<Output = R>,
 {
-    let result = body.await;
     let Some(cache) = cache else {
         global::warn_unset();
-        return result;
+        return body.await;
     };
-    if succeeded(&result) {
-        let key = cache.full_key(key);
-        // Failures are counted inside; the caller gets its value anyway.
-        let _ = cache.tombstone(&key).await;
+    let kept = match succeeded.split(body.await) {
+        Ok(kept) => kept,
+        Err(failed) => return failed,
+    };
+    let inner = &cache.inner;
+    let key = inner.full_key(key);
+    // Failures are counted inside; the caller gets its value anyway.
+    let _ = inner.tombstone(&key).await;
+    succeeded.rebuild(kept)
+}
+
+/// Which results of a `#[cache_evict]` function count as success.
+pub trait Success<R>: Copy {
+    /// The part of a successful result kept while the key is deleted.
+    type Kept;
+    /// The successful part, or the whole result back if it failed.
+    fn split(self, result: R) -> Result<Self::Kept, R>;
+    /// The result again.
+    fn rebuild(self, kept: Self::Kept) -> R;
+}
+
+/// Any result is a success: for functions that do not return a `Result`.
+#[derive(Debug, Clone, Copy)]
+pub struct Always;
+
+impl<R> Success<R> for Always {
+    type Kept = R;
+    fn split(self, result: R) -> Result<R, R> {
+        Ok(result)
     }
-    result
+    fn rebuild(self, kept: R) -> R {
+        kept
+    }
 }
 
-/// `true` for any result: functions that do not return a `Result` always
-/// succeed.
-pub fn always<R>(_: &R) -> bool {
-    true
+/// `Ok` is a success.
+#[derive(Debug, Clone, Copy)]
+pub struct IsOk;
+
+impl<T, E> Success<Result<T, E>> for IsOk {
+    type Kept = T;
+    fn split(self, result: Result<T, E>) -> Result<T, Result<T, E>> {
+        match result {
+            Ok(value) => Ok(value),
+            failed => Err(failed),
+        }
+    }
+    fn rebuild(self, kept: T) -> Result<T, E> {
+        Ok(kept)
+    }
 }
 
-/// Whether a `Result` is `Ok`.
-pub fn is_ok<T, E>(result: &Result<T, E>) -> bool {
-    result.is_ok()
-}
+/// `#[cache_evict]` on a function that does not return a `Result`.
+#[allow(non_upper_case_globals)] // named like the function it replaced
+pub const always: Always = Always;
+
+/// `#[cache_evict]` on a function that returns a `Result`.
+#[allow(non_upper_case_globals)] // named like the function it replaced
+pub const is_ok: IsOk = IsOk;
 
 /// Decodes `bytes` as stored entries of a few types, for the fuzz targets;
 /// returns how many decoded.

@@ -19,6 +19,18 @@ pub enum Stored<'a, V> {
     Skip,
 }
 
+/// A result taken apart, so that the cache can keep its stored part across
+/// an `.await` without holding the rest (an error type need not be `Send`).
+#[derive(Debug)]
+pub enum Split<V, R> {
+    /// The stored value.
+    Value(V),
+    /// A known absence, and how to make the result that stands for it.
+    Absent(fn() -> R),
+    /// Anything else (an error), given back whole.
+    Other(R),
+}
+
 /// How to take a result `R` apart for the cache and put it back together.
 pub trait Shape<R> {
     /// The stored part of `R`.
@@ -29,6 +41,8 @@ pub trait Shape<R> {
     fn from_value(value: Self::Value) -> R;
     /// The result that a stored absence stands for, if `R` has one.
     fn absent() -> Option<R>;
+    /// Takes `result` apart (see [`Split`]).
+    fn split(result: R) -> Split<Self::Value, R>;
 }
 
 /// Any type, stored as is.
@@ -55,6 +69,9 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<T> for Plain {
     fn absent() -> Option<T> {
         None
     }
+    fn split(result: T) -> Split<T, T> {
+        Split::Value(result)
+    }
 }
 
 impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<T, E>> for ResultOf {
@@ -71,6 +88,12 @@ impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<T, E>> fo
     fn absent() -> Option<Result<T, E>> {
         None
     }
+    fn split(result: Result<T, E>) -> Split<T, Result<T, E>> {
+        match result {
+            Ok(value) => Split::Value(value),
+            err => Split::Other(err),
+        }
+    }
 }
 
 impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<Option<T>> for OptionOf {
@@ -86,6 +109,12 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<Option<T>> for Opti
     }
     fn absent() -> Option<Option<T>> {
         Some(None)
+    }
+    fn split(result: Option<T>) -> Split<T, Option<T>> {
+        match result {
+            Some(value) => Split::Value(value),
+            None => Split::Absent(|| None),
+        }
     }
 }
 
@@ -105,5 +134,12 @@ impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<Option<T>
     }
     fn absent() -> Option<Result<Option<T>, E>> {
         Some(Ok(None))
+    }
+    fn split(result: Result<Option<T>, E>) -> Split<T, Result<Option<T>, E>> {
+        match result {
+            Ok(Some(value)) => Split::Value(value),
+            Ok(None) => Split::Absent(|| Ok(None)),
+            err => Split::Other(err),
+        }
     }
 }

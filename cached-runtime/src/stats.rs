@@ -90,6 +90,8 @@ counters! {
     errors,
     /// Commands Redis refused while up (out of memory under `noeviction`, read-only replica).
     refused,
+    /// Commands Redis rejected for one key or user (`WRONGTYPE`, `NOPERM`): misses for that key only.
+    rejected,
     /// Redis operations abandoned after `op_timeout`.
     timeouts,
     /// Redis operations skipped because the circuit breaker was open.

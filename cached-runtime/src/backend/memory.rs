@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use quick_cache::sync::Cache as Store;
 
-use super::{Backend, Bytes};
+use super::{Backend, Bytes, Seen};
 use crate::error::Result;
 
 /// Limits of the in-memory backend, see [`CacheBuilder::memory`](crate::CacheBuilder::memory).
@@ -151,10 +151,16 @@ impl Backend for MemoryBackend {
     async fn set_if(
         &self,
         key: &str,
-        expected: Option<&[u8]>,
+        seen: &Seen,
         value: Arc<[u8]>,
         ttl: Duration,
     ) -> Result<bool> {
+        let expected = match seen {
+            Seen::Nothing => None,
+            Seen::Bytes(bytes) => Some(&**bytes),
+            // Entries here come only from this process's bounded writes.
+            Seen::Oversized | Seen::Unknown => return Ok(false),
+        };
         let _write = self.write_lock(key);
         let current = self.live(key);
         if current.as_ref().map(|e| &*e.bytes) != expected {
@@ -239,24 +245,34 @@ mod tests {
     async fn set_if_compares_with_the_live_entry() {
         let m = MemoryBackend::new(MemoryConfig::default());
         assert!(m
-            .set_if("k", None, bytes("a"), Duration::from_secs(60))
+            .set_if("k", &Seen::Nothing, bytes("a"), Duration::from_secs(60))
             .await
             .unwrap());
         assert!(!m
-            .set_if("k", None, bytes("b"), Duration::from_secs(60))
+            .set_if("k", &Seen::Nothing, bytes("b"), Duration::from_secs(60))
             .await
             .unwrap());
         assert!(m
-            .set_if("k", Some(b"a"), bytes("c"), Duration::from_millis(10))
+            .set_if(
+                "k",
+                &Seen::Bytes(Bytes::Owned(b"a".to_vec())),
+                bytes("c"),
+                Duration::from_millis(10)
+            )
             .await
             .unwrap());
         assert!(!m
-            .set_if("k", Some(b"a"), bytes("d"), Duration::from_secs(60))
+            .set_if(
+                "k",
+                &Seen::Bytes(Bytes::Owned(b"a".to_vec())),
+                bytes("d"),
+                Duration::from_secs(60)
+            )
             .await
             .unwrap());
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(
-            m.set_if("k", None, bytes("e"), Duration::from_secs(60))
+            m.set_if("k", &Seen::Nothing, bytes("e"), Duration::from_secs(60))
                 .await
                 .unwrap(),
             "expired counts as absent"

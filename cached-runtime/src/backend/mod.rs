@@ -2,7 +2,7 @@
 //! semantics. Both speak [`Backend`]; [`AnyBackend`] picks one at run time.
 
 mod memory;
-pub(crate) mod redis;
+mod redis;
 
 use std::future::Future;
 use std::ops::Deref;
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub(crate) use self::memory::MemoryBackend;
 pub use self::memory::MemoryConfig;
-pub(crate) use self::redis::RedisBackend;
+pub(crate) use self::redis::{Landing, RedisBackend, Release};
 use crate::error::Result;
 
 /// An entry's bytes as a backend hands them out.
@@ -32,6 +32,31 @@ impl Deref for Bytes {
     }
 }
 
+/// What a key held when it was read: a later store of the key only
+/// happens if it still holds that (compare-and-set).
+#[derive(Debug, Clone)]
+pub(crate) enum Seen {
+    Nothing,
+    Bytes(Bytes),
+    /// A value over the cache's `max_value_bytes`, not read whole: none of
+    /// the cache's own (those are bounded), so a store replaces it only if
+    /// the key still holds such a value.
+    Oversized,
+    /// The read failed: no store, since a stale set cannot be ruled out.
+    Unknown,
+}
+
+/// What an attempt at a key's lock found.
+#[derive(Debug)]
+pub(crate) enum Acquire {
+    /// Another entry landed at the key since it was read.
+    Landed(Seen),
+    /// The lock is ours; the key holds this now.
+    Acquired(Seen),
+    /// Another caller holds the lock.
+    Held,
+}
+
 /// The operations the cache needs from a store. Errors are reported, never
 /// retried here: the cache decides what a failure means.
 pub(crate) trait Backend: Send + Sync {
@@ -50,13 +75,13 @@ pub(crate) trait Backend: Send + Sync {
         value: Arc<[u8]>,
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// Stores `value` at `key` for `ttl` only if `key` still holds exactly
-    /// `expected` (`None`: nothing); returns whether it stored. The compare
-    /// and the write are one atomic step.
+    /// Stores `value` at `key` for `ttl` only if `key` still holds what
+    /// was `seen` (never for [`Seen::Unknown`]); returns whether it stored.
+    /// The compare and the write are one atomic step.
     fn set_if(
         &self,
         key: &str,
-        expected: Option<&[u8]>,
+        seen: &Seen,
         value: Arc<[u8]>,
         ttl: Duration,
     ) -> impl Future<Output = Result<bool>> + Send;
@@ -89,6 +114,14 @@ pub(crate) enum AnyBackend {
 impl AnyBackend {
     pub(crate) fn is_redis(&self) -> bool {
         matches!(self, AnyBackend::Redis(_))
+    }
+
+    /// The Redis backend, which alone has cross-process locks.
+    pub(crate) fn redis(&self) -> Option<&RedisBackend> {
+        match self {
+            AnyBackend::Redis(redis) => Some(redis),
+            AnyBackend::Memory(_) => None,
+        }
     }
 }
 
@@ -129,13 +162,13 @@ impl Backend for AnyBackend {
     async fn set_if(
         &self,
         key: &str,
-        expected: Option<&[u8]>,
+        seen: &Seen,
         value: Arc<[u8]>,
         ttl: Duration,
     ) -> Result<bool> {
         match self {
-            AnyBackend::Redis(b) => b.set_if(key, expected, value, ttl).await,
-            AnyBackend::Memory(b) => b.set_if(key, expected, value, ttl).await,
+            AnyBackend::Redis(b) => b.set_if(key, seen, value, ttl).await,
+            AnyBackend::Memory(b) => b.set_if(key, seen, value, ttl).await,
         }
     }
 }

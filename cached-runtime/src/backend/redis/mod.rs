@@ -1,0 +1,426 @@
+//! The Redis backend: one multiplexed connection per cache, managed by
+//! redis-rs's `ConnectionManager`, which reconnects in the background, and
+//! one subscriber connection for lock notifications. Every Redis command
+//! the cache sends, every Lua script and every reply it parses is here,
+//! behind typed operations.
+//!
+//! The manager is created on first use, inside the caller's Tokio runtime,
+//! so building a cache never touches the network and works outside a
+//! runtime. When the breaker opens, the manager is dropped and the next
+//! probe builds a fresh one: redis-rs only reconnects after I/O errors, so a
+//! connection that failed for another reason (a wrong password that has
+//! since been fixed) would otherwise stay failed.
+
+mod notify;
+mod scripts;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub(crate) use self::notify::{Landing, Notifier, Watch};
+use self::scripts::{px, Scripts, SOURCES};
+use super::{Acquire, Backend, Bytes, Seen};
+use crate::error::{Error, Result};
+
+/// The largest entry a lock notification carries; waiters fetch larger
+/// ones, so that no message nears Redis's pub/sub output-buffer limits.
+pub(crate) const NOTIFY_INLINE_MAX: usize = 16 * 1024;
+
+pub(crate) struct RedisBackend {
+    client: redis::Client,
+    scripts: Scripts,
+    config: ConnectionManagerConfig,
+    /// The largest entry the cache reads or writes.
+    limit: usize,
+    /// Read on every operation: an `ArcSwap` load shares no cache line
+    /// between threads, where a mutex would.
+    manager: ArcSwapOption<ConnectionManager>,
+    notifier: Arc<Notifier>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let info = self.client.get_connection_info();
+        f.debug_struct("RedisBackend")
+            .field("addr", &info.addr().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a lock was released.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Release<'a> {
+    /// With a value to store (entry, TTL); waiters get it.
+    Store(&'a [u8], Duration),
+    /// With nothing to store; waiters try the lock again.
+    Nothing,
+}
+
+impl RedisBackend {
+    /// Parses `url` and prepares the connection settings; connects nothing.
+    /// `tls_root` (PEM) replaces the system's trusted roots for `rediss://`.
+    /// `channel` is where lock notifications go; `limit` the largest entry.
+    pub(crate) fn new(
+        url: &str,
+        connect_timeout: Duration,
+        tls_root: Option<&[u8]>,
+        channel: String,
+        limit: usize,
+    ) -> Result<Self> {
+        let client = open_client(url, tls_root)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            // Every operation is already bounded by the cache's own
+            // op_timeout; a second timer per request inside redis-rs would
+            // only cost hit-path throughput.
+            .set_response_timeout(None)
+            // No retries inside redis-rs: a refused connection fails at once and
+            // the breaker paces the next attempts.
+            .set_number_of_retries(0)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(500));
+        Ok(RedisBackend {
+            client,
+            scripts: Scripts::default(),
+            config,
+            limit,
+            manager: ArcSwapOption::empty(),
+            notifier: Notifier::new(channel),
+        })
+    }
+
+    fn connection(&self) -> Result<ConnectionManager> {
+        if let Some(manager) = self.manager.load().as_ref() {
+            return Ok(ConnectionManager::clone(manager));
+        }
+        let fresh = Arc::new(
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+                .map_err(|e| Error::from_redis(&e))?,
+        );
+        // Two callers may race to create one; the first stored wins and the
+        // other's unused manager is dropped.
+        let previous = self
+            .manager
+            .compare_and_swap(&None::<Arc<ConnectionManager>>, Some(fresh.clone()));
+        let manager = previous.as_ref().map_or(fresh, Arc::clone);
+        Ok(ConnectionManager::clone(&manager))
+    }
+
+    /// Drops the current connection; the next operation connects afresh.
+    pub(crate) fn reset(&self) {
+        self.manager.store(None);
+    }
+
+    /// Connects if need be and loads every script (one round trip), so
+    /// that no later call pays for a `NOSCRIPT` retry.
+    pub(crate) async fn prepare(&self) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for source in SOURCES {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(source);
+        }
+        let mut conn = self.connection()?;
+        let _: Vec<String> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))?;
+        Ok(())
+    }
+
+    /// Starts the subscriber if need be and waits until it listens.
+    pub(crate) async fn subscribed(&self, timeout: Duration) -> Result<()> {
+        self.notifier.subscribed(&self.client, timeout).await
+    }
+
+    /// Registers interest in `key`'s lock notifications, starting the
+    /// subscriber on first use (or again, if its runtime has ended).
+    pub(crate) fn watch(&self, key: &str) -> Watch {
+        self.notifier.ensure_subscribed(&self.client);
+        self.notifier.register(key)
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let mut conn = self.connection()?;
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let mut conn = self.connection()?;
+        cmd.query_async(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))
+    }
+
+    /// The compare arguments (mode, seen) of `seen`; `None` when it is unknown.
+    fn compare_args<'a>(&self, seen: &'a Seen) -> Option<(&'static str, CompareArg<'a>)> {
+        match seen {
+            Seen::Nothing => Some(("0", CompareArg::Bytes(&[]))),
+            Seen::Bytes(bytes) => Some(("1", CompareArg::Bytes(bytes))),
+            Seen::Oversized => Some(("2", CompareArg::Number(self.limit))),
+            Seen::Unknown => None,
+        }
+    }
+
+    /// One attempt at `lock` for `key`, which held `seen` when read.
+    pub(crate) async fn acquire(
+        &self,
+        key: &str,
+        lock: &str,
+        seen: &Seen,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Acquire> {
+        let Some((mode, compare)) = self.compare_args(seen) else {
+            return Err(Error::Redis("acquire needs a known value".into()));
+        };
+        let mut invocation = self.scripts.acquire.key(key);
+        invocation.key(lock).arg(mode);
+        compare.push(&mut invocation);
+        invocation.arg(token).arg(px(ttl)).arg(self.limit);
+        let reply: Vec<redis::Value> = self.invoke(&invocation).await?;
+        Ok(parse_acquire(&reply))
+    }
+
+    /// Extends `lock` if `token` still holds it; whether it did.
+    pub(crate) async fn extend(&self, lock: &str, token: &str, ttl: Duration) -> Result<bool> {
+        let mut invocation = self.scripts.extend.key(lock);
+        invocation.arg(token).arg(px(ttl));
+        let extended: i64 = self.invoke(&invocation).await?;
+        Ok(extended == 1)
+    }
+
+    /// Releases `lock` if `token` holds it, stores by compare-and-set
+    /// against `seen` if asked, and tells the waiters; whether it stored.
+    pub(crate) async fn release(
+        &self,
+        key: &str,
+        lock: &str,
+        token: &str,
+        seen: &Seen,
+        release: Release<'_>,
+    ) -> Result<bool> {
+        let invocation = self.release_invocation(key, lock, token, seen, release);
+        let stored: i64 = self.invoke(&invocation).await?;
+        Ok(stored == 1)
+    }
+
+    fn release_invocation<'a>(
+        &'a self,
+        key: &'a str,
+        lock: &'a str,
+        token: &'a str,
+        seen: &'a Seen,
+        release: Release<'a>,
+    ) -> redis::ScriptInvocation<'a> {
+        // An unknown `seen` stores nothing: a stale set cannot be ruled out.
+        let compare = self.compare_args(seen);
+        let store = match (release, &compare) {
+            (Release::Store(entry, ttl), Some(_)) => Some((entry, ttl)),
+            _ => None,
+        };
+        let (mode, compare) = compare.unwrap_or(("1", CompareArg::Bytes(&[])));
+        let mut invocation = self.scripts.release.key(key);
+        invocation
+            .key(lock)
+            .arg(token)
+            .arg(if store.is_some() { "1" } else { "0" })
+            .arg(mode);
+        compare.push(&mut invocation);
+        invocation
+            .arg(store.map(|(entry, _)| entry).unwrap_or_default())
+            .arg(store.map_or(1, |(_, ttl)| px(ttl)))
+            .arg(self.notifier.channel())
+            .arg(key)
+            .arg("0")
+            .arg(NOTIFY_INLINE_MAX);
+        invocation
+    }
+
+    /// Releases `lock` in a task of its own, bounded by `timeout`, storing
+    /// nothing: for a holder that was cancelled (its future dropped), that
+    /// does not know whether its acquire ran, or whose computation `failed`.
+    /// Waiters are told to try again, or (`failed`) to compute by
+    /// themselves. Without a runtime (it is shutting down), the lock expires
+    /// by its TTL.
+    pub(crate) fn release_detached(
+        &self,
+        key: &str,
+        lock: &str,
+        token: &str,
+        failed: bool,
+        timeout: Duration,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(mut conn) = self.connection() else {
+            return;
+        };
+        let script = self.scripts.release.clone();
+        let channel = self.notifier.channel().to_owned();
+        let (key, lock, token) = (key.to_owned(), lock.to_owned(), token.to_owned());
+        runtime.spawn(async move {
+            // As `release_invocation` with nothing to store.
+            let mut invocation = script.key(&key);
+            invocation
+                .key(&lock)
+                .arg(&token)
+                .arg("0")
+                .arg("1")
+                .arg("")
+                .arg("")
+                .arg(1)
+                .arg(&channel)
+                .arg(&key)
+                .arg(if failed { "1" } else { "0" })
+                .arg(NOTIFY_INLINE_MAX);
+            let release = invocation.invoke_async::<i64>(&mut conn);
+            if let Ok(Err(err)) = tokio::time::timeout(timeout, release).await {
+                tracing::debug!(
+                    error = %Error::from_redis(&err),
+                    "releasing a dropped holder's lock failed; it expires by its TTL"
+                );
+            }
+        });
+    }
+}
+
+/// The second compare argument of a script.
+enum CompareArg<'a> {
+    Bytes(&'a [u8]),
+    Number(usize),
+}
+
+impl CompareArg<'_> {
+    fn push(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        match self {
+            CompareArg::Bytes(bytes) => invocation.arg(*bytes),
+            CompareArg::Number(n) => invocation.arg(*n),
+        };
+    }
+}
+
+fn parse_acquire(values: &[redis::Value]) -> Acquire {
+    let int = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::Int(i)) => *i,
+        _ => 0,
+    };
+    let bytes = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::BulkString(b)) if !b.is_empty() => Some(Bytes::Owned(b.clone())),
+        _ => None,
+    };
+    let seen = |v: Option<&redis::Value>| bytes(v).map_or(Seen::Oversized, Seen::Bytes);
+    match (int(values.first()), int(values.get(1))) {
+        (1, _) => Acquire::Landed(seen(values.get(1))),
+        (2, 0) => Acquire::Acquired(Seen::Nothing),
+        (2, 1) => Acquire::Acquired(seen(values.get(2))),
+        (2, _) => Acquire::Acquired(Seen::Oversized),
+        _ => Acquire::Held,
+    }
+}
+
+impl Backend for RedisBackend {
+    async fn get(&self, key: &str, limit: Option<usize>) -> Result<Option<Bytes>> {
+        let value: Option<Vec<u8>> = match limit {
+            // GETRANGE reads at most limit + 1 bytes: an oversized value
+            // costs no more than that to reject.
+            Some(limit) => {
+                self.query(redis::cmd("GETRANGE").arg(key).arg(0).arg(limit))
+                    .await?
+            }
+            None => self.query(redis::cmd("GET").arg(key)).await?,
+        };
+        // A missing key reads as empty through GETRANGE; no entry is empty.
+        Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned))
+    }
+
+    async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        self.query(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(&*value)
+                .arg("PX")
+                .arg(px(ttl)),
+        )
+        .await
+    }
+
+    async fn set_if(
+        &self,
+        key: &str,
+        seen: &Seen,
+        value: Arc<[u8]>,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let Some((mode, compare)) = self.compare_args(seen) else {
+            return Ok(false);
+        };
+        let mut invocation = self.scripts.set_if.key(key);
+        invocation.arg(mode);
+        compare.push(&mut invocation);
+        invocation.arg(&*value).arg(px(ttl));
+        let stored: i64 = self.invoke(&invocation).await?;
+        Ok(stored == 1)
+    }
+
+    async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+        let mut invocation = self.scripts.tag.prepare_invoke();
+        for tag_key in tag_keys {
+            invocation.key(tag_key);
+        }
+        invocation.arg(key).arg(px(ttl));
+        let _: i64 = self.invoke(&invocation).await?;
+        Ok(())
+    }
+
+    async fn invalidate_tag(
+        &self,
+        tag_key: &str,
+        tombstone: Arc<[u8]>,
+        window: Duration,
+    ) -> Result<u64> {
+        let mut invocation = self.scripts.invalidate_tag.key(tag_key);
+        invocation.arg(&*tombstone).arg(px(window));
+        self.invoke(&invocation).await
+    }
+}
+
+fn invalid_url(err: &redis::RedisError) -> Error {
+    // The error text of a URL parse never needs the URL itself.
+    Error::InvalidUrl(format!("{:?}", err.kind()))
+}
+
+#[cfg(feature = "tls")]
+fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
+    // One process-wide provider; if the application installed its own, keep it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match tls_root {
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| invalid_url(&e))
+}
+
+#[cfg(not(feature = "tls"))]
+fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
+    if tls_root.is_some() || url.starts_with("rediss://") {
+        return Err(Error::Config(
+            "rediss:// needs the `tls` feature of redis-cached".into(),
+        ));
+    }
+    redis::Client::open(url).map_err(|e| invalid_url(&e))
+}

@@ -1,0 +1,302 @@
+//! Lock notifications: one subscriber connection per cache listens on the
+//! cache's channel for every key, and wakes this process's waiters of the
+//! key a message names.
+//!
+//! A message is `<key length>:<key><kind>[entry]` (see the release script):
+//! the waiter learns what happened without a further read when the entry
+//! is small, and otherwise what to do next.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{watch, Notify};
+
+use crate::backend::Bytes;
+use crate::error::{Error, Result};
+
+/// What a notification said about a key.
+#[derive(Debug, Clone)]
+pub(crate) enum Landing {
+    /// This entry was stored.
+    Value(Bytes),
+    /// An entry too large to carry was stored: read it.
+    Fetch,
+    /// The lock was released with nothing stored: try it again.
+    Retry,
+    /// The holder's computation failed: compute without waiting.
+    Failed,
+}
+
+pub(crate) struct Notifier {
+    channel: String,
+    waiters: Mutex<HashMap<String, Slot>>,
+    /// Whether a subscriber task is alive; its guard clears this when the
+    /// task ends, however it ends (its runtime shutting down included).
+    running: Arc<AtomicBool>,
+    /// Whether the subscription is confirmed and listening.
+    listening: watch::Sender<bool>,
+}
+
+/// The waiters of one key in this process.
+struct Slot {
+    notify: Arc<Notify>,
+    watches: usize,
+    /// How many notifications arrived, and the last one.
+    count: u64,
+    last: Option<Landing>,
+}
+
+/// Interest in one key's notifications; dropping it ends the interest.
+pub(crate) struct Watch {
+    notifier: Arc<Notifier>,
+    key: String,
+    notify: Arc<Notify>,
+    /// Notifications already seen through this watch.
+    seen: AtomicU64,
+}
+
+impl Watch {
+    /// Resolves at the next notification for the key; create it before
+    /// checking the key, then await it.
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// The last notification since this watch last looked, if any.
+    pub(crate) fn landed(&self) -> Option<Landing> {
+        let waiters = self.notifier.lock();
+        let slot = waiters.get(&self.key)?;
+        if self.seen.swap(slot.count, Ordering::Relaxed) == slot.count {
+            return None;
+        }
+        slot.last.clone()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut waiters = self.notifier.lock();
+        if let Some(slot) = waiters.get_mut(&self.key) {
+            slot.watches -= 1;
+            if slot.watches == 0 {
+                waiters.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Clears the notifier's `running` flag when the subscriber task ends.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Notifier {
+    pub(crate) fn new(channel: String) -> Arc<Notifier> {
+        Arc::new(Notifier {
+            channel,
+            waiters: Mutex::new(HashMap::new()),
+            running: Arc::new(AtomicBool::new(false)),
+            listening: watch::Sender::new(false),
+        })
+    }
+
+    pub(crate) fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn register(self: &Arc<Self>, key: &str) -> Watch {
+        let mut waiters = self.lock();
+        let slot = waiters.entry(key.to_owned()).or_insert_with(|| Slot {
+            notify: Arc::new(Notify::new()),
+            watches: 0,
+            count: 0,
+            last: None,
+        });
+        slot.watches += 1;
+        let (notify, seen) = (slot.notify.clone(), slot.count);
+        drop(waiters);
+        Watch {
+            notifier: Arc::clone(self),
+            key: key.to_owned(),
+            notify,
+            seen: AtomicU64::new(seen),
+        }
+    }
+
+    /// Handles one message.
+    fn wake(&self, message: &[u8]) {
+        let Some((key, landing)) = parse(message) else {
+            return;
+        };
+        if let Some(slot) = self.lock().get_mut(key) {
+            slot.count += 1;
+            slot.last = Some(landing);
+            slot.notify.notify_waiters();
+        }
+    }
+
+    /// Starts the subscriber if need be and waits until it listens.
+    pub(crate) async fn subscribed(
+        self: &Arc<Self>,
+        client: &redis::Client,
+        timeout: Duration,
+    ) -> Result<()> {
+        let mut listening = self.listening.subscribe();
+        self.ensure_subscribed(client);
+        let confirmed = tokio::time::timeout(timeout, listening.wait_for(|&on| on))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if confirmed {
+            Ok(())
+        } else {
+            Err(Error::Timeout(timeout))
+        }
+    }
+
+    /// Starts the subscriber task unless one is alive; it reconnects by
+    /// itself, and ends when the cache is dropped or its runtime ends (the
+    /// next watch then starts another on the caller's runtime).
+    pub(crate) fn ensure_subscribed(self: &Arc<Self>, client: &redis::Client) {
+        if self.running.load(Ordering::Acquire) || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let running = Running(Arc::clone(&self.running));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // `running` clears the flag
+        };
+        let (notifier, client) = (Arc::downgrade(self), client.clone());
+        runtime.spawn(async move {
+            let _running = running;
+            subscribe_loop(notifier, client).await;
+        });
+    }
+}
+
+/// `<key length>:<key><kind>[entry]` → the key and what happened.
+fn parse(message: &[u8]) -> Option<(&str, Landing)> {
+    let colon = message.iter().position(|&b| b == b':')?;
+    let len: usize = std::str::from_utf8(&message[..colon]).ok()?.parse().ok()?;
+    let rest = &message[colon + 1..];
+    let key = std::str::from_utf8(rest.get(..len)?).ok()?;
+    let (&kind, entry) = rest.get(len..)?.split_first()?;
+    let landing = match (kind, entry.is_empty()) {
+        (b'v', false) => Landing::Value(Bytes::Owned(entry.to_vec())),
+        (b'f', true) => Landing::Fetch,
+        (b'r', true) => Landing::Retry,
+        (b'x', true) => Landing::Failed,
+        _ => return None,
+    };
+    Some((key, landing))
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+async fn subscribe_loop(notifier: Weak<Notifier>, client: redis::Client) {
+    let mut backoff = FIRST_BACKOFF;
+    while let Some(channel) = notifier.upgrade().map(|n| n.channel.clone()) {
+        let (listened, outcome) = listen(&notifier, &client, &channel).await;
+        if outcome.is_ok() {
+            return;
+        }
+        if let Some(n) = notifier.upgrade() {
+            n.listening.send_replace(false);
+        }
+        if listened {
+            // It worked until now: reconnect promptly.
+            backoff = FIRST_BACKOFF;
+        }
+        if let Err(err) = outcome {
+            tracing::debug!(error = %err, "lock notifications interrupted; waiters poll meanwhile");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Listens until the connection fails (`Err`) or the cache is gone (`Ok`);
+/// also says whether it got as far as listening.
+async fn listen(
+    notifier: &Weak<Notifier>,
+    client: &redis::Client,
+    channel: &str,
+) -> (bool, Result<()>) {
+    const CONNECT: Duration = Duration::from_secs(2);
+    let connect = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    let pubsub = match tokio::time::timeout(CONNECT, connect).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(err)) => return (false, Err(Error::from_redis(&err))),
+        Err(_) => return (false, Err(Error::Timeout(CONNECT))),
+    };
+    let mut messages = pubsub.into_on_message();
+    // Upgraded only for the moment: a strong reference held here would
+    // keep the cache alive.
+    match notifier.upgrade() {
+        Some(n) => n.listening.send_replace(true),
+        None => return (true, Ok(())),
+    };
+    loop {
+        // Wake up now and then to notice a dropped cache.
+        match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+            Ok(Some(msg)) => match notifier.upgrade() {
+                Some(n) => n.wake(msg.get_payload_bytes()),
+                None => return (true, Ok(())),
+            },
+            Ok(None) => return (true, Err(Error::Redis("subscription closed".into()))),
+            Err(_) if notifier.strong_count() == 0 => return (true, Ok(())),
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_say_what_happened() {
+        let notifier = Notifier::new("c".into());
+        let watch = notifier.register("a:b");
+        let other = notifier.register("a");
+        notifier.wake(b"3:a:bvENTRY");
+        assert!(matches!(watch.landed(), Some(Landing::Value(b)) if &*b == b"ENTRY"));
+        assert!(watch.landed().is_none(), "seen once");
+        assert!(other.landed().is_none());
+        notifier.wake(b"1:ar");
+        assert!(matches!(other.landed(), Some(Landing::Retry)));
+        notifier.wake(b"1:ax");
+        assert!(matches!(other.landed(), Some(Landing::Failed)));
+        notifier.wake(b"1:af");
+        assert!(matches!(other.landed(), Some(Landing::Fetch)));
+        for garbage in [
+            &b""[..],
+            b"x",
+            b"9:a",
+            b"-1:a",
+            b"1:",
+            b"1:a",
+            b"1:av",
+            b"1:arX",
+        ] {
+            notifier.wake(garbage);
+        }
+        assert!(other.landed().is_none(), "garbage is ignored");
+        drop((watch, other));
+        assert!(notifier.lock().is_empty());
+    }
+}

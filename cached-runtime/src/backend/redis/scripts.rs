@@ -1,0 +1,171 @@
+//! The Lua scripts the Redis backend runs, and their parsed replies.
+//!
+//! Every script touches only the keys it is given in `KEYS`, and all of a
+//! script's keys share one hash slot (a value and its companions), so each
+//! runs as one atomic step on a standalone server or a cluster node.
+//!
+//! Several scripts compare a key with what a caller saw when it read it
+//! (`unchanged`): mode `0`, the key held nothing; mode `1`, exactly these
+//! bytes; mode `2`, a value longer than this many bytes (one the cache
+//! would not read whole, and never writes itself).
+
+use std::time::Duration;
+
+/// Defines `unchanged(key, mode, seen)`, shared by the scripts below.
+macro_rules! unchanged_fn {
+    () => {
+        r"
+local function unchanged(key, mode, seen)
+  if mode == '2' then
+    return redis.call('STRLEN', key) > tonumber(seen)
+  end
+  local cur = redis.call('GET', key)
+  if mode == '0' then
+    return (not cur) or cur == ''
+  end
+  return cur == seen
+end
+"
+    };
+}
+
+/// Compare-and-set. KEYS: the key. ARGV: mode, seen, the new value, its TTL
+/// in ms. Returns 1 if it stored.
+const SET_IF: &str = concat!(
+    unchanged_fn!(),
+    r"
+if unchanged(KEYS[1], ARGV[1], ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  return 1
+end
+return 0
+"
+);
+
+/// Takes the lock unless the value changed since it was read.
+/// KEYS: value, lock. ARGV: mode, seen, token, lock TTL in ms, the largest
+/// value the cache reads.
+/// Returns `{1, entry}` when another entry landed, `{2, state, entry}` when
+/// the lock was taken (state 0: the key holds nothing, 1: `entry`, 2: a
+/// value over the limit), `{3}` when another caller holds it.
+const ACQUIRE: &str = concat!(
+    unchanged_fn!(),
+    r"
+if not unchanged(KEYS[1], ARGV[1], ARGV[2]) then
+  local cur = redis.call('GET', KEYS[1])
+  if cur and cur ~= '' then
+    if #cur > tonumber(ARGV[5]) then return {1, ''} end
+    return {1, cur}
+  end
+end
+if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then
+  if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[5]) then return {2, 2, ''} end
+  local cur = redis.call('GET', KEYS[1])
+  if cur and cur ~= '' then return {2, 1, cur} end
+  return {2, 0, ''}
+end
+return {3}
+"
+);
+
+/// Releases the lock if this token holds it, stores the value by
+/// compare-and-set if asked, and publishes what happened to the waiters:
+/// `<key length>:<key><kind>[entry]`, kind `v` with the entry when it was
+/// stored and is small, `f` when it was stored but is large (fetch it), `r`
+/// when nothing was stored (try the lock again), `x` when the computation
+/// failed (compute without waiting).
+/// KEYS: value, lock. ARGV: token, `1` to store, mode, seen, the new value,
+/// its TTL in ms, the channel, the key as given, `1` if the computation
+/// failed, the largest entry a message carries.
+const RELEASE: &str = concat!(
+    unchanged_fn!(),
+    r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+local stored = 0
+if ARGV[2] == '1' and unchanged(KEYS[1], ARGV[3], ARGV[4]) then
+  redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
+  stored = 1
+end
+local message = #ARGV[8] .. ':' .. ARGV[8]
+if stored == 1 then
+  if #ARGV[5] <= tonumber(ARGV[10]) then
+    message = message .. 'v' .. ARGV[5]
+  else
+    message = message .. 'f'
+  end
+elseif ARGV[9] == '1' then
+  message = message .. 'x'
+else
+  message = message .. 'r'
+end
+redis.call('PUBLISH', ARGV[7], message)
+return stored
+"
+);
+
+/// Extends the lock if this token still holds it. KEYS: lock. ARGV: token,
+/// TTL in ms.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Adds ARGV[1] to each tag set in KEYS, keeping each set at least ARGV[2] ms.
+const TAG: &str = r"
+for _, tag in ipairs(KEYS) do
+  redis.call('SADD', tag, ARGV[1])
+  if redis.call('PTTL', tag) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', tag, ARGV[2])
+  end
+end
+return 0
+";
+
+/// Replaces every key of the tag set KEYS[1] by the tombstone ARGV[1] for
+/// ARGV[2] ms, deletes the set, and returns how many keys it held.
+const INVALIDATE_TAG: &str = r"
+local members = redis.call('SMEMBERS', KEYS[1])
+for _, key in ipairs(members) do
+  redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+return #members
+";
+
+/// The scripts, hashed once per backend.
+pub(crate) struct Scripts {
+    pub(crate) set_if: redis::Script,
+    pub(crate) acquire: redis::Script,
+    pub(crate) release: redis::Script,
+    pub(crate) extend: redis::Script,
+    pub(crate) tag: redis::Script,
+    pub(crate) invalidate_tag: redis::Script,
+}
+
+/// Every script's source, in [`Scripts`]' field order; `prepare` loads
+/// them all in one round trip.
+pub(crate) const SOURCES: [&str; 6] = [SET_IF, ACQUIRE, RELEASE, EXTEND, TAG, INVALIDATE_TAG];
+
+impl Default for Scripts {
+    fn default() -> Self {
+        let [set_if, acquire, release, extend, tag, invalidate_tag] =
+            SOURCES.map(redis::Script::new);
+        Scripts {
+            set_if,
+            acquire,
+            release,
+            extend,
+            tag,
+            invalidate_tag,
+        }
+    }
+}
+
+/// A TTL in whole milliseconds for PX; under 1 ms still lives 1 ms.
+pub(crate) fn px(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}

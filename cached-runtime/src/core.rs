@@ -1,0 +1,333 @@
+//! The cache's core: its backend, codec, breaker and counters, and the
+//! operations every algorithm is made of: read and decode a key, store an
+//! entry (plainly or by compare-and-set), leave a tombstone, run a backend
+//! operation under `op_timeout` and the breaker.
+//!
+//! Everything here works on bytes except the thin decode and encode steps,
+//! so that little code is compiled once per cached function.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::backend::{AnyBackend, Backend, Bytes, Seen};
+use crate::breaker::{Breaker, Transition};
+use crate::codec::{Codec, Entry, Timing};
+use crate::error::{Error, Result};
+use crate::flight::Flights;
+use crate::key::full_key;
+use crate::policy::Policy;
+use crate::shape::{Shape, Stored};
+use crate::stats::Counters;
+use crate::token::now_unix_ms;
+
+/// The settings of a cache, fixed when it is built.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) namespace: Option<String>,
+    pub(crate) default_ttl: Duration,
+    pub(crate) op_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) invalidation_window: Duration,
+    pub(crate) max_value_bytes: usize,
+    /// Read at most `max_value_bytes + 1` bytes of an entry (GETRANGE)
+    /// rather than all of it (GET).
+    pub(crate) bounded_reads: bool,
+    pub(crate) codec: Codec,
+}
+
+/// What a cache is made of; the public handle holds it in an `Arc`.
+pub(crate) struct Inner {
+    pub(crate) backend: AnyBackend,
+    pub(crate) settings: Settings,
+    pub(crate) breaker: Breaker,
+    pub(crate) counters: Counters,
+    pub(crate) flights: Flights,
+    /// The keys this process is refreshing in the background.
+    pub(crate) refreshing: crate::claims::Claims,
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup<T> {
+    Hit(Hit<T>),
+    /// Nothing usable; what was there, for the compare-and-set.
+    Miss(Seen),
+}
+
+/// A usable entry.
+pub(crate) struct Hit<T> {
+    /// The value; `None` for a cached absence.
+    pub(crate) value: Option<T>,
+    pub(crate) timing: Option<Timing>,
+    /// The entry as stored, for a refresh's compare-and-set.
+    pub(crate) raw: Bytes,
+}
+
+/// An encoded result: the entry, and how long to store it (`None`: share
+/// it with this process's followers but do not store it).
+pub(crate) type Encoded = (Arc<[u8]>, Option<Duration>);
+
+/// How a compare-and-set ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreOutcome {
+    Stored,
+    /// The key changed since it was read: an invalidation or a newer write won.
+    Refused,
+    /// Nothing was stored: Redis failed, the value is too large, or what the
+    /// key held is unknown.
+    Failed,
+}
+
+impl Inner {
+    /// The key sent to the backend for `key`.
+    pub(crate) fn full_key(&self, key: String) -> String {
+        full_key(self.settings.namespace.as_deref(), key)
+    }
+
+    /// Runs one backend operation under the breaker and `op_timeout`,
+    /// counting what happens. The in-memory backend cannot fail or block, so
+    /// it runs bare.
+    pub(crate) async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        self.guarded_within(self.settings.op_timeout, op).await
+    }
+
+    /// [`Inner::guarded`] with another bound than `op_timeout`.
+    pub(crate) async fn guarded_within<T>(
+        &self,
+        bound: Duration,
+        op: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if !self.backend.is_redis() {
+            return op.await;
+        }
+        if !self.breaker.allow() {
+            Counters::bump(&self.counters.breaker_skips);
+            return Err(Error::BreakerOpen);
+        }
+        let err = match tokio::time::timeout(bound, op).await {
+            Ok(Ok(value)) => {
+                if self.breaker.success() {
+                    tracing::info!("Redis reachable again; caching resumed");
+                }
+                return Ok(value);
+            }
+            Ok(Err(err @ (Error::Refused(_) | Error::Rejected(_)))) => {
+                // Redis answered: it is up, only this command was refused.
+                self.breaker.success();
+                let counter = match err {
+                    Error::Refused(_) => &self.counters.refused,
+                    _ => &self.counters.rejected,
+                };
+                Counters::bump(counter);
+                tracing::debug!(error = %err, "Redis refused a command");
+                return Err(err);
+            }
+            Ok(Err(err)) => {
+                Counters::bump(&self.counters.errors);
+                err
+            }
+            Err(_) => {
+                Counters::bump(&self.counters.timeouts);
+                Error::Timeout(bound)
+            }
+        };
+        tracing::debug!(error = %err, "Redis operation failed");
+        if self.breaker.failure() == Transition::Opened {
+            Counters::bump(&self.counters.breaker_opens);
+            tracing::warn!(
+                error = %err,
+                "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
+            );
+            if let Some(redis) = self.backend.redis() {
+                redis.reset();
+            }
+        }
+        Err(err)
+    }
+
+    /// Reads `key`: its bytes, or what a later compare-and-set expects.
+    pub(crate) async fn read(&self, key: &str) -> std::result::Result<Bytes, Seen> {
+        let limit = self
+            .settings
+            .bounded_reads
+            .then_some(self.settings.max_value_bytes);
+        match self.guarded(self.backend.get(key, limit)).await {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(Seen::Nothing),
+            Err(_) => Err(Seen::Unknown),
+        }
+    }
+
+    /// Reads and decodes `key`, counting a hit or a miss.
+    pub(crate) async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
+        let found = match self.read(key).await {
+            Ok(bytes) => self.decode::<T>(bytes),
+            Err(seen) => Lookup::Miss(seen),
+        };
+        let counters = &self.counters;
+        match found {
+            Lookup::Miss(_) => Counters::bump(&counters.misses),
+            Lookup::Hit(_) => Counters::bump(&counters.hits),
+        }
+        found
+    }
+
+    pub(crate) fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
+        if bytes.len() > self.settings.max_value_bytes {
+            Counters::bump(&self.counters.oversized);
+            return Lookup::Miss(Seen::Oversized);
+        }
+        match self.settings.codec.decode::<T>(&bytes) {
+            Ok(Entry::Value(value, timing)) => Lookup::Hit(Hit {
+                value,
+                timing,
+                raw: bytes,
+            }),
+            Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
+            Err(err) => {
+                Counters::bump(&self.counters.decode_errors);
+                tracing::debug!(error = %err, "stored value undecodable; treated as a miss");
+                Lookup::Miss(Seen::Bytes(bytes))
+            }
+        }
+    }
+
+    pub(crate) fn check_size(&self, entry: &[u8]) -> Result<()> {
+        let max = self.settings.max_value_bytes;
+        if entry.len() > max {
+            Counters::bump(&self.counters.oversized);
+            return Err(Error::Config(format!(
+                "value of {} bytes is over max_value_bytes ({max})",
+                entry.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores `entry` at `key`, replacing what is there.
+    pub(crate) async fn store(&self, key: &str, entry: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        self.check_size(&entry)?;
+        self.guarded(self.backend.set(key, entry, ttl)).await?;
+        Counters::bump(&self.counters.writes);
+        Ok(())
+    }
+
+    /// Stores `entry` at `key` if the key still holds what was `seen`.
+    pub(crate) async fn store_if(
+        &self,
+        key: &str,
+        seen: &Seen,
+        entry: Arc<[u8]>,
+        ttl: Duration,
+    ) -> StoreOutcome {
+        if self.check_size(&entry).is_err() || matches!(seen, Seen::Unknown) {
+            return StoreOutcome::Failed;
+        }
+        match self
+            .guarded(self.backend.set_if(key, seen, entry, ttl))
+            .await
+        {
+            Ok(stored) => self.count_store(stored),
+            Err(_) => StoreOutcome::Failed,
+        }
+    }
+
+    /// Counts a compare-and-set's result.
+    pub(crate) fn count_store(&self, stored: bool) -> StoreOutcome {
+        if stored {
+            Counters::bump(&self.counters.writes);
+            StoreOutcome::Stored
+        } else {
+            Counters::bump(&self.counters.stale_sets_refused);
+            StoreOutcome::Refused
+        }
+    }
+
+    /// Replaces `key` by a unique tombstone (see `Cache::invalidate`), and
+    /// detaches this process's computation of it.
+    pub(crate) async fn tombstone(&self, key: &str) -> Result<()> {
+        let tombstone = self.settings.codec.encode_tombstone();
+        let window = self.settings.invalidation_window;
+        let written = self
+            .guarded(self.backend.set(key, tombstone.into(), window))
+            .await;
+        // Even if the write failed: this process's later callers must not
+        // join a computation that read the key before.
+        self.flights.detach(key);
+        written?;
+        Counters::bump(&self.counters.invalidations);
+        Ok(())
+    }
+
+    /// The key of the set of keys cached under `tag`.
+    pub(crate) fn tag_key(&self, tag: &str) -> String {
+        self.full_key(format!("redis-cached:tag:{tag}"))
+    }
+
+    /// Records `key` under each of `tags` for at least `ttl`.
+    pub(crate) async fn tag(&self, key: &str, tags: &[String], ttl: Duration) -> Result<()> {
+        let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
+        self.guarded(self.backend.tag(key, &tag_keys, ttl)).await
+    }
+
+    /// Invalidates every key recorded under `tag`; how many there were.
+    pub(crate) async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
+        let tag_key = self.tag_key(tag);
+        let tombstone = self.settings.codec.encode_tombstone();
+        let window = self.settings.invalidation_window;
+        let count = self
+            .guarded(
+                self.backend
+                    .invalidate_tag(&tag_key, tombstone.into(), window),
+            )
+            .await;
+        self.flights.detach_all();
+        let count = count?;
+        for _ in 0..count {
+            Counters::bump(&self.counters.invalidations);
+        }
+        Ok(count)
+    }
+
+    /// The entry to store for `result` and how long to store it, or nothing
+    /// for an error or a value that cannot be serialized. `delta` is how
+    /// long the computation took; with `stale` or `early` the entry carries
+    /// its freshness data, and with `stale` it is kept that much longer
+    /// than its TTL.
+    pub(crate) fn encode_result<S: Shape<R>, R>(
+        &self,
+        result: &R,
+        policy: &Policy,
+        delta: Duration,
+    ) -> Option<Encoded> {
+        let codec = self.settings.codec;
+        let view = S::view(result);
+        let fresh_for = match view {
+            Stored::Value(_) => Some(policy.ttl.unwrap_or(self.settings.default_ttl)),
+            Stored::Absent => policy.cache_none,
+            Stored::Skip => return None,
+        };
+        let timing = fresh_for
+            .filter(|_| policy.stale.is_some() || policy.early.is_some())
+            .map(|ttl| Timing {
+                soft_expiry_ms: now_unix_ms()
+                    .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+                delta_ms: u32::try_from(delta.as_millis()).unwrap_or(u32::MAX),
+            });
+        let keep_for = fresh_for.map(|ttl| ttl.saturating_add(policy.stale.unwrap_or_default()));
+        let entry = match view {
+            Stored::Value(value) => match codec.encode(value, timing) {
+                Ok(entry) => entry,
+                Err(err) => {
+                    Counters::bump(&self.counters.encode_errors);
+                    tracing::warn!(error = %err, "value not cached: it cannot be serialized");
+                    return None;
+                }
+            },
+            _ => codec.encode_absent(timing),
+        };
+        Some((entry.into(), keep_for))
+    }
+}

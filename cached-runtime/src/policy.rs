@@ -1,0 +1,28 @@
+//! The per-function settings of a cached function, as the attribute
+//! writes them.
+
+use std::time::Duration;
+
+/// The settings of one cached function.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// TTL of stored values; `None`: the cache's default.
+    pub ttl: Option<Duration>,
+    /// TTL of a stored absence; `None`: absences are not stored.
+    pub cache_none: Option<Duration>,
+    /// The cross-process lock, for `lock = true`.
+    pub lock: Option<LockPolicy>,
+    /// How long a value is served stale after its TTL while it is refreshed.
+    pub stale: Option<Duration>,
+    /// The XFetch beta of early refresh.
+    pub early: Option<f64>,
+}
+
+/// Lock settings of one cached function.
+#[derive(Debug, Clone, Copy)]
+pub struct LockPolicy {
+    /// How long a lock lives without its holder extending it.
+    pub ttl: Duration,
+    /// How long a caller waits for another's computation before computing itself.
+    pub wait: Duration,
+}
