@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! async fn get_user(&self, id: u64) -> R {
+//!     #![inner attributes of the body]
 //!     let __cache = <the cache>;
 //!     let __key = <the rendered key>;          // before the body moves the arguments
 //!     let __body = async move { let __ret: R = <body>; __ret };
@@ -25,7 +26,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     let private = quote!(#krate::__private);
     let func = &model.func;
     let (attrs, vis, sig) = (&func.attrs, &func.vis, &func.sig);
-    let block = &func.block;
+    let (inner_attrs, block) = (&func.inner_attrs, &func.body);
     let ret = &model.ret;
     let (cache, key, body) = (local("__cache"), local("__key"), local("__body"));
     let ret_local = local("__ret");
@@ -91,6 +92,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     quote! {
         #(#attrs)*
         #vis #sig {
+            #(#inner_attrs)*
             let #cache = #cache_expr;
             let #key = #key_expr;
             let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];

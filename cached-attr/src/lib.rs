@@ -1,14 +1,16 @@
 //! The attributes of `redis-cached`. Use them through the `redis-cached`
 //! crate, which documents them in full; this crate only generates code.
 //!
-//! Each attribute runs one chain: parse the arguments (`args`), parse and
-//! check the key template (`key`), build the checked model of the function
+//! Each attribute runs one chain: parse the arguments (`args`), parse the
+//! function up to its body, which stays tokens (`item`), parse and check the
+//! key template (`key`), build the checked model of the function
 //! (`model`), generate code (`expand`). Errors from every phase are
 //! reported together, next to the user's function left unchanged.
 
 mod args;
 mod errors;
 mod expand;
+mod item;
 mod key;
 mod model;
 
@@ -58,7 +60,7 @@ fn run(
 ) -> syn::Result<proc_macro2::TokenStream> {
     let mut errors = Errors::new();
     let args = Args::parse(kind, args, &mut errors);
-    let func: syn::ItemFn = syn::parse2(item).map_err(|err| {
+    let func: item::Func = syn::parse2(item).map_err(|err| {
         syn::Error::new(
             err.span(),
             format!("#[{}] applies to an `async fn`: {err}", kind.name()),

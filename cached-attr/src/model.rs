@@ -3,10 +3,11 @@
 
 use proc_macro2::{Ident, Span};
 use syn::spanned::Spanned;
-use syn::{FnArg, ItemFn, Pat, ReturnType, Type};
+use syn::{FnArg, Pat, ReturnType, Type};
 
 use crate::args::{Args, Kind};
 use crate::errors::Errors;
+use crate::item::Func;
 use crate::key::{self, Segment};
 
 /// Which part of the return type is stored (the runtime's `Shape`).
@@ -81,7 +82,7 @@ pub(crate) enum KeyPart {
 
 pub(crate) struct Model {
     pub(crate) kind: Kind,
-    pub(crate) func: ItemFn,
+    pub(crate) func: Func,
     pub(crate) key: Vec<KeyPart>,
     /// The rendered parts of each tag template.
     pub(crate) tags: Vec<Vec<KeyPart>>,
@@ -109,12 +110,7 @@ struct Param {
 }
 
 impl Model {
-    pub(crate) fn build(
-        kind: Kind,
-        args: Args,
-        func: ItemFn,
-        errors: &mut Errors,
-    ) -> Option<Model> {
+    pub(crate) fn build(kind: Kind, args: Args, func: Func, errors: &mut Errors) -> Option<Model> {
         if func.sig.asyncness.is_none() {
             errors.push(syn::Error::new(
                 func.sig.fn_token.span(),
@@ -210,7 +206,7 @@ fn check_freshness_args(args: &Args, errors: &mut Errors) {
 /// shared reference copies it, so the borrow survives. Anything else (a
 /// method call's temporary, `self: Arc<Self>`, an owned parameter) is
 /// cloned instead.
-fn borrowable(expr: &syn::Expr, func: &ItemFn) -> bool {
+fn borrowable(expr: &syn::Expr, func: &Func) -> bool {
     let root = match place_root(expr) {
         Some(root) => root,
         None => return false,
@@ -246,7 +242,7 @@ fn place_root(expr: &syn::Expr) -> Option<String> {
 /// With `stale` or `early` the body may run as a background refresh after
 /// the call returned, so it cannot borrow: catch the usual borrows here,
 /// with a message that says what to do, before rustc reports a lifetime.
-fn check_refresh_ownership(args: &Args, func: &ItemFn, errors: &mut Errors) {
+fn check_refresh_ownership(args: &Args, func: &Func, errors: &mut Errors) {
     let Some(span) = args.stale.map(|s| s.span).or(args.early.map(|e| e.span)) else {
         return;
     };
@@ -280,7 +276,7 @@ fn millis(d: std::time::Duration) -> u64 {
 }
 
 /// The named parameters, and the spans of those without a plain name.
-fn params(func: &ItemFn) -> (Vec<Param>, Vec<Span>) {
+fn params(func: &Func) -> (Vec<Param>, Vec<Span>) {
     let mut named = Vec::new();
     let mut unnamed = Vec::new();
     for input in &func.sig.inputs {
@@ -350,7 +346,7 @@ fn field_ident(field: &str, span: Span) -> syn::Member {
 }
 
 /// `<module path>::<fn>` then `:<arg>` for every non-self argument.
-fn default_key(func: &ItemFn, params: &[Param], unnamed: &[Span]) -> syn::Result<Vec<KeyPart>> {
+fn default_key(func: &Func, params: &[Param], unnamed: &[Span]) -> syn::Result<Vec<KeyPart>> {
     if let Some(span) = unnamed.first() {
         return Err(syn::Error::new(
             *span,
