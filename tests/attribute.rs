@@ -191,7 +191,21 @@ async fn default_key_names_module_fn_and_arguments() {
     assert_eq!(repo.default_key(1, "x".into()).await, "1x");
     assert_eq!(repo.default_key(1, "y".into()).await, "1y");
     assert_eq!(repo.calls(), 2);
-    let key = format!("{}::default_key:1:x", module_path!());
+    // `<module path>::<fn>#<digest of the fn's instantiated path>:<args>`.
+    // The path is the type name of a closure in the fn's body (an async
+    // fn's body is itself one): it names the impl block, so two `get`s of
+    // two impls in one module differ (tests/default_keys.rs).
+    let path = format!(
+        "{}::Repo::default_key::{{{{closure}}}}::{{{{closure}}}}",
+        module_path!()
+    );
+    let mut key = redis_cached::KeyBuilder::with_capacity(64);
+    key.literal(module_path!());
+    key.literal("::default_key");
+    key.digest(&[&path]);
+    key.literal(":1:x");
+    let key = key.finish(None);
+    assert!(key.starts_with("attribute::default_key#"), "{key}");
     assert_eq!(repo.cache.get::<String>(&key).await.as_deref(), Some("1x"));
 }
 

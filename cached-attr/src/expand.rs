@@ -15,7 +15,7 @@ use proc_macro2::{Ident, Span, TokenStream};
 use quote::{quote, quote_spanned};
 
 use crate::args::Kind;
-use crate::model::{KeyPart, Model};
+use crate::model::{KeyPart, Model, TypeName};
 
 fn local(name: &str) -> Ident {
     Ident::new(name, Span::mixed_site())
@@ -132,6 +132,7 @@ fn render(parts: &[KeyPart], version: Option<u32>, private: &TokenStream) -> Tok
             KeyPart::Literal(text) => text.len(),
             KeyPart::ModulePath => 32,
             KeyPart::Value(_) => 16,
+            KeyPart::Digest(_) => 17,
         })
         .sum();
     let pushes = parts.iter().map(|part| match part {
@@ -144,6 +145,16 @@ fn render(parts: &[KeyPart], version: Option<u32>, private: &TokenStream) -> Tok
             // Spanned at the parameter: a type without `CacheKey`, or a
             // field that does not exist, is reported there.
             quote_spanned!(span=> #private::KeyBuilder::value(&mut #builder, &#root #(.#fields)*);)
+        }
+        KeyPart::Digest(names) => {
+            let names = names.iter().map(|name| match name {
+                // A closure's type is generic over everything the function
+                // is: its name is the function's path, instantiated.
+                TypeName::Function => quote!(::core::any::type_name_of_val(&|| ())),
+                TypeName::Param(ty) => quote!(::core::any::type_name::<#ty>()),
+                TypeName::TypeOf(value) => quote!(#private::KeyBuilder::type_name_of(&#value)),
+            });
+            quote!(#builder.digest(&[#(#names),*]);)
         }
     });
     let version = match version {

@@ -78,6 +78,23 @@ pub(crate) enum KeyPart {
     /// Literal text computed at the call site: the default key's module path.
     ModulePath,
     Value(KeyValue),
+    /// `#` and a digest of these type names, computed per call: what tells
+    /// apart keys that would otherwise read the same (the runtime's
+    /// `KeyBuilder::digest`).
+    Digest(Vec<TypeName>),
+}
+
+/// A type name that goes into a key's digest.
+pub(crate) enum TypeName {
+    /// The function itself, instantiated: the type name of a closure in its
+    /// body, a path such as `app::m::<X as app::m::Named>::name::{{closure}}`
+    /// or `app::m::Table<u8>::load::{{closure}}` that names the impl block
+    /// or trait impl and every generic argument, the impl's included.
+    Function,
+    /// A type parameter of the function.
+    Param(Ident),
+    /// The type of an `impl Trait` argument, which has no name to write.
+    TypeOf(Ident),
 }
 
 pub(crate) struct Model {
@@ -107,6 +124,8 @@ pub(crate) struct Model {
 struct Param {
     ident: Ident,
     is_self: bool,
+    /// The declared type; `None` for the receiver.
+    ty: Option<Type>,
 }
 
 impl Model {
@@ -125,7 +144,8 @@ impl Model {
         let key = match &args.key {
             Some(lit) => errors
                 .ok(key::parse(lit))
-                .and_then(|segments| errors.ok(resolve(lit, &segments, &params))),
+                .and_then(|segments| errors.ok(resolve(lit, &segments, &params)))
+                .map(|parts| with_instantiation(parts, &func, &params)),
             None => errors.ok(default_key(&func, &params, &unnamed)),
         };
         let tags: Vec<Vec<KeyPart>> = args
@@ -284,11 +304,13 @@ fn params(func: &Func) -> (Vec<Param>, Vec<Span>) {
             FnArg::Receiver(recv) => named.push(Param {
                 ident: Ident::new("self", recv.self_token.span),
                 is_self: true,
+                ty: None,
             }),
             FnArg::Typed(typed) => match &*typed.pat {
                 Pat::Ident(p) if p.subpat.is_none() => named.push(Param {
                     ident: p.ident.clone(),
                     is_self: false,
+                    ty: Some((*typed.ty).clone()),
                 }),
                 other => unnamed.push(other.span()),
             },
@@ -345,7 +367,10 @@ fn field_ident(field: &str, span: Span) -> syn::Member {
     }
 }
 
-/// `<module path>::<fn>` then `:<arg>` for every non-self argument.
+/// `<module path>::<fn>#<digest>` then `:<arg>` for every non-self
+/// argument. The digest is that of [`TypeName::Function`]: the module path
+/// and name alone are shared by methods of two impl blocks, two trait impls
+/// of one type, and every instantiation of a generic function.
 fn default_key(func: &Func, params: &[Param], unnamed: &[Span]) -> syn::Result<Vec<KeyPart>> {
     if let Some(span) = unnamed.first() {
         return Err(syn::Error::new(
@@ -356,6 +381,7 @@ fn default_key(func: &Func, params: &[Param], unnamed: &[Span]) -> syn::Result<V
     let mut parts = vec![
         KeyPart::ModulePath,
         KeyPart::Literal(format!("::{}", func.sig.ident)),
+        KeyPart::Digest(vec![TypeName::Function]),
     ];
     for param in params.iter().filter(|p| !p.is_self) {
         parts.push(KeyPart::Literal(":".into()));
@@ -365,4 +391,61 @@ fn default_key(func: &Func, params: &[Param], unnamed: &[Span]) -> syn::Result<V
         }));
     }
     Ok(parts)
+}
+
+/// An explicit key whose placeholders read a parameter of generic type (a
+/// type parameter of the function, or `impl Trait`) gets a digest of the
+/// instantiation's type names, at its end: `'a'` and `"a"` encode alike, so
+/// without it `gen::<char>` and `gen::<String>` would share entries. Other
+/// keys stay exactly as the template renders them.
+///
+/// Only the function's own generics can be seen here; the type parameters
+/// of an enclosing `impl<T>` cannot be told from concrete types.
+fn with_instantiation(mut parts: Vec<KeyPart>, func: &Func, params: &[Param]) -> Vec<KeyPart> {
+    let type_params: Vec<&Ident> = func.sig.generics.type_params().map(|p| &p.ident).collect();
+    let mut used: Vec<&Ident> = Vec::new();
+    let mut impl_trait: Vec<&Ident> = Vec::new();
+    for part in &parts {
+        let KeyPart::Value(value) = part else {
+            continue;
+        };
+        let Some(param) = params.iter().find(|p| p.ident == value.root) else {
+            continue;
+        };
+        let Some(ty) = &param.ty else { continue };
+        let mut idents = Vec::new();
+        collect_idents(quote::ToTokens::to_token_stream(ty), &mut idents);
+        for ident in &idents {
+            if let Some(t) = type_params.iter().find(|t| **t == ident) {
+                if !used.contains(t) {
+                    used.push(t);
+                }
+            }
+        }
+        if idents.iter().any(|i| i == "impl") && !impl_trait.contains(&&param.ident) {
+            impl_trait.push(&param.ident);
+        }
+    }
+    // Declaration order, so the digest does not depend on the template.
+    used.sort_by_key(|t| type_params.iter().position(|p| p == t));
+    let names: Vec<TypeName> = used
+        .into_iter()
+        .map(|t| TypeName::Param(t.clone()))
+        .chain(impl_trait.into_iter().map(|i| TypeName::TypeOf(i.clone())))
+        .collect();
+    if !names.is_empty() {
+        parts.push(KeyPart::Digest(names));
+    }
+    parts
+}
+
+/// Every identifier in `tokens`, nested groups included.
+fn collect_idents(tokens: proc_macro2::TokenStream, out: &mut Vec<Ident>) {
+    for tree in tokens {
+        match tree {
+            proc_macro2::TokenTree::Ident(ident) => out.push(ident),
+            proc_macro2::TokenTree::Group(group) => collect_idents(group.stream(), out),
+            _ => {}
+        }
+    }
 }

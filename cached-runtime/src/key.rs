@@ -233,6 +233,52 @@ impl KeyBuilder {
         }
         self.buf
     }
+
+    /// Appends `#` and 16 hex digits, the 64-bit FNV-1a digest of `names`.
+    ///
+    /// Generated code uses it to tell apart functions, and instantiations
+    /// of a generic function, whose keys would otherwise read the same:
+    /// `names` are type names (`core::any::type_name`). They are written by
+    /// the program's authors, not chosen by callers, so a fast
+    /// non-cryptographic hash suffices; it runs on every call, hits
+    /// included, and allocates nothing. No encoded value contains `#`, so
+    /// the digest cannot be confused with a placeholder's value.
+    ///
+    /// ```
+    /// use cached_runtime::KeyBuilder;
+    ///
+    /// let mut k = KeyBuilder::with_capacity(32);
+    /// k.literal("gen:a");
+    /// k.digest(&["char"]);
+    /// let key = k.finish(None);
+    /// assert!(key.starts_with("gen:a#") && key.len() == "gen:a#".len() + 16);
+    /// ```
+    pub fn digest(&mut self, names: &[&str]) {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut hash = OFFSET;
+        for name in names {
+            // 0xFF never occurs in UTF-8: it ends each name, so that
+            // ["ab", "c"] and ["a", "bc"] differ.
+            for &byte in name.as_bytes().iter().chain(&[0xff]) {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(PRIME);
+            }
+        }
+        let _ = write!(self.buf, "#{hash:016x}");
+    }
+
+    /// The name of `value`'s type without leading references (`&&str` is
+    /// `str`): a reference encodes as the value it points to, so both name
+    /// one instantiation. Generated code digests it for `impl Trait`
+    /// arguments, whose types it cannot name.
+    pub fn type_name_of<K: ?Sized>(_value: &K) -> &'static str {
+        let mut name = std::any::type_name::<K>();
+        while let Some(rest) = name.strip_prefix('&') {
+            name = rest.strip_prefix("mut ").unwrap_or(rest);
+        }
+        name
+    }
 }
 
 /// The key sent to Redis for `key` under `namespace`: `<namespace>:<key>`,
