@@ -40,7 +40,10 @@ fn main() {
         .expect("tokio runtime");
     runtime.block_on(async {
         let cache = Cache::builder(redis_cached::MEMORY_URL)
-            .memory(MemoryConfig { max_entries: CAPACITY })
+            .memory(MemoryConfig {
+                max_entries: CAPACITY,
+                ..MemoryConfig::default()
+            })
             .build()
             .expect("valid settings");
         let base = rss_kib();

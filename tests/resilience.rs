@@ -607,3 +607,25 @@ async fn an_oversized_value_is_replaced_only_if_unchanged() {
         "the fill overwrote the invalidation"
     );
 }
+
+#[tokio::test]
+async fn the_in_memory_backend_is_bounded_by_bytes() {
+    let max_bytes = 2 << 20;
+    let cache = Cache::builder("memory://")
+        .memory(redis_cached::MemoryConfig {
+            max_bytes,
+            ..redis_cached::MemoryConfig::default()
+        })
+        .build()
+        .expect("valid");
+    let value = "v".repeat(64 * 1024);
+    for i in 0..200 {
+        cache
+            .set(&format!("big:{i}"), &value, Duration::from_secs(60))
+            .await
+            .expect("stored");
+    }
+    let held = cache.memory_entry_count().expect("in memory") as u64;
+    assert!(held * 64 * 1024 <= max_bytes, "{held} entries of 64 KiB");
+    assert!(held >= 8, "it still caches: {held}");
+}

@@ -1,6 +1,11 @@
 //! The embedded backend: a bounded `quick_cache` (S3-FIFO eviction, which
 //! keeps frequently read entries over one-hit wonders) with a TTL per entry.
 //!
+//! It is bounded by entries and by bytes at once: each entry weighs its
+//! key, its value and a fixed overhead, but at least `max_bytes /
+//! max_entries`, and the total weight is at most `max_bytes`. So neither
+//! more than `max_entries` entries nor more than `max_bytes` bytes are held.
+//!
 //! Reads take no lock. Writes take one of a fixed set of striped mutexes, so
 //! that a compare-and-set (`set_if`) is atomic against every other write to
 //! the same key.
@@ -17,23 +22,53 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::Cache as Store;
+use quick_cache::{DefaultHashBuilder, Weighter};
 
 use super::{Backend, Bytes, Seen};
 use crate::error::Result;
 
 /// Limits of the in-memory backend, see [`CacheBuilder::memory`](crate::CacheBuilder::memory).
+///
+/// ```
+/// use cached_runtime::MemoryConfig;
+///
+/// let small = MemoryConfig { max_bytes: 16 << 20, ..MemoryConfig::default() };
+/// assert_eq!(small.max_entries, 100_000);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryConfig {
     /// How many entries it holds at most; past that, the least valuable are
     /// evicted. Default 100 000.
     pub max_entries: usize,
+    /// How many bytes of keys and values (plus about 64 bytes of bookkeeping
+    /// per entry) it holds at most. Default 128 MiB. A value larger than
+    /// about 1/8 of this (quick_cache's shard size) is not held at all:
+    /// its lookups miss and it is computed again.
+    pub max_bytes: u64,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
             max_entries: 100_000,
+            max_bytes: 128 * 1024 * 1024,
         }
+    }
+}
+
+/// The bookkeeping of one entry beyond its key and value bytes, roughly.
+const ENTRY_OVERHEAD: u64 = 64;
+
+/// Weighs an entry by its bytes, but at least `floor`: see the module docs.
+#[derive(Debug, Clone, Copy)]
+struct ByBytes {
+    floor: u64,
+}
+
+impl Weighter<String, Entry> for ByBytes {
+    fn weight(&self, key: &String, entry: &Entry) -> u64 {
+        let bytes = (key.len() + entry.bytes.len()) as u64 + ENTRY_OVERHEAD;
+        bytes.max(self.floor)
     }
 }
 
@@ -46,7 +81,7 @@ struct Entry {
 const STRIPES: usize = 64;
 
 pub(crate) struct MemoryBackend {
-    entries: Store<String, Entry>,
+    entries: Store<String, Entry, ByBytes, DefaultHashBuilder>,
     /// Tag set → the keys cached under it. Bounded like the entries: a set
     /// whose keys all expired is dropped by the sweep.
     tags: Mutex<HashMap<String, HashSet<String>>>,
@@ -68,8 +103,10 @@ impl std::fmt::Debug for MemoryBackend {
 impl MemoryBackend {
     pub(crate) fn new(config: MemoryConfig) -> Self {
         let capacity = config.max_entries.max(1);
+        let max_bytes = config.max_bytes.max(1);
+        let floor = (max_bytes / capacity as u64).max(1);
         MemoryBackend {
-            entries: Store::new(capacity),
+            entries: Store::with_weighter(capacity, max_bytes, ByBytes { floor }),
             tags: Mutex::new(HashMap::new()),
             stripes: std::array::from_fn(|_| Mutex::new(())),
             hasher: RandomState::new(),
@@ -210,7 +247,10 @@ mod tests {
 
     #[tokio::test]
     async fn entries_expire_and_are_swept() {
-        let m = MemoryBackend::new(MemoryConfig { max_entries: 100 });
+        let m = MemoryBackend::new(MemoryConfig {
+            max_entries: 100,
+            ..MemoryConfig::default()
+        });
         m.set("short", bytes("a"), Duration::from_millis(20))
             .await
             .unwrap();
@@ -282,12 +322,33 @@ mod tests {
 
     #[tokio::test]
     async fn size_stays_bounded() {
-        let m = MemoryBackend::new(MemoryConfig { max_entries: 1000 });
+        let m = MemoryBackend::new(MemoryConfig {
+            max_entries: 1000,
+            ..MemoryConfig::default()
+        });
         for i in 0..20_000 {
             m.set(&format!("k{i}"), bytes("v"), Duration::from_secs(60))
                 .await
                 .unwrap();
         }
         assert!(m.entry_count() <= 1000, "{}", m.entry_count());
+    }
+
+    #[tokio::test]
+    async fn bytes_stay_bounded() {
+        let max_bytes = 8 << 20;
+        let m = MemoryBackend::new(MemoryConfig {
+            max_entries: 100_000,
+            max_bytes,
+        });
+        let value: Arc<[u8]> = vec![7u8; 64 * 1024].into();
+        for i in 0..1_000 {
+            m.set(&format!("k{i}"), value.clone(), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        let held = m.entry_count() as u64 * value.len() as u64;
+        assert!(held <= max_bytes, "{} entries, {held} bytes", m.entry_count());
+        assert!(m.entry_count() >= 64, "still caches: {}", m.entry_count());
     }
 }
