@@ -64,7 +64,7 @@ async fn a_locked_miss_is_three_round_trips_and_a_hit_one() {
     assert_eq!(db.item(2, Duration::ZERO, false).await, Ok(20));
     let hit = monitor.take_client_commands().await;
     assert_eq!(hit, vec!["\"GET\" \"item:2\"".to_owned()]);
-    let lock_left: u32 = server.cmd(redis::cmd("EXISTS").arg("{item:2}:lock")).await;
+    let lock_left: u32 = server.cmd(redis::cmd("EXISTS").arg("~lock{item:2}")).await;
     assert_eq!(lock_left, 0, "the lock is released");
 }
 
@@ -84,7 +84,7 @@ async fn the_other_process_waits_and_the_watchdog_keeps_the_lock() {
     };
     // Past lock_ttl (300 ms) the holder still computes: its lock must live on.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let pttl: i64 = server.cmd(redis::cmd("PTTL").arg("{item:5}:lock")).await;
+    let pttl: i64 = server.cmd(redis::cmd("PTTL").arg("~lock{item:5}")).await;
     assert!(pttl > 0, "the watchdog extended the lock: PTTL {pttl}");
     assert_eq!(holder.await.unwrap(), Ok(50));
     assert_eq!(waiter.await.unwrap(), Ok(50));
@@ -139,7 +139,7 @@ async fn a_waiter_computes_itself_after_lock_wait() {
     let _: () = server
         .cmd(
             redis::cmd("SET")
-                .arg("{short:7}:lock")
+                .arg("~lock{short:7}")
                 .arg("someone-else")
                 .arg("PX")
                 .arg(60_000),
@@ -152,7 +152,7 @@ async fn a_waiter_computes_itself_after_lock_wait() {
         (1, 1, 1),
         "{stats:?}"
     );
-    let owner: String = server.cmd(redis::cmd("GET").arg("{short:7}:lock")).await;
+    let owner: String = server.cmd(redis::cmd("GET").arg("~lock{short:7}")).await;
     assert_eq!(
         owner, "someone-else",
         "another's lock is never released by us"

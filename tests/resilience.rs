@@ -396,7 +396,7 @@ async fn a_cancelled_holder_releases_its_lock_at_once() {
         (1, 0, 1),
         "{sb:?}"
     );
-    assert!(!lock_exists(&server, "{item:1}:lock").await);
+    assert!(!lock_exists(&server, "~lock{item:1}").await);
     // This process's next caller is not held up either.
     assert_eq!(a.item(2, Duration::ZERO, false).await, Ok(20));
     assert_eq!(a.cache.stats().lock_wait_timeouts, 0);
@@ -423,7 +423,7 @@ async fn an_acquire_that_timed_out_is_released() {
     assert_eq!(a.item(1, Duration::ZERO, false).await, Ok(10));
     assert!(a.cache.stats().timeouts >= 1);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    wait_until_async(|| async { !lock_exists(&server, "{item:1}:lock").await }).await;
+    wait_until_async(|| async { !lock_exists(&server, "~lock{item:1}").await }).await;
     let _ = b.item(1, Duration::ZERO, false).await;
     assert_eq!(b.cache.stats().lock_waits, 0, "{:?}", b.cache.stats());
 }

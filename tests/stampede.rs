@@ -104,7 +104,7 @@ async fn a_killed_holder_does_not_block_the_others() {
         body,
     };
     let mut holder = stampede(1, 1, Duration::from_secs(30)).spawn(&exe(), WORKER_ARGS);
-    let lock_key = format!("{{stampede:{run}}}:lock");
+    let lock_key = format!("~lock{{stampede:{run}}}");
     let mut held = false;
     for _ in 0..200 {
         let exists: u32 = server.cmd(redis::cmd("EXISTS").arg(&lock_key)).await;

@@ -112,11 +112,11 @@ async fn on_redis() {
         .unwrap();
     Repo::new(cache).user(3, 3, None).await;
     let members: Vec<String> = server
-        .cmd(redis::cmd("SMEMBERS").arg("shop:redis-cached:tag:tenant:3"))
+        .cmd(redis::cmd("SMEMBERS").arg("shop:~tag:tenant:3"))
         .await;
     assert_eq!(members, vec!["shop:user:3:3".to_owned()]);
     let ttl: i64 = server
-        .cmd(redis::cmd("PTTL").arg("shop:redis-cached:tag:tenant:3"))
+        .cmd(redis::cmd("PTTL").arg("shop:~tag:tenant:3"))
         .await;
     assert!(ttl > 0, "a tag set expires with its keys: {ttl}");
 }

@@ -111,8 +111,9 @@ impl CacheBuilder {
         }
     }
 
-    /// Prefixes every key with `<namespace>:`. Letters, digits and
-    /// `- _ . : /` only.
+    /// Prefixes every key, and the lock notification channel, with
+    /// `<namespace>:`. Letters, digits and `- _ . /` only: no `:`, so that
+    /// two namespaces never produce one key (`a` + `b:c`, `a:b` + `c`).
     pub fn namespace(mut self, namespace: &str) -> Self {
         self.namespace = Some(namespace.to_owned());
         self
@@ -196,16 +197,16 @@ impl CacheBuilder {
     /// # Errors
     /// [`Error::InvalidUrl`] for a malformed URL, [`Error::Config`] for a
     /// zero TTL or timeout or a namespace with characters outside
-    /// `A-Z a-z 0-9 - _ . : /`.
+    /// `A-Z a-z 0-9 - _ . /`.
     pub fn build(self) -> Result<Cache> {
         if let Some(ns) = &self.namespace {
             let valid = !ns.is_empty()
                 && ns
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
             if !valid {
                 return Err(Error::Config(format!(
-                    "namespace {ns:?} must be non-empty and use only A-Z a-z 0-9 - _ . : /"
+                    "namespace {ns:?} must be non-empty and use only A-Z a-z 0-9 - _ . /"
                 )));
             }
         }

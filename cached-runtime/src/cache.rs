@@ -10,7 +10,10 @@ use serde::Serialize;
 
 use crate::backend::AnyBackend;
 use crate::core::{Inner, Lookup};
+#[cfg(doc)]
+use crate::error::Error;
 use crate::error::Result;
+use crate::key::check_user_key;
 use crate::policy::Policy;
 use crate::shape::Plain;
 use crate::stats::Stats;
@@ -58,7 +61,13 @@ impl Cache {
 
     /// The value at `key`, or `None` when it is absent, undecodable as a
     /// `T`, or Redis is unavailable (all counted as misses).
+    ///
+    /// A key with the reserved byte `~` is never looked up: `None`.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        if let Err(err) = check_user_key(key) {
+            tracing::warn!(error = %err, "lookup of a reserved key refused");
+            return None;
+        }
         let key = self.inner.full_key(key.to_owned());
         match self.inner.lookup(&key).await {
             Lookup::Hit(hit) => hit.value,
@@ -69,7 +78,8 @@ impl Cache {
     /// Stores `value` at `key` for `ttl`.
     ///
     /// # Errors
-    /// When the value cannot be serialized or is over `max_value_bytes`, or
+    /// When the key holds the reserved byte `~` ([`Error::InvalidKey`]),
+    /// the value cannot be serialized or is over `max_value_bytes`, or
     /// Redis fails, times out or is skipped by the open breaker.
     pub async fn set<T: Serialize + ?Sized>(
         &self,
@@ -77,6 +87,7 @@ impl Cache {
         value: &T,
         ttl: Duration,
     ) -> Result<()> {
+        check_user_key(key)?;
         let entry = self.inner.settings.codec.encode(value, None)?;
         let key = self.inner.full_key(key.to_owned());
         let stored = self.inner.store(&key, entry.into(), ttl).await;
@@ -94,9 +105,11 @@ impl Cache {
     /// longer than that may still store its result.
     ///
     /// # Errors
-    /// When Redis fails, times out or is skipped by the open breaker: the
-    /// old value may then still be served until its TTL ends.
+    /// When the key holds the reserved byte `~` ([`Error::InvalidKey`]), or
+    /// Redis fails, times out or is skipped by the open breaker: the old
+    /// value may then still be served until its TTL ends.
     pub async fn invalidate(&self, key: &str) -> Result<()> {
+        check_user_key(key)?;
         let key = self.inner.full_key(key.to_owned());
         self.inner.tombstone(&key).await
     }
@@ -112,13 +125,18 @@ impl Cache {
 
     /// The value at `key`; on a miss, runs `compute`, stores its result for
     /// `ttl` and returns it. Concurrent misses for one key in this process
-    /// share one computation.
+    /// share one computation. A key with the reserved byte `~` is computed
+    /// every time, uncached.
     pub async fn get_or_compute<T, F, Fut>(&self, key: &str, ttl: Duration, compute: F) -> T
     where
         T: Serialize + DeserializeOwned + Send + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
     {
+        if let Err(err) = check_user_key(key) {
+            tracing::warn!(error = %err, "computed uncached");
+            return compute().await;
+        }
         let policy = Policy {
             ttl: Some(ttl),
             ..Policy::default()

@@ -17,7 +17,7 @@ use crate::breaker::{Breaker, Transition};
 use crate::codec::{Codec, Entry, Timing};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
-use crate::key::full_key;
+use crate::key::{companion_key, full_key, internal_key};
 use crate::policy::Policy;
 use crate::shape::{Shape, Stored};
 use crate::stats::Counters;
@@ -261,9 +261,14 @@ impl Inner {
         Ok(())
     }
 
+    /// The key of `key`'s lock, in the same hash slot.
+    pub(crate) fn lock_key(&self, key: &str) -> String {
+        companion_key(self.settings.namespace.as_deref(), key, "lock")
+    }
+
     /// The key of the set of keys cached under `tag`.
     pub(crate) fn tag_key(&self, tag: &str) -> String {
-        self.full_key(format!("redis-cached:tag:{tag}"))
+        internal_key(self.settings.namespace.as_deref(), "tag", tag)
     }
 
     /// Records `key` under each of `tags` for at least `ttl`.

@@ -12,6 +12,10 @@ pub enum Error {
     /// since it may hold a password.
     #[error("invalid Redis URL: {0}")]
     InvalidUrl(String),
+    /// A key given to the runtime API is not allowed (it holds the byte
+    /// `~`, which marks the cache's own keys).
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
     /// A builder setting is out of range.
     #[error("invalid cache configuration: {0}")]
     Config(String),

@@ -12,6 +12,13 @@
 //!
 //! Keys longer than [`MAX_KEY_LEN`] are shortened to a readable prefix plus
 //! the SHA-256 of the whole key.
+//!
+//! The byte `~` is reserved: no user key contains it (a template's literal
+//! text may not, placeholder values escape it, and the runtime API refuses
+//! it), so that the keys the runtime keeps for itself (`<ns>:~lock{<key>}`,
+//! `<ns>:~tag:<tag>`) and the marker of a shortened key (`<prefix>~<digest>`)
+//! can never be named by a user. Every key starts with `<namespace>:`, so a
+//! Redis user confined to `~<namespace>:*` can use every feature.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -281,6 +288,19 @@ impl KeyBuilder {
     }
 }
 
+/// The byte that marks the runtime's own keys and shortened keys.
+pub(crate) const RESERVED: char = '~';
+
+/// Refuses a runtime-API key that holds the reserved byte.
+pub(crate) fn check_user_key(key: &str) -> crate::Result<()> {
+    if key.contains(RESERVED) {
+        return Err(crate::Error::InvalidKey(format!(
+            "`{RESERVED}` is reserved for the cache's own keys"
+        )));
+    }
+    Ok(())
+}
+
 /// The key sent to Redis for `key` under `namespace`: `<namespace>:<key>`,
 /// shortened when longer than [`MAX_KEY_LEN`].
 pub(crate) fn full_key(namespace: Option<&str>, key: String) -> String {
@@ -300,6 +320,37 @@ pub(crate) fn full_key(namespace: Option<&str>, key: String) -> String {
     full
 }
 
+/// The key of `kind` (`lock`, …) that the runtime keeps beside the full
+/// key `key`, in the same Redis Cluster hash slot:
+/// `<namespace>:~<kind>{<key>}`, or, when `key` has a hash tag of its own,
+/// `<namespace>:~<kind>:<key without the namespace>`.
+pub(crate) fn companion_key(namespace: Option<&str>, key: &str, kind: &str) -> String {
+    let prefix_len = namespace.map_or(0, |ns| ns.len() + 1);
+    let prefix = &key[..prefix_len.min(key.len())];
+    let rest = &key[prefix.len()..];
+    let has_tag = key
+        .find('{')
+        .and_then(|open| key[open + 1..].find('}'))
+        .is_some_and(|len| len > 0);
+    if has_tag || key.contains(['{', '}']) {
+        // Keeps the key's own tag. (A key with braces but no valid tag
+        // hashes whole; its companion may then land in another slot, which
+        // matters only on Redis Cluster.)
+        format!("{prefix}{RESERVED}{kind}:{rest}")
+    } else {
+        format!("{prefix}{RESERVED}{kind}{{{key}}}")
+    }
+}
+
+/// A key of the runtime's own, with no value key beside it:
+/// `<namespace>:~<kind>:<name>`.
+pub(crate) fn internal_key(namespace: Option<&str>, kind: &str, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}:{RESERVED}{kind}:{name}"),
+        None => format!("{RESERVED}{kind}:{name}"),
+    }
+}
+
 /// A readable prefix of `key`, then `~` and the hex SHA-256 of the whole key.
 fn shorten(key: &str) -> String {
     let mut cut = SHORTENED_PREFIX_LEN;
@@ -309,7 +360,7 @@ fn shorten(key: &str) -> String {
     let digest = Sha256::digest(key.as_bytes());
     let mut out = String::with_capacity(MAX_KEY_LEN);
     out.push_str(&key[..cut]);
-    out.push('~');
+    out.push(RESERVED);
     for byte in digest {
         let _ = write!(out, "{byte:02x}");
     }
@@ -365,6 +416,23 @@ mod tests {
         k.literal("user:");
         k.value(&42u64);
         assert_eq!(k.finish(Some(2)), "user:42@v2");
+    }
+
+    #[test]
+    fn companions_share_the_slot_and_the_namespace() {
+        assert_eq!(companion_key(None, "user:42", "lock"), "~lock{user:42}");
+        assert_eq!(
+            companion_key(Some("shop"), "shop:user:42", "lock"),
+            "shop:~lock{shop:user:42}"
+        );
+        assert_eq!(
+            companion_key(Some("shop"), "shop:t:{7}:user:42", "lock"),
+            "shop:~lock:t:{7}:user:42"
+        );
+        assert_eq!(companion_key(None, "odd{}key", "lock"), "~lock:odd{}key");
+        assert_eq!(internal_key(Some("shop"), "tag", "t 1"), "shop:~tag:t 1");
+        assert!(check_user_key("~lock{user:42}").is_err());
+        assert!(check_user_key("user:42").is_ok());
     }
 
     #[test]

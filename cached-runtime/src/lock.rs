@@ -28,22 +28,6 @@ use crate::policy::LockPolicy;
 use crate::stats::Counters;
 use crate::token::{lock_token, unit_interval};
 
-/// The key of `key`'s lock, in the same hash slot.
-pub(crate) fn lock_key(key: &str) -> String {
-    let has_tag = key
-        .find('{')
-        .and_then(|open| key[open + 1..].find('}'))
-        .is_some_and(|len| len > 0);
-    if has_tag || key.contains(['{', '}']) {
-        // Appending keeps the key's own tag. (A key with braces but no valid
-        // tag hashes whole; its lock may then land in another slot, which
-        // matters only on Redis Cluster.)
-        format!("{key}:lock")
-    } else {
-        format!("{{{key}}}:lock")
-    }
-}
-
 /// What waiting for a key's lock ended with.
 pub(crate) enum Waited<'a> {
     /// The lock is ours; the key holds this now.
@@ -89,7 +73,7 @@ impl LockWait {
                 failed: false,
             };
         };
-        let lock = lock_key(key);
+        let lock = inner.lock_key(key);
         let watch = redis.watch(key);
         loop {
             // Register for the notification before looking, so that a value
@@ -162,7 +146,7 @@ impl LockWait {
     ) -> Option<(LockGuard<'a>, Seen)> {
         let redis = inner.backend.redis()?;
         let token = lock_token();
-        let lock = lock_key(key);
+        let lock = inner.lock_key(key);
         let attempt = redis.acquire(key, &lock, seen, &token, policy.ttl);
         match inner.guarded(attempt).await {
             Ok(Acquire::Acquired(now)) => {
@@ -285,17 +269,5 @@ impl Drop for LockGuard<'_> {
             self.redis
                 .release_detached(&self.key, &self.lock, &self.token, false, timeout);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lock_keys_share_the_value_slot() {
-        assert_eq!(lock_key("user:42"), "{user:42}:lock");
-        assert_eq!(lock_key("t:{7}:user:42"), "t:{7}:user:42:lock");
-        assert_eq!(lock_key("odd{}key"), "odd{}key:lock");
     }
 }

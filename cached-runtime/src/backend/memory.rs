@@ -348,7 +348,11 @@ mod tests {
                 .unwrap();
         }
         let held = m.entry_count() as u64 * value.len() as u64;
-        assert!(held <= max_bytes, "{} entries, {held} bytes", m.entry_count());
+        assert!(
+            held <= max_bytes,
+            "{} entries, {held} bytes",
+            m.entry_count()
+        );
         assert!(m.entry_count() >= 64, "still caches: {}", m.entry_count());
     }
 }
