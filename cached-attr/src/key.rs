@@ -4,7 +4,9 @@
 //! the rendered key injective and well formed: placeholders are non-empty
 //! paths, every pair of placeholders is separated by a byte that no encoded
 //! value contains, literal text has no whitespace or control characters, and
-//! `{…}` hash tags are closed and non-empty.
+//! `{…}` hash tags are closed and non-empty. `~` is the runtime's: its own
+//! keys (locks, tag bookkeeping, shortened keys) carry it, so templates may
+//! not.
 
 use syn::LitStr;
 
@@ -70,6 +72,11 @@ pub(crate) fn parse(lit: &LitStr) -> syn::Result<Vec<Segment>> {
             '>' => {
                 return Err(err(format!(
                     "stray `>` at byte {at} of the key template: placeholders are written `<name>`"
+                )))
+            }
+            '~' => {
+                return Err(err(format!(
+                    "`~` at byte {at} of the template is reserved for the runtime's own keys (locks, tag bookkeeping, shortened keys), so that no template can reach them: use another separator such as `:`, `/` or `|`"
                 )))
             }
             c if c.is_whitespace() || c.is_control() => {
@@ -225,6 +232,8 @@ mod tests {
             ("user}", "closes no"),
             ("{}:<id>", "empty hash tag"),
             ("{{a}}", "nested"),
+            ("user~<id>", "reserved"),
+            ("<id>:~", "reserved"),
         ] {
             let err = parse(&lit(bad)).expect_err(bad).to_string();
             assert!(err.contains(needle), "{bad}: {err}");
@@ -261,6 +270,7 @@ mod tests {
                     Just('_'),
                     Just('1'),
                     Just('%'),
+                    Just('~'),
                     Just(' '),
                     any::<char>(),
                 ],
@@ -278,6 +288,7 @@ mod tests {
                     prop_assert_eq!(render(&segments), text.clone());
                     prop_assert!(check_separators(&segments).is_ok());
                     prop_assert!(!text.chars().any(|c| c.is_whitespace() || c.is_control()));
+                    prop_assert!(!text.contains('~'));
                 }
             }
 
