@@ -71,6 +71,23 @@ mod rows {
         }
     }
 
+    /// A default method: each implementing type has its own entries.
+    pub trait Kind {
+        const NAME: &'static str;
+
+        #[redis_cached(cache = cache())]
+        async fn kind(&self, id: u64) -> String {
+            format!("{} {id}", Self::NAME)
+        }
+    }
+
+    impl Kind for Users {
+        const NAME: &'static str = "users";
+    }
+    impl Kind for Customers {
+        const NAME: &'static str = "customers";
+    }
+
     /// A generic impl: its associated fns have no receiver to name `Self`.
     pub struct Table<T>(std::marker::PhantomData<T>);
 
@@ -132,6 +149,22 @@ async fn methods_of_two_trait_impls_on_one_type_have_their_own_entries() {
     assert_eq!(Labelled::name(&row, 1).await, "labelled 1");
     assert_eq!(Named::name(&row, 1).await, "named 1");
     assert_eq!(row.cache.stats().hits, 1);
+}
+
+#[tokio::test]
+async fn a_default_method_has_entries_per_implementing_type() {
+    use rows::Kind;
+    let cache = cache();
+    let users = rows::Users {
+        cache: cache.clone(),
+    };
+    let customers = rows::Customers {
+        cache: cache.clone(),
+    };
+    assert_eq!(users.kind(1).await, "users 1");
+    assert_eq!(customers.kind(1).await, "customers 1");
+    assert_eq!(users.kind(1).await, "users 1");
+    assert_eq!(cache.stats().hits, 1);
 }
 
 #[tokio::test]
