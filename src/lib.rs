@@ -3,8 +3,8 @@
 
 pub use cached_attr::{cache_evict, cache_put, redis_cached};
 pub use cached_runtime::{
-    escape_into, global, set_global, BreakerConfig, Cache, CacheBuilder, CacheKey, Codec, Error,
-    KeyAtom, KeyBuilder, MemoryConfig, Result, Stats, MAX_KEY_LEN, MEMORY_URL,
+    escape_into, global, set_global, tag, BreakerConfig, Cache, CacheBuilder, CacheKey, Codec,
+    Error, KeyAtom, KeyBuilder, MemoryConfig, Result, Stats, MAX_KEY_LEN, MEMORY_URL,
 };
 
 /// What generated code calls; not a stable API.

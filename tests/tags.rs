@@ -1,15 +1,27 @@
 //! `tags = [...]` and `Cache::invalidate_tag`: invalidating a tag reaches
 //! every key cached under it and no other, on both backends, including a
-//! computation still in flight when the tag is invalidated.
+//! computation still in flight when the tag is invalidated, a key kept
+//! alive by refreshes or written by `#[cache_put]`; tag bookkeeping stays
+//! proportional to the live keys, and a large tag never blocks Redis.
 
 mod support;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use redis_cached::{redis_cached, Cache};
+use redis_cached::{cache_put, redis_cached, Cache};
+use support::backends::Env;
 use support::RedisServer;
 use tokio::sync::{oneshot, Notify};
+
+per_backend!(
+    tags_invalidate_their_keys_only,
+    a_tag_invalidated_mid_fill_refuses_the_old_value,
+    a_key_kept_alive_by_refreshes_stays_tagged,
+    a_key_written_through_stays_tagged,
+    a_tag_is_named_as_the_attribute_rendered_it,
+);
 
 struct Repo {
     cache: Cache,
@@ -39,10 +51,32 @@ impl Repo {
         }
         format!("{tenant}/{id}")
     }
+
+    #[redis_cached(key = "fresh:<id>", ttl = "100ms", stale = "300ms", tags = ["fresh"], cache = self.cache)]
+    async fn fresh(self: Arc<Self>, id: u32) -> u32 {
+        self.computes.fetch_add(1, Ordering::SeqCst) + id
+    }
+
+    #[redis_cached(key = "item:<id>", ttl = "200ms", tags = ["items"], cache = self.cache)]
+    async fn item(&self, id: u32) -> u32 {
+        self.computes.fetch_add(1, Ordering::SeqCst) + id
+    }
+
+    #[cache_put(key = "item:<id>", ttl = "1h", tags = ["items"], cache = self.cache)]
+    async fn save_item(&self, id: u32, value: u32) -> u32 {
+        let _ = id;
+        value
+    }
+
+    #[redis_cached(key = "tenant:<tenant>", tags = ["tenant:<tenant>"], cache = self.cache)]
+    async fn by_name(&self, tenant: &str) -> String {
+        self.computes.fetch_add(1, Ordering::SeqCst);
+        tenant.to_uppercase()
+    }
 }
 
-async fn tags_invalidate_their_keys_only(cache: Cache) {
-    let repo = Repo::new(cache);
+async fn tags_invalidate_their_keys_only(env: &Env) {
+    let repo = Repo::new(env.cache());
     for (tenant, id) in [(1, 1), (1, 2), (2, 1)] {
         repo.user(tenant, id, None).await;
     }
@@ -72,8 +106,8 @@ async fn tags_invalidate_their_keys_only(cache: Cache) {
         .expect("an unknown tag is a no-op");
 }
 
-async fn a_tag_invalidated_mid_fill_refuses_the_old_value(cache: Cache) {
-    let repo = Repo::new(cache);
+async fn a_tag_invalidated_mid_fill_refuses_the_old_value(env: &Env) {
+    let repo = Repo::new(env.cache());
     let (started, is_started) = oneshot::channel();
     let slow = {
         let repo = repo.clone();
@@ -94,29 +128,173 @@ async fn a_tag_invalidated_mid_fill_refuses_the_old_value(cache: Cache) {
     assert_eq!(repo.cache.stats().stale_sets_refused, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_memory() {
-    tags_invalidate_their_keys_only(Cache::in_memory()).await;
-    a_tag_invalidated_mid_fill_refuses_the_old_value(Cache::in_memory()).await;
+/// A `stale` key refreshed in the background outlives the TTL its tag set
+/// was first given: each refresh records it again.
+async fn a_key_kept_alive_by_refreshes_stays_tagged(env: &Env) {
+    let repo = Repo::new(env.cache());
+    let first = repo.clone().fresh(1).await;
+    // Past the first tag set's life (ttl + stale = 400 ms), kept alive by refreshes.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        repo.clone().fresh(1).await;
+    }
+    assert!(
+        repo.cache.stats().refreshes >= 2,
+        "{:?}",
+        repo.cache.stats()
+    );
+    let invalidated = repo
+        .cache
+        .invalidate_tag("fresh")
+        .await
+        .expect("invalidated");
+    assert_eq!(invalidated, 1, "the refreshed key fell out of its tag");
+    let before = repo.computes();
+    let after = repo.clone().fresh(1).await;
+    assert_eq!(
+        repo.computes(),
+        before + 1,
+        "served {after} (first {first}) after the tag was invalidated"
+    );
+}
+
+/// A write-through records its key under its tags for its own TTL.
+async fn a_key_written_through_stays_tagged(env: &Env) {
+    let repo = Repo::new(env.cache());
+    repo.item(1).await;
+    assert_eq!(repo.save_item(1, 500).await, 500);
+    // The fill's tag record (200 ms) is gone; the written value (1 h) is not.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(repo.cache.get::<u32>("item:1").await, Some(500));
+    let invalidated = repo
+        .cache
+        .invalidate_tag("items")
+        .await
+        .expect("invalidated");
+    assert_eq!(invalidated, 1, "the written key fell out of its tag");
+    assert_eq!(repo.cache.get::<u32>("item:1").await, None);
+}
+
+/// `tenant:<tenant>` with `"acme corp"` is stored as `tenant:acme%20corp`;
+/// `redis_cached::tag` renders it the same way.
+async fn a_tag_is_named_as_the_attribute_rendered_it(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.by_name("acme corp").await, "ACME CORP");
+    let as_written = repo
+        .cache
+        .invalidate_tag("tenant:acme corp")
+        .await
+        .expect("no error");
+    assert_eq!(
+        as_written, 0,
+        "the raw text is not the rendered tag, and says so"
+    );
+    let tag = redis_cached::tag("tenant:<tenant>", &[&"acme corp"]).expect("valid");
+    assert_eq!(
+        repo.cache.invalidate_tag(&tag).await.expect("invalidated"),
+        1
+    );
+    repo.by_name("acme corp").await;
+    assert_eq!(repo.computes(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_redis() {
+async fn in_memory_a_sweep_during_a_fill_keeps_the_key_tagged() {
+    let repo = Repo::new(Cache::in_memory());
+    let (started, is_started) = oneshot::channel();
+    let slow = {
+        let repo = repo.clone();
+        tokio::spawn(async move { repo.user(7, 1, Some(started)).await })
+    };
+    is_started.await.expect("the fill started");
+    // Sweeps expired entries and tag members; the in-flight key has no
+    // entry yet but must stay tagged.
+    repo.cache.memory_entry_count();
+    repo.gate.notify_one();
+    slow.await.expect("no panic");
+    assert_eq!(
+        repo.cache.get::<String>("user:7:1").await.as_deref(),
+        Some("7/1")
+    );
+    let invalidated = repo
+        .cache
+        .invalidate_tag("tenant:7")
+        .await
+        .expect("invalidated");
+    assert_eq!(
+        invalidated, 1,
+        "the sweep dropped the in-flight key from its tag"
+    );
+    assert_eq!(repo.cache.get::<String>("user:7:1").await, None);
+}
+
+/// Sum of `MEMORY USAGE` of the keys matching `pattern`.
+async fn memory_of(server: &RedisServer, pattern: &str) -> i64 {
+    let keys: Vec<String> = server.cmd(::redis::cmd("KEYS").arg(pattern)).await;
+    let mut total = 0;
+    for key in keys {
+        let bytes: Option<i64> = server
+            .cmd(::redis::cmd("MEMORY").arg("USAGE").arg(&key))
+            .await;
+        total += bytes.unwrap_or(0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_tag_bookkeeping_follows_the_live_keys() {
     let server = RedisServer::start();
-    tags_invalidate_their_keys_only(Cache::redis(&server.url()).unwrap()).await;
-    a_tag_invalidated_mid_fill_refuses_the_old_value(Cache::redis(&server.url()).unwrap()).await;
-    // Tag sets live under the namespace, beside the keys.
-    let cache = Cache::builder(&server.url())
-        .namespace("shop")
-        .build()
-        .unwrap();
-    Repo::new(cache).user(3, 3, None).await;
-    let members: Vec<String> = server
-        .cmd(redis::cmd("SMEMBERS").arg("shop:~tag:tenant:3"))
-        .await;
-    assert_eq!(members, vec!["shop:user:3:3".to_owned()]);
+    let repo = Repo::new(
+        Cache::builder(&server.url())
+            .namespace("shop")
+            .build()
+            .unwrap(),
+    );
+    for id in 0..2_000 {
+        repo.item(id).await;
+    }
+    let full = memory_of(&server, "shop:*tag*").await;
+    // Every value expired (200 ms); the keys kept alive now are a few.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for id in 10_000..10_020 {
+        repo.item(id).await;
+    }
+    let after = memory_of(&server, "shop:*tag*").await;
+    assert!(
+        after * 10 < full,
+        "tag bookkeeping of 2 000 expired keys left: {after} bytes (was {full})"
+    );
     let ttl: i64 = server
-        .cmd(redis::cmd("PTTL").arg("shop:~tag:tenant:3"))
+        .cmd(::redis::cmd("PTTL").arg("shop:~tag:items"))
         .await;
     assert!(ttl > 0, "a tag set expires with its keys: {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_large_tag_never_blocks_redis() {
+    let server = RedisServer::start_with(&["--slowlog-log-slower-than", "10000"]);
+    let repo = Repo::new(Cache::redis(&server.url()).unwrap());
+    let fills: Vec<_> = (0..8)
+        .map(|part| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                for id in (part..20_000).step_by(8) {
+                    repo.user(1, id, None).await;
+                }
+            })
+        })
+        .collect();
+    for fill in fills {
+        fill.await.expect("no panic");
+    }
+    let _: () = server.cmd(::redis::cmd("SLOWLOG").arg("RESET")).await;
+    let invalidated = repo
+        .cache
+        .invalidate_tag("tenant:1")
+        .await
+        .expect("invalidated");
+    assert_eq!(invalidated, 20_000);
+    let slow: i64 = server.cmd(::redis::cmd("SLOWLOG").arg("LEN")).await;
+    assert_eq!(slow, 0, "a command of the invalidation ran over 10 ms");
+    assert_eq!(repo.cache.get::<String>("user:1:19999").await, None);
 }

@@ -44,7 +44,15 @@ impl Kind {
                 "cache",
                 "crate",
             ],
-            Kind::Put => &["key", "ttl", "cache_none", "version", "cache", "crate"],
+            Kind::Put => &[
+                "key",
+                "ttl",
+                "cache_none",
+                "version",
+                "tags",
+                "cache",
+                "crate",
+            ],
             Kind::Evict => &["key", "version", "cache", "crate"],
         }
     }

@@ -65,11 +65,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             };
             let entry = Ident::new(entry, model.ret_span);
             let policy = policy(model);
-            let tags_arg = if model.kind == Kind::Cached {
-                quote!(&#tags,)
-            } else {
-                quote!()
-            };
+            let tags_arg = quote!(&#tags,);
             // Spanned at the return type, path included: an unserializable
             // value is reported there, and only there.
             let private = respan(private.clone(), model.ret_span);

@@ -115,12 +115,33 @@ impl Cache {
     }
 
     /// Invalidates every key cached under `tag` (the `tags = [...]` of
-    /// `#[redis_cached]`), as [`Cache::invalidate`] does for one key.
+    /// `#[redis_cached]` and `#[cache_put]`), as [`Cache::invalidate`] does
+    /// for one key; returns how many keys that was.
+    ///
+    /// `tag` is the tag as the attribute rendered it: placeholder values
+    /// are escaped like keys' (`tenant:<t>` with `"acme corp"` is
+    /// `tenant:acme%20corp`). Render it the same way with [`tag`](crate::tag):
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), cached_runtime::Error> {
+    /// let cache = cached_runtime::Cache::in_memory();
+    /// let tag = cached_runtime::tag("tenant:<t>", &[&"acme corp"])?;
+    /// assert_eq!(tag, "tenant:acme%20corp");
+    /// let invalidated = cache.invalidate_tag(&tag).await?;
+    /// # assert_eq!(invalidated, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// A large tag is invalidated in batches of 500 keys, each a few short
+    /// Redis commands, so that Redis is never blocked for long.
     ///
     /// # Errors
-    /// When Redis fails, times out or is skipped by the open breaker.
-    pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
-        self.inner.invalidate_tag(tag).await.map(drop)
+    /// When Redis fails, times out or is skipped by the open breaker; the
+    /// keys of the batches done by then are invalidated.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
+        self.inner.invalidate_tag(tag).await
     }
 
     /// The value at `key`; on a miss, runs `compute`, stores its result for

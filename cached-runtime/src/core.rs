@@ -23,6 +23,12 @@ use crate::shape::{Shape, Stored};
 use crate::stats::Counters;
 use crate::token::now_unix_ms;
 
+/// How many keys of a tag one round of `invalidate_tag` handles.
+pub(crate) const TAG_BATCH: usize = 500;
+/// A bound on the rounds of one `invalidate_tag` (50 million keys), against
+/// members recorded again faster than they are removed.
+const MAX_TAG_ROUNDS: usize = 100_000;
+
 /// The settings of a cache, fixed when it is built.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -277,23 +283,49 @@ impl Inner {
         self.guarded(self.backend.tag(key, &tag_keys, ttl)).await
     }
 
-    /// Invalidates every key recorded under `tag`; how many there were.
+    /// Invalidates every key recorded under `tag`; how many keys it
+    /// invalidated. In batches of [`TAG_BATCH`] keys, each a few round
+    /// trips bounded by `op_timeout`, so that no single Redis command
+    /// works for long, however large the tag: read a batch of members, put
+    /// a tombstone on each live one, then drop them from the set unless
+    /// they were recorded again meanwhile; until a batch comes back short.
     pub(crate) async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
         let tag_key = self.tag_key(tag);
-        let tombstone = self.settings.codec.encode_tombstone();
+        let tombstone: Arc<[u8]> = self.settings.codec.encode_tombstone().into();
         let window = self.settings.invalidation_window;
-        let count = self
-            .guarded(
-                self.backend
-                    .invalidate_tag(&tag_key, tombstone.into(), window),
-            )
-            .await;
-        self.flights.detach_all();
-        let count = count?;
-        for _ in 0..count {
+        let mut invalidated = 0;
+        let mut rounds = 0usize;
+        let result = loop {
+            let batch = match self.guarded(self.backend.tagged(&tag_key, TAG_BATCH)).await {
+                Ok(batch) => batch,
+                Err(err) => break Err(err),
+            };
+            let now = now_unix_ms();
+            let live: Vec<String> = batch
+                .iter()
+                .filter(|(_, expiry)| *expiry > now)
+                .map(|(key, _)| key.clone())
+                .collect();
+            let tombstones = self.backend.set_many(&live, tombstone.clone(), window);
+            if let Err(err) = self.guarded(tombstones).await {
+                break Err(err);
+            }
+            for key in &live {
+                self.flights.detach(key);
+            }
+            invalidated += live.len() as u64;
+            if let Err(err) = self.guarded(self.backend.untag(&tag_key, &batch)).await {
+                break Err(err);
+            }
+            rounds += 1;
+            if batch.len() < TAG_BATCH || rounds > MAX_TAG_ROUNDS {
+                break Ok(invalidated);
+            }
+        };
+        for _ in 0..invalidated {
             Counters::bump(&self.counters.invalidations);
         }
-        Ok(count)
+        result
     }
 
     /// The entry to store for `result` and how long to store it, or nothing

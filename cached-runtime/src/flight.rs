@@ -88,11 +88,6 @@ impl Flights {
         self.map().remove(key);
     }
 
-    /// [`Flights::detach`] for every key (after a tag's invalidation).
-    pub(crate) fn detach_all(&self) {
-        self.map().clear();
-    }
-
     #[cfg(test)]
     fn len(&self) -> usize {
         self.map().len()

@@ -288,6 +288,49 @@ impl KeyBuilder {
     }
 }
 
+/// Renders a key or tag template the way the attributes do: the literal
+/// text as written, each `<…>` placeholder replaced, in order, by the key
+/// encoding of the next value. The placeholder names are not read.
+///
+/// ```
+/// let tag = cached_runtime::tag("tenant:<t>:region:<r>", &[&"acme corp", &7u32])?;
+/// assert_eq!(tag, "tenant:acme%20corp:region:7");
+/// # Ok::<(), cached_runtime::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidKey`](crate::Error::InvalidKey) when the template has
+/// an unclosed `<`, a stray `>`, the reserved `~`, or not as many
+/// placeholders as values.
+pub fn tag(template: &str, values: &[&dyn CacheKey]) -> crate::Result<String> {
+    let invalid = |what: &str| Err(crate::Error::InvalidKey(format!("tag template: {what}")));
+    if template.contains(RESERVED) {
+        return invalid("`~` is reserved");
+    }
+    let mut out = String::with_capacity(template.len() + 8 * values.len());
+    let mut values = values.iter();
+    let mut rest = template;
+    while let Some(open) = rest.find(['<', '>']) {
+        if rest.as_bytes()[open] == b'>' {
+            return invalid("a `>` without its `<`");
+        }
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('>') else {
+            return invalid("an unclosed `<`");
+        };
+        let Some(value) = values.next() else {
+            return invalid("more placeholders than values");
+        };
+        value.write_key(&mut out);
+        rest = &rest[open + close + 1..];
+    }
+    if values.next().is_some() {
+        return invalid("more values than placeholders");
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// The byte that marks the runtime's own keys and shortened keys.
 pub(crate) const RESERVED: char = '~';
 
@@ -416,6 +459,17 @@ mod tests {
         k.literal("user:");
         k.value(&42u64);
         assert_eq!(k.finish(Some(2)), "user:42@v2");
+    }
+
+    #[test]
+    fn tags_render_like_the_attribute() {
+        assert_eq!(tag("t:<a>/<b>", &[&"x y", &1u8]).unwrap(), "t:x%20y/1");
+        assert_eq!(tag("plain", &[]).unwrap(), "plain");
+        for bad in ["t:<a", "t:a>", "t:<a>~"] {
+            assert!(tag(bad, &[&1u8]).is_err(), "{bad}");
+        }
+        assert!(tag("t:<a>", &[]).is_err());
+        assert!(tag("t", &[&1u8]).is_err());
     }
 
     #[test]

@@ -44,5 +44,5 @@ pub use cache::Cache;
 pub use codec::Codec;
 pub use error::{Error, Result};
 pub use global::{global, set_global};
-pub use key::{escape_into, CacheKey, KeyAtom, KeyBuilder, MAX_KEY_LEN};
+pub use key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, MAX_KEY_LEN};
 pub use stats::Stats;

@@ -111,7 +111,13 @@ where
 /// When it cannot (a `None` that may not be cached, a value that cannot be
 /// encoded or is over `max_value_bytes`, Redis failing), the old value
 /// would be wrong: the key is invalidated instead.
-pub async fn put<S, R, Fut>(cache: Option<&Cache>, key: String, policy: Policy, body: Fut) -> R
+pub async fn put<S, R, Fut>(
+    cache: Option<&Cache>,
+    key: String,
+    tags: &[String],
+    policy: Policy,
+    body: Fut,
+) -> R
 where
     S: Shape<R>,
     Fut: Future<Output = R>,
@@ -133,6 +139,15 @@ where
         (encoded, kept)
     };
     let key = inner.full_key(key);
+    if !tags.is_empty() {
+        // The written key lives on: so must its tag sets. Before the
+        // write, so that an invalidation of a tag from now on reaches it.
+        let ttl = encoded
+            .as_ref()
+            .and_then(|(_, ttl)| *ttl)
+            .unwrap_or(inner.settings.default_ttl);
+        let _ = inner.tag(&key, tags, ttl).await;
+    }
     let written = match encoded {
         Some((entry, Some(ttl))) => inner.store(&key, entry, ttl).await,
         _ => Err(crate::Error::Config("not storable".into())),

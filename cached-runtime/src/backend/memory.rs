@@ -15,7 +15,7 @@
 //! every `max_entries / 4` writes, so they cost at most the bound's memory
 //! for a short while, never more.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -26,6 +26,7 @@ use quick_cache::{DefaultHashBuilder, Weighter};
 
 use super::{Backend, Bytes, Seen};
 use crate::error::Result;
+use crate::token::now_unix_ms;
 
 /// Limits of the in-memory backend, see [`CacheBuilder::memory`](crate::CacheBuilder::memory).
 ///
@@ -82,9 +83,11 @@ const STRIPES: usize = 64;
 
 pub(crate) struct MemoryBackend {
     entries: Store<String, Entry, ByBytes, DefaultHashBuilder>,
-    /// Tag set → the keys cached under it. Bounded like the entries: a set
-    /// whose keys all expired is dropped by the sweep.
-    tags: Mutex<HashMap<String, HashSet<String>>>,
+    /// Tag set → the keys cached under it, with when each expires (Unix
+    /// ms), as on Redis. The sweep drops expired members (not members
+    /// without an entry: a fill records its key before it stores it) and
+    /// empty sets.
+    tags: Mutex<HashMap<String, HashMap<String, u64>>>,
     stripes: [Mutex<()>; STRIPES],
     hasher: RandomState,
     writes: AtomicU64,
@@ -152,9 +155,10 @@ impl MemoryBackend {
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         self.entries.retain(|_, entry| entry.expires_at > now);
+        let now_ms = now_unix_ms();
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         tags.retain(|_, keys| {
-            keys.retain(|key| self.entries.contains_key(key.as_str()));
+            keys.retain(|_, expiry| *expiry > now_ms);
             !keys.is_empty()
         });
     }
@@ -207,33 +211,53 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
-    async fn tag(&self, key: &str, tag_keys: &[String], _ttl: Duration) -> Result<()> {
+    async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+        let expiry =
+            now_unix_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         for tag_key in tag_keys {
-            tags.entry(tag_key.clone())
+            let recorded = tags
+                .entry(tag_key.clone())
                 .or_default()
-                .insert(key.to_owned());
+                .entry(key.to_owned())
+                .or_insert(expiry);
+            *recorded = (*recorded).max(expiry);
         }
         Ok(())
     }
 
-    async fn invalidate_tag(
-        &self,
-        tag_key: &str,
-        tombstone: Arc<[u8]>,
-        window: Duration,
-    ) -> Result<u64> {
-        let keys = self
-            .tags
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(tag_key)
+    async fn tagged(&self, tag_key: &str, limit: usize) -> Result<Vec<(String, u64)>> {
+        let tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut members: Vec<(String, u64)> = tags
+            .get(tag_key)
+            .map(|keys| keys.iter().map(|(k, e)| (k.clone(), *e)).collect())
             .unwrap_or_default();
-        for key in &keys {
+        members.sort_unstable_by_key(|(_, expiry)| *expiry);
+        members.truncate(limit);
+        Ok(members)
+    }
+
+    async fn set_many(&self, keys: &[String], value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        for key in keys {
             let _write = self.write_lock(key);
-            self.insert(key, tombstone.clone(), window);
+            self.insert(key, value.clone(), ttl);
         }
-        Ok(keys.len() as u64)
+        Ok(())
+    }
+
+    async fn untag(&self, tag_key: &str, members: &[(String, u64)]) -> Result<()> {
+        let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(keys) = tags.get_mut(tag_key) {
+            for (key, expiry) in members {
+                if keys.get(key) == Some(expiry) {
+                    keys.remove(key);
+                }
+            }
+            if keys.is_empty() {
+                tags.remove(tag_key);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -92,14 +92,27 @@ pub(crate) trait Backend: Send + Sync {
         tag_keys: &[String],
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// Replaces every key in the tag set by `tombstone` (for `window`) and
-    /// drops the set; returns how many keys it had.
-    fn invalidate_tag(
+    /// Up to `limit` members of the tag set with their expiry (Unix ms),
+    /// soonest first.
+    fn tagged(
         &self,
         tag_key: &str,
-        tombstone: Arc<[u8]>,
-        window: Duration,
-    ) -> impl Future<Output = Result<u64>> + Send;
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(String, u64)>>> + Send;
+    /// Stores `value` at each of `keys` for `ttl` (one round trip).
+    fn set_many(
+        &self,
+        keys: &[String],
+        value: Arc<[u8]>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Removes from the tag set each member whose expiry is still the one
+    /// given (a member recorded again meanwhile stays).
+    fn untag(
+        &self,
+        tag_key: &str,
+        members: &[(String, u64)],
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 // One per cache, inside its `Arc`: boxing the larger variant would only add
@@ -133,15 +146,24 @@ impl Backend for AnyBackend {
         }
     }
 
-    async fn invalidate_tag(
-        &self,
-        tag_key: &str,
-        tombstone: Arc<[u8]>,
-        window: Duration,
-    ) -> Result<u64> {
+    async fn tagged(&self, tag_key: &str, limit: usize) -> Result<Vec<(String, u64)>> {
         match self {
-            AnyBackend::Redis(b) => b.invalidate_tag(tag_key, tombstone, window).await,
-            AnyBackend::Memory(b) => b.invalidate_tag(tag_key, tombstone, window).await,
+            AnyBackend::Redis(b) => b.tagged(tag_key, limit).await,
+            AnyBackend::Memory(b) => b.tagged(tag_key, limit).await,
+        }
+    }
+
+    async fn set_many(&self, keys: &[String], value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.set_many(keys, value, ttl).await,
+            AnyBackend::Memory(b) => b.set_many(keys, value, ttl).await,
+        }
+    }
+
+    async fn untag(&self, tag_key: &str, members: &[(String, u64)]) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.untag(tag_key, members).await,
+            AnyBackend::Memory(b) => b.untag(tag_key, members).await,
         }
     }
 

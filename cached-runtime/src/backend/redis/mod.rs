@@ -381,15 +381,51 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
-    async fn invalidate_tag(
-        &self,
-        tag_key: &str,
-        tombstone: Arc<[u8]>,
-        window: Duration,
-    ) -> Result<u64> {
-        let mut invocation = self.scripts.invalidate_tag.key(tag_key);
-        invocation.arg(&*tombstone).arg(px(window));
-        self.invoke(&invocation).await
+    async fn tagged(&self, tag_key: &str, limit: usize) -> Result<Vec<(String, u64)>> {
+        let members: Vec<(String, f64)> = self
+            .query(
+                redis::cmd("ZRANGE")
+                    .arg(tag_key)
+                    .arg(0)
+                    .arg(limit.saturating_sub(1))
+                    .arg("WITHSCORES"),
+            )
+            .await?;
+        Ok(members
+            .into_iter()
+            .map(|(key, score)| (key, score as u64))
+            .collect())
+    }
+
+    async fn set_many(&self, keys: &[String], value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(&*value)
+                .arg("PX")
+                .arg(px(ttl))
+                .ignore();
+        }
+        let mut conn = self.connection()?;
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))
+    }
+
+    async fn untag(&self, tag_key: &str, members: &[(String, u64)]) -> Result<()> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.scripts.untag.key(tag_key);
+        for (key, expiry) in members {
+            invocation.arg(key).arg(*expiry);
+        }
+        let _: i64 = self.invoke(&invocation).await?;
+        Ok(())
     }
 }
 

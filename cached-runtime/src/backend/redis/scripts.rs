@@ -114,26 +114,40 @@ end
 return 0
 ";
 
-/// Adds ARGV[1] to each tag set in KEYS, keeping each set at least ARGV[2] ms.
+/// Records ARGV[1] in each tag set in KEYS (sorted sets scored by when the
+/// key expires, Unix ms by the server's clock) for ARGV[2] ms, keeping a
+/// later expiry already recorded. Each call also drops up to 128 members
+/// that expired, so a set stays proportional to its live keys at a bounded
+/// cost per call, and each set expires with its last member.
 const TAG: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local ttl = tonumber(ARGV[2])
 for _, tag in ipairs(KEYS) do
-  redis.call('SADD', tag, ARGV[1])
-  if redis.call('PTTL', tag) < tonumber(ARGV[2]) then
-    redis.call('PEXPIRE', tag, ARGV[2])
+  redis.call('ZADD', tag, 'GT', now + ttl, ARGV[1])
+  local expired = redis.call('ZRANGE', tag, '-inf', now, 'BYSCORE', 'LIMIT', 0, 128)
+  if #expired > 0 then
+    redis.call('ZREM', tag, unpack(expired))
+  end
+  if redis.call('PTTL', tag) < ttl then
+    redis.call('PEXPIRE', tag, ttl)
   end
 end
 return 0
 ";
 
-/// Replaces every key of the tag set KEYS[1] by the tombstone ARGV[1] for
-/// ARGV[2] ms, deletes the set, and returns how many keys it held.
-const INVALIDATE_TAG: &str = r"
-local members = redis.call('SMEMBERS', KEYS[1])
-for _, key in ipairs(members) do
-  redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+/// Removes from the tag set KEYS[1] each member ARGV[2k+1] whose score is
+/// still ARGV[2k+2] (one that was recorded again meanwhile stays).
+const UNTAG: &str = r"
+local removed = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
 end
-redis.call('DEL', KEYS[1])
-return #members
+return removed
 ";
 
 /// The scripts, hashed once per backend.
@@ -143,24 +157,23 @@ pub(crate) struct Scripts {
     pub(crate) release: redis::Script,
     pub(crate) extend: redis::Script,
     pub(crate) tag: redis::Script,
-    pub(crate) invalidate_tag: redis::Script,
+    pub(crate) untag: redis::Script,
 }
 
 /// Every script's source, in [`Scripts`]' field order; `prepare` loads
 /// them all in one round trip.
-pub(crate) const SOURCES: [&str; 6] = [SET_IF, ACQUIRE, RELEASE, EXTEND, TAG, INVALIDATE_TAG];
+pub(crate) const SOURCES: [&str; 6] = [SET_IF, ACQUIRE, RELEASE, EXTEND, TAG, UNTAG];
 
 impl Default for Scripts {
     fn default() -> Self {
-        let [set_if, acquire, release, extend, tag, invalidate_tag] =
-            SOURCES.map(redis::Script::new);
+        let [set_if, acquire, release, extend, tag, untag] = SOURCES.map(redis::Script::new);
         Scripts {
             set_if,
             acquire,
             release,
             extend,
             tag,
-            invalidate_tag,
+            untag,
         }
     }
 }
