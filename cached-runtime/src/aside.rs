@@ -1,28 +1,29 @@
 //! The cache-aside algorithm behind `#[redis_cached]` and `get_or_compute`:
-//! look up the key; on a miss, lead or follow this process's computation;
-//! store the result only if the key has not changed since it was read.
+//! look up the key; on a miss, lead or follow this process's computation
+//! (with `lock = true`, under the cross-process lock); store the result only
+//! if the key has not changed since it was read.
 //!
 //! That last rule is the "no stale set" of memcache leases: a computation
 //! that began before an invalidation (which leaves a unique tombstone) or a
 //! write-through (which leaves a new value) finds the key changed, and its
 //! older result is not stored, nor handed to this process's followers.
 //!
-//! This is the per-function (generic) layer: it decodes, encodes and
-//! computes; reading, storing and locking work on bytes in `core` and
-//! `lock`. No result is held across an `.await` (only its stored part), so
-//! a cached function's future is `Send` whenever its body's is, whatever
-//! its error type.
+//! The algorithm is a [`Fill`]: a state machine on bytes, compiled once.
+//! The per-function (generic) code around it is a short loop: ask the fill
+//! for its next step, decode what it found or run the body, encode the
+//! result and hand it back. No result is held across an `.await` (only its
+//! stored part), so a cached function's future is `Send` whenever its
+//! body's is, whatever its error type.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::backend::Seen;
-use crate::codec::Entry;
-use crate::core::{Hit, Inner, Lookup, StoreOutcome};
+use crate::backend::{Bytes, Seen};
+use crate::core::{Encoded, Hit, Inner, StoreOutcome};
 use crate::flight::{self, Followed, Leader, Role};
-use crate::lock::{LockWait, Waited};
-use crate::policy::{LockPolicy, Policy};
+use crate::lock::{LockGuard, LockWait, Waited};
+use crate::policy::Policy;
 use crate::shape::{Shape, Split};
 use crate::stats::Counters;
 
@@ -66,19 +67,360 @@ pub(crate) fn marked<F: Future>(key: &str, body: F) -> impl Future<Output = F::O
     COMPUTING.scope(frame, body)
 }
 
-/// How joining this process's computation of a key ended.
-enum Joined<'a, R> {
-    /// This caller leads; `true` if an earlier leader ended without a
-    /// value (the key may have changed meanwhile: read it again).
-    Leader(Leader<'a>, bool),
-    Done(R),
-    /// Compute without sharing: the leader failed, its value does not
-    /// decode as this type, or this task is the leader.
+/// What a [`Fill`] needs from the function's code next.
+pub(crate) enum Step {
+    /// An entry: decode it, then [`Fill::accept`] or [`Fill::reject`] it.
+    Found(Bytes),
+    /// Run the body ([`Fill::run`]), then [`Fill::finish`] or [`Fill::fail`].
+    Compute,
+    /// Run the body and share nothing: the leader failed, its value does not
+    /// decode as this type, or this task is the leader (a re-entrant call).
     Alone,
 }
 
+/// Where a found entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A read of the key; `true` when this caller leads the process's
+    /// computation (its followers get what it accepts).
+    Read(bool),
+    /// The leader of this process's computation.
+    Leader,
+    /// A lock holder in some process.
+    Holder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing done yet.
+    Start,
+    /// Join this process's computation; `true` after an earlier leader
+    /// ended without a value (read the key again before computing).
+    Join(bool),
+    /// Leading: read the key.
+    Read,
+    /// Leading after a miss: record the tags, then lock or compute.
+    Lead,
+    /// Waiting for the cross-process lock.
+    Lock,
+    /// Found an entry from this source; waiting for accept or reject.
+    Found(Source),
+    /// Computing, or done.
+    Computing,
+}
+
+/// One call's way through the cache-aside algorithm, on bytes.
+pub(crate) struct Fill<'a> {
+    inner: &'a Inner,
+    key: String,
+    tags: &'a [String],
+    policy: &'a Policy,
+    state: State,
+    /// What the key held when read, for the compare-and-set.
+    seen: Seen,
+    leader: Option<Leader<'a>>,
+    wait: Option<LockWait>,
+    guard: Option<LockGuard<'a>>,
+    /// The entry last found, until it is accepted or rejected.
+    found: Option<Bytes>,
+    started: Instant,
+}
+
+impl<'a> Fill<'a> {
+    pub(crate) fn new(
+        inner: &'a Inner,
+        key: String,
+        tags: &'a [String],
+        policy: &'a Policy,
+    ) -> Self {
+        Fill {
+            inner,
+            key,
+            tags,
+            policy,
+            state: State::Start,
+            seen: Seen::Unknown,
+            leader: None,
+            wait: None,
+            guard: None,
+            found: None,
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Whether this call takes the cross-process lock on a miss.
+    fn locked(&self) -> bool {
+        self.policy.lock.is_some() && self.inner.backend.is_redis()
+    }
+
+    /// Advances to the next thing the function's code must do.
+    pub(crate) async fn next(&mut self) -> Step {
+        let inner = self.inner;
+        loop {
+            match self.state {
+                // `lock = true` marks a hot or costly key: its callers in
+                // this process also share one read, so that a crowd at a
+                // cold key sends one read (and one lock attempt) per process.
+                State::Start if self.locked() => self.state = State::Join(false),
+                State::Start => match inner.read(&self.key).await {
+                    Ok(bytes) => return self.found(bytes, Source::Read(false)),
+                    Err(seen) => {
+                        Counters::bump(&inner.counters.misses);
+                        self.seen = seen;
+                        self.state = State::Join(false);
+                    }
+                },
+                State::Join(retried) => match inner.flights.join(&self.key) {
+                    Role::Leader(leader) => {
+                        self.leader = Some(leader);
+                        // A hot key is read by its leader only; a retry
+                        // reads again, since the earlier leader's store was
+                        // refused: another writer got there first.
+                        self.state = if retried || self.locked() {
+                            State::Read
+                        } else {
+                            State::Lead
+                        };
+                    }
+                    Role::Follower(receiver) => {
+                        if reentrant(&self.key) {
+                            // This task leads that computation: waiting
+                            // would be forever.
+                            self.state = State::Computing;
+                            return Step::Alone;
+                        }
+                        Counters::bump(&inner.counters.coalesced);
+                        match flight::follow(receiver).await {
+                            Followed::Value(entry) => {
+                                return self.found(Bytes::Shared(entry), Source::Leader)
+                            }
+                            // Followers of a failure compute at once, side by side.
+                            Followed::Failed => {
+                                self.state = State::Computing;
+                                return Step::Alone;
+                            }
+                            Followed::Nothing => self.state = State::Join(true),
+                        }
+                    }
+                },
+                State::Read => match inner.read(&self.key).await {
+                    Ok(bytes) => return self.found(bytes, Source::Read(true)),
+                    Err(seen) => {
+                        Counters::bump(&inner.counters.misses);
+                        self.seen = seen;
+                        self.state = State::Lead;
+                    }
+                },
+                State::Lead => {
+                    // Before computing: an invalidation of a tag from now on
+                    // reaches this key, and so also refuses this fill's
+                    // store if it lands first.
+                    self.record_tags().await;
+                    if self.locked() {
+                        self.state = State::Lock;
+                    } else {
+                        self.state = State::Computing;
+                        return Step::Compute;
+                    }
+                }
+                State::Lock => {
+                    let Some(lock) = self.policy.lock else {
+                        self.state = State::Computing;
+                        return Step::Compute;
+                    };
+                    let wait = self.wait.get_or_insert_with(|| LockWait::new(&lock));
+                    let seen = std::mem::replace(&mut self.seen, Seen::Unknown);
+                    match wait.next(inner, &self.key, seen, &lock).await {
+                        Waited::Hold(guard, now) => {
+                            self.guard = Some(guard);
+                            self.seen = now;
+                            self.state = State::Computing;
+                            return Step::Compute;
+                        }
+                        Waited::Landed(bytes) => return self.found(bytes, Source::Holder),
+                        Waited::Compute { seen, failed } => {
+                            self.seen = seen;
+                            if failed {
+                                // This process's followers compute beside
+                                // this caller rather than after it.
+                                if let Some(leader) = self.leader.take() {
+                                    leader.fail();
+                                }
+                            }
+                            self.state = State::Computing;
+                            return Step::Compute;
+                        }
+                    }
+                }
+                State::Found(_) | State::Computing => {
+                    // Misuse by the caller (no accept/reject): compute.
+                    self.state = State::Computing;
+                    return Step::Alone;
+                }
+            }
+        }
+    }
+
+    fn found(&mut self, bytes: Bytes, source: Source) -> Step {
+        self.found = Some(bytes.clone());
+        self.state = State::Found(source);
+        Step::Found(bytes)
+    }
+
+    /// The entry found decoded to a result: share it with this process's
+    /// followers if this call leads them.
+    pub(crate) fn accept(&mut self) {
+        let found = self.found.take();
+        if let State::Found(Source::Read(_)) = self.state {
+            Counters::bump(&self.inner.counters.hits);
+        }
+        if let (Some(leader), Some(bytes)) = (&self.leader, found) {
+            leader.publish(Arc::from(&*bytes));
+        }
+        self.state = State::Computing;
+    }
+
+    /// The entry found is no result (a tombstone, garbage, another type, an
+    /// absence for a type without one): `seen` is what the key held.
+    /// Returns `true` when the caller must then compute alone: the entry
+    /// came from this process's leader, whose value does not read back as
+    /// this type (a serde impl that does not round-trip), so joining again
+    /// would find the same entry.
+    #[must_use]
+    pub(crate) fn reject(&mut self, seen: Seen) -> bool {
+        self.found = None;
+        match self.state {
+            State::Found(Source::Read(leading)) => {
+                Counters::bump(&self.inner.counters.misses);
+                self.seen = seen;
+                self.state = if leading {
+                    State::Lead
+                } else {
+                    State::Join(false)
+                };
+                false
+            }
+            State::Found(Source::Holder) => {
+                self.seen = seen;
+                self.state = State::Lock;
+                false
+            }
+            _ => {
+                Counters::bump(&self.inner.counters.decode_errors);
+                self.state = State::Computing;
+                true
+            }
+        }
+    }
+
+    /// Whether the entry found was read from the key (rather than handed
+    /// over by a computation that just finished).
+    pub(crate) fn found_by_read(&self) -> bool {
+        matches!(self.state, State::Found(Source::Read(_)))
+    }
+
+    /// A fill for a background refresh of an entry that held `seen`.
+    pub(crate) fn for_refresh(
+        inner: &'a Inner,
+        key: String,
+        tags: &'a [String],
+        policy: &'a Policy,
+        seen: Seen,
+    ) -> Self {
+        let mut fill = Fill::new(inner, key, tags, policy);
+        fill.seen = seen;
+        fill.state = State::Computing;
+        fill
+    }
+
+    /// For a refresh: takes the lock in one attempt when the function has
+    /// one; `false` when another process holds it, the entry changed
+    /// meanwhile, or Redis fails (the refresh is then not needed or not
+    /// possible).
+    pub(crate) async fn lock_once(&mut self) -> bool {
+        let Some(lock) = self.policy.lock.filter(|_| self.locked()) else {
+            return true;
+        };
+        match LockWait::try_once(self.inner, &self.key, &self.seen, &lock).await {
+            Some((guard, now)) => {
+                self.guard = Some(guard);
+                self.seen = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records the key under the function's tags.
+    pub(crate) async fn record_tags(&self) {
+        if !self.tags.is_empty() {
+            let _ = self.inner.tag(&self.key, self.tags, self.keep_for()).await;
+        }
+    }
+
+    /// How long the value and its tag records are kept.
+    fn keep_for(&self) -> Duration {
+        self.policy.ttl.unwrap_or(self.inner.settings.default_ttl)
+            + self.policy.stale.unwrap_or_default()
+    }
+
+    /// Runs the body, marked as computing this key, under the lock's
+    /// watchdog when the lock is held.
+    pub(crate) async fn run<F: Future>(&mut self, body: F) -> F::Output {
+        Counters::bump(&self.inner.counters.computes);
+        self.started = Instant::now();
+        let body = marked(&self.key, body);
+        match (&self.guard, &self.policy.lock) {
+            (Some(guard), Some(lock)) => guard.hold(lock, body).await,
+            _ => body.await,
+        }
+    }
+
+    /// Encodes what the body returned, with how long it took.
+    pub(crate) fn encode<S: Shape<R>, R>(&self, result: &R) -> Option<Encoded> {
+        self.inner
+            .encode_result::<S, R>(result, self.policy, self.started.elapsed())
+    }
+
+    /// Stores the computed entry (by compare-and-set, or through the
+    /// lock's release) and shares it with this process's followers, unless
+    /// the key changed meanwhile: then they join again and read anew.
+    pub(crate) async fn finish(mut self, encoded: Encoded) -> StoreOutcome {
+        let outcome = match (self.guard.take(), encoded.1) {
+            (Some(guard), _) => guard.release(&self.seen, &encoded).await,
+            (None, Some(ttl)) => {
+                self.inner
+                    .store_if(&self.key, &self.seen, encoded.0.clone(), ttl)
+                    .await
+            }
+            (None, None) => StoreOutcome::Failed,
+        };
+        if let Some(leader) = &self.leader {
+            if outcome != StoreOutcome::Refused {
+                leader.publish(encoded.0);
+            }
+        }
+        outcome
+    }
+
+    /// The body failed (an `Err`, or a value that cannot be serialized):
+    /// followers here and lock waiters everywhere compute by themselves.
+    pub(crate) fn fail(mut self) {
+        if let Some(leader) = self.leader.take() {
+            leader.fail();
+        }
+        if let Some(guard) = self.guard.take() {
+            guard.fail();
+        }
+    }
+}
+
 /// The result a hit stands for, or (for an absence stored for a type that
-/// has none) what to overwrite.
+/// has none) what the key held.
 pub(crate) fn rebuild<S: Shape<R>, R>(hit: Hit<S::Value>) -> Result<R, Seen> {
     match hit.value {
         Some(value) => Ok(S::from_value(value)),
@@ -87,10 +429,10 @@ pub(crate) fn rebuild<S: Shape<R>, R>(hit: Hit<S::Value>) -> Result<R, Seen> {
 }
 
 /// A result's stored part, kept across an `.await` in place of the result.
-type Kept<V, R> = Result<V, fn() -> R>;
+pub(crate) type Kept<V, R> = Result<V, fn() -> R>;
 
 /// Takes `result` apart; `Err` gives back a result that is not stored.
-fn keep<S: Shape<R>, R>(result: R) -> Result<Kept<S::Value, R>, R> {
+pub(crate) fn keep<S: Shape<R>, R>(result: R) -> Result<Kept<S::Value, R>, R> {
     match S::split(result) {
         Split::Value(value) => Ok(Ok(value)),
         Split::Absent(absent) => Ok(Err(absent)),
@@ -98,7 +440,7 @@ fn keep<S: Shape<R>, R>(result: R) -> Result<Kept<S::Value, R>, R> {
     }
 }
 
-fn unkeep<S: Shape<R>, R>(kept: Kept<S::Value, R>) -> R {
+pub(crate) fn unkeep<S: Shape<R>, R>(kept: Kept<S::Value, R>) -> R {
     match kept {
         Ok(value) => S::from_value(value),
         Err(absent) => absent(),
@@ -106,12 +448,11 @@ fn unkeep<S: Shape<R>, R>(kept: Kept<S::Value, R>) -> R {
 }
 
 impl Inner {
-    /// The cache-aside algorithm; `key` is the full key.
+    /// The cache-aside algorithm for one call; `key` is the full key.
     ///
-    /// This and [`Inner::fill_hot`] return `async move` blocks rather than
-    /// being `async fn`s: an `async fn` keeps a second copy of its
-    /// arguments (the caller's whole unstarted body among them) in its
-    /// state, and every call carries that state.
+    /// An `async move` block rather than an `async fn`: an `async fn`
+    /// keeps a second copy of its arguments (the caller's whole unstarted
+    /// body among them) in its state, and every call carries that state.
     #[allow(clippy::manual_async_fn)] // deliberate: see above
     pub(crate) fn fill<'a, S, R, Fut>(
         &'a self,
@@ -126,302 +467,69 @@ impl Inner {
         Fut: Future<Output = R> + 'a,
     {
         async move {
-            if policy.lock.is_some() && self.backend.is_redis() {
-                return self.fill_hot::<S, R, Fut>(key, tags, policy, body).await;
-            }
-            let seen = match self.lookup::<S::Value>(&key).await {
-                Lookup::Hit(hit) => match rebuild::<S, R>(hit) {
-                    Ok(result) => return result,
-                    Err(seen) => seen,
-                },
-                Lookup::Miss(seen) => seen,
-            };
-            self.fill_missed::<S, R, Fut>(key, tags, seen, policy, body)
-                .await
-        }
-    }
-
-    /// `lock = true` marks a hot or costly key: its callers in this process
-    /// also share one read, so that a crowd arriving at a cold key sends
-    /// one `GET` (and one lock attempt) per process rather than one each.
-    #[allow(clippy::manual_async_fn)] // deliberate: see `Inner::fill`
-    fn fill_hot<'a, S, R, Fut>(
-        &'a self,
-        key: String,
-        tags: &'a [String],
-        policy: &'a Policy,
-        body: Fut,
-    ) -> impl Future<Output = R> + 'a
-    where
-        S: Shape<R> + 'a,
-        R: 'a,
-        Fut: Future<Output = R> + 'a,
-    {
-        async move {
-            // No `.await` inside the match: its scrutinee holds a result.
-            let leader = match self.join::<S, R>(&key).await {
-                Joined::Leader(leader, _) => Some(leader),
-                Joined::Done(result) => return result,
-                Joined::Alone => None,
-            };
-            let Some(leader) = leader else {
-                return self.compute_alone(&key, body).await;
-            };
-            let seen = match self.lead_lookup::<S, R>(&key, &leader).await {
-                Ok(result) => return result,
-                Err(seen) => seen,
-            };
-            Box::pin(self.lead::<S, R, Fut>(&key, &leader, tags, seen, policy, body)).await
-        }
-    }
-
-    /// The leader's read of `key`: a hit is shared with its followers.
-    async fn lead_lookup<S: Shape<R>, R>(&self, key: &str, leader: &Leader<'_>) -> Result<R, Seen> {
-        match self.lookup::<S::Value>(key).await {
-            Lookup::Hit(hit) => share_hit::<S, R>(hit, leader),
-            Lookup::Miss(seen) => Err(seen),
-        }
-    }
-
-    /// The miss path: lead or follow this process's computation of `key`,
-    /// which held `seen` when it was read.
-    pub(crate) async fn fill_missed<S, R, Fut>(
-        &self,
-        key: String,
-        tags: &[String],
-        seen: Seen,
-        policy: &Policy,
-        body: Fut,
-    ) -> R
-    where
-        S: Shape<R>,
-        Fut: Future<Output = R>,
-    {
-        // No `.await` inside the match: its scrutinee holds a result.
-        let (leader, retried) = match self.join::<S, R>(&key).await {
-            Joined::Leader(leader, retried) => (Some(leader), retried),
-            Joined::Done(result) => return result,
-            Joined::Alone => (None, false),
-        };
-        let Some(leader) = leader else {
-            return self.compute_alone(&key, body).await;
-        };
-        let seen = if retried {
-            // The earlier leader's store was refused: another writer (a
-            // fill in another process, an invalidation) got there first.
-            // Read what it left before computing again.
-            match self.lead_lookup::<S, R>(&key, &leader).await {
-                Ok(result) => return result,
-                Err(seen) => seen,
-            }
-        } else {
-            seen
-        };
-        Box::pin(self.lead::<S, R, Fut>(&key, &leader, tags, seen, policy, body)).await
-    }
-
-    /// Runs `body` for a caller that shares nothing with others.
-    async fn compute_alone<Fut: Future>(&self, key: &str, body: Fut) -> Fut::Output {
-        Counters::bump(&self.counters.computes);
-        marked(key, body).await
-    }
-
-    /// Becomes this process's leader for `key`, or follows the current one
-    /// to its result (trying again when it ends without one).
-    async fn join<S: Shape<R>, R>(&self, key: &str) -> Joined<'_, R> {
-        let mut retried = false;
-        loop {
-            let receiver = match self.flights.join(key) {
-                Role::Leader(leader) => return Joined::Leader(leader, retried),
-                Role::Follower(receiver) => receiver,
-            };
-            if reentrant(key) {
-                // This task leads that computation: waiting would be forever.
-                return Joined::Alone;
-            }
-            Counters::bump(&self.counters.coalesced);
-            match flight::follow(receiver).await {
-                Followed::Value(entry) => {
-                    return match self.settings.codec.decode::<S::Value>(&entry) {
-                        Ok(Entry::Value(Some(value), _)) => Joined::Done(S::from_value(value)),
-                        Ok(Entry::Value(None, _)) => {
-                            S::absent().map_or(Joined::Alone, Joined::Done)
+            let mut fill = Fill::new(self, key, tags, policy);
+            loop {
+                match fill.next().await {
+                    Step::Found(bytes) => {
+                        // No `.await` inside this match: its scrutinee
+                        // holds a result.
+                        let seen = match self.decode_result::<S, R>(bytes) {
+                            Ok(result) => {
+                                fill.accept();
+                                return result;
+                            }
+                            Err(seen) => seen,
+                        };
+                        if fill.reject(seen) {
+                            return compute_alone(self, fill.key(), body).await;
                         }
-                        // A serde impl that does not round-trip: joining
-                        // again would find the same entry.
-                        Ok(Entry::Tombstone) | Err(_) => {
-                            Counters::bump(&self.counters.decode_errors);
-                            Joined::Alone
-                        }
-                    };
+                    }
+                    Step::Compute => break,
+                    Step::Alone => return compute_alone(self, fill.key(), body).await,
                 }
-                // Followers of a failure compute at once, side by side.
-                Followed::Failed => return Joined::Alone,
-                Followed::Nothing => retried = true,
             }
+            compute_and_finish::<S, R, Fut>(fill, body).await
         }
     }
 
-    /// The leader's part: tag the key, then compute (under the lock with
-    /// `lock = true`) and store.
-    ///
-    /// Callers box this future: it holds the lock machinery, several times
-    /// the size of the rest, and only a miss's one leader needs it, while
-    /// every call (a hit, a follower) would otherwise carry its space.
-    async fn lead<S, R, Fut>(
-        &self,
-        key: &str,
-        leader: &Leader<'_>,
-        tags: &[String],
-        seen: Seen,
-        policy: &Policy,
-        body: Fut,
-    ) -> R
-    where
-        S: Shape<R>,
-        Fut: Future<Output = R>,
-    {
-        if !tags.is_empty() {
-            // Before computing: an invalidation of a tag from now on reaches
-            // this key, and so also refuses this fill's store if it lands first.
-            let ttl =
-                policy.ttl.unwrap_or(self.settings.default_ttl) + policy.stale.unwrap_or_default();
-            let _ = self.tag(key, tags, ttl).await;
+    /// Decodes an entry as a result of shape `S`, or says what it is.
+    pub(crate) fn decode_result<S: Shape<R>, R>(&self, bytes: Bytes) -> Result<R, Seen> {
+        match self.decode::<S::Value>(bytes) {
+            crate::core::Lookup::Hit(hit) => rebuild::<S, R>(hit),
+            crate::core::Lookup::Miss(seen) => Err(seen),
         }
-        match &policy.lock {
-            Some(lock) if self.backend.is_redis() => {
-                self.fill_locked::<S, R, Fut>(key, seen, lock, policy, leader, body)
-                    .await
-            }
-            _ => {
-                self.compute_and_store::<S, R, Fut>(key, &seen, policy, Some(leader), body)
-                    .await
-            }
-        }
-    }
-
-    /// Computes and stores the result if the key still holds what was
-    /// `seen`; shares it with the leader's followers unless the key
-    /// changed meanwhile, or tells them it failed.
-    async fn compute_and_store<S, R, Fut>(
-        &self,
-        key: &str,
-        seen: &Seen,
-        policy: &Policy,
-        leader: Option<&Leader<'_>>,
-        body: Fut,
-    ) -> R
-    where
-        S: Shape<R>,
-        Fut: Future<Output = R>,
-    {
-        Counters::bump(&self.counters.computes);
-        // In a scope of its own: only the stored part of the result is held
-        // across the `.await` below.
-        let (entry, ttl, kept) = {
-            let started = Instant::now();
-            let result = marked(key, body).await;
-            let encoded = self.encode_result::<S, R>(&result, policy, started.elapsed());
-            let Some((entry, ttl)) = encoded else {
-                if let Some(leader) = leader {
-                    leader.fail();
-                }
-                return result;
-            };
-            match keep::<S, R>(result) {
-                Ok(kept) => (entry, ttl, kept),
-                Err(result) => return result,
-            }
-        };
-        let outcome = match ttl {
-            Some(ttl) => self.store_if(key, seen, entry.clone(), ttl).await,
-            None => StoreOutcome::Failed,
-        };
-        if let Some(leader) = leader {
-            share(leader, outcome, entry);
-        }
-        unkeep::<S, R>(kept)
-    }
-
-    /// The miss path of `lock = true`: take the cross-process lock and
-    /// compute, or wait for the holder's value, or (after `lock_wait`, when
-    /// Redis fails, or when the holder failed) compute without the lock.
-    async fn fill_locked<S, R, Fut>(
-        &self,
-        key: &str,
-        mut seen: Seen,
-        lock: &LockPolicy,
-        policy: &Policy,
-        leader: &Leader<'_>,
-        body: Fut,
-    ) -> R
-    where
-        S: Shape<R>,
-        Fut: Future<Output = R>,
-    {
-        let mut wait = LockWait::new(lock);
-        let (guard, seen) = loop {
-            match wait.next(self, key, seen, lock).await {
-                Waited::Hold(guard, now) => break (guard, now),
-                Waited::Landed(bytes) => match self.decode::<S::Value>(bytes) {
-                    Lookup::Hit(hit) => match share_hit::<S, R>(hit, leader) {
-                        Ok(result) => return result,
-                        Err(now) => seen = now,
-                    },
-                    // A tombstone or garbage: the key changed, but holds no value.
-                    Lookup::Miss(now) => seen = now,
-                },
-                Waited::Compute { seen, failed } => {
-                    // After a failure, this process's followers compute
-                    // beside this caller rather than after it.
-                    let leader = if failed {
-                        leader.fail();
-                        None
-                    } else {
-                        Some(leader)
-                    };
-                    return self
-                        .compute_and_store::<S, R, Fut>(key, &seen, policy, leader, body)
-                        .await;
-                }
-            }
-        };
-        Counters::bump(&self.counters.computes);
-        let (encoded, kept) = {
-            let started = Instant::now();
-            let result = guard.hold(lock, marked(key, body)).await;
-            let encoded = self.encode_result::<S, R>(&result, policy, started.elapsed());
-            let Some(encoded) = encoded else {
-                leader.fail();
-                guard.fail();
-                return result;
-            };
-            match keep::<S, R>(result) {
-                Ok(kept) => (encoded, kept),
-                Err(result) => {
-                    guard.fail();
-                    return result;
-                }
-            }
-        };
-        let outcome = guard.release(&seen, &encoded).await;
-        share(leader, outcome, encoded.0);
-        unkeep::<S, R>(kept)
     }
 }
 
-/// The result a hit stands for, shared with the leader's followers.
-fn share_hit<S: Shape<R>, R>(hit: Hit<S::Value>, leader: &Leader<'_>) -> Result<R, Seen> {
-    let raw = Arc::from(&*hit.raw);
-    let result = rebuild::<S, R>(hit)?;
-    leader.publish(raw);
-    Ok(result)
+/// Runs `body` for a caller that shares nothing with others.
+pub(crate) async fn compute_alone<Fut: Future>(inner: &Inner, key: &str, body: Fut) -> Fut::Output {
+    Counters::bump(&inner.counters.computes);
+    marked(key, body).await
 }
 
-/// Hands a computed entry to the leader's followers, unless the key
-/// changed while it was computed: then they join again and read anew.
-fn share(leader: &Leader<'_>, outcome: StoreOutcome, entry: Arc<[u8]>) {
-    if outcome != StoreOutcome::Refused {
-        leader.publish(entry);
-    }
+/// Runs the body, then stores and shares its result (or tells the others
+/// it failed).
+pub(crate) async fn compute_and_finish<S, R, Fut>(mut fill: Fill<'_>, body: Fut) -> R
+where
+    S: Shape<R>,
+    Fut: Future<Output = R>,
+{
+    // In a scope of its own: only the stored part of the result is held
+    // across the `.await` below.
+    let (encoded, kept) = {
+        let result = fill.run(body).await;
+        let Some(encoded) = fill.encode::<S, R>(&result) else {
+            fill.fail();
+            return result;
+        };
+        match keep::<S, R>(result) {
+            Ok(kept) => (encoded, kept),
+            Err(result) => {
+                fill.fail();
+                return result;
+            }
+        }
+    };
+    fill.finish(encoded).await;
+    unkeep::<S, R>(kept)
 }

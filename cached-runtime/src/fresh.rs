@@ -19,13 +19,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::aside::{marked, rebuild};
+use crate::aside::{compute_alone, compute_and_finish, rebuild, Fill, Step};
 use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
-use crate::lock::LockWait;
 use crate::policy::Policy;
 use crate::shape::{Shape, Stored};
 use crate::stats::Counters;
@@ -82,27 +81,49 @@ impl Inner {
         R: 'static,
         Fut: Future<Output = R> + Send + 'static,
     {
-        let seen = match self.lookup::<S::Value>(&key).await {
-            Lookup::Hit(hit) => {
-                let (timing, raw) = (hit.timing, hit.raw.clone());
-                match rebuild::<S, R>(hit) {
-                    Ok(result) => {
-                        self.maybe_refresh::<S, R, Fut>(key, tags, policy, timing, raw, body);
-                        return result;
+        let mut fill = Fill::new(self, key, tags, &policy);
+        loop {
+            match fill.next().await {
+                Step::Found(bytes) => {
+                    let seen = match self.decode::<S::Value>(bytes) {
+                        Lookup::Hit(hit) => {
+                            let (timing, raw) = (hit.timing, hit.raw.clone());
+                            match rebuild::<S, R>(hit) {
+                                Ok(result) => {
+                                    let read = fill.found_by_read();
+                                    fill.accept();
+                                    if read {
+                                        self.maybe_refresh::<S, R, Fut>(
+                                            fill.key(),
+                                            tags,
+                                            policy,
+                                            timing,
+                                            raw,
+                                            body,
+                                        );
+                                    }
+                                    return result;
+                                }
+                                Err(seen) => seen,
+                            }
+                        }
+                        Lookup::Miss(seen) => seen,
+                    };
+                    if fill.reject(seen) {
+                        return compute_alone(self, fill.key(), body).await;
                     }
-                    Err(seen) => seen,
                 }
+                Step::Compute => break,
+                Step::Alone => return compute_alone(self, fill.key(), body).await,
             }
-            Lookup::Miss(seen) => seen,
-        };
-        self.fill_missed::<S, R, Fut>(key, tags, seen, &policy, body)
-            .await
+        }
+        compute_and_finish::<S, R, Fut>(fill, body).await
     }
 
     /// Starts a refresh of a hit if it is due, counting why.
     fn maybe_refresh<S, R, Fut>(
         self: &Arc<Self>,
-        key: String,
+        key: &str,
         tags: &[String],
         policy: Policy,
         timing: Option<Timing>,
@@ -131,7 +152,7 @@ impl Inner {
     /// its time bound.
     fn spawn_refresh<S, R, Fut>(
         self: &Arc<Self>,
-        key: String,
+        key: &str,
         tags: &[String],
         policy: Policy,
         seen: Bytes,
@@ -145,15 +166,15 @@ impl Inner {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        let Some(claim) = self.refreshing.claim(&key) else {
+        let Some(claim) = self.refreshing.claim(key) else {
             return false;
         };
         let inner = Arc::clone(self);
-        let tags = tags.to_vec();
+        let (key, tags) = (key.to_owned(), tags.to_vec());
         let bound = refresh_bound(&policy, self.settings.default_ttl);
         runtime.spawn(async move {
             let _claim = claim;
-            let refresh = inner.refresh::<S, R, Fut>(&key, &tags, &policy, seen, body);
+            let refresh = inner.refresh::<S, R, Fut>(key, &tags, &policy, seen, body);
             if tokio::time::timeout(bound, refresh).await.is_err() {
                 Counters::bump(&inner.counters.refresh_failures);
                 tracing::warn!(
@@ -167,7 +188,7 @@ impl Inner {
     /// Recomputes `key` in the background; `seen` is the entry it replaces.
     async fn refresh<S, R, Fut>(
         &self,
-        key: &str,
+        key: String,
         tags: &[String],
         policy: &Policy,
         seen: Bytes,
@@ -176,55 +197,32 @@ impl Inner {
         S: Shape<R>,
         Fut: Future<Output = R>,
     {
-        let counters = &self.counters;
-        let mut seen = Seen::Bytes(seen);
-        let lock = policy.lock.filter(|_| self.backend.is_redis());
-        let guard = match &lock {
-            Some(lock) => match LockWait::try_once(self, key, &seen, lock).await {
-                Some((guard, now)) => {
-                    seen = now;
-                    Some(guard)
-                }
-                // Refreshed by someone else, being refreshed, or Redis failing.
-                None => return,
-            },
-            None => None,
-        };
-        if !tags.is_empty() {
-            // The refreshed key lives on: so must its tag sets.
-            let ttl =
-                policy.ttl.unwrap_or(self.settings.default_ttl) + policy.stale.unwrap_or_default();
-            let _ = self.tag(key, tags, ttl).await;
+        let mut fill = Fill::for_refresh(self, key, tags, policy, Seen::Bytes(seen));
+        // With `lock = true`: refreshed by someone else, being refreshed,
+        // or Redis failing: nothing to do.
+        if !fill.lock_once().await {
+            return;
         }
-        Counters::bump(&counters.refreshes);
-        Counters::bump(&counters.computes);
+        // The refreshed key lives on: so must its tag records.
+        fill.record_tags().await;
+        Counters::bump(&self.counters.refreshes);
         // In a scope of its own: the result is not held across the
         // `.await`s below (it need not be `Send`).
         let encoded = {
-            let started = Instant::now();
-            let body = marked(key, body);
-            let result = match (&guard, &lock) {
-                (Some(guard), Some(lock)) => guard.hold(lock, body).await,
-                _ => body.await,
-            };
+            let result = fill.run(body).await;
             if matches!(S::view(&result), Stored::Skip) {
-                Counters::bump(&counters.refresh_failures);
+                Counters::bump(&self.counters.refresh_failures);
                 tracing::debug!(
                     "background refresh failed; the stale value is served until it expires"
                 );
             }
-            self.encode_result::<S, R>(&result, policy, started.elapsed())
+            fill.encode::<S, R>(&result)
         };
-        match (guard, encoded) {
-            (Some(guard), Some(encoded)) => {
-                guard.release(&seen, &encoded).await;
+        match encoded {
+            Some(encoded) => {
+                fill.finish(encoded).await;
             }
-            (Some(guard), None) => guard.fail(),
-            (None, Some((entry, Some(ttl)))) => {
-                // Failures are counted inside.
-                self.store_if(key, &seen, entry, ttl).await;
-            }
-            (None, _) => {}
+            None => fill.fail(),
         }
     }
 }
