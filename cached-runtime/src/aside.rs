@@ -234,7 +234,10 @@ impl<'a> Fill<'a> {
                     };
                     let wait = self.wait.get_or_insert_with(|| LockWait::new(&lock));
                     let seen = std::mem::replace(&mut self.seen, Seen::Unknown);
-                    match wait.next(inner, &self.key, seen, &lock).await {
+                    // Boxed: the lock machinery is several times the size of
+                    // the rest, and only a miss's leader needs it, while
+                    // every call (a hit, a follower) would carry its space.
+                    match Box::pin(wait.next(inner, &self.key, seen, &lock)).await {
                         Waited::Hold(guard, now) => {
                             self.guard = Some(guard);
                             self.seen = now;
@@ -266,7 +269,10 @@ impl<'a> Fill<'a> {
     }
 
     fn found(&mut self, bytes: Bytes, source: Source) -> Step {
-        self.found = Some(bytes.clone());
+        // Kept only to share with followers: a plain hit copies nothing.
+        if self.leader.is_some() {
+            self.found = Some(bytes.clone());
+        }
         self.state = State::Found(source);
         Step::Found(bytes)
     }
@@ -358,7 +364,8 @@ impl<'a> Fill<'a> {
     /// Records the key under the function's tags.
     pub(crate) async fn record_tags(&self) {
         if !self.tags.is_empty() {
-            let _ = self.inner.tag(&self.key, self.tags, self.keep_for()).await;
+            // Boxed, like the lock: only a tagged miss needs its space.
+            let _ = Box::pin(self.inner.tag(&self.key, self.tags, self.keep_for())).await;
         }
     }
 
@@ -375,7 +382,9 @@ impl<'a> Fill<'a> {
         self.started = Instant::now();
         let body = marked(&self.key, body);
         match (&self.guard, &self.policy.lock) {
-            (Some(guard), Some(lock)) => guard.hold(lock, body).await,
+            // Boxed: the watchdog's lock extension is large, and only a
+            // lock holder needs it.
+            (Some(guard), Some(lock)) => Box::pin(guard.hold(lock, body)).await,
             _ => body.await,
         }
     }
@@ -389,7 +398,7 @@ impl<'a> Fill<'a> {
     /// Stores the computed entry (by compare-and-set, or through the
     /// lock's release) and shares it with this process's followers, unless
     /// the key changed meanwhile: then they join again and read anew.
-    pub(crate) async fn finish(mut self, encoded: Encoded) -> StoreOutcome {
+    pub(crate) async fn finish(&mut self, encoded: Encoded) -> StoreOutcome {
         let outcome = match (self.guard.take(), encoded.1) {
             (Some(guard), _) => guard.release(&self.seen, &encoded).await,
             (None, Some(ttl)) => {
@@ -409,7 +418,7 @@ impl<'a> Fill<'a> {
 
     /// The body failed (an `Err`, or a value that cannot be serialized):
     /// followers here and lock waiters everywhere compute by themselves.
-    pub(crate) fn fail(mut self) {
+    pub(crate) fn fail(&mut self) {
         if let Some(leader) = self.leader.take() {
             leader.fail();
         }
@@ -488,7 +497,7 @@ impl Inner {
                     Step::Alone => return compute_alone(self, fill.key(), body).await,
                 }
             }
-            compute_and_finish::<S, R, Fut>(fill, body).await
+            compute_and_finish::<S, R, Fut>(&mut fill, body).await
         }
     }
 
@@ -509,7 +518,7 @@ pub(crate) async fn compute_alone<Fut: Future>(inner: &Inner, key: &str, body: F
 
 /// Runs the body, then stores and shares its result (or tells the others
 /// it failed).
-pub(crate) async fn compute_and_finish<S, R, Fut>(mut fill: Fill<'_>, body: Fut) -> R
+pub(crate) async fn compute_and_finish<S, R, Fut>(fill: &mut Fill<'_>, body: Fut) -> R
 where
     S: Shape<R>,
     Fut: Future<Output = R>,
@@ -530,6 +539,7 @@ where
             }
         }
     };
-    fill.finish(encoded).await;
+    // Boxed, like the lock: only a miss needs the store's space.
+    Box::pin(fill.finish(encoded)).await;
     unkeep::<S, R>(kept)
 }

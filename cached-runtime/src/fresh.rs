@@ -117,7 +117,7 @@ impl Inner {
                 Step::Alone => return compute_alone(self, fill.key(), body).await,
             }
         }
-        compute_and_finish::<S, R, Fut>(fill, body).await
+        compute_and_finish::<S, R, Fut>(&mut fill, body).await
     }
 
     /// Starts a refresh of a hit if it is due, counting why.
