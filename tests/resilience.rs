@@ -23,6 +23,8 @@ per_backend!(
     re_entrant_calls_finish,
     a_write_through_that_cannot_store_invalidates,
     a_panicking_refresh_gives_its_key_back,
+    a_hanging_refresh_is_abandoned,
+    a_refreshed_row_that_is_gone_is_not_served_on,
 );
 
 /// A stand-in for a database: counts calls and how many run at once.
@@ -128,6 +130,22 @@ impl Repo {
     async fn save_text(&self, id: u64, len: u64) -> String {
         self.db.value.store(len, Ordering::SeqCst);
         format!("{id}:{}", "x".repeat(len as usize))
+    }
+
+    #[redis_cached(key = "hanging:<id>", ttl = "100ms", stale = "500ms", cache = self.cache)]
+    async fn hanging(self: Arc<Self>, id: u64) -> u64 {
+        let run = self.db.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.db.value.load(Ordering::SeqCst) == HANG {
+            std::future::pending::<()>().await;
+        }
+        u64::from(run) + id
+    }
+
+    #[redis_cached(key = "row-or-none:<id>", ttl = "100ms", stale = "1h", cache = self.cache)]
+    async fn row_or_none(self: Arc<Self>, id: u64) -> Option<u64> {
+        self.db.calls.fetch_add(1, Ordering::SeqCst);
+        let value = self.db.value.load(Ordering::SeqCst);
+        (value != 0).then_some(value + id)
     }
 
     #[redis_cached(key = "fresh:<id>", ttl = "100ms", stale = "1h", cache = self.cache)]
@@ -284,6 +302,43 @@ async fn a_panicking_refresh_gives_its_key_back(env: &Env) {
     assert_eq!(repo.cache.stats().refreshes, 2);
 }
 
+/// A refresh that never finishes is abandoned after its stale window, and
+/// counted, instead of keeping its key marked as being refreshed forever.
+async fn a_hanging_refresh_is_abandoned(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.clone().hanging(1).await, 2);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    repo.db.value.store(HANG, Ordering::SeqCst);
+    assert_eq!(repo.clone().hanging(1).await, 2, "served stale");
+    wait_until(|| repo.cache.stats().refresh_failures == 1).await;
+    assert_eq!(repo.cache.stats().refreshes, 1);
+}
+
+/// A row deleted from the database: the refresh gets `None`, which is
+/// not cached, and the old row must not be served for the rest of the
+/// stale window.
+async fn a_refreshed_row_that_is_gone_is_not_served_on(env: &Env) {
+    let repo = Repo::new(env.cache());
+    repo.db.value.store(5, Ordering::SeqCst);
+    assert_eq!(repo.clone().row_or_none(1).await, Some(6));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    repo.db.value.store(0, Ordering::SeqCst);
+    assert_eq!(
+        repo.clone().row_or_none(1).await,
+        Some(6),
+        "stale, refreshing"
+    );
+    wait_until(|| repo.db.calls.load(Ordering::SeqCst) == 2).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match repo.clone().row_or_none(1).await {
+            None => break,
+            Some(_) => assert!(Instant::now() < deadline, "the deleted row is still served"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `done` for up to 5 s (a bound, not a timing assertion).
 async fn wait_until(done: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -342,6 +397,12 @@ impl Locked {
         } else {
             Ok(id * 10)
         }
+    }
+
+    #[redis_cached(key = "maybe:<id>", lock = true, lock_wait = "5s", cache = self.cache)]
+    async fn maybe(&self, id: u64) -> Option<u64> {
+        self.db.query(Duration::from_millis(300)).await;
+        (id > 100).then_some(id)
     }
 
     #[redis_cached(key = "big:<id>", lock = true, lock_wait = "5s", cache = self.cache)]
@@ -426,6 +487,57 @@ async fn an_acquire_that_timed_out_is_released() {
     wait_until_async(|| async { !lock_exists(&server, "~lock{item:1}").await }).await;
     let _ = b.item(1, Duration::ZERO, false).await;
     assert_eq!(b.cache.stats().lock_waits, 0, "{:?}", b.cache.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_dropped_during_its_lock_attempt_leaves_no_lock() {
+    let server = RedisServer::start();
+    let db = Arc::new(Db::default());
+    let (a, b) = (
+        Locked::new(redis_cache(&server), &db),
+        Locked::new(redis_cache(&server), &db),
+    );
+    assert_eq!(a.item(9, Duration::ZERO, false).await, Ok(90));
+    let _: () = server
+        .cmd(::redis::cmd("CLIENT").arg("PAUSE").arg(500).arg("WRITE"))
+        .await;
+    // The read goes through; the lock attempt waits in Redis, and the
+    // caller gives up on it (a client disconnect) before it runs.
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(100), a.item(1, Duration::ZERO, false)).await;
+    assert!(dropped.is_err(), "the call was cut short");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_until_async(|| async { !lock_exists(&server, "~lock{item:1}").await }).await;
+    assert_eq!(b.item(1, Duration::ZERO, false).await, Ok(10));
+    assert_eq!(b.cache.stats().lock_waits, 0, "{:?}", b.cache.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_get_a_result_that_is_not_cached() {
+    let server = RedisServer::start();
+    let db = Arc::new(Db::default());
+    let repos: Vec<_> = (0..3)
+        .map(|_| Locked::new(redis_cache(&server), &db))
+        .collect();
+    let holder = {
+        let a = repos[0].clone();
+        tokio::spawn(async move { a.maybe(1).await })
+    };
+    wait_until(|| db.calls.load(Ordering::SeqCst) == 1).await;
+    let waiters: Vec<_> = repos[1..]
+        .iter()
+        .map(|r| {
+            let r = r.clone();
+            tokio::spawn(async move { r.maybe(1).await })
+        })
+        .collect();
+    assert_eq!(holder.await.expect("no panic"), None);
+    for waiter in waiters {
+        assert_eq!(waiter.await.expect("no panic"), None);
+    }
+    // `None` is not cached, but the waiters got it from the holder rather
+    // than taking the lock and querying in turn.
+    assert_eq!(db.calls.load(Ordering::SeqCst), 1);
 }
 
 async fn wait_until_async<F, Fut>(done: F)

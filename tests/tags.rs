@@ -244,9 +244,11 @@ async fn memory_of(server: &RedisServer, pattern: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_redis_tag_bookkeeping_follows_the_live_keys() {
     let server = RedisServer::start();
+    // Tag records outlive their values by the invalidation window.
     let repo = Repo::new(
         Cache::builder(&server.url())
             .namespace("shop")
+            .invalidation_window(Duration::from_millis(100))
             .build()
             .unwrap(),
     );
@@ -254,8 +256,9 @@ async fn on_redis_tag_bookkeeping_follows_the_live_keys() {
         repo.item(id).await;
     }
     let full = memory_of(&server, "shop:*tag*").await;
-    // Every value expired (200 ms); the keys kept alive now are a few.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Every value (200 ms) and record (+100 ms) expired; the keys alive
+    // now are a few.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     for id in 10_000..10_020 {
         repo.item(id).await;
     }
@@ -272,9 +275,7 @@ async fn on_redis_tag_bookkeeping_follows_the_live_keys() {
 
 /// How many times Redis ran `command` since the last `CONFIG RESETSTAT`.
 async fn calls(server: &RedisServer, command: &str) -> u64 {
-    let info: String = server
-        .cmd(::redis::cmd("INFO").arg("commandstats"))
-        .await;
+    let info: String = server.cmd(::redis::cmd("INFO").arg("commandstats")).await;
     let prefix = format!("cmdstat_{command}:calls=");
     info.lines()
         .find_map(|line| line.strip_prefix(&prefix))
@@ -316,6 +317,8 @@ async fn on_redis_a_large_tag_is_invalidated_in_bounded_batches() {
     assert_eq!(calls(&server, "set").await, 20_000);
     assert!(calls(&server, "evalsha").await <= 41);
     assert_eq!(repo.cache.get::<String>("user:1:19999").await, None);
-    let left: u64 = server.cmd(::redis::cmd("EXISTS").arg("~tag:tenant:1")).await;
+    let left: u64 = server
+        .cmd(::redis::cmd("EXISTS").arg("~tag:tenant:1"))
+        .await;
     assert_eq!(left, 0, "the emptied tag set is gone");
 }

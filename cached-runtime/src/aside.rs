@@ -218,8 +218,11 @@ impl<'a> Fill<'a> {
                 State::Lead => {
                     // Before computing: an invalidation of a tag from now on
                     // reaches this key, and so also refuses this fill's
-                    // store if it lands first.
-                    self.record_tags().await;
+                    // store if it lands first. A key that could not be
+                    // recorded is not stored: no tag would reach it.
+                    if !self.record_tags().await {
+                        self.seen = Seen::Unknown;
+                    }
                     if self.locked() {
                         self.state = State::Lock;
                     } else {
@@ -361,15 +364,23 @@ impl<'a> Fill<'a> {
         }
     }
 
-    /// Records the key under the function's tags.
-    pub(crate) async fn record_tags(&self) {
-        if !self.tags.is_empty() {
-            // Boxed, like the lock: only a tagged miss needs its space.
-            let _ = Box::pin(self.inner.tag(&self.key, self.tags, self.keep_for())).await;
+    /// Records the key under the function's tags; whether that worked.
+    #[must_use]
+    pub(crate) async fn record_tags(&self) -> bool {
+        if self.tags.is_empty() {
+            return true;
         }
+        // Kept longer than the value by how long a caller may wait for the
+        // lock before computing, since it records before it waits.
+        let wait = self.policy.lock.map(|lock| lock.wait).unwrap_or_default();
+        let ttl = self.keep_for().saturating_add(wait);
+        // Boxed, like the lock: only a tagged miss needs its space.
+        Box::pin(self.inner.tag(&self.key, self.tags, ttl))
+            .await
+            .is_ok()
     }
 
-    /// How long the value and its tag records are kept.
+    /// How long the value is kept.
     fn keep_for(&self) -> Duration {
         self.policy.ttl.unwrap_or(self.inner.settings.default_ttl)
             + self.policy.stale.unwrap_or_default()

@@ -277,9 +277,14 @@ impl Inner {
         internal_key(self.settings.namespace.as_deref(), "tag", tag)
     }
 
-    /// Records `key` under each of `tags` for at least `ttl`.
+    /// Records `key` under each of `tags` for a value that lives `ttl`
+    /// from now. The record lives `invalidation_window` longer: a value
+    /// stored up to that long after its record (a slow computation) is
+    /// still reached by its tags, as long as its own store may still be
+    /// refused by an invalidation.
     pub(crate) async fn tag(&self, key: &str, tags: &[String], ttl: Duration) -> Result<()> {
         let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
+        let ttl = ttl.saturating_add(self.settings.invalidation_window);
         self.guarded(self.backend.tag(key, &tag_keys, ttl)).await
     }
 
@@ -300,12 +305,10 @@ impl Inner {
                 Ok(batch) => batch,
                 Err(err) => break Err(err),
             };
-            let now = now_unix_ms();
-            let live: Vec<String> = batch
-                .iter()
-                .filter(|(_, expiry)| *expiry > now)
-                .map(|(key, _)| key.clone())
-                .collect();
+            // Every member, even one whose record expired: its value may
+            // outlive the record, and a tombstone where nothing is costs
+            // only the invalidation window.
+            let live: Vec<String> = batch.iter().map(|(key, _)| key.clone()).collect();
             let tombstones = self.backend.set_many(&live, tombstone.clone(), window);
             if let Err(err) = self.guarded(tombstones).await {
                 break Err(err);

@@ -58,14 +58,12 @@ impl Error {
             Some(code @ ("OOM" | "READONLY" | "MISCONF")) => {
                 return Error::Refused(code.to_owned())
             }
-            // The server's own state, or the connection's credentials:
-            // every key is affected, so these feed the breaker.
-            Some(
-                "LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" | "NOAUTH"
-                | "WRONGPASS" | "NOREPLICAS" | "NOTBUSY",
-            )
-            | None => {}
-            Some(code) => return Error::Rejected(code.to_owned()),
+            // One key's type, or what an ACL lets this user do: other keys
+            // still work. Everything else (the server's state, the
+            // credentials, `ERR max number of clients reached`) may affect
+            // every key, and feeds the breaker.
+            Some(code @ ("WRONGTYPE" | "NOPERM")) => return Error::Rejected(code.to_owned()),
+            _ => {}
         }
         let mut text = format!("{:?}", err.kind());
         if let Some(code) = err.code() {

@@ -203,8 +203,11 @@ impl Inner {
         if !fill.lock_once().await {
             return;
         }
-        // The refreshed key lives on: so must its tag records.
-        fill.record_tags().await;
+        // The refreshed key lives on: so must its tag records. If they
+        // cannot be renewed, the old value expires as it would have.
+        if !fill.record_tags().await {
+            return;
+        }
         Counters::bump(&self.counters.refreshes);
         // In a scope of its own: the result is not held across the
         // `.await`s below (it need not be `Send`).
@@ -218,6 +221,16 @@ impl Inner {
             }
             fill.encode::<S, R>(&result)
         };
+        let encoded = encoded.map(|(entry, ttl)| match ttl {
+            Some(_) => (entry, ttl),
+            // The row is gone and absences are not cached: the stale value
+            // must not be served on. A tombstone, by compare-and-set like
+            // any refresh, makes the next call compute.
+            None => (
+                self.settings.codec.encode_tombstone().into(),
+                Some(self.settings.invalidation_window),
+            ),
+        });
         match encoded {
             Some(encoded) => {
                 fill.finish(encoded).await;

@@ -87,8 +87,12 @@ impl LockWait {
                     failed: false,
                 };
             }
-            let attempt = redis.acquire(key, &lock, &seen, &self.token, policy.ttl);
-            match inner.guarded(attempt).await {
+            let attempt = Attempt::new(inner, redis, key, &lock, &self.token);
+            let reply = inner
+                .guarded(redis.acquire(key, &lock, &seen, &self.token, policy.ttl))
+                .await;
+            attempt.answered(&reply);
+            match reply {
                 Ok(Acquire::Acquired(now)) => {
                     Counters::bump(&inner.counters.lock_acquired);
                     let guard = LockGuard::new(inner, redis, key, lock, &self.token);
@@ -124,13 +128,12 @@ impl LockWait {
                         Some(Landing::Retry) | None => {}
                     }
                 }
-                Err(err) => {
-                    abandon_attempt(inner, redis, key, &lock, &self.token, &err);
-                    // Redis is failing: compute without the lock, like any miss.
+                // Redis is failing: compute without the lock, like any miss.
+                Err(_) => {
                     return Waited::Compute {
                         seen,
                         failed: false,
-                    };
+                    }
                 }
             }
         }
@@ -147,35 +150,67 @@ impl LockWait {
         let redis = inner.backend.redis()?;
         let token = lock_token();
         let lock = inner.lock_key(key);
-        let attempt = redis.acquire(key, &lock, seen, &token, policy.ttl);
-        match inner.guarded(attempt).await {
+        let attempt = Attempt::new(inner, redis, key, &lock, &token);
+        let reply = inner
+            .guarded(redis.acquire(key, &lock, seen, &token, policy.ttl))
+            .await;
+        attempt.answered(&reply);
+        match reply {
             Ok(Acquire::Acquired(now)) => {
                 Counters::bump(&inner.counters.lock_acquired);
                 Some((LockGuard::new(inner, redis, key, lock, &token), now))
             }
-            Ok(_) => None,
-            Err(err) => {
-                abandon_attempt(inner, redis, key, &lock, &token, &err);
-                None
-            }
+            Ok(_) | Err(_) => None,
         }
     }
 }
 
-/// After an acquire that failed on the way back (a timeout, a dropped
-/// connection), Redis may have run it and given us the lock: release
-/// whatever this token holds, so nobody waits for a holder that is not
+/// An acquire in flight. If it ends without a reply (a timeout, a dropped
+/// connection) or is dropped unanswered (its caller's future was dropped),
+/// Redis may have run it and given us the lock: then whatever this token
+/// holds is released at once, so nobody waits for a holder that is not
 /// computing.
-fn abandon_attempt(
-    inner: &Inner,
-    redis: &RedisBackend,
-    key: &str,
-    lock: &str,
-    token: &str,
-    err: &Error,
-) {
-    if matches!(err, Error::Timeout(_) | Error::Redis(_)) {
-        redis.release_detached(key, lock, token, false, inner.settings.op_timeout);
+struct Attempt<'a> {
+    inner: &'a Inner,
+    redis: &'a RedisBackend,
+    key: &'a str,
+    lock: &'a str,
+    token: &'a str,
+    answered: bool,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(
+        inner: &'a Inner,
+        redis: &'a RedisBackend,
+        key: &'a str,
+        lock: &'a str,
+        token: &'a str,
+    ) -> Self {
+        Attempt {
+            inner,
+            redis,
+            key,
+            lock,
+            token,
+            answered: false,
+        }
+    }
+
+    /// The attempt's outcome is known: a reply, or an error that says the
+    /// script never ran (the breaker skipped it, Redis rejected it).
+    fn answered<T>(mut self, reply: &Result<T, Error>) {
+        self.answered = !matches!(reply, Err(Error::Timeout(_) | Error::Redis(_)));
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let timeout = self.inner.settings.op_timeout;
+            self.redis
+                .release_detached(self.key, self.lock, self.token, false, timeout);
+        }
     }
 }
 
@@ -213,12 +248,18 @@ impl<'a> LockGuard<'a> {
         let mut computation = std::pin::pin!(computation);
         let period = (policy.ttl / 3).max(Duration::from_millis(1));
         loop {
-            // A statement of its own, so that no result (of a type that
-            // need not be `Send`) is held across the extension's `.await`.
-            if let Ok(result) = tokio::time::timeout(period, computation.as_mut()).await {
-                return result;
+            // The computation keeps running while the lock is extended (a
+            // slow Redis must not pause it).
+            tokio::select! {
+                biased;
+                result = computation.as_mut() => return result,
+                () = tokio::time::sleep(period) => {}
             }
-            self.extend(policy).await;
+            tokio::select! {
+                biased;
+                result = computation.as_mut() => return result,
+                () = self.extend(policy) => {}
+            }
         }
     }
 
@@ -234,8 +275,10 @@ impl<'a> LockGuard<'a> {
     pub(crate) async fn release(mut self, seen: &Seen, encoded: &Encoded) -> StoreOutcome {
         let inner = self.inner;
         let release = match encoded {
-            (entry, Some(ttl)) if inner.check_size(entry).is_ok() => Release::Store(entry, *ttl),
-            _ => Release::Nothing,
+            (entry, _) if inner.check_size(entry).is_err() => Release::Failed,
+            (entry, Some(ttl)) => Release::Store(entry, *ttl),
+            // An absence that is not cached: the waiters get it all the same.
+            (entry, None) => Release::Share(entry),
         };
         let released = self
             .redis
@@ -265,9 +308,12 @@ impl<'a> LockGuard<'a> {
 impl Drop for LockGuard<'_> {
     fn drop(&mut self) {
         if !self.released {
+            // A panicking holder failed: its waiters compute side by side.
+            // A cancelled one did not: they try the lock again.
+            let failed = std::thread::panicking();
             let timeout = self.inner.settings.op_timeout;
             self.redis
-                .release_detached(&self.key, &self.lock, &self.token, false, timeout);
+                .release_detached(&self.key, &self.lock, &self.token, failed, timeout);
         }
     }
 }

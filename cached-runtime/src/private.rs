@@ -139,16 +139,17 @@ where
         (encoded, kept)
     };
     let key = inner.full_key(key);
-    if !tags.is_empty() {
-        // The written key lives on: so must its tag sets. Before the
-        // write, so that an invalidation of a tag from now on reaches it.
+    // The written key lives on: so must its tag records. Before the write,
+    // so that an invalidation of a tag from now on reaches it; a key that
+    // could not be recorded is invalidated rather than written.
+    let tagged = tags.is_empty() || {
         let ttl = encoded
             .as_ref()
             .and_then(|(_, ttl)| *ttl)
             .unwrap_or(inner.settings.default_ttl);
-        let _ = inner.tag(&key, tags, ttl).await;
-    }
-    let written = match encoded {
+        inner.tag(&key, tags, ttl).await.is_ok()
+    };
+    let written = match encoded.filter(|_| tagged) {
         Some((entry, Some(ttl))) => inner.store(&key, entry, ttl).await,
         _ => Err(crate::Error::Config("not storable".into())),
     };

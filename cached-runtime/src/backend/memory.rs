@@ -216,25 +216,26 @@ impl Backend for MemoryBackend {
             now_unix_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         for tag_key in tag_keys {
+            // Every record raises the expiry (as on Redis), so that `untag`
+            // sees any record made since a batch was read.
             let recorded = tags
                 .entry(tag_key.clone())
                 .or_default()
                 .entry(key.to_owned())
-                .or_insert(expiry);
-            *recorded = (*recorded).max(expiry);
+                .or_insert(0);
+            *recorded = expiry.max(*recorded + 1);
         }
         Ok(())
     }
 
-    async fn tagged(&self, tag_key: &str, limit: usize) -> Result<Vec<(String, u64)>> {
+    /// All members at once: nothing here blocks another process, and a
+    /// sorted batch of a large set would cost a sort per batch.
+    async fn tagged(&self, tag_key: &str, _limit: usize) -> Result<Vec<(String, u64)>> {
         let tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut members: Vec<(String, u64)> = tags
+        Ok(tags
             .get(tag_key)
             .map(|keys| keys.iter().map(|(k, e)| (k.clone(), *e)).collect())
-            .unwrap_or_default();
-        members.sort_unstable_by_key(|(_, expiry)| *expiry);
-        members.truncate(limit);
-        Ok(members)
+            .unwrap_or_default())
     }
 
     async fn set_many(&self, keys: &[String], value: Arc<[u8]>, ttl: Duration) -> Result<()> {

@@ -92,8 +92,8 @@ pub(crate) trait Backend: Send + Sync {
         tag_keys: &[String],
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// Up to `limit` members of the tag set with their expiry (Unix ms),
-    /// soonest first.
+    /// Up to `limit` members of the tag set with their record's expiry
+    /// (Unix ms), soonest first (the in-memory backend: all of them).
     fn tagged(
         &self,
         tag_key: &str,

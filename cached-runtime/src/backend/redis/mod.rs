@@ -50,13 +50,17 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
-/// How a lock was released.
+/// How a lock is released.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Release<'a> {
     /// With a value to store (entry, TTL); waiters get it.
     Store(&'a [u8], Duration),
-    /// With nothing to store; waiters try the lock again.
-    Nothing,
+    /// With a result to hand to the waiters without storing it (an absence
+    /// that is not cached).
+    Share(&'a [u8]),
+    /// The computation failed, or its result cannot be stored or shared;
+    /// waiters compute by themselves.
+    Failed,
 }
 
 impl RedisBackend {
@@ -186,7 +190,7 @@ impl RedisBackend {
         compare.push(&mut invocation);
         invocation.arg(token).arg(px(ttl)).arg(self.limit);
         let reply: Vec<redis::Value> = self.invoke(&invocation).await?;
-        Ok(parse_acquire(&reply))
+        parse_acquire(&reply)
     }
 
     /// Extends `lock` if `token` still holds it; whether it did.
@@ -222,24 +226,25 @@ impl RedisBackend {
     ) -> redis::ScriptInvocation<'a> {
         // An unknown `seen` stores nothing: a stale set cannot be ruled out.
         let compare = self.compare_args(seen);
-        let store = match (release, &compare) {
-            (Release::Store(entry, ttl), Some(_)) => Some((entry, ttl)),
-            _ => None,
+        let release = match (release, &compare) {
+            (Release::Store(entry, _), None) => Release::Share(entry),
+            (release, _) => release,
+        };
+        let (what, entry, ttl, failed) = match release {
+            Release::Store(entry, ttl) => ("1", entry, px(ttl), "0"),
+            Release::Share(entry) => ("2", entry, 1, "0"),
+            Release::Failed => ("0", &[][..], 1, "1"),
         };
         let (mode, compare) = compare.unwrap_or(("1", CompareArg::Bytes(&[])));
         let mut invocation = self.scripts.release.key(key);
-        invocation
-            .key(lock)
-            .arg(token)
-            .arg(if store.is_some() { "1" } else { "0" })
-            .arg(mode);
+        invocation.key(lock).arg(token).arg(what).arg(mode);
         compare.push(&mut invocation);
         invocation
-            .arg(store.map(|(entry, _)| entry).unwrap_or_default())
-            .arg(store.map_or(1, |(_, ttl)| px(ttl)))
+            .arg(entry)
+            .arg(ttl)
             .arg(self.notifier.channel())
             .arg(key)
-            .arg("0")
+            .arg(failed)
             .arg(NOTIFY_INLINE_MAX);
         invocation
     }
@@ -308,10 +313,10 @@ impl CompareArg<'_> {
     }
 }
 
-fn parse_acquire(values: &[redis::Value]) -> Acquire {
+fn parse_acquire(values: &[redis::Value]) -> Result<Acquire> {
     let int = |v: Option<&redis::Value>| match v {
-        Some(redis::Value::Int(i)) => *i,
-        _ => 0,
+        Some(redis::Value::Int(i)) => Some(*i),
+        _ => None,
     };
     let bytes = |v: Option<&redis::Value>| match v {
         Some(redis::Value::BulkString(b)) if !b.is_empty() => Some(Bytes::Owned(b.clone())),
@@ -319,11 +324,12 @@ fn parse_acquire(values: &[redis::Value]) -> Acquire {
     };
     let seen = |v: Option<&redis::Value>| bytes(v).map_or(Seen::Oversized, Seen::Bytes);
     match (int(values.first()), int(values.get(1))) {
-        (1, _) => Acquire::Landed(seen(values.get(1))),
-        (2, 0) => Acquire::Acquired(Seen::Nothing),
-        (2, 1) => Acquire::Acquired(seen(values.get(2))),
-        (2, _) => Acquire::Acquired(Seen::Oversized),
-        _ => Acquire::Held,
+        (Some(1), _) => Ok(Acquire::Landed(seen(values.get(1)))),
+        (Some(2), Some(0)) => Ok(Acquire::Acquired(Seen::Nothing)),
+        (Some(2), Some(1)) => Ok(Acquire::Acquired(seen(values.get(2)))),
+        (Some(2), Some(2)) => Ok(Acquire::Acquired(Seen::Oversized)),
+        (Some(3), _) => Ok(Acquire::Held),
+        _ => Err(Error::Redis("unexpected reply to a lock attempt".into())),
     }
 }
 

@@ -69,18 +69,23 @@ return {3}
 );
 
 /// Releases the lock if this token holds it, stores the value by
-/// compare-and-set if asked, and publishes what happened to the waiters:
+/// compare-and-set if asked, and tells the waiters what happened:
 /// `<key length>:<key><kind>[entry]`, kind `v` with the entry when it was
-/// stored and is small, `f` when it was stored but is large (fetch it), `r`
-/// when nothing was stored (try the lock again), `x` when the computation
-/// failed (compute without waiting).
-/// KEYS: value, lock. ARGV: token, `1` to store, mode, seen, the new value,
-/// its TTL in ms, the channel, the key as given, `1` if the computation
-/// failed, the largest entry a message carries.
+/// stored (or shared without storing) and is small, `f` when it was stored
+/// but is large (read it), `r` when nothing was stored (try the lock again),
+/// `x` when the computation failed or its large result was not stored
+/// (compute without waiting). A holder whose lock had expired and been
+/// taken by another tells nothing but a stored value: the waiters wait for
+/// the new holder.
+/// KEYS: value, lock. ARGV: token, what to do (`1` store, `2` share without
+/// storing, `0` nothing), mode, seen, the entry, its TTL in ms, the channel,
+/// the key as given, `1` if the computation failed, the largest entry a
+/// message carries.
 const RELEASE: &str = concat!(
     unchanged_fn!(),
     r"
-if redis.call('GET', KEYS[2]) == ARGV[1] then
+local held = redis.call('GET', KEYS[2]) == ARGV[1]
+if held then
   redis.call('DEL', KEYS[2])
 end
 local stored = 0
@@ -88,14 +93,19 @@ if ARGV[2] == '1' and unchanged(KEYS[1], ARGV[3], ARGV[4]) then
   redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
   stored = 1
 end
+local small = #ARGV[5] <= tonumber(ARGV[10])
 local message = #ARGV[8] .. ':' .. ARGV[8]
 if stored == 1 then
-  if #ARGV[5] <= tonumber(ARGV[10]) then
+  if small then
     message = message .. 'v' .. ARGV[5]
   else
     message = message .. 'f'
   end
-elseif ARGV[9] == '1' then
+elseif not held then
+  return stored
+elseif ARGV[2] == '2' and small then
+  message = message .. 'v' .. ARGV[5]
+elseif ARGV[9] == '1' or ARGV[2] == '2' then
   message = message .. 'x'
 else
   message = message .. 'r'
@@ -115,7 +125,7 @@ return 0
 ";
 
 /// Records ARGV[1] in each tag set in KEYS (sorted sets scored by when the
-/// key expires, Unix ms by the server's clock) for ARGV[2] ms, keeping a
+/// record expires, Unix ms by the server's clock) for ARGV[2] ms, keeping a
 /// later expiry already recorded. Each call also drops up to 128 members
 /// that expired, so a set stays proportional to its live keys at a bounded
 /// cost per call, and each set expires with its last member.
@@ -124,7 +134,14 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 for _, tag in ipairs(KEYS) do
-  redis.call('ZADD', tag, 'GT', now + ttl, ARGV[1])
+  -- Every record raises the score, so that removing a batch unless
+  -- recorded again (UNTAG) sees any record made since the batch was read.
+  local score = now + ttl
+  local current = redis.call('ZSCORE', tag, ARGV[1])
+  if current and tonumber(current) >= score then
+    score = tonumber(current) + 1
+  end
+  redis.call('ZADD', tag, score, ARGV[1])
   local expired = redis.call('ZRANGE', tag, '-inf', now, 'BYSCORE', 'LIMIT', 0, 128)
   if #expired > 0 then
     redis.call('ZREM', tag, unpack(expired))
