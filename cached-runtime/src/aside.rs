@@ -386,18 +386,10 @@ impl<'a> Fill<'a> {
             + self.policy.stale.unwrap_or_default()
     }
 
-    /// Runs the body, marked as computing this key, under the lock's
-    /// watchdog when the lock is held.
-    pub(crate) async fn run<F: Future>(&mut self, body: F) -> F::Output {
+    /// The body starts now (for the computation's time, and counted).
+    pub(crate) fn computing(&mut self) {
         Counters::bump(&self.inner.counters.computes);
         self.started = Instant::now();
-        let body = marked(&self.key, body);
-        match (&self.guard, &self.policy.lock) {
-            // Boxed: the watchdog's lock extension is large, and only a
-            // lock holder needs it.
-            (Some(guard), Some(lock)) => Box::pin(guard.hold(lock, body)).await,
-            _ => body.await,
-        }
     }
 
     /// Encodes what the body returned, with how long it took.
@@ -467,51 +459,81 @@ pub(crate) fn unkeep<S: Shape<R>, R>(kept: Kept<S::Value, R>) -> R {
     }
 }
 
-impl Inner {
-    /// The cache-aside algorithm for one call; `key` is the full key.
-    ///
-    /// An `async move` block rather than an `async fn`: an `async fn`
-    /// keeps a second copy of its arguments (the caller's whole unstarted
-    /// body among them) in its state, and every call carries that state.
-    #[allow(clippy::manual_async_fn)] // deliberate: see above
-    pub(crate) fn fill<'a, S, R, Fut>(
-        &'a self,
-        key: String,
-        tags: &'a [String],
-        policy: &'a Policy,
-        body: Fut,
-    ) -> impl Future<Output = R> + 'a
-    where
-        S: Shape<R> + 'a,
-        R: 'a,
-        Fut: Future<Output = R> + 'a,
-    {
-        async move {
-            let mut fill = Fill::new(self, key, tags, policy);
-            loop {
-                match fill.next().await {
-                    Step::Found(bytes) => {
-                        // No `.await` inside this match: its scrutinee
-                        // holds a result.
-                        let seen = match self.decode_result::<S, R>(bytes) {
-                            Ok(result) => {
-                                fill.accept();
-                                return result;
-                            }
-                            Err(seen) => seen,
-                        };
-                        if fill.reject(seen) {
-                            return compute_alone(self, fill.key(), body).await;
+/// The cache-aside algorithm for one call of a cached function: the
+/// generic layer around a [`Fill`]. With no cache (`None`), `unset` is
+/// called and the body runs uncached.
+///
+/// One `async move` block, and the only state machine compiled per
+/// function (besides the body itself): the rest works on bytes. (A block
+/// rather than an `async fn`, which would keep its arguments, the caller's
+/// whole unstarted body among them, twice in its state.)
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+pub(crate) fn cached<'a, S, R, Fut>(
+    inner: Option<&'a Inner>,
+    unset: fn(),
+    key: String,
+    tags: &'a [String],
+    policy: Policy,
+    body: Fut,
+) -> impl Future<Output = R> + 'a
+where
+    S: Shape<R> + 'a,
+    R: 'a,
+    Fut: Future<Output = R> + 'a,
+{
+    async move {
+        let Some(inner) = inner else {
+            unset();
+            return body.await;
+        };
+        let mut fill = Fill::new(inner, inner.full_key(key), tags, &policy);
+        let alone = loop {
+            match fill.next().await {
+                Step::Found(bytes) => {
+                    // No `.await` inside this match: its scrutinee holds a
+                    // result.
+                    let seen = match inner.decode_result::<S, R>(bytes) {
+                        Ok(result) => {
+                            fill.accept();
+                            return result;
                         }
+                        Err(seen) => seen,
+                    };
+                    if fill.reject(seen) {
+                        break true;
                     }
-                    Step::Compute => break,
-                    Step::Alone => return compute_alone(self, fill.key(), body).await,
+                }
+                Step::Compute => break false,
+                Step::Alone => break true,
+            }
+        };
+        fill.computing();
+        // In a scope of its own: only the stored part of the result is held
+        // across the `.await` below.
+        let (encoded, kept) = {
+            let result = marked(fill.key(), body).await;
+            if alone {
+                return result;
+            }
+            let Some(encoded) = fill.encode::<S, R>(&result) else {
+                fill.fail();
+                return result;
+            };
+            match keep::<S, R>(result) {
+                Ok(kept) => (encoded, kept),
+                Err(result) => {
+                    fill.fail();
+                    return result;
                 }
             }
-            compute_and_finish::<S, R, Fut>(&mut fill, body).await
-        }
+        };
+        // Boxed, like the lock: only a miss needs the store's space.
+        Box::pin(fill.finish(encoded)).await;
+        unkeep::<S, R>(kept)
     }
+}
 
+impl Inner {
     /// Decodes an entry as a result of shape `S`, or says what it is.
     pub(crate) fn decode_result<S: Shape<R>, R>(&self, bytes: Bytes) -> Result<R, Seen> {
         match self.decode::<S::Value>(bytes) {
@@ -519,38 +541,4 @@ impl Inner {
             crate::core::Lookup::Miss(seen) => Err(seen),
         }
     }
-}
-
-/// Runs `body` for a caller that shares nothing with others.
-pub(crate) async fn compute_alone<Fut: Future>(inner: &Inner, key: &str, body: Fut) -> Fut::Output {
-    Counters::bump(&inner.counters.computes);
-    marked(key, body).await
-}
-
-/// Runs the body, then stores and shares its result (or tells the others
-/// it failed).
-pub(crate) async fn compute_and_finish<S, R, Fut>(fill: &mut Fill<'_>, body: Fut) -> R
-where
-    S: Shape<R>,
-    Fut: Future<Output = R>,
-{
-    // In a scope of its own: only the stored part of the result is held
-    // across the `.await` below.
-    let (encoded, kept) = {
-        let result = fill.run(body).await;
-        let Some(encoded) = fill.encode::<S, R>(&result) else {
-            fill.fail();
-            return result;
-        };
-        match keep::<S, R>(result) {
-            Ok(kept) => (encoded, kept),
-            Err(result) => {
-                fill.fail();
-                return result;
-            }
-        }
-    };
-    // Boxed, like the lock: only a miss needs the store's space.
-    Box::pin(fill.finish(encoded)).await;
-    unkeep::<S, R>(kept)
 }

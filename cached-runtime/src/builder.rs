@@ -1,5 +1,6 @@
 //! [`CacheBuilder`]: the settings of a [`Cache`] and their validation.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{AnyBackend, MemoryBackend, MemoryConfig, RedisBackend};
@@ -263,7 +264,7 @@ impl CacheBuilder {
                 codec: self.codec,
             },
             breaker: Breaker::new(self.breaker),
-            counters: Counters::default(),
+            counters: Arc::new(Counters::default()),
             flights: Flights::default(),
             refreshing: Claims::default(),
         })

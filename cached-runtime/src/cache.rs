@@ -162,10 +162,16 @@ impl Cache {
             ttl: Some(ttl),
             ..Policy::default()
         };
-        let key = self.inner.full_key(key.to_owned());
-        self.inner
-            .fill::<Plain, T, _>(key, &[], &policy, async move { compute().await })
-            .await
+        let unset = || {};
+        crate::aside::cached::<Plain, T, _>(
+            Some(&self.inner),
+            unset,
+            key.to_owned(),
+            &[],
+            policy,
+            async move { compute().await },
+        )
+        .await
     }
 
     /// Connects now rather than at the first call: the Redis connection

@@ -49,7 +49,8 @@ pub(crate) struct Inner {
     pub(crate) backend: AnyBackend,
     pub(crate) settings: Settings,
     pub(crate) breaker: Breaker,
-    pub(crate) counters: Counters,
+    /// Shared with the tasks a call starts (a lock's watchdog).
+    pub(crate) counters: Arc<Counters>,
     pub(crate) flights: Flights,
     /// The keys this process is refreshing in the background.
     pub(crate) refreshing: crate::claims::Claims,

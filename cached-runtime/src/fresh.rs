@@ -18,10 +18,11 @@
 //! invalidation during the refresh wins.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aside::{compute_alone, compute_and_finish, rebuild, Fill, Step};
+use crate::aside::{keep, marked, rebuild, unkeep, Fill, Step};
 use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
@@ -67,59 +68,84 @@ fn refresh_bound(policy: &Policy, default_ttl: Duration) -> Duration {
         .max(MIN_REFRESH_BOUND)
 }
 
-impl Inner {
-    /// Cache-aside with background refresh, for `stale` and `early`.
-    pub(crate) async fn fill_refreshing<S, R, Fut>(
-        self: &Arc<Self>,
-        key: String,
-        tags: &[String],
-        policy: Policy,
-        body: Fut,
-    ) -> R
-    where
-        S: Shape<R> + 'static,
-        R: 'static,
-        Fut: Future<Output = R> + Send + 'static,
-    {
-        let mut fill = Fill::new(self, key, tags, &policy);
-        loop {
-            match fill.next().await {
-                Step::Found(bytes) => {
-                    let seen = match self.decode::<S::Value>(bytes) {
-                        Lookup::Hit(hit) => {
-                            let (timing, raw) = (hit.timing, hit.raw.clone());
-                            match rebuild::<S, R>(hit) {
-                                Ok(result) => {
-                                    let read = fill.found_by_read();
-                                    fill.accept();
-                                    if read {
-                                        self.maybe_refresh::<S, R, Fut>(
-                                            fill.key(),
-                                            tags,
-                                            policy,
-                                            timing,
-                                            raw,
-                                            body,
-                                        );
-                                    }
-                                    return result;
+/// Cache-aside with background refresh, for `stale` and `early`: as
+/// `aside::cached`, and a hit read from the key may start a refresh.
+pub(crate) async fn cached_refreshing<S, R, Fut>(
+    inner: Option<&Arc<Inner>>,
+    unset: fn(),
+    key: String,
+    tags: &[String],
+    policy: Policy,
+    body: Fut,
+) -> R
+where
+    S: Shape<R> + 'static,
+    R: 'static,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    let Some(inner) = inner else {
+        unset();
+        return body.await;
+    };
+    let mut fill = Fill::new(inner, inner.full_key(key), tags, &policy);
+    let alone = loop {
+        match fill.next().await {
+            Step::Found(bytes) => {
+                let seen = match inner.decode::<S::Value>(bytes) {
+                    Lookup::Hit(hit) => {
+                        let (timing, raw) = (hit.timing, hit.raw.clone());
+                        match rebuild::<S, R>(hit) {
+                            Ok(result) => {
+                                let read = fill.found_by_read();
+                                fill.accept();
+                                if read {
+                                    inner.maybe_refresh::<S, R, Fut>(
+                                        fill.key(),
+                                        tags,
+                                        policy,
+                                        timing,
+                                        raw,
+                                        body,
+                                    );
                                 }
-                                Err(seen) => seen,
+                                return result;
                             }
+                            Err(seen) => seen,
                         }
-                        Lookup::Miss(seen) => seen,
-                    };
-                    if fill.reject(seen) {
-                        return compute_alone(self, fill.key(), body).await;
                     }
+                    Lookup::Miss(seen) => seen,
+                };
+                if fill.reject(seen) {
+                    break true;
                 }
-                Step::Compute => break,
-                Step::Alone => return compute_alone(self, fill.key(), body).await,
+            }
+            Step::Compute => break false,
+            Step::Alone => break true,
+        }
+    };
+    fill.computing();
+    let (encoded, kept) = {
+        let result = marked(fill.key(), body).await;
+        if alone {
+            return result;
+        }
+        let Some(encoded) = fill.encode::<S, R>(&result) else {
+            fill.fail();
+            return result;
+        };
+        match keep::<S, R>(result) {
+            Ok(kept) => (encoded, kept),
+            Err(result) => {
+                fill.fail();
+                return result;
             }
         }
-        compute_and_finish::<S, R, Fut>(&mut fill, body).await
-    }
+    };
+    Box::pin(fill.finish(encoded)).await;
+    unkeep::<S, R>(kept)
+}
 
+impl Inner {
     /// Starts a refresh of a hit if it is due, counting why.
     fn maybe_refresh<S, R, Fut>(
         self: &Arc<Self>,
@@ -172,7 +198,7 @@ impl Inner {
         let inner = Arc::clone(self);
         let (key, tags) = (key.to_owned(), tags.to_vec());
         let bound = refresh_bound(&policy, self.settings.default_ttl);
-        runtime.spawn(async move {
+        let task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             let _claim = claim;
             let refresh = inner.refresh::<S, R, Fut>(key, &tags, &policy, seen, body);
             if tokio::time::timeout(bound, refresh).await.is_err() {
@@ -182,6 +208,9 @@ impl Inner {
                 );
             }
         });
+        // Boxed as one type: the runtime's task machinery is compiled once,
+        // not once per cached function.
+        runtime.spawn(task);
         true
     }
 
@@ -211,8 +240,9 @@ impl Inner {
         Counters::bump(&self.counters.refreshes);
         // In a scope of its own: the result is not held across the
         // `.await`s below (it need not be `Send`).
+        fill.computing();
         let encoded = {
-            let result = fill.run(body).await;
+            let result = marked(fill.key(), body).await;
             if matches!(S::view(&result), Stored::Skip) {
                 Counters::bump(&self.counters.refresh_failures);
                 tracing::debug!(

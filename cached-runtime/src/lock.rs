@@ -3,7 +3,7 @@
 //! On a miss, this process's computing caller either finds that a value
 //! has landed meanwhile, or takes the lock (`SET lock token NX PX lock_ttl`,
 //! the token 128 random bits), or finds it held and waits ([`LockWait`]).
-//! The holder computes while a watchdog extends the lock every
+//! The holder computes while a watchdog task extends the lock every
 //! `lock_ttl / 3`, then releases it, storing the value by compare-and-set
 //! and telling the waiters in one step ([`LockGuard`]). Waiters are woken by
 //! that notification (one subscriber connection per cache), which carries a
@@ -18,7 +18,7 @@
 //! Nothing here is generic: the per-function code decodes what a wait
 //! returns and encodes what the holder computed.
 
-use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Acquire, Bytes, Landing, RedisBackend, Release, Seen};
@@ -95,7 +95,7 @@ impl LockWait {
             match reply {
                 Ok(Acquire::Acquired(now)) => {
                     Counters::bump(&inner.counters.lock_acquired);
-                    let guard = LockGuard::new(inner, redis, key, lock, &self.token);
+                    let guard = LockGuard::new(inner, redis, key, lock, &self.token, policy);
                     return Waited::Hold(guard, now);
                 }
                 Ok(Acquire::Landed(Seen::Bytes(bytes))) => return Waited::Landed(bytes),
@@ -158,7 +158,7 @@ impl LockWait {
         match reply {
             Ok(Acquire::Acquired(now)) => {
                 Counters::bump(&inner.counters.lock_acquired);
-                Some((LockGuard::new(inner, redis, key, lock, &token), now))
+                Some((LockGuard::new(inner, redis, key, lock, &token, policy), now))
             }
             Ok(_) | Err(_) => None,
         }
@@ -223,6 +223,8 @@ pub(crate) struct LockGuard<'a> {
     lock: String,
     token: String,
     released: bool,
+    /// Extends the lock while it is held; stopped with the guard.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<'a> LockGuard<'a> {
@@ -232,7 +234,16 @@ impl<'a> LockGuard<'a> {
         key: &str,
         lock: String,
         token: &str,
+        policy: &LockPolicy,
     ) -> Self {
+        let counters = Arc::clone(&inner.counters);
+        let watchdog = redis.spawn_watchdog(
+            &lock,
+            token,
+            policy.ttl,
+            inner.settings.op_timeout,
+            move || Counters::bump(&counters.lock_extends),
+        );
         LockGuard {
             inner,
             redis,
@@ -240,39 +251,20 @@ impl<'a> LockGuard<'a> {
             lock,
             token: token.to_owned(),
             released: false,
+            watchdog,
         }
     }
 
-    /// Runs `computation`, extending the lock every `ttl / 3` until it ends.
-    pub(crate) async fn hold<F: Future>(&self, policy: &LockPolicy, computation: F) -> F::Output {
-        let mut computation = std::pin::pin!(computation);
-        let period = (policy.ttl / 3).max(Duration::from_millis(1));
-        loop {
-            // The computation keeps running while the lock is extended (a
-            // slow Redis must not pause it).
-            tokio::select! {
-                biased;
-                result = computation.as_mut() => return result,
-                () = tokio::time::sleep(period) => {}
-            }
-            tokio::select! {
-                biased;
-                result = computation.as_mut() => return result,
-                () = self.extend(policy) => {}
-            }
-        }
-    }
-
-    async fn extend(&self, policy: &LockPolicy) {
-        let extend = self.redis.extend(&self.lock, &self.token, policy.ttl);
-        if let Ok(true) = self.inner.guarded(extend).await {
-            Counters::bump(&self.inner.counters.lock_extends);
+    fn stop_watchdog(&mut self) {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
         }
     }
 
     /// Releases the lock, storing `encoded` by compare-and-set against
     /// `seen`, and wakes the waiters.
     pub(crate) async fn release(mut self, seen: &Seen, encoded: &Encoded) -> StoreOutcome {
+        self.stop_watchdog();
         let inner = self.inner;
         let release = match encoded {
             (entry, _) if inner.check_size(entry).is_err() => Release::Failed,
@@ -298,6 +290,7 @@ impl<'a> LockGuard<'a> {
     /// Releases the lock in the background after a failed computation:
     /// waiters compute by themselves rather than wait for one another.
     pub(crate) fn fail(mut self) {
+        self.stop_watchdog();
         self.released = true;
         let timeout = self.inner.settings.op_timeout;
         self.redis
@@ -307,6 +300,7 @@ impl<'a> LockGuard<'a> {
 
 impl Drop for LockGuard<'_> {
     fn drop(&mut self) {
+        self.stop_watchdog();
         if !self.released {
             // A panicking holder failed: its waiters compute side by side.
             // A cancelled one did not: they try the lock again.

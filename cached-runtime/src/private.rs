@@ -53,10 +53,7 @@ pub fn global_cache() -> CacheHold<'static> {
     CacheHold::Global(global::global_shared())
 }
 
-/// The body of a `#[redis_cached]` function. (An `async` block rather
-/// than an `async fn`, which would keep its arguments twice in its state;
-/// see `Inner::fill`.)
-#[allow(clippy::manual_async_fn)] // deliberate: see above
+/// The body of a `#[redis_cached]` function.
 pub fn cached<'a, S, R, Fut>(
     cache: Option<&'a Cache>,
     key: String,
@@ -69,40 +66,26 @@ where
     R: 'a,
     Fut: Future<Output = R> + 'a,
 {
-    async move {
-        let Some(cache) = cache else {
-            global::warn_unset();
-            return body.await;
-        };
-        let inner = &cache.inner;
-        let key = inner.full_key(key);
-        inner.fill::<S, R, Fut>(key, tags, &policy, body).await
-    }
+    let inner = cache.map(|cache| &*cache.inner);
+    crate::aside::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
 /// body may run as a background refresh, so it must be `Send + 'static`.
-pub async fn cached_refreshing<S, R, Fut>(
-    cache: Option<&Cache>,
+pub fn cached_refreshing<'a, S, R, Fut>(
+    cache: Option<&'a Cache>,
     key: String,
-    tags: &[String],
+    tags: &'a [String],
     policy: Policy,
     body: Fut,
-) -> R
+) -> impl Future<Output = R> + 'a
 where
     S: Shape<R> + 'static,
     R: 'static,
     Fut: Future<Output = R> + Send + 'static,
 {
-    let Some(cache) = cache else {
-        global::warn_unset();
-        return body.await;
-    };
-    let inner = &cache.inner;
-    let key = inner.full_key(key);
-    inner
-        .fill_refreshing::<S, R, Fut>(key, tags, policy, body)
-        .await
+    let inner = cache.map(|cache| &cache.inner);
+    crate::fresh::cached_refreshing::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
 
 /// The body of a `#[cache_put]` function: run it, then write its value.

@@ -193,12 +193,41 @@ impl RedisBackend {
         parse_acquire(&reply)
     }
 
-    /// Extends `lock` if `token` still holds it; whether it did.
-    pub(crate) async fn extend(&self, lock: &str, token: &str, ttl: Duration) -> Result<bool> {
-        let mut invocation = self.scripts.extend.key(lock);
-        invocation.arg(token).arg(px(ttl));
-        let extended: i64 = self.invoke(&invocation).await?;
-        Ok(extended == 1)
+    /// Starts the watchdog of a held lock: a task of its own that extends
+    /// `lock` to `ttl` every `ttl / 3` while `token` holds it (each attempt
+    /// bounded by `timeout`), calling `extended` after each extension, and
+    /// that ends when the lock is lost or the returned handle is aborted. A
+    /// task rather than a part of the holder's future, so that the holder's
+    /// computation is never paused by a slow Redis; `None` without a
+    /// runtime or a connection.
+    pub(crate) fn spawn_watchdog(
+        &self,
+        lock: &str,
+        token: &str,
+        ttl: Duration,
+        timeout: Duration,
+        extended: impl Fn() + Send + 'static,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let mut conn = self.connection().ok()?;
+        let script = self.scripts.extend.clone();
+        let (lock, token) = (lock.to_owned(), token.to_owned());
+        let period = (ttl / 3).max(Duration::from_millis(1));
+        Some(runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let mut invocation = script.key(&lock);
+                invocation.arg(&token).arg(px(ttl));
+                let extend = invocation.invoke_async::<i64>(&mut conn);
+                match tokio::time::timeout(timeout, extend).await {
+                    Ok(Ok(1)) => extended(),
+                    // Lost (expired and taken): nothing left to extend.
+                    Ok(Ok(_)) => return,
+                    // Redis slow or failing: try again next period.
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
+        }))
     }
 
     /// Releases `lock` if `token` holds it, stores by compare-and-set
