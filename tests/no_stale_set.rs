@@ -8,8 +8,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use redis_cached::{cache_put, redis_cached, Cache};
-use support::RedisServer;
+use support::backends::Env;
 use tokio::sync::{oneshot, Notify};
+
+per_backend!(
+    fill_then_invalidate,
+    fill_then_write_through,
+    fill_with_no_interference_stores,
+);
 
 /// A database row and a way to hold a query between reading it and
 /// returning it.
@@ -61,8 +67,8 @@ async fn start_slow_load(db: &Arc<Db>) -> tokio::task::JoinHandle<u32> {
     task
 }
 
-async fn fill_then_invalidate(cache: Cache) {
-    let db = Db::new(cache);
+async fn fill_then_invalidate(env: &Env) {
+    let db = Db::new(env.cache());
     let slow = start_slow_load(&db).await;
     // The row changes and the key is invalidated while the load is in flight.
     db.row.store(2, Ordering::SeqCst);
@@ -79,8 +85,8 @@ async fn fill_then_invalidate(cache: Cache) {
     assert_eq!(db.cache.get::<u32>("row:1").await, Some(2), "and caches it");
 }
 
-async fn fill_then_write_through(cache: Cache) {
-    let db = Db::new(cache);
+async fn fill_then_write_through(env: &Env) {
+    let db = Db::new(env.cache());
     let slow = start_slow_load(&db).await;
     assert_eq!(db.update(1, 3).await, 3);
     db.gate.notify_one();
@@ -100,29 +106,11 @@ async fn fill_then_write_through(cache: Cache) {
     );
 }
 
-async fn fill_with_no_interference_stores(cache: Cache) {
-    let db = Db::new(cache);
+async fn fill_with_no_interference_stores(env: &Env) {
+    let db = Db::new(env.cache());
     let slow = start_slow_load(&db).await;
     db.gate.notify_one();
     assert_eq!(slow.await.unwrap(), 1);
     assert_eq!(db.cache.get::<u32>("row:1").await, Some(1));
     assert_eq!(db.cache.stats().stale_sets_refused, 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_memory() {
-    fill_then_invalidate(Cache::in_memory()).await;
-    fill_then_write_through(Cache::in_memory()).await;
-    fill_with_no_interference_stores(Cache::in_memory()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_redis() {
-    let server = RedisServer::start();
-    // Each scenario starts from an empty server.
-    fill_then_invalidate(Cache::redis(&server.url()).unwrap()).await;
-    let _: () = server.cmd(&redis::cmd("FLUSHALL")).await;
-    fill_then_write_through(Cache::redis(&server.url()).unwrap()).await;
-    let _: () = server.cmd(&redis::cmd("FLUSHALL")).await;
-    fill_with_no_interference_stores(Cache::redis(&server.url()).unwrap()).await;
 }

@@ -123,7 +123,8 @@ pub(crate) struct Fill<'a> {
     guard: Option<LockGuard<'a>>,
     /// The entry last found, until it is accepted or rejected.
     found: Option<Bytes>,
-    started: Instant,
+    /// When the body started (not read on a hit, which never computes).
+    started: Option<Instant>,
 }
 
 impl<'a> Fill<'a> {
@@ -144,7 +145,7 @@ impl<'a> Fill<'a> {
             wait: None,
             guard: None,
             found: None,
-            started: Instant::now(),
+            started: None,
         }
     }
 
@@ -389,13 +390,16 @@ impl<'a> Fill<'a> {
     /// The body starts now (for the computation's time, and counted).
     pub(crate) fn computing(&mut self) {
         Counters::bump(&self.inner.counters.computes);
-        self.started = Instant::now();
+        self.started = Some(Instant::now());
     }
 
     /// Encodes what the body returned, with how long it took.
     pub(crate) fn encode<S: Shape<R>, R>(&self, result: &R) -> Option<Encoded> {
-        self.inner
-            .encode_result::<S, R>(result, self.policy, self.started.elapsed())
+        let took = self
+            .started
+            .map(|started| started.elapsed())
+            .unwrap_or_default();
+        self.inner.encode_result::<S, R>(result, self.policy, took)
     }
 
     /// Stores the computed entry (by compare-and-set, or through the
