@@ -149,13 +149,33 @@ impl<'a> Fill<'a> {
         }
     }
 
+    /// A fill for a call that read the key, which held `seen` (a miss).
+    pub(crate) fn after_miss(
+        inner: &'a Inner,
+        key: String,
+        tags: &'a [String],
+        policy: &'a Policy,
+        seen: Seen,
+    ) -> Self {
+        let mut fill = Fill::new(inner, key, tags, policy);
+        fill.seen = seen;
+        fill.state = State::Join(false);
+        fill
+    }
+
+    /// Whether a call reads the key before joining this process's
+    /// computation (all but `lock = true` on Redis).
+    pub(crate) fn reads_first(inner: &Inner, policy: &Policy) -> bool {
+        !(policy.lock.is_some() && inner.backend.is_redis())
+    }
+
     pub(crate) fn key(&self) -> &str {
         &self.key
     }
 
     /// Whether this call takes the cross-process lock on a miss.
     fn locked(&self) -> bool {
-        self.policy.lock.is_some() && self.inner.backend.is_redis()
+        !Fill::reads_first(self.inner, self.policy)
     }
 
     /// Advances to the next thing the function's code must do.
@@ -327,12 +347,6 @@ impl<'a> Fill<'a> {
         }
     }
 
-    /// Whether the entry found was read from the key (rather than handed
-    /// over by a computation that just finished).
-    pub(crate) fn found_by_read(&self) -> bool {
-        matches!(self.state, State::Found(Source::Read(_)))
-    }
-
     /// A fill for a background refresh of an entry that held `seen`.
     pub(crate) fn for_refresh(
         inner: &'a Inner,
@@ -490,51 +504,82 @@ where
             unset();
             return body.await;
         };
-        let mut fill = Fill::new(inner, inner.full_key(key), tags, &policy);
-        let alone = loop {
-            match fill.next().await {
-                Step::Found(bytes) => {
-                    // No `.await` inside this match: its scrutinee holds a
-                    // result.
-                    let seen = match inner.decode_result::<S, R>(bytes) {
-                        Ok(result) => {
-                            fill.accept();
-                            return result;
-                        }
-                        Err(seen) => seen,
-                    };
-                    if fill.reject(seen) {
-                        break true;
+        let key = inner.full_key(key);
+        // The hit path, inline and small: one read, one decode. (With
+        // `lock = true` callers join this process's computation first.)
+        let fill = if Fill::reads_first(inner, &policy) {
+            let seen = match inner.read(&key).await {
+                // No `.await` inside this match: it holds a result.
+                Ok(bytes) => match inner.decode_result::<S, R>(bytes) {
+                    Ok(result) => {
+                        Counters::bump(&inner.counters.hits);
+                        return result;
                     }
-                }
-                Step::Compute => break false,
-                Step::Alone => break true,
-            }
+                    Err(seen) => seen,
+                },
+                Err(seen) => seen,
+            };
+            Counters::bump(&inner.counters.misses);
+            Fill::after_miss(inner, key, tags, &policy, seen)
+        } else {
+            Fill::new(inner, key, tags, &policy)
         };
-        fill.computing();
-        // In a scope of its own: only the stored part of the result is held
-        // across the `.await` below.
-        let (encoded, kept) = {
-            let result = marked(fill.key(), body).await;
-            if alone {
-                return result;
+        // The rest, boxed: only a miss allocates its space, while every
+        // call (a hit above all) would otherwise carry it.
+        Box::pin(fill_miss::<S, R, Fut>(fill, body)).await
+    }
+}
+
+/// The miss path of [`cached`] (and of `stale`/`early`): lead or follow the
+/// computation of the key, compute, store, share.
+pub(crate) async fn fill_miss<S, R, Fut>(mut fill: Fill<'_>, body: Fut) -> R
+where
+    S: Shape<R>,
+    Fut: Future<Output = R>,
+{
+    let inner = fill.inner;
+    let alone = loop {
+        match fill.next().await {
+            Step::Found(bytes) => {
+                // No `.await` inside this match: its scrutinee holds a
+                // result.
+                let seen = match inner.decode_result::<S, R>(bytes) {
+                    Ok(result) => {
+                        fill.accept();
+                        return result;
+                    }
+                    Err(seen) => seen,
+                };
+                if fill.reject(seen) {
+                    break true;
+                }
             }
-            let Some(encoded) = fill.encode::<S, R>(&result) else {
+            Step::Compute => break false,
+            Step::Alone => break true,
+        }
+    };
+    fill.computing();
+    // In a scope of its own: only the stored part of the result is held
+    // across the `.await` below.
+    let (encoded, kept) = {
+        let result = marked(fill.key(), body).await;
+        if alone {
+            return result;
+        }
+        let Some(encoded) = fill.encode::<S, R>(&result) else {
+            fill.fail();
+            return result;
+        };
+        match keep::<S, R>(result) {
+            Ok(kept) => (encoded, kept),
+            Err(result) => {
                 fill.fail();
                 return result;
-            };
-            match keep::<S, R>(result) {
-                Ok(kept) => (encoded, kept),
-                Err(result) => {
-                    fill.fail();
-                    return result;
-                }
             }
-        };
-        // Boxed, like the lock: only a miss needs the store's space.
-        Box::pin(fill.finish(encoded)).await;
-        unkeep::<S, R>(kept)
-    }
+        }
+    };
+    fill.finish(encoded).await;
+    unkeep::<S, R>(kept)
 }
 
 impl Inner {

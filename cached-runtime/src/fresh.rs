@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aside::{keep, marked, rebuild, unkeep, Fill, Step};
+use crate::aside::{fill_miss, marked, rebuild, Fill};
 use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
@@ -69,7 +69,9 @@ fn refresh_bound(policy: &Policy, default_ttl: Duration) -> Duration {
 }
 
 /// Cache-aside with background refresh, for `stale` and `early`: as
-/// `aside::cached`, and a hit read from the key may start a refresh.
+/// `aside::cached`, and a hit that is due starts a refresh. The key is
+/// always read first (also with `lock = true`): a stale hit is served at
+/// once.
 pub(crate) async fn cached_refreshing<S, R, Fut>(
     inner: Option<&Arc<Inner>>,
     unset: fn(),
@@ -87,72 +89,42 @@ where
         unset();
         return body.await;
     };
-    let mut fill = Fill::new(inner, inner.full_key(key), tags, &policy);
-    let alone = loop {
-        match fill.next().await {
-            Step::Found(bytes) => {
-                let seen = match inner.decode::<S::Value>(bytes) {
-                    Lookup::Hit(hit) => {
-                        let (timing, raw) = (hit.timing, hit.raw.clone());
-                        match rebuild::<S, R>(hit) {
-                            Ok(result) => {
-                                let read = fill.found_by_read();
-                                fill.accept();
-                                if read {
-                                    inner.maybe_refresh::<S, R, Fut>(
-                                        fill.key(),
-                                        tags,
-                                        policy,
-                                        timing,
-                                        raw,
-                                        body,
-                                    );
-                                }
-                                return result;
-                            }
-                            Err(seen) => seen,
+    let key = inner.full_key(key);
+    let seen = match inner.read(&key).await {
+        // No `.await` inside this match: it holds a result.
+        Ok(bytes) => match inner.decode::<S::Value>(bytes) {
+            Lookup::Hit(hit) => {
+                let due = refresh_due(hit.timing, &policy, now_unix_ms(), unit_interval);
+                // Copied only for a refresh's compare-and-set.
+                let raw = due.as_ref().map(|_| hit.raw.clone());
+                match rebuild::<S, R>(hit) {
+                    Ok(result) => {
+                        Counters::bump(&inner.counters.hits);
+                        if let (Some(due), Some(raw)) = (due, raw) {
+                            inner.start_refresh::<S, R, Fut>(due, &key, tags, policy, raw, body);
                         }
+                        return result;
                     }
-                    Lookup::Miss(seen) => seen,
-                };
-                if fill.reject(seen) {
-                    break true;
+                    Err(seen) => seen,
                 }
             }
-            Step::Compute => break false,
-            Step::Alone => break true,
-        }
+            Lookup::Miss(seen) => seen,
+        },
+        Err(seen) => seen,
     };
-    fill.computing();
-    let (encoded, kept) = {
-        let result = marked(fill.key(), body).await;
-        if alone {
-            return result;
-        }
-        let Some(encoded) = fill.encode::<S, R>(&result) else {
-            fill.fail();
-            return result;
-        };
-        match keep::<S, R>(result) {
-            Ok(kept) => (encoded, kept),
-            Err(result) => {
-                fill.fail();
-                return result;
-            }
-        }
-    };
-    Box::pin(fill.finish(encoded)).await;
-    unkeep::<S, R>(kept)
+    Counters::bump(&inner.counters.misses);
+    let fill = Fill::after_miss(inner, key, tags, &policy, seen);
+    Box::pin(fill_miss::<S, R, Fut>(fill, body)).await
 }
 
 impl Inner {
-    /// Starts a refresh of a hit if it is due, counting why.
-    fn maybe_refresh<S, R, Fut>(
+    /// Starts the refresh a hit is `due`, counting why.
+    fn start_refresh<S, R, Fut>(
         self: &Arc<Self>,
+        due: Due,
         key: &str,
         tags: &[String],
         policy: Policy,
-        timing: Option<Timing>,
         raw: Bytes,
         body: Fut,
     ) where
@@ -160,9 +132,6 @@ impl Inner {
         R: 'static,
         Fut: Future<Output = R> + Send + 'static,
     {
-        let Some(due) = refresh_due(timing, &policy, now_unix_ms(), unit_interval) else {
-            return;
-        };
         let counters = &self.counters;
         if due == Due::Stale {
             Counters::bump(&counters.stale_serves);
