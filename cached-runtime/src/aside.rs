@@ -173,6 +173,10 @@ impl<'a> Fill<'a> {
         &self.key
     }
 
+    pub(crate) fn inner(&self) -> &'a Inner {
+        self.inner
+    }
+
     /// Whether this call takes the cross-process lock on a miss.
     fn locked(&self) -> bool {
         !Fill::reads_first(self.inner, self.policy)
@@ -524,63 +528,65 @@ where
         } else {
             Fill::new(inner, key, tags, &policy)
         };
-        // The rest, boxed: only a miss allocates its space, while every
-        // call (a hit above all) would otherwise carry it.
-        Box::pin(fill_miss::<S, R, Fut>(fill, body)).await
+        miss_path!(S, R, fill, body)
     }
 }
 
-/// The miss path of [`cached`] (and of `stale`/`early`): lead or follow the
-/// computation of the key, compute, store, share.
-pub(crate) async fn fill_miss<S, R, Fut>(mut fill: Fill<'_>, body: Fut) -> R
-where
-    S: Shape<R>,
-    Fut: Future<Output = R>,
-{
-    let inner = fill.inner;
-    let alone = loop {
-        match fill.next().await {
-            Step::Found(bytes) => {
-                // No `.await` inside this match: its scrutinee holds a
-                // result.
-                let seen = match inner.decode_result::<S, R>(bytes) {
-                    Ok(result) => {
-                        fill.accept();
-                        return result;
+/// The miss path of a cached call (plain, or `stale`/`early`), written once
+/// and expanded into each entry's one `async` block (a shared `async fn`
+/// would be one more state machine compiled per cached function): lead or
+/// follow the computation of the key, compute, store, share. The `Fill`
+/// and each of its steps are boxed: only a miss allocates their space,
+/// while every call (a hit above all) would otherwise carry it.
+macro_rules! miss_path {
+    ($S:ty, $R:ty, $fill:expr, $body:expr) => {{
+        let mut fill = Box::new($fill);
+        let inner = fill.inner();
+        let alone = loop {
+            match Box::pin(fill.next()).await {
+                $crate::aside::Step::Found(bytes) => {
+                    // No `.await` inside this match: its scrutinee holds a
+                    // result.
+                    let seen = match inner.decode_result::<$S, $R>(bytes) {
+                        Ok(result) => {
+                            fill.accept();
+                            return result;
+                        }
+                        Err(seen) => seen,
+                    };
+                    if fill.reject(seen) {
+                        break true;
                     }
-                    Err(seen) => seen,
-                };
-                if fill.reject(seen) {
-                    break true;
                 }
+                $crate::aside::Step::Compute => break false,
+                $crate::aside::Step::Alone => break true,
             }
-            Step::Compute => break false,
-            Step::Alone => break true,
-        }
-    };
-    fill.computing();
-    // In a scope of its own: only the stored part of the result is held
-    // across the `.await` below.
-    let (encoded, kept) = {
-        let result = marked(fill.key(), body).await;
-        if alone {
-            return result;
-        }
-        let Some(encoded) = fill.encode::<S, R>(&result) else {
-            fill.fail();
-            return result;
         };
-        match keep::<S, R>(result) {
-            Ok(kept) => (encoded, kept),
-            Err(result) => {
-                fill.fail();
+        fill.computing();
+        // In a scope of its own: only the stored part of the result is held
+        // across the `.await` below.
+        let (encoded, kept) = {
+            let result = $crate::aside::marked(fill.key(), $body).await;
+            if alone {
                 return result;
             }
-        }
-    };
-    fill.finish(encoded).await;
-    unkeep::<S, R>(kept)
+            let Some(encoded) = fill.encode::<$S, $R>(&result) else {
+                fill.fail();
+                return result;
+            };
+            match $crate::aside::keep::<$S, $R>(result) {
+                Ok(kept) => (encoded, kept),
+                Err(result) => {
+                    fill.fail();
+                    return result;
+                }
+            }
+        };
+        Box::pin(fill.finish(encoded)).await;
+        $crate::aside::unkeep::<$S, $R>(kept)
+    }};
 }
+pub(crate) use miss_path;
 
 impl Inner {
     /// Decodes an entry as a result of shape `S`, or says what it is.

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aside::{fill_miss, marked, rebuild, Fill};
+use crate::aside::{marked, miss_path, rebuild, Fill};
 use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
@@ -113,8 +113,12 @@ where
         Err(seen) => seen,
     };
     Counters::bump(&inner.counters.misses);
-    let fill = Fill::after_miss(inner, key, tags, &policy, seen);
-    Box::pin(fill_miss::<S, R, Fut>(fill, body)).await
+    miss_path!(
+        S,
+        R,
+        Fill::after_miss(inner, key, tags, &policy, seen),
+        body
+    )
 }
 
 impl Inner {
