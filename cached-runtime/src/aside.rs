@@ -81,9 +81,8 @@ pub(crate) enum Step {
 /// Where a found entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
-    /// A read of the key; `true` when this caller leads the process's
-    /// computation (its followers get what it accepts).
-    Read(bool),
+    /// The leader's read of the key (its followers get what it accepts).
+    Read,
     /// The leader of this process's computation.
     Leader,
     /// A lock holder in some process.
@@ -92,8 +91,6 @@ enum Source {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Nothing done yet.
-    Start,
     /// Join this process's computation; `true` after an earlier leader
     /// ended without a value (read the key again before computing).
     Join(bool),
@@ -128,25 +125,16 @@ pub(crate) struct Fill<'a> {
 }
 
 impl<'a> Fill<'a> {
+    /// A fill for a `lock = true` call, which joins this process's
+    /// computation before anyone reads the key (a crowd at a cold key then
+    /// sends one read and one lock attempt per process).
     pub(crate) fn new(
         inner: &'a Inner,
         key: String,
         tags: &'a [String],
         policy: &'a Policy,
     ) -> Self {
-        Fill {
-            inner,
-            key,
-            tags,
-            policy,
-            state: State::Start,
-            seen: Seen::Unknown,
-            leader: None,
-            wait: None,
-            guard: None,
-            found: None,
-            started: None,
-        }
+        Fill::starting(inner, key, tags, policy, Seen::Unknown, State::Join(false))
     }
 
     /// A fill for a call that read the key, which held `seen` (a miss).
@@ -157,10 +145,41 @@ impl<'a> Fill<'a> {
         policy: &'a Policy,
         seen: Seen,
     ) -> Self {
-        let mut fill = Fill::new(inner, key, tags, policy);
-        fill.seen = seen;
-        fill.state = State::Join(false);
-        fill
+        Fill::starting(inner, key, tags, policy, seen, State::Join(false))
+    }
+
+    /// A fill for a background refresh of an entry that held `seen`.
+    pub(crate) fn for_refresh(
+        inner: &'a Inner,
+        key: String,
+        tags: &'a [String],
+        policy: &'a Policy,
+        seen: Seen,
+    ) -> Self {
+        Fill::starting(inner, key, tags, policy, seen, State::Computing)
+    }
+
+    fn starting(
+        inner: &'a Inner,
+        key: String,
+        tags: &'a [String],
+        policy: &'a Policy,
+        seen: Seen,
+        state: State,
+    ) -> Self {
+        Fill {
+            inner,
+            key,
+            tags,
+            policy,
+            state,
+            seen,
+            leader: None,
+            wait: None,
+            guard: None,
+            found: None,
+            started: None,
+        }
     }
 
     /// Whether a call reads the key before joining this process's
@@ -187,18 +206,6 @@ impl<'a> Fill<'a> {
         let inner = self.inner;
         loop {
             match self.state {
-                // `lock = true` marks a hot or costly key: its callers in
-                // this process also share one read, so that a crowd at a
-                // cold key sends one read (and one lock attempt) per process.
-                State::Start if self.locked() => self.state = State::Join(false),
-                State::Start => match inner.read(&self.key).await {
-                    Ok(bytes) => return self.found(bytes, Source::Read(false)),
-                    Err(seen) => {
-                        Counters::bump(&inner.counters.misses);
-                        self.seen = seen;
-                        self.state = State::Join(false);
-                    }
-                },
                 State::Join(retried) => match inner.flights.join(&self.key) {
                     Role::Leader(leader) => {
                         self.leader = Some(leader);
@@ -233,7 +240,7 @@ impl<'a> Fill<'a> {
                     }
                 },
                 State::Read => match inner.read(&self.key).await {
-                    Ok(bytes) => return self.found(bytes, Source::Read(true)),
+                    Ok(bytes) => return self.found(bytes, Source::Read),
                     Err(seen) => {
                         Counters::bump(&inner.counters.misses);
                         self.seen = seen;
@@ -309,7 +316,7 @@ impl<'a> Fill<'a> {
     /// followers if this call leads them.
     pub(crate) fn accept(&mut self) {
         let found = self.found.take();
-        if let State::Found(Source::Read(_)) = self.state {
+        if let State::Found(Source::Read) = self.state {
             Counters::bump(&self.inner.counters.hits);
         }
         if let (Some(leader), Some(bytes)) = (&self.leader, found) {
@@ -328,14 +335,10 @@ impl<'a> Fill<'a> {
     pub(crate) fn reject(&mut self, seen: Seen) -> bool {
         self.found = None;
         match self.state {
-            State::Found(Source::Read(leading)) => {
+            State::Found(Source::Read) => {
                 Counters::bump(&self.inner.counters.misses);
                 self.seen = seen;
-                self.state = if leading {
-                    State::Lead
-                } else {
-                    State::Join(false)
-                };
+                self.state = State::Lead;
                 false
             }
             State::Found(Source::Holder) => {
@@ -349,20 +352,6 @@ impl<'a> Fill<'a> {
                 true
             }
         }
-    }
-
-    /// A fill for a background refresh of an entry that held `seen`.
-    pub(crate) fn for_refresh(
-        inner: &'a Inner,
-        key: String,
-        tags: &'a [String],
-        policy: &'a Policy,
-        seen: Seen,
-    ) -> Self {
-        let mut fill = Fill::new(inner, key, tags, policy);
-        fill.seen = seen;
-        fill.state = State::Computing;
-        fill
     }
 
     /// For a refresh: takes the lock in one attempt when the function has
