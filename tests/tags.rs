@@ -143,6 +143,9 @@ async fn a_key_kept_alive_by_refreshes_stays_tagged(env: &Env) {
         "{:?}",
         repo.cache.stats()
     );
+    // A refresh the last call started may still be running; counting from
+    // here must not include it.
+    settle_refreshes(&repo).await;
     let invalidated = repo
         .cache
         .invalidate_tag("fresh")
@@ -155,6 +158,25 @@ async fn a_key_kept_alive_by_refreshes_stays_tagged(env: &Env) {
         repo.computes(),
         before + 1,
         "served {after} (first {first}) after the tag was invalidated"
+    );
+}
+
+/// Waits until every background refresh of `fresh` that started has
+/// computed: the first call plus one compute per refresh, seen unchanged
+/// over several polls (a refresh counts itself just before its body runs).
+async fn settle_refreshes(repo: &Repo) {
+    let mut steady = 0;
+    for _ in 0..500 {
+        let settled = repo.computes() as u64 == 1 + repo.cache.stats().refreshes;
+        steady = if settled { steady + 1 } else { 0 };
+        if steady == 5 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "background refreshes never settled: {:?}",
+        repo.cache.stats()
     );
 }
 
