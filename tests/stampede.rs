@@ -7,7 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use support::stampede::{collect, Stampede, WorkerConfig, WorkerReport};
+use support::cluster::RedisCluster;
+use support::stampede::{collect, Counter, Stampede, WorkerConfig, WorkerReport};
 use support::RedisServer;
 
 const WORKER_ARGS: &[&str] = &[
@@ -34,16 +35,12 @@ fn exe() -> std::path::PathBuf {
 }
 
 async fn counter(server: &RedisServer, run: &str) -> u64 {
-    let runs: Option<u64> = server
-        .cmd(redis::cmd("GET").arg(format!("body-runs:{run}")))
-        .await;
-    runs.unwrap_or(0)
+    Counter::runs(&server.url(), run).await
 }
 
-fn run_all(server: &RedisServer, run: &str, lock: bool) -> Vec<WorkerReport> {
-    let url = server.url();
+fn run_all(url: &str, run: &str, lock: bool) -> Vec<WorkerReport> {
     let stampede = Stampede {
-        url: &url,
+        url,
         run,
         lock,
         processes: 3,
@@ -60,7 +57,7 @@ fn run_all(server: &RedisServer, run: &str, lock: bool) -> Vec<WorkerReport> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_share_one_computation() {
     let server = RedisServer::start();
-    let locked = run_all(&server, "locked", true);
+    let locked = run_all(&server.url(), "locked", true);
     for report in &locked {
         assert_eq!(
             (report.calls, report.failed, report.wrong),
@@ -73,7 +70,7 @@ async fn three_processes_share_one_computation() {
     println!("lock = true: body ran {locked_runs} time(s) for 600 callers; worst caller {worst:?} (body 200 ms)");
     assert_eq!(locked_runs, 1, "the body runs once across processes");
 
-    let unlocked = run_all(&server, "unlocked", false);
+    let unlocked = run_all(&server.url(), "unlocked", false);
     for report in &unlocked {
         assert_eq!(
             (report.calls, report.failed, report.wrong),
@@ -86,6 +83,35 @@ async fn three_processes_share_one_computation() {
     assert!(
         (1..=3).contains(&unlocked_runs),
         "once per process at most: {unlocked_runs}"
+    );
+}
+
+/// The same on a Redis Cluster: the lock shares the value's slot and the
+/// wake-up goes through the slot's shard channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_share_one_computation_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let url = format!("cluster:{}", cluster.urls().join(","));
+    let locked = run_all(&url, "on-cluster", true);
+    for report in &locked {
+        assert_eq!(
+            (report.calls, report.failed, report.wrong),
+            (200, 0, 0),
+            "{report:?}"
+        );
+    }
+    let runs = Counter::runs(&url, "on-cluster").await;
+    let worst = locked.iter().map(|r| r.max).max().unwrap_or_default();
+    println!("cluster, lock = true: body ran {runs} time(s) for 600 callers; worst caller {worst:?} (body 200 ms)");
+    assert_eq!(runs, 1, "the body runs once across processes");
+    assert_eq!(cluster.crossslot_errors(), 0, "CROSSSLOT errors");
+    assert!(
+        cluster.command_calls("spublish") >= 1,
+        "the holder's release told the waiters through a shard channel"
+    );
+    assert!(
+        cluster.command_calls("ssubscribe") >= 1,
+        "the waiting processes listened on a shard channel"
     );
 }
 

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{AnyBackend, MemoryBackend, MemoryConfig, RedisBackend};
+use crate::backend::{
+    AnyBackend, ClusterTarget, MemoryBackend, MemoryConfig, RedisBackend, SentinelTarget, Target,
+};
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::cache::Cache;
 use crate::claims::Claims;
@@ -49,7 +51,97 @@ impl Cache {
     /// # Ok::<(), cached_runtime::Error>(())
     /// ```
     pub fn builder(url: &str) -> CacheBuilder {
-        CacheBuilder::new(url)
+        CacheBuilder::new(Deployment::Url(url.to_owned()))
+    }
+
+    /// A cache on a Redis Cluster (or Valkey cluster) with default
+    /// settings, given the URLs of some of its nodes (one is enough; more
+    /// let it start while a node is down). Lazy like [`Cache::redis`].
+    ///
+    /// The annotated functions need no change: a value, its lock and its
+    /// other companion keys share one hash slot, lock wake-ups go through
+    /// sharded pub/sub, and redirections during failover or resharding
+    /// are followed without reaching the caller.
+    pub fn redis_cluster(urls: &[&str]) -> Result<Cache> {
+        Cache::cluster_builder(urls).build()
+    }
+
+    /// Starts configuring a cache on a Redis Cluster; see
+    /// [`Cache::redis_cluster`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cached_runtime::Cache;
+    ///
+    /// let cache = Cache::cluster_builder(&["redis://10.0.0.1:7000/", "redis://10.0.0.2:7000/"])
+    ///     .namespace("shop")
+    ///     .op_timeout(Duration::from_millis(100))
+    ///     .build()?;
+    /// # Ok::<(), cached_runtime::Error>(())
+    /// ```
+    pub fn cluster_builder(urls: &[&str]) -> CacheBuilder {
+        CacheBuilder::new(Deployment::Cluster(
+            urls.iter().map(|url| (*url).to_owned()).collect(),
+        ))
+    }
+
+    /// A cache on the master that Redis Sentinel manages under `master`,
+    /// with default settings, given the sentinels' URLs
+    /// (`redis://host:26379/`). Lazy like [`Cache::redis`]: the sentinels
+    /// are asked on first use, and again after a failover.
+    pub fn redis_sentinel(sentinels: &[&str], master: &str) -> Result<Cache> {
+        Cache::sentinel_builder(sentinels, master).build()
+    }
+
+    /// Starts configuring a cache on a Sentinel-managed master; see
+    /// [`Cache::redis_sentinel`]. A master that needs a password gets it
+    /// from [`CacheBuilder::master_credentials`] (the sentinels' own
+    /// credentials go in their URLs).
+    ///
+    /// ```
+    /// use cached_runtime::Cache;
+    ///
+    /// let cache = Cache::sentinel_builder(
+    ///     &["redis://10.0.0.1:26379/", "redis://10.0.0.2:26379/", "redis://10.0.0.3:26379/"],
+    ///     "mymaster",
+    /// )
+    /// .master_credentials(Some("app"), "secret")
+    /// .namespace("shop")
+    /// .build()?;
+    /// # Ok::<(), cached_runtime::Error>(())
+    /// ```
+    pub fn sentinel_builder(sentinels: &[&str], master: &str) -> CacheBuilder {
+        CacheBuilder::new(Deployment::Sentinel {
+            sentinels: sentinels.iter().map(|url| (*url).to_owned()).collect(),
+            master: master.to_owned(),
+        })
+    }
+}
+
+/// What a builder connects to.
+#[derive(Clone)]
+enum Deployment {
+    /// One server's URL, or [`MEMORY_URL`].
+    Url(String),
+    /// Some nodes of a cluster.
+    Cluster(Vec<String>),
+    /// The sentinels, and the name of the master they watch.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls = |urls: &[String]| urls.iter().map(|u| redact(u)).collect::<Vec<_>>();
+        match self {
+            Deployment::Url(url) => write!(f, "{:?}", redact(url)),
+            Deployment::Cluster(nodes) => write!(f, "cluster {:?}", urls(nodes)),
+            Deployment::Sentinel { sentinels, master } => {
+                write!(f, "sentinel {master:?} at {:?}", urls(sentinels))
+            }
+        }
     }
 }
 
@@ -57,7 +149,8 @@ impl Cache {
 #[derive(Clone)]
 #[must_use]
 pub struct CacheBuilder {
-    url: String,
+    deployment: Deployment,
+    master_credentials: Option<(Option<String>, String)>,
     namespace: Option<String>,
     default_ttl: Duration,
     op_timeout: Duration,
@@ -74,7 +167,7 @@ pub struct CacheBuilder {
 impl std::fmt::Debug for CacheBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheBuilder")
-            .field("url", &redact(&self.url))
+            .field("deployment", &self.deployment)
             .field("namespace", &self.namespace)
             .field("default_ttl", &self.default_ttl)
             .field("op_timeout", &self.op_timeout)
@@ -95,9 +188,10 @@ fn redact(url: &str) -> String {
 }
 
 impl CacheBuilder {
-    pub(crate) fn new(url: &str) -> Self {
+    fn new(deployment: Deployment) -> Self {
         CacheBuilder {
-            url: url.to_owned(),
+            deployment,
+            master_credentials: None,
             namespace: None,
             default_ttl: Duration::from_secs(3600),
             op_timeout: Duration::from_millis(200),
@@ -166,6 +260,14 @@ impl CacheBuilder {
         self
     }
 
+    /// The credentials of a Sentinel-managed master (and its replicas):
+    /// an ACL user name, or `None` for the default user, and its password.
+    /// Ignored for other deployments, whose URLs carry theirs.
+    pub fn master_credentials(mut self, username: Option<&str>, password: &str) -> Self {
+        self.master_credentials = Some((username.map(str::to_owned), password.to_owned()));
+        self
+    }
+
     /// How long an invalidation blocks the computations that began before
     /// it from storing their results. Default 60 s.
     pub fn invalidation_window(mut self, window: Duration) -> Self {
@@ -227,20 +329,45 @@ impl CacheBuilder {
                 "breaker failure_threshold must be at least 1".into(),
             ));
         }
-        if self.url == MEMORY_URL {
-            return Ok(self.build_in_memory());
-        }
+        let target = match &self.deployment {
+            Deployment::Url(url) if url == MEMORY_URL => return Ok(self.build_in_memory()),
+            Deployment::Url(url) => Target::server(url, self.tls_root.as_deref())?,
+            Deployment::Cluster(nodes) => {
+                let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+                Target::Cluster(Arc::new(ClusterTarget::new(
+                    &nodes,
+                    self.connect_timeout,
+                    self.tls_root.as_deref(),
+                )?))
+            }
+            Deployment::Sentinel { sentinels, master } => {
+                if self.tls_root.is_some() {
+                    return Err(Error::Config(
+                        "a private CA (tls_root_cert) is not supported with Sentinel yet".into(),
+                    ));
+                }
+                let sentinels: Vec<&str> = sentinels.iter().map(String::as_str).collect();
+                let credentials = self
+                    .master_credentials
+                    .as_ref()
+                    .map(|(user, password)| (user.as_deref(), password.as_str()));
+                Target::Sentinel(Arc::new(SentinelTarget::new(
+                    &sentinels,
+                    master,
+                    credentials,
+                )?))
+            }
+        };
         let channel = match &self.namespace {
             Some(ns) => format!("{ns}:redis-cached:filled"),
             None => "redis-cached:filled".to_owned(),
         };
         let backend = AnyBackend::Redis(RedisBackend::new(
-            &self.url,
+            target,
             self.connect_timeout,
-            self.tls_root.as_deref(),
             channel,
             self.max_value_bytes,
-        )?);
+        ));
         Ok(self.finish(backend))
     }
 
@@ -281,6 +408,13 @@ mod tests {
         let shown = format!("{builder:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("redis://***@db.internal:6379/0"), "{shown}");
+        let builder = Cache::sentinel_builder(&["redis://s:pw@h:26379/"], "m")
+            .master_credentials(None, "hunter2");
+        let shown = format!("{builder:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("pw@"),
+            "{shown}"
+        );
         assert_eq!(redact("redis://localhost/"), "redis://localhost/");
     }
 }

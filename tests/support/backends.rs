@@ -2,62 +2,113 @@
 //! functions into one named test per scenario and backend, so that a new
 //! backend runs the whole list by adding one line here.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use redis_cached::{Cache, CacheBuilder};
 
+use super::cluster::{RedisCluster, SentinelSetup, MASTER_NAME};
 use super::RedisServer;
 
-/// Where a scenario runs: the in-memory backend, or a `redis-server` of
-/// its own.
-pub struct Env {
-    pub server: Option<RedisServer>,
+/// Where a scenario runs.
+pub enum Env {
+    /// The in-memory backend.
+    Memory,
+    /// A `redis-server` of its own.
+    Redis(RedisServer),
+    /// The process's shared cluster, under a namespace of its own.
+    Cluster {
+        cluster: &'static RedisCluster,
+        namespace: String,
+    },
+    /// The process's shared Sentinel set-up, under a namespace of its own.
+    Sentinel {
+        setup: &'static SentinelSetup,
+        namespace: String,
+    },
+}
+
+/// A namespace no other scenario of this process uses.
+fn fresh_namespace() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Env {
     pub fn memory() -> Env {
-        Env { server: None }
+        Env::Memory
     }
 
     pub fn redis() -> Env {
-        Env {
-            server: Some(RedisServer::start()),
+        Env::Redis(RedisServer::start())
+    }
+
+    pub fn cluster() -> Env {
+        Env::Cluster {
+            cluster: RedisCluster::shared(),
+            namespace: fresh_namespace(),
+        }
+    }
+
+    pub fn sentinel() -> Env {
+        Env::Sentinel {
+            setup: SentinelSetup::shared(),
+            namespace: fresh_namespace(),
         }
     }
 
     /// A builder for a cache on this backend; each cache stands for one
     /// process (its own in-process coalescing).
     pub fn builder(&self) -> CacheBuilder {
-        let url = match &self.server {
-            Some(server) => server.url(),
-            None => "memory://".to_owned(),
+        let builder = match self {
+            Env::Memory => Cache::builder("memory://"),
+            Env::Redis(server) => Cache::builder(&server.url()),
+            Env::Cluster { cluster, namespace } => {
+                let urls = cluster.urls();
+                let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+                Cache::cluster_builder(&urls).namespace(namespace)
+            }
+            Env::Sentinel { setup, namespace } => {
+                let urls = setup.sentinel_urls();
+                let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+                Cache::sentinel_builder(&urls, MASTER_NAME).namespace(namespace)
+            }
         };
-        Cache::builder(&url).op_timeout(Duration::from_secs(1))
+        builder.op_timeout(Duration::from_secs(1))
     }
 
     pub fn cache(&self) -> Cache {
         self.builder().build().expect("valid settings")
     }
+
+    /// Checks what every scenario must leave true of its backend: on a
+    /// cluster, no command was refused for spanning two slots.
+    pub fn check_after(&self) {
+        if let Env::Cluster { cluster, .. } = self {
+            assert_eq!(cluster.crossslot_errors(), 0, "CROSSSLOT errors");
+        }
+    }
 }
 
-/// `per_backend!(a, b)` defines `memory::a`, `redis::a`, `memory::b`, … as
-/// tests that run `async fn a(env: &Env)` on each backend.
+/// `per_backend!(a, b)` defines `memory::a`, `redis::a`, `cluster::a`,
+/// `sentinel::a`, `memory::b`, … as tests that run `async fn a(env: &Env)`
+/// on each backend.
 #[macro_export]
 macro_rules! per_backend {
     ($($scenario:ident),* $(,)?) => {
-        mod memory {
+        $crate::per_backend!(@on memory, memory, $($scenario),*);
+        $crate::per_backend!(@on redis, redis, $($scenario),*);
+        $crate::per_backend!(@on cluster, cluster, $($scenario),*);
+        $crate::per_backend!(@on sentinel, sentinel, $($scenario),*);
+    };
+    (@on $module:ident, $env:ident, $($scenario:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
-                    super::$scenario(&$crate::support::backends::Env::memory()).await
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(&$crate::support::backends::Env::redis()).await
+                    let env = $crate::support::backends::Env::$env();
+                    super::$scenario(&env).await;
+                    env.check_after();
                 }
             )*
         }

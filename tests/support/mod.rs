@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part
 
 pub mod backends;
+pub mod cluster;
 pub mod proxy;
 pub mod stampede;
 
@@ -20,6 +21,9 @@ pub struct RedisServer {
     extra: Vec<String>,
     child: Option<Child>,
     tls: bool,
+    /// Whether the server stops by itself when this test process ends:
+    /// for servers kept in a `static`, which is never dropped.
+    outlives_nothing: bool,
 }
 
 /// A port nobody listens on right now.
@@ -43,6 +47,17 @@ impl RedisServer {
 
     /// Starts a server on `port`.
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        Self::launch(port, extra, false)
+    }
+
+    /// [`RedisServer::start_on`] for a server shared by the tests of a
+    /// process (kept in a `static`): it exits when the process does. Not
+    /// to be killed, paused or restarted.
+    pub fn start_shared_on(port: u16, extra: &[&str]) -> Self {
+        Self::launch(port, extra, true)
+    }
+
+    fn launch(port: u16, extra: &[&str], outlives_nothing: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("redis-cached-test-{port}"));
         std::fs::create_dir_all(&dir).expect("create the server's directory");
         let mut server = RedisServer {
@@ -51,6 +66,7 @@ impl RedisServer {
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             child: None,
             tls: false,
+            outlives_nothing,
         };
         server.spawn();
         server
@@ -63,7 +79,23 @@ impl RedisServer {
         } else {
             vec!["--port".to_owned(), self.port.to_string()]
         };
-        let child = Command::new("redis-server")
+        let mut command = if self.outlives_nothing {
+            // A shell runs the server and stops it once this process is
+            // gone (or the server exits by itself).
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(format!(
+                    "redis-server \"$@\" & s=$!; \
+                     while kill -0 {} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.2; done; \
+                     kill $s 2>/dev/null",
+                    std::process::id()
+                ))
+                .arg("sh");
+            sh
+        } else {
+            Command::new("redis-server")
+        };
+        let child = command
             .args(&port_flag)
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
@@ -178,6 +210,7 @@ impl RedisServer {
             extra: extra.to_vec(),
             child: None,
             tls: true,
+            outlives_nothing: false,
         };
         server.spawn();
         (server, ca)

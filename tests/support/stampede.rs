@@ -23,6 +23,7 @@ pub struct WorkerReport {
 
 /// The settings a worker reads from its environment.
 pub struct WorkerConfig {
+    /// A server's URL, or `cluster:` and the nodes' URLs, comma-separated.
     pub url: String,
     pub run: String,
     pub lock: bool,
@@ -40,10 +41,65 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A connection to where the cache is, for the body's run counter.
+#[derive(Clone)]
+pub enum Counter {
+    Server(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Counter {
+    async fn connect(url: &str) -> Counter {
+        match url.strip_prefix("cluster:") {
+            Some(nodes) => Counter::Cluster(
+                redis::cluster::ClusterClient::new(nodes.split(',').collect::<Vec<_>>())
+                    .expect("valid URLs")
+                    .get_async_connection()
+                    .await
+                    .expect("connect the counter"),
+            ),
+            None => Counter::Server(
+                redis::Client::open(url)
+                    .expect("valid URL")
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect the counter"),
+            ),
+        }
+    }
+
+    /// How many times the body of `run` ran, at `url`.
+    pub async fn runs(url: &str, run: &str) -> u64 {
+        let get = redis::cmd("GET").arg(format!("body-runs:{run}")).clone();
+        let runs: Option<u64> = match Counter::connect(url).await {
+            Counter::Server(mut conn) => get.query_async(&mut conn).await,
+            Counter::Cluster(mut conn) => get.query_async(&mut conn).await,
+        }
+        .expect("read the counter");
+        runs.unwrap_or(0)
+    }
+
+    async fn incr(&self, key: &str) -> redis::RedisResult<u64> {
+        let incr = redis::cmd("INCR").arg(key).clone();
+        match self.clone() {
+            Counter::Server(mut conn) => incr.query_async(&mut conn).await,
+            Counter::Cluster(mut conn) => incr.query_async(&mut conn).await,
+        }
+    }
+}
+
+/// A cache on `url` as [`WorkerConfig::url`] gives it.
+pub fn cache_on(url: &str) -> redis_cached::CacheBuilder {
+    match url.strip_prefix("cluster:") {
+        Some(nodes) => Cache::cluster_builder(&nodes.split(',').collect::<Vec<_>>()),
+        None => Cache::builder(url),
+    }
+}
+
 struct Db {
     cache: Cache,
     /// Connected before the start, so the body is the INCR and the sleep.
-    counter: redis::aio::MultiplexedConnection,
+    counter: Counter,
     body: Duration,
     /// How long the last run of the body took, in microseconds.
     body_took_us: AtomicU64,
@@ -52,10 +108,8 @@ struct Db {
 impl Db {
     async fn query(&self, run: &str) -> Result<u64, String> {
         let started = Instant::now();
-        let mut conn = self.counter.clone();
-        let _: u64 = redis::cmd("INCR")
-            .arg(format!("body-runs:{run}"))
-            .query_async(&mut conn)
+        self.counter
+            .incr(&format!("body-runs:{run}"))
             .await
             .map_err(|e| e.to_string())?;
         tokio::time::sleep(self.body).await;
@@ -114,15 +168,11 @@ impl WorkerConfig {
 
     async fn calls(self) -> WorkerReport {
         let db = Arc::new(Db {
-            cache: Cache::builder(&self.url)
+            cache: cache_on(&self.url)
                 .op_timeout(Duration::from_millis(500))
                 .build()
                 .expect("valid URL"),
-            counter: redis::Client::open(self.url.as_str())
-                .expect("valid URL")
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect the counter"),
+            counter: Counter::connect(&self.url).await,
             body: self.body,
             body_took_us: AtomicU64::new(0),
         });

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 pub(crate) use self::memory::MemoryBackend;
 pub use self::memory::MemoryConfig;
-pub(crate) use self::redis::{Landing, RedisBackend, Release};
+pub(crate) use self::redis::{
+    ClusterTarget, Landing, RedisBackend, Release, SentinelTarget, Target,
+};
 use crate::error::Result;
 
 /// An entry's bytes as a backend hands them out.

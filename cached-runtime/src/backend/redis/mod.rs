@@ -1,16 +1,23 @@
-//! The Redis backend: one multiplexed connection per cache, managed by
-//! redis-rs's `ConnectionManager`, which reconnects in the background, and
-//! one subscriber connection for lock notifications. Every Redis command
-//! the cache sends, every Lua script and every reply it parses is here,
-//! behind typed operations.
+//! The Redis backend: one multiplexed connection per cache (to a server,
+//! a cluster or a Sentinel-managed master, see [`link`]), which reconnects
+//! in the background, and one subscriber connection for lock
+//! notifications. Every Redis command the cache sends, every Lua script and
+//! every reply it parses is here, behind typed operations.
 //!
-//! The manager is created on first use, inside the caller's Tokio runtime,
-//! so building a cache never touches the network and works outside a
-//! runtime. When the breaker opens, the manager is dropped and the next
+//! The connection is created on first use, inside the caller's Tokio
+//! runtime, so building a cache never touches the network and works outside
+//! a runtime. When the breaker opens, the connection is dropped and the next
 //! probe builds a fresh one: redis-rs only reconnects after I/O errors, so a
 //! connection that failed for another reason (a wrong password that has
-//! since been fixed) would otherwise stay failed.
+//! since been fixed, a master demoted by Sentinel) would otherwise stay
+//! failed.
+//!
+//! On a cluster every script's keys share one slot (a value and its
+//! companions), a lock notification goes to a shard channel of the value's
+//! slot, and the operations on many keys (tag records, tombstones of a
+//! tag) are sent per key, in parallel, so that none spans two slots.
 
+mod link;
 mod notify;
 mod scripts;
 
@@ -18,8 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::future::try_join_all;
+use redis::aio::ConnectionManagerConfig;
 
+use self::link::Link;
+pub(crate) use self::link::{ClusterTarget, SentinelTarget, Target};
+use self::notify::Feed;
 pub(crate) use self::notify::{Landing, Notifier, Watch};
 use self::scripts::{px, Scripts, SOURCES};
 use super::{Acquire, Backend, Bytes, Seen};
@@ -30,22 +41,21 @@ use crate::error::{Error, Result};
 pub(crate) const NOTIFY_INLINE_MAX: usize = 16 * 1024;
 
 pub(crate) struct RedisBackend {
-    client: redis::Client,
+    target: Target,
     scripts: Scripts,
     config: ConnectionManagerConfig,
     /// The largest entry the cache reads or writes.
     limit: usize,
     /// Read on every operation: an `ArcSwap` load shares no cache line
     /// between threads, where a mutex would.
-    manager: ArcSwapOption<ConnectionManager>,
+    link: ArcSwapOption<Link>,
     notifier: Arc<Notifier>,
 }
 
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let info = self.client.get_connection_info();
         f.debug_struct("RedisBackend")
-            .field("addr", &info.addr().to_string())
+            .field("target", &self.target)
             .finish_non_exhaustive()
     }
 }
@@ -64,17 +74,15 @@ pub(crate) enum Release<'a> {
 }
 
 impl RedisBackend {
-    /// Parses `url` and prepares the connection settings; connects nothing.
-    /// `tls_root` (PEM) replaces the system's trusted roots for `rediss://`.
-    /// `channel` is where lock notifications go; `limit` the largest entry.
+    /// Prepares the connection settings for `target`; connects nothing.
+    /// `channel` names where lock notifications go; `limit` is the largest
+    /// entry.
     pub(crate) fn new(
-        url: &str,
+        target: Target,
         connect_timeout: Duration,
-        tls_root: Option<&[u8]>,
         channel: String,
         limit: usize,
-    ) -> Result<Self> {
-        let client = open_client(url, tls_root)?;
+    ) -> Self {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             // Every operation is already bounded by the cache's own
@@ -86,62 +94,108 @@ impl RedisBackend {
             .set_number_of_retries(0)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(500));
-        Ok(RedisBackend {
-            client,
+        let feed = match &target {
+            Target::Server(client) => Feed::Server(client.clone()),
+            Target::Sentinel(sentinel) => Feed::Sentinel(Arc::clone(sentinel)),
+            Target::Cluster(cluster) => Feed::Sharded(Arc::clone(cluster)),
+        };
+        RedisBackend {
+            target,
             scripts: Scripts::default(),
             config,
             limit,
-            manager: ArcSwapOption::empty(),
-            notifier: Notifier::new(channel),
-        })
+            link: ArcSwapOption::empty(),
+            notifier: Notifier::new(channel, feed),
+        }
     }
 
-    fn connection(&self) -> Result<ConnectionManager> {
-        if let Some(manager) = self.manager.load().as_ref() {
-            return Ok(ConnectionManager::clone(manager));
+    fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
+    /// The current connection, made now if that needs no lookup; `None`
+    /// for a Sentinel master not looked up yet.
+    fn current(&self) -> Result<Option<Link>> {
+        if let Some(link) = self.link.load().as_ref() {
+            return Ok(Some(Link::clone(link)));
         }
-        let fresh = Arc::new(
-            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-                .map_err(|e| Error::from_redis(&e))?,
-        );
-        // Two callers may race to create one; the first stored wins and the
-        // other's unused manager is dropped.
+        match Link::lazy(&self.target, &self.config)? {
+            Some(fresh) => Ok(Some(self.keep(fresh))),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `fresh` as the connection unless another caller stored one
+    /// first (then `fresh` is dropped unused); returns the one kept.
+    fn keep(&self, fresh: Link) -> Link {
+        let fresh = Arc::new(fresh);
         let previous = self
-            .manager
-            .compare_and_swap(&None::<Arc<ConnectionManager>>, Some(fresh.clone()));
-        let manager = previous.as_ref().map_or(fresh, Arc::clone);
-        Ok(ConnectionManager::clone(&manager))
+            .link
+            .compare_and_swap(&None::<Arc<Link>>, Some(fresh.clone()));
+        Link::clone(previous.as_ref().unwrap_or(&fresh))
+    }
+
+    async fn connection(&self) -> Result<Link> {
+        if let Some(link) = self.current()? {
+            return Ok(link);
+        }
+        let fresh = Link::resolve(&self.target, &self.config).await?;
+        Ok(self.keep(fresh))
     }
 
     /// Drops the current connection; the next operation connects afresh.
     pub(crate) fn reset(&self) {
-        self.manager.store(None);
+        self.link.store(None);
     }
 
-    /// Connects if need be and loads every script (one round trip), so
-    /// that no later call pays for a `NOSCRIPT` retry.
+    /// A failed command's error. A Sentinel master that refuses writes
+    /// (`READONLY`) was demoted: the next operation looks the master up.
+    fn failed(&self, err: &redis::RedisError) -> Error {
+        let err = Error::from_redis(err);
+        if matches!(self.target, Target::Sentinel(_))
+            && matches!(&err, Error::Refused(code) if code == "READONLY")
+        {
+            self.reset();
+        }
+        err
+    }
+
+    /// Connects if need be and loads every script, so that no later call
+    /// pays for a `NOSCRIPT` retry: in one round trip on a server, on every
+    /// node of a cluster.
     pub(crate) async fn prepare(&self) -> Result<()> {
+        let mut conn = self.connection().await?;
+        if self.is_cluster() {
+            // SCRIPT LOAD goes to every node; a pipeline would go to one.
+            for source in SOURCES {
+                let load = redis::cmd("SCRIPT").arg("LOAD").arg(source).clone();
+                let _: redis::Value = load
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+            }
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for source in SOURCES {
             pipe.cmd("SCRIPT").arg("LOAD").arg(source);
         }
-        let mut conn = self.connection()?;
         let _: Vec<String> = pipe
             .query_async(&mut conn)
             .await
-            .map_err(|e| Error::from_redis(&e))?;
+            .map_err(|e| self.failed(&e))?;
         Ok(())
     }
 
     /// Starts the subscriber if need be and waits until it listens.
     pub(crate) async fn subscribed(&self, timeout: Duration) -> Result<()> {
-        self.notifier.subscribed(&self.client, timeout).await
+        self.notifier.subscribed(timeout).await
     }
 
     /// Registers interest in `key`'s lock notifications, starting the
     /// subscriber on first use (or again, if its runtime has ended).
     pub(crate) fn watch(&self, key: &str) -> Watch {
-        self.notifier.ensure_subscribed(&self.client);
+        self.notifier.ensure_subscribed();
         self.notifier.register(key)
     }
 
@@ -149,18 +203,18 @@ impl RedisBackend {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
-        let mut conn = self.connection()?;
+        let mut conn = self.connection().await?;
         invocation
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| Error::from_redis(&e))
+            .map_err(|e| self.failed(&e))
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        let mut conn = self.connection()?;
+        let mut conn = self.connection().await?;
         cmd.query_async(&mut conn)
             .await
-            .map_err(|e| Error::from_redis(&e))
+            .map_err(|e| self.failed(&e))
     }
 
     /// The compare arguments (mode, seen) of `seen`; `None` when it is unknown.
@@ -209,7 +263,7 @@ impl RedisBackend {
         extended: impl Fn() + Send + 'static,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let mut conn = self.connection().ok()?;
+        let mut conn = self.current().ok()??;
         let script = self.scripts.extend.clone();
         let (lock, token) = (lock.to_owned(), token.to_owned());
         let period = (ttl / 3).max(Duration::from_millis(1));
@@ -265,16 +319,18 @@ impl RedisBackend {
             Release::Failed => ("0", &[][..], 1, "1"),
         };
         let (mode, compare) = compare.unwrap_or(("1", CompareArg::Bytes(&[])));
+        let (channel, publish) = self.notifier.channel_for(key);
         let mut invocation = self.scripts.release.key(key);
         invocation.key(lock).arg(token).arg(what).arg(mode);
         compare.push(&mut invocation);
         invocation
             .arg(entry)
             .arg(ttl)
-            .arg(self.notifier.channel())
+            .arg(&*channel)
             .arg(key)
             .arg(failed)
-            .arg(NOTIFY_INLINE_MAX);
+            .arg(NOTIFY_INLINE_MAX)
+            .arg(publish);
         invocation
     }
 
@@ -295,11 +351,12 @@ impl RedisBackend {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Ok(mut conn) = self.connection() else {
+        let Ok(Some(mut conn)) = self.current() else {
             return;
         };
         let script = self.scripts.release.clone();
-        let channel = self.notifier.channel().to_owned();
+        let (channel, publish) = self.notifier.channel_for(key);
+        let channel = channel.into_owned();
         let (key, lock, token) = (key.to_owned(), lock.to_owned(), token.to_owned());
         runtime.spawn(async move {
             // As `release_invocation` with nothing to store.
@@ -315,7 +372,8 @@ impl RedisBackend {
                 .arg(&channel)
                 .arg(&key)
                 .arg(if failed { "1" } else { "0" })
-                .arg(NOTIFY_INLINE_MAX);
+                .arg(NOTIFY_INLINE_MAX)
+                .arg(publish);
             let release = invocation.invoke_async::<i64>(&mut conn);
             if let Ok(Err(err)) = tokio::time::timeout(timeout, release).await {
                 tracing::debug!(
@@ -407,6 +465,16 @@ impl Backend for RedisBackend {
     }
 
     async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+        if self.is_cluster() {
+            // Tag sets live in slots of their own: one call per set.
+            try_join_all(tag_keys.iter().map(|tag_key| async move {
+                let mut invocation = self.scripts.tag.key(tag_key);
+                invocation.arg(key).arg(px(ttl));
+                self.invoke::<i64>(&invocation).await
+            }))
+            .await?;
+            return Ok(());
+        }
         let mut invocation = self.scripts.tag.prepare_invoke();
         for tag_key in tag_keys {
             invocation.key(tag_key);
@@ -436,6 +504,24 @@ impl Backend for RedisBackend {
         if keys.is_empty() {
             return Ok(());
         }
+        if self.is_cluster() {
+            // The keys live in many slots: one command each, in parallel
+            // (a cluster connection pipelines them per node by itself).
+            try_join_all(keys.iter().map(|key| {
+                let value = &value;
+                async move {
+                    let set = redis::cmd("SET")
+                        .arg(key)
+                        .arg(&**value)
+                        .arg("PX")
+                        .arg(px(ttl))
+                        .clone();
+                    self.query::<()>(&set).await
+                }
+            }))
+            .await?;
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for key in keys {
             pipe.cmd("SET")
@@ -445,10 +531,10 @@ impl Backend for RedisBackend {
                 .arg(px(ttl))
                 .ignore();
         }
-        let mut conn = self.connection()?;
+        let mut conn = self.connection().await?;
         pipe.query_async::<()>(&mut conn)
             .await
-            .map_err(|e| Error::from_redis(&e))
+            .map_err(|e| self.failed(&e))
     }
 
     async fn untag(&self, tag_key: &str, members: &[(String, u64)]) -> Result<()> {
@@ -462,36 +548,4 @@ impl Backend for RedisBackend {
         let _: i64 = self.invoke(&invocation).await?;
         Ok(())
     }
-}
-
-fn invalid_url(err: &redis::RedisError) -> Error {
-    // The error text of a URL parse never needs the URL itself.
-    Error::InvalidUrl(format!("{:?}", err.kind()))
-}
-
-#[cfg(feature = "tls")]
-fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
-    // One process-wide provider; if the application installed its own, keep it.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    match tls_root {
-        Some(pem) => redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.to_vec()),
-            },
-        ),
-        None => redis::Client::open(url),
-    }
-    .map_err(|e| invalid_url(&e))
-}
-
-#[cfg(not(feature = "tls"))]
-fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
-    if tls_root.is_some() || url.starts_with("rediss://") {
-        return Err(Error::Config(
-            "rediss:// needs the `tls` feature of redis-cached".into(),
-        ));
-    }
-    redis::Client::open(url).map_err(|e| invalid_url(&e))
 }

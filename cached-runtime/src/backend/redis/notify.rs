@@ -2,20 +2,51 @@
 //! cache's channel for every key, and wakes this process's waiters of the
 //! key a message names.
 //!
+//! On a cluster, a notification goes to a shard channel of the value's slot
+//! (`SPUBLISH`, from the release script, which may only touch its own
+//! slot): one channel per slot, `<channel>{<tag>}`, the tag a short text of
+//! that slot. The subscriber holds a RESP3 cluster connection and
+//! subscribes (`SSUBSCRIBE`) to the channel of each slot this process has
+//! waited in, at most 16,384; redis-rs subscribes again after reconnecting
+//! and after the slots move.
+//!
 //! A message is `<key length>:<key><kind>[entry]` (see the release script):
 //! the waiter learns what happened without a further read when the entry
 //! is small, and otherwise what to do next.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
+use super::link::{slot, slot_tag, ClusterTarget, SentinelTarget};
 use crate::backend::Bytes;
 use crate::error::{Error, Result};
+
+/// Where notifications are heard.
+// One per cache: boxing the client would gain nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Feed {
+    /// One channel on one server.
+    Server(redis::Client),
+    /// One channel on the master the sentinels name at each connect.
+    Sentinel(Arc<SentinelTarget>),
+    /// A shard channel per slot of a cluster.
+    Sharded(Arc<ClusterTarget>),
+}
+
+/// The shard channels a cluster subscriber listens to.
+#[derive(Default)]
+struct Shards {
+    /// Slots whose channel this process wants (waited in once).
+    wanted: HashSet<u16>,
+    /// Asks the live subscriber to add a channel; `None` while none is.
+    requests: Option<mpsc::UnboundedSender<String>>,
+}
 
 /// What a notification said about a key.
 #[derive(Debug, Clone)]
@@ -32,6 +63,8 @@ pub(crate) enum Landing {
 
 pub(crate) struct Notifier {
     channel: String,
+    feed: Feed,
+    shards: Mutex<Shards>,
     waiters: Mutex<HashMap<String, Slot>>,
     /// Whether a subscriber task is alive; its guard clears this when the
     /// task ends, however it ends (its runtime shutting down included).
@@ -98,24 +131,47 @@ impl Drop for Running {
 }
 
 impl Notifier {
-    pub(crate) fn new(channel: String) -> Arc<Notifier> {
+    pub(crate) fn new(channel: String, feed: Feed) -> Arc<Notifier> {
         Arc::new(Notifier {
             channel,
+            feed,
+            shards: Mutex::new(Shards::default()),
             waiters: Mutex::new(HashMap::new()),
             running: Arc::new(AtomicBool::new(false)),
             listening: watch::Sender::new(false),
         })
     }
 
-    pub(crate) fn channel(&self) -> &str {
-        &self.channel
+    /// The channel `key`'s notifications go to, and the command that
+    /// publishes there (`PUBLISH`, or `SPUBLISH` for a shard channel).
+    pub(crate) fn channel_for(&self, key: &str) -> (Cow<'_, str>, &'static str) {
+        match self.feed {
+            Feed::Sharded(_) => (
+                Cow::Owned(shard_channel(&self.channel, slot(key.as_bytes()))),
+                "SPUBLISH",
+            ),
+            Feed::Server(_) | Feed::Sentinel(_) => (Cow::Borrowed(&self.channel), "PUBLISH"),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn shards(&self) -> MutexGuard<'_, Shards> {
+        self.shards.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(crate) fn register(self: &Arc<Self>, key: &str) -> Watch {
+        if let Feed::Sharded(_) = self.feed {
+            let slot = slot(key.as_bytes());
+            let mut shards = self.shards();
+            if shards.wanted.insert(slot) {
+                if let Some(requests) = &shards.requests {
+                    let _ = requests.send(shard_channel(&self.channel, slot));
+                }
+            }
+        }
         let mut waiters = self.lock();
         let slot = waiters.entry(key.to_owned()).or_insert_with(|| Slot {
             notify: Arc::new(Notify::new()),
@@ -147,13 +203,9 @@ impl Notifier {
     }
 
     /// Starts the subscriber if need be and waits until it listens.
-    pub(crate) async fn subscribed(
-        self: &Arc<Self>,
-        client: &redis::Client,
-        timeout: Duration,
-    ) -> Result<()> {
+    pub(crate) async fn subscribed(self: &Arc<Self>, timeout: Duration) -> Result<()> {
         let mut listening = self.listening.subscribe();
-        self.ensure_subscribed(client);
+        self.ensure_subscribed();
         let confirmed = tokio::time::timeout(timeout, listening.wait_for(|&on| on))
             .await
             .is_ok_and(|r| r.is_ok());
@@ -167,7 +219,7 @@ impl Notifier {
     /// Starts the subscriber task unless one is alive; it reconnects by
     /// itself, and ends when the cache is dropped or its runtime ends (the
     /// next watch then starts another on the caller's runtime).
-    pub(crate) fn ensure_subscribed(self: &Arc<Self>, client: &redis::Client) {
+    pub(crate) fn ensure_subscribed(self: &Arc<Self>) {
         if self.running.load(Ordering::Acquire) || self.running.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -175,12 +227,17 @@ impl Notifier {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // `running` clears the flag
         };
-        let (notifier, client) = (Arc::downgrade(self), client.clone());
+        let notifier = Arc::downgrade(self);
         runtime.spawn(async move {
             let _running = running;
-            subscribe_loop(notifier, client).await;
+            subscribe_loop(notifier).await;
         });
     }
+}
+
+/// The shard channel of `slot`: `<channel>{<tag>}`, hashed to that slot.
+fn shard_channel(channel: &str, slot: u16) -> String {
+    format!("{channel}{{{}}}", slot_tag(slot))
 }
 
 /// `<key length>:<key><kind>[entry]` → the key and what happened.
@@ -203,10 +260,34 @@ fn parse(message: &[u8]) -> Option<(&str, Landing)> {
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-async fn subscribe_loop(notifier: Weak<Notifier>, client: redis::Client) {
+async fn subscribe_loop(notifier: Weak<Notifier>) {
     let mut backoff = FIRST_BACKOFF;
-    while let Some(channel) = notifier.upgrade().map(|n| n.channel.clone()) {
-        let (listened, outcome) = listen(&notifier, &client, &channel).await;
+    loop {
+        let (listened, outcome) = match notifier.upgrade() {
+            // Upgraded only to start: the listener holds a weak reference.
+            Some(n) => match &n.feed {
+                Feed::Server(client) => {
+                    let (client, channel) = (client.clone(), n.channel.clone());
+                    drop(n);
+                    listen(&notifier, Ok(client), &channel).await
+                }
+                Feed::Sentinel(sentinel) => {
+                    let (sentinel, channel) = (Arc::clone(sentinel), n.channel.clone());
+                    drop(n);
+                    let master = match tokio::time::timeout(CONNECT, sentinel.master()).await {
+                        Ok(master) => master,
+                        Err(_) => Err(Error::Timeout(CONNECT)),
+                    };
+                    listen(&notifier, master, &channel).await
+                }
+                Feed::Sharded(cluster) => {
+                    let cluster = Arc::clone(cluster);
+                    drop(n);
+                    listen_sharded(&notifier, &cluster).await
+                }
+            },
+            None => return,
+        };
         if outcome.is_ok() {
             return;
         }
@@ -225,14 +306,19 @@ async fn subscribe_loop(notifier: Weak<Notifier>, client: redis::Client) {
     }
 }
 
+const CONNECT: Duration = Duration::from_secs(2);
+
 /// Listens until the connection fails (`Err`) or the cache is gone (`Ok`);
 /// also says whether it got as far as listening.
 async fn listen(
     notifier: &Weak<Notifier>,
-    client: &redis::Client,
+    client: Result<redis::Client>,
     channel: &str,
 ) -> (bool, Result<()>) {
-    const CONNECT: Duration = Duration::from_secs(2);
+    let client = match client {
+        Ok(client) => client,
+        Err(err) => return (false, Err(err)),
+    };
     let connect = async {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(channel).await?;
@@ -264,13 +350,98 @@ async fn listen(
     }
 }
 
+/// [`listen`] on a cluster: subscribes to the shard channel of every slot
+/// wanted, then of each slot wanted later, until the connection fails or
+/// the cache is gone.
+async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (bool, Result<()>) {
+    let heard = notifier.clone();
+    let client = cluster.push_client(move |push: redis::PushInfo| {
+        if push.kind == redis::PushKind::SMessage {
+            if let (Some(n), Some(redis::Value::BulkString(payload))) =
+                (heard.upgrade(), push.data.get(1))
+            {
+                n.wake(payload);
+            }
+        }
+        Ok(())
+    });
+    let client = match client {
+        Ok(client) => client,
+        Err(err) => return (false, Err(err)),
+    };
+    let mut conn = match tokio::time::timeout(CONNECT, client.get_async_connection()).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(err)) => return (false, Err(Error::from_redis(&err))),
+        Err(_) => return (false, Err(Error::Timeout(CONNECT))),
+    };
+    let (requests, mut requested) = mpsc::unbounded_channel();
+    let initial: Vec<String> = match notifier.upgrade() {
+        Some(n) => {
+            let mut shards = n.shards();
+            shards.requests = Some(requests);
+            shards
+                .wanted
+                .iter()
+                .map(|&slot| shard_channel(&n.channel, slot))
+                .collect()
+        }
+        None => return (false, Ok(())),
+    };
+    // Clears `requests` however this ends, so that a later subscriber
+    // starts from `wanted` again.
+    struct Detach<'a>(&'a Weak<Notifier>);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            if let Some(n) = self.0.upgrade() {
+                n.shards().requests = None;
+            }
+        }
+    }
+    let _detach = Detach(notifier);
+    // One channel per command: channels of two slots in one SSUBSCRIBE
+    // would be refused (CROSSSLOT).
+    for channel in initial {
+        if let Err(err) = timed_ssubscribe(&mut conn, &channel).await {
+            return (false, Err(err));
+        }
+    }
+    match notifier.upgrade() {
+        Some(n) => n.listening.send_replace(true),
+        None => return (true, Ok(())),
+    };
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), requested.recv()).await {
+            Ok(Some(channel)) => {
+                if let Err(err) = timed_ssubscribe(&mut conn, &channel).await {
+                    return (true, Err(err));
+                }
+            }
+            Ok(None) => return (true, Ok(())),
+            Err(_) if notifier.strong_count() == 0 => return (true, Ok(())),
+            Err(_) => {}
+        }
+    }
+}
+
+async fn timed_ssubscribe(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    channel: &str,
+) -> Result<()> {
+    match tokio::time::timeout(CONNECT, conn.ssubscribe(channel)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(Error::from_redis(&err)),
+        Err(_) => Err(Error::Timeout(CONNECT)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn messages_say_what_happened() {
-        let notifier = Notifier::new("c".into());
+        let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+        let notifier = Notifier::new("c".into(), Feed::Server(client));
         let watch = notifier.register("a:b");
         let other = notifier.register("a");
         notifier.wake(b"3:a:bvENTRY");

@@ -80,7 +80,8 @@ return {3}
 /// KEYS: value, lock. ARGV: token, what to do (`1` store, `2` share without
 /// storing, `0` nothing), mode, seen, the entry, its TTL in ms, the channel,
 /// the key as given, `1` if the computation failed, the largest entry a
-/// message carries.
+/// message carries, the publishing command (`PUBLISH`, or `SPUBLISH` to a
+/// shard channel of the value's slot on a cluster).
 const RELEASE: &str = concat!(
     unchanged_fn!(),
     r"
@@ -110,7 +111,7 @@ elseif ARGV[9] == '1' or ARGV[2] == '2' then
 else
   message = message .. 'r'
 end
-redis.call('PUBLISH', ARGV[7], message)
+redis.call(ARGV[11], ARGV[7], message)
 return stored
 "
 );

@@ -1,0 +1,204 @@
+//! Redis Cluster benchmark: the hit path of `#[redis_cached]` on one server
+//! against the same on a local 3-master cluster (3 replicas), interleaved
+//! in rounds in one run, sequential latency and 64-task throughput; then the
+//! client commands one hit and one locked miss send to the cluster, counted
+//! by `MONITOR` on every master.
+//!
+//! On one 2-core machine the six nodes share the cores of the one server
+//! (and of the benchmark), so the ratio shows what routing costs, not what
+//! a cluster gains by spreading load over machines.
+//!
+//! `cargo bench --bench cluster` (needs `redis-server` and `redis-cli` on
+//! the PATH; the benchmark starts its own server and cluster).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use redis_cached::{redis_cached, Cache};
+use serde::{Deserialize, Serialize};
+use support::cluster::{cli, RedisCluster};
+use support::RedisServer;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+    email: String,
+}
+
+struct Repo {
+    cache: Cache,
+}
+
+impl Repo {
+    #[redis_cached(key = "user:<id>", ttl = 3600, cache = self.cache)]
+    async fn get_user(&self, id: u64) -> Result<User, String> {
+        Ok(User {
+            id,
+            name: format!("user {id}"),
+            email: format!("user{id}@example.com"),
+        })
+    }
+
+    #[redis_cached(key = "locked:<id>", ttl = 3600, lock = true, cache = self.cache)]
+    async fn locked(&self, id: u64) -> Result<u64, String> {
+        Ok(id)
+    }
+}
+
+const KEYS: u64 = 100;
+const SEQ_ROUNDS: usize = 10;
+const SEQ_OPS: usize = 2_000;
+const TASKS: usize = 64;
+const TASK_OPS: usize = 400;
+const CONC_ROUNDS: usize = 10;
+const SIDES: [&str; 2] = ["one server", "3-master cluster"];
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let server = RedisServer::start();
+    let cluster = RedisCluster::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let urls = cluster.urls();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let repos = [
+            Arc::new(Repo {
+                cache: Cache::redis(&server.url()).expect("valid URL"),
+            }),
+            Arc::new(Repo {
+                cache: Cache::redis_cluster(&urls).expect("valid URLs"),
+            }),
+        ];
+        for repo in &repos {
+            repo.cache.connect().await.expect("connect");
+            for id in 0..KEYS {
+                repo.get_user(id).await.expect("filled");
+            }
+        }
+        hit_path(&repos).await;
+        round_trips(&cluster, &repos[1]).await;
+        let stats = repos[1].cache.stats();
+        println!(
+            "cluster cache stats: {} hits, {} misses, {} errors, {} timeouts; CROSSSLOT errors on the nodes: {}",
+            stats.hits,
+            stats.misses,
+            stats.errors,
+            stats.timeouts,
+            cluster.crossslot_errors()
+        );
+    });
+}
+
+async fn hit_path(repos: &[Arc<Repo>; 2]) {
+    let mut p50s: [Vec<f64>; 2] = Default::default();
+    let mut ratios = Vec::new();
+    for round in 0..SEQ_ROUNDS {
+        let mut p50 = [0.0; 2];
+        for k in 0..2 {
+            let side = (round + k) % 2;
+            let mut samples = Vec::with_capacity(SEQ_OPS);
+            for i in 0..SEQ_OPS {
+                let start = Instant::now();
+                black_box(repos[side].get_user(i as u64 % KEYS).await.expect("hit"));
+                samples.push(start.elapsed().as_secs_f64());
+            }
+            p50[side] = median(&mut samples);
+            p50s[side].push(p50[side]);
+        }
+        ratios.push(p50[1] / p50[0]);
+    }
+    println!("Hit, sequential ({SEQ_ROUNDS} rounds x {SEQ_OPS} calls per side)");
+    for (side, name) in SIDES.iter().enumerate() {
+        println!("  {name:<18} p50 {:>7.1} us", median(&mut p50s[side]) * 1e6);
+    }
+    println!(
+        "  cluster / one server latency ratio {:.3}x (median of per-round p50 ratios)",
+        median(&mut ratios)
+    );
+
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    let mut ratios = Vec::new();
+    for round in 0..CONC_ROUNDS {
+        let mut rate = [0.0; 2];
+        for k in 0..2 {
+            let side = (round + k) % 2;
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|t| {
+                    let repo = repos[side].clone();
+                    tokio::spawn(async move {
+                        for i in 0..TASK_OPS {
+                            let id = (t * TASK_OPS + i) as u64 % KEYS;
+                            black_box(repo.get_user(id).await.expect("hit"));
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("task");
+            }
+            rate[side] = (TASKS * TASK_OPS) as f64 / start.elapsed().as_secs_f64();
+            rates[side].push(rate[side]);
+        }
+        ratios.push(rate[1] / rate[0]);
+    }
+    println!("Hit, {TASKS} concurrent tasks ({CONC_ROUNDS} rounds)");
+    for (side, name) in SIDES.iter().enumerate() {
+        println!(
+            "  {name:<18} {:>9.0} ops/s (median)",
+            median(&mut rates[side])
+        );
+    }
+    println!(
+        "  cluster / one server throughput ratio {:.3}x (median of per-round ratios)",
+        median(&mut ratios)
+    );
+}
+
+/// Counts the client commands (not those run inside scripts) that one hit
+/// and one locked miss send, on every master of the cluster.
+async fn round_trips(cluster: &RedisCluster, repo: &Repo) {
+    let monitors: Vec<_> = cluster
+        .nodes
+        .iter()
+        .filter(|node| cli(node.port(), &["ROLE"]).starts_with("master"))
+        .map(RedisServer::monitor)
+        .collect();
+    let commands = || async {
+        let mut all = Vec::new();
+        for monitor in &monitors {
+            all.extend(monitor.take_client_commands().await);
+        }
+        // Only the cache's own commands (not the cluster client's
+        // topology checks).
+        all.retain(|cmd| !cmd.starts_with("\"CLUSTER\"") && !cmd.starts_with("\"PING\""));
+        all
+    };
+    commands().await;
+    repo.locked(1_000).await.expect("a locked miss");
+    let miss = commands().await;
+    repo.locked(1_000).await.expect("a hit");
+    let hit = commands().await;
+    println!("Round trips on the cluster (client commands seen by MONITOR on the 3 masters)");
+    println!(
+        "  locked miss: {} {:?}   target 3 (as on one server)",
+        miss.len(),
+        miss.iter()
+            .map(|c| c.split(' ').next().unwrap_or(""))
+            .collect::<Vec<_>>()
+    );
+    println!("  hit: {} {:?}   target 1", hit.len(), hit);
+}

@@ -1,0 +1,399 @@
+//! Where the Redis backend's commands go: one server, a Redis Cluster, or
+//! the master that a set of Sentinels names. [`Target`] is what the cache
+//! was built for; [`Link`] one live connection to it, which every typed
+//! operation of the backend sends through.
+//!
+//! A cluster connection routes each command by its key's slot and follows
+//! `MOVED`/`ASK` redirections and topology changes by itself. A Sentinel
+//! target asks the sentinels for the master each time it connects afresh;
+//! the backend drops its link when the master stops being one (errors open
+//! the breaker, or a write is refused as `READONLY`), so the next probe
+//! finds the promoted replica.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::error::{Error, Result};
+
+/// The deployment a Redis-backed cache talks to.
+// One per cache: boxing the client would gain nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Target {
+    /// One server (standalone, or a proxy in front of many).
+    Server(redis::Client),
+    /// A Redis Cluster, through any of its nodes.
+    Cluster(Arc<ClusterTarget>),
+    /// The master of a set of Sentinels, looked up on every connect.
+    Sentinel(Arc<SentinelTarget>),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Server(client) => {
+                write!(f, "server {}", client.get_connection_info().addr())
+            }
+            Target::Cluster(cluster) => write!(f, "cluster of {} seed nodes", cluster.seeds.len()),
+            Target::Sentinel(sentinel) => write!(f, "sentinel master {:?}", sentinel.master),
+        }
+    }
+}
+
+impl Target {
+    /// One server at `url`; `tls_root` (PEM) replaces the system's trusted
+    /// roots for `rediss://`.
+    pub(crate) fn server(url: &str, tls_root: Option<&[u8]>) -> Result<Target> {
+        open_client(url, tls_root).map(Target::Server)
+    }
+}
+
+#[cfg(feature = "tls")]
+fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
+    install_crypto_provider();
+    match tls_root {
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| invalid_url(&e))
+}
+
+#[cfg(not(feature = "tls"))]
+fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
+    if tls_root.is_some() || url.starts_with("rediss://") {
+        return Err(no_tls());
+    }
+    redis::Client::open(url).map_err(|e| invalid_url(&e))
+}
+
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    // One process-wide provider; if the application installed its own, keep it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(not(feature = "tls"))]
+fn no_tls() -> Error {
+    Error::Config("rediss:// needs the `tls` feature of redis-cached".into())
+}
+
+/// How to reach a cluster: its seed nodes, and what every connection to
+/// it is built with.
+pub(crate) struct ClusterTarget {
+    seeds: Vec<String>,
+    tls_root: Option<Vec<u8>>,
+    connect_timeout: Duration,
+    /// For the data connection (no push messages).
+    client: ClusterClient,
+}
+
+impl ClusterTarget {
+    pub(crate) fn new(
+        seeds: &[&str],
+        connect_timeout: Duration,
+        tls_root: Option<&[u8]>,
+    ) -> Result<Self> {
+        if seeds.is_empty() {
+            return Err(Error::Config(
+                "a cluster needs at least one node URL".into(),
+            ));
+        }
+        #[cfg(not(feature = "tls"))]
+        if tls_root.is_some() || seeds.iter().any(|url| url.starts_with("rediss://")) {
+            return Err(no_tls());
+        }
+        #[cfg(feature = "tls")]
+        install_crypto_provider();
+        let seeds: Vec<String> = seeds.iter().map(|s| (*s).to_owned()).collect();
+        let tls_root = tls_root.map(<[u8]>::to_vec);
+        let client = cluster_builder(&seeds, connect_timeout, tls_root.as_deref())
+            .build()
+            .map_err(|e| invalid_url(&e))?;
+        Ok(ClusterTarget {
+            seeds,
+            tls_root,
+            connect_timeout,
+            client,
+        })
+    }
+
+    /// A client whose connections are RESP3 and hand every push message
+    /// (sharded pub/sub) to `push`; for the lock notifications.
+    pub(crate) fn push_client(
+        &self,
+        push: impl Fn(redis::PushInfo) -> std::result::Result<(), ()> + Send + Sync + 'static,
+    ) -> Result<ClusterClient> {
+        cluster_builder(&self.seeds, self.connect_timeout, self.tls_root.as_deref())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push)
+            .build()
+            .map_err(|e| invalid_url(&e))
+    }
+}
+
+fn cluster_builder(
+    seeds: &[String],
+    connect_timeout: Duration,
+    tls_root: Option<&[u8]>,
+) -> ClusterClientBuilder {
+    let builder = ClusterClientBuilder::new(seeds.to_vec())
+        .connection_timeout(connect_timeout)
+        // Redirections and reconnections are retried inside the client
+        // (each operation stays bounded by the cache's op_timeout), a
+        // few times and quickly: a failover takes seconds, during
+        // which the breaker, not a retry loop, paces the attempts.
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(200);
+    #[cfg(feature = "tls")]
+    let builder = match tls_root {
+        Some(pem) => builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        }),
+        None => builder,
+    };
+    #[cfg(not(feature = "tls"))]
+    let _ = tls_root;
+    builder
+}
+
+/// How to find a Sentinel-managed master.
+pub(crate) struct SentinelTarget {
+    master: String,
+    node: SentinelNodeConnectionInfo,
+    /// Asks the sentinels one lookup at a time: each caches its
+    /// connections to them.
+    sentinel: tokio::sync::Mutex<Sentinel>,
+}
+
+impl SentinelTarget {
+    pub(crate) fn new(
+        sentinels: &[&str],
+        master: &str,
+        credentials: Option<(Option<&str>, &str)>,
+    ) -> Result<Self> {
+        if sentinels.is_empty() {
+            return Err(Error::Config(
+                "Sentinel needs at least one sentinel URL".into(),
+            ));
+        }
+        if master.is_empty() {
+            return Err(Error::Config("Sentinel needs the master's name".into()));
+        }
+        let tls = sentinels.iter().any(|url| url.starts_with("rediss://"));
+        #[cfg(not(feature = "tls"))]
+        if tls {
+            return Err(no_tls());
+        }
+        #[cfg(feature = "tls")]
+        install_crypto_provider();
+        let sentinel = Sentinel::build(sentinels.to_vec()).map_err(|e| invalid_url(&e))?;
+        let mut redis_info = redis::RedisConnectionInfo::default();
+        if let Some((username, password)) = credentials {
+            redis_info = redis_info.set_password(password);
+            if let Some(username) = username {
+                redis_info = redis_info.set_username(username);
+            }
+        }
+        let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info);
+        if tls {
+            node = node.set_tls_mode(redis::TlsMode::Secure);
+        }
+        Ok(SentinelTarget {
+            master: master.to_owned(),
+            node,
+            sentinel: tokio::sync::Mutex::new(sentinel),
+        })
+    }
+
+    /// A client for the current master, as the sentinels name it (checked
+    /// to call itself master).
+    pub(crate) async fn master(&self) -> Result<redis::Client> {
+        let mut sentinel = self.sentinel.lock().await;
+        sentinel
+            .async_master_for(&self.master, Some(&self.node))
+            .await
+            .map_err(|e| Error::from_redis(&e))
+    }
+}
+
+/// One live connection to a [`Target`]; cheap to clone (a handle).
+#[derive(Clone)]
+pub(crate) enum Link {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Link {
+    /// A link to `target` that connects on first use, when that needs no
+    /// lookup first (`None` for Sentinel: see [`Link::resolve`]).
+    pub(crate) fn lazy(target: &Target, config: &ConnectionManagerConfig) -> Result<Option<Link>> {
+        match target {
+            Target::Server(client) => {
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    .map(|manager| Some(Link::Server(manager)))
+                    .map_err(|e| Error::from_redis(&e))
+            }
+            Target::Cluster(cluster) => {
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(cluster.connect_timeout);
+                Ok(Some(Link::Cluster(
+                    cluster
+                        .client
+                        .get_pending_async_connection_with_config(config),
+                )))
+            }
+            Target::Sentinel(_) => Ok(None),
+        }
+    }
+
+    /// A link to `target`, asking the sentinels for the master if need be.
+    pub(crate) async fn resolve(target: &Target, config: &ConnectionManagerConfig) -> Result<Link> {
+        if let Some(link) = Link::lazy(target, config)? {
+            return Ok(link);
+        }
+        let Target::Sentinel(sentinel) = target else {
+            unreachable!("only a Sentinel target needs a lookup");
+        };
+        let client = sentinel.master().await?;
+        ConnectionManager::new_lazy_with_config(client, config.clone())
+            .map(Link::Server)
+            .map_err(|e| Error::from_redis(&e))
+    }
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Link::Server(conn) => conn.req_packed_command(cmd),
+            Link::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Link::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Server(conn) => conn.get_db(),
+            Link::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+pub(crate) fn invalid_url(err: &redis::RedisError) -> Error {
+    // The error text of a URL parse never needs the URL itself.
+    Error::InvalidUrl(format!("{:?}", err.kind()))
+}
+
+/// The cluster hash slot of `key` (CRC16/XMODEM of its hash tag, or of the
+/// whole key without one, mod 16384), as Redis computes it.
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16_xmodem(hashed) % 16384
+}
+
+fn crc16_xmodem(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &byte| {
+        (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ byte)]
+    })
+}
+
+/// CRC16/XMODEM (polynomial 0x1021) of every byte value.
+const CRC16_TABLE: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// A short text whose slot is `slot`: put in braces in a name, it sends the
+/// name to that slot. The smallest decimal number that hashes there, so the
+/// same on every process; the table of all slots is built once, on first
+/// use (about 200,000 CRCs of a few bytes).
+pub(crate) fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<Box<str>>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags: Vec<Option<Box<str>>> = vec![None; 16384];
+        let mut missing = tags.len();
+        let mut n = 0u32;
+        while missing > 0 {
+            let text = n.to_string();
+            let tag = &mut tags[usize::from(crc16_xmodem(text.as_bytes()) % 16384)];
+            if tag.is_none() {
+                *tag = Some(text.into_boxed_str());
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags.into_iter().flatten().collect()
+    });
+    &tags[usize::from(slot % 16384)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"bar"), 5061);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_eq!(slot(b"foo{}{bar}"), crc16_xmodem(b"foo{}{bar}") % 16384);
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn slot_tags_land_in_their_slot() {
+        for wanted in [0, 1, 866, 5061, 12182, 16383] {
+            let tag = slot_tag(wanted);
+            assert_eq!(slot(format!("ns:chan{{{tag}}}").as_bytes()), wanted);
+        }
+    }
+}

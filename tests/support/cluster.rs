@@ -1,0 +1,348 @@
+//! A real local Redis Cluster (3 masters, 3 replicas on free ports) and a
+//! Sentinel set-up (a master, a replica, 3 sentinels), started by the
+//! tests themselves.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::{free_port, RedisServer};
+
+/// A cluster of six `redis-server --cluster-enabled yes` nodes.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts a cluster of its own (killed on drop), for tests that stop
+    /// its nodes.
+    pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// The cluster shared by the tests of this process: started on first
+    /// use, stopped when the process ends. Tests keep apart by namespace.
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+        SHARED.get_or_init(|| Self::launch(true))
+    }
+
+    fn launch(shared: bool) -> Self {
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let nodes: Vec<RedisServer> = ports
+            .iter()
+            .map(|&port| {
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    // Replicas sync at once (not after the default 5 s),
+                    // and may take over however long they were cut off.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ];
+                if shared {
+                    RedisServer::start_shared_on(port, &args)
+                } else {
+                    RedisServer::start_on(port, &args)
+                }
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for port in &ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli is installed (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every node says the cluster is up and knows 3 masters,
+    /// and every replica is in sync with its master.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let ok = self.nodes.iter().all(|node| {
+                let info = cli(node.port(), &["CLUSTER", "INFO"]);
+                let replication = cli(node.port(), &["INFO", "replication"]);
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_size:3")
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+            });
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the test cluster did not come up");
+    }
+
+    /// Every node's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// How many commands the nodes refused as `CROSSSLOT` since they started.
+    pub fn crossslot_errors(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let info = cli(node.port(), &["INFO", "errorstats"]);
+                info.lines()
+                    .filter_map(|line| line.strip_prefix("errorstat_CROSSSLOT:count="))
+                    .filter_map(|n| n.trim().parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// How many times the nodes ran `command` (lower case), from their
+    /// `INFO commandstats`, commands run by scripts included.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.nodes
+            .iter()
+            .map(|node| {
+                let info = cli(node.port(), &["INFO", "commandstats"]);
+                info.lines()
+                    .filter_map(|line| line.strip_prefix(&prefix))
+                    .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// The node serving `key`'s slot as master.
+    pub fn master_of(&self, key: &str) -> &RedisServer {
+        let slot: u16 = cli(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("a slot number");
+        self.nodes
+            .iter()
+            .find(|node| owns(node.port(), slot))
+            .expect("a master owns every slot")
+    }
+}
+
+/// Whether the node on `port` serves `slot` as master, by its own
+/// `CLUSTER NODES` line.
+fn owns(port: u16, slot: u16) -> bool {
+    let nodes = cli(port, &["CLUSTER", "NODES"]);
+    nodes
+        .lines()
+        .find(|line| line.contains("myself"))
+        .is_some_and(|line| {
+            line.contains("master")
+                && line.split_whitespace().skip(8).any(|range| {
+                    let mut ends = range.splitn(2, '-');
+                    let (Some(start), end) = (ends.next(), ends.next()) else {
+                        return false;
+                    };
+                    let (Ok(start), Ok(end)) =
+                        (start.parse::<u16>(), end.unwrap_or(start).parse::<u16>())
+                    else {
+                        return false;
+                    };
+                    (start..=end).contains(&slot)
+                })
+        })
+}
+
+/// `redis-cli -p port args…`'s output.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A master, its replica and three sentinels watching them as `mymaster`
+/// (a quorum of two, failure noticed after one second).
+pub struct SentinelSetup {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<Sentinel>,
+}
+
+/// One `redis-server --sentinel` process.
+pub struct Sentinel {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+pub const MASTER_NAME: &str = "mymaster";
+
+impl SentinelSetup {
+    /// A set-up of its own (killed on drop), for tests that fail it over.
+    pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// The set-up shared by the tests of this process, stopped when the
+    /// process ends. Tests keep apart by namespace.
+    pub fn shared() -> &'static SentinelSetup {
+        static SHARED: OnceLock<SentinelSetup> = OnceLock::new();
+        SHARED.get_or_init(|| Self::launch(true))
+    }
+
+    fn launch(shared: bool) -> Self {
+        let start = |port, args: &[&str]| {
+            if shared {
+                RedisServer::start_shared_on(port, args)
+            } else {
+                RedisServer::start_on(port, args)
+            }
+        };
+        let master = start(free_port(), &["--repl-diskless-sync-delay", "0"]);
+        let master_port = master.port().to_string();
+        let replica = start(
+            free_port(),
+            &[
+                "--replicaof",
+                "127.0.0.1",
+                &master_port,
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+        );
+        let sentinels = (0..3)
+            .map(|_| Sentinel::start(master.port(), shared))
+            .collect();
+        let setup = SentinelSetup {
+            master,
+            replica,
+            sentinels,
+        };
+        setup.wait_ready();
+        setup
+    }
+
+    /// Waits until the replica is in sync and every sentinel knows the
+    /// master, its replica and the other sentinels.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let synced = cli(self.replica.port(), &["INFO", "replication"])
+                .contains("master_link_status:up");
+            let known = self.sentinels.iter().all(|s| {
+                let info = cli(s.port, &["SENTINEL", "MASTER", MASTER_NAME]);
+                let field = |name: &str| {
+                    let mut lines = info.lines();
+                    lines.find(|l| l.trim() == name);
+                    lines.next().map(str::trim).unwrap_or("").to_owned()
+                };
+                field("num-slaves") == "1" && field("num-other-sentinels") == "2"
+            });
+            if synced && known {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the test sentinels did not come up");
+    }
+
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("redis://127.0.0.1:{}/", s.port))
+            .collect()
+    }
+
+    /// The port of the master the sentinels name now.
+    pub fn master_port(&self) -> u16 {
+        let reply = cli(
+            self.sentinels[0].port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME],
+        );
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|port| port.trim().parse().ok())
+            .expect("the sentinels name a master")
+    }
+}
+
+impl Sentinel {
+    fn start(master_port: u16, shared: bool) -> Sentinel {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("redis-cached-sentinel-{port}"));
+        std::fs::create_dir_all(&dir).expect("create the sentinel's directory");
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                 sentinel failover-timeout {MASTER_NAME} 5000\n",
+                dir.display()
+            ),
+        )
+        .expect("write the sentinel's configuration");
+        let config = config.display().to_string();
+        let child = if shared {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "redis-server \"$1\" --sentinel & s=$!; \
+                     while kill -0 {} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.2; done; \
+                     kill $s 2>/dev/null",
+                    std::process::id()
+                ))
+                .args(["sh", &config])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        } else {
+            Command::new("redis-server")
+                .args([&config, "--sentinel"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        }
+        .expect("redis-server is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cli(port, &["PING"]).contains("PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "sentinel on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sentinel {
+            port,
+            child: Some(child),
+            dir,
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
