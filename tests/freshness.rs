@@ -1,42 +1,67 @@
-//! `stale` and `early` on a real Redis: a hot key under steady load is
+//! `stale` and `early` on every backend: a hot key under steady load is
 //! recomputed about once per TTL period, in the background, so after the
 //! first call every call is a hit; a failing refresh keeps the old value
-//! until its hard expiry.
+//! until its hard expiry; with `lock`, one refresh serves every process.
 
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_cached::{redis_cached, Cache};
-use support::RedisServer;
+use support::backends::Env;
 
-static STALE_RUNS: AtomicU32 = AtomicU32::new(0);
-static EARLY_RUNS: AtomicU32 = AtomicU32::new(0);
-static FLAKY_RUNS: AtomicU32 = AtomicU32::new(0);
-static FLAKY_FAILS: AtomicBool = AtomicBool::new(false);
+per_backend!(
+    stale_refreshes_a_hot_key_in_the_background,
+    early_refreshes_a_hot_key_before_it_expires,
+    a_failing_refresh_keeps_serving_the_old_value_until_it_expires,
+);
 
-#[redis_cached(key = "hot-stale:<id>", ttl = 1, stale = "10s", cache = cache)]
-async fn hot_stale(cache: Cache, id: u32) -> u32 {
-    STALE_RUNS.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    id
+per_shared_backend!(stale_with_lock_refreshes_once_across_caches);
+
+/// Hot keys and a flaky one, counting their computations.
+struct Hot {
+    cache: Cache,
+    runs: AtomicU32,
+    fails: AtomicBool,
 }
 
-#[redis_cached(key = "hot-early:<id>", ttl = 1, early = 1.0, cache = cache)]
-async fn hot_early(cache: Cache, id: u32) -> u32 {
-    EARLY_RUNS.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    id
-}
+impl Hot {
+    fn new(cache: Cache) -> Arc<Hot> {
+        Arc::new(Hot {
+            cache,
+            runs: AtomicU32::new(0),
+            fails: AtomicBool::new(false),
+        })
+    }
 
-#[redis_cached(key = "flaky:<id>", ttl = "300ms", stale = "1s", cache = cache)]
-async fn flaky(cache: Cache, id: u32) -> Result<u32, String> {
-    let run = FLAKY_RUNS.fetch_add(1, Ordering::SeqCst);
-    if FLAKY_FAILS.load(Ordering::SeqCst) {
-        Err("database down".into())
-    } else {
-        Ok(id * 100 + run)
+    fn runs(&self) -> u32 {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    #[redis_cached(key = "hot-stale:<id>", ttl = 1, stale = "10s", cache = self.cache)]
+    async fn hot_stale(self: Arc<Self>, id: u32) -> u32 {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        id
+    }
+
+    #[redis_cached(key = "hot-early:<id>", ttl = 1, early = 1.0, cache = self.cache)]
+    async fn hot_early(self: Arc<Self>, id: u32) -> u32 {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        id
+    }
+
+    #[redis_cached(key = "flaky:<id>", ttl = "300ms", stale = "1s", cache = self.cache)]
+    async fn flaky(self: Arc<Self>, id: u32) -> Result<u32, String> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst);
+        if self.fails.load(Ordering::SeqCst) {
+            Err("database down".into())
+        } else {
+            Ok(id * 100 + run)
+        }
     }
 }
 
@@ -75,19 +100,13 @@ where
 
 const LOAD: Duration = Duration::from_secs(5);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_refreshes_a_hot_key_in_the_background() {
-    let server = RedisServer::start();
-    let cache = Cache::redis(&server.url()).unwrap();
-    assert_eq!(
-        hot_stale(cache.clone(), 1).await,
-        1,
-        "cold: computed inline"
-    );
-    let c = cache.clone();
-    let (calls, worst) = steady_load(move || hot_stale(c.clone(), 1), LOAD).await;
-    let runs = STALE_RUNS.load(Ordering::SeqCst);
-    let stats = cache.stats();
+async fn stale_refreshes_a_hot_key_in_the_background(env: &Env) {
+    let hot = Hot::new(env.cache());
+    assert_eq!(hot.clone().hot_stale(1).await, 1, "cold: computed inline");
+    let h = hot.clone();
+    let (calls, worst) = steady_load(move || h.clone().hot_stale(1), LOAD).await;
+    let runs = hot.runs();
+    let stats = hot.cache.stats();
     println!("stale: {calls} calls in {LOAD:?}, body ran {runs} times (ttl 1 s, body 100 ms), slowest call {worst:?}; {stats:?}");
     assert_eq!(
         stats.misses, 1,
@@ -98,15 +117,13 @@ async fn stale_refreshes_a_hot_key_in_the_background() {
     assert_eq!(stats.refresh_failures, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn early_refreshes_a_hot_key_before_it_expires() {
-    let server = RedisServer::start();
-    let cache = Cache::redis(&server.url()).unwrap();
-    assert_eq!(hot_early(cache.clone(), 1).await, 1);
-    let c = cache.clone();
-    let (calls, worst) = steady_load(move || hot_early(c.clone(), 1), LOAD).await;
-    let runs = EARLY_RUNS.load(Ordering::SeqCst);
-    let stats = cache.stats();
+async fn early_refreshes_a_hot_key_before_it_expires(env: &Env) {
+    let hot = Hot::new(env.cache());
+    assert_eq!(hot.clone().hot_early(1).await, 1);
+    let h = hot.clone();
+    let (calls, worst) = steady_load(move || h.clone().hot_early(1), LOAD).await;
+    let runs = hot.runs();
+    let stats = hot.cache.stats();
     println!("early: {calls} calls in {LOAD:?}, body ran {runs} times (ttl 1 s, body 100 ms), slowest call {worst:?}; {stats:?}");
     assert!(
         stats.misses <= 2,
@@ -119,58 +136,69 @@ async fn early_refreshes_a_hot_key_before_it_expires() {
     assert!((4..=9).contains(&runs), "about once per TTL period: {runs}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_refresh_keeps_serving_the_old_value_until_it_expires() {
-    let server = RedisServer::start();
-    let cache = Cache::redis(&server.url()).unwrap();
-    let first = flaky(cache.clone(), 3)
+async fn a_failing_refresh_keeps_serving_the_old_value_until_it_expires(env: &Env) {
+    let hot = Hot::new(env.cache());
+    let first = hot
+        .clone()
+        .flaky(3)
         .await
         .expect("first computation succeeds");
-    FLAKY_FAILS.store(true, Ordering::SeqCst);
+    hot.fails.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(400)).await;
     // Past the TTL: served stale, while the refresh fails in the background.
-    assert_eq!(flaky(cache.clone(), 3).await, Ok(first));
+    assert_eq!(hot.clone().flaky(3).await, Ok(first));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(flaky(cache.clone(), 3).await, Ok(first), "stale-if-error");
+    assert_eq!(hot.clone().flaky(3).await, Ok(first), "stale-if-error");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let stats = cache.stats();
+    let stats = hot.cache.stats();
     assert!(stats.refresh_failures >= 1, "{stats:?}");
     // Past the hard expiry (300 ms + 1 s) the old value is gone.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(flaky(cache.clone(), 3).await.is_err());
+    assert!(hot.clone().flaky(3).await.is_err());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_with_lock_refreshes_once_across_caches() {
-    static RUNS: AtomicU32 = AtomicU32::new(0);
+/// One process's view of a key shared by all: its own cache, the shared
+/// count of computations.
+struct Shared {
+    cache: Cache,
+    runs: Arc<AtomicU32>,
+}
 
-    #[redis_cached(key = "shared:<id>", ttl = "300ms", stale = "10s", lock = true, cache = cache)]
-    async fn shared(cache: Cache, id: u32) -> u32 {
-        RUNS.fetch_add(1, Ordering::SeqCst);
+impl Shared {
+    #[redis_cached(key = "shared:<id>", ttl = "300ms", stale = "10s", lock = true, cache = self.cache)]
+    async fn shared(self: Arc<Self>, id: u32) -> u32 {
+        self.runs.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(200)).await;
         id
     }
+}
 
-    let server = RedisServer::start();
-    // Three handles stand in for three processes.
-    let caches: Vec<Cache> = (0..3)
-        .map(|_| Cache::redis(&server.url()).unwrap())
+async fn stale_with_lock_refreshes_once_across_caches(env: &Env) {
+    let runs = Arc::new(AtomicU32::new(0));
+    // Three caches stand in for three processes.
+    let procs: Vec<Arc<Shared>> = (0..3)
+        .map(|_| {
+            Arc::new(Shared {
+                cache: env.cache(),
+                runs: runs.clone(),
+            })
+        })
         .collect();
-    assert_eq!(shared(caches[0].clone(), 1).await, 1);
+    assert_eq!(procs[0].clone().shared(1).await, 1);
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let calls: Vec<_> = caches
+    let calls: Vec<_> = procs
         .iter()
-        .map(|c| tokio::spawn(shared(c.clone(), 1)))
+        .map(|p| tokio::spawn(p.clone().shared(1)))
         .collect();
     for call in calls {
         assert_eq!(call.await.unwrap(), 1);
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
-        RUNS.load(Ordering::SeqCst),
+        runs.load(Ordering::SeqCst),
         2,
         "one initial run, one refresh for all three"
     );
-    let stale_serves: u64 = caches.iter().map(|c| c.stats().stale_serves).sum();
+    let stale_serves: u64 = procs.iter().map(|p| p.cache.stats().stale_serves).sum();
     assert_eq!(stale_serves, 3);
 }

@@ -1,6 +1,7 @@
-//! `lock = true` on a real Redis, with two `Cache` handles standing in for
-//! two processes (each has its own in-process coalescing): round trips,
-//! the watchdog, waiting, wait time-outs, and errors that release the lock.
+//! `lock = true` on every Redis deployment, with two `Cache` handles
+//! standing in for two processes (each has its own in-process coalescing):
+//! the watchdog, waiting, wait time-outs, and errors that release the lock;
+//! on one server, round trips and lost notifications.
 
 mod support;
 
@@ -9,7 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis_cached::{redis_cached, Cache};
+use support::backends::Env;
 use support::RedisServer;
+
+per_shared_backend!(
+    the_other_process_waits_and_the_watchdog_keeps_the_lock,
+    an_error_releases_the_lock_and_the_waiter_computes_at_once,
+    a_waiter_computes_itself_after_lock_wait,
+);
 
 struct Db {
     cache: Cache,
@@ -17,11 +25,15 @@ struct Db {
 }
 
 impl Db {
-    fn new(server: &RedisServer, computes: &Arc<AtomicU32>) -> Arc<Db> {
+    fn new(cache: Cache, computes: &Arc<AtomicU32>) -> Arc<Db> {
         Arc::new(Db {
-            cache: Cache::redis(&server.url()).expect("valid URL"),
+            cache,
             computes: computes.clone(),
         })
+    }
+
+    fn on(server: &RedisServer, computes: &Arc<AtomicU32>) -> Arc<Db> {
+        Db::new(Cache::redis(&server.url()).expect("valid URL"), computes)
     }
 
     #[redis_cached(key = "item:<id>", lock = true, lock_ttl = "300ms", lock_wait = "3s", cache = self.cache)]
@@ -46,7 +58,7 @@ impl Db {
 async fn a_locked_miss_is_three_round_trips_and_a_hit_one() {
     let server = RedisServer::start();
     let computes = Arc::new(AtomicU32::new(0));
-    let db = Db::new(&server, &computes);
+    let db = Db::on(&server, &computes);
     // Load the scripts and connect first.
     db.item(1, Duration::ZERO, false).await.unwrap();
     let monitor = server.monitor();
@@ -64,15 +76,18 @@ async fn a_locked_miss_is_three_round_trips_and_a_hit_one() {
     assert_eq!(db.item(2, Duration::ZERO, false).await, Ok(20));
     let hit = monitor.take_client_commands().await;
     assert_eq!(hit, vec!["\"GET\" \"item:2\"".to_owned()]);
-    let lock_left: u32 = server.cmd(redis::cmd("EXISTS").arg("~lock{item:2}")).await;
+    let lock_left: u32 = server
+        .cmd(::redis::cmd("EXISTS").arg("~lock{item:2}"))
+        .await;
     assert_eq!(lock_left, 0, "the lock is released");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_other_process_waits_and_the_watchdog_keeps_the_lock() {
-    let server = RedisServer::start();
+async fn the_other_process_waits_and_the_watchdog_keeps_the_lock(env: &Env) {
     let computes = Arc::new(AtomicU32::new(0));
-    let (a, b) = (Db::new(&server, &computes), Db::new(&server, &computes));
+    let (a, b) = (
+        Db::new(env.cache(), &computes),
+        Db::new(env.cache(), &computes),
+    );
     let holder = {
         let a = a.clone();
         tokio::spawn(async move { a.item(5, Duration::from_millis(1000), false).await })
@@ -84,7 +99,9 @@ async fn the_other_process_waits_and_the_watchdog_keeps_the_lock() {
     };
     // Past lock_ttl (300 ms) the holder still computes: its lock must live on.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let pttl: i64 = server.cmd(redis::cmd("PTTL").arg("~lock{item:5}")).await;
+    let pttl: i64 = env
+        .raw(::redis::cmd("PTTL").arg(env.lock_key("item:5")))
+        .await;
     assert!(pttl > 0, "the watchdog extended the lock: PTTL {pttl}");
     assert_eq!(holder.await.unwrap(), Ok(50));
     assert_eq!(waiter.await.unwrap(), Ok(50));
@@ -103,11 +120,12 @@ async fn the_other_process_waits_and_the_watchdog_keeps_the_lock() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_error_releases_the_lock_and_the_waiter_computes_at_once() {
-    let server = RedisServer::start();
+async fn an_error_releases_the_lock_and_the_waiter_computes_at_once(env: &Env) {
     let computes = Arc::new(AtomicU32::new(0));
-    let (a, b) = (Db::new(&server, &computes), Db::new(&server, &computes));
+    let (a, b) = (
+        Db::new(env.cache(), &computes),
+        Db::new(env.cache(), &computes),
+    );
     let failing = {
         let a = a.clone();
         tokio::spawn(async move { a.item(6, Duration::from_millis(300), true).await })
@@ -130,16 +148,14 @@ async fn an_error_releases_the_lock_and_the_waiter_computes_at_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiter_computes_itself_after_lock_wait() {
-    let server = RedisServer::start();
+async fn a_waiter_computes_itself_after_lock_wait(env: &Env) {
     let computes = Arc::new(AtomicU32::new(0));
-    let db = Db::new(&server, &computes);
+    let db = Db::new(env.cache(), &computes);
     // Someone else holds the lock and never finishes.
-    let _: () = server
-        .cmd(
-            redis::cmd("SET")
-                .arg("~lock{short:7}")
+    let _: () = env
+        .raw(
+            ::redis::cmd("SET")
+                .arg(env.lock_key("short:7"))
                 .arg("someone-else")
                 .arg("PX")
                 .arg(60_000),
@@ -152,7 +168,9 @@ async fn a_waiter_computes_itself_after_lock_wait() {
         (1, 1, 1),
         "{stats:?}"
     );
-    let owner: String = server.cmd(redis::cmd("GET").arg("~lock{short:7}")).await;
+    let owner: String = env
+        .raw(::redis::cmd("GET").arg(env.lock_key("short:7")))
+        .await;
     assert_eq!(
         owner, "someone-else",
         "another's lock is never released by us"
@@ -189,7 +207,7 @@ async fn lost_notifications_are_covered_by_the_retry_timer() {
     // This user may not subscribe to anything: every notification to it is lost.
     let _: () = server
         .cmd(
-            redis::cmd("ACL")
+            ::redis::cmd("ACL")
                 .arg("SETUSER")
                 .arg("deaf")
                 .arg("on")
@@ -200,7 +218,7 @@ async fn lost_notifications_are_covered_by_the_retry_timer() {
         )
         .await;
     let computes = Arc::new(AtomicU32::new(0));
-    let holder = Db::new(&server, &computes);
+    let holder = Db::on(&server, &computes);
     let deaf = Arc::new(Db {
         cache: Cache::redis(&format!("redis://deaf:pw@127.0.0.1:{}/", server.port())).unwrap(),
         computes: computes.clone(),
@@ -232,7 +250,7 @@ async fn lost_notifications_are_covered_by_the_retry_timer() {
 async fn a_crowd_in_one_process_sends_one_read_and_one_lock_attempt() {
     let server = RedisServer::start();
     let computes = Arc::new(AtomicU32::new(0));
-    let db = Db::new(&server, &computes);
+    let db = Db::on(&server, &computes);
     db.item(1, Duration::ZERO, false).await.unwrap(); // connect, load scripts
     let monitor = server.monitor();
     monitor.take_client_commands().await;

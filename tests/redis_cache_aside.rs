@@ -1,5 +1,6 @@
-//! Cache-aside on a real `redis-server`: what lands in Redis, under which
-//! key, for how long, and how many commands each operation costs.
+//! Cache-aside on every backend, and on every Redis deployment what lands
+//! in Redis, under which key, for how long; on one server, how many
+//! commands each operation costs.
 
 mod support;
 
@@ -8,7 +9,21 @@ use std::time::Duration;
 
 use redis_cached::{redis_cached, Cache};
 use serde::{Deserialize, Serialize};
+use support::backends::Env;
 use support::RedisServer;
+
+per_backend!(
+    entries_expire_after_their_ttl,
+    concurrent_calls_for_one_key_run_the_body_once,
+    hits_misses_and_what_is_not_cached,
+);
+
+per_shared_backend!(
+    hit_miss_and_the_stored_entry,
+    err_is_never_cached_and_none_only_with_cache_none,
+    garbage_at_a_key_is_recomputed_and_overwritten,
+    runtime_api_set_get_invalidate_and_namespace,
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -22,9 +37,9 @@ struct Repo {
 }
 
 impl Repo {
-    fn new(server: &RedisServer) -> Self {
+    fn new(cache: Cache) -> Self {
         Repo {
-            cache: Cache::redis(&server.url()).expect("valid URL"),
+            cache,
             calls: AtomicU32::new(0),
         }
     }
@@ -66,10 +81,8 @@ impl Repo {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hit_miss_and_the_stored_entry() {
-    let server = RedisServer::start();
-    let repo = Repo::new(&server);
+async fn hit_miss_and_the_stored_entry(env: &Env) {
+    let repo = Repo::new(env.cache());
     let expected = Some(User {
         id: 42,
         name: "u42".into(),
@@ -79,10 +92,10 @@ async fn hit_miss_and_the_stored_entry() {
     assert_eq!(repo.calls(), 1);
 
     // The key is the template, exactly; the entry is a 4-byte header then JSON.
-    let raw: Vec<u8> = server.cmd(redis::cmd("GET").arg("user:42")).await;
+    let raw: Vec<u8> = env.raw(::redis::cmd("GET").arg(env.key("user:42"))).await;
     assert_eq!(&raw[..4], &[0xCA, 1, 1, 0]);
     assert_eq!(&raw[4..], br#"{"id":42,"name":"u42"}"#);
-    let ttl_ms: i64 = server.cmd(redis::cmd("PTTL").arg("user:42")).await;
+    let ttl_ms: i64 = env.raw(::redis::cmd("PTTL").arg(env.key("user:42"))).await;
     assert!((59_000..=60_000).contains(&ttl_ms), "ttl {ttl_ms}");
 
     let stats = repo.cache.stats();
@@ -92,14 +105,31 @@ async fn hit_miss_and_the_stored_entry() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn err_is_never_cached_and_none_only_with_cache_none() {
-    let server = RedisServer::start();
-    let repo = Repo::new(&server);
+/// What is cached and what is not, seen through the cache alone.
+async fn hits_misses_and_what_is_not_cached(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.get_user(42).await.unwrap().unwrap().id, 42);
+    assert_eq!(repo.get_user(42).await.unwrap().unwrap().id, 42);
+    assert_eq!(repo.calls(), 1, "the second call hit");
+    assert!(repo.get_user(0).await.is_err());
+    assert!(repo.get_user(0).await.is_err());
+    assert_eq!(repo.calls(), 3, "an Err is never cached");
+    assert_eq!(repo.get_user(5000).await, Ok(None));
+    assert_eq!(repo.get_user(5000).await, Ok(None));
+    assert_eq!(repo.calls(), 5, "None is not cached without cache_none");
+    assert_eq!(repo.find(50).await, None);
+    assert_eq!(repo.find(50).await, None);
+    assert_eq!(repo.calls(), 6, "None is cached with cache_none");
+    let stats = repo.cache.stats();
+    assert_eq!((stats.hits, stats.errors), (2, 0), "{stats:?}");
+}
+
+async fn err_is_never_cached_and_none_only_with_cache_none(env: &Env) {
+    let repo = Repo::new(env.cache());
     assert!(repo.get_user(0).await.is_err());
     assert!(repo.get_user(0).await.is_err());
     assert_eq!(repo.calls(), 2);
-    let exists: u32 = server.cmd(redis::cmd("EXISTS").arg("user:0")).await;
+    let exists: u32 = env.raw(::redis::cmd("EXISTS").arg(env.key("user:0"))).await;
     assert_eq!(exists, 0, "an Err leaves nothing in Redis");
 
     assert_eq!(repo.get_user(5000).await, Ok(None));
@@ -109,17 +139,15 @@ async fn err_is_never_cached_and_none_only_with_cache_none() {
     assert_eq!(repo.find(50).await, None);
     assert_eq!(repo.find(50).await, None);
     assert_eq!(repo.calls(), 5, "None is cached with cache_none");
-    let ttl_ms: i64 = server.cmd(redis::cmd("PTTL").arg("opt:50")).await;
+    let ttl_ms: i64 = env.raw(::redis::cmd("PTTL").arg(env.key("opt:50"))).await;
     assert!(
         (1..=2000).contains(&ttl_ms),
         "absence lives cache_none = 2s, got {ttl_ms}"
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_expire_after_their_ttl() {
-    let server = RedisServer::start();
-    let repo = Repo::new(&server);
+async fn entries_expire_after_their_ttl(env: &Env) {
+    let repo = Repo::new(env.cache());
     assert_eq!(repo.short(3).await, 3);
     assert_eq!(repo.short(3).await, 3);
     assert_eq!(repo.calls(), 1);
@@ -128,19 +156,16 @@ async fn entries_expire_after_their_ttl() {
     assert_eq!(repo.calls(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_at_a_key_is_recomputed_and_overwritten() {
-    let server = RedisServer::start();
-    let repo = Repo::new(&server);
+async fn garbage_at_a_key_is_recomputed_and_overwritten(env: &Env) {
+    let repo = Repo::new(env.cache());
+    let key = env.key("user:7");
     for garbage in [
         &b"garbage"[..],
         b"",
         b"\xCA\x01\x01\x00{\"id\":",
         b"\xCA\x01\x01\x00\"a string\"",
     ] {
-        let _: () = server
-            .cmd(redis::cmd("SET").arg("user:7").arg(garbage))
-            .await;
+        let _: () = env.raw(::redis::cmd("SET").arg(&key).arg(garbage)).await;
         assert_eq!(
             repo.get_user(7).await,
             Ok(Some(User {
@@ -148,7 +173,7 @@ async fn garbage_at_a_key_is_recomputed_and_overwritten() {
                 name: "u7".into()
             }))
         );
-        let raw: Vec<u8> = server.cmd(redis::cmd("GET").arg("user:7")).await;
+        let raw: Vec<u8> = env.raw(::redis::cmd("GET").arg(&key)).await;
         assert_eq!(&raw[4..], br#"{"id":7,"name":"u7"}"#, "overwritten");
     }
     assert_eq!(repo.calls(), 4);
@@ -162,7 +187,7 @@ async fn garbage_at_a_key_is_recomputed_and_overwritten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hit_is_one_command_and_a_miss_two() {
     let server = RedisServer::start();
-    let repo = Repo::new(&server);
+    let repo = Repo::new(Cache::redis(&server.url()).expect("valid URL"));
     // Connect and load the store script first, so set-up does not count.
     repo.get_user(10).await.unwrap();
     let monitor = server.monitor();
@@ -183,10 +208,8 @@ async fn a_hit_is_one_command_and_a_miss_two() {
     assert_eq!(hit, vec!["\"GET\" \"user:11\"".to_owned()], "hit: one GET");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_calls_for_one_key_run_the_body_once() {
-    let server = RedisServer::start();
-    let repo = std::sync::Arc::new(Repo::new(&server));
+async fn concurrent_calls_for_one_key_run_the_body_once(env: &Env) {
+    let repo = std::sync::Arc::new(Repo::new(env.cache()));
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let repo = repo.clone();
@@ -201,19 +224,14 @@ async fn concurrent_calls_for_one_key_run_the_body_once() {
     assert_eq!(repo.calls(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_api_set_get_invalidate_and_namespace() {
-    let server = RedisServer::start();
-    let cache = Cache::builder(&server.url())
-        .namespace("app")
-        .build()
-        .unwrap();
+async fn runtime_api_set_get_invalidate_and_namespace(env: &Env) {
+    let cache = env.builder().namespace("app").build().unwrap();
     cache
         .set("k", &vec![1, 2, 3], Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(cache.get::<Vec<u8>>("k").await, Some(vec![1, 2, 3]));
-    let exists: u32 = server.cmd(redis::cmd("EXISTS").arg("app:k")).await;
+    let exists: u32 = env.raw(::redis::cmd("EXISTS").arg("app:k")).await;
     assert_eq!(exists, 1, "namespace is a `<ns>:` prefix");
     assert_eq!(cache.get::<String>("k").await, None, "wrong type is a miss");
     cache.invalidate("k").await.unwrap();
@@ -242,7 +260,7 @@ async fn values_over_the_size_limit_are_misses_read_only_in_part() {
     };
     // Someone stored a 1 MiB value at our key.
     let _: () = server
-        .cmd(redis::cmd("SET").arg("user:8").arg(vec![b'x'; 1 << 20]))
+        .cmd(::redis::cmd("SET").arg("user:8").arg(vec![b'x'; 1 << 20]))
         .await;
     let monitor = server.monitor();
     monitor.take_client_commands().await;
@@ -284,7 +302,7 @@ async fn values_over_the_size_limit_are_misses_with_whole_reads_too() {
         calls: AtomicU32::new(0),
     };
     let _: () = server
-        .cmd(redis::cmd("SET").arg("user:9").arg(vec![b'x'; 1 << 20]))
+        .cmd(::redis::cmd("SET").arg("user:9").arg(vec![b'x'; 1 << 20]))
         .await;
     assert_eq!(repo.get_user(9).await.unwrap().unwrap().id, 9);
     assert_eq!(repo.get_user(9).await.unwrap().unwrap().id, 9);

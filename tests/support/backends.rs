@@ -81,6 +81,54 @@ impl Env {
         self.builder().build().expect("valid settings")
     }
 
+    /// The Redis key of the cache key `key` (the scenario's namespace
+    /// prefixed, if it has one).
+    pub fn key(&self, key: &str) -> String {
+        match self {
+            Env::Memory | Env::Redis(_) => key.to_owned(),
+            Env::Cluster { namespace, .. } | Env::Sentinel { namespace, .. } => {
+                format!("{namespace}:{key}")
+            }
+        }
+    }
+
+    /// The Redis key of the lock of the cache key `key`.
+    pub fn lock_key(&self, key: &str) -> String {
+        let key = self.key(key);
+        match key.split_once(':') {
+            Some((ns, _)) if !matches!(self, Env::Memory | Env::Redis(_)) => {
+                format!("{ns}:~lock{{{key}}}")
+            }
+            _ => format!("~lock{{{key}}}"),
+        }
+    }
+
+    /// Runs `cmd` on the Redis deployment, bypassing the cache, to look at
+    /// or tamper with what is stored; not for the in-memory backend.
+    pub async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        match self {
+            Env::Memory => panic!("the in-memory backend has no raw access"),
+            Env::Redis(server) => server.cmd(cmd).await,
+            Env::Cluster { cluster, .. } => {
+                let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
+                    .expect("valid URLs")
+                    .get_async_connection()
+                    .await
+                    .expect("connect to the test cluster");
+                cmd.query_async(&mut conn).await.expect("command succeeds")
+            }
+            Env::Sentinel { setup, .. } => {
+                let url = format!("redis://127.0.0.1:{}/", setup.master_port());
+                let mut conn = redis::Client::open(url)
+                    .expect("valid URL")
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect to the test master");
+                cmd.query_async(&mut conn).await.expect("command succeeds")
+            }
+        }
+    }
+
     /// Checks what every scenario must leave true of its backend: on a
     /// cluster, no command was refused for spanning two slots.
     pub fn check_after(&self) {
@@ -88,6 +136,18 @@ impl Env {
             assert_eq!(cluster.crossslot_errors(), 0, "CROSSSLOT errors");
         }
     }
+}
+
+/// `per_shared_backend!(a)`: as [`per_backend!`] on the backends whose
+/// store several caches share (every Redis deployment), for scenarios of
+/// several processes (tests `redis_shared::a`, `cluster_shared::a`, …).
+#[macro_export]
+macro_rules! per_shared_backend {
+    ($($scenario:ident),* $(,)?) => {
+        $crate::per_backend!(@on redis_shared, redis, $($scenario),*);
+        $crate::per_backend!(@on cluster_shared, cluster, $($scenario),*);
+        $crate::per_backend!(@on sentinel_shared, sentinel, $($scenario),*);
+    };
 }
 
 /// `per_backend!(a, b)` defines `memory::a`, `redis::a`, `cluster::a`,
