@@ -49,6 +49,9 @@ pub(crate) struct RedisBackend {
     /// Read on every operation: an `ArcSwap` load shares no cache line
     /// between threads, where a mutex would.
     link: ArcSwapOption<Link>,
+    /// Held while a connection that needs a lookup (Sentinel) is made, so
+    /// that the callers waiting for it share one lookup.
+    connecting: tokio::sync::Mutex<()>,
     notifier: Arc<Notifier>,
 }
 
@@ -105,6 +108,7 @@ impl RedisBackend {
             config,
             limit,
             link: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
             notifier: Notifier::new(channel, feed),
         }
     }
@@ -136,6 +140,11 @@ impl RedisBackend {
     }
 
     async fn connection(&self) -> Result<Link> {
+        if let Some(link) = self.current()? {
+            return Ok(link);
+        }
+        let _connecting = self.connecting.lock().await;
+        // Made by the caller that held the lock before us?
         if let Some(link) = self.current()? {
             return Ok(link);
         }
