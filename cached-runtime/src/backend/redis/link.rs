@@ -10,9 +10,11 @@
 //! the breaker, or a write is refused as `READONLY`), so the next probe
 //! finds the promoted replica.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
@@ -173,6 +175,10 @@ fn cluster_builder(
 pub(crate) struct SentinelTarget {
     master: String,
     node: SentinelNodeConnectionInfo,
+    /// One client per sentinel, to hear of failovers (`+switch-master`).
+    sentinels: Vec<redis::Client>,
+    /// Whether a task listens for failovers; cleared when it ends.
+    watching: Arc<AtomicBool>,
     /// Asks the sentinels one lookup at a time: each caches its
     /// connections to them.
     sentinel: tokio::sync::Mutex<Sentinel>,
@@ -200,6 +206,10 @@ impl SentinelTarget {
         #[cfg(feature = "tls")]
         install_crypto_provider();
         let sentinel = Sentinel::build(sentinels.to_vec()).map_err(|e| invalid_url(&e))?;
+        let clients = sentinels
+            .iter()
+            .map(|url| redis::Client::open(*url).map_err(|e| invalid_url(&e)))
+            .collect::<Result<Vec<_>>>()?;
         let mut redis_info = redis::RedisConnectionInfo::default();
         if let Some((username, password)) = credentials {
             redis_info = redis_info.set_password(password);
@@ -214,8 +224,52 @@ impl SentinelTarget {
         Ok(SentinelTarget {
             master: master.to_owned(),
             node,
+            sentinels: clients,
+            watching: Arc::new(AtomicBool::new(false)),
             sentinel: tokio::sync::Mutex::new(sentinel),
         })
+    }
+
+    /// Starts, unless one runs, a task that listens to the sentinels'
+    /// `+switch-master` events (from one sentinel at a time, the next one
+    /// when it fails) and calls `switched` when this master fails over, so
+    /// that the cache moves to the new master at once rather than when the
+    /// old one starts refusing writes (Sentinel demotes a live old master
+    /// only about ten seconds later; writes in between would be lost). The
+    /// task ends when `alive` says the cache is gone.
+    pub(crate) fn watch_failovers(
+        self: &Arc<Self>,
+        alive: impl Fn() -> bool + Send + Sync + 'static,
+        switched: impl Fn() + Send + Sync + 'static,
+    ) {
+        if self.watching.load(Ordering::Acquire) || self.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let watching = ClearOnDrop(Arc::clone(&self.watching));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let target = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let _watching = watching;
+            let mut next = 0;
+            loop {
+                let Some((client, master)) = target.upgrade().and_then(|t| {
+                    let client = t.sentinels.get(next % t.sentinels.len())?.clone();
+                    Some((client, t.master.clone()))
+                }) else {
+                    return;
+                };
+                next += 1;
+                if !alive() {
+                    return;
+                }
+                if !listen_for_switches(&client, &master, &alive, &switched).await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
     }
 
     /// A client for the current master, as the sentinels name it (checked
@@ -226,6 +280,51 @@ impl SentinelTarget {
             .async_master_for(&self.master, Some(&self.node))
             .await
             .map_err(|e| Error::from_redis(&e))
+    }
+}
+
+/// Clears a flag when dropped: however a task ends, it says so.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Listens to one sentinel's `+switch-master` until its connection fails
+/// (`true`: try another) or the cache is gone (`false`).
+async fn listen_for_switches(
+    sentinel: &redis::Client,
+    master: &str,
+    alive: &(impl Fn() -> bool + Send + Sync),
+    switched: &(impl Fn() + Send + Sync),
+) -> bool {
+    const CONNECT: Duration = Duration::from_secs(2);
+    let connect = async {
+        let mut pubsub = sentinel.get_async_pubsub().await?;
+        pubsub.subscribe("+switch-master").await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    let Ok(Ok(pubsub)) = tokio::time::timeout(CONNECT, connect).await else {
+        return true;
+    };
+    let mut messages = pubsub.into_on_message();
+    loop {
+        // Wake up now and then to notice a dropped cache.
+        match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+            // `<master name> <old ip> <old port> <new ip> <new port>`
+            Ok(Some(message)) => {
+                let payload = message.get_payload_bytes();
+                if payload.split(|&b| b == b' ').next() == Some(master.as_bytes()) {
+                    tracing::info!("Redis Sentinel failed the master over; following it");
+                    switched();
+                }
+            }
+            Ok(None) => return true,
+            Err(_) if !alive() => return false,
+            Err(_) => {}
+        }
     }
 }
 

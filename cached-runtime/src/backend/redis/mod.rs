@@ -48,7 +48,9 @@ pub(crate) struct RedisBackend {
     limit: usize,
     /// Read on every operation: an `ArcSwap` load shares no cache line
     /// between threads, where a mutex would.
-    link: ArcSwapOption<Link>,
+    /// Shared with the Sentinel failover watcher, which drops the link
+    /// when the master changes.
+    link: Arc<ArcSwapOption<Link>>,
     /// Held while a connection that needs a lookup (Sentinel) is made, so
     /// that the callers waiting for it share one lookup.
     connecting: tokio::sync::Mutex<()>,
@@ -107,7 +109,7 @@ impl RedisBackend {
             scripts: Scripts::default(),
             config,
             limit,
-            link: ArcSwapOption::empty(),
+            link: Arc::new(ArcSwapOption::empty()),
             connecting: tokio::sync::Mutex::new(()),
             notifier: Notifier::new(channel, feed),
         }
@@ -148,8 +150,29 @@ impl RedisBackend {
         if let Some(link) = self.current()? {
             return Ok(link);
         }
+        if let Target::Sentinel(sentinel) = &self.target {
+            self.watch_failovers(sentinel);
+        }
         let fresh = Link::resolve(&self.target, &self.config).await?;
         Ok(self.keep(fresh))
+    }
+
+    /// Has `sentinel`'s failovers drop the connection and restart the lock
+    /// subscriber, so that both move to the new master at once.
+    fn watch_failovers(&self, sentinel: &Arc<SentinelTarget>) {
+        let (link, notifier) = (Arc::downgrade(&self.link), Arc::downgrade(&self.notifier));
+        let alive = {
+            let link = link.clone();
+            move || link.strong_count() > 0
+        };
+        sentinel.watch_failovers(alive, move || {
+            if let Some(link) = link.upgrade() {
+                link.store(None);
+            }
+            if let Some(notifier) = notifier.upgrade() {
+                notifier.restart();
+            }
+        });
     }
 
     /// Drops the current connection; the next operation connects afresh.

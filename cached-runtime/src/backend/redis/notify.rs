@@ -71,6 +71,8 @@ pub(crate) struct Notifier {
     running: Arc<AtomicBool>,
     /// Whether the subscription is confirmed and listening.
     listening: watch::Sender<bool>,
+    /// Tells the subscriber to connect afresh (the master changed).
+    restart: Arc<Notify>,
 }
 
 /// The waiters of one key in this process.
@@ -139,7 +141,14 @@ impl Notifier {
             waiters: Mutex::new(HashMap::new()),
             running: Arc::new(AtomicBool::new(false)),
             listening: watch::Sender::new(false),
+            restart: Arc::new(Notify::new()),
         })
+    }
+
+    /// Has the subscriber drop its connection and connect afresh, looking
+    /// the master up again.
+    pub(crate) fn restart(&self) {
+        self.restart.notify_one();
     }
 
     /// The channel `key`'s notifications go to, and the command that
@@ -332,13 +341,22 @@ async fn listen(
     let mut messages = pubsub.into_on_message();
     // Upgraded only for the moment: a strong reference held here would
     // keep the cache alive.
-    match notifier.upgrade() {
-        Some(n) => n.listening.send_replace(true),
+    let restart = match notifier.upgrade() {
+        Some(n) => {
+            n.listening.send_replace(true);
+            Arc::clone(&n.restart)
+        }
         None => return (true, Ok(())),
     };
     loop {
         // Wake up now and then to notice a dropped cache.
-        match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(Duration::from_secs(1), messages.next()) => next,
+            () = restart.notified() => {
+                return (true, Err(Error::Redis("the master changed".into())));
+            }
+        };
+        match next {
             Ok(Some(msg)) => match notifier.upgrade() {
                 Some(n) => n.wake(msg.get_payload_bytes()),
                 None => return (true, Ok(())),
