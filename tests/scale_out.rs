@@ -55,6 +55,19 @@ impl Repo {
     }
 }
 
+/// Waits until the lock subscriber listens on the shard channel of `key`'s
+/// slot at the node that serves it now.
+async fn wait_subscribed(cluster: &RedisCluster, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.has_shard_subscriber(key, "app:redis-cached:filled") {
+        assert!(
+            Instant::now() < deadline,
+            "no lock subscriber at the new owner of {key}'s slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn cluster_cache(cluster: &RedisCluster) -> Cache {
     let urls = cluster.urls();
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
@@ -71,6 +84,7 @@ async fn a_killed_cluster_master_is_replaced_without_a_caller_noticing() {
     let repo = Repo::new(cluster_cache(&cluster));
     repo.cache.connect().await.expect("connect");
     repo.until_cached(7, Duration::from_secs(10)).await;
+    wait_subscribed(&cluster, "app:row:7").await;
     let port = cluster.master_of("app:row:7").port();
     let victim = cluster
         .nodes
@@ -94,6 +108,9 @@ async fn a_killed_cluster_master_is_replaced_without_a_caller_noticing() {
         started.elapsed()
     );
     repo.until_cached(8, Duration::from_secs(10)).await;
+    // Lock wake-ups for the slot reach this process again, from the
+    // promoted replica.
+    wait_subscribed(&cluster, "app:row:7").await;
     assert_eq!(cluster.crossslot_errors(), 0);
 }
 
@@ -103,6 +120,7 @@ async fn a_slot_moved_to_another_node_is_followed() {
     let repo = Repo::new(cluster_cache(&cluster));
     repo.until_cached(3, Duration::from_secs(10)).await;
     let key = "app:row:3";
+    wait_subscribed(&cluster, key).await;
     let slot = cli(cluster.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])
         .trim()
         .to_owned();
@@ -134,6 +152,9 @@ async fn a_slot_moved_to_another_node_is_followed() {
     assert_eq!(repo.row(3).await, 30);
     assert_eq!(repo.queries(), before, "served from the moved slot");
     repo.until_cached(4, Duration::from_secs(10)).await;
+    // Redis unsubscribed the moved slot's channel at the old owner; the
+    // subscriber listens at the new one.
+    wait_subscribed(&cluster, key).await;
     assert_eq!(cluster.crossslot_errors(), 0);
 }
 

@@ -23,7 +23,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
 
@@ -365,8 +365,10 @@ pub(crate) fn full_key(namespace: Option<&str>, key: String) -> String {
 
 /// The key of `kind` (`lock`, …) that the runtime keeps beside the full
 /// key `key`, in the same Redis Cluster hash slot:
-/// `<namespace>:~<kind>{<key>}`, or, when `key` has a hash tag of its own,
-/// `<namespace>:~<kind>:<key without the namespace>`.
+/// `<namespace>:~<kind>{<key>}`; when `key` has a hash tag of its own,
+/// `<namespace>:~<kind>:<key without the namespace>`; when it has braces
+/// but no tag, `<namespace>:~<kind>{<a tag of its slot>}:<key without the
+/// namespace>`.
 pub(crate) fn companion_key(namespace: Option<&str>, key: &str, kind: &str) -> String {
     let prefix_len = namespace.map_or(0, |ns| ns.len() + 1);
     let prefix = &key[..prefix_len.min(key.len())];
@@ -375,11 +377,15 @@ pub(crate) fn companion_key(namespace: Option<&str>, key: &str, kind: &str) -> S
         .find('{')
         .and_then(|open| key[open + 1..].find('}'))
         .is_some_and(|len| len > 0);
-    if has_tag || key.contains(['{', '}']) {
-        // Keeps the key's own tag. (A key with braces but no valid tag
-        // hashes whole; its companion may then land in another slot, which
-        // matters only on Redis Cluster.)
+    if has_tag {
+        // Hashed on the key's own tag, which stays the first one.
         format!("{prefix}{RESERVED}{kind}:{rest}")
+    } else if key.contains(['{', '}']) {
+        // Braces but no tag (`{}`, a lone `}`, a tag cut by shortening):
+        // the key hashes whole, and cannot sit inside braces; a tag of its
+        // slot, first, sends the companion there.
+        let tag = slot_tag(slot(key.as_bytes()));
+        format!("{prefix}{RESERVED}{kind}{{{tag}}}:{rest}")
     } else {
         format!("{prefix}{RESERVED}{kind}{{{key}}}")
     }
@@ -392,6 +398,72 @@ pub(crate) fn internal_key(namespace: Option<&str>, kind: &str, name: &str) -> S
         Some(ns) => format!("{ns}:{RESERVED}{kind}:{name}"),
         None => format!("{RESERVED}{kind}:{name}"),
     }
+}
+
+/// The cluster hash slot of `key` (CRC16/XMODEM of its hash tag, or of the
+/// whole key without one, mod 16384), as Redis computes it.
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16_xmodem(hashed) % 16384
+}
+
+fn crc16_xmodem(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &byte| {
+        (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ byte)]
+    })
+}
+
+/// CRC16/XMODEM (polynomial 0x1021) of every byte value.
+const CRC16_TABLE: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// A short text whose slot is `slot`: put in braces in a name, it sends the
+/// name to that slot. The smallest decimal number that hashes there, so the
+/// same on every process; the table of all slots is built once, on first
+/// use (about 200,000 CRCs of a few bytes).
+pub(crate) fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<Box<str>>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags: Vec<Option<Box<str>>> = vec![None; 16384];
+        let mut missing = tags.len();
+        let mut n = 0u32;
+        while missing > 0 {
+            let text = n.to_string();
+            let tag = &mut tags[usize::from(crc16_xmodem(text.as_bytes()) % 16384)];
+            if tag.is_none() {
+                *tag = Some(text.into_boxed_str());
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags.into_iter().flatten().collect()
+    });
+    &tags[usize::from(slot % 16384)]
 }
 
 /// A readable prefix of `key`, then `~` and the hex SHA-256 of the whole key.
@@ -473,6 +545,52 @@ mod tests {
     }
 
     #[test]
+    fn slots_match_redis() {
+        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"bar"), 5061);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), crc16_xmodem(b"foo{}{bar}") % 16384);
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn slot_tags_land_in_their_slot() {
+        for wanted in [0, 1, 866, 5061, 12182, 16383] {
+            let tag = slot_tag(wanted);
+            assert_eq!(slot(format!("ns:chan{{{tag}}}").as_bytes()), wanted);
+        }
+    }
+
+    #[test]
+    fn every_companion_shares_its_keys_slot() {
+        // Shortening keeps 191 bytes: this one is cut inside its tag.
+        let long = format!("order:{}:{{tenant:{}}}", "x".repeat(180), "y".repeat(80));
+        for raw in [
+            "user:42",
+            "{t}:user:42",
+            "user:{}",
+            "user:}{",
+            "a{b",
+            "a}b",
+            "{}{x}",
+            long.as_str(),
+        ] {
+            for ns in [None, Some("shop")] {
+                let key = full_key(ns, raw.to_owned());
+                let lock = companion_key(ns, &key, "lock");
+                assert_eq!(
+                    slot(lock.as_bytes()),
+                    slot(key.as_bytes()),
+                    "{key} / {lock}"
+                );
+                assert!(lock.starts_with(ns.map_or("~", |_| "shop:~")), "{lock}");
+            }
+        }
+    }
+
+    #[test]
     fn companions_share_the_slot_and_the_namespace() {
         assert_eq!(companion_key(None, "user:42", "lock"), "~lock{user:42}");
         assert_eq!(
@@ -483,7 +601,10 @@ mod tests {
             companion_key(Some("shop"), "shop:t:{7}:user:42", "lock"),
             "shop:~lock:t:{7}:user:42"
         );
-        assert_eq!(companion_key(None, "odd{}key", "lock"), "~lock:odd{}key");
+        assert_eq!(
+            companion_key(None, "odd{}key", "lock"),
+            format!("~lock{{{}}}:odd{{}}key", slot_tag(slot(b"odd{}key")))
+        );
         assert_eq!(internal_key(Some("shop"), "tag", "t 1"), "shop:~tag:t 1");
         assert!(check_user_key("~lock{user:42}").is_err());
         assert!(check_user_key("user:42").is_ok());

@@ -128,12 +128,34 @@ impl RedisCluster {
             .sum()
     }
 
+    /// `key`'s slot, as a node that answers computes it.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.nodes
+            .iter()
+            .find_map(|node| {
+                cli(node.port(), &["CLUSTER", "KEYSLOT", key])
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .expect("a node answers")
+    }
+
+    /// Whether the master of `key`'s slot has a subscriber on a shard
+    /// channel named `<prefix>…` of that slot.
+    pub fn has_shard_subscriber(&self, key: &str, prefix: &str) -> bool {
+        let slot = self.slot_of(key);
+        let owner = self.master_of(key).port();
+        let pattern = format!("{prefix}*");
+        cli(owner, &["PUBSUB", "SHARDCHANNELS", &pattern])
+            .lines()
+            .filter(|channel| !channel.is_empty())
+            .any(|channel| self.slot_of(channel) == slot)
+    }
+
     /// The node serving `key`'s slot as master.
     pub fn master_of(&self, key: &str) -> &RedisServer {
-        let slot: u16 = cli(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])
-            .trim()
-            .parse()
-            .expect("a slot number");
+        let slot = self.slot_of(key);
         self.nodes
             .iter()
             .find(|node| owns(node.port(), slot))
@@ -286,6 +308,7 @@ impl Sentinel {
     fn start(master_port: u16, shared: bool) -> Sentinel {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("redis-cached-sentinel-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the sentinel's directory");
         let config = dir.join("sentinel.conf");
         std::fs::write(
@@ -306,8 +329,9 @@ impl Sentinel {
                 .arg(format!(
                     "redis-server \"$1\" --sentinel & s=$!; \
                      while kill -0 {} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.2; done; \
-                     kill $s 2>/dev/null",
-                    std::process::id()
+                     kill $s 2>/dev/null; sleep 0.5; rm -rf '{}'",
+                    std::process::id(),
+                    dir.display()
                 ))
                 .args(["sh", &config])
                 .stdout(std::process::Stdio::null())

@@ -59,6 +59,9 @@ impl RedisServer {
 
     fn launch(port: u16, extra: &[&str], outlives_nothing: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("redis-cached-test-{port}"));
+        // A server that had this port before may have left files (a
+        // cluster node's `nodes.conf`) that this one must not load.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the server's directory");
         let mut server = RedisServer {
             port,
@@ -87,8 +90,9 @@ impl RedisServer {
                 .arg(format!(
                     "redis-server \"$@\" & s=$!; \
                      while kill -0 {} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.2; done; \
-                     kill $s 2>/dev/null",
-                    std::process::id()
+                     kill $s 2>/dev/null; sleep 0.5; rm -rf '{}'",
+                    std::process::id(),
+                    self.dir.display()
                 ))
                 .arg("sh");
             sh

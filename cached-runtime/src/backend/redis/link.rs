@@ -10,8 +10,8 @@
 //! the breaker, or a write is refused as `READONLY`), so the next probe
 //! finds the promoted replica.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -179,9 +179,14 @@ pub(crate) struct SentinelTarget {
     sentinels: Vec<redis::Client>,
     /// Whether a task listens for failovers; cleared when it ends.
     watching: Arc<AtomicBool>,
-    /// Asks the sentinels one lookup at a time: each caches its
-    /// connections to them.
-    sentinel: tokio::sync::Mutex<Sentinel>,
+    /// The sentinels' URLs, in the order given.
+    urls: Vec<String>,
+    /// Failovers heard of so far: a lookup that started before one may
+    /// have found the old master.
+    switches: AtomicU64,
+    /// The sentinel that announced the last failover, asked first since
+    /// it knows of it (the others may hear of it seconds later).
+    announced_by: AtomicUsize,
 }
 
 impl SentinelTarget {
@@ -205,7 +210,8 @@ impl SentinelTarget {
         }
         #[cfg(feature = "tls")]
         install_crypto_provider();
-        let sentinel = Sentinel::build(sentinels.to_vec()).map_err(|e| invalid_url(&e))?;
+        // Checks the URLs now; lookups build their own.
+        Sentinel::build(sentinels.to_vec()).map_err(|e| invalid_url(&e))?;
         let clients = sentinels
             .iter()
             .map(|url| redis::Client::open(*url).map_err(|e| invalid_url(&e)))
@@ -226,7 +232,9 @@ impl SentinelTarget {
             node,
             sentinels: clients,
             watching: Arc::new(AtomicBool::new(false)),
-            sentinel: tokio::sync::Mutex::new(sentinel),
+            urls: sentinels.iter().map(|url| (*url).to_owned()).collect(),
+            switches: AtomicU64::new(0),
+            announced_by: AtomicUsize::new(0),
         })
     }
 
@@ -264,7 +272,14 @@ impl SentinelTarget {
                 if !alive() {
                     return;
                 }
-                if !listen_for_switches(&client, &master, &alive, &switched).await {
+                let heard = || {
+                    if let Some(t) = target.upgrade() {
+                        t.announced_by.store(next - 1, Ordering::Relaxed);
+                        t.switches.fetch_add(1, Ordering::AcqRel);
+                    }
+                    switched();
+                };
+                if !listen_for_switches(&client, &master, &alive, &heard).await {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -274,12 +289,32 @@ impl SentinelTarget {
 
     /// A client for the current master, as the sentinels name it (checked
     /// to call itself master).
+    ///
+    /// Each lookup connects to the sentinels afresh (lookups are rare: a
+    /// first connection, a failover), so none waits for another; the one
+    /// that announced the last failover is asked first.
     pub(crate) async fn master(&self) -> Result<redis::Client> {
-        let mut sentinel = self.sentinel.lock().await;
+        let first = self.announced_by.load(Ordering::Relaxed) % self.urls.len();
+        let order: Vec<&str> = self.urls[first..]
+            .iter()
+            .chain(&self.urls[..first])
+            .map(String::as_str)
+            .collect();
+        let mut sentinel = Sentinel::build(order).map_err(|e| invalid_url(&e))?;
         sentinel
             .async_master_for(&self.master, Some(&self.node))
             .await
             .map_err(|e| Error::from_redis(&e))
+    }
+
+    /// How many failovers this process has heard of.
+    pub(crate) fn switches(&self) -> u64 {
+        self.switches.load(Ordering::Acquire)
+    }
+
+    /// Whether a task listens for failovers.
+    pub(crate) fn is_watched(&self) -> bool {
+        self.watching.load(Ordering::Acquire)
     }
 }
 
@@ -309,12 +344,17 @@ async fn listen_for_switches(
     let Ok(Ok(pubsub)) = tokio::time::timeout(CONNECT, connect).await else {
         return true;
     };
-    let mut messages = pubsub.into_on_message();
+    let (mut sink, mut messages) = pubsub.split();
+    let mut quiet = 0;
     loop {
-        // Wake up now and then to notice a dropped cache.
+        // Wake up now and then to notice a dropped cache, and after a few
+        // quiet seconds make sure the sentinel is still there: one that
+        // vanished without closing the connection would otherwise be
+        // listened to for ever.
         match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
             // `<master name> <old ip> <old port> <new ip> <new port>`
             Ok(Some(message)) => {
+                quiet = 0;
                 let payload = message.get_payload_bytes();
                 if payload.split(|&b| b == b' ').next() == Some(master.as_bytes()) {
                     tracing::info!("Redis Sentinel failed the master over; following it");
@@ -323,7 +363,16 @@ async fn listen_for_switches(
             }
             Ok(None) => return true,
             Err(_) if !alive() => return false,
-            Err(_) => {}
+            Err(_) => {
+                quiet += 1;
+                if quiet >= 5 {
+                    quiet = 0;
+                    let ping = tokio::time::timeout(CONNECT, sink.ping::<redis::Value>()).await;
+                    if !matches!(ping, Ok(Ok(_))) {
+                        return true;
+                    }
+                }
+            }
         }
     }
 }
@@ -358,18 +407,37 @@ impl Link {
         }
     }
 
-    /// A link to `target`, asking the sentinels for the master if need be.
-    pub(crate) async fn resolve(target: &Target, config: &ConnectionManagerConfig) -> Result<Link> {
-        if let Some(link) = Link::lazy(target, config)? {
-            return Ok(link);
-        }
-        let Target::Sentinel(sentinel) = target else {
-            unreachable!("only a Sentinel target needs a lookup");
-        };
+    /// A link to the master `sentinel` names now.
+    pub(crate) async fn to_master(
+        sentinel: &SentinelTarget,
+        config: &ConnectionManagerConfig,
+    ) -> Result<Link> {
         let client = sentinel.master().await?;
         ConnectionManager::new_lazy_with_config(client, config.clone())
             .map(Link::Server)
             .map_err(|e| Error::from_redis(&e))
+    }
+}
+
+impl Link {
+    /// Runs `cmd` on every master: the one server, or each master of a
+    /// cluster (replicas, which may be down, are left out).
+    pub(crate) async fn on_every_master(&mut self, cmd: &Cmd) -> redis::RedisResult<()> {
+        match self {
+            Link::Server(conn) => cmd.query_async(conn).await,
+            Link::Cluster(conn) => {
+                use redis::cluster_routing::{
+                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                };
+                let every_master = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::AllSucceeded),
+                ));
+                conn.route_command(cmd.clone(), every_master)
+                    .await
+                    .map(drop)
+            }
+        }
     }
 }
 
@@ -404,95 +472,4 @@ impl ConnectionLike for Link {
 pub(crate) fn invalid_url(err: &redis::RedisError) -> Error {
     // The error text of a URL parse never needs the URL itself.
     Error::InvalidUrl(format!("{:?}", err.kind()))
-}
-
-/// The cluster hash slot of `key` (CRC16/XMODEM of its hash tag, or of the
-/// whole key without one, mod 16384), as Redis computes it.
-pub(crate) fn slot(key: &[u8]) -> u16 {
-    let hashed = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            let close = rest.iter().position(|&b| b == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(key);
-    crc16_xmodem(hashed) % 16384
-}
-
-fn crc16_xmodem(bytes: &[u8]) -> u16 {
-    bytes.iter().fold(0u16, |crc, &byte| {
-        (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ byte)]
-    })
-}
-
-/// CRC16/XMODEM (polynomial 0x1021) of every byte value.
-const CRC16_TABLE: [u16; 256] = {
-    let mut table = [0u16; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = (i as u16) << 8;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
-};
-
-/// A short text whose slot is `slot`: put in braces in a name, it sends the
-/// name to that slot. The smallest decimal number that hashes there, so the
-/// same on every process; the table of all slots is built once, on first
-/// use (about 200,000 CRCs of a few bytes).
-pub(crate) fn slot_tag(slot: u16) -> &'static str {
-    static TAGS: OnceLock<Vec<Box<str>>> = OnceLock::new();
-    let tags = TAGS.get_or_init(|| {
-        let mut tags: Vec<Option<Box<str>>> = vec![None; 16384];
-        let mut missing = tags.len();
-        let mut n = 0u32;
-        while missing > 0 {
-            let text = n.to_string();
-            let tag = &mut tags[usize::from(crc16_xmodem(text.as_bytes()) % 16384)];
-            if tag.is_none() {
-                *tag = Some(text.into_boxed_str());
-                missing -= 1;
-            }
-            n += 1;
-        }
-        tags.into_iter().flatten().collect()
-    });
-    &tags[usize::from(slot % 16384)]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_match_redis() {
-        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
-        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
-        assert_eq!(slot(b"foo"), 12182);
-        assert_eq!(slot(b"bar"), 5061);
-        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
-        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
-        assert_eq!(slot(b"foo{}{bar}"), crc16_xmodem(b"foo{}{bar}") % 16384);
-        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
-    }
-
-    #[test]
-    fn slot_tags_land_in_their_slot() {
-        for wanted in [0, 1, 866, 5061, 12182, 16383] {
-            let tag = slot_tag(wanted);
-            assert_eq!(slot(format!("ns:chan{{{tag}}}").as_bytes()), wanted);
-        }
-    }
 }

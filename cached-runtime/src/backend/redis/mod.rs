@@ -21,6 +21,7 @@ mod link;
 mod notify;
 mod scripts;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,9 +52,9 @@ pub(crate) struct RedisBackend {
     /// Shared with the Sentinel failover watcher, which drops the link
     /// when the master changes.
     link: Arc<ArcSwapOption<Link>>,
-    /// Held while a connection that needs a lookup (Sentinel) is made, so
-    /// that the callers waiting for it share one lookup.
-    connecting: tokio::sync::Mutex<()>,
+    /// The Sentinel lookup in flight, which the callers that need it
+    /// share.
+    lookup: Arc<Lookup>,
     notifier: Arc<Notifier>,
 }
 
@@ -62,6 +63,37 @@ impl std::fmt::Debug for RedisBackend {
         f.debug_struct("RedisBackend")
             .field("target", &self.target)
             .finish_non_exhaustive()
+    }
+}
+
+/// A Sentinel lookup: whether one runs, and its end.
+struct Lookup {
+    running: AtomicBool,
+    done: tokio::sync::Notify,
+    bound: Duration,
+}
+
+impl Default for Lookup {
+    fn default() -> Self {
+        Lookup {
+            running: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+            bound: LOOKUP_BOUND,
+        }
+    }
+}
+
+/// How long a Sentinel lookup may take: redis-rs gives each sentinel 1 s
+/// to connect, so this lets it pass over two that do not answer.
+const LOOKUP_BOUND: Duration = Duration::from_secs(5);
+
+/// Ends a lookup however its task ends: clears `running`, wakes waiters.
+struct Done(Arc<Lookup>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+        self.0.done.notify_waiters();
     }
 }
 
@@ -110,7 +142,7 @@ impl RedisBackend {
             config,
             limit,
             link: Arc::new(ArcSwapOption::empty()),
-            connecting: tokio::sync::Mutex::new(()),
+            lookup: Arc::new(Lookup::default()),
             notifier: Notifier::new(channel, feed),
         }
     }
@@ -142,19 +174,61 @@ impl RedisBackend {
     }
 
     async fn connection(&self) -> Result<Link> {
-        if let Some(link) = self.current()? {
-            return Ok(link);
-        }
-        let _connecting = self.connecting.lock().await;
-        // Made by the caller that held the lock before us?
-        if let Some(link) = self.current()? {
-            return Ok(link);
-        }
-        if let Target::Sentinel(sentinel) = &self.target {
+        let Target::Sentinel(sentinel) = &self.target else {
+            // A server or a cluster connects lazily: always a link.
+            return self
+                .current()?
+                .ok_or_else(|| Error::Redis("no connection".into()));
+        };
+        if !sentinel.is_watched() {
             self.watch_failovers(sentinel);
         }
-        let fresh = Link::resolve(&self.target, &self.config).await?;
-        Ok(self.keep(fresh))
+        let looked_up = self.lookup.done.notified();
+        tokio::pin!(looked_up);
+        looked_up.as_mut().enable();
+        if let Some(link) = self.current()? {
+            return Ok(link);
+        }
+        self.look_up(sentinel);
+        looked_up.await;
+        self.current()?
+            .ok_or_else(|| Error::Redis("no master found through Sentinel".into()))
+    }
+
+    /// Starts, unless one is running, a lookup of `sentinel`'s master in a
+    /// task of its own, which keeps the link it finds: a caller that gives
+    /// up waiting (its `op_timeout`) does not cancel it, and the lookup has
+    /// its own bound, long enough to try the next sentinel when one does
+    /// not answer. A failover heard of meanwhile voids what it found.
+    fn look_up(&self, sentinel: &Arc<SentinelTarget>) {
+        if self.lookup.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let lookup = Arc::clone(&self.lookup);
+        let done = Done(Arc::clone(&lookup));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // `done` clears `running`
+        };
+        let (link, sentinel, config) = (
+            Arc::downgrade(&self.link),
+            Arc::clone(sentinel),
+            self.config.clone(),
+        );
+        let bound = lookup.bound;
+        runtime.spawn(async move {
+            let _done = done;
+            let switches = sentinel.switches();
+            match tokio::time::timeout(bound, Link::to_master(&sentinel, &config)).await {
+                Ok(Ok(fresh)) if sentinel.switches() == switches => {
+                    if let Some(link) = link.upgrade() {
+                        link.compare_and_swap(&None::<Arc<Link>>, Some(Arc::new(fresh)));
+                    }
+                }
+                Ok(Ok(_)) => tracing::debug!("the master failed over during its lookup"),
+                Ok(Err(err)) => tracing::debug!(error = %err, "no master found through Sentinel"),
+                Err(_) => tracing::debug!("no sentinel answered within {bound:?}"),
+            }
+        });
     }
 
     /// Has `sentinel`'s failovers drop the connection and restart the lock
@@ -198,11 +272,11 @@ impl RedisBackend {
     pub(crate) async fn prepare(&self) -> Result<()> {
         let mut conn = self.connection().await?;
         if self.is_cluster() {
-            // SCRIPT LOAD goes to every node; a pipeline would go to one.
+            // A pipeline would go to one node: one command per script,
+            // each to every master.
             for source in SOURCES {
                 let load = redis::cmd("SCRIPT").arg("LOAD").arg(source).clone();
-                let _: redis::Value = load
-                    .query_async(&mut conn)
+                conn.on_every_master(&load)
                     .await
                     .map_err(|e| self.failed(&e))?;
             }

@@ -23,9 +23,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::link::{slot, slot_tag, ClusterTarget, SentinelTarget};
+use super::link::{ClusterTarget, SentinelTarget};
 use crate::backend::Bytes;
 use crate::error::{Error, Result};
+use crate::key::{slot, slot_tag};
 
 /// Where notifications are heard.
 // One per cache: boxing the client would gain nothing.
@@ -73,6 +74,9 @@ pub(crate) struct Notifier {
     listening: watch::Sender<bool>,
     /// Tells the subscriber to connect afresh (the master changed).
     restart: Arc<Notify>,
+    /// Which cluster subscriber connection is the live one: an older
+    /// one's last messages (its disconnection) must not restart the new.
+    shard_generation: AtomicU64,
 }
 
 /// The waiters of one key in this process.
@@ -142,6 +146,7 @@ impl Notifier {
             running: Arc::new(AtomicBool::new(false)),
             listening: watch::Sender::new(false),
             restart: Arc::new(Notify::new()),
+            shard_generation: AtomicU64::new(0),
         })
     }
 
@@ -268,10 +273,14 @@ fn parse(message: &[u8]) -> Option<(&str, Landing)> {
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a subscription must have lasted for its end to be retried at
+/// once.
+const STEADY: Duration = Duration::from_secs(10);
 
 async fn subscribe_loop(notifier: Weak<Notifier>) {
     let mut backoff = FIRST_BACKOFF;
     loop {
+        let started = std::time::Instant::now();
         let (listened, outcome) = match notifier.upgrade() {
             // Upgraded only to start: the listener holds a weak reference.
             Some(n) => match &n.feed {
@@ -303,8 +312,10 @@ async fn subscribe_loop(notifier: Weak<Notifier>) {
         if let Some(n) = notifier.upgrade() {
             n.listening.send_replace(false);
         }
-        if listened {
-            // It worked until now: reconnect promptly.
+        if listened && started.elapsed() >= STEADY {
+            // It worked for a while: reconnect promptly. (Not after a
+            // short listen: a node that keeps dropping its connections
+            // must not get a new one every 50 ms.)
             backoff = FIRST_BACKOFF;
         }
         if let Err(err) = outcome {
@@ -371,15 +382,33 @@ async fn listen(
 /// [`listen`] on a cluster: subscribes to the shard channel of every slot
 /// wanted, then of each slot wanted later, until the connection fails or
 /// the cache is gone.
+///
+/// A node that drops its connection, or a slot that moves away from the
+/// node its channel was subscribed on (Redis then unsubscribes it, and
+/// redis-rs forgets it), ends the connection: the next one subscribes to
+/// every wanted channel again, at the slots' current owners.
 async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (bool, Result<()>) {
+    let generation = match notifier.upgrade() {
+        Some(n) => n.shard_generation.fetch_add(1, Ordering::AcqRel) + 1,
+        None => return (false, Ok(())),
+    };
     let heard = notifier.clone();
     let client = cluster.push_client(move |push: redis::PushInfo| {
-        if push.kind == redis::PushKind::SMessage {
-            if let (Some(n), Some(redis::Value::BulkString(payload))) =
-                (heard.upgrade(), push.data.get(1))
-            {
-                n.wake(payload);
+        let Some(n) = heard.upgrade() else {
+            return Ok(());
+        };
+        match push.kind {
+            redis::PushKind::SMessage => {
+                if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
+                    n.wake(payload);
+                }
             }
+            redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe
+                if n.shard_generation.load(Ordering::Acquire) == generation =>
+            {
+                n.restart();
+            }
+            _ => {}
         }
         Ok(())
     });
@@ -406,12 +435,14 @@ async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (
         None => return (false, Ok(())),
     };
     // Clears `requests` however this ends, so that a later subscriber
-    // starts from `wanted` again.
+    // starts from `wanted` again, and retires this connection's
+    // generation, so that its last messages restart nothing.
     struct Detach<'a>(&'a Weak<Notifier>);
     impl Drop for Detach<'_> {
         fn drop(&mut self) {
             if let Some(n) = self.0.upgrade() {
                 n.shards().requests = None;
+                n.shard_generation.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
@@ -423,12 +454,21 @@ async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (
             return (false, Err(err));
         }
     }
-    match notifier.upgrade() {
-        Some(n) => n.listening.send_replace(true),
+    let restart = match notifier.upgrade() {
+        Some(n) => {
+            n.listening.send_replace(true);
+            Arc::clone(&n.restart)
+        }
         None => return (true, Ok(())),
     };
     loop {
-        match tokio::time::timeout(Duration::from_secs(1), requested.recv()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(Duration::from_secs(1), requested.recv()) => next,
+            () = restart.notified() => {
+                return (true, Err(Error::Redis("a node dropped its connection or a slot moved".into())));
+            }
+        };
+        match next {
             Ok(Some(channel)) => {
                 if let Err(err) = timed_ssubscribe(&mut conn, &channel).await {
                     return (true, Err(err));
