@@ -1,6 +1,8 @@
 //! Redis Cluster benchmark: the hit path of `#[redis_cached]` on one server
-//! against the same on a local 3-master cluster (3 replicas), interleaved
-//! in rounds in one run, sequential latency and 64-task throughput; then the
+//! against the same on a local 3-master cluster (3 replicas), and against a
+//! hand-written `GET` + decode through redis-rs's cluster connection,
+//! interleaved in rounds in one run, sequential latency and 64-task
+//! throughput; then the
 //! client commands one hit and one locked miss send to the cluster, counted
 //! by `MONITOR` on every master.
 //!
@@ -18,6 +20,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
+use redis::cluster_async::ClusterConnection;
 use redis_cached::{redis_cached, Cache};
 use serde::{Deserialize, Serialize};
 use support::cluster::{cli, RedisCluster};
@@ -56,11 +59,41 @@ const SEQ_OPS: usize = 2_000;
 const TASKS: usize = 64;
 const TASK_OPS: usize = 400;
 const CONC_ROUNDS: usize = 10;
-const SIDES: [&str; 2] = ["one server", "3-master cluster"];
+const SIDES: [&str; 3] = [
+    "cache, one server",
+    "cache, 3-master cluster",
+    "hand-written GET, cluster",
+];
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// What one call of a side does: a cached call on one of the caches, or
+/// the hand-written read of the same entry through redis-rs's own cluster
+/// connection (`GET`, strip the entry's 4-byte header, `from_slice`).
+#[derive(Clone)]
+struct Sides {
+    repos: [Arc<Repo>; 2],
+    raw: ClusterConnection,
+}
+
+impl Sides {
+    async fn call(&self, side: usize, id: u64) {
+        if side < 2 {
+            black_box(self.repos[side].get_user(id).await.expect("hit"));
+            return;
+        }
+        let mut conn = self.raw.clone();
+        let bytes: Vec<u8> = redis::cmd("GET")
+            .arg(format!("user:{id}"))
+            .query_async(&mut conn)
+            .await
+            .expect("a stored entry");
+        let user: User = serde_json::from_slice(&bytes[4..]).expect("the cached JSON");
+        black_box(user);
+    }
 }
 
 fn main() {
@@ -88,9 +121,15 @@ fn main() {
                 repo.get_user(id).await.expect("filled");
             }
         }
-        hit_path(&repos).await;
-        round_trips(&cluster, &repos[1]).await;
-        let stats = repos[1].cache.stats();
+        let raw = redis::cluster::ClusterClient::new(urls.clone())
+            .expect("valid URLs")
+            .get_async_connection()
+            .await
+            .expect("connect");
+        let sides = Sides { repos, raw };
+        hit_path(&sides).await;
+        round_trips(&cluster, &sides.repos[1]).await;
+        let stats = sides.repos[1].cache.stats();
         println!(
             "cluster cache stats: {} hits, {} misses, {} errors, {} timeouts; CROSSSLOT errors on the nodes: {}",
             stats.hits,
@@ -102,47 +141,56 @@ fn main() {
     });
 }
 
-async fn hit_path(repos: &[Arc<Repo>; 2]) {
-    let mut p50s: [Vec<f64>; 2] = Default::default();
-    let mut ratios = Vec::new();
+/// Prints each side's figure, then the ratios of side 1 to sides 0 and 2.
+fn report(unit: &str, figures: &mut [Vec<f64>; 3], ratios: &mut [Vec<f64>; 2], what: &str) {
+    for (side, name) in SIDES.iter().enumerate() {
+        println!("  {name:<26} {:>10.1} {unit}", median(&mut figures[side]));
+    }
+    println!(
+        "  cache on the cluster / cache on one server: {what} ratio {:.3}x",
+        median(&mut ratios[0])
+    );
+    println!(
+        "  cache on the cluster / hand-written GET on the cluster: {what} ratio {:.3}x",
+        median(&mut ratios[1])
+    );
+}
+
+async fn hit_path(sides: &Sides) {
+    let mut p50s: [Vec<f64>; 3] = Default::default();
+    let mut ratios: [Vec<f64>; 2] = Default::default();
     for round in 0..SEQ_ROUNDS {
-        let mut p50 = [0.0; 2];
-        for k in 0..2 {
-            let side = (round + k) % 2;
+        let mut p50 = [0.0; 3];
+        for k in 0..3 {
+            let side = (round + k) % 3;
             let mut samples = Vec::with_capacity(SEQ_OPS);
             for i in 0..SEQ_OPS {
                 let start = Instant::now();
-                black_box(repos[side].get_user(i as u64 % KEYS).await.expect("hit"));
-                samples.push(start.elapsed().as_secs_f64());
+                sides.call(side, i as u64 % KEYS).await;
+                samples.push(start.elapsed().as_secs_f64() * 1e6);
             }
             p50[side] = median(&mut samples);
             p50s[side].push(p50[side]);
         }
-        ratios.push(p50[1] / p50[0]);
+        ratios[0].push(p50[1] / p50[0]);
+        ratios[1].push(p50[1] / p50[2]);
     }
-    println!("Hit, sequential ({SEQ_ROUNDS} rounds x {SEQ_OPS} calls per side)");
-    for (side, name) in SIDES.iter().enumerate() {
-        println!("  {name:<18} p50 {:>7.1} us", median(&mut p50s[side]) * 1e6);
-    }
-    println!(
-        "  cluster / one server latency ratio {:.3}x (median of per-round p50 ratios)",
-        median(&mut ratios)
-    );
+    println!("Hit, sequential ({SEQ_ROUNDS} rounds x {SEQ_OPS} calls per side; medians of per-round p50s and ratios)");
+    report("us (p50)", &mut p50s, &mut ratios, "latency");
 
-    let mut rates: [Vec<f64>; 2] = Default::default();
-    let mut ratios = Vec::new();
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut ratios: [Vec<f64>; 2] = Default::default();
     for round in 0..CONC_ROUNDS {
-        let mut rate = [0.0; 2];
-        for k in 0..2 {
-            let side = (round + k) % 2;
+        let mut rate = [0.0; 3];
+        for k in 0..3 {
+            let side = (round + k) % 3;
             let start = Instant::now();
             let tasks: Vec<_> = (0..TASKS)
                 .map(|t| {
-                    let repo = repos[side].clone();
+                    let sides = sides.clone();
                     tokio::spawn(async move {
                         for i in 0..TASK_OPS {
-                            let id = (t * TASK_OPS + i) as u64 % KEYS;
-                            black_box(repo.get_user(id).await.expect("hit"));
+                            sides.call(side, (t * TASK_OPS + i) as u64 % KEYS).await;
                         }
                     })
                 })
@@ -153,19 +201,11 @@ async fn hit_path(repos: &[Arc<Repo>; 2]) {
             rate[side] = (TASKS * TASK_OPS) as f64 / start.elapsed().as_secs_f64();
             rates[side].push(rate[side]);
         }
-        ratios.push(rate[1] / rate[0]);
+        ratios[0].push(rate[1] / rate[0]);
+        ratios[1].push(rate[1] / rate[2]);
     }
-    println!("Hit, {TASKS} concurrent tasks ({CONC_ROUNDS} rounds)");
-    for (side, name) in SIDES.iter().enumerate() {
-        println!(
-            "  {name:<18} {:>9.0} ops/s (median)",
-            median(&mut rates[side])
-        );
-    }
-    println!(
-        "  cluster / one server throughput ratio {:.3}x (median of per-round ratios)",
-        median(&mut ratios)
-    );
+    println!("Hit, {TASKS} concurrent tasks ({CONC_ROUNDS} rounds; medians)");
+    report("ops/s", &mut rates, &mut ratios, "throughput");
 }
 
 /// Counts the client commands (not those run inside scripts) that one hit
