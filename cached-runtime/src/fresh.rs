@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aside::{marked, miss_path, rebuild, Fill};
+use crate::aside::{marked, miss, rebuild, Fill};
 use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
@@ -101,7 +101,10 @@ where
                     Ok(result) => {
                         Counters::bump(&inner.counters.hits);
                         if let (Some(due), Some(raw)) = (due, raw) {
-                            inner.start_refresh::<S, R, Fut>(due, &key, tags, policy, raw, body);
+                            // Boxed: the refresh is compiled once per
+                            // result type, not once per function.
+                            let body: Body<R> = Box::pin(body);
+                            inner.start_refresh::<S, R>(due, &key, tags, policy, raw, body);
                         }
                         return result;
                     }
@@ -113,34 +116,31 @@ where
         Err(seen) => seen,
     };
     Counters::bump(&inner.counters.misses);
-    miss_path!(
-        S,
-        R,
-        Fill::after_miss(inner, key, tags, &policy, seen),
-        body
-    )
+    miss::<S, R, Fut>(Fill::after_miss(inner, key, tags, &policy, seen), body).await
 }
+
+/// The body of a function, boxed for a background refresh.
+type Body<R> = Pin<Box<dyn Future<Output = R> + Send>>;
 
 impl Inner {
     /// Starts the refresh a hit is `due`, counting why.
-    fn start_refresh<S, R, Fut>(
+    fn start_refresh<S, R>(
         self: &Arc<Self>,
         due: Due,
         key: &str,
         tags: &[String],
         policy: Policy,
         raw: Bytes,
-        body: Fut,
+        body: Body<R>,
     ) where
         S: Shape<R> + 'static,
         R: 'static,
-        Fut: Future<Output = R> + Send + 'static,
     {
         let counters = &self.counters;
         if due == Due::Stale {
             Counters::bump(&counters.stale_serves);
         }
-        if self.spawn_refresh::<S, R, Fut>(key, tags, policy, raw, body) && due == Due::Early {
+        if self.spawn_refresh::<S, R>(key, tags, policy, raw, body) && due == Due::Early {
             Counters::bump(&counters.early_refreshes);
         }
     }
@@ -149,18 +149,17 @@ impl Inner {
     /// returns whether it started. The refresh holds a claim on the key
     /// that its end releases, however it ends, and it is abandoned after
     /// its time bound.
-    fn spawn_refresh<S, R, Fut>(
+    fn spawn_refresh<S, R>(
         self: &Arc<Self>,
         key: &str,
         tags: &[String],
         policy: Policy,
         seen: Bytes,
-        body: Fut,
+        body: Body<R>,
     ) -> bool
     where
         S: Shape<R> + 'static,
         R: 'static,
-        Fut: Future<Output = R> + Send + 'static,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return false;
@@ -173,7 +172,7 @@ impl Inner {
         let bound = refresh_bound(&policy, self.settings.default_ttl);
         let task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             let _claim = claim;
-            let refresh = inner.refresh::<S, R, Fut>(key, &tags, &policy, seen, body);
+            let refresh = inner.refresh::<S, R>(key, &tags, &policy, seen, body);
             if tokio::time::timeout(bound, refresh).await.is_err() {
                 Counters::bump(&inner.counters.refresh_failures);
                 tracing::warn!(
@@ -188,16 +187,15 @@ impl Inner {
     }
 
     /// Recomputes `key` in the background; `seen` is the entry it replaces.
-    async fn refresh<S, R, Fut>(
+    async fn refresh<S, R>(
         &self,
         key: String,
         tags: &[String],
         policy: &Policy,
         seen: Bytes,
-        body: Fut,
+        body: Body<R>,
     ) where
         S: Shape<R>,
-        Fut: Future<Output = R>,
     {
         let mut fill = Fill::for_refresh(self, key, tags, policy, Seen::Bytes(seen));
         // With `lock = true`: refreshed by someone else, being refreshed,
