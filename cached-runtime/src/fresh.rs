@@ -72,57 +72,72 @@ fn refresh_bound(policy: &Policy, default_ttl: Duration) -> Duration {
 /// `aside::cached`, and a hit that is due starts a refresh. The key is
 /// always read first (also with `lock = true`): a stale hit is served at
 /// once.
-pub(crate) async fn cached_refreshing<S, R, Fut>(
-    inner: Option<&Arc<Inner>>,
+///
+/// A block, for the reasons `aside::cached` is one.
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+pub(crate) fn cached_refreshing<'a, S, R, Fut>(
+    inner: Option<&'a Arc<Inner>>,
     unset: fn(),
     key: String,
-    tags: &[String],
+    tags: &'a [String],
     policy: Policy,
     body: Fut,
-) -> R
+) -> impl Future<Output = R> + 'a
 where
     S: Shape<R> + 'static,
     R: 'static,
     Fut: Future<Output = R> + Send + 'static,
 {
-    let Some(inner) = inner else {
-        unset();
-        return body.await;
-    };
-    let key = inner.full_key(key);
-    let seen = match inner.read(&key).await {
-        // No `.await` inside this match: it holds a result.
-        Ok(bytes) => match inner.decode::<S::Value>(bytes) {
-            Lookup::Hit(hit) => {
-                let due = refresh_due(hit.timing, &policy, now_unix_ms(), unit_interval);
-                // Copied only for a refresh's compare-and-set.
-                let raw = due.as_ref().map(|_| hit.raw.clone());
-                match rebuild::<S, R>(hit) {
-                    Ok(result) => {
-                        Counters::bump(&inner.counters.hits);
-                        if let (Some(due), Some(raw)) = (due, raw) {
-                            // Boxed: the refresh is compiled once per
-                            // result type, not once per function.
-                            let body: Body<R> = Box::pin(body);
-                            inner.start_refresh::<S, R>(due, &key, tags, policy, raw, body);
-                        }
-                        return result;
+    async move {
+        let Some(inner) = inner else {
+            unset();
+            return body.await;
+        };
+        let key = inner.full_key(key);
+        let seen = match inner.read(&key).await {
+            // No `.await` inside this match: it holds a result.
+            Ok(bytes) => match inner.decode_fresh::<S, R>(bytes, &policy) {
+                Ok((result, due)) => {
+                    if let Some((due, raw)) = due {
+                        // Boxed: the refresh is compiled once per result
+                        // type, not once per function.
+                        inner.start_refresh::<S, R>(due, &key, tags, policy, raw, Box::pin(body));
                     }
-                    Err(seen) => seen,
+                    return result;
                 }
-            }
-            Lookup::Miss(seen) => seen,
-        },
-        Err(seen) => seen,
-    };
-    Counters::bump(&inner.counters.misses);
-    miss::<S, R, Fut>(Fill::after_miss(inner, key, tags, &policy, seen), body).await
+                Err(seen) => seen,
+            },
+            Err(seen) => seen,
+        };
+        Counters::bump(&inner.counters.misses);
+        miss::<S, R, Fut>(Fill::after_miss(inner, key, tags, &policy, seen), body).await
+    }
 }
 
 /// The body of a function, boxed for a background refresh.
 type Body<R> = Pin<Box<dyn Future<Output = R> + Send>>;
 
 impl Inner {
+    /// Decodes an entry of a `stale` or `early` function as a result (a
+    /// hit, counted), with the refresh it is due and the entry as stored,
+    /// for the refresh's compare-and-set; or says what the key held.
+    fn decode_fresh<S: Shape<R>, R>(
+        &self,
+        bytes: Bytes,
+        policy: &Policy,
+    ) -> Result<(R, Option<(Due, Bytes)>), Seen> {
+        let hit = match self.decode::<S::Value>(bytes) {
+            Lookup::Hit(hit) => hit,
+            Lookup::Miss(seen) => return Err(seen),
+        };
+        let due = refresh_due(hit.timing, policy, now_unix_ms(), unit_interval);
+        // Copied only for a refresh.
+        let due = due.map(|due| (due, hit.raw.clone()));
+        let result = rebuild::<S, R>(hit)?;
+        Counters::bump(&self.counters.hits);
+        Ok((result, due))
+    }
+
     /// Starts the refresh a hit is `due`, counting why.
     fn start_refresh<S, R>(
         self: &Arc<Self>,
