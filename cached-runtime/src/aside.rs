@@ -9,14 +9,12 @@
 //! older result is not stored, nor handed to this process's followers.
 //!
 //! The algorithm is a [`Fill`]: a state machine on bytes, compiled once,
-//! and so is the [`Miss`] that drives it. What is compiled per function is
-//! the hit path (one read, one decode) and a closure that hands the miss
-//! its body: everything a user's crate compiles per cached function costs
-//! its build time, in release builds above all. The work that depends on
-//! the result's type (decode, encode) is compiled once per result type
-//! ([`Compute`]). No result is held across an `.await` (only its stored
-//! part), so a cached function's future is `Send` whenever its body's is,
-//! whatever its error type.
+//! and so is the [`Miss`] that drives it for a call (`call` has the rest of
+//! a call, the hit path). The work that depends on the result's type
+//! (decode, run the body, encode) is handed to the call's own code, a
+//! [`Compute`], at each poll. No result is held from one poll to the next
+//! (only its stored part), so a cached function's future is `Send`
+//! whenever its body's is, whatever its error type.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -82,7 +80,7 @@ pub(crate) fn marked<F: Future>(key: &str, body: F) -> impl Future<Output = F::O
 pub(crate) enum Step {
     /// An entry: decode it, then [`Fill::accept`] or [`Fill::reject`] it.
     Found(Bytes),
-    /// Run the body ([`Fill::run`]), then [`Fill::finish`] or [`Fill::fail`].
+    /// Run the body, then [`Fill::finish`] or [`Fill::fail`].
     Compute,
     /// Run the body and share nothing: the leader failed, its value does not
     /// decode as this type, or this task is the leader (a re-entrant call).
@@ -122,7 +120,7 @@ pub(crate) struct Fill<'a> {
     inner: &'a Inner,
     key: String,
     tags: &'a [String],
-    policy: &'a Policy,
+    policy: Policy,
     state: State,
     /// What the key held when read, for the compare-and-set.
     seen: Seen,
@@ -139,12 +137,7 @@ impl<'a> Fill<'a> {
     /// A fill for a `lock = true` call, which joins this process's
     /// computation before anyone reads the key (a crowd at a cold key then
     /// sends one read and one lock attempt per process).
-    pub(crate) fn new(
-        inner: &'a Inner,
-        key: String,
-        tags: &'a [String],
-        policy: &'a Policy,
-    ) -> Self {
+    pub(crate) fn new(inner: &'a Inner, key: String, tags: &'a [String], policy: Policy) -> Self {
         Fill::starting(inner, key, tags, policy, Seen::Unknown, State::Join(false))
     }
 
@@ -153,7 +146,7 @@ impl<'a> Fill<'a> {
         inner: &'a Inner,
         key: String,
         tags: &'a [String],
-        policy: &'a Policy,
+        policy: Policy,
         seen: Seen,
     ) -> Self {
         Fill::starting(inner, key, tags, policy, seen, State::Join(false))
@@ -164,7 +157,7 @@ impl<'a> Fill<'a> {
         inner: &'a Inner,
         key: String,
         tags: &'a [String],
-        policy: &'a Policy,
+        policy: Policy,
         seen: Seen,
     ) -> Self {
         Fill::starting(inner, key, tags, policy, seen, State::Computing)
@@ -174,7 +167,7 @@ impl<'a> Fill<'a> {
         inner: &'a Inner,
         key: String,
         tags: &'a [String],
-        policy: &'a Policy,
+        policy: Policy,
         seen: Seen,
         state: State,
     ) -> Self {
@@ -209,7 +202,7 @@ impl<'a> Fill<'a> {
 
     /// Whether this call takes the cross-process lock on a miss.
     fn locked(&self) -> bool {
-        !Fill::reads_first(self.inner, self.policy)
+        !Fill::reads_first(self.inner, &self.policy)
     }
 
     /// Advances to the next thing the function's code must do.
@@ -417,7 +410,7 @@ impl<'a> Fill<'a> {
             .started
             .map(|started| started.elapsed())
             .unwrap_or_default();
-        self.inner.encode_result::<S, R>(result, self.policy, took)
+        self.inner.encode_result::<S, R>(result, &self.policy, took)
     }
 
     /// Stores the computed entry (by compare-and-set, or through the
@@ -601,103 +594,6 @@ pub(crate) fn unkeep<S: Shape<R>, R>(kept: Kept<S::Value, R>) -> R {
     }
 }
 
-/// The cache-aside algorithm for one call of a cached function: the
-/// generic layer around a [`Miss`]. With no cache (`None`), `unset` is
-/// called and the body runs uncached.
-///
-/// One `async move` block, and with [`miss`] the only code compiled per
-/// function (besides the body itself): the hit path inline, the miss path
-/// handed to the [`Miss`] compiled once. (A block rather than an `async
-/// fn`, which would keep its arguments, the caller's whole unstarted body
-/// among them, twice in its state.)
-#[allow(clippy::manual_async_fn)] // deliberate: see above
-pub(crate) fn cached<'a, S, R, Fut>(
-    inner: Option<&'a Inner>,
-    unset: fn(),
-    key: String,
-    tags: &'a [String],
-    policy: Policy,
-    body: Fut,
-) -> impl Future<Output = R> + 'a
-where
-    S: Shape<R> + 'a,
-    R: 'a,
-    Fut: Future<Output = R> + 'a,
-{
-    async move {
-        let Some(inner) = inner else {
-            unset();
-            return body.await;
-        };
-        let key = inner.full_key(key);
-        // The hit path, inline and small: one read, one decode. (With
-        // `lock = true` callers join this process's computation first.)
-        let fill = if Fill::reads_first(inner, &policy) {
-            let seen = match inner.read(&key).await {
-                // No `.await` inside this match: it holds a result.
-                Ok(bytes) => match inner.decode_result::<S, R>(bytes) {
-                    Ok(result) => {
-                        Counters::bump(&inner.counters.hits);
-                        return result;
-                    }
-                    Err(seen) => seen,
-                },
-                Err(seen) => seen,
-            };
-            Counters::bump(&inner.counters.misses);
-            Fill::after_miss(inner, key, tags, &policy, seen)
-        } else {
-            Fill::new(inner, key, tags, &policy)
-        };
-        miss::<S, R, Fut>(fill, body).await
-    }
-}
-
-/// The miss path of a cached call (plain, or `stale`/`early`): a [`Miss`]
-/// driven with the call's body. All that is compiled per function is this
-/// closure; the body and the [`Miss`] are boxed, so only a miss allocates
-/// their space, while every call (a hit above all) would otherwise carry
-/// it.
-///
-/// Only the stored part of a result is held from one poll to the next:
-/// the future is `Send` whenever the body is, whatever its error type.
-pub(crate) fn miss<'a, S, R, Fut>(fill: Fill<'a>, body: Fut) -> impl Future<Output = R> + 'a
-where
-    S: Shape<R> + 'a,
-    R: 'a,
-    Fut: Future<Output = R> + 'a,
-{
-    let mut miss = Miss::new(fill);
-    let mut body = Box::pin(body);
-    let mut kept = None;
-    std::future::poll_fn(move |cx| {
-        let body: Pin<&mut dyn Future<Output = R>> = body.as_mut();
-        poll_miss::<S, R>(&mut miss, cx, body, &mut kept)
-    })
-}
-
-/// One poll of a miss: the [`Call`] lives for this poll only, so that the
-/// result it may hold is never kept across polls.
-fn poll_miss<S: Shape<R>, R>(
-    miss: &mut Miss<'_>,
-    cx: &mut Context<'_>,
-    body: Pin<&mut dyn Future<Output = R>>,
-    kept: &mut Option<Kept<S::Value, R>>,
-) -> Poll<R> {
-    let mut result = None;
-    let mut call = Call::<S, R> {
-        body,
-        result: &mut result,
-        kept,
-    };
-    ready!(miss.poll(cx, &mut call));
-    match (result, kept.take()) {
-        (Some(result), _) => Poll::Ready(result),
-        (None, Some(kept)) => Poll::Ready(unkeep::<S, R>(kept)),
-        (None, None) => unreachable!("a miss ends with a result"),
-    }
-}
-
 /// What the miss path asks of a call's own code: to decode an entry as
 /// its result, to run its body, to encode the result.
 pub(crate) trait Compute {
@@ -712,45 +608,6 @@ pub(crate) trait Compute {
     fn encode(&mut self, fill: &Fill<'_>) -> Option<Encoded>;
 }
 
-/// A call's own code for one poll of its miss: compiled once per result
-/// type, the body behind a `dyn`.
-struct Call<'p, S: Shape<R>, R> {
-    body: Pin<&'p mut dyn Future<Output = R>>,
-    /// The call's result, once there is one: the miss ends on that poll.
-    result: &'p mut Option<R>,
-    /// The stored part of the result, while it is being stored.
-    kept: &'p mut Option<Kept<S::Value, R>>,
-}
-
-impl<S: Shape<R>, R> Compute for Call<'_, S, R> {
-    fn decode(&mut self, inner: &Inner, bytes: Bytes) -> Result<(), Seen> {
-        *self.result = Some(inner.decode_result::<S, R>(bytes)?);
-        Ok(())
-    }
-
-    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        *self.result = Some(ready!(self.body.as_mut().poll(cx)));
-        Poll::Ready(())
-    }
-
-    fn encode(&mut self, fill: &Fill<'_>) -> Option<Encoded> {
-        let result = self.result.take()?;
-        let Some(encoded) = fill.encode::<S, R>(&result) else {
-            *self.result = Some(result);
-            return None;
-        };
-        match keep::<S, R>(result) {
-            Ok(kept) => {
-                *self.kept = Some(kept);
-                Some(encoded)
-            }
-            Err(result) => {
-                *self.result = Some(result);
-                None
-            }
-        }
-    }
-}
 impl Inner {
     /// Decodes an entry as a result of shape `S`, or says what it is.
     pub(crate) fn decode_result<S: Shape<R>, R>(&self, bytes: Bytes) -> Result<R, Seen> {

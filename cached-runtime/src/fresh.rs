@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aside::{marked, miss, rebuild, Fill};
+use crate::aside::{marked, rebuild, Fill};
 use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
@@ -36,7 +36,7 @@ const MIN_REFRESH_BOUND: Duration = Duration::from_secs(1);
 
 /// Why a hit starts a refresh.
 #[derive(Debug, PartialEq)]
-enum Due {
+pub(crate) enum Due {
     Stale,
     Early,
 }
@@ -68,60 +68,14 @@ fn refresh_bound(policy: &Policy, default_ttl: Duration) -> Duration {
         .max(MIN_REFRESH_BOUND)
 }
 
-/// Cache-aside with background refresh, for `stale` and `early`: as
-/// `aside::cached`, and a hit that is due starts a refresh. The key is
-/// always read first (also with `lock = true`): a stale hit is served at
-/// once.
-///
-/// A block, for the reasons `aside::cached` is one.
-#[allow(clippy::manual_async_fn)] // deliberate: see above
-pub(crate) fn cached_refreshing<'a, S, R, Fut>(
-    inner: Option<&'a Arc<Inner>>,
-    unset: fn(),
-    key: String,
-    tags: &'a [String],
-    policy: Policy,
-    body: Fut,
-) -> impl Future<Output = R> + 'a
-where
-    S: Shape<R> + 'static,
-    R: 'static,
-    Fut: Future<Output = R> + Send + 'static,
-{
-    async move {
-        let Some(inner) = inner else {
-            unset();
-            return body.await;
-        };
-        let key = inner.full_key(key);
-        let seen = match inner.read(&key).await {
-            // No `.await` inside this match: it holds a result.
-            Ok(bytes) => match inner.decode_fresh::<S, R>(bytes, &policy) {
-                Ok((result, due)) => {
-                    if let Some((due, raw)) = due {
-                        // Boxed: the refresh is compiled once per result
-                        // type, not once per function.
-                        inner.start_refresh::<S, R>(due, &key, tags, policy, raw, Box::pin(body));
-                    }
-                    return result;
-                }
-                Err(seen) => seen,
-            },
-            Err(seen) => seen,
-        };
-        Counters::bump(&inner.counters.misses);
-        miss::<S, R, Fut>(Fill::after_miss(inner, key, tags, &policy, seen), body).await
-    }
-}
-
-/// The body of a function, boxed for a background refresh.
-type Body<R> = Pin<Box<dyn Future<Output = R> + Send>>;
+/// The body of a function, boxed to run as a background refresh.
+pub(crate) type Detached<R> = Pin<Box<dyn Future<Output = R> + Send>>;
 
 impl Inner {
-    /// Decodes an entry of a `stale` or `early` function as a result (a
-    /// hit, counted), with the refresh it is due and the entry as stored,
-    /// for the refresh's compare-and-set; or says what the key held.
-    fn decode_fresh<S: Shape<R>, R>(
+    /// Decodes an entry as a result (a hit, counted), with the refresh it
+    /// is due (for `stale` or `early`) and the entry as stored, for the
+    /// refresh's compare-and-set; or says what the key held.
+    pub(crate) fn decode_hit<S: Shape<R>, R>(
         &self,
         bytes: Bytes,
         policy: &Policy,
@@ -130,23 +84,27 @@ impl Inner {
             Lookup::Hit(hit) => hit,
             Lookup::Miss(seen) => return Err(seen),
         };
-        let due = refresh_due(hit.timing, policy, now_unix_ms(), unit_interval);
-        // Copied only for a refresh.
-        let due = due.map(|due| (due, hit.raw.clone()));
+        // Only an entry of a `stale` or `early` function is timed: no clock
+        // read for others.
+        let due = hit
+            .timing
+            .and_then(|timing| refresh_due(Some(timing), policy, now_unix_ms(), unit_interval))
+            // Copied only for a refresh.
+            .map(|due| (due, hit.raw.clone()));
         let result = rebuild::<S, R>(hit)?;
         Counters::bump(&self.counters.hits);
         Ok((result, due))
     }
 
     /// Starts the refresh a hit is `due`, counting why.
-    fn start_refresh<S, R>(
+    pub(crate) fn start_refresh<S, R>(
         self: &Arc<Self>,
         due: Due,
         key: &str,
         tags: &[String],
         policy: Policy,
         raw: Bytes,
-        body: Body<R>,
+        body: Detached<R>,
     ) where
         S: Shape<R> + 'static,
         R: 'static,
@@ -170,7 +128,7 @@ impl Inner {
         tags: &[String],
         policy: Policy,
         seen: Bytes,
-        body: Body<R>,
+        body: Detached<R>,
     ) -> bool
     where
         S: Shape<R> + 'static,
@@ -208,11 +166,11 @@ impl Inner {
         tags: &[String],
         policy: &Policy,
         seen: Bytes,
-        body: Body<R>,
+        body: Detached<R>,
     ) where
         S: Shape<R>,
     {
-        let mut fill = Fill::for_refresh(self, key, tags, policy, Seen::Bytes(seen));
+        let mut fill = Fill::for_refresh(self, key, tags, *policy, Seen::Bytes(seen));
         // With `lock = true`: refreshed by someone else, being refreshed,
         // or Redis failing: nothing to do.
         if !fill.lock_once().await {
