@@ -8,15 +8,18 @@
 //! write-through (which leaves a new value) finds the key changed, and its
 //! older result is not stored, nor handed to this process's followers.
 //!
-//! The algorithm is a [`Fill`]: a state machine on bytes, compiled once.
-//! The per-function (generic) code around it is a short loop: ask the fill
-//! for its next step, decode what it found or run the body, encode the
-//! result and hand it back. No result is held across an `.await` (only its
-//! stored part), so a cached function's future is `Send` whenever its
-//! body's is, whatever its error type.
+//! The algorithm is a [`Fill`]: a state machine on bytes, compiled once,
+//! and so is the [`Miss`] that drives it for a call (`call` has the rest of
+//! a call, the hit path). The work that depends on the result's type
+//! (decode, run the body, encode) is handed to the call's own code, a
+//! [`Compute`], at each poll. No result is held from one poll to the next
+//! (only its stored part), so a cached function's future is `Send`
+//! whenever its body's is, whatever its error type.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Bytes, Seen};
@@ -57,21 +60,27 @@ fn reentrant(key: &str) -> bool {
         .unwrap_or(false)
 }
 
+impl Computing {
+    /// The keys the current task computes, `key` innermost.
+    fn enter(key: &str) -> Self {
+        let outer = COMPUTING.try_with(Computing::clone).ok();
+        Computing(Arc::new(Frame {
+            key: key.to_owned(),
+            outer,
+        }))
+    }
+}
+
 /// Runs `body` marked as computing `key`.
 pub(crate) fn marked<F: Future>(key: &str, body: F) -> impl Future<Output = F::Output> {
-    let outer = COMPUTING.try_with(Computing::clone).ok();
-    let frame = Computing(Arc::new(Frame {
-        key: key.to_owned(),
-        outer,
-    }));
-    COMPUTING.scope(frame, body)
+    COMPUTING.scope(Computing::enter(key), body)
 }
 
 /// What a [`Fill`] needs from the function's code next.
 pub(crate) enum Step {
     /// An entry: decode it, then [`Fill::accept`] or [`Fill::reject`] it.
     Found(Bytes),
-    /// Run the body ([`Fill::run`]), then [`Fill::finish`] or [`Fill::fail`].
+    /// Run the body, then [`Fill::finish`] or [`Fill::fail`].
     Compute,
     /// Run the body and share nothing: the leader failed, its value does not
     /// decode as this type, or this task is the leader (a re-entrant call).
@@ -111,7 +120,7 @@ pub(crate) struct Fill<'a> {
     inner: &'a Inner,
     key: String,
     tags: &'a [String],
-    policy: &'a Policy,
+    policy: Policy,
     state: State,
     /// What the key held when read, for the compare-and-set.
     seen: Seen,
@@ -128,12 +137,7 @@ impl<'a> Fill<'a> {
     /// A fill for a `lock = true` call, which joins this process's
     /// computation before anyone reads the key (a crowd at a cold key then
     /// sends one read and one lock attempt per process).
-    pub(crate) fn new(
-        inner: &'a Inner,
-        key: String,
-        tags: &'a [String],
-        policy: &'a Policy,
-    ) -> Self {
+    pub(crate) fn new(inner: &'a Inner, key: String, tags: &'a [String], policy: Policy) -> Self {
         Fill::starting(inner, key, tags, policy, Seen::Unknown, State::Join(false))
     }
 
@@ -142,7 +146,7 @@ impl<'a> Fill<'a> {
         inner: &'a Inner,
         key: String,
         tags: &'a [String],
-        policy: &'a Policy,
+        policy: Policy,
         seen: Seen,
     ) -> Self {
         Fill::starting(inner, key, tags, policy, seen, State::Join(false))
@@ -153,7 +157,7 @@ impl<'a> Fill<'a> {
         inner: &'a Inner,
         key: String,
         tags: &'a [String],
-        policy: &'a Policy,
+        policy: Policy,
         seen: Seen,
     ) -> Self {
         Fill::starting(inner, key, tags, policy, seen, State::Computing)
@@ -163,7 +167,7 @@ impl<'a> Fill<'a> {
         inner: &'a Inner,
         key: String,
         tags: &'a [String],
-        policy: &'a Policy,
+        policy: Policy,
         seen: Seen,
         state: State,
     ) -> Self {
@@ -198,7 +202,7 @@ impl<'a> Fill<'a> {
 
     /// Whether this call takes the cross-process lock on a miss.
     fn locked(&self) -> bool {
-        !Fill::reads_first(self.inner, self.policy)
+        !Fill::reads_first(self.inner, &self.policy)
     }
 
     /// Advances to the next thing the function's code must do.
@@ -406,7 +410,7 @@ impl<'a> Fill<'a> {
             .started
             .map(|started| started.elapsed())
             .unwrap_or_default();
-        self.inner.encode_result::<S, R>(result, self.policy, took)
+        self.inner.encode_result::<S, R>(result, &self.policy, took)
     }
 
     /// Stores the computed entry (by compare-and-set, or through the
@@ -442,6 +446,126 @@ impl<'a> Fill<'a> {
     }
 }
 
+/// A boxed future of the miss path, which works on bytes alone.
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The miss path of one call, compiled once: lead or follow the
+/// computation of the key, compute, store, share. A [`Fill`] driven by
+/// hand, since it hands the work that depends on the result's type to the
+/// call's own code (a [`Compute`], given at each poll). The fill moves
+/// from one boxed step to the next: only a miss allocates them.
+pub(crate) struct Miss<'a> {
+    stage: Stage<'a>,
+}
+
+enum Stage<'a> {
+    /// Waiting for the fill's next step.
+    Next(Boxed<'a, (Box<Fill<'a>>, Step)>),
+    /// Running the body, marked as computing the key; when `alone`, its
+    /// result is neither stored nor shared.
+    Body {
+        fill: Box<Fill<'a>>,
+        computing: Computing,
+        alone: bool,
+    },
+    /// Storing the result, and sharing it.
+    Finish(Boxed<'a, ()>),
+    Done,
+}
+
+impl<'a> Miss<'a> {
+    pub(crate) fn new(fill: Fill<'a>) -> Self {
+        Miss {
+            stage: Stage::next(Box::new(fill)),
+        }
+    }
+
+    /// Advances the miss; `Ready` once the call has its result (in
+    /// `call`).
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, call: &mut dyn Compute) -> Poll<()> {
+        loop {
+            let stage = match &mut self.stage {
+                Stage::Next(next) => {
+                    let (fill, step) = ready!(next.as_mut().poll(cx));
+                    match Stage::after(fill, step, call) {
+                        Some(stage) => stage,
+                        None => break,
+                    }
+                }
+                Stage::Body {
+                    fill,
+                    computing,
+                    alone,
+                } => {
+                    ready!(COMPUTING.sync_scope(computing.clone(), || call.poll_body(cx)));
+                    if *alone {
+                        break;
+                    }
+                    let Some(encoded) = call.encode(fill) else {
+                        fill.fail();
+                        break;
+                    };
+                    let Stage::Body { mut fill, .. } =
+                        std::mem::replace(&mut self.stage, Stage::Done)
+                    else {
+                        unreachable!()
+                    };
+                    Stage::Finish(Box::pin(async move {
+                        fill.finish(encoded).await;
+                    }))
+                }
+                Stage::Finish(store) => {
+                    ready!(store.as_mut().poll(cx));
+                    break;
+                }
+                Stage::Done => panic!("a miss polled after it ended"),
+            };
+            self.stage = stage;
+        }
+        // Drops the fill now: its leader's followers, if it ended
+        // without sharing, join again.
+        self.stage = Stage::Done;
+        Poll::Ready(())
+    }
+}
+
+impl<'a> Stage<'a> {
+    fn next(mut fill: Box<Fill<'a>>) -> Self {
+        Stage::Next(Box::pin(async move {
+            let step = fill.next().await;
+            (fill, step)
+        }))
+    }
+
+    /// The stage after `step`; `None` once the call has its result.
+    fn after(mut fill: Box<Fill<'a>>, step: Step, call: &mut dyn Compute) -> Option<Self> {
+        let alone = match step {
+            Step::Found(bytes) => match call.decode(fill.inner(), bytes) {
+                Ok(()) => {
+                    fill.accept();
+                    return None;
+                }
+                // Computes alone, or joins or waits again.
+                Err(seen) => {
+                    if !fill.reject(seen) {
+                        return Some(Stage::next(fill));
+                    }
+                    true
+                }
+            },
+            Step::Compute => false,
+            Step::Alone => true,
+        };
+        fill.computing();
+        let computing = Computing::enter(fill.key());
+        Some(Stage::Body {
+            fill,
+            computing,
+            alone,
+        })
+    }
+}
+
 /// The result a hit stands for, or (for an absence stored for a type that
 /// has none) what the key held.
 pub(crate) fn rebuild<S: Shape<R>, R>(hit: Hit<S::Value>) -> Result<R, Seen> {
@@ -470,112 +594,19 @@ pub(crate) fn unkeep<S: Shape<R>, R>(kept: Kept<S::Value, R>) -> R {
     }
 }
 
-/// The cache-aside algorithm for one call of a cached function: the
-/// generic layer around a [`Fill`]. With no cache (`None`), `unset` is
-/// called and the body runs uncached.
-///
-/// One `async move` block, and the only state machine compiled per
-/// function (besides the body itself): the rest works on bytes. (A block
-/// rather than an `async fn`, which would keep its arguments, the caller's
-/// whole unstarted body among them, twice in its state.)
-#[allow(clippy::manual_async_fn)] // deliberate: see above
-pub(crate) fn cached<'a, S, R, Fut>(
-    inner: Option<&'a Inner>,
-    unset: fn(),
-    key: String,
-    tags: &'a [String],
-    policy: Policy,
-    body: Fut,
-) -> impl Future<Output = R> + 'a
-where
-    S: Shape<R> + 'a,
-    R: 'a,
-    Fut: Future<Output = R> + 'a,
-{
-    async move {
-        let Some(inner) = inner else {
-            unset();
-            return body.await;
-        };
-        let key = inner.full_key(key);
-        // The hit path, inline and small: one read, one decode. (With
-        // `lock = true` callers join this process's computation first.)
-        let fill = if Fill::reads_first(inner, &policy) {
-            let seen = match inner.read(&key).await {
-                // No `.await` inside this match: it holds a result.
-                Ok(bytes) => match inner.decode_result::<S, R>(bytes) {
-                    Ok(result) => {
-                        Counters::bump(&inner.counters.hits);
-                        return result;
-                    }
-                    Err(seen) => seen,
-                },
-                Err(seen) => seen,
-            };
-            Counters::bump(&inner.counters.misses);
-            Fill::after_miss(inner, key, tags, &policy, seen)
-        } else {
-            Fill::new(inner, key, tags, &policy)
-        };
-        miss_path!(S, R, fill, body)
-    }
+/// What the miss path asks of a call's own code: to decode an entry as
+/// its result, to run its body, to encode the result.
+pub(crate) trait Compute {
+    /// Decodes `bytes` as the call's result; what the key held if they are
+    /// no result.
+    fn decode(&mut self, inner: &Inner, bytes: Bytes) -> Result<(), Seen>;
+    /// Polls the body; once ready, its result is the call's.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+    /// The entry to store for the body's result, of which only the stored
+    /// part is kept from then on; `None`: the result is returned as it is
+    /// (an error, or a value that cannot be serialized).
+    fn encode(&mut self, fill: &Fill<'_>) -> Option<Encoded>;
 }
-
-/// The miss path of a cached call (plain, or `stale`/`early`), written once
-/// and expanded into each entry's one `async` block (a shared `async fn`
-/// would be one more state machine compiled per cached function): lead or
-/// follow the computation of the key, compute, store, share. The `Fill`
-/// and each of its steps are boxed: only a miss allocates their space,
-/// while every call (a hit above all) would otherwise carry it.
-macro_rules! miss_path {
-    ($S:ty, $R:ty, $fill:expr, $body:expr) => {{
-        let mut fill = Box::new($fill);
-        let inner = fill.inner();
-        let alone = loop {
-            match Box::pin(fill.next()).await {
-                $crate::aside::Step::Found(bytes) => {
-                    // No `.await` inside this match: its scrutinee holds a
-                    // result.
-                    let seen = match inner.decode_result::<$S, $R>(bytes) {
-                        Ok(result) => {
-                            fill.accept();
-                            return result;
-                        }
-                        Err(seen) => seen,
-                    };
-                    if fill.reject(seen) {
-                        break true;
-                    }
-                }
-                $crate::aside::Step::Compute => break false,
-                $crate::aside::Step::Alone => break true,
-            }
-        };
-        fill.computing();
-        // In a scope of its own: only the stored part of the result is held
-        // across the `.await` below.
-        let (encoded, kept) = {
-            let result = $crate::aside::marked(fill.key(), $body).await;
-            if alone {
-                return result;
-            }
-            let Some(encoded) = fill.encode::<$S, $R>(&result) else {
-                fill.fail();
-                return result;
-            };
-            match $crate::aside::keep::<$S, $R>(result) {
-                Ok(kept) => (encoded, kept),
-                Err(result) => {
-                    fill.fail();
-                    return result;
-                }
-            }
-        };
-        Box::pin(fill.finish(encoded)).await;
-        $crate::aside::unkeep::<$S, $R>(kept)
-    }};
-}
-pub(crate) use miss_path;
 
 impl Inner {
     /// Decodes an entry as a result of shape `S`, or says what it is.

@@ -163,7 +163,7 @@ impl Cache {
             ..Policy::default()
         };
         let unset = || {};
-        crate::aside::cached::<Plain, T, _>(
+        crate::call::cached::<Plain, T, _>(
             Some(&self.inner),
             unset,
             key.to_owned(),

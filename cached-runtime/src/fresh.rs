@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aside::{marked, miss_path, rebuild, Fill};
+use crate::aside::{marked, rebuild, Fill};
 use crate::backend::{Bytes, Seen};
 use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
@@ -36,7 +36,7 @@ const MIN_REFRESH_BOUND: Duration = Duration::from_secs(1);
 
 /// Why a hit starts a refresh.
 #[derive(Debug, PartialEq)]
-enum Due {
+pub(crate) enum Due {
     Stale,
     Early,
 }
@@ -68,79 +68,52 @@ fn refresh_bound(policy: &Policy, default_ttl: Duration) -> Duration {
         .max(MIN_REFRESH_BOUND)
 }
 
-/// Cache-aside with background refresh, for `stale` and `early`: as
-/// `aside::cached`, and a hit that is due starts a refresh. The key is
-/// always read first (also with `lock = true`): a stale hit is served at
-/// once.
-pub(crate) async fn cached_refreshing<S, R, Fut>(
-    inner: Option<&Arc<Inner>>,
-    unset: fn(),
-    key: String,
-    tags: &[String],
-    policy: Policy,
-    body: Fut,
-) -> R
-where
-    S: Shape<R> + 'static,
-    R: 'static,
-    Fut: Future<Output = R> + Send + 'static,
-{
-    let Some(inner) = inner else {
-        unset();
-        return body.await;
-    };
-    let key = inner.full_key(key);
-    let seen = match inner.read(&key).await {
-        // No `.await` inside this match: it holds a result.
-        Ok(bytes) => match inner.decode::<S::Value>(bytes) {
-            Lookup::Hit(hit) => {
-                let due = refresh_due(hit.timing, &policy, now_unix_ms(), unit_interval);
-                // Copied only for a refresh's compare-and-set.
-                let raw = due.as_ref().map(|_| hit.raw.clone());
-                match rebuild::<S, R>(hit) {
-                    Ok(result) => {
-                        Counters::bump(&inner.counters.hits);
-                        if let (Some(due), Some(raw)) = (due, raw) {
-                            inner.start_refresh::<S, R, Fut>(due, &key, tags, policy, raw, body);
-                        }
-                        return result;
-                    }
-                    Err(seen) => seen,
-                }
-            }
-            Lookup::Miss(seen) => seen,
-        },
-        Err(seen) => seen,
-    };
-    Counters::bump(&inner.counters.misses);
-    miss_path!(
-        S,
-        R,
-        Fill::after_miss(inner, key, tags, &policy, seen),
-        body
-    )
-}
+/// The body of a function, boxed to run as a background refresh.
+pub(crate) type Detached<R> = Pin<Box<dyn Future<Output = R> + Send>>;
 
 impl Inner {
+    /// Decodes an entry as a result (a hit, counted), with the refresh it
+    /// is due (for `stale` or `early`) and the entry as stored, for the
+    /// refresh's compare-and-set; or says what the key held.
+    pub(crate) fn decode_hit<S: Shape<R>, R>(
+        &self,
+        bytes: Bytes,
+        policy: &Policy,
+    ) -> Result<(R, Option<(Due, Bytes)>), Seen> {
+        let hit = match self.decode::<S::Value>(bytes) {
+            Lookup::Hit(hit) => hit,
+            Lookup::Miss(seen) => return Err(seen),
+        };
+        // Only an entry of a `stale` or `early` function is timed: no clock
+        // read for others.
+        let due = hit
+            .timing
+            .and_then(|timing| refresh_due(Some(timing), policy, now_unix_ms(), unit_interval))
+            // Copied only for a refresh.
+            .map(|due| (due, hit.raw.clone()));
+        let result = rebuild::<S, R>(hit)?;
+        Counters::bump(&self.counters.hits);
+        Ok((result, due))
+    }
+
     /// Starts the refresh a hit is `due`, counting why.
-    fn start_refresh<S, R, Fut>(
+    pub(crate) fn start_refresh<S, R>(
         self: &Arc<Self>,
         due: Due,
         key: &str,
         tags: &[String],
         policy: Policy,
         raw: Bytes,
-        body: Fut,
+        body: Detached<R>,
     ) where
         S: Shape<R> + 'static,
         R: 'static,
-        Fut: Future<Output = R> + Send + 'static,
     {
         let counters = &self.counters;
         if due == Due::Stale {
             Counters::bump(&counters.stale_serves);
         }
-        if self.spawn_refresh::<S, R, Fut>(key, tags, policy, raw, body) && due == Due::Early {
+        if self.spawn_refresh::<S, R>(key, tags, policy, raw, body) && due == Due::Early {
             Counters::bump(&counters.early_refreshes);
         }
     }
@@ -149,18 +122,17 @@ impl Inner {
     /// returns whether it started. The refresh holds a claim on the key
     /// that its end releases, however it ends, and it is abandoned after
     /// its time bound.
-    fn spawn_refresh<S, R, Fut>(
+    fn spawn_refresh<S, R>(
         self: &Arc<Self>,
         key: &str,
         tags: &[String],
         policy: Policy,
         seen: Bytes,
-        body: Fut,
+        body: Detached<R>,
     ) -> bool
     where
         S: Shape<R> + 'static,
         R: 'static,
-        Fut: Future<Output = R> + Send + 'static,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return false;
@@ -173,7 +145,7 @@ impl Inner {
         let bound = refresh_bound(&policy, self.settings.default_ttl);
         let task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             let _claim = claim;
-            let refresh = inner.refresh::<S, R, Fut>(key, &tags, &policy, seen, body);
+            let refresh = inner.refresh::<S, R>(key, &tags, &policy, seen, body);
             if tokio::time::timeout(bound, refresh).await.is_err() {
                 Counters::bump(&inner.counters.refresh_failures);
                 tracing::warn!(
@@ -188,18 +160,17 @@ impl Inner {
     }
 
     /// Recomputes `key` in the background; `seen` is the entry it replaces.
-    async fn refresh<S, R, Fut>(
+    async fn refresh<S, R>(
         &self,
         key: String,
         tags: &[String],
         policy: &Policy,
         seen: Bytes,
-        body: Fut,
+        body: Detached<R>,
     ) where
         S: Shape<R>,
-        Fut: Future<Output = R>,
     {
-        let mut fill = Fill::for_refresh(self, key, tags, policy, Seen::Bytes(seen));
+        let mut fill = Fill::for_refresh(self, key, tags, *policy, Seen::Bytes(seen));
         // With `lock = true`: refreshed by someone else, being refreshed,
         // or Redis failing: nothing to do.
         if !fill.lock_once().await {

@@ -6,8 +6,8 @@
 //! the attributes' generated code calls [`__private`].
 //!
 //! Imports run one way: `cache` and `builder` (the public handle) over the
-//! algorithms (`fresh` → `aside` → `lock`), over `core` (read, decode,
-//! store), over the backends, codec, keys, breaker and counters.
+//! algorithms (`call` → `fresh` → `aside` → `lock`), over `core` (read,
+//! decode, store), over the backends, codec, keys, breaker and counters.
 
 #![warn(missing_docs)]
 
@@ -16,6 +16,7 @@ mod backend;
 mod breaker;
 mod builder;
 mod cache;
+mod call;
 mod claims;
 mod codec;
 mod core;

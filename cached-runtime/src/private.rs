@@ -66,8 +66,8 @@ where
     R: 'a,
     Fut: Future<Output = R> + 'a,
 {
-    let inner = cache.map(|cache| &*cache.inner);
-    crate::aside::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
+    let inner = cache.map(|cache| &cache.inner);
+    crate::call::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
@@ -85,7 +85,7 @@ where
     Fut: Future<Output = R> + Send + 'static,
 {
     let inner = cache.map(|cache| &cache.inner);
-    crate::fresh::cached_refreshing::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
+    crate::call::cached_refreshing::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
 
 /// The body of a `#[cache_put]` function: run it, then write its value.

@@ -1,0 +1,375 @@
+//! The future of one call of a cached function (`#[redis_cached]`, with or
+//! without `stale`/`early`, and `get_or_compute`): read the key and decode
+//! a hit (starting a refresh when one is due), or hand the call to its
+//! [`Miss`].
+//!
+//! A user's crate compiles once per cached function whatever depends on
+//! the function's body type, and in a release build LLVM's time grows with
+//! all of it. So a call is two parts: its [`Body`], behind a `dyn` once it
+//! must run, and the rest, a [`CallState`], which depends on the result
+//! type only: compiled once per result type, not once per function. The
+//! miss path, which depends on neither, is compiled once in this crate.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+
+use crate::aside::{keep, unkeep, Compute, Fill, Kept, Miss};
+use crate::backend::{Bytes, Seen};
+use crate::core::{Encoded, Inner};
+use crate::fresh::{Detached, Due};
+use crate::policy::Policy;
+use crate::shape::Shape;
+use crate::stats::Counters;
+
+/// A cached function's body, as its call runs it.
+pub(crate) trait Body<R> {
+    /// Polls the body.
+    fn poll_body(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<R>;
+    /// Starts refreshing the value in the background with the body,
+    /// unstarted, as a hit that is due does; does nothing if the body
+    /// cannot run apart from its call.
+    fn refresh(self: Pin<&mut Self>, refresh: Refresh<'_>);
+}
+
+/// What a hit that is due hands its refresh.
+pub(crate) struct Refresh<'r> {
+    inner: &'r Arc<Inner>,
+    due: Due,
+    key: &'r str,
+    tags: &'r [String],
+    policy: Policy,
+    /// The entry as stored, for the refresh's compare-and-set.
+    raw: Bytes,
+}
+
+pin_project! {
+    /// A body run where it is, in its call's future: never detached.
+    pub(crate) struct InPlace<Fut> {
+        #[pin]
+        body: Fut,
+    }
+}
+
+impl<Fut: Future> Body<Fut::Output> for InPlace<Fut> {
+    fn poll_body(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
+        self.project().body.poll(cx)
+    }
+
+    fn refresh(self: Pin<&mut Self>, _: Refresh<'_>) {}
+}
+
+/// A body that a hit may detach to refresh the value in the background
+/// (`stale`, `early`): boxed when it first runs, or when it is detached.
+/// `S` is the shape of its result.
+pub(crate) struct Detachable<S, Fut> {
+    unstarted: Option<Fut>,
+    running: Option<Pin<Box<Fut>>>,
+    shape: PhantomData<fn() -> S>,
+}
+
+impl<S, Fut> Body<Fut::Output> for Detachable<S, Fut>
+where
+    S: Shape<Fut::Output> + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: 'static,
+{
+    fn poll_body(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
+        // The body is polled only once boxed: a `Detachable` may move.
+        let this = Pin::into_inner(self);
+        let running = match &mut this.running {
+            Some(running) => running,
+            None => {
+                let body = this.unstarted.take().expect("a call's body, once");
+                this.running.insert(Box::pin(body))
+            }
+        };
+        running.as_mut().poll(cx)
+    }
+
+    fn refresh(self: Pin<&mut Self>, refresh: Refresh<'_>) {
+        let Some(body) = Pin::into_inner(self).unstarted.take() else {
+            return;
+        };
+        let Refresh {
+            inner,
+            due,
+            key,
+            tags,
+            policy,
+            raw,
+        } = refresh;
+        // Boxed: the refresh is compiled once per result type, not once
+        // per function.
+        let body: Detached<Fut::Output> = Box::pin(body);
+        inner.start_refresh::<S, Fut::Output>(due, key, tags, policy, raw, body);
+    }
+}
+
+impl<S, Fut> Unpin for Detachable<S, Fut> {}
+
+pin_project! {
+    /// One call of a cached function: its body, and the rest.
+    pub(crate) struct Cached<'a, S, R, Rd, B>
+    where
+        S: Shape<R>,
+    {
+        #[pin]
+        state: CallState<'a, S, R, Rd>,
+        #[pin]
+        body: B,
+    }
+}
+
+impl<S, R, Rd, B> Future for Cached<'_, S, R, Rd, B>
+where
+    S: Shape<R>,
+    Rd: Future<Output = Read>,
+    B: Body<R>,
+{
+    type Output = R;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<R> {
+        let this = self.project();
+        this.state.poll(cx, this.body)
+    }
+}
+
+/// What a read of the key found, with the key.
+pub(crate) type Read = (String, Result<Bytes, Seen>);
+
+/// Reads `key`, handing it back with what was read.
+async fn read(inner: &Inner, key: String) -> Read {
+    let read = inner.read(&key).await;
+    (key, read)
+}
+
+pin_project! {
+    /// A call but its body: compiled once per result type. `Rd` is always
+    /// the same future, that of [`read`].
+    pub(crate) struct CallState<'a, S, R, Rd>
+    where
+        S: Shape<R>,
+    {
+        #[pin]
+        stage: Stage<'a, Rd>,
+        // The stored part of the result, while the miss stores it.
+        kept: Option<Kept<S::Value, R>>,
+    }
+}
+
+pin_project! {
+    #[project = StageProj]
+    enum Stage<'a, Rd> {
+        /// Reading the key: a hit ends the call.
+        Read {
+            #[pin]
+            read: Rd,
+            inner: &'a Arc<Inner>,
+            tags: &'a [String],
+            policy: Policy,
+        },
+        /// A miss (or a `lock = true` call, which joins this process's
+        /// computation before anyone reads).
+        Miss { miss: Miss<'a> },
+        /// There is no cache: the body runs alone.
+        Uncached,
+    }
+}
+
+/// The call of a cached function whose body runs only in its call. With
+/// no cache (`None`), `unset` is called and the body runs uncached.
+pub(crate) fn cached<'a, S, R, Fut>(
+    inner: Option<&'a Arc<Inner>>,
+    unset: fn(),
+    key: String,
+    tags: &'a [String],
+    policy: Policy,
+    body: Fut,
+) -> Cached<'a, S, R, impl Future<Output = Read> + 'a, InPlace<Fut>>
+where
+    S: Shape<R>,
+    Fut: Future<Output = R>,
+{
+    Cached {
+        state: start(inner, unset, key, tags, policy, Fill::reads_first),
+        body: InPlace { body },
+    }
+}
+
+/// The call of a `stale` or `early` function: a hit that is due detaches
+/// the body to refresh the value. The key is always read first (also with
+/// `lock = true`): a stale hit is served at once.
+pub(crate) fn cached_refreshing<'a, S, R, Fut>(
+    inner: Option<&'a Arc<Inner>>,
+    unset: fn(),
+    key: String,
+    tags: &'a [String],
+    policy: Policy,
+    body: Fut,
+) -> Cached<'a, S, R, impl Future<Output = Read> + 'a, Detachable<S, Fut>>
+where
+    S: Shape<R> + 'static,
+    R: 'static,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    Cached {
+        state: start(inner, unset, key, tags, policy, |_, _| true),
+        body: Detachable {
+            unstarted: Some(body),
+            running: None,
+            shape: PhantomData,
+        },
+    }
+}
+
+/// The state of a call about to start. (Its first poll would do no more:
+/// none of this waits, and the call's body has not started.)
+fn start<'a, S: Shape<R>, R>(
+    inner: Option<&'a Arc<Inner>>,
+    unset: fn(),
+    key: String,
+    tags: &'a [String],
+    policy: Policy,
+    reads_first: fn(&Inner, &Policy) -> bool,
+) -> CallState<'a, S, R, impl Future<Output = Read> + 'a> {
+    let stage = match inner {
+        None => {
+            unset();
+            Stage::Uncached
+        }
+        Some(inner) => {
+            let key = inner.full_key(key);
+            if reads_first(inner, &policy) {
+                Stage::Read {
+                    read: read(inner, key),
+                    inner,
+                    tags,
+                    policy,
+                }
+            } else {
+                Stage::Miss {
+                    miss: Miss::new(Fill::new(inner, key, tags, policy)),
+                }
+            }
+        }
+    };
+    CallState { stage, kept: None }
+}
+
+impl<'a, S, R, Rd> CallState<'a, S, R, Rd>
+where
+    S: Shape<R>,
+    Rd: Future<Output = Read>,
+{
+    /// Advances the call, running `body` if it must.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>, body: Pin<&mut dyn Body<R>>) -> Poll<R> {
+        let mut this = self.project();
+        loop {
+            match this.stage.as_mut().project() {
+                StageProj::Read {
+                    read,
+                    inner,
+                    tags,
+                    policy,
+                } => {
+                    let (key, read) = ready!(read.poll(cx));
+                    let (inner, tags, policy): (&'a Arc<Inner>, _, _) = (*inner, *tags, *policy);
+                    let seen = match read {
+                        // The hit path: one read, one decode.
+                        Ok(bytes) => match inner.decode_hit::<S, R>(bytes, &policy) {
+                            Ok((result, due)) => {
+                                if let Some((due, raw)) = due {
+                                    body.refresh(Refresh {
+                                        inner,
+                                        due,
+                                        key: &key,
+                                        tags,
+                                        policy,
+                                        raw,
+                                    });
+                                }
+                                return Poll::Ready(result);
+                            }
+                            Err(seen) => seen,
+                        },
+                        Err(seen) => seen,
+                    };
+                    Counters::bump(&inner.counters.misses);
+                    let fill = Fill::after_miss(inner, key, tags, policy, seen);
+                    this.stage.set(Stage::Miss {
+                        miss: Miss::new(fill),
+                    });
+                }
+                StageProj::Miss { miss } => return poll_miss::<S, R>(miss, cx, body, this.kept),
+                StageProj::Uncached => return body.poll_body(cx),
+            }
+        }
+    }
+}
+
+/// One poll of a miss: the [`Turn`] lives for this poll only, so that the
+/// result it may hold is never kept across polls (the call's future is
+/// `Send` whenever its body is, whatever the result's error type).
+fn poll_miss<S: Shape<R>, R>(
+    miss: &mut Miss<'_>,
+    cx: &mut Context<'_>,
+    body: Pin<&mut dyn Body<R>>,
+    kept: &mut Option<Kept<S::Value, R>>,
+) -> Poll<R> {
+    let mut result = None;
+    let mut turn = Turn::<S, R> {
+        body,
+        result: &mut result,
+        kept,
+    };
+    ready!(miss.poll(cx, &mut turn));
+    match (result, kept.take()) {
+        (Some(result), _) => Poll::Ready(result),
+        (None, Some(kept)) => Poll::Ready(unkeep::<S, R>(kept)),
+        (None, None) => unreachable!("a miss ends with a result"),
+    }
+}
+
+/// A call's own code for one poll of its miss.
+struct Turn<'p, S: Shape<R>, R> {
+    body: Pin<&'p mut dyn Body<R>>,
+    /// The call's result, once there is one: the miss ends on that poll.
+    result: &'p mut Option<R>,
+    /// The stored part of the result, while it is being stored.
+    kept: &'p mut Option<Kept<S::Value, R>>,
+}
+
+impl<S: Shape<R>, R> Compute for Turn<'_, S, R> {
+    fn decode(&mut self, inner: &Inner, bytes: Bytes) -> Result<(), Seen> {
+        *self.result = Some(inner.decode_result::<S, R>(bytes)?);
+        Ok(())
+    }
+
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        *self.result = Some(ready!(self.body.as_mut().poll_body(cx)));
+        Poll::Ready(())
+    }
+
+    fn encode(&mut self, fill: &Fill<'_>) -> Option<Encoded> {
+        let result = self.result.take()?;
+        let Some(encoded) = fill.encode::<S, R>(&result) else {
+            *self.result = Some(result);
+            return None;
+        };
+        match keep::<S, R>(result) {
+            Ok(kept) => {
+                *self.kept = Some(kept);
+                Some(encoded)
+            }
+            Err(result) => {
+                *self.result = Some(result);
+                None
+            }
+        }
+    }
+}
