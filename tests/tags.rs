@@ -295,17 +295,6 @@ async fn on_redis_tag_bookkeeping_follows_the_live_keys() {
     assert!(ttl > 0, "a tag set expires with its keys: {ttl}");
 }
 
-/// How many times Redis ran `command` since the last `CONFIG RESETSTAT`.
-async fn calls(server: &RedisServer, command: &str) -> u64 {
-    let info: String = server.cmd(::redis::cmd("INFO").arg("commandstats")).await;
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A large tag is invalidated in batches of bounded size, so no single
 /// Redis command (a script included) works through the whole tag: Redis
 /// keeps serving everyone else meanwhile.
@@ -335,9 +324,9 @@ async fn on_redis_a_large_tag_is_invalidated_in_bounded_batches() {
     assert_eq!(invalidated, 20_000);
     // 20 000 keys in batches of at most 500: at least 40 reads of the tag,
     // and each tombstone its own command, none inside a script.
-    assert!(calls(&server, "zrange").await >= 40);
-    assert_eq!(calls(&server, "set").await, 20_000);
-    assert!(calls(&server, "evalsha").await <= 41);
+    assert!(server.calls("zrange").await >= 40);
+    assert_eq!(server.calls("set").await, 20_000);
+    assert!(server.calls("evalsha").await <= 41);
     assert_eq!(repo.cache.get::<String>("user:1:19999").await, None);
     let left: u64 = server
         .cmd(::redis::cmd("EXISTS").arg("~tag:tenant:1"))

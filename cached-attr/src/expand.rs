@@ -15,13 +15,16 @@ use proc_macro2::{Ident, Span, TokenStream};
 use quote::{quote, quote_spanned};
 
 use crate::args::Kind;
-use crate::model::{KeyPart, Model, TypeName};
+use crate::model::{Batch, Collection, KeyPart, Model, TypeName};
 
 fn local(name: &str) -> Ident {
     Ident::new(name, Span::mixed_site())
 }
 
 pub(crate) fn expand(model: &Model) -> TokenStream {
+    if let Some(batch) = &model.batch {
+        return expand_batch(model, batch);
+    }
     let krate = &model.krate;
     let private = quote!(#krate::__private);
     let func = &model.func;
@@ -31,23 +34,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     let (cache, key, body) = (local("__cache"), local("__key"), local("__body"));
     let ret_local = local("__ret");
 
-    let cache_expr = match &model.cache {
-        Some(expr) => {
-            let span = syn::spanned::Spanned::span(expr);
-            if model.cache_borrowable {
-                // `&self.cache` is borrowed as the place `self.cache`: a
-                // reference to a fresh `&Cache` would not outlive the statement.
-                let mut place = expr;
-                while let syn::Expr::Reference(r) = place {
-                    place = &r.expr;
-                }
-                quote_spanned!(span=> #private::cache_ref(&(#place)))
-            } else {
-                quote_spanned!(span=> #private::cache_of(&(#expr)))
-            }
-        }
-        None => quote!(#private::global_cache()),
-    };
+    let cache_expr = cache_expr(model, &private);
     let key_expr = render(&model.key, model.version, &private);
     let tags = local("__tags");
     let tag_exprs = model.tags.iter().map(|tag| render(tag, None, &private));
@@ -101,6 +88,93 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     }
 }
 
+/// The expression of the cache a call uses.
+fn cache_expr(model: &Model, private: &TokenStream) -> TokenStream {
+    match &model.cache {
+        Some(expr) => {
+            let span = syn::spanned::Spanned::span(expr);
+            if model.cache_borrowable {
+                // `&self.cache` is borrowed as the place `self.cache`: a
+                // reference to a fresh `&Cache` would not outlive the statement.
+                let mut place = expr;
+                while let syn::Expr::Reference(r) = place {
+                    place = &r.expr;
+                }
+                quote_spanned!(span=> #private::cache_ref(&(#place)))
+            } else {
+                quote_spanned!(span=> #private::cache_of(&(#expr)))
+            }
+        }
+        None => quote!(#private::global_cache()),
+    }
+}
+
+/// A batch function (`<ids[]>`): the elements' keys are rendered before the
+/// body moves the arguments; the body becomes a closure of the missing
+/// elements, bound to the parameter's name as the parameter's type.
+///
+/// ```text
+/// let __elements: Vec<(K, String)> = ids.iter().map(|__e| (__e.clone(), <key of __e>)).collect();
+/// let __body = move |__missing: Vec<K>| async move { let ids: Vec<K> = __missing.into_iter().collect(); <body> };
+/// ::redis_cached::__private::cached_batch::<Shape, R, K, V, _, _>(__cache, __elements, tags, policy, __body).await
+/// ```
+fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
+    let krate = &model.krate;
+    let private = quote!(#krate::__private);
+    let func = &model.func;
+    let (attrs, vis, sig) = (&func.attrs, &func.vis, &func.sig);
+    let (inner_attrs, block) = (&func.inner_attrs, &func.body);
+    let ret = &model.ret;
+    let (cache, body, tags) = (local("__cache"), local("__body"), local("__tags"));
+    let (elements, element, missing) = (local("__elements"), local("__e"), local("__missing"));
+    let (owned, ret_local) = (local("__owned"), local("__ret"));
+    let cache_expr = cache_expr(model, &private);
+    let key_expr = render(&model.key, model.version, &private);
+    let tag_exprs = model.tags.iter().map(|tag| render(tag, None, &private));
+    let tag_count = model.tags.len();
+    let (param, pat, ty) = (&batch.param, &batch.pat, &batch.ty);
+    let (elem, value) = (&batch.element, &batch.value);
+    let rebind = match &batch.collection {
+        Collection::Owned => quote!(
+            let #pat: #ty = ::core::iter::FromIterator::from_iter(#missing);
+        ),
+        Collection::Slice => quote!(
+            let #owned: ::std::vec::Vec<#elem> = #missing;
+            let #pat: #ty = &#owned;
+        ),
+        Collection::Borrowed(inner) => quote!(
+            let #owned: #inner = ::core::iter::FromIterator::from_iter(#missing);
+            let #pat: #ty = &#owned;
+        ),
+    };
+    let shape = Ident::new(
+        if batch.result { "ResultMapOf" } else { "MapOf" },
+        model.ret_span,
+    );
+    let policy = policy(model);
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            #(#inner_attrs)*
+            let #cache = #cache_expr;
+            let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
+            let #elements: ::std::vec::Vec<(#elem, ::std::string::String)> = ::core::iter::Iterator::collect(
+                ::core::iter::Iterator::map(#param.iter(), |#element: &#elem| {
+                    (::core::clone::Clone::clone(#element), #key_expr)
+                }),
+            );
+            let #body = move |#missing: ::std::vec::Vec<#elem>| async move {
+                #rebind
+                let #ret_local: #ret = #block;
+                #ret_local
+            };
+            #private::cached_batch::<#private::#shape, #ret, #elem, #value, _, _>(
+                #cache.get(), #elements, &#tags, #policy, #body,
+            ).await
+        }
+    }
+}
+
 /// `tokens` with every span set to `span`.
 fn respan(tokens: TokenStream, span: Span) -> TokenStream {
     tokens
@@ -126,6 +200,7 @@ fn render(parts: &[KeyPart], version: Option<u32>, private: &TokenStream) -> Tok
         .iter()
         .map(|p| match p {
             KeyPart::Literal(text) => text.len(),
+            KeyPart::Element => 16,
             KeyPart::ModulePath => 32,
             KeyPart::Value(_) => 16,
             KeyPart::Digest(_) => 17,
@@ -133,6 +208,10 @@ fn render(parts: &[KeyPart], version: Option<u32>, private: &TokenStream) -> Tok
         .sum();
     let pushes = parts.iter().map(|part| match part {
         KeyPart::Literal(text) => quote!(#builder.literal(#text);),
+        KeyPart::Element => {
+            let element = local("__e");
+            quote!(#private::KeyBuilder::value(&mut #builder, #element);)
+        }
         KeyPart::ModulePath => quote!(#builder.literal(::core::module_path!());),
         KeyPart::Value(value) => {
             let root = &value.root;

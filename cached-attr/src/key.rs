@@ -14,10 +14,12 @@ use syn::LitStr;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Segment {
     Literal(String),
-    /// `<root.field.field>`: a parameter (or `self`) and a field path.
+    /// `<root.field.field>`: a parameter (or `self`) and a field path;
+    /// `<root[]>` (`batch`): each element of a collection parameter.
     Placeholder {
         root: String,
         fields: Vec<String>,
+        batch: bool,
     },
 }
 
@@ -65,7 +67,7 @@ pub(crate) fn parse(lit: &LitStr) -> syn::Result<Vec<Segment>> {
                 }
                 segments.push(placeholder(&inner).ok_or_else(|| {
                     err(format!(
-                        "placeholder `<{inner}>` is not a parameter name or a field path such as `<user.id>`"
+                        "placeholder `<{inner}>` is not a parameter name, a field path such as `<user.id>`, or a batch parameter such as `<ids[]>`"
                     ))
                 })?);
             }
@@ -96,15 +98,23 @@ pub(crate) fn parse(lit: &LitStr) -> syn::Result<Vec<Segment>> {
 }
 
 fn placeholder(inner: &str) -> Option<Segment> {
+    if let Some(root) = inner.strip_suffix("[]") {
+        return is_ident(root).then(|| Segment::Placeholder {
+            root: root.to_owned(),
+            fields: Vec::new(),
+            batch: true,
+        });
+    }
     let mut parts = inner.split('.');
     let root = parts.next().filter(|r| is_ident(r))?.to_owned();
     let fields: Vec<String> = parts.map(str::to_owned).collect();
     let field_ok =
         |f: &String| is_ident(f) || (!f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
-    fields
-        .iter()
-        .all(field_ok)
-        .then_some(Segment::Placeholder { root, fields })
+    fields.iter().all(field_ok).then_some(Segment::Placeholder {
+        root,
+        fields,
+        batch: false,
+    })
 }
 
 fn is_ident(s: &str) -> bool {
@@ -145,11 +155,18 @@ fn check_separators(segments: &[Segment]) -> Result<(), String> {
 fn display(segment: &Segment) -> String {
     match segment {
         Segment::Literal(text) => text.clone(),
-        Segment::Placeholder { root, fields } => {
+        Segment::Placeholder {
+            root,
+            fields,
+            batch,
+        } => {
             let mut s = format!("<{root}");
             for f in fields {
                 s.push('.');
                 s.push_str(f);
+            }
+            if *batch {
+                s.push_str("[]");
             }
             s.push('>');
             s
@@ -192,6 +209,7 @@ mod tests {
         Segment::Placeholder {
             root: root.into(),
             fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+            batch: false,
         }
     }
 

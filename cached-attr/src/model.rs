@@ -75,6 +75,8 @@ pub(crate) struct KeyValue {
 
 pub(crate) enum KeyPart {
     Literal(String),
+    /// The element of a batch (`<ids[]>`), one key per element.
+    Element,
     /// Literal text computed at the call site: the default key's module path.
     ModulePath,
     Value(KeyValue),
@@ -97,8 +99,36 @@ pub(crate) enum TypeName {
     TypeOf(Ident),
 }
 
+/// A batch function: `<ids[]>` in its key.
+pub(crate) struct Batch {
+    /// The collection parameter, as the body names it.
+    pub(crate) param: Ident,
+    /// Its pattern (`ids`, `mut ids`) and type, to bind the missing
+    /// elements as the body expects them.
+    pub(crate) pat: syn::Pat,
+    pub(crate) ty: Type,
+    pub(crate) collection: Collection,
+    pub(crate) element: Type,
+    /// The map's value type.
+    pub(crate) value: Type,
+    /// `Result<map, E>` rather than the map.
+    pub(crate) result: bool,
+}
+
+/// How a batch parameter holds its elements.
+pub(crate) enum Collection {
+    /// `Vec<K>`, `HashSet<K>`, `BTreeSet<K>`, `VecDeque<K>`: built from the
+    /// missing elements.
+    Owned,
+    /// `&[K]`: a slice of a vector of the missing elements.
+    Slice,
+    /// `&Vec<K>` and the like: a reference to one built from them.
+    Borrowed(Box<Type>),
+}
+
 pub(crate) struct Model {
     pub(crate) kind: Kind,
+    pub(crate) batch: Option<Batch>,
     pub(crate) func: Func,
     pub(crate) key: Vec<KeyPart>,
     /// The rendered parts of each tag template.
@@ -170,17 +200,40 @@ impl Model {
         check_freshness_args(&args, errors);
         check_refresh_ownership(&args, &func, errors);
         let shape = Shape::of(&ret);
+        let batched = args
+            .key
+            .as_ref()
+            .and_then(|lit| key::parse(lit).ok())
+            .is_some_and(|segments| segments.iter().any(is_batch));
         if let Some(cache_none) = &args.cache_none {
-            if !shape.has_absent() {
+            // A batch's absent elements are those missing from its map.
+            if !shape.has_absent() && !batched {
                 errors.push(syn::Error::new(
                     cache_none.span,
                     "`cache_none` caches `None` results, but this function does not return an `Option` or `Result<Option<_>, _>`",
                 ));
             }
         }
+        let batch = args.key.as_ref().and_then(|lit| {
+            let segments = key::parse(lit).ok()?;
+            errors
+                .ok(batch_model(
+                    kind, &args, lit, &segments, &func, &ret, ret_span,
+                ))
+                .flatten()
+        });
+        for lit in &args.tags {
+            if key::parse(lit).is_ok_and(|s| s.iter().any(is_batch)) {
+                errors.push(syn::Error::new(
+                    lit.span(),
+                    "a tag cannot name a batch's elements (`<…[]>`): tag a batch by what its elements share, e.g. `tenant:<tenant>`",
+                ));
+            }
+        }
         let key = key?;
         Some(Model {
             kind,
+            batch,
             key,
             tags,
             version: args.version,
@@ -204,6 +257,193 @@ impl Model {
             shape,
             func,
         })
+    }
+}
+
+fn is_batch(segment: &Segment) -> bool {
+    matches!(segment, Segment::Placeholder { batch: true, .. })
+}
+
+/// The batch parameter of a key with `<ids[]>`, checked: one such
+/// placeholder, on `#[redis_cached]`, naming a collection parameter, with a
+/// return type that is a map (or a `Result` of one) keyed by its element.
+fn batch_model(
+    kind: Kind,
+    args: &Args,
+    lit: &syn::LitStr,
+    segments: &[Segment],
+    func: &Func,
+    ret: &Type,
+    ret_span: Span,
+) -> syn::Result<Option<Batch>> {
+    let roots: Vec<&String> = segments
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Placeholder {
+                root, batch: true, ..
+            } => Some(root),
+            _ => None,
+        })
+        .collect();
+    let root = match roots.as_slice() {
+        [] => return Ok(None),
+        [root] => *root,
+        _ => {
+            return Err(syn::Error::new(
+                lit.span(),
+                "a key template can have one batch placeholder (`<…[]>`): a batch is over one collection",
+            ))
+        }
+    };
+    if kind != Kind::Cached {
+        return Err(syn::Error::new(
+            lit.span(),
+            format!(
+                "#[{}] writes one key: name one element, e.g. `key = \"user:<user.id>\"`; a batch placeholder (`<{root}[]>`) applies to #[redis_cached]",
+                kind.name()
+            ),
+        ));
+    }
+    let mut errors = Errors::new();
+    for (name, given) in [
+        ("lock", args.lock.is_some_and(|l| l.value).then_some(())),
+        ("stale", args.stale.map(|_| ())),
+        ("early", args.early.map(|_| ())),
+    ] {
+        if given.is_some() {
+            errors.push(syn::Error::new(
+                lit.span(),
+                format!(
+                    "`{name}` is not available on a batch (`<{root}[]>`): {}",
+                    if name == "lock" {
+                        "a batch would hold one lock per element and wait for other processes element by element; concurrent calls in this process still share each element's computation"
+                    } else {
+                        "a batch has no single value to refresh in the background"
+                    }
+                ),
+            ));
+        }
+    }
+    let typed = func.sig.inputs.iter().find_map(|input| match input {
+        FnArg::Typed(typed) => match &*typed.pat {
+            Pat::Ident(p) if p.ident == root => Some(typed),
+            _ => None,
+        },
+        FnArg::Receiver(_) => None,
+    });
+    let Some(typed) = typed else {
+        // `resolve` reports the unknown placeholder.
+        return errors.finish(None);
+    };
+    let Some((collection, element)) = collection_of(&typed.ty) else {
+        errors.push(syn::Error::new(
+            typed.ty.span(),
+            format!(
+                "`<{root}[]>` marks a batch parameter, so `{root}` must be a collection of elements: `Vec<K>`, `&[K]`, `HashSet<K>`, `BTreeSet<K>` or `VecDeque<K>`"
+            ),
+        ));
+        return errors.finish(None);
+    };
+    let (result, map) = match last_segment(ret) {
+        Some(("Result", Some(map))) => (true, map),
+        _ => (false, ret),
+    };
+    let Some((map_key, value)) = map_types(map) else {
+        errors.push(syn::Error::new(
+            ret_span,
+            format!(
+                "a batch function returns a map from each element to its value: `HashMap<{}, V>` or `BTreeMap<{}, V>`, or a `Result` of one",
+                tokens(&element),
+                tokens(&element)
+            ),
+        ));
+        return errors.finish(None);
+    };
+    if tokens(map_key) != tokens(&element) {
+        errors.push(syn::Error::new(
+            ret_span,
+            format!(
+                "the map's key type `{}` must be the element type of `{root}`: `{}`",
+                tokens(map_key),
+                tokens(&element)
+            ),
+        ));
+    }
+    let batch = Batch {
+        param: match &*typed.pat {
+            Pat::Ident(p) => p.ident.clone(),
+            _ => unreachable!("matched above"),
+        },
+        pat: (*typed.pat).clone(),
+        ty: (*typed.ty).clone(),
+        collection,
+        element,
+        value: value.clone(),
+        result,
+    };
+    errors.finish(Some(batch))
+}
+
+fn tokens(ty: &Type) -> String {
+    quote::ToTokens::to_token_stream(ty).to_string()
+}
+
+/// The collection kind and element type of a batch parameter's type.
+fn collection_of(ty: &Type) -> Option<(Collection, Type)> {
+    match ty {
+        Type::Reference(r) if r.mutability.is_none() => match &*r.elem {
+            Type::Slice(slice) => Some((Collection::Slice, (*slice.elem).clone())),
+            owned => {
+                let element = owned_element(owned)?;
+                Some((Collection::Borrowed(Box::new(owned.clone())), element))
+            }
+        },
+        Type::Paren(p) => collection_of(&p.elem),
+        owned => Some((Collection::Owned, owned_element(owned)?)),
+    }
+}
+
+/// `K` of `Vec<K>`, `HashSet<K, S>`, `BTreeSet<K>`, `VecDeque<K>`.
+fn owned_element(ty: &Type) -> Option<Type> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if !["Vec", "HashSet", "BTreeSet", "VecDeque"]
+        .iter()
+        .any(|name| last.ident == name)
+    {
+        return None;
+    }
+    first_type_args(&last.arguments).into_iter().next()
+}
+
+/// `(K, V)` of `HashMap<K, V, S>` or `BTreeMap<K, V>`.
+fn map_types(ty: &Type) -> Option<(&Type, &Type)> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != "HashMap" && last.ident != "BTreeMap" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let mut types = args.args.iter().filter_map(|a| match a {
+        syn::GenericArgument::Type(t) => Some(t),
+        _ => None,
+    });
+    Some((types.next()?, types.next()?))
+}
+
+fn first_type_args(arguments: &syn::PathArguments) -> Vec<Type> {
+    match arguments {
+        syn::PathArguments::AngleBracketed(args) => args
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                syn::GenericArgument::Type(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -325,7 +565,11 @@ fn resolve(lit: &syn::LitStr, segments: &[Segment], params: &[Param]) -> syn::Re
     for segment in segments {
         match segment {
             Segment::Literal(text) => parts.push(KeyPart::Literal(text.clone())),
-            Segment::Placeholder { root, fields } => {
+            Segment::Placeholder {
+                root,
+                fields,
+                batch,
+            } => {
                 let Some(param) = params.iter().find(|p| p.ident == root) else {
                     let names: Vec<String> =
                         params.iter().map(|p| format!("`{}`", p.ident)).collect();
@@ -340,6 +584,10 @@ fn resolve(lit: &syn::LitStr, segments: &[Segment], params: &[Param]) -> syn::Re
                     ));
                     continue;
                 };
+                if *batch {
+                    parts.push(KeyPart::Element);
+                    continue;
+                }
                 if param.is_self && fields.is_empty() {
                     errors.push(syn::Error::new(
                         lit.span(),

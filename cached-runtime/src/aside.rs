@@ -40,17 +40,18 @@ tokio::task_local! {
 struct Computing(Arc<Frame>);
 
 struct Frame {
-    key: String,
+    /// One key, or a batch's keys.
+    keys: Vec<String>,
     outer: Option<Computing>,
 }
 
 /// Whether the current task is computing `key` already.
-fn reentrant(key: &str) -> bool {
+pub(crate) fn reentrant(key: &str) -> bool {
     COMPUTING
         .try_with(|computing| {
             let mut frame = Some(computing);
             while let Some(Computing(f)) = frame {
-                if f.key == key {
+                if f.keys.iter().any(|k| k == key) {
                     return true;
                 }
                 frame = f.outer.as_ref();
@@ -63,17 +64,24 @@ fn reentrant(key: &str) -> bool {
 impl Computing {
     /// The keys the current task computes, `key` innermost.
     fn enter(key: &str) -> Self {
+        Computing::enter_all(vec![key.to_owned()])
+    }
+
+    /// The keys the current task computes, `keys` innermost.
+    fn enter_all(keys: Vec<String>) -> Self {
         let outer = COMPUTING.try_with(Computing::clone).ok();
-        Computing(Arc::new(Frame {
-            key: key.to_owned(),
-            outer,
-        }))
+        Computing(Arc::new(Frame { keys, outer }))
     }
 }
 
 /// Runs `body` marked as computing `key`.
 pub(crate) fn marked<F: Future>(key: &str, body: F) -> impl Future<Output = F::Output> {
     COMPUTING.scope(Computing::enter(key), body)
+}
+
+/// Runs `body` marked as computing each of `keys` (a batch).
+pub(crate) fn marked_all<F: Future>(keys: Vec<String>, body: F) -> impl Future<Output = F::Output> {
+    COMPUTING.scope(Computing::enter_all(keys), body)
 }
 
 /// What a [`Fill`] needs from the function's code next.

@@ -158,6 +158,7 @@ pub struct CacheBuilder {
     invalidation_window: Duration,
     max_value_bytes: usize,
     bounded_reads: bool,
+    merge_lookups: bool,
     tls_root: Option<Vec<u8>>,
     codec: Codec,
     breaker: BreakerConfig,
@@ -200,6 +201,7 @@ impl CacheBuilder {
             tls_root: None,
             max_value_bytes: 16 * 1024 * 1024,
             bounded_reads: false,
+            merge_lookups: true,
             codec: Codec::Json,
             breaker: BreakerConfig::default(),
             memory: MemoryConfig::default(),
@@ -295,6 +297,18 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether lookups that many tasks make at the same moment are merged
+    /// into one `MGET` (on a server or a Sentinel master; a cluster reads
+    /// key by key). A lookup that finds no other on the wire goes out at
+    /// once as a `GET`, so a lone caller waits no longer; under
+    /// concurrency, Redis answers many keys for the work of one command.
+    /// On by default; merged reads are whole (`bounded_reads` turns merging
+    /// off).
+    pub fn merge_lookups(mut self, merge: bool) -> Self {
+        self.merge_lookups = merge;
+        self
+    }
+
     /// Checks the settings and builds the cache. Connects nothing.
     ///
     /// # Errors
@@ -367,6 +381,7 @@ impl CacheBuilder {
             self.connect_timeout,
             channel,
             self.max_value_bytes,
+            (self.merge_lookups && !self.bounded_reads).then_some(self.op_timeout),
         ));
         Ok(self.finish(backend))
     }

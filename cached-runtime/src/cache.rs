@@ -96,6 +96,74 @@ impl Cache {
         stored
     }
 
+    /// The values at `keys`, in order: one round trip for all of them (on
+    /// a cluster, one per node, in parallel). Each is `None` as for
+    /// [`Cache::get`]: absent, undecodable as a `T`, a reserved key, or
+    /// Redis unavailable (all counted as misses).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), cached_runtime::Error> {
+    /// use std::time::Duration;
+    /// let cache = cached_runtime::Cache::in_memory();
+    /// cache.set_many(&[("user:1", &"Ada"), ("user:2", &"Grace")], Duration::from_secs(60)).await?;
+    /// let names = cache.get_many::<String>(&["user:1", "user:3", "user:2"]).await;
+    /// assert_eq!(names, [Some("Ada".into()), None, Some("Grace".into())]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn get_many<T: DeserializeOwned>(&self, keys: &[impl AsRef<str>]) -> Vec<Option<T>> {
+        let inner = &self.inner;
+        let mut wanted = Vec::with_capacity(keys.len());
+        let mut found: Vec<Option<T>> = Vec::with_capacity(keys.len());
+        for (at, key) in keys.iter().enumerate() {
+            found.push(None);
+            match check_user_key(key.as_ref()) {
+                Ok(()) => wanted.push((at, inner.full_key(key.as_ref().to_owned()))),
+                Err(err) => tracing::warn!(error = %err, "lookup of a reserved key refused"),
+            }
+        }
+        let full: Vec<String> = wanted.iter().map(|(_, key)| key.clone()).collect();
+        let read = inner.read_many(&full).await;
+        for ((at, _), read) in wanted.into_iter().zip(read) {
+            let lookup = match read {
+                Ok(bytes) => inner.decode::<T>(bytes),
+                Err(seen) => Lookup::Miss(seen),
+            };
+            if let Lookup::Hit(hit) = inner.count_lookup(lookup) {
+                found[at] = hit.value;
+            }
+        }
+        found
+    }
+
+    /// Stores each value at its key for `ttl`: one round trip for all of
+    /// them (on a cluster, one per node, in parallel).
+    ///
+    /// # Errors
+    /// As [`Cache::set`]; nothing is stored when a key is reserved or a
+    /// value cannot be serialized or is over `max_value_bytes`.
+    pub async fn set_many<K, T>(&self, entries: &[(K, &T)], ttl: Duration) -> Result<()>
+    where
+        K: AsRef<str>,
+        T: Serialize + ?Sized,
+    {
+        let inner = &self.inner;
+        let mut encoded = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            check_user_key(key.as_ref())?;
+            let entry = inner.settings.codec.encode(*value, None)?;
+            inner.check_size(&entry)?;
+            encoded.push((inner.full_key(key.as_ref().to_owned()), entry.into()));
+        }
+        let stored = inner.store_many(&encoded, ttl).await;
+        for (key, _) in &encoded {
+            // A write is the newest state: later callers must not get an older one.
+            inner.flights.detach(key);
+        }
+        stored
+    }
+
     /// Invalidates `key`: the next lookup misses, and a computation of it
     /// that began before this call neither stores its (older) result nor
     /// hands it to a caller that starts after this call returned.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::backend::{AnyBackend, Backend, Bytes, Seen};
+use crate::backend::{AnyBackend, Backend, Bytes, Seen, StoreIf};
 use crate::breaker::{Breaker, Transition};
 use crate::codec::{Codec, Entry, Timing};
 use crate::error::{Error, Result};
@@ -167,12 +167,33 @@ impl Inner {
         }
     }
 
+    /// Reads `keys` in one round trip: for each, its bytes or what a later
+    /// compare-and-set expects.
+    pub(crate) async fn read_many(&self, keys: &[String]) -> Vec<std::result::Result<Bytes, Seen>> {
+        let limit = self
+            .settings
+            .bounded_reads
+            .then_some(self.settings.max_value_bytes);
+        match self.guarded(self.backend.get_many(keys, limit)).await {
+            Ok(found) => found
+                .into_iter()
+                .map(|bytes| bytes.ok_or(Seen::Nothing))
+                .collect(),
+            Err(_) => keys.iter().map(|_| Err(Seen::Unknown)).collect(),
+        }
+    }
+
     /// Reads and decodes `key`, counting a hit or a miss.
     pub(crate) async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
         let found = match self.read(key).await {
             Ok(bytes) => self.decode::<T>(bytes),
             Err(seen) => Lookup::Miss(seen),
         };
+        self.count_lookup(found)
+    }
+
+    /// Counts what a lookup found as a hit or a miss.
+    pub(crate) fn count_lookup<T>(&self, found: Lookup<T>) -> Lookup<T> {
         let counters = &self.counters;
         match found {
             Lookup::Miss(_) => Counters::bump(&counters.misses),
@@ -219,6 +240,42 @@ impl Inner {
         self.guarded(self.backend.set(key, entry, ttl)).await?;
         Counters::bump(&self.counters.writes);
         Ok(())
+    }
+
+    /// Stores each entry at its key, replacing what is there; sizes checked
+    /// by the caller.
+    pub(crate) async fn store_many(
+        &self,
+        entries: &[(String, Arc<[u8]>)],
+        ttl: Duration,
+    ) -> Result<()> {
+        self.guarded(self.backend.set_many(entries, ttl)).await?;
+        for _ in entries {
+            Counters::bump(&self.counters.writes);
+        }
+        Ok(())
+    }
+
+    /// [`Inner::store_if`] for each of `stores`, in one round trip.
+    pub(crate) async fn store_many_if(&self, stores: Vec<StoreIf>) -> Vec<StoreOutcome> {
+        let mut outcomes = vec![StoreOutcome::Failed; stores.len()];
+        let mut sent = Vec::with_capacity(stores.len());
+        let mut at = Vec::with_capacity(stores.len());
+        for (n, store) in stores.into_iter().enumerate() {
+            if self.check_size(&store.value).is_ok() && !matches!(store.seen, Seen::Unknown) {
+                sent.push(store);
+                at.push(n);
+            }
+        }
+        if sent.is_empty() {
+            return outcomes;
+        }
+        if let Ok(stored) = self.guarded(self.backend.set_many_if(&sent)).await {
+            for (n, stored) in at.into_iter().zip(stored) {
+                outcomes[n] = self.count_store(stored);
+            }
+        }
+        outcomes
     }
 
     /// Stores `entry` at `key` if the key still holds what was `seen`.
@@ -309,12 +366,15 @@ impl Inner {
             // Every member, even one whose record expired: its value may
             // outlive the record, and a tombstone where nothing is costs
             // only the invalidation window.
-            let live: Vec<String> = batch.iter().map(|(key, _)| key.clone()).collect();
-            let tombstones = self.backend.set_many(&live, tombstone.clone(), window);
+            let live: Vec<(String, Arc<[u8]>)> = batch
+                .iter()
+                .map(|(key, _)| (key.clone(), tombstone.clone()))
+                .collect();
+            let tombstones = self.backend.set_many(&live, window);
             if let Err(err) = self.guarded(tombstones).await {
                 break Err(err);
             }
-            for key in &live {
+            for (key, _) in &live {
                 self.flights.detach(key);
             }
             invalidated += live.len() as u64;

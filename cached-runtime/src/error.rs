@@ -5,7 +5,7 @@
 
 /// What can go wrong when building a [`Cache`](crate::Cache) or calling its
 /// fallible methods.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The Redis URL could not be parsed. The URL itself is not repeated,

@@ -82,6 +82,12 @@ impl Flights {
         })
     }
 
+    /// The flight for `key`, if one runs: to follow it, without starting
+    /// one.
+    pub(crate) fn running(&self, key: &str) -> Option<Receiver> {
+        self.map().get(key).cloned()
+    }
+
     /// Makes callers that start from now on begin a new flight for `key`
     /// rather than join the current one (after an invalidation of `key`).
     pub(crate) fn detach(&self, key: &str) {

@@ -13,6 +13,7 @@
 
 mod aside;
 mod backend;
+mod batch;
 mod breaker;
 mod builder;
 mod cache;

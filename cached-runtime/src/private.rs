@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
 pub use crate::key::KeyBuilder;
 pub use crate::policy::{LockPolicy, Policy};
 use crate::shape::Split;
@@ -86,6 +87,36 @@ where
 {
     let inner = cache.map(|cache| &cache.inner);
     crate::call::cached_refreshing::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
+}
+
+/// The body of a batch function (`<ids[]>` in its key): `elements` are the
+/// requested elements with their rendered keys; `body` computes those it
+/// is given.
+pub async fn cached_batch<S, R, K, V, F, Fut>(
+    cache: Option<&Cache>,
+    elements: Vec<(K, String)>,
+    tags: &[String],
+    policy: Policy,
+    body: F,
+) -> R
+where
+    S: BatchShape<R>,
+    S::Map: BatchMap<K, V>,
+    K: Clone,
+    V: serde::Serialize + serde::de::DeserializeOwned,
+    F: FnOnce(Vec<K>) -> Fut,
+    Fut: Future<Output = R>,
+{
+    let inner = cache.map(|cache| &cache.inner);
+    crate::batch::cached_batch::<S, R, K, V, F, Fut>(
+        inner,
+        global::warn_unset,
+        elements,
+        tags,
+        policy,
+        body,
+    )
+    .await
 }
 
 /// The body of a `#[cache_put]` function: run it, then write its value.

@@ -257,6 +257,18 @@ impl RedisServer {
         cmd.query_async(&mut conn).await.expect("command succeeds")
     }
 
+    /// How many times the server ran `command` (lower case) since it
+    /// started or its last `CONFIG RESETSTAT`, scripts' commands included.
+    pub async fn calls(&self, command: &str) -> u64 {
+        let info: String = self.cmd(redis::cmd("INFO").arg("commandstats")).await;
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Starts watching every command the server runs (`MONITOR`).
     pub fn monitor(&self) -> Monitor {
         Monitor::start(self.port)

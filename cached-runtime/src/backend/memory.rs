@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use quick_cache::sync::Cache as Store;
 use quick_cache::{DefaultHashBuilder, Weighter};
 
-use super::{Backend, Bytes, Seen};
+use super::{Backend, Bytes, Seen, StoreIf};
 use crate::error::Result;
 use crate::token::now_unix_ms;
 
@@ -238,8 +238,28 @@ impl Backend for MemoryBackend {
             .unwrap_or_default())
     }
 
-    async fn set_many(&self, keys: &[String], value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+    async fn get_many(&self, keys: &[String], limit: Option<usize>) -> Result<Vec<Option<Bytes>>> {
+        let mut found = Vec::with_capacity(keys.len());
         for key in keys {
+            found.push(self.get(key, limit).await?);
+        }
+        Ok(found)
+    }
+
+    async fn set_many_if(&self, stores: &[StoreIf]) -> Result<Vec<bool>> {
+        let mut stored = Vec::with_capacity(stores.len());
+        for store in stores {
+            let value = store.value.clone();
+            stored.push(
+                self.set_if(&store.key, &store.seen, value, store.ttl)
+                    .await?,
+            );
+        }
+        Ok(stored)
+    }
+
+    async fn set_many(&self, entries: &[(String, Arc<[u8]>)], ttl: Duration) -> Result<()> {
+        for (key, value) in entries {
             let _write = self.write_lock(key);
             self.insert(key, value.clone(), ttl);
         }

@@ -48,6 +48,16 @@ pub(crate) enum Seen {
     Unknown,
 }
 
+/// One store of a conditional multi-store: `value` at `key` for `ttl`, if
+/// the key still holds what was `seen`.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreIf {
+    pub(crate) key: String,
+    pub(crate) seen: Seen,
+    pub(crate) value: Arc<[u8]>,
+    pub(crate) ttl: Duration,
+}
+
 /// What an attempt at a key's lock found.
 #[derive(Debug)]
 pub(crate) enum Acquire {
@@ -87,6 +97,9 @@ pub(crate) trait Backend: Send + Sync {
         value: Arc<[u8]>,
         ttl: Duration,
     ) -> impl Future<Output = Result<bool>> + Send;
+    /// [`Backend::set_if`] for each of `stores`, in one round trip (on a
+    /// cluster, one per node, in parallel); whether each stored.
+    fn set_many_if(&self, stores: &[StoreIf]) -> impl Future<Output = Result<Vec<bool>>> + Send;
     /// Adds `key` to each tag set in `tag_keys`, each kept at least `ttl`.
     fn tag(
         &self,
@@ -101,11 +114,18 @@ pub(crate) trait Backend: Send + Sync {
         tag_key: &str,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(String, u64)>>> + Send;
-    /// Stores `value` at each of `keys` for `ttl` (one round trip).
-    fn set_many(
+    /// The entries at `keys`, in order (one round trip; on a cluster, one
+    /// per node, in parallel). `limit` as for [`Backend::get`].
+    fn get_many(
         &self,
         keys: &[String],
-        value: Arc<[u8]>,
+        limit: Option<usize>,
+    ) -> impl Future<Output = Result<Vec<Option<Bytes>>>> + Send;
+    /// Stores each entry at its key for `ttl`, replacing what was there
+    /// (one round trip; on a cluster, one per node, in parallel).
+    fn set_many(
+        &self,
+        entries: &[(String, Arc<[u8]>)],
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Removes from the tag set each member whose expiry is still the one
@@ -155,10 +175,24 @@ impl Backend for AnyBackend {
         }
     }
 
-    async fn set_many(&self, keys: &[String], value: Arc<[u8]>, ttl: Duration) -> Result<()> {
+    async fn get_many(&self, keys: &[String], limit: Option<usize>) -> Result<Vec<Option<Bytes>>> {
         match self {
-            AnyBackend::Redis(b) => b.set_many(keys, value, ttl).await,
-            AnyBackend::Memory(b) => b.set_many(keys, value, ttl).await,
+            AnyBackend::Redis(b) => b.get_many(keys, limit).await,
+            AnyBackend::Memory(b) => b.get_many(keys, limit).await,
+        }
+    }
+
+    async fn set_many_if(&self, stores: &[StoreIf]) -> Result<Vec<bool>> {
+        match self {
+            AnyBackend::Redis(b) => b.set_many_if(stores).await,
+            AnyBackend::Memory(b) => b.set_many_if(stores).await,
+        }
+    }
+
+    async fn set_many(&self, entries: &[(String, Arc<[u8]>)], ttl: Duration) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.set_many(entries, ttl).await,
+            AnyBackend::Memory(b) => b.set_many(entries, ttl).await,
         }
     }
 

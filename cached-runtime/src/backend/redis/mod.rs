@@ -18,6 +18,7 @@
 //! tag) are sent per key, in parallel, so that none spans two slots.
 
 mod link;
+mod merge;
 mod notify;
 mod scripts;
 
@@ -31,10 +32,11 @@ use redis::aio::ConnectionManagerConfig;
 
 use self::link::Link;
 pub(crate) use self::link::{ClusterTarget, SentinelTarget, Target};
+use self::merge::{Merger, Route};
 use self::notify::Feed;
 pub(crate) use self::notify::{Landing, Notifier, Watch};
 use self::scripts::{px, Scripts, SOURCES};
-use super::{Acquire, Backend, Bytes, Seen};
+use super::{Acquire, Backend, Bytes, Seen, StoreIf};
 use crate::error::{Error, Result};
 
 /// The largest entry a lock notification carries; waiters fetch larger
@@ -56,6 +58,8 @@ pub(crate) struct RedisBackend {
     /// share.
     lookup: Arc<Lookup>,
     notifier: Arc<Notifier>,
+    /// Merges the reads of many tasks into one `MGET`, when on.
+    merger: Option<Arc<Merger>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -113,12 +117,14 @@ pub(crate) enum Release<'a> {
 impl RedisBackend {
     /// Prepares the connection settings for `target`; connects nothing.
     /// `channel` names where lock notifications go; `limit` is the largest
-    /// entry.
+    /// entry; with `merge`, concurrent reads are merged, each merged read
+    /// bounded by it (not on a cluster).
     pub(crate) fn new(
         target: Target,
         connect_timeout: Duration,
         channel: String,
         limit: usize,
+        merge: Option<Duration>,
     ) -> Self {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
@@ -136,7 +142,11 @@ impl RedisBackend {
             Target::Sentinel(sentinel) => Feed::Sentinel(Arc::clone(sentinel)),
             Target::Cluster(cluster) => Feed::Sharded(Arc::clone(cluster)),
         };
+        let merger = merge
+            .filter(|_| !matches!(target, Target::Cluster(_)))
+            .map(|bound| Arc::new(Merger::new(bound)));
         RedisBackend {
+            merger,
             target,
             scripts: Scripts::default(),
             config,
@@ -323,6 +333,35 @@ impl RedisBackend {
             .map_err(|e| self.failed(&e))
     }
 
+    /// A read of `key` through the merger: alone, a `GET` at once; beside
+    /// others, part of the flusher's next `MGET`.
+    async fn merged_get(&self, merger: &Arc<Merger>, key: &str) -> Result<Option<Bytes>> {
+        // Connects (or looks the master up) here, so that the flusher
+        // finds a connection.
+        let mut conn = self.connection().await?;
+        let value: Option<Vec<u8>> = match merger.route(key) {
+            Route::Direct(_busy) => redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.failed(&e))?,
+            Route::Queued(reply, flusher) => {
+                if let Some(flusher) = flusher {
+                    let run = flusher.run(Arc::clone(&self.link));
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(runtime) => drop(runtime.spawn(run)),
+                        // Outside Tokio: flushes here, this read included.
+                        Err(_) => run.await,
+                    }
+                }
+                reply
+                    .await
+                    .map_err(|_| Error::Redis("merged read abandoned".into()))??
+            }
+        };
+        Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned))
+    }
+
     /// The compare arguments (mode, seen) of `seen`; `None` when it is unknown.
     fn compare_args<'a>(&self, seen: &'a Seen) -> Option<(&'static str, CompareArg<'a>)> {
         match seen {
@@ -504,6 +543,13 @@ impl CompareArg<'_> {
             CompareArg::Number(n) => invocation.arg(*n),
         };
     }
+
+    fn push_to(&self, cmd: &mut redis::Cmd) {
+        match self {
+            CompareArg::Bytes(bytes) => cmd.arg(*bytes),
+            CompareArg::Number(n) => cmd.arg(*n),
+        };
+    }
 }
 
 fn parse_acquire(values: &[redis::Value]) -> Result<Acquire> {
@@ -528,6 +574,9 @@ fn parse_acquire(values: &[redis::Value]) -> Result<Acquire> {
 
 impl Backend for RedisBackend {
     async fn get(&self, key: &str, limit: Option<usize>) -> Result<Option<Bytes>> {
+        if let (Some(merger), None) = (&self.merger, limit) {
+            return self.merged_get(merger, key).await;
+        }
         let value: Option<Vec<u8>> = match limit {
             // GETRANGE reads at most limit + 1 bytes: an oversized value
             // costs no more than that to reject.
@@ -539,6 +588,49 @@ impl Backend for RedisBackend {
         };
         // A missing key reads as empty through GETRANGE; no entry is empty.
         Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned))
+    }
+
+    async fn get_many(&self, keys: &[String], limit: Option<usize>) -> Result<Vec<Option<Bytes>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<Vec<u8>>> = match limit {
+            // On a cluster, redis-rs splits an MGET by slot and sends the
+            // parts in parallel.
+            None => {
+                let mut mget = redis::cmd("MGET");
+                for key in keys {
+                    mget.arg(key);
+                }
+                self.query(&mget).await?
+            }
+            Some(limit) if self.is_cluster() => {
+                try_join_all(keys.iter().map(|key| async move {
+                    let range = redis::cmd("GETRANGE").arg(key).arg(0).arg(limit).clone();
+                    self.query::<Option<Vec<u8>>>(&range).await
+                }))
+                .await?
+            }
+            Some(limit) => {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("GETRANGE").arg(key).arg(0).arg(limit);
+                }
+                let mut conn = self.connection().await?;
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.failed(&e))?
+            }
+        };
+        if values.len() != keys.len() {
+            return Err(Error::Redis(
+                "a multi-key read answered with the wrong count".into(),
+            ));
+        }
+        Ok(values
+            .into_iter()
+            .map(|value| value.filter(|v| !v.is_empty()).map(Bytes::Owned))
+            .collect())
     }
 
     async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
@@ -568,6 +660,61 @@ impl Backend for RedisBackend {
         invocation.arg(&*value).arg(px(ttl));
         let stored: i64 = self.invoke(&invocation).await?;
         Ok(stored == 1)
+    }
+
+    async fn set_many_if(&self, stores: &[StoreIf]) -> Result<Vec<bool>> {
+        if self.is_cluster() {
+            // One slot each: one script call each, in parallel.
+            return try_join_all(stores.iter().map(|store| {
+                self.set_if(&store.key, &store.seen, store.value.clone(), store.ttl)
+            }))
+            .await;
+        }
+        // One pipeline of EVALSHA; the stores whose key was never read
+        // (`Seen::Unknown`) are not sent.
+        let mut pipe = redis::pipe();
+        let mut sent = Vec::with_capacity(stores.len());
+        for store in stores {
+            let Some((mode, compare)) = self.compare_args(&store.seen) else {
+                sent.push(false);
+                continue;
+            };
+            sent.push(true);
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.scripts.set_if.get_hash())
+                .arg(1)
+                .arg(&store.key)
+                .arg(mode);
+            compare.push_to(&mut cmd);
+            cmd.arg(&*store.value).arg(px(store.ttl));
+            pipe.add_command(cmd);
+        }
+        if !sent.contains(&true) {
+            return Ok(sent);
+        }
+        let mut conn = self.connection().await?;
+        let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
+            Ok(replies) => replies,
+            Err(err) if err.code() == Some("NOSCRIPT") => {
+                // A server that lost its scripts (restarted, flushed):
+                // load it, then send the pipeline again.
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(SOURCES[0])
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.failed(&e))?
+            }
+            Err(err) => return Err(self.failed(&err)),
+        };
+        let mut replies = replies.into_iter();
+        Ok(sent
+            .into_iter()
+            .map(|sent| sent && replies.next() == Some(1))
+            .collect())
     }
 
     async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
@@ -606,33 +753,30 @@ impl Backend for RedisBackend {
             .collect())
     }
 
-    async fn set_many(&self, keys: &[String], value: Arc<[u8]>, ttl: Duration) -> Result<()> {
-        if keys.is_empty() {
+    async fn set_many(&self, entries: &[(String, Arc<[u8]>)], ttl: Duration) -> Result<()> {
+        if entries.is_empty() {
             return Ok(());
         }
         if self.is_cluster() {
             // The keys live in many slots: one command each, in parallel
             // (a cluster connection pipelines them per node by itself).
-            try_join_all(keys.iter().map(|key| {
-                let value = &value;
-                async move {
-                    let set = redis::cmd("SET")
-                        .arg(key)
-                        .arg(&**value)
-                        .arg("PX")
-                        .arg(px(ttl))
-                        .clone();
-                    self.query::<()>(&set).await
-                }
+            try_join_all(entries.iter().map(|(key, value)| async move {
+                let set = redis::cmd("SET")
+                    .arg(key)
+                    .arg(&**value)
+                    .arg("PX")
+                    .arg(px(ttl))
+                    .clone();
+                self.query::<()>(&set).await
             }))
             .await?;
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for key in keys {
+        for (key, value) in entries {
             pipe.cmd("SET")
                 .arg(key)
-                .arg(&*value)
+                .arg(&**value)
                 .arg("PX")
                 .arg(px(ttl))
                 .ignore();
