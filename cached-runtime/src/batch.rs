@@ -169,16 +169,28 @@ where
     V: DeserializeOwned,
     M: BatchMap<K, V>,
 {
-    let mut unique = HashSet::new();
-    let elements: Vec<(K, String)> = elements
+    let (elements, keys): (Vec<K>, Vec<String>) = elements
         .into_iter()
         .map(|(element, key)| (element, inner.full_key(key)))
-        .filter(|(_, key)| unique.insert(key.clone()))
-        .collect();
-    let keys: Vec<String> = elements.iter().map(|(_, key)| key.clone()).collect();
+        .unzip();
+    let unique: Vec<bool> = {
+        let mut seen = HashSet::with_capacity(keys.len());
+        keys.iter().map(|key| seen.insert(key.as_str())).collect()
+    };
+    let (elements, keys): (Vec<K>, Vec<String>) = if unique.contains(&false) {
+        elements
+            .into_iter()
+            .zip(keys)
+            .zip(&unique)
+            .filter(|(_, unique)| **unique)
+            .map(|(pair, _)| pair)
+            .unzip()
+    } else {
+        (elements, keys)
+    };
     let reads = inner.read_many(&keys).await;
     let mut missing = Vec::new();
-    for ((element, key), read) in elements.into_iter().zip(reads) {
+    for ((element, key), read) in elements.into_iter().zip(keys).zip(reads) {
         let lookup = match read {
             Ok(bytes) => inner.decode::<V>(bytes),
             Err(seen) => Lookup::Miss(seen),
