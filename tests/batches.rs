@@ -624,3 +624,21 @@ fn merged_lookups_outlive_the_runtime_that_started_them() {
         "lookups stuck after the runtime ended",
     ));
 }
+
+/// Another program's list at one element's key: that element is computed
+/// every time, and the others are stored as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_wrong_type_at_one_key_spoils_only_that_element() {
+    let server = RedisServer::start();
+    let repo = Repo::new(Cache::redis(&server.url()).unwrap());
+    server
+        .cmd::<()>(::redis::cmd("RPUSH").arg("user:5").arg("someone else's"))
+        .await;
+    for _ in 0..2 {
+        let found = repo.users(vec![4, 5, 6]).await.unwrap();
+        assert_eq!(found.len(), 3, "the caller gets every value");
+    }
+    assert_eq!(repo.batches(), [vec![4, 5, 6], vec![5]]);
+    let kind: String = server.cmd(::redis::cmd("TYPE").arg("user:5")).await;
+    assert_eq!(kind, "list", "the other program's data is left alone");
+}

@@ -115,8 +115,8 @@ fn cache_expr(model: &Model, private: &TokenStream) -> TokenStream {
 ///
 /// ```text
 /// let __elements: Vec<(K, String)> = ids.iter().map(|__e| (__e.clone(), <key of __e>)).collect();
-/// let __body = move |__missing: Vec<K>| async move { let ids: Vec<K> = __missing.into_iter().collect(); <body> };
-/// ::redis_cached::__private::cached_batch::<Shape, R, K, V, _, _>(__cache, __elements, tags, policy, __body).await
+/// ::redis_cached::__private::cached_batch::<Shape, R, K, V, _, _>(__cache, __elements, tags, policy,
+///     move |__missing| async move { let ids: Vec<K> = __missing.into_iter().collect(); <body> }).await
 /// ```
 fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
     let krate = &model.krate;
@@ -125,7 +125,7 @@ fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
     let (attrs, vis, sig) = (&func.attrs, &func.vis, &func.sig);
     let (inner_attrs, block) = (&func.inner_attrs, &func.body);
     let ret = &model.ret;
-    let (cache, body, tags) = (local("__cache"), local("__body"), local("__tags"));
+    let (cache, tags) = (local("__cache"), local("__tags"));
     let (elements, element, missing) = (local("__elements"), local("__e"), local("__missing"));
     let (owned, ret_local) = (local("__owned"), local("__ret"));
     let cache_expr = cache_expr(model, &private);
@@ -134,43 +134,60 @@ fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
     let tag_count = model.tags.len();
     let (param, pat, ty) = (&batch.param, &batch.pat, &batch.ty);
     let (elem, value) = (&batch.element, &batch.value);
+    // The reference rebinding carries no type: a named lifetime in the
+    // parameter's type (`&'a [u64]`) would outlive the local it borrows.
     let rebind = match &batch.collection {
         Collection::Owned => quote!(
             let #pat: #ty = ::core::iter::FromIterator::from_iter(#missing);
         ),
         Collection::Slice => quote!(
             let #owned: ::std::vec::Vec<#elem> = #missing;
-            let #pat: #ty = &#owned;
+            let #pat = &#owned[..];
         ),
         Collection::Borrowed(inner) => quote!(
             let #owned: #inner = ::core::iter::FromIterator::from_iter(#missing);
-            let #pat: #ty = &#owned;
+            let #pat = &#owned;
         ),
+    };
+    // The signature's `mut ids` is for the body, which gets its own `ids`.
+    let used_mut = match pat {
+        syn::Pat::Ident(p) if p.mutability.is_some() => quote!(let _ = &mut #param;),
+        _ => TokenStream::new(),
     };
     let shape = Ident::new(
         if batch.result { "ResultMapOf" } else { "MapOf" },
         model.ret_span,
     );
     let policy = policy(model);
+    // Spanned at the return type: a value type that cannot be stored is
+    // reported there.
+    let private_at_ret = respan(private.clone(), model.ret_span);
+    // The closure's parameter is typed by `cached_batch`'s bounds, not
+    // written: an element type with an elided lifetime (`&str`) would make
+    // a written one higher-ranked.
+    let call = quote_spanned!(model.ret_span=>
+        #private_at_ret::cached_batch::<#private_at_ret::#shape, #ret, #elem, #value, _, _>(
+            #cache.get(), #elements, &#tags, #policy,
+            move |#missing| async move {
+                #rebind
+                let #ret_local: #ret = #block;
+                #ret_local
+            },
+        ).await
+    );
     quote! {
         #(#attrs)*
         #vis #sig {
             #(#inner_attrs)*
+            #used_mut
             let #cache = #cache_expr;
             let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
             let #elements: ::std::vec::Vec<(#elem, ::std::string::String)> = ::core::iter::Iterator::collect(
-                ::core::iter::Iterator::map(#param.iter(), |#element: &#elem| {
+                ::core::iter::Iterator::map(#param.iter(), |#element| {
                     (::core::clone::Clone::clone(#element), #key_expr)
                 }),
             );
-            let #body = move |#missing: ::std::vec::Vec<#elem>| async move {
-                #rebind
-                let #ret_local: #ret = #block;
-                #ret_local
-            };
-            #private::cached_batch::<#private::#shape, #ret, #elem, #value, _, _>(
-                #cache.get(), #elements, &#tags, #policy, #body,
-            ).await
+            #call
         }
     }
 }
@@ -200,7 +217,7 @@ fn render(parts: &[KeyPart], version: Option<u32>, private: &TokenStream) -> Tok
         .iter()
         .map(|p| match p {
             KeyPart::Literal(text) => text.len(),
-            KeyPart::Element => 16,
+            KeyPart::Element(_) => 16,
             KeyPart::ModulePath => 32,
             KeyPart::Value(_) => 16,
             KeyPart::Digest(_) => 17,
@@ -208,9 +225,13 @@ fn render(parts: &[KeyPart], version: Option<u32>, private: &TokenStream) -> Tok
         .sum();
     let pushes = parts.iter().map(|part| match part {
         KeyPart::Literal(text) => quote!(#builder.literal(#text);),
-        KeyPart::Element => {
+        KeyPart::Element(param) => {
             let element = local("__e");
-            quote!(#private::KeyBuilder::value(&mut #builder, #element);)
+            // Spanned at the parameter: an element type without `CacheKey`
+            // is reported there.
+            // (`__e` itself is the macro's; the call around it is the
+            // parameter's.)
+            quote_spanned!(param.span()=> #private::KeyBuilder::value(&mut #builder, ::core::convert::identity(#element));)
         }
         KeyPart::ModulePath => quote!(#builder.literal(::core::module_path!());),
         KeyPart::Value(value) => {

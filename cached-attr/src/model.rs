@@ -75,8 +75,9 @@ pub(crate) struct KeyValue {
 
 pub(crate) enum KeyPart {
     Literal(String),
-    /// The element of a batch (`<ids[]>`), one key per element.
-    Element,
+    /// The element of a batch (`<ids[]>`), one key per element; the
+    /// parameter, for spans.
+    Element(Ident),
     /// Literal text computed at the call site: the default key's module path.
     ModulePath,
     Value(KeyValue),
@@ -359,7 +360,9 @@ fn batch_model(
         ));
         return errors.finish(None);
     };
-    if tokens(map_key) != tokens(&element) {
+    // Compared by their last path segment (`crate::UserId` is `UserId`);
+    // rustc checks the rest.
+    if last_name(map_key) != last_name(&element) {
         errors.push(syn::Error::new(
             ret_span,
             format!(
@@ -382,6 +385,18 @@ fn batch_model(
         result,
     };
     errors.finish(Some(batch))
+}
+
+fn last_name(ty: &Type) -> String {
+    match ty {
+        Type::Path(path) => path
+            .path
+            .segments
+            .last()
+            .map(|last| quote::ToTokens::to_token_stream(last).to_string())
+            .unwrap_or_default(),
+        other => tokens(other),
+    }
 }
 
 fn tokens(ty: &Type) -> String {
@@ -585,7 +600,14 @@ fn resolve(lit: &syn::LitStr, segments: &[Segment], params: &[Param]) -> syn::Re
                     continue;
                 };
                 if *batch {
-                    parts.push(KeyPart::Element);
+                    if param.is_self {
+                        errors.push(syn::Error::new(
+                            lit.span(),
+                            "`<self[]>`: a batch placeholder names a collection parameter, e.g. `<ids[]>`",
+                        ));
+                    } else {
+                        parts.push(KeyPart::Element(param.ident.clone()));
+                    }
                     continue;
                 }
                 if param.is_self && fields.is_empty() {

@@ -170,6 +170,10 @@ impl Inner {
     /// Reads `keys` in one round trip: for each, its bytes or what a later
     /// compare-and-set expects.
     pub(crate) async fn read_many(&self, keys: &[String]) -> Vec<std::result::Result<Bytes, Seen>> {
+        if keys.is_empty() {
+            // Nothing to ask: no round trip, and no breaker probe spent.
+            return Vec::new();
+        }
         let limit = self
             .settings
             .bounded_reads

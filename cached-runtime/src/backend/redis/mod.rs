@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use redis::aio::ConnectionManagerConfig;
 
 use self::link::Link;
 pub(crate) use self::link::{ClusterTarget, SentinelTarget, Target};
-use self::merge::{Merger, Route};
+use self::merge::{Merger, Reply, Route};
 use self::notify::Feed;
 pub(crate) use self::notify::{Landing, Notifier, Watch};
 use self::scripts::{px, Scripts, SOURCES};
@@ -334,29 +334,34 @@ impl RedisBackend {
     }
 
     /// A read of `key` through the merger: alone, a `GET` at once; beside
-    /// others, part of the flusher's next `MGET`.
+    /// others, part of the next `MGET`, which this caller may be the one
+    /// to send.
     async fn merged_get(&self, merger: &Arc<Merger>, key: &str) -> Result<Option<Bytes>> {
-        // Connects (or looks the master up) here, so that the flusher
-        // finds a connection.
-        let mut conn = self.connection().await?;
-        let value: Option<Vec<u8>> = match merger.route(key) {
-            Route::Direct(_busy) => redis::cmd("GET")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.failed(&e))?,
-            Route::Queued(reply, flusher) => {
-                if let Some(flusher) = flusher {
-                    let run = flusher.run(Arc::clone(&self.link));
-                    match tokio::runtime::Handle::try_current() {
-                        Ok(runtime) => drop(runtime.spawn(run)),
-                        // Outside Tokio: flushes here, this read included.
-                        Err(_) => run.await,
-                    }
-                }
+        if self.link.load().is_none() {
+            // Connects (or looks the master up) here, so that the flusher
+            // finds a connection.
+            self.connection().await?;
+        }
+        let mut reply = match merger.route(key) {
+            Route::Direct(_busy) => {
+                let value: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
+                return Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned));
+            }
+            Route::Queued(reply) => reply,
+            Route::Turn(reply, turn) => {
+                turn.flush(self.link.load_full()).await;
                 reply
-                    .await
-                    .map_err(|_| Error::Redis("merged read abandoned".into()))??
+            }
+        };
+        let value = loop {
+            match reply.await {
+                Ok(Reply::Value(value)) => break value,
+                Ok(Reply::Failed(err)) => return Err(err),
+                Ok(Reply::Turn(turn)) => {
+                    reply = turn.rejoin(key);
+                    turn.flush(self.link.load_full()).await;
+                }
+                Err(_) => return Err(Error::Redis("merged read abandoned".into())),
             }
         };
         Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned))
@@ -664,15 +669,25 @@ impl Backend for RedisBackend {
 
     async fn set_many_if(&self, stores: &[StoreIf]) -> Result<Vec<bool>> {
         if self.is_cluster() {
-            // One slot each: one script call each, in parallel.
-            return try_join_all(stores.iter().map(|store| {
-                self.set_if(&store.key, &store.seen, store.value.clone(), store.ttl)
-            }))
-            .await;
+            // One slot each: one script call each, in parallel. A key that
+            // refuses (another type at it) is not stored; the others are.
+            let results =
+                join_all(stores.iter().map(|store| {
+                    self.set_if(&store.key, &store.seen, store.value.clone(), store.ttl)
+                }))
+                .await;
+            return results
+                .into_iter()
+                .map(|result| match result {
+                    Err(Error::Rejected(_)) => Ok(false),
+                    other => other,
+                })
+                .collect();
         }
         // One pipeline of EVALSHA; the stores whose key was never read
         // (`Seen::Unknown`) are not sent.
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         let mut sent = Vec::with_capacity(stores.len());
         for store in stores {
             let Some((mode, compare)) = self.compare_args(&store.seen) else {
@@ -693,27 +708,33 @@ impl Backend for RedisBackend {
             return Ok(sent);
         }
         let mut conn = self.connection().await?;
-        let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
-            Ok(replies) => replies,
-            Err(err) if err.code() == Some("NOSCRIPT") => {
-                // A server that lost its scripts (restarted, flushed):
-                // load it, then send the pipeline again.
-                redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(SOURCES[0])
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map_err(|e| self.failed(&e))?;
-                pipe.query_async(&mut conn)
-                    .await
-                    .map_err(|e| self.failed(&e))?
-            }
-            Err(err) => return Err(self.failed(&err)),
-        };
+        let mut replies: Vec<redis::RedisResult<i64>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(&e))?;
+        if replies
+            .iter()
+            .any(|r| r.as_ref().is_err_and(|e| e.code() == Some("NOSCRIPT")))
+        {
+            // A server that lost its scripts (restarted, flushed): load
+            // it, then send the pipeline again.
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(SOURCES[0]) // set_if's
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| self.failed(&e))?;
+            replies = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.failed(&e))?;
+        }
+        // Each store alone: one that Redis refused (another program's
+        // value of another type at its key) is not stored.
         let mut replies = replies.into_iter();
         Ok(sent
             .into_iter()
-            .map(|sent| sent && replies.next() == Some(1))
+            .map(|sent| sent && matches!(replies.next(), Some(Ok(1))))
             .collect())
     }
 
