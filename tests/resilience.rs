@@ -21,6 +21,7 @@ per_backend!(
     eviction_is_read_your_writes,
     a_write_through_is_read_your_writes,
     re_entrant_calls_finish,
+    a_call_waiting_for_itself_through_a_spawned_task_ends,
     a_write_through_that_cannot_store_invalidates,
     a_panicking_refresh_gives_its_key_back,
     a_hanging_refresh_is_abandoned,
@@ -109,6 +110,22 @@ impl Repo {
     #[redis_cached(key = "entity:<id>", cache = self.cache)]
     async fn entity_dto(&self, id: u64) -> Vec<String> {
         vec![self.entity(id).await]
+    }
+
+    /// Asks for its own key from a task it spawns and awaits: no marker
+    /// crosses the spawn, so the inner call waits for the outer one.
+    #[redis_cached(key = "spawned:<id>", cache = self.cache)]
+    async fn via_spawned_task(self: Arc<Self>, id: u64) -> u64 {
+        let repo = Arc::clone(&self);
+        tokio::spawn(async move { repo.spawned_inner(id).await })
+            .await
+            .expect("no panic")
+            + 1
+    }
+
+    #[redis_cached(key = "spawned:<id>", cache = self.cache)]
+    async fn spawned_inner(&self, id: u64) -> u64 {
+        id
     }
 
     #[redis_cached(key = "depth:<id>", cache = self.cache)]
@@ -243,6 +260,26 @@ async fn a_write_through_is_read_your_writes(env: &Env) {
         2,
         "the older result did not overwrite the write"
     );
+}
+
+async fn a_call_waiting_for_itself_through_a_spawned_task_ends(env: &Env) {
+    let cache = env
+        .builder()
+        .coalesce_wait(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let repo = Repo::new(cache);
+    let started = Instant::now();
+    let value = tokio::time::timeout(
+        Duration::from_secs(10),
+        Arc::clone(&repo).via_spawned_task(5),
+    )
+    .await
+    .expect("the wait for itself ended at coalesce_wait");
+    // The inner call gave up waiting and computed 5; the outer one added 1.
+    assert_eq!(value, 6);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(repo.cache.stats().coalesce_timeouts, 1);
 }
 
 async fn re_entrant_calls_finish(env: &Env) {

@@ -238,7 +238,7 @@ impl<'a> Fill<'a> {
                             return Step::Alone;
                         }
                         Counters::bump(&inner.counters.coalesced);
-                        match flight::follow(receiver).await {
+                        match flight::follow_within(inner.settings.coalesce_wait, receiver).await {
                             Followed::Value(entry) => {
                                 return self.found(Bytes::Shared(entry), Source::Leader)
                             }
@@ -248,6 +248,11 @@ impl<'a> Fill<'a> {
                                 return Step::Alone;
                             }
                             Followed::Nothing => self.state = State::Join(true),
+                            Followed::TimedOut => {
+                                Counters::bump(&inner.counters.coalesce_timeouts);
+                                self.state = State::Computing;
+                                return Step::Alone;
+                            }
                         }
                     }
                 },

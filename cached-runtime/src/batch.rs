@@ -233,10 +233,13 @@ where
     }
     let got = join_all(followed.iter().map(|(_, receiver)| {
         Counters::bump(&inner.counters.coalesced);
-        flight::follow(receiver.clone())
+        flight::follow_within(inner.settings.coalesce_wait, receiver.clone())
     }))
     .await;
     for ((element, _), got) in followed.into_iter().zip(got) {
+        if let Followed::TimedOut = got {
+            Counters::bump(&inner.counters.coalesce_timeouts);
+        }
         let Followed::Value(entry) = got else {
             still.push(element);
             continue;

@@ -156,6 +156,7 @@ pub struct CacheBuilder {
     op_timeout: Duration,
     connect_timeout: Duration,
     invalidation_window: Duration,
+    coalesce_wait: Duration,
     max_value_bytes: usize,
     bounded_reads: bool,
     merge_lookups: bool,
@@ -198,6 +199,7 @@ impl CacheBuilder {
             op_timeout: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(1),
             invalidation_window: Duration::from_secs(60),
+            coalesce_wait: Duration::from_secs(30),
             tls_root: None,
             max_value_bytes: 16 * 1024 * 1024,
             bounded_reads: false,
@@ -277,6 +279,17 @@ impl CacheBuilder {
         self
     }
 
+    /// How long a caller waits for the computation of its key that another
+    /// caller in this process runs before it computes by itself (counted
+    /// in `coalesce_timeouts`). Default 30 s. A bound, not a schedule: it
+    /// ends the wait of a call that waits for itself in a way no marker
+    /// can see (a body that spawns a task which calls it for the same key
+    /// and awaits that task), and with it the wait of every later caller.
+    pub fn coalesce_wait(mut self, wait: Duration) -> Self {
+        self.coalesce_wait = wait;
+        self
+    }
+
     /// Largest stored value, in bytes (header included); larger values are
     /// neither stored nor read. Default 16 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
@@ -332,6 +345,7 @@ impl CacheBuilder {
             ("op_timeout", self.op_timeout),
             ("connect_timeout", self.connect_timeout),
             ("invalidation_window", self.invalidation_window),
+            ("coalesce_wait", self.coalesce_wait),
             ("breaker cooldown", self.breaker.cooldown),
         ] {
             if value.is_zero() {
@@ -401,6 +415,7 @@ impl CacheBuilder {
                 op_timeout: self.op_timeout,
                 connect_timeout: self.connect_timeout,
                 invalidation_window: self.invalidation_window,
+                coalesce_wait: self.coalesce_wait,
                 max_value_bytes: self.max_value_bytes,
                 bounded_reads: self.bounded_reads,
                 codec: self.codec,

@@ -37,6 +37,8 @@ pub(crate) struct Settings {
     pub(crate) op_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) invalidation_window: Duration,
+    /// How long a caller waits for this process's computation of its key.
+    pub(crate) coalesce_wait: Duration,
     pub(crate) max_value_bytes: usize,
     /// Read at most `max_value_bytes + 1` bytes of an entry (GETRANGE)
     /// rather than all of it (GET).

@@ -58,6 +58,8 @@ pub(crate) enum Followed {
     Failed,
     /// The leader ended without sharing anything: join again.
     Nothing,
+    /// The leader took longer than the wait's bound: compute by yourself.
+    TimedOut,
 }
 
 impl Flights {
@@ -98,6 +100,13 @@ impl Flights {
     fn len(&self) -> usize {
         self.map().len()
     }
+}
+
+/// Waits for the leader, at most `bound`.
+pub(crate) async fn follow_within(bound: std::time::Duration, receiver: Receiver) -> Followed {
+    tokio::time::timeout(bound, follow(receiver))
+        .await
+        .unwrap_or(Followed::TimedOut)
 }
 
 /// Waits for the leader.

@@ -70,6 +70,9 @@ counters! {
     lock_acquired,
     /// Misses that found another process computing and waited for it.
     lock_waits,
+    /// Waits for a computation in this process that reached the cache's
+    /// `coalesce_wait` and computed by themselves.
+    coalesce_timeouts,
     /// Waits that reached `lock_wait` and computed by themselves.
     lock_wait_timeouts,
     /// Lock extensions by the watchdog of a long computation.
