@@ -778,3 +778,44 @@ async fn the_in_memory_backend_is_bounded_by_bytes() {
     assert!(held * 64 * 1024 <= max_bytes, "{held} entries of 64 KiB");
     assert!(held >= 8, "it still caches: {held}");
 }
+
+/// In memory, an invalidation's tombstone outlives any amount of eviction
+/// while its window lasts: a computation that read the key before the
+/// invalidation does not store its older value after a flood of other
+/// writes evicted everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_an_evicted_tombstone_does_not_let_an_older_value_in() {
+    let cache = Cache::builder("memory://")
+        .memory(redis_cached::MemoryConfig {
+            max_entries: 64,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let repo = Repo::new(cache);
+    repo.db.value.store(1, Ordering::SeqCst);
+    let before = {
+        let repo = repo.clone();
+        tokio::spawn(async move { repo.row(7).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    repo.update_row(7, 2).await.expect("updated");
+    // Values that are read again: the eviction policy keeps them over an
+    // entry nobody reads, such as the tombstone.
+    for n in 0..2_000u32 {
+        let key = format!("filler:{}", n % 128);
+        repo.cache
+            .set(&key, &n, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let _ = repo.cache.get::<u32>(&key).await;
+    }
+    assert_eq!(before.await.expect("no panic"), 1);
+    assert_eq!(
+        repo.cache.get::<u64>("row:7").await,
+        None,
+        "the value read before the invalidation was stored"
+    );
+    assert_eq!(repo.cache.stats().stale_sets_refused, 1);
+    assert_eq!(repo.row(7).await, 2);
+}

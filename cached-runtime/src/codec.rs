@@ -114,6 +114,11 @@ impl Codec {
     }
 
     /// A tombstone with a fresh random id, unlike any other.
+    /// Whether `bytes` are a tombstone (of any codec).
+    pub(crate) fn is_tombstone(bytes: &[u8]) -> bool {
+        matches!(bytes, [MAGIC, FORMAT_VERSION, _, flags, ..] if flags & FLAG_TOMBSTONE != 0)
+    }
+
     pub(crate) fn encode_tombstone(self) -> Vec<u8> {
         let mut buf = self.header(FLAG_TOMBSTONE, None);
         buf.extend_from_slice(&crate::token::random_bytes::<TOMBSTONE_ID_LEN>());

@@ -10,6 +10,12 @@
 //! that a compare-and-set (`set_if`) is atomic against every other write to
 //! the same key.
 //!
+//! Tombstones (left by invalidations) are kept apart from values, out of
+//! eviction's reach, until they expire (the cache's `invalidation_window`):
+//! an evicted tombstone would let a computation that read the key before
+//! the invalidation store its older value over "nothing". They are bounded
+//! by the invalidations of one window, not by `max_entries`.
+//!
 //! An expired entry is never returned: a read that finds one removes it.
 //! Expired entries nobody reads are reclaimed by a sweep that runs after
 //! every `max_entries / 4` writes, so they cost at most the bound's memory
@@ -25,6 +31,7 @@ use quick_cache::sync::Cache as Store;
 use quick_cache::{DefaultHashBuilder, Weighter};
 
 use super::{Backend, Bytes, Seen, StoreIf};
+use crate::codec::Codec;
 use crate::error::Result;
 use crate::token::now_unix_ms;
 
@@ -88,6 +95,11 @@ pub(crate) struct MemoryBackend {
     /// without an entry: a fill records its key before it stores it) and
     /// empty sets.
     tags: Mutex<HashMap<String, HashMap<String, u64>>>,
+    /// The keys' tombstones, which eviction must not drop.
+    tombstones: Mutex<HashMap<String, Entry>>,
+    /// How many tombstones there are, so that a lookup that finds no value
+    /// looks for one only when there may be one.
+    tombstone_count: std::sync::atomic::AtomicUsize,
     stripes: [Mutex<()>; STRIPES],
     hasher: RandomState,
     writes: AtomicU64,
@@ -111,6 +123,8 @@ impl MemoryBackend {
         MemoryBackend {
             entries: Store::with_weighter(capacity, max_bytes, ByBytes { floor }),
             tags: Mutex::new(HashMap::new()),
+            tombstones: Mutex::new(HashMap::new()),
+            tombstone_count: std::sync::atomic::AtomicUsize::new(0),
             stripes: std::array::from_fn(|_| Mutex::new(())),
             hasher: RandomState::new(),
             writes: AtomicU64::new(0),
@@ -125,11 +139,39 @@ impl MemoryBackend {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The unexpired entry at `key`.
+    /// The unexpired entry (value or tombstone) at `key`.
     fn live(&self, key: &str) -> Option<Entry> {
-        self.entries
-            .get(key)
+        self.entry(key)
             .filter(|entry| entry.expires_at > Instant::now())
+    }
+
+    /// The entry at `key`, expired or not: its value, else its tombstone.
+    fn entry(&self, key: &str) -> Option<Entry> {
+        if let Some(entry) = self.entries.get(key) {
+            return Some(entry);
+        }
+        if self.tombstone_count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.tombstones().get(key).cloned()
+    }
+
+    fn tombstones(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.tombstones
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops `key`'s tombstone, if it has one.
+    fn untomb(&self, key: &str) {
+        if self.tombstone_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut tombstones = self.tombstones();
+        if tombstones.remove(key).is_some() {
+            self.tombstone_count
+                .store(tombstones.len(), Ordering::Release);
+        }
     }
 
     fn insert(&self, key: &str, value: Arc<[u8]>, ttl: Duration) {
@@ -138,13 +180,23 @@ impl MemoryBackend {
         let expires_at = now
             .checked_add(ttl)
             .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
-        self.entries.insert(
-            key.to_owned(),
-            Entry {
-                bytes: value,
-                expires_at,
-            },
-        );
+        let entry = Entry {
+            bytes: value,
+            expires_at,
+        };
+        // In this order, a lock-free reader sees the old entry or the new
+        // one, never neither (values are looked up before tombstones).
+        if Codec::is_tombstone(&entry.bytes) {
+            let mut tombstones = self.tombstones();
+            tombstones.insert(key.to_owned(), entry);
+            self.tombstone_count
+                .store(tombstones.len(), Ordering::Release);
+            drop(tombstones);
+            self.entries.remove(key);
+        } else {
+            self.entries.insert(key.to_owned(), entry);
+            self.untomb(key);
+        }
         if self.writes.fetch_add(1, Ordering::Relaxed) % self.sweep_every == self.sweep_every - 1 {
             self.sweep();
         }
@@ -155,6 +207,12 @@ impl MemoryBackend {
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         self.entries.retain(|_, entry| entry.expires_at > now);
+        {
+            let mut tombstones = self.tombstones();
+            tombstones.retain(|_, entry| entry.expires_at > now);
+            self.tombstone_count
+                .store(tombstones.len(), Ordering::Release);
+        }
         let now_ms = now_unix_ms();
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         tags.retain(|_, keys| {
@@ -171,7 +229,7 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     async fn get(&self, key: &str, _limit: Option<usize>) -> Result<Option<Bytes>> {
         // Entries come only from this process's writes, which are bounded.
-        let Some(entry) = self.entries.get(key) else {
+        let Some(entry) = self.entry(key) else {
             return Ok(None);
         };
         if entry.expires_at > Instant::now() {
