@@ -281,3 +281,71 @@ async fn a_crowd_in_one_process_sends_one_read_and_one_lock_attempt() {
     );
     assert_eq!(computes.load(Ordering::SeqCst), 2);
 }
+
+struct Report {
+    cache: Cache,
+}
+
+impl Report {
+    #[redis_cached(key = "report:<day>", lock = true, lock_wait = "3s", cache = self.cache)]
+    async fn report(&self, day: u32) -> String {
+        format!("fresh report {day}")
+    }
+}
+
+/// A lock notification that carries a value computed before this process
+/// invalidated the key, and reaches a waiter after the invalidation (a
+/// late message): the waiter reads the key instead of taking that value,
+/// so no call that starts after `invalidate` returned gets the older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_notification_older_than_an_invalidation_is_not_taken() {
+    let server = RedisServer::start();
+    let repo = Arc::new(Report {
+        cache: Cache::redis(&server.url()).unwrap(),
+    });
+    repo.cache.connect().await.unwrap();
+    // The entry an earlier holder stored and announced: stored, then
+    // invalidated here.
+    repo.cache
+        .set("old", &"old report".to_owned(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let old_entry: Vec<u8> = server.cmd(::redis::cmd("GET").arg("old")).await;
+    repo.cache.invalidate("report:1").await.unwrap();
+    // Another process holds the lock now (taken after the invalidation).
+    let _: () = server
+        .cmd(
+            ::redis::cmd("SET")
+                .arg("~lock{report:1}")
+                .arg("another holder")
+                .arg("PX")
+                .arg(1_500),
+        )
+        .await;
+    let call = {
+        let repo = Arc::clone(&repo);
+        tokio::spawn(async move { repo.report(1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        repo.cache.stats().lock_waits,
+        1,
+        "the call waits for the holder"
+    );
+    // The earlier holder's message arrives only now.
+    let mut message = b"8:report:1v".to_vec();
+    message.extend_from_slice(&old_entry);
+    let _: () = server
+        .cmd(
+            ::redis::cmd("PUBLISH")
+                .arg("redis-cached:filled")
+                .arg(message),
+        )
+        .await;
+    // The holder goes away without a value: the waiter takes the lock.
+    let value = call.await.unwrap();
+    assert_eq!(
+        value, "fresh report 1",
+        "a value older than the invalidation was taken"
+    );
+}

@@ -424,6 +424,7 @@ impl CacheBuilder {
             counters: Arc::new(Counters::default()),
             flights: Flights::default(),
             refreshing: Claims::default(),
+            recent: Default::default(),
         })
     }
 }

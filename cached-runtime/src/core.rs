@@ -56,6 +56,8 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights,
     /// The keys this process is refreshing in the background.
     pub(crate) refreshing: crate::claims::Claims,
+    /// The keys this process invalidated lately (for lock waiters).
+    pub(crate) recent: crate::recent::Recent,
 }
 
 /// What a lookup found.
@@ -324,8 +326,10 @@ impl Inner {
             .guarded(self.backend.set(key, tombstone.into(), window))
             .await;
         // Even if the write failed: this process's later callers must not
-        // join a computation that read the key before.
+        // join a computation that read the key before, nor take a lock
+        // notification's value computed before.
         self.flights.detach(key);
+        self.recent.mark(key);
         written?;
         Counters::bump(&self.counters.invalidations);
         Ok(())
@@ -382,6 +386,7 @@ impl Inner {
             }
             for (key, _) in &live {
                 self.flights.detach(key);
+                self.recent.mark(key);
             }
             invalidated += live.len() as u64;
             if let Err(err) = self.guarded(self.backend.untag(&tag_key, &batch)).await {

@@ -28,6 +28,7 @@ mod global;
 mod key;
 mod lock;
 mod policy;
+mod recent;
 mod shape;
 mod stats;
 mod token;

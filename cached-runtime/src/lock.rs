@@ -119,8 +119,15 @@ impl LockWait {
                     let pause = self.retry.mul_f64(0.5 + unit_interval());
                     let _ = tokio::time::timeout(pause.min(self.deadline - now), notified).await;
                     match watch.landed() {
-                        Some(Landing::Value(bytes)) => return Waited::Landed(bytes),
-                        Some(Landing::Fetch) => match inner.read(key).await {
+                        // A value for a key invalidated here lately may have
+                        // been computed before the invalidation (the message
+                        // came late): read what the key holds instead.
+                        Some(Landing::Value(bytes))
+                            if !inner.recent.within(key, inner.settings.invalidation_window) =>
+                        {
+                            return Waited::Landed(bytes)
+                        }
+                        Some(Landing::Value(_) | Landing::Fetch) => match inner.read(key).await {
                             Ok(bytes) => return Waited::Landed(bytes),
                             Err(now) => seen = now,
                         },
