@@ -71,6 +71,17 @@ async fn keys_values_and_passwords_are_never_logged() {
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("WARN"), "failures are logged: {logs}");
+    // Under the crate users depend on, so `RUST_LOG=redis_cached=debug`
+    // shows them.
+    let ours: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" redis_cached:"))
+        .collect();
+    assert!(ours.iter().any(|l| l.contains("WARN")), "{logs}");
+    assert!(
+        !logs.contains("cached_runtime"),
+        "logged under the inner crate: {logs}"
+    );
     for secret in ["secret-key-name", "secret-value", "pw-in-url"] {
         assert!(
             !logs.contains(secret),

@@ -335,7 +335,7 @@ impl<'a, K: Clone> Fill<'a, K> {
                     Ok(entry) => Some((entry.into(), Some(ttl))),
                     Err(err) => {
                         Counters::bump(&inner.counters.encode_errors);
-                        tracing::warn!(error = %err, "value not cached: it cannot be serialized");
+                        tracing::warn!(target: "redis_cached", error = %err, "value not cached: it cannot be serialized");
                         None
                     }
                 },

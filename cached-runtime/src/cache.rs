@@ -65,7 +65,7 @@ impl Cache {
     /// A key with the reserved byte `~` is never looked up: `None`.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         if let Err(err) = check_user_key(key) {
-            tracing::warn!(error = %err, "lookup of a reserved key refused");
+            tracing::warn!(target: "redis_cached", error = %err, "lookup of a reserved key refused");
             return None;
         }
         let key = self.inner.full_key(key.to_owned());
@@ -120,7 +120,9 @@ impl Cache {
             found.push(None);
             match check_user_key(key.as_ref()) {
                 Ok(()) => wanted.push((at, inner.full_key(key.as_ref().to_owned()))),
-                Err(err) => tracing::warn!(error = %err, "lookup of a reserved key refused"),
+                Err(err) => {
+                    tracing::warn!(target: "redis_cached", error = %err, "lookup of a reserved key refused")
+                }
             }
         }
         let full: Vec<String> = wanted.iter().map(|(_, key)| key.clone()).collect();
@@ -223,7 +225,7 @@ impl Cache {
         Fut: Future<Output = T>,
     {
         if let Err(err) = check_user_key(key) {
-            tracing::warn!(error = %err, "computed uncached");
+            tracing::warn!(target: "redis_cached", error = %err, "computed uncached");
             return compute().await;
         }
         let policy = Policy {

@@ -120,7 +120,7 @@ impl Inner {
         let err = match tokio::time::timeout(bound, op).await {
             Ok(Ok(value)) => {
                 if self.breaker.success() {
-                    tracing::info!("Redis reachable again; caching resumed");
+                    tracing::info!(target: "redis_cached", "Redis reachable again; caching resumed");
                 }
                 return Ok(value);
             }
@@ -132,7 +132,7 @@ impl Inner {
                     _ => &self.counters.rejected,
                 };
                 Counters::bump(counter);
-                tracing::debug!(error = %err, "Redis refused a command");
+                tracing::debug!(target: "redis_cached", error = %err, "Redis refused a command");
                 return Err(err);
             }
             Ok(Err(err)) => {
@@ -144,10 +144,10 @@ impl Inner {
                 Error::Timeout(bound)
             }
         };
-        tracing::debug!(error = %err, "Redis operation failed");
+        tracing::debug!(target: "redis_cached", error = %err, "Redis operation failed");
         if self.breaker.failure() == Transition::Opened {
             Counters::bump(&self.counters.breaker_opens);
-            tracing::warn!(
+            tracing::warn!(target: "redis_cached",
                 error = %err,
                 "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
             );
@@ -224,7 +224,7 @@ impl Inner {
             Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
             Err(err) => {
                 Counters::bump(&self.counters.decode_errors);
-                tracing::debug!(error = %err, "stored value undecodable; treated as a miss");
+                tracing::debug!(target: "redis_cached", error = %err, "stored value undecodable; treated as a miss");
                 Lookup::Miss(Seen::Bytes(bytes))
             }
         }
@@ -434,7 +434,7 @@ impl Inner {
                 Ok(entry) => entry,
                 Err(err) => {
                     Counters::bump(&self.counters.encode_errors);
-                    tracing::warn!(error = %err, "value not cached: it cannot be serialized");
+                    tracing::warn!(target: "redis_cached", error = %err, "value not cached: it cannot be serialized");
                     return None;
                 }
             },

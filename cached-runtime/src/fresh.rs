@@ -148,7 +148,7 @@ impl Inner {
             let refresh = inner.refresh::<S, R>(key, &tags, &policy, seen, body);
             if tokio::time::timeout(bound, refresh).await.is_err() {
                 Counters::bump(&inner.counters.refresh_failures);
-                tracing::warn!(
+                tracing::warn!(target: "redis_cached",
                     "background refresh still running after {bound:?}; abandoned, the key may be refreshed again"
                 );
             }
@@ -189,7 +189,7 @@ impl Inner {
             let result = marked(fill.key(), body).await;
             if matches!(S::view(&result), Stored::Skip) {
                 Counters::bump(&self.counters.refresh_failures);
-                tracing::debug!(
+                tracing::debug!(target: "redis_cached",
                     "background refresh failed; the stale value is served until it expires"
                 );
             }

@@ -31,12 +31,15 @@ pub(crate) fn global_shared() -> Option<Arc<Cache>> {
     GLOBAL.load_full()
 }
 
-/// Logs, once per process, that cached functions run uncached.
+/// Says, once per process, that cached functions run uncached: as a
+/// warning, and on standard error too, since a service that forgot
+/// `set_global` may have no log subscriber to show the warning.
 pub(crate) fn warn_unset() {
     if !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            "a cached function ran with no cache: call redis_cached::set_global(…) \
-             or pass `cache = …`; running uncached"
-        );
+        const MESSAGE: &str = "a cached function ran with no cache: call \
+            redis_cached::set_global(…) at start-up or pass `cache = …`; \
+            running uncached";
+        tracing::warn!(target: "redis_cached", "{MESSAGE}");
+        eprintln!("redis_cached: {MESSAGE}");
     }
 }

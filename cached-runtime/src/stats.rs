@@ -52,6 +52,28 @@ macro_rules! counters {
         pub struct Stats {
             $( $(#[$doc])* pub $name: u64, )*
         }
+
+        /// What happened between two snapshots: `later - earlier`, counter
+        /// by counter.
+        impl std::ops::Sub for Stats {
+            type Output = Stats;
+            fn sub(self, earlier: Stats) -> Stats {
+                Stats { $( $name: self.$name.saturating_sub(earlier.$name), )* }
+            }
+        }
+
+        /// One line: the hit rate, then every counter that is not zero.
+        impl std::fmt::Display for Stats {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "hit rate {:.1}%", self.hit_rate() * 100.0)?;
+                $(
+                    if self.$name != 0 {
+                        write!(f, ", {} {}", stringify!($name), self.$name)?;
+                    }
+                )*
+                Ok(())
+            }
+        }
     };
 }
 
@@ -124,5 +146,26 @@ impl Stats {
         } else {
             self.hits as f64 / lookups as f64
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_subtract_and_display() {
+        let counters = Counters::default();
+        Counters::bump(&counters.hits);
+        let before = counters.snapshot();
+        for _ in 0..3 {
+            Counters::bump(&counters.hits);
+        }
+        Counters::bump(&counters.misses);
+        let after = counters.snapshot();
+        let delta = after - before;
+        assert_eq!((delta.hits, delta.misses, delta.computes), (3, 1, 0));
+        assert_eq!(delta.to_string(), "hit rate 75.0%, hits 3, misses 1");
+        assert_eq!((before - after).hits, 0, "never negative");
     }
 }

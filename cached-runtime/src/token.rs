@@ -15,7 +15,7 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
         return buf;
     }
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    tracing::warn!("the OS random generator failed; using a time-based unique id");
+    tracing::warn!(target: "redis_cached", "the OS random generator failed; using a time-based unique id");
     let mut hasher = Sha256::new();
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

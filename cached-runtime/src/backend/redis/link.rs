@@ -360,7 +360,7 @@ async fn listen_for_switches(
                 quiet = 0;
                 let payload = message.get_payload_bytes();
                 if payload.split(|&b| b == b' ').next() == Some(master.as_bytes()) {
-                    tracing::info!("Redis Sentinel failed the master over; following it");
+                    tracing::info!(target: "redis_cached", "Redis Sentinel failed the master over; following it");
                     switched();
                 }
             }

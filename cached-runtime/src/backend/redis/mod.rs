@@ -234,9 +234,9 @@ impl RedisBackend {
                         link.compare_and_swap(&None::<Arc<Link>>, Some(Arc::new(fresh)));
                     }
                 }
-                Ok(Ok(_)) => tracing::debug!("the master failed over during its lookup"),
-                Ok(Err(err)) => tracing::debug!(error = %err, "no master found through Sentinel"),
-                Err(_) => tracing::debug!("no sentinel answered within {bound:?}"),
+                Ok(Ok(_)) => tracing::debug!(target: "redis_cached", "the master failed over during its lookup"),
+                Ok(Err(err)) => tracing::debug!(target: "redis_cached", error = %err, "no master found through Sentinel"),
+                Err(_) => tracing::debug!(target: "redis_cached", "no sentinel answered within {bound:?}"),
             }
         });
     }
@@ -526,7 +526,7 @@ impl RedisBackend {
                 .arg(publish);
             let release = invocation.invoke_async::<i64>(&mut conn);
             if let Ok(Err(err)) = tokio::time::timeout(timeout, release).await {
-                tracing::debug!(
+                tracing::debug!(target: "redis_cached",
                     error = %Error::from_redis(&err),
                     "releasing a dropped holder's lock failed; it expires by its TTL"
                 );

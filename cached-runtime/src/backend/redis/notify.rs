@@ -319,7 +319,7 @@ async fn subscribe_loop(notifier: Weak<Notifier>) {
             backoff = FIRST_BACKOFF;
         }
         if let Err(err) = outcome {
-            tracing::debug!(error = %err, "lock notifications interrupted; waiters poll meanwhile");
+            tracing::debug!(target: "redis_cached", error = %err, "lock notifications interrupted; waiters poll meanwhile");
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
