@@ -3,8 +3,9 @@
 
 pub use cached_attr::{cache_evict, cache_put, redis_cached};
 pub use cached_runtime::{
-    escape_into, global, set_global, tag, BreakerConfig, Cache, CacheBuilder, CacheKey, Codec,
-    Error, KeyAtom, KeyBuilder, MemoryConfig, Result, Stats, MAX_KEY_LEN, MEMORY_URL,
+    bypass, escape_into, global, invalidate_call, key_of, refresh, set_global, tag, BreakerConfig,
+    Cache, CacheBuilder, CacheKey, Codec, Error, KeyAtom, KeyBuilder, MemoryConfig, Result, Stats,
+    MAX_KEY_LEN, MEMORY_URL,
 };
 
 /// What generated code calls; not a stable API.

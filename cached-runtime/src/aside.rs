@@ -160,6 +160,22 @@ impl<'a> Fill<'a> {
         Fill::starting(inner, key, tags, policy, seen, State::Join(false))
     }
 
+    /// A fill for `refresh(…)`: computes at once (joining no computation
+    /// and taking no lock), then stores by compare-and-set against `seen`.
+    pub(crate) fn forced(
+        inner: &'a Inner,
+        key: String,
+        tags: &'a [String],
+        policy: Policy,
+        seen: Seen,
+    ) -> Self {
+        let policy = Policy {
+            lock: None,
+            ..policy
+        };
+        Fill::starting(inner, key, tags, policy, seen, State::Lead)
+    }
+
     /// A fill for a background refresh of an entry that held `seen`.
     pub(crate) fn for_refresh(
         inner: &'a Inner,

@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::aside::{marked_all, reentrant};
 use crate::backend::{Bytes, Seen, StoreIf};
 use crate::core::{Encoded, Inner, Lookup, StoreOutcome};
+use crate::directive::{self, Directive};
 use crate::flight::{self, Followed, Leader, Role};
 use crate::policy::Policy;
 use crate::stats::Counters;
@@ -124,8 +125,20 @@ where
     F: FnOnce(Vec<K>) -> Fut,
     Fut: Future<Output = R>,
 {
+    let directive = directive::take();
+    if directive == Some(Directive::Capture) {
+        // A batch has no one key to give: nothing is captured or run.
+        return std::future::pending().await;
+    }
+    let inner = match (inner, directive) {
+        (Some(inner), None | Some(Directive::Refresh)) => Some(inner),
+        (None, None | Some(Directive::Refresh)) => {
+            unset();
+            None
+        }
+        _ => None,
+    };
     let Some(inner) = inner else {
-        unset();
         let mut keys = HashSet::new();
         let unique = elements
             .into_iter()
@@ -135,7 +148,8 @@ where
         return body(unique).await;
     };
     let mut found = S::Map::default();
-    let missing = look_up::<K, V, S::Map>(inner, elements, &mut found).await;
+    let forced = directive == Some(Directive::Refresh);
+    let missing = look_up::<K, V, S::Map>(inner, elements, forced, &mut found).await;
     let missing = follow::<K, V, S::Map>(inner, missing, &mut found).await;
     if missing.is_empty() {
         return S::wrap(found);
@@ -158,11 +172,13 @@ where
 }
 
 /// Reads every element's key in one round trip: hits go into `found`
-/// (a cached absence adds nothing), the rest come back. Elements with one
-/// key (duplicates) are looked up once.
+/// (a cached absence adds nothing), the rest come back; all of them when
+/// `forced` (`refresh(…)`). Elements with one key (duplicates) are looked
+/// up once.
 async fn look_up<K, V, M>(
     inner: &Inner,
     elements: Vec<(K, String)>,
+    forced: bool,
     found: &mut M,
 ) -> Vec<Missing<K>>
 where
@@ -191,6 +207,11 @@ where
     let reads = inner.read_many(&keys).await;
     let mut missing = Vec::new();
     for ((element, key), read) in elements.into_iter().zip(keys).zip(reads) {
+        if forced {
+            let seen = read.map_or_else(|seen| seen, Seen::Bytes);
+            missing.push(Missing { element, key, seen });
+            continue;
+        }
         let lookup = match read {
             Ok(bytes) => inner.decode::<V>(bytes),
             Err(seen) => Lookup::Miss(seen),

@@ -21,6 +21,7 @@ use pin_project_lite::pin_project;
 use crate::aside::{keep, unkeep, Compute, Fill, Kept, Miss};
 use crate::backend::{Bytes, Seen};
 use crate::core::{Encoded, Inner};
+use crate::directive::{self, Directive};
 use crate::fresh::{Detached, Due};
 use crate::policy::Policy;
 use crate::shape::Shape;
@@ -172,12 +173,16 @@ pin_project! {
             inner: &'a Arc<Inner>,
             tags: &'a [String],
             policy: Policy,
+            // `refresh(…)`: the read is not used; the body runs and stores.
+            forced: bool,
         },
         /// A miss (or a `lock = true` call, which joins this process's
         /// computation before anyone reads).
         Miss { miss: Miss<'a> },
-        /// There is no cache: the body runs alone.
+        /// There is no cache (or `bypass(…)`): the body runs alone.
         Uncached,
+        /// `key_of(…)`: the key was recorded; nothing runs.
+        Captured,
     }
 }
 
@@ -237,19 +242,28 @@ fn start<'a, S: Shape<R>, R>(
     policy: Policy,
     reads_first: fn(&Inner, &Policy) -> bool,
 ) -> CallState<'a, S, R, impl Future<Output = Read> + 'a> {
-    let stage = match inner {
-        None => {
+    let directive = directive::take();
+    let stage = match (inner, directive) {
+        (_, Some(Directive::Bypass)) => Stage::Uncached,
+        (Some(inner), Some(Directive::Capture)) => {
+            directive::capture(inner.full_key(key), inner);
+            Stage::Captured
+        }
+        (None, Some(Directive::Capture)) => Stage::Captured,
+        (None, _) => {
             unset();
             Stage::Uncached
         }
-        Some(inner) => {
+        (Some(inner), directive) => {
             let key = inner.full_key(key);
-            if reads_first(inner, &policy) {
+            let forced = directive == Some(Directive::Refresh);
+            if forced || reads_first(inner, &policy) {
                 Stage::Read {
                     read: read(inner, key),
                     inner,
                     tags,
                     policy,
+                    forced,
                 }
             } else {
                 Stage::Miss {
@@ -276,9 +290,18 @@ where
                     inner,
                     tags,
                     policy,
+                    forced,
                 } => {
                     let (key, read) = ready!(read.poll(cx));
                     let (inner, tags, policy): (&'a Arc<Inner>, _, _) = (*inner, *tags, *policy);
+                    if *forced {
+                        let seen = read.map_or_else(|seen| seen, Seen::Bytes);
+                        let fill = Fill::forced(inner, key, tags, policy, seen);
+                        this.stage.set(Stage::Miss {
+                            miss: Miss::new(fill),
+                        });
+                        continue;
+                    }
                     let seen = match read {
                         // The hit path: one read, one decode.
                         Ok(bytes) => match inner.decode_hit::<S, R>(bytes, &policy) {
@@ -307,6 +330,7 @@ where
                 }
                 StageProj::Miss { miss } => return poll_miss::<S, R>(miss, cx, body, this.kept),
                 StageProj::Uncached => return body.poll_body(cx),
+                StageProj::Captured => return Poll::Pending,
             }
         }
     }

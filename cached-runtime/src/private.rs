@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
+use crate::directive::{self, Directive};
 pub use crate::key::KeyBuilder;
 pub use crate::policy::{LockPolicy, Policy};
 use crate::shape::Split;
@@ -136,6 +137,16 @@ where
     S: Shape<R>,
     Fut: Future<Output = R>,
 {
+    match (directive::take(), cache) {
+        (Some(Directive::Capture), Some(cache)) => {
+            let inner = &cache.inner;
+            directive::capture(inner.full_key(key), inner);
+            return std::future::pending().await;
+        }
+        (Some(Directive::Capture), None) => return std::future::pending().await,
+        (Some(Directive::Bypass), _) => return body.await,
+        _ => {}
+    }
     let Some(cache) = cache else {
         global::warn_unset();
         return body.await;
@@ -190,6 +201,18 @@ pub async fn evict<R, Fut>(
 where
     Fut: Future<Output = R>,
 {
+    match directive::take() {
+        // An eviction reads nothing: its key is the entry it deletes.
+        Some(Directive::Capture) => {
+            if let Some(cache) = cache {
+                let inner = &cache.inner;
+                directive::capture(inner.full_key(key), inner);
+            }
+            return std::future::pending().await;
+        }
+        Some(Directive::Bypass) => return body.await,
+        _ => {}
+    }
     let Some(cache) = cache else {
         global::warn_unset();
         return body.await;

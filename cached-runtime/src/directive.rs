@@ -1,0 +1,204 @@
+//! What one call of a cached function is told to do differently: give its
+//! key instead of running, skip the cache, or recompute and store. The
+//! public wrappers ([`key_of`], [`invalidate_call`], [`bypass`],
+//! [`refresh`]) run the call's future in a task-local scope; the first
+//! cached call that future makes takes the directive, so the cached calls
+//! its body makes behave as usual.
+//!
+//! They take the call itself, written as usual, so a key is never typed
+//! twice: `invalidate_call(repo.get_user(7))` invalidates exactly the entry
+//! `repo.get_user(7)` reads, namespace, version and escaping included.
+//!
+//! (The examples below need the attribute, so they are compiled and run
+//! as part of the `redis-cached` crate's README, not here.)
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Waker};
+
+use crate::core::Inner;
+use crate::error::Result;
+
+/// A directive for the next cached call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Directive {
+    /// Record the call's key and cache, and run nothing.
+    Capture,
+    /// Run the body; read and write nothing.
+    Bypass,
+    /// Run the body, store its result (unless the key changed meanwhile),
+    /// return it: the read is not used.
+    Refresh,
+}
+
+/// What a captured call would have read.
+type Captured = Arc<Mutex<Option<(String, Arc<Inner>)>>>;
+
+struct Scope {
+    directive: Cell<Option<Directive>>,
+    captured: Captured,
+}
+
+tokio::task_local! {
+    static SCOPE: Scope;
+}
+
+/// The directive for this call, if the caller gave one (and none is left
+/// for the calls after it).
+pub(crate) fn take() -> Option<Directive> {
+    SCOPE
+        .try_with(|scope| scope.directive.take())
+        .ok()
+        .flatten()
+}
+
+/// Records the key a captured call would have read, on `inner`'s cache.
+pub(crate) fn capture(key: String, inner: &Arc<Inner>) {
+    let _ = SCOPE.try_with(|scope| {
+        *scope
+            .captured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((key, Arc::clone(inner)));
+    });
+}
+
+fn scope(directive: Directive) -> (Scope, Captured) {
+    let captured = Captured::default();
+    let scope = Scope {
+        directive: Cell::new(Some(directive)),
+        captured: Arc::clone(&captured),
+    };
+    (scope, captured)
+}
+
+/// Polls `call` once as a captured call and drops it: its body never runs.
+fn captured<F: Future>(call: F) -> Option<(String, Arc<Inner>)> {
+    let (scope, captured) = scope(Directive::Capture);
+    let mut call = std::pin::pin!(call);
+    let mut cx = Context::from_waker(Waker::noop());
+    SCOPE.sync_scope(scope, || {
+        let _ = call.as_mut().poll(&mut cx);
+    });
+    let taken = captured
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    taken
+}
+
+/// The Redis key (namespace and version included) that this call of a
+/// `#[redis_cached]` or `#[cache_put]` function reads or writes, without
+/// running it; `None` when it has no cache (no global cache set), or is a
+/// batch (one key per element).
+///
+/// ```ignore
+/// use redis_cached::{key_of, redis_cached, Cache};
+///
+/// #[redis_cached(key = "user:<id>", version = 2, cache = cache)]
+/// async fn user(cache: &Cache, id: u64) -> String {
+///     format!("user {id}")
+/// }
+///
+/// let cache = Cache::builder("memory://").namespace("shop").build().unwrap();
+/// assert_eq!(key_of(user(&cache, 7)).as_deref(), Some("shop:user:7@v2"));
+/// ```
+pub fn key_of<F: Future>(call: F) -> Option<String> {
+    captured(call).map(|(key, _)| key)
+}
+
+/// Invalidates the entry that this call of a `#[redis_cached]` function
+/// reads, as [`Cache::invalidate`](crate::Cache::invalidate) does, without
+/// running it; returns `false` when the call has no cache or is a batch.
+///
+/// ```ignore
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), redis_cached::Error> {
+/// use redis_cached::{invalidate_call, redis_cached, Cache};
+///
+/// #[redis_cached(key = "team:<name>", cache = cache)]
+/// async fn team(cache: &Cache, name: &str) -> Vec<String> {
+///     vec![name.to_uppercase()]
+/// }
+///
+/// let cache = Cache::in_memory();
+/// team(&cache, "red team").await;                         // stored as team:red%20team
+/// assert!(invalidate_call(team(&cache, "red team")).await?);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// As [`Cache::invalidate`](crate::Cache::invalidate).
+pub async fn invalidate_call<F: Future>(call: F) -> Result<bool> {
+    let Some((key, inner)) = captured(call) else {
+        return Ok(false);
+    };
+    inner.tombstone(&key).await?;
+    Ok(true)
+}
+
+/// Runs this call of a cached function without the cache: its body runs,
+/// nothing is read or written, and no other caller shares it. Cached calls
+/// its body makes use the cache as usual.
+///
+/// ```ignore
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use redis_cached::{bypass, redis_cached, Cache};
+///
+/// #[redis_cached(key = "n:<id>", cache = cache)]
+/// async fn n(cache: &Cache, id: u64) -> u64 { id }
+///
+/// let cache = Cache::in_memory();
+/// assert_eq!(bypass(n(&cache, 1)).await, 1);
+/// assert_eq!(cache.stats().writes, 0);
+/// # }
+/// ```
+pub async fn bypass<F: Future>(call: F) -> F::Output {
+    let (scope, _) = scope(Directive::Bypass);
+    SCOPE.scope(scope, call).await
+}
+
+/// Runs this call of a cached function's body now, whatever the cache
+/// holds, and stores the result as a miss would (so not over an
+/// invalidation or a write that lands while it runs); returns it.
+///
+/// ```ignore
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use redis_cached::{redis_cached, refresh, Cache};
+///
+/// static VERSION: AtomicU64 = AtomicU64::new(1);
+///
+/// #[redis_cached(key = "config", cache = cache)]
+/// async fn config(cache: &Cache) -> u64 { VERSION.load(Ordering::SeqCst) }
+///
+/// let cache = Cache::in_memory();
+/// assert_eq!(config(&cache).await, 1);
+/// VERSION.store(2, Ordering::SeqCst);
+/// assert_eq!(config(&cache).await, 1);            // cached
+/// assert_eq!(refresh(config(&cache)).await, 2);   // recomputed and stored
+/// assert_eq!(config(&cache).await, 2);
+/// # }
+/// ```
+pub async fn refresh<F: Future>(call: F) -> F::Output {
+    let (scope, _) = scope(Directive::Refresh);
+    SCOPE.scope(scope, call).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directive_is_taken_once() {
+        let (scope, _) = scope(Directive::Bypass);
+        SCOPE.sync_scope(scope, || {
+            assert_eq!(take(), Some(Directive::Bypass));
+            assert_eq!(take(), None, "the calls after the first behave as usual");
+        });
+        assert_eq!(take(), None);
+    }
+}

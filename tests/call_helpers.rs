@@ -1,0 +1,163 @@
+//! The per-call helpers on every backend: `key_of` names the exact entry a
+//! call reads, `invalidate_call` invalidates it, `bypass` runs a call
+//! without the cache and `refresh` recomputes and stores it; each applies
+//! to the call it wraps, not to the cached calls its body makes.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use redis_cached::{bypass, cache_put, invalidate_call, key_of, redis_cached, refresh, Cache};
+use support::backends::Env;
+
+per_backend!(
+    key_of_names_the_exact_entry,
+    invalidate_call_invalidates_that_entry_only,
+    bypass_runs_the_body_and_touches_nothing,
+    refresh_recomputes_and_stores,
+    a_helper_applies_to_the_call_it_wraps_only,
+    batches_bypass_and_refresh_but_have_no_one_key,
+);
+
+struct Repo {
+    cache: Cache,
+    db: AtomicU64,
+    queries: AtomicU64,
+}
+
+impl Repo {
+    fn new(cache: Cache) -> Arc<Repo> {
+        Arc::new(Repo {
+            cache,
+            db: AtomicU64::new(1),
+            queries: AtomicU64::new(0),
+        })
+    }
+
+    fn query(&self) -> u64 {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        self.db.load(Ordering::SeqCst)
+    }
+
+    #[redis_cached(key = "team:<name>:<id>", version = 3, cache = self.cache)]
+    async fn member(&self, name: &str, id: u64) -> u64 {
+        self.query() * 1000 + id
+    }
+
+    /// A cached function whose body calls another one.
+    #[redis_cached(key = "summary:<id>", cache = self.cache)]
+    async fn summary(&self, id: u64) -> String {
+        format!("member {}", self.member("red team", id).await)
+    }
+
+    #[cache_put(key = "team:<name>:<id>", version = 3, cache = self.cache)]
+    async fn save(&self, name: &str, id: u64, value: u64) -> u64 {
+        let _ = (name, id);
+        value
+    }
+
+    #[redis_cached(key = "row:<ids[]>", cache = self.cache)]
+    async fn rows(&self, ids: Vec<u64>) -> HashMap<u64, u64> {
+        let value = self.query();
+        ids.into_iter().map(|id| (id, value)).collect()
+    }
+}
+
+async fn key_of_names_the_exact_entry(env: &Env) {
+    let repo = Repo::new(env.cache());
+    let key = key_of(repo.member("red team", 7)).expect("a cached call has a key");
+    assert_eq!(key, env.key("team:red%20team:7@v3"));
+    assert_eq!(repo.queries.load(Ordering::SeqCst), 0, "nothing ran");
+    assert_eq!(repo.cache.stats().hits + repo.cache.stats().misses, 0);
+    assert_eq!(
+        key_of(repo.save("red team", 7, 1)),
+        Some(key),
+        "the writer's key"
+    );
+    if !matches!(env, Env::Memory) {
+        repo.member("red team", 7).await;
+        let stored: Option<Vec<u8>> = env
+            .raw(::redis::cmd("GET").arg(env.key("team:red%20team:7@v3")))
+            .await;
+        assert!(stored.is_some(), "the call stored under that key");
+    }
+}
+
+async fn invalidate_call_invalidates_that_entry_only(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.member("red team", 1).await, 1001);
+    assert_eq!(repo.member("red team", 2).await, 1002);
+    repo.db.store(2, Ordering::SeqCst);
+    assert!(invalidate_call(repo.member("red team", 1)).await.unwrap());
+    assert_eq!(repo.member("red team", 1).await, 2001, "recomputed");
+    assert_eq!(
+        repo.member("red team", 2).await,
+        1002,
+        "the other entry stays"
+    );
+    assert_eq!(repo.queries.load(Ordering::SeqCst), 3);
+}
+
+async fn bypass_runs_the_body_and_touches_nothing(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.member("a", 1).await, 1001);
+    repo.db.store(2, Ordering::SeqCst);
+    let before = repo.cache.stats();
+    assert_eq!(bypass(repo.member("a", 1)).await, 2001, "the body ran");
+    assert_eq!(bypass(repo.member("a", 1)).await, 2001);
+    let delta = repo.cache.stats() - before;
+    assert_eq!((delta.hits, delta.misses, delta.writes), (0, 0, 0));
+    assert_eq!(
+        repo.member("a", 1).await,
+        1001,
+        "the cached entry is untouched"
+    );
+}
+
+async fn refresh_recomputes_and_stores(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.member("a", 1).await, 1001);
+    repo.db.store(2, Ordering::SeqCst);
+    assert_eq!(repo.member("a", 1).await, 1001, "cached");
+    assert_eq!(refresh(repo.member("a", 1)).await, 2001, "recomputed");
+    assert_eq!(repo.member("a", 1).await, 2001, "and stored");
+    assert_eq!(repo.queries.load(Ordering::SeqCst), 2);
+}
+
+async fn a_helper_applies_to_the_call_it_wraps_only(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.member("red team", 5).await, 1005);
+    repo.db.store(2, Ordering::SeqCst);
+    // The summary is recomputed; the member call inside it is a hit.
+    assert_eq!(refresh(repo.summary(5)).await, "member 1005");
+    assert_eq!(bypass(repo.summary(5)).await, "member 1005");
+    assert_eq!(repo.queries.load(Ordering::SeqCst), 1);
+    // Helpers outside any call leave later calls alone.
+    assert_eq!(repo.member("red team", 5).await, 1005);
+}
+
+async fn batches_bypass_and_refresh_but_have_no_one_key(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.rows(vec![1, 2]).await[&1], 1);
+    repo.db.store(2, Ordering::SeqCst);
+    assert_eq!(repo.rows(vec![1, 2]).await[&1], 1, "cached");
+    assert_eq!(bypass(repo.rows(vec![1, 2])).await[&1], 2);
+    assert_eq!(repo.rows(vec![1, 2]).await[&2], 1, "bypass stored nothing");
+    assert_eq!(refresh(repo.rows(vec![1, 2])).await[&1], 2);
+    assert_eq!(repo.rows(vec![1, 2]).await[&2], 2, "refresh stored");
+    assert_eq!(key_of(repo.rows(vec![1])), None);
+    assert!(!invalidate_call(repo.rows(vec![1])).await.unwrap());
+}
+
+#[tokio::test]
+async fn with_no_cache_there_is_no_key() {
+    #[redis_cached(key = "n:<id>")]
+    async fn uncached(id: u64) -> u64 {
+        id
+    }
+    assert_eq!(key_of(uncached(1)), None);
+    assert!(!invalidate_call(uncached(1)).await.unwrap());
+    assert_eq!(bypass(uncached(3)).await, 3);
+}
