@@ -70,6 +70,8 @@ pub(crate) struct WithSpan<T> {
 pub(crate) struct Args {
     pub(crate) key: Option<LitStr>,
     pub(crate) ttl: Option<WithSpan<Duration>>,
+    /// `ttl = <expression>` (a constant, a field): evaluated per call.
+    pub(crate) ttl_expr: Option<Expr>,
     pub(crate) cache_none: Option<WithSpan<Duration>>,
     pub(crate) version: Option<u32>,
     pub(crate) lock: Option<WithSpan<bool>>,
@@ -130,7 +132,12 @@ impl Args {
             "key" => {
                 self.key = errors.ok(lit_str(&value, "key", "a template such as \"user:<id>\""))
             }
-            "ttl" => self.ttl = errors.ok(duration_arg(&value, "ttl")),
+            "ttl" => match &value {
+                // Literals are checked here; anything else is an expression
+                // of type `Duration` (or whole seconds), evaluated per call.
+                Expr::Lit(_) => self.ttl = errors.ok(duration_arg(&value, "ttl")),
+                _ => self.ttl_expr = Some(value),
+            },
             "cache_none" => self.cache_none = errors.ok(duration_arg(&value, "cache_none")),
             "version" => self.version = errors.ok(version_arg(&value)),
             "lock" => self.lock = errors.ok(bool_arg(&value, "lock")),

@@ -35,6 +35,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     let ret_local = local("__ret");
 
     let cache_expr = cache_expr(model, &private);
+    let ttl_binding = ttl_binding(model, &private);
     let key_expr = render(&model.key, model.version, &private);
     let tags = local("__tags");
     let tag_exprs = model.tags.iter().map(|tag| render(tag, None, &private));
@@ -77,6 +78,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
         #vis #sig {
             #(#inner_attrs)*
             let #cache = #cache_expr;
+            #ttl_binding
             let #key = #key_expr;
             let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
             let #body = async move {
@@ -86,6 +88,19 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             #call
         }
     }
+}
+
+/// `let __ttl = …;` for `ttl = <expression>`, before the body moves the
+/// arguments the expression may read; spanned at the expression, so a value
+/// of the wrong type is reported there.
+fn ttl_binding(model: &Model, private: &TokenStream) -> TokenStream {
+    let Some(expr) = &model.ttl_expr else {
+        return TokenStream::new();
+    };
+    let ttl = local("__ttl");
+    let span = syn::spanned::Spanned::span(expr);
+    let ttl_fn = respan(quote!(#private::ttl), span);
+    quote_spanned!(span=> let #ttl: ::core::time::Duration = #ttl_fn(#expr);)
 }
 
 /// The expression of the cache a call uses.
@@ -129,6 +144,7 @@ fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
     let (elements, element, missing) = (local("__elements"), local("__e"), local("__missing"));
     let (owned, ret_local) = (local("__owned"), local("__ret"));
     let cache_expr = cache_expr(model, &private);
+    let ttl_binding = ttl_binding(model, &private);
     let key_expr = render(&model.key, model.version, &private);
     let tag_exprs = model.tags.iter().map(|tag| render(tag, None, &private));
     let tag_count = model.tags.len();
@@ -181,6 +197,7 @@ fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
             #(#inner_attrs)*
             #used_mut
             let #cache = #cache_expr;
+            #ttl_binding
             let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
             let #elements: ::std::vec::Vec<(#elem, ::std::string::String)> = ::core::iter::Iterator::collect(
                 ::core::iter::Iterator::map(#param.iter(), |#element| {
@@ -270,7 +287,13 @@ fn policy(model: &Model) -> TokenStream {
         Some(ms) => quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms))),
         None => quote!(::core::option::Option::None),
     };
-    let ttl = duration(model.ttl_ms);
+    let ttl = match &model.ttl_expr {
+        Some(_) => {
+            let ttl = local("__ttl");
+            quote!(::core::option::Option::Some(#ttl))
+        }
+        None => duration(model.ttl_ms),
+    };
     let cache_none = duration(model.cache_none_ms);
     let lock = match model.lock_ms {
         Some((ttl, wait)) => quote!(::core::option::Option::Some(#krate::__private::LockPolicy {

@@ -136,6 +136,8 @@ pub(crate) struct Model {
     pub(crate) tags: Vec<Vec<KeyPart>>,
     pub(crate) version: Option<u32>,
     pub(crate) ttl_ms: Option<u64>,
+    /// `ttl = <expression>`, evaluated per call instead of `ttl_ms`.
+    pub(crate) ttl_expr: Option<syn::Expr>,
     pub(crate) cache_none_ms: Option<u64>,
     /// `(lock_ttl, lock_wait)` in ms, for `lock = true`.
     pub(crate) lock_ms: Option<(u64, u64)>,
@@ -239,6 +241,7 @@ impl Model {
             tags,
             version: args.version,
             ttl_ms: args.ttl.map(|d| millis(d.value)),
+            ttl_expr: args.ttl_expr.clone(),
             cache_none_ms: args.cache_none.map(|d| millis(d.value)),
             stale_ms: args.stale.map(|d| millis(d.value)),
             early: args.early.map(|b| b.value),

@@ -55,6 +55,46 @@ pub fn global_cache() -> CacheHold<'static> {
     CacheHold::Global(global::global_shared())
 }
 
+/// A TTL given as an expression (`ttl = USER_TTL`, `ttl = self.ttl`).
+pub fn ttl(ttl: impl Ttl) -> Duration {
+    ttl.duration()
+}
+
+/// What `ttl = <expression>` accepts: a `Duration`, or whole seconds.
+#[diagnostic::on_unimplemented(
+    message = "`ttl = …` takes a `std::time::Duration` or whole seconds as a `u64`, not `{Self}`",
+    label = "a TTL of type `{Self}`",
+    note = "or write a literal: `ttl = 3600` or `ttl = \"1h\"`"
+)]
+pub trait Ttl {
+    /// The TTL.
+    fn duration(self) -> Duration;
+}
+
+impl Ttl for Duration {
+    fn duration(self) -> Duration {
+        self
+    }
+}
+
+impl Ttl for &Duration {
+    fn duration(self) -> Duration {
+        *self
+    }
+}
+
+impl Ttl for u64 {
+    fn duration(self) -> Duration {
+        Duration::from_secs(self)
+    }
+}
+
+impl Ttl for &u64 {
+    fn duration(self) -> Duration {
+        Duration::from_secs(*self)
+    }
+}
+
 /// The body of a `#[redis_cached]` function.
 pub fn cached<'a, S, R, Fut>(
     cache: Option<&'a Cache>,
