@@ -333,3 +333,66 @@ async fn on_redis_a_large_tag_is_invalidated_in_bounded_batches() {
         .await;
     assert_eq!(left, 0, "the emptied tag set is gone");
 }
+
+mod evict_tags {
+    use redis_cached::{cache_evict, redis_cached, Cache};
+
+    use super::per_backend;
+    use crate::support::backends::Env;
+
+    per_backend!(an_eviction_invalidates_whole_tags_after_success);
+
+    struct Teams {
+        cache: Cache,
+    }
+
+    impl Teams {
+        #[redis_cached(key = "member:<id>", tags = ["team:<team>"], cache = self.cache)]
+        async fn member(&self, team: &str, id: u64) -> String {
+            format!("{team}/{id}")
+        }
+
+        /// Renames a team: every member entry of the team goes.
+        #[cache_evict(tags = ["team:<team>"], cache = self.cache)]
+        async fn rename(&self, team: &str, fail: bool) -> Result<(), String> {
+            let _ = team;
+            if fail {
+                Err("database down".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    async fn an_eviction_invalidates_whole_tags_after_success(env: &Env) {
+        let teams = Teams { cache: env.cache() };
+        for id in 0..3 {
+            teams.member("red team", id).await;
+        }
+        teams.member("blue", 9).await;
+        let writes = teams.cache.stats().writes;
+        assert!(teams.rename("red team", true).await.is_err());
+        assert_eq!(
+            teams.cache.stats().invalidations,
+            0,
+            "an Err evicts nothing"
+        );
+        teams.rename("red team", false).await.unwrap();
+        assert_eq!(
+            teams.cache.stats().invalidations,
+            3,
+            "the team's three entries"
+        );
+        for id in 0..3 {
+            assert_eq!(
+                teams.cache.get::<String>(&format!("member:{id}")).await,
+                None
+            );
+        }
+        assert_eq!(
+            teams.cache.get::<String>("member:9").await.as_deref(),
+            Some("blue/9")
+        );
+        assert_eq!(teams.cache.stats().writes, writes);
+    }
+}

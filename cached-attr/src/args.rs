@@ -53,7 +53,7 @@ impl Kind {
                 "cache",
                 "crate",
             ],
-            Kind::Evict => &["key", "version", "cache", "crate"],
+            Kind::Evict => &["key", "version", "tags", "cache", "crate"],
         }
     }
 }

@@ -69,7 +69,12 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             } else {
                 quote!(#private::is_ok)
             };
-            quote!(#private::evict::<#ret, _>(#cache.get(), #key, #succeeded, #body).await)
+            let key = if model.key.is_empty() {
+                quote!(::core::option::Option::None)
+            } else {
+                quote!(::core::option::Option::Some(#key))
+            };
+            quote!(#private::evict::<#ret, _>(#cache.get(), #key, &#tags, #succeeded, #body).await)
         }
     };
 

@@ -179,6 +179,8 @@ impl Model {
                 .ok(key::parse(lit))
                 .and_then(|segments| errors.ok(resolve(lit, &segments, &params)))
                 .map(|parts| with_instantiation(parts, &func, &params)),
+            // An eviction of tags alone deletes no key.
+            None if kind == Kind::Evict && !args.tags.is_empty() => Some(Vec::new()),
             None => errors.ok(default_key(&func, &params, &unnamed)),
         };
         let tags: Vec<Vec<KeyPart>> = args

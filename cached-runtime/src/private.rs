@@ -229,12 +229,14 @@ where
     }
 }
 
-/// The body of a `#[cache_evict]` function: run it, then delete the key if
-/// it succeeded. Only the successful part of the result is held across the
-/// deletion, so an error type need not be `Send`.
+/// The body of a `#[cache_evict]` function: run it, then, if it succeeded,
+/// invalidate the key (if it names one) and every key of the tags. Only the
+/// successful part of the result is held across the invalidations, so an
+/// error type need not be `Send`.
 pub async fn evict<R, Fut>(
     cache: Option<&Cache>,
-    key: String,
+    key: Option<String>,
+    tags: &[String],
     succeeded: impl Success<R>,
     body: Fut,
 ) -> R
@@ -244,7 +246,7 @@ where
     match directive::take() {
         // An eviction reads nothing: its key is the entry it deletes.
         Some(Directive::Capture) => {
-            if let Some(cache) = cache {
+            if let (Some(cache), Some(key)) = (cache, key) {
                 let inner = &cache.inner;
                 directive::capture(inner.full_key(key), inner);
             }
@@ -262,9 +264,15 @@ where
         Err(failed) => return failed,
     };
     let inner = &cache.inner;
-    let key = inner.full_key(key);
     // Failures are counted inside; the caller gets its value anyway.
-    let _ = inner.tombstone(&key).await;
+    if let Some(key) = key {
+        let _ = inner.tombstone(&inner.full_key(key)).await;
+    }
+    for tag in tags {
+        if let Err(err) = inner.invalidate_tag(tag).await {
+            tracing::warn!(target: "redis_cached", error = %err, "a tag's eviction failed; its keys live until their TTL");
+        }
+    }
     succeeded.rebuild(kept)
 }
 
