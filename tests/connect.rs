@@ -91,3 +91,33 @@ async fn connect_does_nothing_in_memory() {
     cache.connect().await.expect("nothing to connect");
     assert_eq!(plain(&cache, 1).await, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_errors_say_what_to_fix() {
+    let server = RedisServer::start_with(&["--requirepass", "right-pw"]);
+    let missing = Cache::redis(&format!("redis://127.0.0.1:{}", server.port())).unwrap();
+    let err = missing.connect().await.expect_err("no password given");
+    assert!(err.to_string().contains("authentication required"), "{err}");
+    let wrong = Cache::redis(&format!("redis://:nope@127.0.0.1:{}", server.port())).unwrap();
+    let err = wrong.connect().await.expect_err("wrong password");
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    assert!(!err.to_string().contains("nope"), "{err}");
+}
+
+#[test]
+fn url_errors_name_the_scheme_but_never_the_password() {
+    let err = Cache::redis("reddis://:s3cret@127.0.0.1:6379").unwrap_err();
+    let shown = err.to_string();
+    assert!(shown.contains("unknown scheme `reddis`"), "{shown}");
+    assert!(
+        shown.contains("redis://") && shown.contains("rediss://"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+    let shown = Cache::redis("127.0.0.1:6379").unwrap_err().to_string();
+    assert!(shown.contains("no `scheme://`"), "{shown}");
+    let shown = Cache::redis_cluster(&["redis://127.0.0.1:7000", "redsi://127.0.0.1:7001"])
+        .unwrap_err()
+        .to_string();
+    assert!(shown.contains("`redsi`"), "{shown}");
+}

@@ -65,6 +65,21 @@ impl Error {
             Some(code @ ("WRONGTYPE" | "NOPERM")) => return Error::Rejected(code.to_owned()),
             _ => {}
         }
+        // Credentials: say what to fix (neither message carries a secret;
+        // the error's own text is only searched, never repeated).
+        if err.kind() == redis::ErrorKind::AuthenticationFailed {
+            return Error::Redis(
+                "authentication failed: the server refused the user name or password in the URL"
+                    .into(),
+            );
+        }
+        if err.code() == Some("NOAUTH") || err.to_string().contains("NOAUTH") {
+            return Error::Redis(
+                "authentication required: the server needs a password; give it in the URL \
+                 (redis://:password@host/ or redis://user:password@host/)"
+                    .into(),
+            );
+        }
         let mut text = format!("{:?}", err.kind());
         if let Some(code) = err.code() {
             text.push_str(": ");

@@ -68,7 +68,7 @@ fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
         ),
         None => redis::Client::open(url),
     }
-    .map_err(|e| invalid_url(&e))
+    .map_err(|e| invalid_url_in(&[url], &e))
 }
 
 #[cfg(not(feature = "tls"))]
@@ -76,7 +76,7 @@ fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
     if tls_root.is_some() || url.starts_with("rediss://") {
         return Err(no_tls());
     }
-    redis::Client::open(url).map_err(|e| invalid_url(&e))
+    redis::Client::open(url).map_err(|e| invalid_url_in(&[url], &e))
 }
 
 #[cfg(feature = "tls")]
@@ -124,7 +124,7 @@ impl ClusterTarget {
         let tls_root = tls_root.map(<[u8]>::to_vec);
         let client = cluster_builder(&seeds, connect_timeout, tls_root.as_deref())
             .build()
-            .map_err(|e| invalid_url(&e))?;
+            .map_err(|e| invalid_url_in(&seeds, &e))?;
         Ok(ClusterTarget {
             seeds,
             tls_root,
@@ -214,10 +214,10 @@ impl SentinelTarget {
         #[cfg(feature = "tls")]
         install_crypto_provider();
         // Checks the URLs now; lookups build their own.
-        Sentinel::build(sentinels.to_vec()).map_err(|e| invalid_url(&e))?;
+        Sentinel::build(sentinels.to_vec()).map_err(|e| invalid_url_in(sentinels, &e))?;
         let clients = sentinels
             .iter()
-            .map(|url| redis::Client::open(*url).map_err(|e| invalid_url(&e)))
+            .map(|url| redis::Client::open(*url).map_err(|e| invalid_url_in(&[url], &e)))
             .collect::<Result<Vec<_>>>()?;
         let mut redis_info = redis::RedisConnectionInfo::default();
         if let Some((username, password)) = credentials {
@@ -475,4 +475,36 @@ impl ConnectionLike for Link {
 pub(crate) fn invalid_url(err: &redis::RedisError) -> Error {
     // The error text of a URL parse never needs the URL itself.
     Error::InvalidUrl(format!("{:?}", err.kind()))
+}
+
+/// What is wrong with `urls`, when redis-rs refuses one: a scheme it does
+/// not know, named (never the rest of a URL, which may hold a password), a
+/// URL with no scheme, or else redis-rs's kind of error.
+pub(crate) fn invalid_url_in<S: AsRef<str>>(urls: &[S], err: &redis::RedisError) -> Error {
+    urls.iter()
+        .find_map(|url| scheme_problem(url.as_ref()))
+        .unwrap_or_else(|| invalid_url(err))
+}
+
+fn scheme_problem(url: &str) -> Option<Error> {
+    const SCHEMES: &str = "redis:// (or valkey://), rediss:// (TLS), redis+unix:// or unix://";
+    match url.split_once("://") {
+        Some((scheme, _))
+            if !scheme.is_empty()
+                && scheme.len() <= 16
+                && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+')
+                && !matches!(
+                    scheme,
+                    "redis" | "rediss" | "valkey" | "valkeys" | "redis+unix" | "unix"
+                ) =>
+        {
+            Some(Error::InvalidUrl(format!(
+                "unknown scheme `{scheme}`: use {SCHEMES}"
+            )))
+        }
+        None => Some(Error::InvalidUrl(format!(
+            "not a Redis URL (no `scheme://`): write e.g. redis://[user:password@]host[:port][/db]; schemes are {SCHEMES}"
+        ))),
+        Some(_) => None,
+    }
 }
