@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub use cached_attr::{cache_evict, cache_put, redis_cached};
+pub use cached_attr::{cache_evict, cache_put, redis_cached, CacheKey};
 pub use cached_runtime::{
     bypass, escape_into, global, invalidate_call, key_of, refresh, set_global, tag, BreakerConfig,
     Cache, CacheBuilder, CacheKey, Codec, Error, KeyAtom, KeyBuilder, MemoryConfig, Result, Stats,

@@ -123,3 +123,95 @@ fn colliding_looking_pairs_through_the_attribute() {
         assert!(cache.stats().hits >= rng_pairs.len() as u64);
     });
 }
+
+mod derived {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+    use redis_cached::{redis_cached, Cache, CacheKey, KeyBuilder};
+
+    #[derive(CacheKey, Debug, Clone, PartialEq, Eq, Hash)]
+    struct Account {
+        tenant: String,
+        id: u64,
+    }
+
+    #[derive(CacheKey, Debug, Clone, PartialEq, Eq, Hash)]
+    struct Pair(String, Option<u32>);
+
+    #[derive(CacheKey, Debug, Clone, PartialEq, Eq, Hash)]
+    enum Filter {
+        All,
+        Active,
+        Since { day: u32 },
+        Named(String, Vec<String>),
+    }
+
+    #[derive(CacheKey)]
+    struct Wrapper<T>(T);
+
+    fn enc<K: CacheKey>(value: &K) -> String {
+        let mut k = KeyBuilder::with_capacity(16);
+        k.value(value);
+        k.finish(None)
+    }
+
+    #[test]
+    fn derived_encodings_are_readable() {
+        let account = Account {
+            tenant: "acme corp".into(),
+            id: 7,
+        };
+        assert_eq!(enc(&account), "%[%,acme%20corp%,7%]");
+        assert_eq!(enc(&Filter::Active), "Active");
+        assert_eq!(enc(&Filter::Since { day: 3 }), "Since%[%,3%]");
+        assert_eq!(enc(&Wrapper(5u8)), "%[%,5%]");
+    }
+
+    fn filters() -> impl Strategy<Value = Filter> {
+        let text = "[a-c:%, \\[\\]]{0,4}";
+        prop_oneof![
+            Just(Filter::All),
+            Just(Filter::Active),
+            (0u32..4).prop_map(|day| Filter::Since { day }),
+            (text, prop::collection::vec(text, 0..3)).prop_map(|(a, b)| Filter::Named(a, b)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Different values, different keys: structs, tuples, enums.
+        #[test]
+        fn derived_encodings_are_injective(
+            a in filters(), b in filters(),
+            p in ("[a:%,]{0,3}", prop::option::of(0u32..3)), q in ("[a:%,]{0,3}", prop::option::of(0u32..3)),
+        ) {
+            prop_assert_eq!(a == b, enc(&a) == enc(&b), "{:?} {:?}", a, b);
+            let (p, q) = (Pair(p.0, p.1), Pair(q.0, q.1));
+            prop_assert_eq!(p == q, enc(&p) == enc(&q), "{:?} {:?}", p, q);
+        }
+    }
+
+    #[redis_cached(key = "accounts:<account>:<filter>", cache = cache)]
+    async fn accounts(cache: &Cache, account: Account, filter: Filter) -> String {
+        format!("{account:?} {filter:?}")
+    }
+
+    #[tokio::test]
+    async fn derived_keys_work_through_the_attribute() {
+        let cache = Cache::in_memory();
+        let account = Account {
+            tenant: "t:1".into(),
+            id: 1,
+        };
+        let mut seen = HashSet::new();
+        for filter in [Filter::All, Filter::Active, Filter::Since { day: 1 }] {
+            let key = redis_cached::key_of(accounts(&cache, account.clone(), filter.clone()))
+                .expect("a key");
+            assert!(seen.insert(key));
+            let value = accounts(&cache, account.clone(), filter.clone()).await;
+            assert_eq!(value, format!("{account:?} {filter:?}"));
+        }
+    }
+}

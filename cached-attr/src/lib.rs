@@ -8,6 +8,7 @@
 //! reported together, next to the user's function left unchanged.
 
 mod args;
+mod derive;
 mod errors;
 mod expand;
 mod item;
@@ -40,6 +41,17 @@ pub fn cache_put(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn cache_evict(args: TokenStream, item: TokenStream) -> TokenStream {
     entry(Kind::Evict, args, item)
+}
+
+/// A key encoding for a struct or an enum (`CacheKey`), from its fields'
+/// encodings: `#[derive(CacheKey)]`; `#[cache_key(crate = "path")]` if the
+/// `redis-cached` dependency is renamed.
+#[proc_macro_derive(CacheKey, attributes(cache_key))]
+pub fn derive_cache_key(input: TokenStream) -> TokenStream {
+    syn::parse::<syn::DeriveInput>(input)
+        .and_then(derive::expand)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
 }
 
 fn entry(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {

@@ -37,7 +37,13 @@ const SHORTENED_PREFIX_LEN: usize = MAX_KEY_LEN - 1 - 64;
 /// Implementations must be injective (different values, different text) and
 /// write only the bytes `A-Z a-z 0-9 - _ . %`; [`escape_into`] does both for
 /// any text. Implemented for integers, `bool`, `char`, strings, floats,
-/// `Option` of those, sequences and references.
+/// `Option` of those, sequences and references, and derived for your
+/// structs and enums with `#[derive(CacheKey)]`.
+///
+/// Whatever an implementation writes, the key stays well formed: any other
+/// byte it writes (a `:`, a brace, a space) is escaped as `%XX` before it
+/// reaches the key, so a value can never forge the template's separators,
+/// a hash tag, the version or the runtime's own keys.
 ///
 /// ```
 /// use cached_runtime::{escape_into, CacheKey};
@@ -66,6 +72,23 @@ pub trait KeyAtom: CacheKey {}
 
 fn is_safe(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+/// The bytes of encoded values: the safe bytes, `%` escapes, and the `[`,
+/// `,` and `]` that sequences write after a `%`.
+fn in_encoding(b: u8) -> bool {
+    is_safe(b) || matches!(b, b'%' | b'[' | b',' | b']')
+}
+
+/// Appends `text`, escaping the bytes that no encoding holds.
+fn escape_outside_encoding(text: &str, out: &mut String) {
+    for &b in text.as_bytes() {
+        if in_encoding(b) {
+            out.push(b as char);
+        } else {
+            escape_into(&[b], out);
+        }
+    }
 }
 
 /// Appends `bytes` to `out`, escaping every byte outside `A-Z a-z 0-9 - _ .`
@@ -230,7 +253,13 @@ impl KeyBuilder {
 
     /// Appends a placeholder's value in its key encoding.
     pub fn value<K: CacheKey + ?Sized>(&mut self, value: &K) {
+        let start = self.buf.len();
         value.write_key(&mut self.buf);
+        // A hand-written impl may write what encodings never hold: escape it.
+        if !self.buf.as_bytes()[start..].iter().all(|b| in_encoding(*b)) {
+            let written = self.buf.split_off(start);
+            escape_outside_encoding(&written, &mut self.buf);
+        }
     }
 
     /// Ends the key, appending `@v<version>` when a version is given.
@@ -505,6 +534,32 @@ mod tests {
         let mut out = String::new();
         value.write_key(&mut out);
         out
+    }
+
+    /// An impl that writes raw text: separators, braces, `@`, `~`.
+    struct Careless(&'static str);
+
+    impl CacheKey for Careless {
+        fn write_key(&self, out: &mut String) {
+            out.push_str(self.0);
+        }
+    }
+
+    #[test]
+    fn what_a_careless_impl_writes_cannot_forge_the_key() {
+        let key = |a: &'static str, b: &'static str| {
+            let mut k = KeyBuilder::with_capacity(16);
+            k.literal("p:");
+            k.value(&Careless(a));
+            k.literal(":");
+            k.value(&Careless(b));
+            k.finish(Some(2))
+        };
+        assert_eq!(key("a:b", "c"), "p:a%3Ab:c@v2");
+        assert_ne!(key("a:b", "c"), key("a", "b:c"));
+        assert_eq!(key("{x} ~y@v1", "z"), "p:%7Bx%7D%20%7Ey%40v1:z@v2");
+        // What impls may write stays as written.
+        assert_eq!(key("a-b_c.d%2F", "%[%,1%]"), "p:a-b_c.d%2F:%[%,1%]@v2");
     }
 
     #[test]

@@ -1,6 +1,17 @@
 //! `crate = "my_cache"`: the attributes through a renamed dependency.
 
-use my_cache::{cache_evict, cache_put, redis_cached, Cache};
+use my_cache::{cache_evict, cache_put, redis_cached, Cache, CacheKey};
+
+/// A derived key through the renamed dependency.
+#[derive(CacheKey)]
+#[cache_key(crate = "my_cache")]
+pub struct Cell(pub u32, pub u32);
+
+/// Sums a cell, cached.
+#[redis_cached(key = "cell:<cell>", crate = "my_cache", cache = cache)]
+pub async fn sum(cache: &Cache, cell: Cell) -> u32 {
+    cell.0 + cell.1
+}
 
 /// Doubles `n`, cached.
 #[redis_cached(key = "double:<n>", crate = "my_cache", cache = cache)]
@@ -34,5 +45,7 @@ mod tests {
         assert_eq!(cache.stats().hits, 2);
         evict(&cache, 4).await.unwrap();
         assert_eq!(cache.get::<u32>("double:4").await, None);
+        assert_eq!(sum(&cache, Cell(1, 2)).await, 3);
+        assert_eq!(cache.get::<u32>("cell:%[%,1%,2%]").await, Some(3));
     }
 }
