@@ -345,3 +345,23 @@ async fn values_that_do_not_read_back_are_recomputed_not_looped_on() {
     assert!(stats.decode_errors >= 10, "{stats:?}");
     assert_eq!(u64::from(CALLS.load(Ordering::SeqCst)), stats.computes);
 }
+
+/// Arguments passed through `macro_rules!` fragments arrive wrapped in
+/// invisible groups: `$key:literal`, `$ttl:literal`, `$tag:literal`.
+macro_rules! cached_lookup {
+    ($name:ident, $key:literal, $ttl:literal, $tag:literal) => {
+        #[redis_cached::redis_cached(key = $key, ttl = $ttl, tags = [$tag], cache = cache)]
+        async fn $name(cache: &redis_cached::Cache, id: u64) -> u64 {
+            id + 1
+        }
+    };
+}
+
+cached_lookup!(through_a_macro, "macro:<id>", 60, "group:<id>");
+
+#[tokio::test]
+async fn arguments_pass_through_macro_rules_fragments() {
+    let cache = redis_cached::Cache::in_memory();
+    assert_eq!(through_a_macro(&cache, 1).await, 2);
+    assert_eq!(cache.get::<u64>("macro:1").await, Some(2));
+}

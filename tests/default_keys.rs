@@ -216,3 +216,28 @@ async fn explicit_keys_without_generic_placeholders_are_rendered_as_written() {
         Some("u8 42")
     );
 }
+
+mod skipped {
+    use redis_cached::{key_of, redis_cached, Cache};
+
+    /// A connection pool: no key, and nothing to do with the value.
+    pub struct Pool;
+
+    #[redis_cached(skip = [pool], cache = cache)]
+    async fn user(cache: &Cache, pool: &Pool, id: u64) -> u64 {
+        let _ = pool;
+        id * 10
+    }
+
+    #[tokio::test]
+    async fn skipped_arguments_are_left_out_of_the_default_key() {
+        let cache = Cache::in_memory();
+        assert_eq!(user(&cache, &Pool, 4).await, 40);
+        let key = key_of(user(&cache, &Pool, 4)).expect("a key");
+        assert!(key.ends_with(":4"), "{key}");
+        assert!(key.contains("::user#"), "{key}");
+        assert_eq!(cache.stats().hits, 0);
+        assert_eq!(user(&cache, &Pool, 4).await, 40);
+        assert_eq!(cache.stats().hits, 1);
+    }
+}

@@ -41,6 +41,7 @@ impl Kind {
                 "cache_none",
                 "version",
                 "tags",
+                "skip",
                 "cache",
                 "crate",
             ],
@@ -83,6 +84,9 @@ pub(crate) struct Args {
     pub(crate) krate: Option<syn::Path>,
     /// Tag templates, each a key template.
     pub(crate) tags: Vec<LitStr>,
+    /// `skip = [db]`: parameters left out of the default key.
+    pub(crate) skip: Vec<syn::Ident>,
+    pub(crate) skip_span: Option<Span>,
 }
 
 impl Args {
@@ -110,7 +114,7 @@ impl Args {
             .get_ident()
             .map(ToString::to_string)
             .unwrap_or_else(|| quote::ToTokens::to_token_stream(&meta.path).to_string());
-        let value: Expr = meta.value()?.parse()?;
+        let value = ungrouped(meta.value()?.parse()?);
         let valid = kind.valid_args();
         if !valid.contains(&name.as_str()) {
             let hint = format!("unknown argument `{name}` for #[{}]; ", kind.name());
@@ -145,6 +149,10 @@ impl Args {
             "lock_wait" => self.lock_wait = errors.ok(duration_arg(&value, "lock_wait")),
             "stale" => self.stale = errors.ok(duration_arg(&value, "stale")),
             "early" => self.early = errors.ok(beta_arg(&value)),
+            "skip" => {
+                self.skip_span = Some(value.span());
+                self.skip = errors.ok(skip_arg(&value)).unwrap_or_default();
+            }
             "cache" => self.cache = Some(value),
             "tags" => self.tags = errors.ok(tags_arg(&value)).unwrap_or_default(),
             "crate" => {
@@ -154,6 +162,16 @@ impl Args {
             _ => unreachable!("every valid argument is matched above"),
         }
         Ok(())
+    }
+}
+
+/// `value` without the invisible group a `macro_rules!` fragment
+/// (`$k:literal`, `$t:expr`) wraps it in, nor parentheses around a literal.
+fn ungrouped(value: Expr) -> Expr {
+    match value {
+        Expr::Group(group) => ungrouped(*group.expr),
+        Expr::Paren(paren) if matches!(*paren.expr, Expr::Lit(_)) => ungrouped(*paren.expr),
+        other => other,
     }
 }
 
@@ -169,6 +187,26 @@ fn lit_str(value: &Expr, name: &str, example: &str) -> syn::Result<LitStr> {
     }
 }
 
+fn skip_arg(value: &Expr) -> syn::Result<Vec<syn::Ident>> {
+    let err = || {
+        syn::Error::new(
+            value.span(),
+            "`skip` takes an array of parameter names, e.g. `skip = [db, pool]`",
+        )
+    };
+    let Expr::Array(array) = value else {
+        return Err(err());
+    };
+    array
+        .elems
+        .iter()
+        .map(|elem| match ungrouped(elem.clone()) {
+            Expr::Path(path) => path.path.get_ident().cloned().ok_or_else(err),
+            _ => Err(err()),
+        })
+        .collect()
+}
+
 fn tags_arg(value: &Expr) -> syn::Result<Vec<LitStr>> {
     let Expr::Array(array) = value else {
         return Err(syn::Error::new(
@@ -181,7 +219,7 @@ fn tags_arg(value: &Expr) -> syn::Result<Vec<LitStr>> {
         .iter()
         .map(|elem| {
             lit_str(
-                elem,
+                &ungrouped(elem.clone()),
                 "each tag",
                 "a template such as \"tenant:<tenant_id>\"",
             )

@@ -181,8 +181,24 @@ impl Model {
                 .map(|parts| with_instantiation(parts, &func, &params)),
             // An eviction of tags alone deletes no key.
             None if kind == Kind::Evict && !args.tags.is_empty() => Some(Vec::new()),
-            None => errors.ok(default_key(&func, &params, &unnamed)),
+            None => {
+                // The cache itself, when a parameter gives it, is no part
+                // of the value's identity.
+                let mut skip = args.skip.clone();
+                if let Some(root) = args.cache.as_ref().and_then(place_root) {
+                    if let Some(param) = params.iter().find(|p| !p.is_self && p.ident == root) {
+                        skip.push(param.ident.clone());
+                    }
+                }
+                errors.ok(default_key(&func, &params, &unnamed, &skip))
+            }
         };
+        if let (Some(span), Some(_)) = (args.skip_span, &args.key) {
+            errors.push(syn::Error::new(
+                span,
+                "`skip` leaves parameters out of the default key, but this function gives `key = …`, which names the parameters it uses: remove `skip`",
+            ));
+        }
         let tags: Vec<Vec<KeyPart>> = args
             .tags
             .iter()
@@ -646,7 +662,28 @@ fn field_ident(field: &str, span: Span) -> syn::Member {
 /// argument. The digest is that of [`TypeName::Function`]: the module path
 /// and name alone are shared by methods of two impl blocks, two trait impls
 /// of one type, and every instantiation of a generic function.
-fn default_key(func: &Func, params: &[Param], unnamed: &[Span]) -> syn::Result<Vec<KeyPart>> {
+fn default_key(
+    func: &Func,
+    params: &[Param],
+    unnamed: &[Span],
+    skip: &[Ident],
+) -> syn::Result<Vec<KeyPart>> {
+    for name in skip {
+        if !params.iter().any(|p| !p.is_self && p.ident == *name) {
+            let names: Vec<String> = params
+                .iter()
+                .filter(|p| !p.is_self)
+                .map(|p| format!("`{}`", p.ident))
+                .collect();
+            return Err(syn::Error::new(
+                name.span(),
+                format!(
+                    "`skip` names `{name}`, which is not a parameter; parameters are {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
     if let Some(span) = unnamed.first() {
         return Err(syn::Error::new(
             *span,
@@ -658,7 +695,10 @@ fn default_key(func: &Func, params: &[Param], unnamed: &[Span]) -> syn::Result<V
         KeyPart::Literal(format!("::{}", func.sig.ident)),
         KeyPart::Digest(vec![TypeName::Function]),
     ];
-    for param in params.iter().filter(|p| !p.is_self) {
+    for param in params
+        .iter()
+        .filter(|p| !p.is_self && !skip.contains(&p.ident))
+    {
         parts.push(KeyPart::Literal(":".into()));
         parts.push(KeyPart::Value(KeyValue {
             root: param.ident.clone(),

@@ -58,8 +58,9 @@ const SHORTENED_PREFIX_LEN: usize = MAX_KEY_LEN - 1 - 64;
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used in a cache key",
-    label = "this key placeholder's value has type `{Self}`, which does not implement `CacheKey`",
-    note = "implement `redis_cached::CacheKey` for it, or use a field that does (integers, strings, bool, char, Option, Vec)"
+    label = "this value goes into the cache key, but its type `{Self}` does not implement `CacheKey`",
+    note = "derive or implement `redis_cached::CacheKey` for it, or use a field that does (integers, strings, bool, char, Option, Vec)",
+    note = "with no `key = …`, every argument is in the key: leave this one out with `skip = [name]`, or name the arguments that identify the value with `key = \"…\"`"
 )]
 pub trait CacheKey {
     /// Appends this value's key encoding to `out`.
