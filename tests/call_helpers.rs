@@ -18,6 +18,7 @@ per_backend!(
     bypass_runs_the_body_and_touches_nothing,
     refresh_recomputes_and_stores,
     a_helper_applies_to_the_call_it_wraps_only,
+    a_refresh_that_finds_the_row_gone_invalidates,
     batches_bypass_and_refresh_but_have_no_one_key,
 );
 
@@ -56,6 +57,12 @@ impl Repo {
     async fn save(&self, name: &str, id: u64, value: u64) -> u64 {
         let _ = (name, id);
         value
+    }
+
+    /// `None` once the row is gone (the database value is 0).
+    #[redis_cached(key = "maybe:<id>", cache = self.cache)]
+    async fn maybe(&self, id: u64) -> Option<u64> {
+        Some(self.query()).filter(|v| *v != 0).map(|v| v + id)
     }
 
     #[redis_cached(key = "row:<ids[]>", cache = self.cache)]
@@ -136,6 +143,18 @@ async fn a_helper_applies_to_the_call_it_wraps_only(env: &Env) {
     assert_eq!(repo.queries.load(Ordering::SeqCst), 1);
     // Helpers outside any call leave later calls alone.
     assert_eq!(repo.member("red team", 5).await, 1005);
+}
+
+async fn a_refresh_that_finds_the_row_gone_invalidates(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.maybe(1).await, Some(2));
+    repo.db.store(0, Ordering::SeqCst);
+    // None is not cached here: the refresh cannot store it, so the entry
+    // it replaces (the deleted row) must go.
+    assert_eq!(refresh(repo.maybe(1)).await, None);
+    assert_eq!(repo.maybe(1).await, None, "the deleted row is not served");
+    let rows = repo.rows(vec![5]).await;
+    assert_eq!(rows[&5], 0);
 }
 
 async fn batches_bypass_and_refresh_but_have_no_one_key(env: &Env) {

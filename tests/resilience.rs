@@ -819,3 +819,46 @@ async fn in_memory_an_evicted_tombstone_does_not_let_an_older_value_in() {
     assert_eq!(repo.cache.stats().stale_sets_refused, 1);
     assert_eq!(repo.row(7).await, 2);
 }
+
+/// In memory, a value written over an invalidation's tombstone shadows it:
+/// when that value is evicted, the key reads as the tombstone again, so a
+/// computation that read the key before the invalidation still cannot
+/// store its older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_a_tombstone_outlives_the_value_written_over_it() {
+    let cache = Cache::builder("memory://")
+        .memory(redis_cached::MemoryConfig {
+            max_entries: 64,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let repo = Repo::new(cache);
+    repo.db.value.store(1, Ordering::SeqCst);
+    let before = {
+        let repo = repo.clone();
+        tokio::spawn(async move { repo.row(7).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    repo.update_row(7, 2).await.expect("updated");
+    // A newer value lands over the tombstone, then is evicted.
+    repo.cache
+        .set("row:7", &2u64, Duration::from_secs(60))
+        .await
+        .unwrap();
+    for n in 0..2_000u32 {
+        let key = format!("filler:{}", n % 128);
+        repo.cache
+            .set(&key, &n, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let _ = repo.cache.get::<u32>(&key).await;
+    }
+    assert_eq!(before.await.expect("no panic"), 1);
+    assert_ne!(
+        repo.cache.get::<u64>("row:7").await,
+        Some(1),
+        "the value read before the invalidation was stored"
+    );
+    assert_eq!(repo.row(7).await, 2);
+}

@@ -139,6 +139,9 @@ pub(crate) struct Fill<'a> {
     found: Option<Bytes>,
     /// When the body started (not read on a hit, which never computes).
     started: Option<Instant>,
+    /// `refresh(…)`: a result that cannot be stored invalidates the key,
+    /// since the entry there is now older than what the caller got.
+    forced: bool,
 }
 
 impl<'a> Fill<'a> {
@@ -173,7 +176,9 @@ impl<'a> Fill<'a> {
             lock: None,
             ..policy
         };
-        Fill::starting(inner, key, tags, policy, seen, State::Lead)
+        let mut fill = Fill::starting(inner, key, tags, policy, seen, State::Lead);
+        fill.forced = true;
+        fill
     }
 
     /// A fill for a background refresh of an entry that held `seen`.
@@ -207,6 +212,7 @@ impl<'a> Fill<'a> {
             guard: None,
             found: None,
             started: None,
+            forced: false,
         }
     }
 
@@ -254,7 +260,13 @@ impl<'a> Fill<'a> {
                             return Step::Alone;
                         }
                         Counters::bump(&inner.counters.coalesced);
-                        match flight::follow_within(inner.settings.coalesce_wait, receiver).await {
+                        // Never shorter than the leader may wait for
+                        // another process's lock before computing.
+                        let bound = match self.policy.lock {
+                            Some(lock) => inner.settings.coalesce_wait.max(lock.wait * 2),
+                            None => inner.settings.coalesce_wait,
+                        };
+                        match flight::follow_within(bound, receiver).await {
                             Followed::Value(entry) => {
                                 return self.found(Bytes::Shared(entry), Source::Leader)
                             }
@@ -455,6 +467,10 @@ impl<'a> Fill<'a> {
             }
             (None, None) => StoreOutcome::Failed,
         };
+        if self.forced && outcome == StoreOutcome::Failed {
+            // Failures are counted inside; the caller has its result.
+            let _ = self.inner.tombstone(&self.key).await;
+        }
         if let Some(leader) = &self.leader {
             if outcome != StoreOutcome::Refused {
                 leader.publish(encoded.0);

@@ -150,11 +150,17 @@ where
     let mut found = S::Map::default();
     let forced = directive == Some(Directive::Refresh);
     let missing = look_up::<K, V, S::Map>(inner, elements, forced, &mut found).await;
-    let missing = follow::<K, V, S::Map>(inner, missing, &mut found).await;
+    // A refresh recomputes: it takes no computation that began before it.
+    let missing = if forced {
+        missing
+    } else {
+        follow::<K, V, S::Map>(inner, missing, &mut found).await
+    };
     if missing.is_empty() {
         return S::wrap(found);
     }
     let mut batch = Fill::lead(inner, missing, tags, policy).await;
+    batch.forced = forced;
     let computing = batch.keys();
     Counters::bump(&inner.counters.computes);
     let result = marked_all(computing, body(batch.elements())).await;
@@ -208,7 +214,11 @@ where
     let mut missing = Vec::new();
     for ((element, key), read) in elements.into_iter().zip(keys).zip(reads) {
         if forced {
-            let seen = read.map_or_else(|seen| seen, Seen::Bytes);
+            let seen = match read {
+                Ok(bytes) if bytes.len() > inner.settings.max_value_bytes => Seen::Oversized,
+                Ok(bytes) => Seen::Bytes(bytes),
+                Err(seen) => seen,
+            };
             missing.push(Missing { element, key, seen });
             continue;
         }
@@ -287,6 +297,8 @@ struct Fill<'a, K> {
     /// and shares nothing).
     leaders: Vec<Option<Leader<'a>>>,
     policy: Policy,
+    /// `refresh(…)`: an element that cannot be stored is invalidated.
+    forced: bool,
 }
 
 impl<'a, K: Clone> Fill<'a, K> {
@@ -320,6 +332,7 @@ impl<'a, K: Clone> Fill<'a, K> {
             missing,
             leaders,
             policy,
+            forced: false,
         }
     }
 
@@ -386,6 +399,16 @@ impl<'a, K: Clone> Fill<'a, K> {
         let stored = self.inner.store_many_if(stores).await;
         for (n, outcome) in stored_at.into_iter().zip(stored) {
             outcomes[n] = outcome;
+        }
+        if self.forced {
+            // The entries there are older than what the caller gets.
+            let unstored = self
+                .missing
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, outcome)| **outcome == StoreOutcome::Failed)
+                .map(|(m, _)| self.inner.tombstone(&m.key));
+            join_all(unstored).await;
         }
         for ((leader, entry), outcome) in self.leaders.drain(..).zip(entries).zip(outcomes) {
             match (leader, entry) {

@@ -185,6 +185,8 @@ fn redact(url: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
         }
+        // No scheme: whatever precedes the last `@` may be credentials.
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_owned(),
     }
 }
@@ -447,5 +449,6 @@ mod tests {
             "{shown}"
         );
         assert_eq!(redact("redis://localhost/"), "redis://localhost/");
+        assert_eq!(redact(":pw@localhost:6379"), "***@localhost:6379");
     }
 }

@@ -91,8 +91,10 @@ impl Cache {
         let entry = self.inner.settings.codec.encode(value, None)?;
         let key = self.inner.full_key(key.to_owned());
         let stored = self.inner.store(&key, entry.into(), ttl).await;
-        // A write is the newest state: later callers must not get an older one.
+        // A write is the newest state: later callers must not get an older
+        // one, from a computation here or a late lock notification.
         self.inner.flights.detach(&key);
+        self.inner.recent.mark(&key);
         stored
     }
 
@@ -162,6 +164,7 @@ impl Cache {
         for (key, _) in &encoded {
             // A write is the newest state: later callers must not get an older one.
             inner.flights.detach(key);
+            inner.recent.mark(key);
         }
         stored
     }

@@ -223,6 +223,7 @@ where
         let _ = inner.tombstone(&key).await;
     }
     inner.flights.detach(&key);
+    inner.recent.mark(&key);
     match kept {
         Ok(value) => S::from_value(value),
         Err(absent) => absent(),

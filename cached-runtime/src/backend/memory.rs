@@ -13,8 +13,11 @@
 //! Tombstones (left by invalidations) are kept apart from values, out of
 //! eviction's reach, until they expire (the cache's `invalidation_window`):
 //! an evicted tombstone would let a computation that read the key before
-//! the invalidation store its older value over "nothing". They are bounded
-//! by the invalidations of one window, not by `max_entries`.
+//! the invalidation store its older value over "nothing". A value written
+//! over a tombstone shadows it without removing it, so that if that value
+//! is evicted or expires, the key reads as the tombstone again, not as
+//! nothing. They are bounded by the invalidations of one window, not by
+//! `max_entries`.
 //!
 //! An expired entry is never returned: a read that finds one removes it.
 //! Expired entries nobody reads are reclaimed by a sweep that runs after
@@ -139,39 +142,32 @@ impl MemoryBackend {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The unexpired entry (value or tombstone) at `key`.
+    /// The unexpired entry at `key`: its value, else its tombstone.
     fn live(&self, key: &str) -> Option<Entry> {
-        self.entry(key)
-            .filter(|entry| entry.expires_at > Instant::now())
-    }
-
-    /// The entry at `key`, expired or not: its value, else its tombstone.
-    fn entry(&self, key: &str) -> Option<Entry> {
-        if let Some(entry) = self.entries.get(key) {
-            return Some(entry);
+        let now = Instant::now();
+        match self.entries.get(key) {
+            Some(entry) if entry.expires_at > now => return Some(entry),
+            Some(expired) => {
+                // Remove only the entry we saw: a fresh write may have
+                // replaced it.
+                self.entries
+                    .remove_if(key, |current| Arc::ptr_eq(&current.bytes, &expired.bytes));
+            }
+            None => {}
         }
         if self.tombstone_count.load(Ordering::Acquire) == 0 {
             return None;
         }
-        self.tombstones().get(key).cloned()
+        self.tombstones()
+            .get(key)
+            .filter(|entry| entry.expires_at > now)
+            .cloned()
     }
 
     fn tombstones(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.tombstones
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Drops `key`'s tombstone, if it has one.
-    fn untomb(&self, key: &str) {
-        if self.tombstone_count.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        let mut tombstones = self.tombstones();
-        if tombstones.remove(key).is_some() {
-            self.tombstone_count
-                .store(tombstones.len(), Ordering::Release);
-        }
     }
 
     fn insert(&self, key: &str, value: Arc<[u8]>, ttl: Duration) {
@@ -184,8 +180,8 @@ impl MemoryBackend {
             bytes: value,
             expires_at,
         };
-        // In this order, a lock-free reader sees the old entry or the new
-        // one, never neither (values are looked up before tombstones).
+        // A tombstone goes in before the value it replaces goes out, so
+        // that a lock-free reader never finds neither.
         if Codec::is_tombstone(&entry.bytes) {
             let mut tombstones = self.tombstones();
             tombstones.insert(key.to_owned(), entry);
@@ -195,7 +191,6 @@ impl MemoryBackend {
             self.entries.remove(key);
         } else {
             self.entries.insert(key.to_owned(), entry);
-            self.untomb(key);
         }
         if self.writes.fetch_add(1, Ordering::Relaxed) % self.sweep_every == self.sweep_every - 1 {
             self.sweep();
@@ -229,16 +224,7 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     async fn get(&self, key: &str, _limit: Option<usize>) -> Result<Option<Bytes>> {
         // Entries come only from this process's writes, which are bounded.
-        let Some(entry) = self.entry(key) else {
-            return Ok(None);
-        };
-        if entry.expires_at > Instant::now() {
-            return Ok(Some(Bytes::Shared(entry.bytes)));
-        }
-        // Remove only the entry we saw: a fresh write may have replaced it.
-        self.entries
-            .remove_if(key, |current| Arc::ptr_eq(&current.bytes, &entry.bytes));
-        Ok(None)
+        Ok(self.live(key).map(|entry| Bytes::Shared(entry.bytes)))
     }
 
     async fn set(&self, key: &str, value: Arc<[u8]>, ttl: Duration) -> Result<()> {
