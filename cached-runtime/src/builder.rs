@@ -404,7 +404,7 @@ impl CacheBuilder {
 
     /// The in-memory cache these settings describe (the URL unread).
     pub(crate) fn build_in_memory(self) -> Cache {
-        let backend = AnyBackend::Memory(MemoryBackend::new(self.memory));
+        let backend = AnyBackend::Memory(MemoryBackend::new(self.memory, self.invalidation_window));
         self.finish(backend)
     }
 

@@ -91,13 +91,26 @@ struct Entry {
 
 const STRIPES: usize = 64;
 
+/// One key's record in a tag set.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    /// Unix ms.
+    expiry: u64,
+    made: Instant,
+}
+
 pub(crate) struct MemoryBackend {
     entries: Store<String, Entry, ByBytes, DefaultHashBuilder>,
-    /// Tag set → the keys cached under it, with when each expires (Unix
-    /// ms), as on Redis. The sweep drops expired members (not members
-    /// without an entry: a fill records its key before it stores it) and
-    /// empty sets.
-    tags: Mutex<HashMap<String, HashMap<String, u64>>>,
+    /// Tag set → the keys cached under it, with when each record expires
+    /// (Unix ms, as on Redis) and when it was made. The sweep drops expired
+    /// records, records of keys that hold nothing (evicted or expired)
+    /// once they are older than `record_grace` (a fill records its key
+    /// before it stores it), and empty sets: the records stay proportional
+    /// to the entries held, whatever their TTLs.
+    tags: Mutex<HashMap<String, HashMap<String, Record>>>,
+    /// How long a record of a key that holds nothing is kept: the cache's
+    /// invalidation window, the time a slow fill has to store.
+    record_grace: Duration,
     /// The keys' tombstones, which eviction must not drop.
     tombstones: Mutex<HashMap<String, Entry>>,
     /// How many tombstones there are, so that a lookup that finds no value
@@ -119,13 +132,14 @@ impl std::fmt::Debug for MemoryBackend {
 }
 
 impl MemoryBackend {
-    pub(crate) fn new(config: MemoryConfig) -> Self {
+    pub(crate) fn new(config: MemoryConfig, record_grace: Duration) -> Self {
         let capacity = config.max_entries.max(1);
         let max_bytes = config.max_bytes.max(1);
         let floor = (max_bytes / capacity as u64).max(1);
         MemoryBackend {
             entries: Store::with_weighter(capacity, max_bytes, ByBytes { floor }),
             tags: Mutex::new(HashMap::new()),
+            record_grace,
             tombstones: Mutex::new(HashMap::new()),
             tombstone_count: std::sync::atomic::AtomicUsize::new(0),
             stripes: std::array::from_fn(|_| Mutex::new(())),
@@ -211,9 +225,30 @@ impl MemoryBackend {
         let now_ms = now_unix_ms();
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         tags.retain(|_, keys| {
-            keys.retain(|_, expiry| *expiry > now_ms);
+            keys.retain(|key, record| {
+                record.expiry > now_ms
+                    && (now.saturating_duration_since(record.made) < self.record_grace
+                        || self.holds(key, now))
+            });
             !keys.is_empty()
         });
+    }
+
+    /// Whether `key` holds a value or a tombstone, without counting as a
+    /// read for eviction.
+    fn holds(&self, key: &str, now: Instant) -> bool {
+        if self
+            .entries
+            .peek(key)
+            .is_some_and(|entry| entry.expires_at > now)
+        {
+            return true;
+        }
+        self.tombstone_count.load(Ordering::Acquire) != 0
+            && self
+                .tombstones()
+                .get(key)
+                .is_some_and(|entry| entry.expires_at > now)
     }
 
     pub(crate) fn entry_count(&self) -> usize {
@@ -262,12 +297,14 @@ impl Backend for MemoryBackend {
         for tag_key in tag_keys {
             // Every record raises the expiry (as on Redis), so that `untag`
             // sees any record made since a batch was read.
+            let made = Instant::now();
             let recorded = tags
                 .entry(tag_key.clone())
                 .or_default()
                 .entry(key.to_owned())
-                .or_insert(0);
-            *recorded = expiry.max(*recorded + 1);
+                .or_insert(Record { expiry: 0, made });
+            recorded.expiry = expiry.max(recorded.expiry + 1);
+            recorded.made = made;
         }
         Ok(())
     }
@@ -278,7 +315,7 @@ impl Backend for MemoryBackend {
         let tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(tags
             .get(tag_key)
-            .map(|keys| keys.iter().map(|(k, e)| (k.clone(), *e)).collect())
+            .map(|keys| keys.iter().map(|(k, r)| (k.clone(), r.expiry)).collect())
             .unwrap_or_default())
     }
 
@@ -314,7 +351,7 @@ impl Backend for MemoryBackend {
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(keys) = tags.get_mut(tag_key) {
             for (key, expiry) in members {
-                if keys.get(key) == Some(expiry) {
+                if keys.get(key).map(|r| r.expiry) == Some(*expiry) {
                     keys.remove(key);
                 }
             }
@@ -330,16 +367,49 @@ impl Backend for MemoryBackend {
 mod tests {
     use super::*;
 
+    const GRACE: Duration = Duration::from_secs(60);
+
+    /// Tag records of keys that no longer hold anything (evicted, here) go
+    /// at the next sweep once past the grace: the records stay
+    /// proportional to the entries, not to every key ever tagged.
+    #[tokio::test]
+    async fn tag_records_stay_proportional_to_the_entries() {
+        let m = MemoryBackend::new(
+            MemoryConfig {
+                max_entries: 64,
+                ..MemoryConfig::default()
+            },
+            Duration::ZERO,
+        );
+        let ttl = Duration::from_secs(3600);
+        for n in 0..5_000 {
+            let key = format!("k{n}");
+            m.tag(&key, &["t".to_owned()], ttl).await.unwrap();
+            m.set(&key, bytes("v"), ttl).await.unwrap();
+        }
+        m.sweep();
+        let records = m.tagged("t", usize::MAX).await.unwrap();
+        assert!(
+            records.len() <= 64,
+            "{} records for 64 entries",
+            records.len()
+        );
+        assert!(records.iter().all(|(key, _)| m.holds(key, Instant::now())));
+    }
+
     fn bytes(s: &str) -> Arc<[u8]> {
         Arc::from(s.as_bytes())
     }
 
     #[tokio::test]
     async fn entries_expire_and_are_swept() {
-        let m = MemoryBackend::new(MemoryConfig {
-            max_entries: 100,
-            ..MemoryConfig::default()
-        });
+        let m = MemoryBackend::new(
+            MemoryConfig {
+                max_entries: 100,
+                ..MemoryConfig::default()
+            },
+            GRACE,
+        );
         m.set("short", bytes("a"), Duration::from_millis(20))
             .await
             .unwrap();
@@ -359,7 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rewrite_takes_the_new_ttl() {
-        let m = MemoryBackend::new(MemoryConfig::default());
+        let m = MemoryBackend::new(MemoryConfig::default(), GRACE);
         m.set("k", bytes("a"), Duration::from_millis(10))
             .await
             .unwrap();
@@ -372,7 +442,7 @@ mod tests {
 
     #[tokio::test]
     async fn set_if_compares_with_the_live_entry() {
-        let m = MemoryBackend::new(MemoryConfig::default());
+        let m = MemoryBackend::new(MemoryConfig::default(), GRACE);
         assert!(m
             .set_if("k", &Seen::Nothing, bytes("a"), Duration::from_secs(60))
             .await
@@ -411,10 +481,13 @@ mod tests {
 
     #[tokio::test]
     async fn size_stays_bounded() {
-        let m = MemoryBackend::new(MemoryConfig {
-            max_entries: 1000,
-            ..MemoryConfig::default()
-        });
+        let m = MemoryBackend::new(
+            MemoryConfig {
+                max_entries: 1000,
+                ..MemoryConfig::default()
+            },
+            GRACE,
+        );
         for i in 0..20_000 {
             m.set(&format!("k{i}"), bytes("v"), Duration::from_secs(60))
                 .await
@@ -426,10 +499,13 @@ mod tests {
     #[tokio::test]
     async fn bytes_stay_bounded() {
         let max_bytes = 8 << 20;
-        let m = MemoryBackend::new(MemoryConfig {
-            max_entries: 100_000,
-            max_bytes,
-        });
+        let m = MemoryBackend::new(
+            MemoryConfig {
+                max_entries: 100_000,
+                max_bytes,
+            },
+            GRACE,
+        );
         let value: Arc<[u8]> = vec![7u8; 64 * 1024].into();
         for i in 0..1_000 {
             m.set(&format!("k{i}"), value.clone(), Duration::from_secs(60))
