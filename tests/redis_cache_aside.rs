@@ -313,3 +313,63 @@ async fn values_over_the_size_limit_are_misses_with_whole_reads_too() {
         "{stats:?}"
     );
 }
+
+mod counted {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use redis_cached::{redis_cached, Cache};
+
+    use super::per_backend;
+    use crate::support::backends::Env;
+
+    per_backend!(a_coalesced_pair_is_two_misses_with_or_without_the_lock);
+
+    struct Slow {
+        cache: Cache,
+    }
+
+    impl Slow {
+        #[redis_cached(key = "plain:<id>", cache = self.cache)]
+        async fn plain(&self, id: u64) -> u64 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            id
+        }
+
+        #[redis_cached(key = "locked:<id>", lock = true, cache = self.cache)]
+        async fn locked(&self, id: u64) -> u64 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            id
+        }
+    }
+
+    /// Two concurrent calls for one cold key: one computes, one waits for
+    /// it; both are misses, whether each read the key (no lock) or the
+    /// second joined before reading (`lock = true`).
+    async fn a_coalesced_pair_is_two_misses_with_or_without_the_lock(env: &Env) {
+        for locked in [false, true] {
+            let slow = Arc::new(Slow { cache: env.cache() });
+            let calls: Vec<_> = (0..2)
+                .map(|_| {
+                    let slow = Arc::clone(&slow);
+                    tokio::spawn(async move {
+                        if locked {
+                            slow.locked(1).await
+                        } else {
+                            slow.plain(1).await
+                        }
+                    })
+                })
+                .collect();
+            for call in calls {
+                assert_eq!(call.await.unwrap(), 1);
+            }
+            let stats = slow.cache.stats();
+            assert_eq!(
+                (stats.hits, stats.misses, stats.computes, stats.coalesced),
+                (0, 2, 1, 1),
+                "lock = {locked}: {stats:?}"
+            );
+        }
+    }
+}

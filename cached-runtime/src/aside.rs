@@ -260,6 +260,12 @@ impl<'a> Fill<'a> {
                             return Step::Alone;
                         }
                         Counters::bump(&inner.counters.coalesced);
+                        if self.locked() && !retried {
+                            // It read nothing itself (a `lock = true` caller
+                            // joins first): its call is a miss all the same,
+                            // as a follower's that read the key is.
+                            Counters::bump(&inner.counters.misses);
+                        }
                         // Never shorter than the leader may wait for
                         // another process's lock before computing.
                         let bound = match self.policy.lock {

@@ -80,7 +80,11 @@ macro_rules! counters {
 counters! {
     /// Lookups answered from the cache.
     hits,
-    /// Lookups that found nothing usable (absent, undecodable, or Redis unavailable).
+    /// Calls and lookups that found nothing usable (absent, undecodable, or
+    /// Redis unavailable): one per call that did not get a cached value,
+    /// whether it read the key itself or (with `lock = true`) joined this
+    /// process's computation before reading, so `hits + misses` counts the
+    /// calls either way.
     misses,
     /// Times a cached function's body (or a `get_or_compute` closure) ran.
     computes,
