@@ -365,3 +365,18 @@ async fn arguments_pass_through_macro_rules_fragments() {
     assert_eq!(through_a_macro(&cache, 1).await, 2);
     assert_eq!(cache.get::<u64>("macro:1").await, Some(2));
 }
+
+static SHARED: std::sync::LazyLock<redis_cached::Cache> =
+    std::sync::LazyLock::new(redis_cached::Cache::in_memory);
+
+/// A `static` `LazyLock<Cache>` is a cache as it is: no `&*` needed.
+#[redis_cached::redis_cached(key = "lazy:<id>", cache = SHARED)]
+async fn through_a_lazy_lock(id: u64) -> u64 {
+    id * 3
+}
+
+#[tokio::test]
+async fn a_lazy_lock_cache_is_used_as_it_is() {
+    assert_eq!(through_a_lazy_lock(2).await, 6);
+    assert_eq!(SHARED.get::<u64>("lazy:2").await, Some(6));
+}

@@ -163,15 +163,9 @@ struct Param {
 
 impl Model {
     pub(crate) fn build(kind: Kind, args: Args, func: Func, errors: &mut Errors) -> Option<Model> {
-        if func.sig.asyncness.is_none() {
-            errors.push(syn::Error::new(
-                func.sig.fn_token.span(),
-                format!(
-                    "#[{}] applies to `async fn` only: write `async fn {}`",
-                    kind.name(),
-                    func.sig.ident
-                ),
-            ));
+        let not_async = func.sig.asyncness.is_none();
+        if not_async {
+            errors.push(not_async_error(kind, &func));
         }
         let (params, unnamed) = params(&func);
         let key = match &args.key {
@@ -212,7 +206,7 @@ impl Model {
             ReturnType::Default => (syn::parse_quote!(()), func.sig.ident.span()),
             ReturnType::Type(_, ty) => ((**ty).clone(), ty.span()),
         };
-        if matches!(ret, Type::ImplTrait(_)) {
+        if matches!(ret, Type::ImplTrait(_)) && !not_async {
             errors.push(syn::Error::new(
                 ret_span,
                 "a cached function must return a concrete type that implements Serialize and Deserialize, not `impl Trait`",
@@ -483,6 +477,38 @@ fn first_type_args(arguments: &syn::PathArguments) -> Vec<Type> {
     }
 }
 
+/// Why a function that is not an `async fn` cannot be cached, and what to
+/// write instead: for a function returning `impl Future`, and for a method
+/// that `#[async_trait]` rewrote into a boxed future before this attribute
+/// saw it, a message of its own.
+fn not_async_error(kind: Kind, func: &Func) -> syn::Error {
+    let name = &func.sig.ident;
+    let output = match &func.sig.output {
+        ReturnType::Type(_, ty) => quote::ToTokens::to_token_stream(ty).to_string(),
+        ReturnType::Default => String::new(),
+    };
+    let generics = quote::ToTokens::to_token_stream(&func.sig.generics).to_string();
+    let message = if generics.contains("'async_trait") || output.contains("'async_trait") {
+        format!(
+            "#[{}] sees `{name}` after #[async_trait] rewrote it into a boxed future, and it caches `async fn`s only: \
+             use a native `async fn` in the trait (Rust 1.75+) where you can; for a `dyn` trait, put the cached \
+             `async fn` in an inherent impl and call it from the trait method",
+            kind.name()
+        )
+    } else if output.contains("Future") {
+        format!(
+            "#[{}] caches `async fn`s: write `async fn {name}(…) -> T` rather than returning `impl Future<Output = T>`",
+            kind.name()
+        )
+    } else {
+        format!(
+            "#[{}] applies to `async fn` only: write `async fn {name}`",
+            kind.name()
+        )
+    };
+    syn::Error::new(func.sig.fn_token.span(), message)
+}
+
 /// `lock_ttl` and `lock_wait` need `lock = true`.
 fn check_freshness_args(args: &Args, errors: &mut Errors) {
     let locked = args.lock.is_some_and(|l| l.value);
@@ -609,11 +635,14 @@ fn resolve(lit: &syn::LitStr, segments: &[Segment], params: &[Param]) -> syn::Re
                 let Some(param) = params.iter().find(|p| p.ident == root) else {
                     let names: Vec<String> =
                         params.iter().map(|p| format!("`{}`", p.ident)).collect();
-                    let listed = if names.is_empty() {
+                    let mut listed = if names.is_empty() {
                         "the function has no parameters".to_owned()
                     } else {
                         format!("parameters are {}", names.join(", "))
                     };
+                    if params.iter().any(|p| p.is_self) {
+                        listed.push_str(&format!("; a field of `self` is written `<self.{root}>`"));
+                    }
                     errors.push(syn::Error::new(
                         lit.span(),
                         format!("unknown placeholder `<{root}>` in the key template: {listed}"),

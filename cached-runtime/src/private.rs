@@ -1,8 +1,8 @@
 //! What generated code calls. Not a stable API: reached only through
 //! `redis_cached::__private`, by code the attributes write.
 
-use std::borrow::Borrow;
 use std::future::Future;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,15 +39,39 @@ impl CacheHold<'_> {
     }
 }
 
-/// Borrows the cache of a `cache = …` argument: anything that borrows as a
-/// `Cache` (`Cache`, `&Cache`, `Arc<Cache>`).
-pub fn cache_ref<C: Borrow<Cache> + ?Sized>(cache: &C) -> CacheHold<'_> {
-    CacheHold::Borrowed(cache.borrow())
+/// What a `cache = …` argument may be: a `Cache`, or anything that
+/// dereferences to one (`&Cache`, `Arc<Cache>`, a `static`
+/// `LazyLock<Cache>`).
+#[diagnostic::on_unimplemented(
+    message = "`cache = …` takes a `Cache`, not `{Self}`",
+    label = "this is a `{Self}`",
+    note = "give a `Cache`, a `&Cache`, an `Arc<Cache>` or a `LazyLock<Cache>`; for a field holding an `Option<Cache>` or a `OnceLock<Cache>`, pass the cache itself"
+)]
+pub trait AsCache {
+    /// The cache.
+    fn as_cache(&self) -> &Cache;
+}
+
+impl AsCache for Cache {
+    fn as_cache(&self) -> &Cache {
+        self
+    }
+}
+
+impl<T: Deref<Target = Cache> + ?Sized> AsCache for T {
+    fn as_cache(&self) -> &Cache {
+        self
+    }
+}
+
+/// Borrows the cache of a `cache = …` argument.
+pub fn cache_ref<C: AsCache + ?Sized>(cache: &C) -> CacheHold<'_> {
+    CacheHold::Borrowed(cache.as_cache())
 }
 
 /// Clones the cache of a `cache = …` argument.
-pub fn cache_of<C: Borrow<Cache> + ?Sized>(cache: &C) -> CacheHold<'static> {
-    CacheHold::Owned(cache.borrow().clone())
+pub fn cache_of<C: AsCache + ?Sized>(cache: &C) -> CacheHold<'static> {
+    CacheHold::Owned(cache.as_cache().clone())
 }
 
 /// The global cache, for attributes without `cache = …`.
