@@ -89,3 +89,53 @@ async fn keys_values_and_passwords_are_never_logged() {
         );
     }
 }
+
+/// While Redis stays down the breaker probes every cool-down; the warning
+/// comes once per outage, and its end is one line that says how long it
+/// lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_one_warning_and_one_summary() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .op_timeout(Duration::from_millis(100))
+        .breaker(BreakerConfig {
+            failure_threshold: 2,
+            cooldown: Duration::from_millis(100),
+        })
+        .build()
+        .unwrap();
+    lookup(&cache, 1).await;
+    server.kill();
+    let until = std::time::Instant::now() + Duration::from_millis(800);
+    while std::time::Instant::now() < until {
+        lookup(&cache, 2).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cache.stats().breaker_opens >= 3, "{:?}", cache.stats());
+    server.restart();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while cache.is_degraded() && std::time::Instant::now() < until {
+        lookup(&cache, 3).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!cache.is_degraded(), "recovered");
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let warnings = logs.lines().filter(|l| l.contains("WARN")).count();
+    assert_eq!(warnings, 1, "one warning per outage:\n{logs}");
+    let summary: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("reachable again after"))
+        .collect();
+    assert_eq!(summary.len(), 1, "{logs}");
+    assert!(summary[0].contains("failed probes"), "{logs}");
+}

@@ -35,7 +35,10 @@ const HALF_OPEN: u8 = 2;
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Transition {
     None,
+    /// Closed to open: an outage begins.
     Opened,
+    /// A probe failed: open again for another cool-down, same outage.
+    Reopened,
 }
 
 #[derive(Debug)]
@@ -45,7 +48,19 @@ pub(crate) struct Breaker {
     failures: AtomicU32,
     /// Milliseconds since `epoch` at which an open breaker lets a probe through.
     retry_at_ms: AtomicU64,
+    /// When the current outage began (ms since `epoch`), and how many
+    /// probes have failed in it: for one warning per outage and a summary
+    /// when it ends.
+    opened_at_ms: AtomicU64,
+    failed_probes: AtomicU32,
     epoch: Instant,
+}
+
+/// An outage that ended: how long it lasted, how many probes failed in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outage {
+    pub(crate) lasted: Duration,
+    pub(crate) failed_probes: u32,
 }
 
 impl Breaker {
@@ -55,6 +70,8 @@ impl Breaker {
             state: AtomicU8::new(CLOSED),
             failures: AtomicU32::new(0),
             retry_at_ms: AtomicU64::new(0),
+            opened_at_ms: AtomicU64::new(0),
+            failed_probes: AtomicU32::new(0),
             epoch: Instant::now(),
         }
     }
@@ -94,16 +111,23 @@ impl Breaker {
         }
     }
 
-    /// Records a successful operation; returns whether the breaker was not
-    /// closed before (it recovered).
-    pub(crate) fn success(&self) -> bool {
+    /// Records a successful operation; the outage it ended, if the breaker
+    /// was not closed before (it recovered).
+    pub(crate) fn success(&self) -> Option<Outage> {
         // Called on every operation: write only when something changes, so
         // that threads do not trade the cache line back and forth.
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        self.state.load(Ordering::Acquire) != CLOSED
-            && self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED
+        let recovered = self.state.load(Ordering::Acquire) != CLOSED
+            && self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED;
+        recovered.then(|| Outage {
+            lasted: Duration::from_millis(
+                self.now_ms()
+                    .saturating_sub(self.opened_at_ms.load(Ordering::Acquire)),
+            ),
+            failed_probes: self.failed_probes.load(Ordering::Acquire),
+        })
     }
 
     /// Records a failed operation.
@@ -123,11 +147,18 @@ impl Breaker {
             self.now_ms().saturating_add(self.cooldown_ms()),
             Ordering::Release,
         );
-        if self.state.swap(OPEN, Ordering::AcqRel) == OPEN {
-            Transition::None
-        } else {
-            self.failures.store(0, Ordering::Relaxed);
-            Transition::Opened
+        match self.state.swap(OPEN, Ordering::AcqRel) {
+            OPEN => Transition::None,
+            HALF_OPEN => {
+                self.failed_probes.fetch_add(1, Ordering::AcqRel);
+                Transition::Reopened
+            }
+            _ => {
+                self.failures.store(0, Ordering::Relaxed);
+                self.opened_at_ms.store(self.now_ms(), Ordering::Release);
+                self.failed_probes.store(0, Ordering::Release);
+                Transition::Opened
+            }
         }
     }
 
@@ -164,7 +195,7 @@ mod tests {
         let b = breaker(10_000);
         b.failure();
         b.failure();
-        assert!(!b.success());
+        assert!(b.success().is_none());
         b.failure();
         b.failure();
         assert!(b.allow());
@@ -180,7 +211,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         assert!(b.allow(), "one probe after the cool-down");
         assert!(!b.allow(), "only one probe at a time");
-        assert!(b.success());
+        let outage = b.success().expect("recovered");
+        assert_eq!(outage.failed_probes, 0);
+        assert!(outage.lasted >= Duration::from_millis(20), "{outage:?}");
         assert!(b.allow());
         assert!(!b.is_open());
     }
@@ -193,7 +226,10 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(30));
         assert!(b.allow());
-        assert_eq!(b.failure(), Transition::Opened);
+        assert_eq!(b.failure(), Transition::Reopened, "the same outage");
         assert!(!b.allow());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(b.allow());
+        assert_eq!(b.success().map(|o| o.failed_probes), Some(1));
     }
 }

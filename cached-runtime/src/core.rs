@@ -119,8 +119,15 @@ impl Inner {
         }
         let err = match tokio::time::timeout(bound, op).await {
             Ok(Ok(value)) => {
-                if self.breaker.success() {
-                    tracing::info!(target: "redis_cached", "Redis reachable again; caching resumed");
+                if let Some(outage) = self.breaker.success() {
+                    tracing::info!(
+                        target: "redis_cached",
+                        outage = ?outage.lasted,
+                        failed_probes = outage.failed_probes,
+                        "Redis reachable again after {:?} ({} failed probes); caching resumed",
+                        outage.lasted,
+                        outage.failed_probes
+                    );
                 }
                 return Ok(value);
             }
@@ -145,7 +152,16 @@ impl Inner {
             }
         };
         tracing::debug!(target: "redis_cached", error = %err, "Redis operation failed");
-        if self.breaker.failure() == Transition::Opened {
+        let transition = self.breaker.failure();
+        if transition == Transition::Reopened {
+            // Once per outage at `warn`; each failed probe at `debug`.
+            Counters::bump(&self.counters.breaker_opens);
+            tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
+            if let Some(redis) = self.backend.redis() {
+                redis.reset();
+            }
+        }
+        if transition == Transition::Opened {
             Counters::bump(&self.counters.breaker_opens);
             tracing::warn!(target: "redis_cached",
                 error = %err,
