@@ -171,7 +171,9 @@ impl Model {
         let key = match &args.key {
             Some(lit) => errors
                 .ok(key::parse(lit))
-                .and_then(|segments| errors.ok(resolve(lit, &segments, &params)))
+                .and_then(|segments| {
+                    errors.ok(resolve(lit, &segments, &params, !unnamed.is_empty()))
+                })
                 .map(|parts| with_instantiation(parts, &func, &params)),
             // An eviction of tags alone deletes no key.
             None if kind == Kind::Evict && !args.tags.is_empty() => Some(Vec::new()),
@@ -197,9 +199,9 @@ impl Model {
             .tags
             .iter()
             .filter_map(|lit| {
-                errors
-                    .ok(key::parse(lit))
-                    .and_then(|segments| errors.ok(resolve(lit, &segments, &params)))
+                errors.ok(key::parse(lit)).and_then(|segments| {
+                    errors.ok(resolve(lit, &segments, &params, !unnamed.is_empty()))
+                })
             })
             .collect();
         let (ret, ret_span) = match &func.sig.output {
@@ -213,6 +215,15 @@ impl Model {
             ));
         }
         check_freshness_args(&args, errors);
+        // A batch stores its map's values only; its keys are the elements.
+        let batched_key = args
+            .key
+            .as_ref()
+            .and_then(|lit| key::parse(lit).ok())
+            .is_some_and(|segments| segments.iter().any(is_batch));
+        if !batched_key {
+            check_owned(&ret, ret_span, kind, errors);
+        }
         check_refresh_ownership(&args, &func, errors);
         let shape = Shape::of(&ret);
         let batched = args
@@ -509,6 +520,34 @@ fn not_async_error(kind: Kind, func: &Func) -> syn::Error {
     syn::Error::new(func.sig.fn_token.span(), message)
 }
 
+/// Cached values are stored and read back, so they cannot borrow: a `&`
+/// in the stored part of the return type is an error that says so (rustc
+/// would only say that `Deserialize` is not general enough).
+fn check_owned(ret: &Type, span: Span, kind: Kind, errors: &mut Errors) {
+    if kind == Kind::Evict {
+        return;
+    }
+    let stored = match last_segment(ret) {
+        Some(("Result", Some(ok))) => match last_segment(ok) {
+            Some(("Option", Some(inner))) => inner,
+            _ => ok,
+        },
+        Some(("Option", Some(inner))) => inner,
+        _ => ret,
+    };
+    let tokens = quote::ToTokens::to_token_stream(stored)
+        .to_string()
+        .replace("& '", "&'");
+    if tokens.contains('&') {
+        errors.push(syn::Error::new(
+            span,
+            format!(
+                "a cached value is stored and read back, so it must be owned: `{tokens}` borrows; return an owned type (`String` for `&str`, `Vec<T>` for `&[T]`)"
+            ),
+        ));
+    }
+}
+
 /// `lock_ttl` and `lock_wait` need `lock = true`.
 fn check_freshness_args(args: &Args, errors: &mut Errors) {
     let locked = args.lock.is_some_and(|l| l.value);
@@ -621,7 +660,12 @@ fn params(func: &Func) -> (Vec<Param>, Vec<Span>) {
     (named, unnamed)
 }
 
-fn resolve(lit: &syn::LitStr, segments: &[Segment], params: &[Param]) -> syn::Result<Vec<KeyPart>> {
+fn resolve(
+    lit: &syn::LitStr,
+    segments: &[Segment],
+    params: &[Param],
+    patterns: bool,
+) -> syn::Result<Vec<KeyPart>> {
     let mut parts = Vec::new();
     let mut errors = Errors::new();
     for segment in segments {
@@ -640,6 +684,11 @@ fn resolve(lit: &syn::LitStr, segments: &[Segment], params: &[Param]) -> syn::Re
                     } else {
                         format!("parameters are {}", names.join(", "))
                     };
+                    if patterns {
+                        listed.push_str(
+                            "; a parameter written as a pattern (`(a, b): (u32, u32)`) has no name a template can use: bind it to a name (`pair: (u32, u32)`) and write `<pair.0>`",
+                        );
+                    }
                     if params.iter().any(|p| p.is_self) {
                         listed.push_str(&format!("; a field of `self` is written `<self.{root}>`"));
                     }
