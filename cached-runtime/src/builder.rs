@@ -39,8 +39,9 @@ impl Cache {
     /// [`MEMORY_URL`] (`memory://`) for the in-memory backend.
     ///
     /// ```
+    /// # extern crate cached_runtime as redis_cached;
     /// use std::time::Duration;
-    /// use cached_runtime::Cache;
+    /// use redis_cached::Cache;
     ///
     /// let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "memory://".into());
     /// let cache = Cache::builder(&url)
@@ -48,7 +49,7 @@ impl Cache {
     ///     .default_ttl(Duration::from_secs(600))
     ///     .op_timeout(Duration::from_millis(100))
     ///     .build()?;
-    /// # Ok::<(), cached_runtime::Error>(())
+    /// # Ok::<(), redis_cached::Error>(())
     /// ```
     pub fn builder(url: &str) -> CacheBuilder {
         CacheBuilder::new(Deployment::Url(url.to_owned()))
@@ -70,14 +71,15 @@ impl Cache {
     /// [`Cache::redis_cluster`].
     ///
     /// ```
+    /// # extern crate cached_runtime as redis_cached;
     /// use std::time::Duration;
-    /// use cached_runtime::Cache;
+    /// use redis_cached::Cache;
     ///
     /// let cache = Cache::cluster_builder(&["redis://10.0.0.1:7000/", "redis://10.0.0.2:7000/"])
     ///     .namespace("shop")
     ///     .op_timeout(Duration::from_millis(100))
     ///     .build()?;
-    /// # Ok::<(), cached_runtime::Error>(())
+    /// # Ok::<(), redis_cached::Error>(())
     /// ```
     pub fn cluster_builder(urls: &[&str]) -> CacheBuilder {
         CacheBuilder::new(Deployment::Cluster(
@@ -99,7 +101,8 @@ impl Cache {
     /// credentials go in their URLs).
     ///
     /// ```
-    /// use cached_runtime::Cache;
+    /// # extern crate cached_runtime as redis_cached;
+    /// use redis_cached::Cache;
     ///
     /// let cache = Cache::sentinel_builder(
     ///     &["redis://10.0.0.1:26379/", "redis://10.0.0.2:26379/", "redis://10.0.0.3:26379/"],
@@ -108,7 +111,7 @@ impl Cache {
     /// .master_credentials(Some("app"), "secret")
     /// .namespace("shop")
     /// .build()?;
-    /// # Ok::<(), cached_runtime::Error>(())
+    /// # Ok::<(), redis_cached::Error>(())
     /// ```
     pub fn sentinel_builder(sentinels: &[&str], master: &str) -> CacheBuilder {
         CacheBuilder::new(Deployment::Sentinel {

@@ -25,10 +25,11 @@ use crate::stats::Stats;
 /// [`Cache::stats`], and open a circuit breaker when they repeat.
 ///
 /// ```
+/// # extern crate cached_runtime as redis_cached;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// use std::time::Duration;
-/// use cached_runtime::Cache;
+/// use redis_cached::Cache;
 ///
 /// let cache = Cache::in_memory();
 /// cache.set("greeting", &"hello", Duration::from_secs(60)).await.unwrap();
@@ -104,10 +105,11 @@ impl Cache {
     /// Redis unavailable (all counted as misses).
     ///
     /// ```
+    /// # extern crate cached_runtime as redis_cached;
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), cached_runtime::Error> {
+    /// # async fn main() -> Result<(), redis_cached::Error> {
     /// use std::time::Duration;
-    /// let cache = cached_runtime::Cache::in_memory();
+    /// let cache = redis_cached::Cache::in_memory();
     /// cache.set_many(&[("user:1", &"Ada"), ("user:2", &"Grace")], Duration::from_secs(60)).await?;
     /// let names = cache.get_many::<String>(&["user:1", "user:3", "user:2"]).await;
     /// assert_eq!(names, [Some("Ada".into()), None, Some("Grace".into())]);
@@ -196,10 +198,11 @@ impl Cache {
     /// `tenant:acme%20corp`). Render it the same way with [`tag`](crate::tag):
     ///
     /// ```
+    /// # extern crate cached_runtime as redis_cached;
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), cached_runtime::Error> {
-    /// let cache = cached_runtime::Cache::in_memory();
-    /// let tag = cached_runtime::tag("tenant:<t>", &[&"acme corp"])?;
+    /// # async fn main() -> Result<(), redis_cached::Error> {
+    /// let cache = redis_cached::Cache::in_memory();
+    /// let tag = redis_cached::tag("tenant:<t>", &[&"acme corp"])?;
     /// assert_eq!(tag, "tenant:acme%20corp");
     /// let invalidated = cache.invalidate_tag(&tag).await?;
     /// # assert_eq!(invalidated, 0);

@@ -15,7 +15,8 @@ static WARNED: AtomicBool = AtomicBool::new(false);
 /// `cache = …`. Calling it again replaces the previous one.
 ///
 /// ```
-/// cached_runtime::set_global(cached_runtime::Cache::in_memory());
+/// # extern crate cached_runtime as redis_cached;
+/// redis_cached::set_global(redis_cached::Cache::in_memory());
 /// ```
 pub fn set_global(cache: Cache) {
     GLOBAL.store(Some(Arc::new(cache)));

@@ -46,7 +46,8 @@ const SHORTENED_PREFIX_LEN: usize = MAX_KEY_LEN - 1 - 64;
 /// a hash tag, the version or the runtime's own keys.
 ///
 /// ```
-/// use cached_runtime::{escape_into, CacheKey};
+/// # extern crate cached_runtime as redis_cached;
+/// use redis_cached::{escape_into, CacheKey};
 ///
 /// struct Email(String);
 ///
@@ -282,7 +283,8 @@ impl KeyBuilder {
     /// the digest cannot be confused with a placeholder's value.
     ///
     /// ```
-    /// use cached_runtime::KeyBuilder;
+    /// # extern crate cached_runtime as redis_cached;
+    /// use redis_cached::KeyBuilder;
     ///
     /// let mut k = KeyBuilder::with_capacity(32);
     /// k.literal("gen:a");
@@ -323,9 +325,10 @@ impl KeyBuilder {
 /// encoding of the next value. The placeholder names are not read.
 ///
 /// ```
-/// let tag = cached_runtime::tag("tenant:<t>:region:<r>", &[&"acme corp", &7u32])?;
+/// # extern crate cached_runtime as redis_cached;
+/// let tag = redis_cached::tag("tenant:<t>:region:<r>", &[&"acme corp", &7u32])?;
 /// assert_eq!(tag, "tenant:acme%20corp:region:7");
-/// # Ok::<(), cached_runtime::Error>(())
+/// # Ok::<(), redis_cached::Error>(())
 /// ```
 ///
 /// # Errors

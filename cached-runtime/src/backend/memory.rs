@@ -41,7 +41,8 @@ use crate::token::now_unix_ms;
 /// Limits of the in-memory backend, see [`CacheBuilder::memory`](crate::CacheBuilder::memory).
 ///
 /// ```
-/// use cached_runtime::MemoryConfig;
+/// # extern crate cached_runtime as redis_cached;
+/// use redis_cached::MemoryConfig;
 ///
 /// let small = MemoryConfig { max_bytes: 16 << 20, ..MemoryConfig::default() };
 /// assert_eq!(small.max_entries, 100_000);
