@@ -22,8 +22,31 @@ use errors::Errors;
 
 /// Caches an `async fn`'s result: cache-aside on Redis or in memory.
 ///
-/// `#[redis_cached(key = "user:<id>", ttl = 3600)]`; see the `redis-cached`
-/// crate for every argument.
+/// ```text
+/// #[redis_cached(key = "user:<id>", ttl = "1h", lock = true)]
+/// async fn get_user(&self, id: u64) -> Result<Option<User>, DbError> { … }
+/// ```
+///
+/// Arguments (all optional; the crate documentation's "The attribute"
+/// section has the full table, with defaults and examples):
+///
+/// - `key = "user:<id>"`: the key template; `<param>`, `<param.field>`,
+///   `<self.field>` placeholders, `<ids[]>` for each element of a batch.
+///   Default: module path, function, a digest of the impl and generics,
+///   then every argument.
+/// - `skip = [db]`: parameters left out of the default key.
+/// - `ttl = 3600`, `ttl = "1h30m"`, `ttl = USER_TTL`, `ttl = self.ttl`.
+/// - `cache_none = "1m"`: also cache `None` for this long.
+/// - `lock = true`, `lock_ttl = "10s"`, `lock_wait = "5s"`: one computation
+///   in all processes on a miss.
+/// - `stale = "5m"`, `early = 1.0`: refresh in the background.
+/// - `version = 2`, `tags = ["tenant:<t>"]`.
+/// - `cache = self.cache` (anything that dereferences to a `Cache`;
+///   default: the global cache), `crate = "path"`.
+///
+/// Return types: `Result<T, E>` caches `Ok`, `Option<T>` caches `Some` (and
+/// `None` with `cache_none`), `Result<Option<T>, E>` both, anything else as
+/// is; a batch returns a map (or a `Result` of one) keyed by its element.
 #[proc_macro_attribute]
 pub fn redis_cached(args: TokenStream, item: TokenStream) -> TokenStream {
     entry(Kind::Cached, args, item)
@@ -31,13 +54,20 @@ pub fn redis_cached(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Writes an `async fn`'s returned value to the cache after it succeeds
 /// (write-through): `#[cache_put(key = "user:<user.id>", ttl = 3600)]`.
+///
+/// Takes `key`, `ttl`, `cache_none`, `version`, `tags`, `cache` and
+/// `crate` as `#[redis_cached]` does; give the same `version` and `tags` as
+/// the getter whose entries it writes. A value it cannot store invalidates
+/// the key instead.
 #[proc_macro_attribute]
 pub fn cache_put(args: TokenStream, item: TokenStream) -> TokenStream {
     entry(Kind::Put, args, item)
 }
 
 /// Deletes a key after an `async fn` succeeds:
-/// `#[cache_evict(key = "user:<user.id>")]`.
+/// `#[cache_evict(key = "user:<user.id>")]`, and with `tags = ["team:<t>"]`
+/// every key of those tags (with or without a `key`). Also takes
+/// `version`, `cache` and `crate`.
 #[proc_macro_attribute]
 pub fn cache_evict(args: TokenStream, item: TokenStream) -> TokenStream {
     entry(Kind::Evict, args, item)
