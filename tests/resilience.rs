@@ -779,12 +779,12 @@ async fn the_in_memory_backend_is_bounded_by_bytes() {
     assert!(held >= 8, "it still caches: {held}");
 }
 
-/// In memory, an invalidation's tombstone outlives any amount of eviction
-/// while its window lasts: a computation that read the key before the
-/// invalidation does not store its older value after a flood of other
-/// writes evicted everything else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_memory_an_evicted_tombstone_does_not_let_an_older_value_in() {
+/// In memory: a computation reads row 7 (value 1), the row is updated and
+/// its key invalidated, `overwrite` optionally writes the new value over
+/// the tombstone, then a flood of values that are read again evicts what
+/// nobody reads (the tombstone, or the value over it). The computation's
+/// older value must not be stored.
+async fn older_value_after_eviction(overwrite: bool) -> Arc<Repo> {
     let cache = Cache::builder("memory://")
         .memory(redis_cached::MemoryConfig {
             max_entries: 64,
@@ -800,52 +800,12 @@ async fn in_memory_an_evicted_tombstone_does_not_let_an_older_value_in() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     repo.update_row(7, 2).await.expect("updated");
-    // Values that are read again: the eviction policy keeps them over an
-    // entry nobody reads, such as the tombstone.
-    for n in 0..2_000u32 {
-        let key = format!("filler:{}", n % 128);
+    if overwrite {
         repo.cache
-            .set(&key, &n, Duration::from_secs(60))
+            .set("row:7", &2u64, Duration::from_secs(60))
             .await
             .unwrap();
-        let _ = repo.cache.get::<u32>(&key).await;
     }
-    assert_eq!(before.await.expect("no panic"), 1);
-    assert_eq!(
-        repo.cache.get::<u64>("row:7").await,
-        None,
-        "the value read before the invalidation was stored"
-    );
-    assert_eq!(repo.cache.stats().stale_sets_refused, 1);
-    assert_eq!(repo.row(7).await, 2);
-}
-
-/// In memory, a value written over an invalidation's tombstone shadows it:
-/// when that value is evicted, the key reads as the tombstone again, so a
-/// computation that read the key before the invalidation still cannot
-/// store its older value.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_memory_a_tombstone_outlives_the_value_written_over_it() {
-    let cache = Cache::builder("memory://")
-        .memory(redis_cached::MemoryConfig {
-            max_entries: 64,
-            ..Default::default()
-        })
-        .build()
-        .unwrap();
-    let repo = Repo::new(cache);
-    repo.db.value.store(1, Ordering::SeqCst);
-    let before = {
-        let repo = repo.clone();
-        tokio::spawn(async move { repo.row(7).await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    repo.update_row(7, 2).await.expect("updated");
-    // A newer value lands over the tombstone, then is evicted.
-    repo.cache
-        .set("row:7", &2u64, Duration::from_secs(60))
-        .await
-        .unwrap();
     for n in 0..2_000u32 {
         let key = format!("filler:{}", n % 128);
         repo.cache
@@ -861,4 +821,19 @@ async fn in_memory_a_tombstone_outlives_the_value_written_over_it() {
         "the value read before the invalidation was stored"
     );
     assert_eq!(repo.row(7).await, 2);
+    repo
+}
+
+/// The tombstone outlives any amount of eviction while its window lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_an_evicted_tombstone_does_not_let_an_older_value_in() {
+    let repo = older_value_after_eviction(false).await;
+    assert_eq!(repo.cache.stats().stale_sets_refused, 1);
+}
+
+/// A value written over the tombstone shadows it: when that value is
+/// evicted, the key reads as the tombstone again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_a_tombstone_outlives_the_value_written_over_it() {
+    older_value_after_eviction(true).await;
 }
