@@ -14,6 +14,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Waker};
 
@@ -44,9 +45,35 @@ tokio::task_local! {
     static SCOPE: Scope;
 }
 
+/// How many directive scopes exist in the process: every cached call asks
+/// for a directive, and while there is none (nearly always) the answer
+/// costs one load, not a task-local lookup. A scope is counted before its
+/// future is first polled, on the thread that polls it, so a call inside
+/// it always sees the count.
+static SCOPES: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a scope while it exists.
+struct Counted;
+
+impl Counted {
+    fn new() -> Self {
+        SCOPES.fetch_add(1, Ordering::Relaxed);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        SCOPES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The directive for this call, if the caller gave one (and none is left
 /// for the calls after it).
 pub(crate) fn take() -> Option<Directive> {
+    if SCOPES.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
     SCOPE
         .try_with(|scope| scope.directive.take())
         .ok()
@@ -74,6 +101,7 @@ fn scope(directive: Directive) -> (Scope, Captured) {
 
 /// Polls `call` once as a captured call and drops it: its body never runs.
 fn captured<F: Future>(call: F) -> Option<(String, Arc<Inner>)> {
+    let _counted = Counted::new();
     let (scope, captured) = scope(Directive::Capture);
     let mut call = std::pin::pin!(call);
     let mut cx = Context::from_waker(Waker::noop());
@@ -156,6 +184,7 @@ pub async fn invalidate_call<F: Future>(call: F) -> Result<bool> {
 /// # }
 /// ```
 pub async fn bypass<F: Future>(call: F) -> F::Output {
+    let _counted = Counted::new();
     let (scope, _) = scope(Directive::Bypass);
     SCOPE.scope(scope, call).await
 }
@@ -184,6 +213,7 @@ pub async fn bypass<F: Future>(call: F) -> F::Output {
 /// # }
 /// ```
 pub async fn refresh<F: Future>(call: F) -> F::Output {
+    let _counted = Counted::new();
     let (scope, _) = scope(Directive::Refresh);
     SCOPE.scope(scope, call).await
 }
@@ -194,6 +224,7 @@ mod tests {
 
     #[test]
     fn a_directive_is_taken_once() {
+        let _counted = Counted::new();
         let (scope, _) = scope(Directive::Bypass);
         SCOPE.sync_scope(scope, || {
             assert_eq!(take(), Some(Directive::Bypass));
