@@ -6,6 +6,8 @@
 //! `cargo bench --bench batch` (needs `redis-server` on the PATH; the
 //! benchmark starts its own on a free port).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -13,26 +15,9 @@ use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use common::{median, user, verdict, User};
 use redis::aio::ConnectionManager;
 use redis_cached::{redis_cached, Cache};
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct User {
-    id: u64,
-    name: String,
-    email: String,
-    active: bool,
-}
-
-fn user(id: u64) -> User {
-    User {
-        id,
-        name: format!("user {id}"),
-        email: format!("user{id}@example.com"),
-        active: true,
-    }
-}
 
 struct Repo {
     cache: Cache,
@@ -145,17 +130,4 @@ async fn run(server: &support::RedisServer) {
         "  cache stats: {} hits, {} misses, {} errors",
         stats.hits, stats.misses, stats.errors
     );
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "NOT MET"
-    }
 }

@@ -13,6 +13,8 @@
 //! `cargo bench --bench cluster` (needs `redis-server` and `redis-cli` on
 //! the PATH; the benchmark starts its own server and cluster).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -20,6 +22,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::median;
 use redis::cluster_async::ClusterConnection;
 use redis_cached::{redis_cached, Cache};
 use serde::{Deserialize, Serialize};
@@ -64,11 +67,6 @@ const SIDES: [&str; 3] = [
     "cache, 3-master cluster",
     "hand-written GET, cluster",
 ];
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 /// What one call of a side does: a cached call on one of the caches, or
 /// the hand-written read of the same entry through redis-rs's own cluster

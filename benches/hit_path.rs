@@ -7,6 +7,8 @@
 //! `cargo bench --bench hit_path` (needs `redis-server` on the PATH; the
 //! benchmark starts its own on a free port).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -14,26 +16,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{median, user, verdict, User};
 use redis::aio::ConnectionManager;
 use redis_cached::{redis_cached, Cache};
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct User {
-    id: u64,
-    name: String,
-    email: String,
-    active: bool,
-}
-
-fn user(id: u64) -> User {
-    User {
-        id,
-        name: format!("user {id}"),
-        email: format!("user{id}@example.com"),
-        active: true,
-    }
-}
 
 struct Repo {
     cache: Cache,
@@ -94,11 +79,6 @@ async fn call(side: usize, repos: &[Arc<Repo>; N - 1], conn: &ConnectionManager,
     } else {
         black_box(repos[side - 1].get_user(id).await.expect("hit"));
     }
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 async fn redis_hit_path(server: &support::RedisServer) {
@@ -268,12 +248,4 @@ fn in_memory_hit() {
             verdict(best < 1000.0)
         );
     });
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "NOT MET"
-    }
 }

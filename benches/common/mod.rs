@@ -1,0 +1,40 @@
+//! What several benchmarks share: the value they cache, and how they
+//! summarise and judge rounds.
+
+#![allow(dead_code)] // each benchmark uses a different part
+
+use serde::{Deserialize, Serialize};
+
+/// A small row, as a service caches them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub id: u64,
+    pub name: String,
+    pub email: String,
+    pub active: bool,
+}
+
+/// The row with id `id`.
+pub fn user(id: u64) -> User {
+    User {
+        id,
+        name: format!("user {id}"),
+        email: format!("user{id}@example.com"),
+        active: true,
+    }
+}
+
+/// The median of `values` (sorts them).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// How a line reports a target.
+pub fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT MET"
+    }
+}
