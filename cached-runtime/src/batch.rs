@@ -214,11 +214,7 @@ where
     let mut missing = Vec::new();
     for ((element, key), read) in elements.into_iter().zip(keys).zip(reads) {
         if forced {
-            let seen = match read {
-                Ok(bytes) if bytes.len() > inner.settings.max_value_bytes => Seen::Oversized,
-                Ok(bytes) => Seen::Bytes(bytes),
-                Err(seen) => seen,
-            };
+            let seen = inner.seen(read);
             missing.push(Missing { element, key, seen });
             continue;
         }

@@ -295,14 +295,7 @@ where
                     let (key, read) = ready!(read.poll(cx));
                     let (inner, tags, policy): (&'a Arc<Inner>, _, _) = (*inner, *tags, *policy);
                     if *forced {
-                        let seen = match read {
-                            Ok(bytes) if bytes.len() > inner.settings.max_value_bytes => {
-                                Seen::Oversized
-                            }
-                            Ok(bytes) => Seen::Bytes(bytes),
-                            Err(seen) => seen,
-                        };
-                        let fill = Fill::forced(inner, key, tags, policy, seen);
+                        let fill = Fill::forced(inner, key, tags, policy, inner.seen(read));
                         this.stage.set(Stage::Miss {
                             miss: Miss::new(fill),
                         });

@@ -207,6 +207,17 @@ impl Inner {
         }
     }
 
+    /// What a later compare-and-set expects of a key read as `read`,
+    /// whatever it holds (a `refresh(…)` does not decode it): an entry over
+    /// `max_value_bytes` compares as oversized, as a lookup's does.
+    pub(crate) fn seen(&self, read: std::result::Result<Bytes, Seen>) -> Seen {
+        match read {
+            Ok(bytes) if bytes.len() > self.settings.max_value_bytes => Seen::Oversized,
+            Ok(bytes) => Seen::Bytes(bytes),
+            Err(seen) => seen,
+        }
+    }
+
     /// Reads and decodes `key`, counting a hit or a miss.
     pub(crate) async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
         let found = match self.read(key).await {
