@@ -27,6 +27,7 @@ per_backend!(
     single_key_writes_reach_the_batch,
     a_body_that_asks_for_its_own_elements_does_not_wait_for_itself,
     slices_sets_and_btree_maps_work_alike,
+    a_dropped_or_panicking_batch_lets_its_waiters_compute,
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +123,16 @@ impl Repo {
             }
         }
         Ok(found)
+    }
+
+    /// A batch whose database call panics.
+    #[redis_cached(key = "user:<ids[]>", ttl = 60, cache = self.cache)]
+    async fn users_panicking(&self, ids: Vec<u64>) -> Result<HashMap<u64, User>, String> {
+        tokio::time::sleep(self.delay).await;
+        if !ids.is_empty() {
+            panic!("the driver panicked while loading {ids:?}");
+        }
+        Ok(HashMap::new())
     }
 
     #[redis_cached(key = "user:<ids[]>", ttl = 60, cache = self.cache)]
@@ -293,6 +304,51 @@ async fn a_body_that_asks_for_its_own_elements_does_not_wait_for_itself(env: &En
     .unwrap();
     assert_eq!(found.len(), 3);
     assert_eq!(repo.singles.load(Ordering::SeqCst), 3);
+}
+
+/// A single-key call waiting for an element a batch computes: when the
+/// batch's future is dropped mid-body, or its body panics, the waiter is
+/// released at once and computes the element itself; nothing is left
+/// marked as being computed.
+async fn a_dropped_or_panicking_batch_lets_its_waiters_compute(env: &Env) {
+    let repo = Repo::slow(env.cache(), Duration::from_millis(300));
+    for (id, panics) in [(5u64, false), (6, true)] {
+        let batch = {
+            let repo = Arc::clone(&repo);
+            tokio::spawn(async move {
+                if panics {
+                    repo.users_panicking(vec![id]).await
+                } else {
+                    // Dropped 100 ms into its 300 ms body.
+                    tokio::time::timeout(Duration::from_millis(100), repo.users(vec![id]))
+                        .await
+                        .unwrap_or(Err("dropped".into()))
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let single = {
+            let repo = Arc::clone(&repo);
+            tokio::spawn(async move { repo.user(id).await })
+        };
+        let outcome = batch.await;
+        assert_eq!(outcome.is_err(), panics, "the batch panicked: {panics}");
+        let found = tokio::time::timeout(Duration::from_secs(5), single)
+            .await
+            .expect("the waiter was released")
+            .unwrap();
+        assert_eq!(found, Ok(Some(user(id))));
+    }
+    assert_eq!(
+        repo.singles.load(Ordering::SeqCst),
+        2,
+        "each waiter computed"
+    );
+    assert_eq!(
+        repo.cache.stats().coalesced,
+        2,
+        "each waited for the batch first"
+    );
 }
 
 async fn slices_sets_and_btree_maps_work_alike(env: &Env) {
