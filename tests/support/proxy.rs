@@ -112,7 +112,16 @@ async fn accept_loop(
     faults: Arc<Faults>,
     resets: watch::Receiver<u64>,
 ) {
-    while let Ok((client, _)) = listener.accept().await {
+    loop {
+        // An accept can fail for one connection (reset before it was
+        // accepted, as the resets here do): the proxy keeps serving.
+        let client = match listener.accept().await {
+            Ok((client, _)) => client,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        };
         if faults.refuse.load(Ordering::SeqCst) {
             let _ = client.set_zero_linger();
             drop(client);
