@@ -133,7 +133,15 @@ async fn early_refreshes_a_hot_key_before_it_expires(env: &Env) {
         stats.early_refreshes >= 3 && stats.refreshes >= 3,
         "{stats:?}"
     );
-    assert!((4..=9).contains(&runs), "about once per TTL period: {runs}");
+    // XFetch refreshes early by a random margin of a few times the
+    // measured compute time, which a loaded machine stretches: over 5 s of
+    // a 1 s TTL that is 5 to 10 refreshes, plus the cold computation (a
+    // fresh-machine run measured 10 in all). Recomputing on every call
+    // would be thousands.
+    assert!(
+        (4..=12).contains(&runs),
+        "about once per TTL period: {runs}"
+    );
 }
 
 async fn a_failing_refresh_keeps_serving_the_old_value_until_it_expires(env: &Env) {
