@@ -556,11 +556,17 @@ async fn waiters_get_a_result_that_is_not_cached() {
     let repos: Vec<_> = (0..3)
         .map(|_| Locked::new(redis_cache(&server), &db))
         .collect();
+    // Each cache connects and subscribes first, so that under load a
+    // waiter's first connection does not take longer than the holder's body.
+    for (i, repo) in repos.iter().enumerate() {
+        assert_eq!(repo.maybe(1000 + i as u64).await, Some(1000 + i as u64));
+    }
+    let before = db.calls.load(Ordering::SeqCst);
     let holder = {
         let a = repos[0].clone();
         tokio::spawn(async move { a.maybe(1).await })
     };
-    wait_until(|| db.calls.load(Ordering::SeqCst) == 1).await;
+    wait_until(|| db.calls.load(Ordering::SeqCst) == before + 1).await;
     let waiters: Vec<_> = repos[1..]
         .iter()
         .map(|r| {
@@ -574,7 +580,7 @@ async fn waiters_get_a_result_that_is_not_cached() {
     }
     // `None` is not cached, but the waiters got it from the holder rather
     // than taking the lock and querying in turn.
-    assert_eq!(db.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(db.calls.load(Ordering::SeqCst), before + 1);
 }
 
 async fn wait_until_async<F, Fut>(done: F)
@@ -596,11 +602,18 @@ async fn waiters_of_a_failed_holder_compute_side_by_side() {
     let repos: Vec<_> = (0..3)
         .map(|_| Locked::new(redis_cache(&server), &db))
         .collect();
+    // Connected and subscribed first (see above).
+    for (i, repo) in repos.iter().enumerate() {
+        let id = 1000 + i as u64;
+        assert_eq!(repo.item(id, Duration::ZERO, false).await, Ok(id * 10));
+    }
+    db.max_running.store(0, Ordering::SeqCst);
+    let before = db.calls.load(Ordering::SeqCst);
     let holder = {
         let a = repos[0].clone();
         tokio::spawn(async move { a.item(1, Duration::from_millis(300), true).await })
     };
-    wait_until(|| db.calls.load(Ordering::SeqCst) == 1).await;
+    wait_until(|| db.calls.load(Ordering::SeqCst) == before + 1).await;
     let waiters: Vec<_> = repos[1..]
         .iter()
         .map(|r| {
@@ -612,7 +625,7 @@ async fn waiters_of_a_failed_holder_compute_side_by_side() {
     for waiter in waiters {
         assert!(waiter.await.expect("no panic").is_err());
     }
-    assert_eq!(db.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(db.calls.load(Ordering::SeqCst), before + 3);
     assert_eq!(
         db.max_running.load(Ordering::SeqCst),
         2,
@@ -664,6 +677,7 @@ async fn large_values_are_fetched_not_broadcast() {
         Locked::new(redis_cache(&server), &db),
     );
     a.cache.connect().await.expect("connected");
+    b.cache.connect().await.expect("connected");
     let mut pubsub = server.client().get_async_pubsub().await.expect("pubsub");
     pubsub
         .subscribe("redis-cached:filled")
