@@ -5,7 +5,7 @@
 
 /// What can go wrong when building a [`Cache`](crate::Cache) or calling its
 /// fallible methods.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The Redis URL could not be parsed. The URL itself is not repeated,
@@ -42,6 +42,10 @@ pub enum Error {
     /// A value could not be serialized or deserialized.
     #[error("codec error: {0}")]
     Codec(String),
+    /// A write-behind journal holds its `max_len` writes: the write was
+    /// not accepted (back-pressure while the sink falls behind).
+    #[error("write-behind journal full: {0} writes wait for the sink")]
+    Backlog(u64),
 }
 
 /// Shorthand for results of this crate.

@@ -33,6 +33,7 @@ mod recent;
 mod shape;
 mod stats;
 mod token;
+mod write_behind;
 
 #[doc(hidden)]
 pub mod __private {
@@ -51,3 +52,6 @@ pub use error::{Error, Result};
 pub use global::{global, set_global};
 pub use key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, MAX_KEY_LEN};
 pub use stats::Stats;
+pub use write_behind::{
+    Change, JournalId, Sink, Write, WriteBehind, WriteBehindBuilder, WriteBehindStats,
+};

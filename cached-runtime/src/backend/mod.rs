@@ -12,7 +12,7 @@ use std::time::Duration;
 pub(crate) use self::memory::MemoryBackend;
 pub use self::memory::MemoryConfig;
 pub(crate) use self::redis::{
-    ClusterTarget, Landing, RedisBackend, Release, SentinelTarget, Target,
+    ClusterTarget, JournalKeys, Journaled, Landing, RedisBackend, Release, SentinelTarget, Target,
 };
 use crate::error::Result;
 

@@ -17,6 +17,7 @@
 //! slot, and the operations on many keys (tag records, tombstones of a
 //! tag) are sent per key, in parallel, so that none spans two slots.
 
+mod journal;
 mod link;
 mod merge;
 mod notify;
@@ -30,6 +31,8 @@ use arc_swap::ArcSwapOption;
 use futures_util::future::{join_all, try_join_all};
 use redis::aio::ConnectionManagerConfig;
 
+use self::journal::JournalScripts;
+pub(crate) use self::journal::{JournalKeys, Journaled};
 use self::link::Link;
 pub(crate) use self::link::{ClusterTarget, SentinelTarget, Target};
 use self::merge::{Merger, Reply, Route};
@@ -46,6 +49,7 @@ pub(crate) const NOTIFY_INLINE_MAX: usize = 16 * 1024;
 pub(crate) struct RedisBackend {
     target: Target,
     scripts: Scripts,
+    journal: JournalScripts,
     config: ConnectionManagerConfig,
     /// The largest entry the cache reads or writes.
     limit: usize,
@@ -149,6 +153,7 @@ impl RedisBackend {
             merger,
             target,
             scripts: Scripts::default(),
+            journal: JournalScripts::default(),
             config,
             limit,
             link: Arc::new(ArcSwapOption::empty()),
