@@ -20,6 +20,7 @@ use support::RedisServer;
 per_shared_backend!(
     a_write_is_visible_at_once_and_flushed_coalesced,
     racing_writers_leave_the_cache_at_the_later_write,
+    two_flushers_under_load_flush_one_at_a_time_in_key_order,
 );
 
 type Batches = Arc<Mutex<Vec<Vec<Write<u32, String>>>>>;
@@ -106,7 +107,7 @@ async fn a_write_is_visible_at_once_and_flushed_coalesced(env: &Env) {
     let cache = env.cache();
     let sink = Recorder::default();
     let wb = builder("users", &cache, sink.clone())
-        .max_delay(Duration::from_millis(300))
+        .max_delay(Duration::from_secs(1))
         .start()
         .expect("valid settings");
     let users = Users {
@@ -136,7 +137,7 @@ async fn a_write_is_visible_at_once_and_flushed_coalesced(env: &Env) {
     assert_eq!(last[&1], Change::Upsert("ada 19".into()));
     assert_eq!(last[&2], Change::Delete);
     assert_eq!(last[&3], Change::Delete);
-    // 23 writes within max_delay: one batch, one write per key.
+    // 23 writes within max_delay (1 s): one batch, one write per key.
     let stats = wb.stats();
     assert_eq!(writes.len(), 3, "{writes:?}");
     assert_eq!(
@@ -173,6 +174,110 @@ async fn racing_writers_leave_the_cache_at_the_later_write(env: &Env) {
         );
     }
     assert_eq!(wa.pending().await, Ok(100));
+    // A cache entry already at a later write is left alone.
+    let full = env.key("user:9");
+    let version = match full.strip_suffix(":user:9") {
+        Some(namespace) => format!("{namespace}:~wbv{{{full}}}"),
+        None => format!("~wbv{{{full}}}"),
+    };
+    let _: () = env
+        .raw(redis::cmd("SET").arg(&version).arg("99999999999999-0"))
+        .await;
+    wa.write(9, &"older".to_owned()).await.expect("journaled");
+    assert_ne!(a.get::<String>("user:9").await.as_deref(), Some("older"));
+}
+
+/// A sink that checks what one at a time and key order mean: how many
+/// calls ran at once, and any write older than one applied to its key.
+#[derive(Clone, Default)]
+struct Ordered {
+    state: Arc<Mutex<OrderedState>>,
+    running: Arc<AtomicU32>,
+    max_running: Arc<AtomicU32>,
+}
+
+#[derive(Default)]
+struct OrderedState {
+    applied: BTreeMap<u32, (redis_cached::JournalId, String)>,
+    reordered: u32,
+}
+
+impl Sink<u32, String> for Ordered {
+    type Error = String;
+
+    async fn write_batch(&self, batch: Vec<Write<u32, String>>) -> Result<(), String> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        {
+            let mut state = self.state.lock().expect("not poisoned");
+            for write in batch {
+                if state
+                    .applied
+                    .get(&write.key)
+                    .is_some_and(|(id, _)| *id > write.id)
+                {
+                    state.reordered += 1;
+                }
+                if let Change::Upsert(value) = write.change {
+                    state.applied.insert(write.key, (write.id, value));
+                }
+            }
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn two_flushers_under_load_flush_one_at_a_time_in_key_order(env: &Env) {
+    // Two processes write and flush under steady load for many times the
+    // lease; one hands over half-way. The sink never runs twice at once,
+    // and never gets a key's write after a later one.
+    let sink = Ordered::default();
+    let start = |cache: &Cache| {
+        WriteBehind::builder("steady", cache, sink.clone())
+            .key(|id: &u32| format!("user:{id}"))
+            .ttl(Duration::from_secs(60))
+            .takeover_after(Duration::from_millis(300))
+            .max_delay(Duration::from_millis(20))
+            .start()
+            .expect("valid")
+    };
+    let (a, b) = (env.cache(), env.cache());
+    let (wa, wb) = (start(&a), start(&b));
+    let last: Arc<Mutex<BTreeMap<u32, (redis_cached::JournalId, String)>>> = Arc::default();
+    let writer = |wb: WriteBehind<u32, String>, lane: u32| {
+        let last = Arc::clone(&last);
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_millis(2_500);
+            let mut n = 0;
+            while Instant::now() < until {
+                let key = n % 10;
+                let value = format!("{lane}-{n}");
+                let id = wb.write(key, &value).await.expect("journaled");
+                let mut last = last.lock().expect("not poisoned");
+                if last.get(&key).is_none_or(|(at, _)| *at < id) {
+                    last.insert(key, (id, value));
+                }
+                n += 1;
+            }
+        })
+    };
+    let (ta, tb) = (writer(wa.clone(), 0), writer(wb.clone(), 1));
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(wa.shutdown(Duration::ZERO).await.map(|_| ()), Ok(()));
+    ta.await.expect("no panic");
+    tb.await.expect("no panic");
+    drained(&wb).await;
+    let state = sink.state.lock().expect("not poisoned");
+    assert_eq!(
+        sink.max_running.load(Ordering::SeqCst),
+        1,
+        "two flushers ran at once"
+    );
+    assert_eq!(state.reordered, 0, "a write landed after a later one");
+    let last = last.lock().expect("not poisoned");
+    assert_eq!(state.applied, *last);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

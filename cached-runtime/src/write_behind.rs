@@ -143,7 +143,8 @@ pub struct WriteBehindStats {
     pub batches: u64,
     /// Sink calls that failed and were retried.
     pub retries: u64,
-    /// Writes moved to the dead-letter stream.
+    /// Entries added to the dead-letter stream (each the last write of a
+    /// key, with the ids of the writes of that key it stands for).
     pub dead_letters: u64,
     /// Pending writes taken over from a flusher that stopped.
     pub claimed: u64,
@@ -187,6 +188,7 @@ struct Limits {
     max_attempts: u32,
     retry_base: Duration,
     retry_max: Duration,
+    sink_timeout: Duration,
     flusher: bool,
 }
 
@@ -268,6 +270,16 @@ where
         self
     }
 
+    /// How long one sink call may take (default 30 s): a call still
+    /// running then is abandoned (its future dropped) and counts as a
+    /// failure, so that a hung database cannot hold the lease for ever.
+    /// An async database driver rolls back a transaction whose future is
+    /// dropped.
+    pub fn sink_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.sink_timeout = timeout;
+        self
+    }
+
     /// Whether this process flushes (default `true`). With `false` it only
     /// journals writes, and a process with a flusher applies them.
     pub fn flusher(mut self, flusher: bool) -> Self {
@@ -301,8 +313,12 @@ where
             Some("max_len and max_attempts must be at least 1")
         } else if limits.lease < Duration::from_millis(100) {
             Some("takeover_after must be at least 100 ms")
-        } else if limits.ttl.is_zero() || limits.retry_base.is_zero() {
-            Some("ttl and the retry base must not be zero")
+        } else if limits.max_delay > limits.lease / 2 {
+            Some("max_delay must be at most half of takeover_after")
+        } else if limits.ttl.is_zero() || limits.sink_timeout.is_zero() {
+            Some("ttl and sink_timeout must not be zero")
+        } else if limits.retry_base.is_zero() || limits.retry_max < limits.retry_base {
+            Some("the retry base must not be zero, nor above the retry maximum")
         } else {
             None
         };
@@ -456,6 +472,7 @@ impl WriteBehind<(), ()> {
                 max_attempts: 10,
                 retry_base: Duration::from_millis(100),
                 retry_max: Duration::from_secs(10),
+                sink_timeout: Duration::from_secs(30),
                 flusher: true,
             },
             _values: PhantomData,
@@ -536,26 +553,32 @@ impl<K, V> WriteBehind<K, V> {
 
     /// Flushes what is pending without waiting for batches to fill, waits
     /// until the journal is empty or `within` passed, then stops this
-    /// process's flusher and gives its lease up (another process takes
-    /// over at once). Returns how many writes were still pending: they stay
-    /// journaled for the next flusher.
+    /// process's flusher: a sink call in progress finishes first (the
+    /// flusher is waited for until `within` ends, at least 1 s), then the
+    /// lease is given up and another process takes over at once. Returns
+    /// how many writes were still pending: they stay journaled for the
+    /// next flusher.
     ///
     /// # Errors
-    /// When Redis fails while it looks at the journal.
+    /// When Redis fails while it looks at the journal (the flusher is
+    /// stopped all the same).
     pub async fn shutdown(&self, within: Duration) -> Result<u64> {
         let journal = &self.handle.0;
         journal.drain();
-        let deadline = Instant::now() + within;
+        let deadline = Instant::now()
+            .checked_add(within)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
         let left = loop {
-            let left = journal.pending().await?;
-            if left == 0 || Instant::now() >= deadline {
-                break left;
+            match journal.pending().await {
+                Ok(left) if left > 0 && Instant::now() < deadline => {}
+                done => break done,
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         journal.stop();
-        journal.ended().await;
-        Ok(left)
+        let wait = deadline.saturating_duration_since(Instant::now());
+        journal.ended(wait.max(Duration::from_secs(1))).await;
+        left
     }
 }
 
@@ -577,7 +600,8 @@ trait Journal<K, V>: Send + Sync {
     /// Starts the flusher again if its task ended (the runtime that ran it
     /// shut down) while the handle lives.
     fn ensure_flusher(self: Arc<Self>);
-    fn ended(&self) -> futures_util::future::BoxFuture<'_, ()>;
+    /// Waits, at most `within`, until the flusher task has ended.
+    fn ended(&self, within: Duration) -> futures_util::future::BoxFuture<'_, ()>;
 }
 
 struct Shared<K, V, S> {
@@ -681,14 +705,13 @@ where
         }
     }
 
-    fn ended(&self) -> futures_util::future::BoxFuture<'_, ()> {
+    fn ended(&self, within: Duration) -> futures_util::future::BoxFuture<'_, ()> {
         Box::pin(async move {
             let ended = self.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
             if self.running.load(Ordering::Acquire) {
-                // Bounded: a sink call in progress is not waited out.
-                let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
+                let _ = tokio::time::timeout(within, ended).await;
             }
         })
     }
@@ -738,11 +761,10 @@ where
             }
             Err(err) => {
                 bump(&self.counters.failed, 1);
-                if matches!(err, Error::Timeout(_)) {
-                    // Redis may still journal it: the cache must not go on
-                    // serving what the write replaces.
-                    let _ = inner.tombstone(full).await;
-                }
+                // Redis may have journaled it all the same (a reply too
+                // late, a connection reset after the send): the cache must
+                // not go on serving what the write replaces.
+                let _ = inner.tombstone(full).await;
                 return Err(err);
             }
         };
@@ -764,25 +786,39 @@ where
 
     /// Waits for a local write, a drain or a stop, at most `period`.
     async fn idle(&self, period: Duration) {
-        if self.stop.load(Ordering::Acquire) {
+        if self.stopping() {
             return;
         }
         let _ = tokio::time::timeout(period, self.wake.notified()).await;
+    }
+
+    /// Waits at most `period`, less if a drain or a stop begins.
+    async fn pause(&self, period: Duration) {
+        if self.stopping() {
+            return;
+        }
+        let _ = tokio::time::timeout(period, self.urgent.notified()).await;
     }
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Takes the lease, or extends it; whether this process holds it.
-    async fn lease(&self) -> Result<bool> {
+    fn hurry(&self) -> bool {
+        self.draining.load(Ordering::Acquire) || self.stopping()
+    }
+
+    /// Extends the lease, or with `take` takes it if it is free; whether
+    /// this process holds it.
+    async fn lease(&self, take: bool) -> Result<bool> {
         let redis = self.redis()?;
-        let lease = redis.lease(&self.journal.lease, &self.consumer, self.limits.lease);
+        let lease = redis.lease(&self.journal.lease, &self.consumer, self.limits.lease, take);
         self.cache.inner.guarded(lease).await
     }
 
-    /// Becomes the flusher: makes sure the group exists and claims what
-    /// other flushers left pending.
+    /// Becomes the flusher: makes sure the group exists, claims what other
+    /// flushers left pending (all of it: none of them can read or flush
+    /// without the lease), and forgets the consumers left with nothing.
     async fn take_over(&self) -> Result<()> {
         let inner = &self.cache.inner;
         let redis = self.redis()?;
@@ -793,37 +829,50 @@ where
             tracing::info!(target: "redis_cached", claimed, stream = %self.journal.stream, "took over pending writes");
             bump(&self.counters.claimed, claimed as u64);
         }
+        let forget = redis.journal_forget(&self.journal, &self.consumer);
+        if let Err(err) = inner.guarded(forget).await {
+            tracing::debug!(target: "redis_cached", error = %err, "stopped flushers not removed from the group");
+        }
         Ok(())
+    }
+
+    /// Up to `count` writes, if this process still holds the lease (which
+    /// the read extends): its pending ones first unless `new_only`.
+    async fn read(&self, count: usize, new_only: bool) -> Result<Option<Vec<Journaled>>> {
+        let redis = self.redis()?;
+        let read = redis.journal_read(
+            &self.journal,
+            &self.consumer,
+            &self.consumer,
+            self.limits.lease,
+            count,
+            new_only,
+        );
+        self.cache.inner.guarded(read).await
     }
 
     /// The next writes to flush: this flusher's pending ones first (a
     /// takeover, a failed acknowledgement), then new ones; a batch that is
-    /// not full waits until its oldest write is `max_delay` old.
-    async fn next_batch(&self) -> Result<Vec<Journaled>> {
-        let inner = &self.cache.inner;
-        let redis = self.redis()?;
+    /// not full waits until its oldest write is `max_delay` old. `None`
+    /// when the lease is lost.
+    async fn next_batch(&self) -> Result<Option<Vec<Journaled>>> {
         let size = self.limits.batch_size;
-        let read = |from: &'static str, count: usize| {
-            inner.guarded(redis.journal_read(&self.journal, &self.consumer, from, count))
+        let Some(mut batch) = self.read(size, false).await? else {
+            return Ok(None);
         };
-        let mut batch = read("0", size).await?;
-        if batch.len() < size {
-            batch.extend(read(">", size - batch.len()).await?);
-        }
         let Some(first) = batch.first().and_then(|w| JournalId::parse(&w.id)) else {
-            return Ok(batch);
+            return Ok(Some(batch));
         };
         let age = Duration::from_millis(now_unix_ms().saturating_sub(first.ms));
         if batch.len() < size && age < self.limits.max_delay && !self.hurry() {
             // Not woken by each write meanwhile: one read at the end.
-            let _ = tokio::time::timeout(self.limits.max_delay - age, self.urgent.notified()).await;
-            batch.extend(read(">", size - batch.len()).await?);
+            self.pause(self.limits.max_delay - age).await;
+            match self.read(size - batch.len(), true).await? {
+                Some(more) => batch.extend(more),
+                None => return Ok(None),
+            }
         }
-        Ok(batch)
-    }
-
-    fn hurry(&self) -> bool {
-        self.draining.load(Ordering::Acquire) || self.stopping()
+        Ok(Some(batch))
     }
 
     /// Coalesces `batch` into one write per key (the last), in journal
@@ -897,27 +946,40 @@ where
         Ok(())
     }
 
-    /// Runs the sink on `slots`, extending the lease while it works;
-    /// the sink's outcome, and whether the lease held throughout.
-    async fn call_sink(&self, slots: &[Slot<K, V>]) -> (std::result::Result<(), String>, bool) {
+    /// Runs the sink on `slots` if the lease still holds, extending it
+    /// while the sink works and abandoning the call (dropping its future)
+    /// once the lease is lost or `sink_timeout` passed. The sink's outcome
+    /// (`None`: not called, or abandoned for the lease), and whether the
+    /// lease held.
+    async fn call_sink(
+        &self,
+        slots: &[Slot<K, V>],
+    ) -> (Option<std::result::Result<(), String>>, bool) {
+        // A Redis error counts as a lost lease: the sink is never called
+        // while another process may hold it.
+        if !matches!(self.lease(false).await, Ok(true)) {
+            return (None, false);
+        }
         let batch: Vec<Write<K, V>> = slots.iter().map(|slot| slot.write.clone()).collect();
         let call = AssertUnwindSafe(self.sink.write_batch(batch)).catch_unwind();
+        let call = tokio::time::timeout(self.limits.sink_timeout, call);
         tokio::pin!(call);
-        let mut held = true;
         let period = self.limits.lease / 3;
         loop {
             tokio::select! {
                 outcome = &mut call => {
                     let outcome = match outcome {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(err)) => Err(err.to_string()),
-                        Err(_) => Err("the sink panicked".to_owned()),
+                        Ok(Ok(Ok(()))) => Ok(()),
+                        Ok(Ok(Err(err))) => Err(err.to_string()),
+                        Ok(Err(_)) => Err("the sink panicked".to_owned()),
+                        Err(_) => Err(format!("the sink took longer than {:?}", self.limits.sink_timeout)),
                     };
-                    return (outcome, held);
+                    return (Some(outcome), true);
                 }
                 () = tokio::time::sleep(period) => {
-                    if let Ok(false) = self.lease().await {
-                        held = false;
+                    if let Ok(false) = self.lease(false).await {
+                        tracing::warn!(target: "redis_cached", stream = %self.journal.stream, "write-behind lease lost during a sink call; call abandoned");
+                        return (None, false);
                     }
                 }
             }
@@ -925,7 +987,8 @@ where
     }
 
     /// Flushes `slots` until the sink took each or it was buried; whether
-    /// the lease held throughout.
+    /// the lease held throughout. A stop or a lost lease leaves the rest
+    /// pending in the journal, for whoever flushes next.
     async fn flush(&self, slots: Vec<Slot<K, V>>) -> Result<bool> {
         let mut parts = vec![Part {
             slots,
@@ -933,22 +996,21 @@ where
             failing_since: None,
             error: String::new(),
         }];
-        let mut held = true;
         let mut backoff = self.limits.retry_base;
         let mut last_success: Option<Instant> = None;
         while !parts.is_empty() {
             let mut failing = Vec::new();
             let mut progressed = false;
-            for mut part in parts {
-                let (outcome, kept) = self.call_sink(&part.slots).await;
-                held &= kept;
+            let mut parts_left = parts.into_iter();
+            for mut part in parts_left.by_ref() {
+                let (outcome, held) = self.call_sink(&part.slots).await;
                 match outcome {
-                    Ok(()) => {
+                    Some(Ok(())) => {
                         progressed = true;
                         last_success = Some(Instant::now());
                         self.flushed(&part.slots).await?;
                     }
-                    Err(error) => {
+                    Some(Err(error)) => {
                         bump(&self.counters.retries, 1);
                         tracing::warn!(target: "redis_cached", %error, writes = part.slots.len(), "the write-behind sink failed; retrying");
                         part.failures += 1;
@@ -956,12 +1018,14 @@ where
                         part.error = error;
                         failing.extend(self.after_failure(part, since, last_success).await?);
                     }
+                    None => {}
+                }
+                if !held {
+                    return Ok(false);
                 }
             }
             parts = failing;
-            if parts.is_empty() || self.stopping() || !held {
-                // A stop or a lost lease leaves the rest pending in the
-                // journal, for whoever flushes next.
+            if parts.is_empty() || self.stopping() {
                 break;
             }
             backoff = if progressed {
@@ -969,13 +1033,9 @@ where
             } else {
                 backoff.saturating_mul(2).min(self.limits.retry_max)
             };
-            tokio::time::sleep(backoff).await;
-            if let Ok(false) = self.lease().await {
-                held = false;
-                break;
-            }
+            self.pause(backoff).await;
         }
-        Ok(held)
+        Ok(true)
     }
 
     /// What becomes of a part that just failed: kept, split, or (a single
@@ -1095,45 +1155,46 @@ where
     S: Sink<K, V>,
 {
     let limits = &shared.limits;
+    // Each read extends the lease, so an idle holder reads at least three
+    // times per lease.
     let poll = limits
         .max_delay
         .min(limits.lease / 4)
         .max(Duration::from_millis(5));
     let mut leader = false;
-    let mut renewed = Instant::now();
     let mut pause = limits.retry_base;
     while !shared.stopping() {
-        if !leader || renewed.elapsed() >= limits.lease / 3 {
-            match shared.lease().await {
-                Ok(true) if !leader => match shared.take_over().await {
-                    Ok(()) => {
-                        leader = true;
-                        renewed = Instant::now();
-                    }
+        if !leader {
+            match shared.lease(true).await {
+                Ok(true) => match shared.take_over().await {
+                    Ok(()) => leader = true,
                     Err(err) => {
                         tracing::warn!(target: "redis_cached", error = %err, "write-behind takeover failed");
-                        shared.idle(pause).await;
+                        shared.pause(pause).await;
+                        pause = pause.saturating_mul(2).min(limits.retry_max);
                         continue;
                     }
                 },
-                Ok(true) => renewed = Instant::now(),
                 Ok(false) => {
-                    leader = false;
-                    shared.idle(limits.lease / 4).await;
+                    shared.pause(limits.lease / 4).await;
                     continue;
                 }
                 Err(_) => {
-                    shared.idle(pause).await;
+                    shared.pause(pause).await;
                     pause = pause.saturating_mul(2).min(limits.retry_max);
                     continue;
                 }
             }
         }
         let batch = match shared.next_batch().await {
-            Ok(batch) => batch,
+            Ok(Some(batch)) => batch,
+            Ok(None) => {
+                leader = false;
+                continue;
+            }
             Err(err) => {
                 tracing::debug!(target: "redis_cached", error = %err, "write-behind read failed");
-                shared.idle(pause).await;
+                shared.pause(pause).await;
                 pause = pause.saturating_mul(2).min(limits.retry_max);
                 continue;
             }
@@ -1154,20 +1215,13 @@ where
             // The writes stay pending and are read again.
             Err(err) => {
                 tracing::debug!(target: "redis_cached", error = %err, "write-behind acknowledgement failed");
-                shared.idle(pause).await;
+                shared.pause(pause).await;
             }
         }
-        renewed = Instant::now();
-        if leader {
-            if let Ok(redis) = shared.redis() {
-                if let Ok(depth) = shared
-                    .cache
-                    .inner
-                    .guarded(redis.stream_len(&shared.journal.stream))
-                    .await
-                {
-                    shared.counters.queue_depth.store(depth, Ordering::Relaxed);
-                }
+        if let Ok(redis) = shared.redis() {
+            let depth = redis.stream_len(&shared.journal.stream);
+            if let Ok(depth) = shared.cache.inner.guarded(depth).await {
+                shared.counters.queue_depth.store(depth, Ordering::Relaxed);
             }
         }
     }

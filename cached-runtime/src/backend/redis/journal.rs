@@ -46,11 +46,13 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 return 1
 ";
 
-/// Takes or extends the lease. KEYS: lease. ARGV: token, TTL in ms.
-/// Returns 1 if the token holds it now.
+/// Extends the lease, or with ARGV[3] = 1 takes it if it is free.
+/// KEYS: lease. ARGV: token, TTL in ms, take. Returns 1 if the token holds
+/// it now.
 const LEASE: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if not holder then
+  if ARGV[3] ~= '1' then return 0 end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
@@ -59,6 +61,42 @@ if holder == ARGV[1] then
   return 1
 end
 return 0
+";
+
+/// Reads writes for the lease holder only, extending its lease: a process
+/// that lost the lease can never take writes out of the stream, so every
+/// write a dead or cut-off flusher read is pending under a consumer the
+/// next holder claims. KEYS: stream, lease. ARGV: token, lease TTL in ms,
+/// group, consumer, count, `all` (the consumer's pending writes, then new
+/// ones) or `new`. Returns `{0}` without the lease, else `{1, entries}`.
+/// A group that is gone (`FLUSHALL`, a replica promoted without the
+/// stream) is made again.
+const READ: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local function read(from, count)
+  local args = {'XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', count, 'STREAMS', KEYS[1], from}
+  local r = redis.pcall(unpack(args))
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'NOGROUP', 1, true) then
+      redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[3], '0', 'MKSTREAM')
+    end
+    r = redis.call(unpack(args))
+  end
+  if not r then return {} end
+  return r[1][2]
+end
+local count = tonumber(ARGV[5])
+local entries = {}
+if ARGV[6] == 'all' then
+  entries = read('0', count)
+end
+if #entries < count then
+  for _, entry in ipairs(read('>', count - #entries)) do
+    entries[#entries + 1] = entry
+  end
+end
+return {1, entries}
 ";
 
 /// Gives the lease up if the token holds it. KEYS: lease. ARGV: token.
@@ -91,6 +129,7 @@ pub(crate) struct JournalScripts {
     append: redis::Script,
     put: redis::Script,
     lease: redis::Script,
+    read: redis::Script,
     unlease: redis::Script,
     ack: redis::Script,
     bury: redis::Script,
@@ -98,12 +137,13 @@ pub(crate) struct JournalScripts {
 
 impl Default for JournalScripts {
     fn default() -> Self {
-        let [append, put, lease, unlease, ack, bury] =
-            [APPEND, PUT, LEASE, UNLEASE, ACK, BURY].map(redis::Script::new);
+        let [append, put, lease, read, unlease, ack, bury] =
+            [APPEND, PUT, LEASE, READ, UNLEASE, ACK, BURY].map(redis::Script::new);
         JournalScripts {
             append,
             put,
             lease,
+            read,
             unlease,
             ack,
             bury,
@@ -161,10 +201,17 @@ impl RedisBackend {
         Ok(stored == 1)
     }
 
-    /// Takes or extends the flusher lease for `ttl`; whether `token` holds it.
-    pub(crate) async fn lease(&self, lease: &str, token: &str, ttl: Duration) -> Result<bool> {
+    /// Extends the flusher lease to `ttl`, or with `take` takes it if it
+    /// is free; whether `token` holds it.
+    pub(crate) async fn lease(
+        &self,
+        lease: &str,
+        token: &str,
+        ttl: Duration,
+        take: bool,
+    ) -> Result<bool> {
         let mut invocation = self.journal.lease.key(lease);
-        invocation.arg(token).arg(px(ttl));
+        invocation.arg(token).arg(px(ttl)).arg(u8::from(take));
         let held: i64 = self.invoke(&invocation).await?;
         Ok(held == 1)
     }
@@ -229,39 +276,61 @@ impl RedisBackend {
         }
     }
 
-    /// Up to `count` writes for `consumer`: its pending ones (`from` `0`)
-    /// or new ones (`from` `>`), oldest first.
+    /// Up to `count` writes for `consumer` if `token` holds the lease
+    /// (extended to `ttl`): its pending ones first unless `new_only`, then
+    /// new ones, oldest first; `None` without the lease.
     pub(crate) async fn journal_read(
         &self,
         journal: &JournalKeys,
         consumer: &str,
-        from: &str,
+        token: &str,
+        ttl: Duration,
         count: usize,
-    ) -> Result<Vec<Journaled>> {
-        let read = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        new_only: bool,
+    ) -> Result<Option<Vec<Journaled>>> {
+        let mut invocation = self.journal.read.key(&journal.stream);
+        invocation
+            .key(&journal.lease)
+            .arg(token)
+            .arg(px(ttl))
             .arg(&journal.group)
             .arg(consumer)
-            .arg("COUNT")
             .arg(count)
-            .arg("STREAMS")
-            .arg(&journal.stream)
-            .arg(from)
-            .clone();
-        let mut conn = self.connection().await?;
-        let reply: Value = match read.query_async(&mut conn).await {
-            Ok(reply) => reply,
-            // The stream was removed (`FLUSHALL`, an eviction, a replica
-            // promoted without it): the group comes back with it.
-            Err(err) if err.code() == Some("NOGROUP") => {
-                self.journal_group(journal).await?;
-                read.query_async(&mut conn)
-                    .await
-                    .map_err(|e| self.failed(&e))?
+            .arg(if new_only { "new" } else { "all" });
+        let reply: Value = self.invoke(&invocation).await?;
+        match as_seq(&reply) {
+            Some([Value::Int(0)]) => Ok(None),
+            Some([Value::Int(1), entries]) => parse_entries(entries).map(Some),
+            _ => Err(malformed("the journal read")),
+        }
+    }
+
+    /// Removes from the group the consumers other than `consumer` that
+    /// hold no pending write (flushers that stopped), so that the group
+    /// does not grow with every process start.
+    pub(crate) async fn journal_forget(&self, journal: &JournalKeys, consumer: &str) -> Result<()> {
+        let reply: Value = self
+            .query(
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&journal.stream)
+                    .arg(&journal.group),
+            )
+            .await?;
+        for (name, pending) in parse_consumers(&reply) {
+            if pending == 0 && name != consumer {
+                let _: i64 = self
+                    .query(
+                        redis::cmd("XGROUP")
+                            .arg("DELCONSUMER")
+                            .arg(&journal.stream)
+                            .arg(&journal.group)
+                            .arg(&name),
+                    )
+                    .await?;
             }
-            Err(err) => return Err(self.failed(&err)),
-        };
-        parse_read(&reply)
+        }
+        Ok(())
     }
 
     /// Removes flushed writes from the journal.
@@ -327,21 +396,50 @@ fn as_string(value: &Value) -> Option<String> {
     as_bytes(value).and_then(|b| String::from_utf8(b.to_vec()).ok())
 }
 
-/// The entries of an `XREADGROUP` reply for one stream (RESP2 arrays or a
-/// RESP3 map); none for a nil reply.
-fn parse_read(reply: &Value) -> Result<Vec<Journaled>> {
-    let entries = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Map(streams) => streams.first().map(|(_, entries)| entries),
+/// The entries of a journal read.
+fn parse_entries(entries: &Value) -> Result<Vec<Journaled>> {
+    match entries {
+        Value::Nil => Ok(Vec::new()),
         other => as_seq(other)
-            .and_then(<[Value]>::first)
-            .and_then(as_seq)
-            .and_then(|stream| stream.get(1)),
+            .ok_or_else(|| malformed("the journal read"))?
+            .iter()
+            .map(parse_entry)
+            .collect(),
+    }
+}
+
+/// The (name, pending) of each consumer in an `XINFO CONSUMERS` reply
+/// (RESP2 flat arrays or RESP3 maps).
+fn parse_consumers(reply: &Value) -> Vec<(String, i64)> {
+    let Some(consumers) = as_seq(reply) else {
+        return Vec::new();
     };
-    let Some(entries) = entries.and_then(as_seq) else {
-        return Err(malformed("XREADGROUP"));
-    };
-    entries.iter().map(parse_entry).collect()
+    consumers
+        .iter()
+        .filter_map(|consumer| {
+            let pairs: Vec<(&Value, &Value)> = match consumer {
+                Value::Map(pairs) => pairs.iter().map(|(f, v)| (f, v)).collect(),
+                other => as_seq(other)?
+                    .chunks_exact(2)
+                    .map(|pair| (&pair[0], &pair[1]))
+                    .collect(),
+            };
+            let mut name = None;
+            let mut pending = None;
+            for (field, value) in pairs {
+                match as_bytes(field) {
+                    Some(b"name") => name = as_string(value),
+                    Some(b"pending") => {
+                        if let Value::Int(n) = value {
+                            pending = Some(*n);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Some((name?, pending?))
+        })
+        .collect()
 }
 
 fn parse_entry(entry: &Value) -> Result<Journaled> {
@@ -383,24 +481,42 @@ mod tests {
     }
 
     #[test]
-    fn a_read_reply_is_parsed_with_removed_entries() {
-        let reply = Value::Array(vec![Value::Array(vec![
-            bulk("s"),
+    fn entries_are_parsed_with_removed_ones() {
+        let entries = Value::Array(vec![
             Value::Array(vec![
-                Value::Array(vec![
-                    bulk("1-0"),
-                    Value::Array(vec![bulk("k"), bulk("key"), bulk("v"), bulk("entry")]),
-                ]),
-                Value::Array(vec![bulk("2-0"), Value::Nil]),
+                bulk("1-0"),
+                Value::Array(vec![bulk("k"), bulk("key"), bulk("v"), bulk("entry")]),
             ]),
-        ])]);
-        let read = parse_read(&reply).expect("parsed");
+            Value::Array(vec![bulk("2-0"), Value::Nil]),
+        ]);
+        let read = parse_entries(&entries).expect("parsed");
         assert_eq!(read.len(), 2);
         assert_eq!(read[0].id, "1-0");
         assert_eq!(read[0].key.as_deref(), Some(&b"key"[..]));
         assert_eq!(read[0].entry.as_deref(), Some(&b"entry"[..]));
         assert!(read[1].key.is_none() && read[1].entry.is_none());
-        assert!(parse_read(&Value::Nil).expect("nil").is_empty());
-        assert!(parse_read(&Value::Int(3)).is_err());
+        assert!(parse_entries(&Value::Nil).expect("nil").is_empty());
+        assert!(parse_entries(&Value::Int(3)).is_err());
+    }
+
+    #[test]
+    fn consumers_are_parsed() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("name"),
+                bulk("a"),
+                bulk("pending"),
+                Value::Int(0),
+            ]),
+            Value::Map(vec![
+                (bulk("name"), bulk("b")),
+                (bulk("pending"), Value::Int(3)),
+            ]),
+            Value::Array(vec![bulk("name"), bulk("c")]),
+        ]);
+        assert_eq!(
+            parse_consumers(&reply),
+            [("a".to_owned(), 0), ("b".to_owned(), 3)]
+        );
     }
 }
