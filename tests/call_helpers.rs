@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use redis_cached::{bypass, cache_put, invalidate_call, key_of, redis_cached, refresh, Cache};
+use redis_cached::{
+    bypass, cache_put, invalidate_call, key_of, redis_cached, refresh, stats_of, Cache,
+};
 use support::backends::Env;
 
 per_backend!(
@@ -179,4 +181,79 @@ async fn with_no_cache_there_is_no_key() {
     assert_eq!(key_of(uncached(1)), None);
     assert!(!invalidate_call(uncached(1)).await.unwrap());
     assert_eq!(bypass(uncached(3)).await, 3);
+}
+
+/// `stats_of` counts each function apart, on whichever cache it runs.
+/// The functions are local to each test, so that tests running at once do
+/// not share their counters.
+macro_rules! stats_of_scenario {
+    ($cache:expr) => {{
+        #[redis_cached(key = "a:<id>", cache = cache)]
+        async fn a(cache: &Cache, id: u64) -> u64 {
+            id
+        }
+        #[redis_cached(key = "b:<id>", cache = cache)]
+        async fn b(cache: &Cache, id: u64) -> Option<u64> {
+            (id > 0).then_some(id)
+        }
+        #[redis_cached(key = "c:<ids[]>", cache = cache)]
+        async fn c(cache: &Cache, ids: Vec<u64>) -> HashMap<u64, u64> {
+            ids.into_iter().map(|id| (id, id)).collect()
+        }
+        let cache: Cache = $cache;
+        for _ in 0..3 {
+            a(&cache, 1).await;
+        }
+        b(&cache, 0).await;
+        b(&cache, 0).await;
+        c(&cache, vec![1, 2]).await;
+        c(&cache, vec![1, 2, 3]).await;
+        let sa = stats_of(a(&cache, 0)).expect("a cached function");
+        let sb = stats_of(b(&cache, 0)).expect("a cached function");
+        let sc = stats_of(c(&cache, vec![])).expect("a cached function");
+        assert_eq!(
+            (sa.hits, sa.misses, sa.computes, sa.writes),
+            (2, 1, 1, 1),
+            "{sa}"
+        );
+        // `None` is not cached without `cache_none`: two misses, two runs.
+        assert_eq!(
+            (sb.hits, sb.misses, sb.computes, sb.writes),
+            (0, 2, 2, 0),
+            "{sb}"
+        );
+        assert_eq!(
+            (sc.hits, sc.misses, sc.computes, sc.writes),
+            (2, 3, 2, 3),
+            "{sc}"
+        );
+        // The cache's own counters add them up.
+        let all = cache.stats();
+        assert_eq!(all.hits, sa.hits + sb.hits + sc.hits, "{all}");
+        assert_eq!(all.misses, sa.misses + sb.misses + sc.misses, "{all}");
+        // Capturing the stats ran nothing.
+        assert_eq!(stats_of(a(&cache, 0)).expect("cached").computes, 1);
+    }};
+}
+
+#[tokio::test]
+async fn stats_of_counts_each_function_in_memory() {
+    stats_of_scenario!(Cache::in_memory());
+}
+
+#[tokio::test]
+async fn stats_of_counts_each_function_on_redis() {
+    let server = support::RedisServer::start();
+    stats_of_scenario!(Cache::redis(&server.url()).expect("valid URL"));
+}
+
+#[tokio::test]
+async fn stats_of_needs_no_cache_and_not_an_eviction() {
+    #[redis_cached(key = "n:<id>")]
+    async fn uncached(id: u64) -> u64 {
+        id
+    }
+    let stats = stats_of(uncached(1)).expect("a cached function, though uncached");
+    assert_eq!(stats.hits + stats.misses, 0);
+    assert_eq!(stats_of(async { 1 }), None);
 }

@@ -78,10 +78,15 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
         }
     };
 
+    let site = match model.kind {
+        Kind::Evict => TokenStream::new(),
+        _ => site_static(&private),
+    };
     quote! {
         #(#attrs)*
         #vis #sig {
             #(#inner_attrs)*
+            #site
             let #cache = #cache_expr;
             #ttl_binding
             let #key = #key_expr;
@@ -93,6 +98,14 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             #call
         }
     }
+}
+
+/// The function's own counters: a `static` in its body, named (at run
+/// time) by the type name of a closure in it, which includes the `impl`'s
+/// type.
+fn site_static(private: &TokenStream) -> TokenStream {
+    let site = local("__SITE");
+    quote!(static #site: #private::Site = #private::Site::new(|| ::core::any::type_name_of_val(&|| ()));)
 }
 
 /// `let __ttl = …;` for `ttl = <expression>`, before the body moves the
@@ -141,6 +154,7 @@ fn cache_expr(model: &Model, private: &TokenStream) -> TokenStream {
 fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
     let krate = &model.krate;
     let private = quote!(#krate::__private);
+    let site = site_static(&private);
     let func = &model.func;
     let (attrs, vis, sig) = (&func.attrs, &func.vis, &func.sig);
     let (inner_attrs, block) = (&func.inner_attrs, &func.body);
@@ -201,6 +215,7 @@ fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
         #vis #sig {
             #(#inner_attrs)*
             #used_mut
+            #site
             let #cache = #cache_expr;
             #ttl_binding
             let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
@@ -312,11 +327,13 @@ fn policy(model: &Model) -> TokenStream {
         Some(beta) => quote!(::core::option::Option::Some(#beta)),
         None => quote!(::core::option::Option::None),
     };
+    let site = local("__SITE");
     quote!(#krate::__private::Policy {
         ttl: #ttl,
         cache_none: #cache_none,
         lock: #lock,
         stale: #stale,
         early: #early,
+        site: ::core::option::Option::Some(&#site),
     })
 }

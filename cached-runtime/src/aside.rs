@@ -28,7 +28,7 @@ use crate::flight::{self, Followed, Leader, Role};
 use crate::lock::{LockGuard, LockWait, Waited};
 use crate::policy::Policy;
 use crate::shape::{Shape, Split};
-use crate::stats::Counters;
+use crate::stats::Event;
 
 tokio::task_local! {
     /// The keys the current task is computing, innermost first: a body
@@ -259,12 +259,12 @@ impl<'a> Fill<'a> {
                             self.state = State::Computing;
                             return Step::Alone;
                         }
-                        Counters::bump(&inner.counters.coalesced);
+                        inner.count(self.policy.site, Event::coalesced);
                         if self.locked() && !retried {
                             // It read nothing itself (a `lock = true` caller
                             // joins first): its call is a miss all the same,
                             // as a follower's that read the key is.
-                            Counters::bump(&inner.counters.misses);
+                            inner.count(self.policy.site, Event::misses);
                         }
                         // Never shorter than the leader may wait for
                         // another process's lock before computing.
@@ -283,7 +283,7 @@ impl<'a> Fill<'a> {
                             }
                             Followed::Nothing => self.state = State::Join(true),
                             Followed::TimedOut => {
-                                Counters::bump(&inner.counters.coalesce_timeouts);
+                                inner.count(self.policy.site, Event::coalesce_timeouts);
                                 self.state = State::Computing;
                                 return Step::Alone;
                             }
@@ -293,7 +293,7 @@ impl<'a> Fill<'a> {
                 State::Read => match inner.read(&self.key).await {
                     Ok(bytes) => return self.found(bytes, Source::Read),
                     Err(seen) => {
-                        Counters::bump(&inner.counters.misses);
+                        inner.count(self.policy.site, Event::misses);
                         self.seen = seen;
                         self.state = State::Lead;
                     }
@@ -318,7 +318,9 @@ impl<'a> Fill<'a> {
                         self.state = State::Computing;
                         return Step::Compute;
                     };
-                    let wait = self.wait.get_or_insert_with(|| LockWait::new(&lock));
+                    let wait = self
+                        .wait
+                        .get_or_insert_with(|| LockWait::new(&lock, self.policy.site));
                     let seen = std::mem::replace(&mut self.seen, Seen::Unknown);
                     // Boxed: the lock machinery is several times the size of
                     // the rest, and only a miss's leader needs it, while
@@ -368,7 +370,7 @@ impl<'a> Fill<'a> {
     pub(crate) fn accept(&mut self) {
         let found = self.found.take();
         if let State::Found(Source::Read) = self.state {
-            Counters::bump(&self.inner.counters.hits);
+            self.inner.count(self.policy.site, Event::hits);
         }
         if let (Some(leader), Some(bytes)) = (&self.leader, found) {
             leader.publish(Arc::from(&*bytes));
@@ -387,7 +389,7 @@ impl<'a> Fill<'a> {
         self.found = None;
         match self.state {
             State::Found(Source::Read) => {
-                Counters::bump(&self.inner.counters.misses);
+                self.inner.count(self.policy.site, Event::misses);
                 self.seen = seen;
                 self.state = State::Lead;
                 false
@@ -398,7 +400,7 @@ impl<'a> Fill<'a> {
                 false
             }
             _ => {
-                Counters::bump(&self.inner.counters.decode_errors);
+                self.inner.count(self.policy.site, Event::decode_errors);
                 self.state = State::Computing;
                 true
             }
@@ -413,7 +415,7 @@ impl<'a> Fill<'a> {
         let Some(lock) = self.policy.lock.filter(|_| self.locked()) else {
             return true;
         };
-        match LockWait::try_once(self.inner, &self.key, &self.seen, &lock).await {
+        match LockWait::try_once(self.inner, &self.key, &self.seen, &lock, self.policy.site).await {
             Some((guard, now)) => {
                 self.guard = Some(guard);
                 self.seen = now;
@@ -447,7 +449,7 @@ impl<'a> Fill<'a> {
 
     /// The body starts now (for the computation's time, and counted).
     pub(crate) fn computing(&mut self) {
-        Counters::bump(&self.inner.counters.computes);
+        self.inner.count(self.policy.site, Event::computes);
         self.started = Some(Instant::now());
     }
 
@@ -468,7 +470,13 @@ impl<'a> Fill<'a> {
             (Some(guard), _) => guard.release(&self.seen, &encoded).await,
             (None, Some(ttl)) => {
                 self.inner
-                    .store_if(&self.key, &self.seen, encoded.0.clone(), ttl)
+                    .store_if(
+                        &self.key,
+                        &self.seen,
+                        encoded.0.clone(),
+                        ttl,
+                        self.policy.site,
+                    )
                     .await
             }
             (None, None) => StoreOutcome::Failed,

@@ -25,7 +25,7 @@ use crate::core::{Encoded, Inner, Lookup, StoreOutcome};
 use crate::directive::{self, Directive};
 use crate::flight::{self, Followed, Leader, Role};
 use crate::policy::Policy;
-use crate::stats::Counters;
+use crate::stats::{Event, Site};
 
 /// The map a batch function returns: element to value.
 pub trait BatchMap<K, V>: Default {
@@ -127,7 +127,8 @@ where
 {
     let directive = directive::take();
     if directive == Some(Directive::Capture) {
-        // A batch has no one key to give: nothing is captured or run.
+        // A batch has no one key to give: only its function is captured.
+        directive::capture(None, policy.site);
         return std::future::pending().await;
     }
     let inner = match (inner, directive) {
@@ -149,12 +150,13 @@ where
     };
     let mut found = S::Map::default();
     let forced = directive == Some(Directive::Refresh);
-    let missing = look_up::<K, V, S::Map>(inner, elements, forced, &mut found).await;
+    let site = policy.site;
+    let missing = look_up::<K, V, S::Map>(inner, elements, forced, site, &mut found).await;
     // A refresh recomputes: it takes no computation that began before it.
     let missing = if forced {
         missing
     } else {
-        follow::<K, V, S::Map>(inner, missing, &mut found).await
+        follow::<K, V, S::Map>(inner, missing, site, &mut found).await
     };
     if missing.is_empty() {
         return S::wrap(found);
@@ -162,7 +164,7 @@ where
     let mut batch = Fill::lead(inner, missing, tags, policy).await;
     batch.forced = forced;
     let computing = batch.keys();
-    Counters::bump(&inner.counters.computes);
+    inner.count(site, Event::computes);
     let result = marked_all(computing, body(batch.elements())).await;
     let computed = match S::split(result) {
         Ok(map) => map,
@@ -185,6 +187,7 @@ async fn look_up<K, V, M>(
     inner: &Inner,
     elements: Vec<(K, String)>,
     forced: bool,
+    site: Option<&Site>,
     found: &mut M,
 ) -> Vec<Missing<K>>
 where
@@ -222,7 +225,7 @@ where
             Ok(bytes) => inner.decode::<V>(bytes),
             Err(seen) => Lookup::Miss(seen),
         };
-        match inner.count_lookup(lookup) {
+        match inner.count_lookup(lookup, site) {
             Lookup::Hit(hit) => {
                 if let Some(value) = hit.value {
                     found.put(element, value);
@@ -237,7 +240,12 @@ where
 /// Waits for the missing elements this process is computing already
 /// (holding no computation of its own meanwhile); returns those still
 /// missing: not being computed, or whose computation failed.
-async fn follow<K, V, M>(inner: &Inner, missing: Vec<Missing<K>>, found: &mut M) -> Vec<Missing<K>>
+async fn follow<K, V, M>(
+    inner: &Inner,
+    missing: Vec<Missing<K>>,
+    site: Option<&Site>,
+    found: &mut M,
+) -> Vec<Missing<K>>
 where
     V: DeserializeOwned,
     M: BatchMap<K, V>,
@@ -259,13 +267,13 @@ where
         return still;
     }
     let got = join_all(followed.iter().map(|(_, receiver)| {
-        Counters::bump(&inner.counters.coalesced);
+        inner.count(site, Event::coalesced);
         flight::follow_within(inner.settings.coalesce_wait, receiver.clone())
     }))
     .await;
     for ((element, _), got) in followed.into_iter().zip(got) {
         if let Followed::TimedOut = got {
-            Counters::bump(&inner.counters.coalesce_timeouts);
+            inner.count(site, Event::coalesce_timeouts);
         }
         let Followed::Value(entry) = got else {
             still.push(element);
@@ -364,7 +372,7 @@ impl<'a, K: Clone> Fill<'a, K> {
                 Some(value) => match codec.encode(value, None) {
                     Ok(entry) => Some((entry.into(), Some(ttl))),
                     Err(err) => {
-                        Counters::bump(&inner.counters.encode_errors);
+                        inner.count(self.policy.site, Event::encode_errors);
                         tracing::warn!(target: "redis_cached", error = %err, "value not cached: it cannot be serialized");
                         None
                     }
@@ -392,7 +400,7 @@ impl<'a, K: Clone> Fill<'a, K> {
             }
         }
         let mut outcomes = vec![StoreOutcome::Failed; entries.len()];
-        let stored = self.inner.store_many_if(stores).await;
+        let stored = self.inner.store_many_if(stores, self.policy.site).await;
         for (n, outcome) in stored_at.into_iter().zip(stored) {
             outcomes[n] = outcome;
         }

@@ -136,7 +136,7 @@ impl Cache {
                 Ok(bytes) => inner.decode::<T>(bytes),
                 Err(seen) => Lookup::Miss(seen),
             };
-            if let Lookup::Hit(hit) = inner.count_lookup(lookup) {
+            if let Lookup::Hit(hit) = inner.count_lookup(lookup, None) {
                 found[at] = hit.value;
             }
         }

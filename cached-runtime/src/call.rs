@@ -25,7 +25,7 @@ use crate::directive::{self, Directive};
 use crate::fresh::{Detached, Due};
 use crate::policy::Policy;
 use crate::shape::Shape;
-use crate::stats::Counters;
+use crate::stats::Event;
 
 /// A cached function's body, as its call runs it.
 pub(crate) trait Body<R> {
@@ -246,10 +246,13 @@ fn start<'a, S: Shape<R>, R>(
     let stage = match (inner, directive) {
         (_, Some(Directive::Bypass)) => Stage::Uncached,
         (Some(inner), Some(Directive::Capture)) => {
-            directive::capture(inner.full_key(key), inner);
+            directive::capture(Some((inner.full_key(key), inner)), policy.site);
             Stage::Captured
         }
-        (None, Some(Directive::Capture)) => Stage::Captured,
+        (None, Some(Directive::Capture)) => {
+            directive::capture(None, policy.site);
+            Stage::Captured
+        }
         (None, _) => {
             unset();
             Stage::Uncached
@@ -321,7 +324,7 @@ where
                         },
                         Err(seen) => seen,
                     };
-                    Counters::bump(&inner.counters.misses);
+                    inner.count(policy.site, Event::misses);
                     let fill = Fill::after_miss(inner, key, tags, policy, seen);
                     this.stage.set(Stage::Miss {
                         miss: Miss::new(fill),

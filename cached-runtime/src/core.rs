@@ -20,7 +20,7 @@ use crate::flight::Flights;
 use crate::key::{companion_key, full_key, internal_key};
 use crate::policy::Policy;
 use crate::shape::{Shape, Stored};
-use crate::stats::Counters;
+use crate::stats::{Counters, Event, Site};
 use crate::token::now_unix_ms;
 
 /// How many keys of a tag one round of `invalidate_tag` handles.
@@ -114,7 +114,7 @@ impl Inner {
             return op.await;
         }
         if !self.breaker.allow() {
-            Counters::bump(&self.counters.breaker_skips);
+            self.counters.add(Event::breaker_skips);
             return Err(Error::BreakerOpen);
         }
         let err = match tokio::time::timeout(bound, op).await {
@@ -134,20 +134,19 @@ impl Inner {
             Ok(Err(err @ (Error::Refused(_) | Error::Rejected(_)))) => {
                 // Redis answered: it is up, only this command was refused.
                 self.breaker.success();
-                let counter = match err {
-                    Error::Refused(_) => &self.counters.refused,
-                    _ => &self.counters.rejected,
-                };
-                Counters::bump(counter);
+                self.counters.add(match err {
+                    Error::Refused(_) => Event::refused,
+                    _ => Event::rejected,
+                });
                 tracing::debug!(target: "redis_cached", error = %err, "Redis refused a command");
                 return Err(err);
             }
             Ok(Err(err)) => {
-                Counters::bump(&self.counters.errors);
+                self.counters.add(Event::errors);
                 err
             }
             Err(_) => {
-                Counters::bump(&self.counters.timeouts);
+                self.counters.add(Event::timeouts);
                 Error::Timeout(bound)
             }
         };
@@ -155,14 +154,14 @@ impl Inner {
         let transition = self.breaker.failure();
         if transition == Transition::Reopened {
             // Once per outage at `warn`; each failed probe at `debug`.
-            Counters::bump(&self.counters.breaker_opens);
+            self.counters.add(Event::breaker_opens);
             tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
             if let Some(redis) = self.backend.redis() {
                 redis.reset();
             }
         }
         if transition == Transition::Opened {
-            Counters::bump(&self.counters.breaker_opens);
+            self.counters.add(Event::breaker_opens);
             tracing::warn!(target: "redis_cached",
                 error = %err,
                 "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
@@ -224,22 +223,30 @@ impl Inner {
             Ok(bytes) => self.decode::<T>(bytes),
             Err(seen) => Lookup::Miss(seen),
         };
-        self.count_lookup(found)
+        self.count_lookup(found, None)
+    }
+
+    /// Counts `event` for the cache and, if it is a cached function's,
+    /// for the function (`site`).
+    pub(crate) fn count(&self, site: Option<&Site>, event: Event) {
+        self.counters.add(event);
+        if let Some(site) = site {
+            site.counters().add(event);
+        }
     }
 
     /// Counts what a lookup found as a hit or a miss.
-    pub(crate) fn count_lookup<T>(&self, found: Lookup<T>) -> Lookup<T> {
-        let counters = &self.counters;
+    pub(crate) fn count_lookup<T>(&self, found: Lookup<T>, site: Option<&Site>) -> Lookup<T> {
         match found {
-            Lookup::Miss(_) => Counters::bump(&counters.misses),
-            Lookup::Hit(_) => Counters::bump(&counters.hits),
+            Lookup::Miss(_) => self.count(site, Event::misses),
+            Lookup::Hit(_) => self.count(site, Event::hits),
         }
         found
     }
 
     pub(crate) fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
         if bytes.len() > self.settings.max_value_bytes {
-            Counters::bump(&self.counters.oversized);
+            self.counters.add(Event::oversized);
             return Lookup::Miss(Seen::Oversized);
         }
         match self.settings.codec.decode::<T>(&bytes) {
@@ -250,7 +257,7 @@ impl Inner {
             }),
             Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
             Err(err) => {
-                Counters::bump(&self.counters.decode_errors);
+                self.counters.add(Event::decode_errors);
                 tracing::debug!(target: "redis_cached", error = %err, "stored value undecodable; treated as a miss");
                 Lookup::Miss(Seen::Bytes(bytes))
             }
@@ -260,7 +267,7 @@ impl Inner {
     pub(crate) fn check_size(&self, entry: &[u8]) -> Result<()> {
         let max = self.settings.max_value_bytes;
         if entry.len() > max {
-            Counters::bump(&self.counters.oversized);
+            self.counters.add(Event::oversized);
             return Err(Error::Config(format!(
                 "value of {} bytes is over max_value_bytes ({max})",
                 entry.len()
@@ -273,7 +280,7 @@ impl Inner {
     pub(crate) async fn store(&self, key: &str, entry: Arc<[u8]>, ttl: Duration) -> Result<()> {
         self.check_size(&entry)?;
         self.guarded(self.backend.set(key, entry, ttl)).await?;
-        Counters::bump(&self.counters.writes);
+        self.counters.add(Event::writes);
         Ok(())
     }
 
@@ -286,13 +293,17 @@ impl Inner {
     ) -> Result<()> {
         self.guarded(self.backend.set_many(entries, ttl)).await?;
         for _ in entries {
-            Counters::bump(&self.counters.writes);
+            self.counters.add(Event::writes);
         }
         Ok(())
     }
 
     /// [`Inner::store_if`] for each of `stores`, in one round trip.
-    pub(crate) async fn store_many_if(&self, stores: Vec<StoreIf>) -> Vec<StoreOutcome> {
+    pub(crate) async fn store_many_if(
+        &self,
+        stores: Vec<StoreIf>,
+        site: Option<&Site>,
+    ) -> Vec<StoreOutcome> {
         let mut outcomes = vec![StoreOutcome::Failed; stores.len()];
         let mut sent = Vec::with_capacity(stores.len());
         let mut at = Vec::with_capacity(stores.len());
@@ -307,7 +318,7 @@ impl Inner {
         }
         if let Ok(stored) = self.guarded(self.backend.set_many_if(&sent)).await {
             for (n, stored) in at.into_iter().zip(stored) {
-                outcomes[n] = self.count_store(stored);
+                outcomes[n] = self.count_store(stored, site);
             }
         }
         outcomes
@@ -320,6 +331,7 @@ impl Inner {
         seen: &Seen,
         entry: Arc<[u8]>,
         ttl: Duration,
+        site: Option<&Site>,
     ) -> StoreOutcome {
         if self.check_size(&entry).is_err() || matches!(seen, Seen::Unknown) {
             return StoreOutcome::Failed;
@@ -328,18 +340,18 @@ impl Inner {
             .guarded(self.backend.set_if(key, seen, entry, ttl))
             .await
         {
-            Ok(stored) => self.count_store(stored),
+            Ok(stored) => self.count_store(stored, site),
             Err(_) => StoreOutcome::Failed,
         }
     }
 
     /// Counts a compare-and-set's result.
-    pub(crate) fn count_store(&self, stored: bool) -> StoreOutcome {
+    pub(crate) fn count_store(&self, stored: bool, site: Option<&Site>) -> StoreOutcome {
         if stored {
-            Counters::bump(&self.counters.writes);
+            self.count(site, Event::writes);
             StoreOutcome::Stored
         } else {
-            Counters::bump(&self.counters.stale_sets_refused);
+            self.count(site, Event::stale_sets_refused);
             StoreOutcome::Refused
         }
     }
@@ -358,7 +370,7 @@ impl Inner {
         self.flights.detach(key);
         self.recent.mark(key);
         written?;
-        Counters::bump(&self.counters.invalidations);
+        self.counters.add(Event::invalidations);
         Ok(())
     }
 
@@ -425,7 +437,7 @@ impl Inner {
             }
         };
         for _ in 0..invalidated {
-            Counters::bump(&self.counters.invalidations);
+            self.counters.add(Event::invalidations);
         }
         result
     }
@@ -460,7 +472,7 @@ impl Inner {
             Stored::Value(value) => match codec.encode(value, timing) {
                 Ok(entry) => entry,
                 Err(err) => {
-                    Counters::bump(&self.counters.encode_errors);
+                    self.counters.add(Event::encode_errors);
                     tracing::warn!(target: "redis_cached", error = %err, "value not cached: it cannot be serialized");
                     return None;
                 }

@@ -20,6 +20,7 @@ use std::task::{Context, Waker};
 
 use crate::core::Inner;
 use crate::error::Result;
+use crate::stats::{Site, Stats};
 
 /// A directive for the next cached call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +34,15 @@ pub(crate) enum Directive {
     Refresh,
 }
 
-/// What a captured call would have read.
-type Captured = Arc<Mutex<Option<(String, Arc<Inner>)>>>;
+/// What a captured call would have read (its key, on its cache), and
+/// which function it is.
+#[derive(Default)]
+struct Call {
+    entry: Option<(String, Arc<Inner>)>,
+    site: Option<&'static Site>,
+}
+
+type Captured = Arc<Mutex<Call>>;
 
 struct Scope {
     directive: Cell<Option<Directive>>,
@@ -80,13 +88,17 @@ pub(crate) fn take() -> Option<Directive> {
         .flatten()
 }
 
-/// Records the key a captured call would have read, on `inner`'s cache.
-pub(crate) fn capture(key: String, inner: &Arc<Inner>) {
+/// Records what a captured call would have read (its key, on `inner`'s
+/// cache; `None` without a cache) and which function it is.
+pub(crate) fn capture(entry: Option<(String, &Arc<Inner>)>, site: Option<&'static Site>) {
     let _ = SCOPE.try_with(|scope| {
         *scope
             .captured
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((key, Arc::clone(inner)));
+            .unwrap_or_else(PoisonError::into_inner) = Call {
+            entry: entry.map(|(key, inner)| (key, Arc::clone(inner))),
+            site,
+        };
     });
 }
 
@@ -100,7 +112,7 @@ fn scope(directive: Directive) -> (Scope, Captured) {
 }
 
 /// Polls `call` once as a captured call and drops it: its body never runs.
-fn captured<F: Future>(call: F) -> Option<(String, Arc<Inner>)> {
+fn captured<F: Future>(call: F) -> Call {
     let _counted = Counted::new();
     let (scope, captured) = scope(Directive::Capture);
     let mut call = std::pin::pin!(call);
@@ -108,10 +120,7 @@ fn captured<F: Future>(call: F) -> Option<(String, Arc<Inner>)> {
     SCOPE.sync_scope(scope, || {
         let _ = call.as_mut().poll(&mut cx);
     });
-    let taken = captured
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
+    let taken = std::mem::take(&mut *captured.lock().unwrap_or_else(PoisonError::into_inner));
     taken
 }
 
@@ -132,7 +141,31 @@ fn captured<F: Future>(call: F) -> Option<(String, Arc<Inner>)> {
 /// assert_eq!(key_of(user(&cache, 7)).as_deref(), Some("shop:user:7@v2"));
 /// ```
 pub fn key_of<F: Future>(call: F) -> Option<String> {
-    captured(call).map(|(key, _)| key)
+    captured(call).entry.map(|(key, _)| key)
+}
+
+/// The counters of the cached function that `call` calls, without running
+/// it: the same as [`Cache::stats`](crate::Cache::stats), counted for this
+/// function alone (on every cache it used); `None` for a `#[cache_evict]`
+/// function or a future that is no cached call.
+///
+/// ```ignore
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use redis_cached::{redis_cached, stats_of, Cache};
+///
+/// #[redis_cached(key = "n:<id>", cache = cache)]
+/// async fn n(cache: &Cache, id: u64) -> u64 { id }
+///
+/// let cache = Cache::in_memory();
+/// n(&cache, 1).await;
+/// n(&cache, 1).await;
+/// let stats = stats_of(n(&cache, 0)).expect("a cached function");
+/// assert_eq!((stats.hits, stats.misses), (1, 1));
+/// # }
+/// ```
+pub fn stats_of<F: Future>(call: F) -> Option<Stats> {
+    captured(call).site.map(|site| site.counters().snapshot())
 }
 
 /// Invalidates the entry that this call of a `#[redis_cached]` function
@@ -159,7 +192,7 @@ pub fn key_of<F: Future>(call: F) -> Option<String> {
 /// # Errors
 /// As [`Cache::invalidate`](crate::Cache::invalidate).
 pub async fn invalidate_call<F: Future>(call: F) -> Result<bool> {
-    let Some((key, inner)) = captured(call) else {
+    let Some((key, inner)) = captured(call).entry else {
         return Ok(false);
     };
     inner.tombstone(&key).await?;

@@ -28,7 +28,7 @@ use crate::codec::Timing;
 use crate::core::{Inner, Lookup};
 use crate::policy::Policy;
 use crate::shape::{Shape, Stored};
-use crate::stats::Counters;
+use crate::stats::Event;
 use crate::token::{now_unix_ms, unit_interval};
 
 /// The shortest time bound of a background refresh.
@@ -92,7 +92,7 @@ impl Inner {
             // Copied only for a refresh.
             .map(|due| (due, hit.raw.clone()));
         let result = rebuild::<S, R>(hit)?;
-        Counters::bump(&self.counters.hits);
+        self.count(policy.site, Event::hits);
         Ok((result, due))
     }
 
@@ -109,12 +109,11 @@ impl Inner {
         S: Shape<R> + 'static,
         R: 'static,
     {
-        let counters = &self.counters;
         if due == Due::Stale {
-            Counters::bump(&counters.stale_serves);
+            self.count(policy.site, Event::stale_serves);
         }
         if self.spawn_refresh::<S, R>(key, tags, policy, raw, body) && due == Due::Early {
-            Counters::bump(&counters.early_refreshes);
+            self.count(policy.site, Event::early_refreshes);
         }
     }
 
@@ -147,7 +146,7 @@ impl Inner {
             let _claim = claim;
             let refresh = inner.refresh::<S, R>(key, &tags, &policy, seen, body);
             if tokio::time::timeout(bound, refresh).await.is_err() {
-                Counters::bump(&inner.counters.refresh_failures);
+                inner.count(policy.site, Event::refresh_failures);
                 tracing::warn!(target: "redis_cached",
                     "background refresh still running after {bound:?}; abandoned, the key may be refreshed again"
                 );
@@ -181,14 +180,14 @@ impl Inner {
         if !fill.record_tags().await {
             return;
         }
-        Counters::bump(&self.counters.refreshes);
+        self.count(policy.site, Event::refreshes);
         // In a scope of its own: the result is not held across the
         // `.await`s below (it need not be `Send`).
         fill.computing();
         let encoded = {
             let result = marked(fill.key(), body).await;
             if matches!(S::view(&result), Stored::Skip) {
-                Counters::bump(&self.counters.refresh_failures);
+                self.count(policy.site, Event::refresh_failures);
                 tracing::debug!(target: "redis_cached",
                     "background refresh failed; the stale value is served until it expires"
                 );

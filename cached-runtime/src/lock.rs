@@ -25,7 +25,7 @@ use crate::backend::{Acquire, Bytes, Landing, RedisBackend, Release, Seen};
 use crate::core::{Encoded, Inner, StoreOutcome};
 use crate::error::Error;
 use crate::policy::LockPolicy;
-use crate::stats::Counters;
+use crate::stats::{Event, Site};
 use crate::token::{lock_token, unit_interval};
 
 /// What waiting for a key's lock ended with.
@@ -46,11 +46,14 @@ pub(crate) struct LockWait {
     /// The backup retry period, since pub/sub can drop a message.
     retry: Duration,
     waited: bool,
+    /// The function counted.
+    site: Option<&'static Site>,
 }
 
 impl LockWait {
-    pub(crate) fn new(policy: &LockPolicy) -> Self {
+    pub(crate) fn new(policy: &LockPolicy, site: Option<&'static Site>) -> Self {
         LockWait {
+            site,
             token: lock_token(),
             deadline: Instant::now() + policy.wait,
             retry: (policy.wait / 20).clamp(Duration::from_millis(5), Duration::from_millis(100)),
@@ -94,8 +97,9 @@ impl LockWait {
             attempt.answered(&reply);
             match reply {
                 Ok(Acquire::Acquired(now)) => {
-                    Counters::bump(&inner.counters.lock_acquired);
-                    let guard = LockGuard::new(inner, redis, key, lock, &self.token, policy);
+                    inner.count(self.site, Event::lock_acquired);
+                    let guard =
+                        LockGuard::new(inner, redis, key, lock, &self.token, policy, self.site);
                     return Waited::Hold(guard, now);
                 }
                 Ok(Acquire::Landed(Seen::Bytes(bytes))) => return Waited::Landed(bytes),
@@ -104,11 +108,11 @@ impl LockWait {
                 Ok(Acquire::Held) => {
                     if !self.waited {
                         self.waited = true;
-                        Counters::bump(&inner.counters.lock_waits);
+                        inner.count(self.site, Event::lock_waits);
                     }
                     let now = Instant::now();
                     if now >= self.deadline {
-                        Counters::bump(&inner.counters.lock_wait_timeouts);
+                        inner.count(self.site, Event::lock_wait_timeouts);
                         return Waited::Compute {
                             seen,
                             failed: false,
@@ -153,6 +157,7 @@ impl LockWait {
         key: &str,
         seen: &Seen,
         policy: &LockPolicy,
+        site: Option<&'static Site>,
     ) -> Option<(LockGuard<'a>, Seen)> {
         let redis = inner.backend.redis()?;
         let token = lock_token();
@@ -164,8 +169,11 @@ impl LockWait {
         attempt.answered(&reply);
         match reply {
             Ok(Acquire::Acquired(now)) => {
-                Counters::bump(&inner.counters.lock_acquired);
-                Some((LockGuard::new(inner, redis, key, lock, &token, policy), now))
+                inner.count(site, Event::lock_acquired);
+                Some((
+                    LockGuard::new(inner, redis, key, lock, &token, policy, site),
+                    now,
+                ))
             }
             Ok(_) | Err(_) => None,
         }
@@ -232,6 +240,7 @@ pub(crate) struct LockGuard<'a> {
     released: bool,
     /// Extends the lock while it is held; stopped with the guard.
     watchdog: Option<tokio::task::JoinHandle<()>>,
+    site: Option<&'static Site>,
 }
 
 impl<'a> LockGuard<'a> {
@@ -242,6 +251,7 @@ impl<'a> LockGuard<'a> {
         lock: String,
         token: &str,
         policy: &LockPolicy,
+        site: Option<&'static Site>,
     ) -> Self {
         let counters = Arc::clone(&inner.counters);
         let watchdog = redis.spawn_watchdog(
@@ -249,7 +259,7 @@ impl<'a> LockGuard<'a> {
             token,
             policy.ttl,
             inner.settings.op_timeout,
-            move || Counters::bump(&counters.lock_extends),
+            move || counters.add(Event::lock_extends),
         );
         LockGuard {
             inner,
@@ -259,6 +269,7 @@ impl<'a> LockGuard<'a> {
             token: token.to_owned(),
             released: false,
             watchdog,
+            site,
         }
     }
 
@@ -286,7 +297,7 @@ impl<'a> LockGuard<'a> {
             Ok(stored) => {
                 self.released = true;
                 match release {
-                    Release::Store(..) => inner.count_store(stored),
+                    Release::Store(..) => inner.count_store(stored, self.site),
                     _ => StoreOutcome::Failed,
                 }
             }

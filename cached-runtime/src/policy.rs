@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::stats::Site;
+
 /// The settings of one cached function.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Policy {
@@ -16,6 +18,8 @@ pub struct Policy {
     pub stale: Option<Duration>,
     /// The XFetch beta of early refresh.
     pub early: Option<f64>,
+    /// The function's own counters; `None` for the runtime API.
+    pub site: Option<&'static Site>,
 }
 
 /// Lock settings of one cached function.

@@ -12,6 +12,7 @@ pub use crate::key::KeyBuilder;
 pub use crate::policy::{LockPolicy, Policy};
 use crate::shape::Split;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
+pub use crate::stats::Site;
 use crate::{global, Cache};
 
 /// The cache one call uses, held for the call: borrowed where the
@@ -202,12 +203,11 @@ where
     Fut: Future<Output = R>,
 {
     match (directive::take(), cache) {
-        (Some(Directive::Capture), Some(cache)) => {
-            let inner = &cache.inner;
-            directive::capture(inner.full_key(key), inner);
+        (Some(Directive::Capture), cache) => {
+            let entry = cache.map(|cache| (cache.inner.full_key(key), &cache.inner));
+            directive::capture(entry, policy.site);
             return std::future::pending().await;
         }
-        (Some(Directive::Capture), None) => return std::future::pending().await,
         (Some(Directive::Bypass), _) => return body.await,
         _ => {}
     }
@@ -273,7 +273,7 @@ where
         Some(Directive::Capture) => {
             if let (Some(cache), Some(key)) = (cache, key) {
                 let inner = &cache.inner;
-                directive::capture(inner.full_key(key), inner);
+                directive::capture(Some((inner.full_key(key), inner)), None);
             }
             return std::future::pending().await;
         }

@@ -18,6 +18,10 @@ struct Stripe(AtomicU64);
 pub(crate) struct Striped([Stripe; STRIPES]);
 
 impl Striped {
+    const fn new() -> Striped {
+        Striped([const { Stripe(AtomicU64::new(0)) }; STRIPES])
+    }
+
     fn sum(&self) -> u64 {
         self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
     }
@@ -38,9 +42,28 @@ macro_rules! counters {
             $( pub(crate) $name: Striped, )*
         }
 
+        /// One of the counters, by name.
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum Event {
+            $( $name, )*
+        }
+
         impl Counters {
+            pub(crate) const fn new() -> Counters {
+                Counters { $( $name: Striped::new(), )* }
+            }
+
             pub(crate) fn snapshot(&self) -> Stats {
                 Stats { $( $name: self.$name.sum(), )* }
+            }
+
+            /// Counts one `event`.
+            pub(crate) fn add(&self, event: Event) {
+                let counter = match event {
+                    $( Event::$name => &self.$name, )*
+                };
+                Counters::bump(counter);
             }
         }
 
@@ -141,6 +164,41 @@ impl Counters {
     }
 }
 
+/// One cached function's own counters: a `static` that the attribute
+/// writes in each function, so that [`stats_of`](crate::stats_of) can
+/// report that function alone. Not a stable API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Site {
+    /// The type name of a closure in the site's `static`:
+    /// `<path>::<function>::<static>::{{closure}}::{{closure}}`.
+    namer: fn() -> &'static str,
+    counters: Counters,
+}
+
+impl Site {
+    /// The site of the function whose `static` holds it; `namer` returns
+    /// the type name of a closure defined in the static's initializer
+    /// (which, unlike `module_path!`, names the `impl`'s type).
+    pub const fn new(namer: fn() -> &'static str) -> Site {
+        Site {
+            namer,
+            counters: Counters::new(),
+        }
+    }
+
+    /// The function's path: module, type for a method, and name.
+    pub fn name(&self) -> &'static str {
+        let full = (self.namer)().trim_end_matches("::{{closure}}");
+        full.rsplit_once("::")
+            .map_or(full, |(function, _)| function)
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
 impl Stats {
     /// `hits / (hits + misses)`, or 0 before the first lookup.
     pub fn hit_rate(&self) -> f64 {
@@ -156,6 +214,20 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_site_is_named_after_its_function() {
+        struct Repo;
+        impl Repo {
+            fn get_user() -> &'static Site {
+                static SITE: Site = Site::new(|| std::any::type_name_of_val(&|| ()));
+                &SITE
+            }
+        }
+        let name = Repo::get_user().name();
+        assert!(name.ends_with("::Repo::get_user"), "{name}");
+        assert!(name.starts_with("cached_runtime::stats::tests"), "{name}");
+    }
 
     #[test]
     fn snapshots_subtract_and_display() {
