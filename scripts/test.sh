@@ -28,5 +28,8 @@ cargo clippy -p cached-runtime --all-features --all-targets --locked -- -D warni
 cargo test --workspace --locked
 # The optional binary codec.
 cargo test -p cached-runtime --features postcard --locked codec
+# The optional `metrics` export: every counter exact, the Prometheus text.
+cargo clippy -p redis-cached --features metrics --test metrics --locked -- -D warnings
+cargo test -p redis-cached --features metrics --locked --test metrics
 # The quickstart, on the in-memory default.
 env -u REDIS_URL cargo run --locked --example quickstart

@@ -459,6 +459,7 @@ impl<'a> Fill<'a> {
             .started
             .map(|started| started.elapsed())
             .unwrap_or_default();
+        self.inner.computed(self.policy.site, took);
         self.inner.encode_result::<S, R>(result, &self.policy, took)
     }
 

@@ -25,7 +25,8 @@ use crate::core::{Encoded, Inner, Lookup, StoreOutcome};
 use crate::directive::{self, Directive};
 use crate::flight::{self, Followed, Leader, Role};
 use crate::policy::Policy;
-use crate::stats::{Event, Site};
+use crate::site::Site;
+use crate::stats::Event;
 
 /// The map a batch function returns: element to value.
 pub trait BatchMap<K, V>: Default {

@@ -427,6 +427,7 @@ impl CacheBuilder {
             },
             breaker: Breaker::new(self.breaker),
             counters: Arc::new(Counters::default()),
+            meters: Arc::new(crate::meters::Meters::new()),
             flights: Flights::default(),
             refreshing: Claims::default(),
             recent: Default::default(),

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
@@ -18,9 +18,11 @@ use crate::codec::{Codec, Entry, Timing};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::key::{companion_key, full_key, internal_key};
+use crate::meters::{self, Meters, NO_FUNCTION};
 use crate::policy::Policy;
 use crate::shape::{Shape, Stored};
-use crate::stats::{Counters, Event, Site};
+use crate::site::Site;
+use crate::stats::{Counters, Event};
 use crate::token::now_unix_ms;
 
 /// How many keys of a tag one round of `invalidate_tag` handles.
@@ -58,6 +60,8 @@ pub(crate) struct Inner {
     pub(crate) refreshing: crate::claims::Claims,
     /// The keys this process invalidated lately (for lock waiters).
     pub(crate) recent: crate::recent::Recent,
+    /// The cache's exported metrics (feature `metrics`).
+    pub(crate) meters: Arc<Meters>,
 }
 
 /// What a lookup found.
@@ -114,12 +118,19 @@ impl Inner {
             return op.await;
         }
         if !self.breaker.allow() {
-            self.counters.add(Event::breaker_skips);
+            self.count(None, Event::breaker_skips);
             return Err(Error::BreakerOpen);
         }
-        let err = match tokio::time::timeout(bound, op).await {
+        let started = meters::TIMED.then(Instant::now);
+        let outcome = tokio::time::timeout(bound, op).await;
+        if let Some(started) = started {
+            self.meters
+                .redis_time(started.elapsed(), self.owner(), self.cache_label());
+        }
+        let err = match outcome {
             Ok(Ok(value)) => {
                 if let Some(outage) = self.breaker.success() {
+                    self.meters.breaker(false, self.owner(), self.cache_label());
                     tracing::info!(
                         target: "redis_cached",
                         outage = ?outage.lasted,
@@ -134,19 +145,22 @@ impl Inner {
             Ok(Err(err @ (Error::Refused(_) | Error::Rejected(_)))) => {
                 // Redis answered: it is up, only this command was refused.
                 self.breaker.success();
-                self.counters.add(match err {
-                    Error::Refused(_) => Event::refused,
-                    _ => Event::rejected,
-                });
+                self.count(
+                    None,
+                    match err {
+                        Error::Refused(_) => Event::refused,
+                        _ => Event::rejected,
+                    },
+                );
                 tracing::debug!(target: "redis_cached", error = %err, "Redis refused a command");
                 return Err(err);
             }
             Ok(Err(err)) => {
-                self.counters.add(Event::errors);
+                self.count(None, Event::errors);
                 err
             }
             Err(_) => {
-                self.counters.add(Event::timeouts);
+                self.count(None, Event::timeouts);
                 Error::Timeout(bound)
             }
         };
@@ -154,14 +168,15 @@ impl Inner {
         let transition = self.breaker.failure();
         if transition == Transition::Reopened {
             // Once per outage at `warn`; each failed probe at `debug`.
-            self.counters.add(Event::breaker_opens);
+            self.count(None, Event::breaker_opens);
             tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
             if let Some(redis) = self.backend.redis() {
                 redis.reset();
             }
         }
         if transition == Transition::Opened {
-            self.counters.add(Event::breaker_opens);
+            self.count(None, Event::breaker_opens);
+            self.meters.breaker(true, self.owner(), self.cache_label());
             tracing::warn!(target: "redis_cached",
                 error = %err,
                 "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
@@ -227,11 +242,41 @@ impl Inner {
     }
 
     /// Counts `event` for the cache and, if it is a cached function's,
-    /// for the function (`site`).
+    /// for the function (`site`); exported under the function's name, or
+    /// the cache's alone.
     pub(crate) fn count(&self, site: Option<&Site>, event: Event) {
         self.counters.add(event);
-        if let Some(site) = site {
-            site.counters().add(event);
+        match site {
+            Some(site) => {
+                site.counters().add(event);
+                if meters::TIMED {
+                    site.meters()
+                        .count(event, || site.name(), self.owner(), self.cache_label());
+                }
+            }
+            None if meters::TIMED => {
+                self.meters
+                    .count(event, || NO_FUNCTION, self.owner(), self.cache_label())
+            }
+            None => {}
+        }
+    }
+
+    /// This cache's identity for its exported metrics: its address.
+    pub(crate) fn owner(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// How exported metrics name this cache: its namespace, or `default`.
+    pub(crate) fn cache_label(&self) -> &str {
+        self.settings.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// Records how long a cached function's body ran.
+    pub(crate) fn computed(&self, site: Option<&Site>, took: Duration) {
+        if let (true, Some(site)) = (meters::TIMED, site) {
+            site.meters()
+                .compute_time(took, || site.name(), self.owner(), self.cache_label());
         }
     }
 
@@ -246,7 +291,7 @@ impl Inner {
 
     pub(crate) fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
         if bytes.len() > self.settings.max_value_bytes {
-            self.counters.add(Event::oversized);
+            self.count(None, Event::oversized);
             return Lookup::Miss(Seen::Oversized);
         }
         match self.settings.codec.decode::<T>(&bytes) {
@@ -257,7 +302,7 @@ impl Inner {
             }),
             Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
             Err(err) => {
-                self.counters.add(Event::decode_errors);
+                self.count(None, Event::decode_errors);
                 tracing::debug!(target: "redis_cached", error = %err, "stored value undecodable; treated as a miss");
                 Lookup::Miss(Seen::Bytes(bytes))
             }
@@ -267,7 +312,7 @@ impl Inner {
     pub(crate) fn check_size(&self, entry: &[u8]) -> Result<()> {
         let max = self.settings.max_value_bytes;
         if entry.len() > max {
-            self.counters.add(Event::oversized);
+            self.count(None, Event::oversized);
             return Err(Error::Config(format!(
                 "value of {} bytes is over max_value_bytes ({max})",
                 entry.len()
@@ -280,7 +325,7 @@ impl Inner {
     pub(crate) async fn store(&self, key: &str, entry: Arc<[u8]>, ttl: Duration) -> Result<()> {
         self.check_size(&entry)?;
         self.guarded(self.backend.set(key, entry, ttl)).await?;
-        self.counters.add(Event::writes);
+        self.count(None, Event::writes);
         Ok(())
     }
 
@@ -293,7 +338,7 @@ impl Inner {
     ) -> Result<()> {
         self.guarded(self.backend.set_many(entries, ttl)).await?;
         for _ in entries {
-            self.counters.add(Event::writes);
+            self.count(None, Event::writes);
         }
         Ok(())
     }
@@ -370,7 +415,7 @@ impl Inner {
         self.flights.detach(key);
         self.recent.mark(key);
         written?;
-        self.counters.add(Event::invalidations);
+        self.count(None, Event::invalidations);
         Ok(())
     }
 
@@ -437,7 +482,7 @@ impl Inner {
             }
         };
         for _ in 0..invalidated {
-            self.counters.add(Event::invalidations);
+            self.count(None, Event::invalidations);
         }
         result
     }
@@ -472,7 +517,7 @@ impl Inner {
             Stored::Value(value) => match codec.encode(value, timing) {
                 Ok(entry) => entry,
                 Err(err) => {
-                    self.counters.add(Event::encode_errors);
+                    self.count(None, Event::encode_errors);
                     tracing::warn!(target: "redis_cached", error = %err, "value not cached: it cannot be serialized");
                     return None;
                 }

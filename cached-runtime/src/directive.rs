@@ -20,7 +20,8 @@ use std::task::{Context, Waker};
 
 use crate::core::Inner;
 use crate::error::Result;
-use crate::stats::{Site, Stats};
+use crate::site::Site;
+use crate::stats::Stats;
 
 /// A directive for the next cached call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

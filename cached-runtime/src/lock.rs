@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 use crate::backend::{Acquire, Bytes, Landing, RedisBackend, Release, Seen};
 use crate::core::{Encoded, Inner, StoreOutcome};
 use crate::error::Error;
+use crate::meters::NO_FUNCTION;
 use crate::policy::LockPolicy;
-use crate::stats::{Event, Site};
+use crate::site::Site;
+use crate::stats::Event;
 use crate::token::{lock_token, unit_interval};
 
 /// What waiting for a key's lock ended with.
@@ -253,13 +255,17 @@ impl<'a> LockGuard<'a> {
         policy: &LockPolicy,
         site: Option<&'static Site>,
     ) -> Self {
-        let counters = Arc::clone(&inner.counters);
+        let (counters, meters) = (Arc::clone(&inner.counters), Arc::clone(&inner.meters));
+        let (owner, cache) = (inner.owner(), inner.cache_label().to_owned());
         let watchdog = redis.spawn_watchdog(
             &lock,
             token,
             policy.ttl,
             inner.settings.op_timeout,
-            move || counters.add(Event::lock_extends),
+            move || {
+                counters.add(Event::lock_extends);
+                meters.count(Event::lock_extends, || NO_FUNCTION, owner, &cache);
+            },
         );
         LockGuard {
             inner,

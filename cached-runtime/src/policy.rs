@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::stats::Site;
+use crate::site::Site;
 
 /// The settings of one cached function.
 #[derive(Debug, Clone, Copy, Default)]

@@ -12,7 +12,7 @@ pub use crate::key::KeyBuilder;
 pub use crate::policy::{LockPolicy, Policy};
 use crate::shape::Split;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
-pub use crate::stats::Site;
+pub use crate::site::Site;
 use crate::{global, Cache};
 
 /// The cache one call uses, held for the call: borrowed where the

@@ -49,6 +49,20 @@ macro_rules! counters {
             $( $name, )*
         }
 
+        #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+        impl Event {
+            /// Every event, in declaration order (`event as usize` is its
+            /// index).
+            pub(crate) const ALL: &'static [Event] = &[$( Event::$name, )*];
+
+            /// Its exported counter's name: `redis_cached_<name>_total`.
+            pub(crate) fn metric_name(self) -> &'static str {
+                match self {
+                    $( Event::$name => concat!("redis_cached_", stringify!($name), "_total"), )*
+                }
+            }
+        }
+
         impl Counters {
             pub(crate) const fn new() -> Counters {
                 Counters { $( $name: Striped::new(), )* }
@@ -164,41 +178,6 @@ impl Counters {
     }
 }
 
-/// One cached function's own counters: a `static` that the attribute
-/// writes in each function, so that [`stats_of`](crate::stats_of) can
-/// report that function alone. Not a stable API.
-#[doc(hidden)]
-#[derive(Debug)]
-pub struct Site {
-    /// The type name of a closure in the site's `static`:
-    /// `<path>::<function>::<static>::{{closure}}::{{closure}}`.
-    namer: fn() -> &'static str,
-    counters: Counters,
-}
-
-impl Site {
-    /// The site of the function whose `static` holds it; `namer` returns
-    /// the type name of a closure defined in the static's initializer
-    /// (which, unlike `module_path!`, names the `impl`'s type).
-    pub const fn new(namer: fn() -> &'static str) -> Site {
-        Site {
-            namer,
-            counters: Counters::new(),
-        }
-    }
-
-    /// The function's path: module, type for a method, and name.
-    pub fn name(&self) -> &'static str {
-        let full = (self.namer)().trim_end_matches("::{{closure}}");
-        full.rsplit_once("::")
-            .map_or(full, |(function, _)| function)
-    }
-
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.counters
-    }
-}
-
 impl Stats {
     /// `hits / (hits + misses)`, or 0 before the first lookup.
     pub fn hit_rate(&self) -> f64 {
@@ -214,20 +193,6 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_site_is_named_after_its_function() {
-        struct Repo;
-        impl Repo {
-            fn get_user() -> &'static Site {
-                static SITE: Site = Site::new(|| std::any::type_name_of_val(&|| ()));
-                &SITE
-            }
-        }
-        let name = Repo::get_user().name();
-        assert!(name.ends_with("::Repo::get_user"), "{name}");
-        assert!(name.starts_with("cached_runtime::stats::tests"), "{name}");
-    }
 
     #[test]
     fn snapshots_subtract_and_display() {

@@ -1,0 +1,85 @@
+//! A cached function's own counters and metrics: a `static` the attribute
+//! writes in each function's body.
+
+use crate::meters::Meters;
+use crate::stats::Counters;
+
+/// One cached function's own counters: a `static` that the attribute
+/// writes in each function, so that [`stats_of`](crate::stats_of) can
+/// report that function alone. Not a stable API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Site {
+    /// The type name of a closure in the site's `static`:
+    /// `<path>::<function>::<static>::{{closure}}::{{closure}}`.
+    namer: fn() -> &'static str,
+    counters: Counters,
+    meters: Meters,
+}
+
+impl Site {
+    /// The site of the function whose `static` holds it; `namer` returns
+    /// the type name of a closure defined in the static's initializer
+    /// (which, unlike `module_path!`, names the `impl`'s type).
+    pub const fn new(namer: fn() -> &'static str) -> Site {
+        Site {
+            namer,
+            counters: Counters::new(),
+            meters: Meters::new(),
+        }
+    }
+
+    /// The function's path: module, type for a method, and name.
+    pub fn name(&self) -> &'static str {
+        const CLOSURE: &str = "::{{closure}}";
+        let full = (self.namer)().trim_end_matches(CLOSURE);
+        // The static's own segment, then the `async fn` body's closure.
+        let function = full
+            .rsplit_once("::")
+            .map_or(full, |(function, _)| function);
+        function.trim_end_matches(CLOSURE)
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub(crate) fn meters(&self) -> &Meters {
+        &self.meters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_is_named_after_its_function() {
+        struct Repo;
+        impl Repo {
+            fn get_user() -> &'static Site {
+                static SITE: Site = Site::new(|| std::any::type_name_of_val(&|| ()));
+                &SITE
+            }
+        }
+        let name = Repo::get_user().name();
+        assert!(name.ends_with("::Repo::get_user"), "{name}");
+        assert!(name.starts_with("cached_runtime::site::tests"), "{name}");
+        // In an `async fn`, the static is inside the body's closure.
+        async fn load() -> &'static Site {
+            static SITE: Site = Site::new(|| std::any::type_name_of_val(&|| ()));
+            &SITE
+        }
+        let site = std::pin::pin!(load());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let std::task::Poll::Ready(site) = std::future::Future::poll(site, &mut cx) else {
+            panic!("ready at once");
+        };
+        assert!(
+            site.name()
+                .ends_with("::a_site_is_named_after_its_function::load"),
+            "{}",
+            site.name()
+        );
+    }
+}
