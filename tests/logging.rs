@@ -139,3 +139,59 @@ async fn an_outage_is_one_warning_and_one_summary() {
     assert_eq!(summary.len(), 1, "{logs}");
     assert!(summary[0].contains("failed probes"), "{logs}");
 }
+
+/// One span per call at `debug`, target `redis_cached`: the function and
+/// how the call got its result; never the key or the value.
+#[test]
+fn each_call_has_a_span_with_its_outcome() {
+    #[redis_cached(key = "span-key:<id>", cache = cache)]
+    async fn traced(cache: &Cache, id: u64) -> String {
+        format!("span-value-{id}")
+    }
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(move || sink.clone())
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let server = RedisServer::start();
+            let cache = Cache::redis(&server.url()).expect("valid URL");
+            traced(&cache, 1).await; // miss
+            traced(&cache, 1).await; // hit
+            let dead = Cache::builder("redis://127.0.0.1:1/")
+                .build()
+                .expect("valid");
+            traced(&dead, 1).await; // fallback
+            traced(&Cache::in_memory(), 2).await; // miss, in memory
+        });
+    });
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let spans: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("cached{") && l.contains("close"))
+        .collect();
+    let outcomes: Vec<&str> = spans
+        .iter()
+        .map(|l| {
+            ["miss", "hit", "fallback"]
+                .into_iter()
+                .find(|o| l.contains(&format!("outcome=\"{o}\"")))
+                .unwrap_or("?")
+        })
+        .collect();
+    assert_eq!(outcomes, ["miss", "hit", "fallback", "miss"], "{logs}");
+    assert!(spans.iter().all(|l| l.contains("::traced")), "{logs}");
+    assert!(spans[0].contains("compute_ms="), "{logs}");
+    assert!(
+        !logs.contains("span-key") && !logs.contains("span-value"),
+        "{logs}"
+    );
+}

@@ -95,6 +95,36 @@ pub(crate) enum Step {
     Alone,
 }
 
+/// How a call got its result, as its tracing span reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// From the cache.
+    Hit,
+    /// From the cache, past its TTL, while a refresh runs.
+    Stale,
+    /// The body ran, and its result was stored (or could not be).
+    Miss,
+    /// From another caller's computation, in this process or another.
+    Coalesced,
+    /// The body ran because Redis could not be read.
+    Fallback,
+    /// The body ran without the cache (none set, or `bypass`).
+    Uncached,
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Stale => "stale",
+            Outcome::Miss => "miss",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Fallback => "fallback",
+            Outcome::Uncached => "uncached",
+        }
+    }
+}
+
 /// Where a found entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -367,7 +397,11 @@ impl<'a> Fill<'a> {
 
     /// The entry found decoded to a result: share it with this process's
     /// followers if this call leads them.
-    pub(crate) fn accept(&mut self) {
+    pub(crate) fn accept(&mut self) -> Outcome {
+        let outcome = match self.state {
+            State::Found(Source::Read) => Outcome::Hit,
+            _ => Outcome::Coalesced,
+        };
         let found = self.found.take();
         if let State::Found(Source::Read) = self.state {
             self.inner.count(self.policy.site, Event::hits);
@@ -376,6 +410,7 @@ impl<'a> Fill<'a> {
             leader.publish(Arc::from(&*bytes));
         }
         self.state = State::Computing;
+        outcome
     }
 
     /// The entry found is no result (a tombstone, garbage, another type, an
@@ -447,6 +482,19 @@ impl<'a> Fill<'a> {
             + self.policy.stale.unwrap_or_default()
     }
 
+    /// Why the body runs: a miss, or Redis could not be read.
+    fn computing_outcome(&self) -> Outcome {
+        match self.seen {
+            Seen::Unknown if !self.forced => Outcome::Fallback,
+            _ => Outcome::Miss,
+        }
+    }
+
+    /// How long the body has run.
+    fn computed_for(&self) -> Option<Duration> {
+        self.started.map(|started| started.elapsed())
+    }
+
     /// The body starts now (for the computation's time, and counted).
     pub(crate) fn computing(&mut self) {
         self.inner.count(self.policy.site, Event::computes);
@@ -516,6 +564,9 @@ type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// from one boxed step to the next: only a miss allocates them.
 pub(crate) struct Miss<'a> {
     stage: Stage<'a>,
+    outcome: Outcome,
+    /// How long the body ran, once it has.
+    computed: Option<Duration>,
 }
 
 enum Stage<'a> {
@@ -537,7 +588,19 @@ impl<'a> Miss<'a> {
     pub(crate) fn new(fill: Fill<'a>) -> Self {
         Miss {
             stage: Stage::next(Box::new(fill)),
+            outcome: Outcome::Miss,
+            computed: None,
         }
+    }
+
+    /// How the call got its result (once it has).
+    pub(crate) fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+
+    /// How long the body ran, if it did.
+    pub(crate) fn computed(&self) -> Option<Duration> {
+        self.computed
     }
 
     /// Advances the miss; `Ready` once the call has its result (in
@@ -547,7 +610,7 @@ impl<'a> Miss<'a> {
             let stage = match &mut self.stage {
                 Stage::Next(next) => {
                     let (fill, step) = ready!(next.as_mut().poll(cx));
-                    match Stage::after(fill, step, call) {
+                    match Stage::after(fill, step, call, &mut self.outcome) {
                         Some(stage) => stage,
                         None => break,
                     }
@@ -558,6 +621,7 @@ impl<'a> Miss<'a> {
                     alone,
                 } => {
                     ready!(COMPUTING.sync_scope(computing.clone(), || call.poll_body(cx)));
+                    self.computed = fill.computed_for();
                     if *alone {
                         break;
                     }
@@ -598,11 +662,16 @@ impl<'a> Stage<'a> {
     }
 
     /// The stage after `step`; `None` once the call has its result.
-    fn after(mut fill: Box<Fill<'a>>, step: Step, call: &mut dyn Compute) -> Option<Self> {
+    fn after(
+        mut fill: Box<Fill<'a>>,
+        step: Step,
+        call: &mut dyn Compute,
+        outcome: &mut Outcome,
+    ) -> Option<Self> {
         let alone = match step {
             Step::Found(bytes) => match call.decode(fill.inner(), bytes) {
                 Ok(()) => {
-                    fill.accept();
+                    *outcome = fill.accept();
                     return None;
                 }
                 // Computes alone, or joins or waits again.
@@ -616,6 +685,7 @@ impl<'a> Stage<'a> {
             Step::Compute => false,
             Step::Alone => true,
         };
+        *outcome = fill.computing_outcome();
         fill.computing();
         let computing = Computing::enter(fill.key());
         Some(Stage::Body {

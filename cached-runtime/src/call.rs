@@ -18,13 +18,14 @@ use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 
-use crate::aside::{keep, unkeep, Compute, Fill, Kept, Miss};
+use crate::aside::{keep, unkeep, Compute, Fill, Kept, Miss, Outcome};
 use crate::backend::{Bytes, Seen};
 use crate::core::{Encoded, Inner};
 use crate::directive::{self, Directive};
 use crate::fresh::{Detached, Due};
 use crate::policy::Policy;
 use crate::shape::Shape;
+use crate::site::Site;
 use crate::stats::Event;
 
 /// A cached function's body, as its call runs it.
@@ -160,6 +161,10 @@ pin_project! {
         stage: Stage<'a, Rd>,
         // The stored part of the result, while the miss stores it.
         kept: Option<Kept<S::Value, R>>,
+        // The call's span (`redis_cached` at `debug`): entered at each
+        // poll, so the body's own spans nest in it; its `outcome` is
+        // recorded when the call ends.
+        span: tracing::Span,
     }
 }
 
@@ -275,7 +280,21 @@ fn start<'a, S: Shape<R>, R>(
             }
         }
     };
-    CallState { stage, kept: None }
+    let span = match &stage {
+        Stage::Captured => tracing::Span::none(),
+        _ => tracing::debug_span!(
+            target: "redis_cached",
+            "cached",
+            function = policy.site.map_or("", Site::name),
+            outcome = tracing::field::Empty,
+            compute_ms = tracing::field::Empty,
+        ),
+    };
+    CallState {
+        stage,
+        kept: None,
+        span,
+    }
 }
 
 impl<'a, S, R, Rd> CallState<'a, S, R, Rd>
@@ -286,6 +305,8 @@ where
     /// Advances the call, running `body` if it must.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>, body: Pin<&mut dyn Body<R>>) -> Poll<R> {
         let mut this = self.project();
+        let span = &*this.span;
+        let _entered = span.enter();
         loop {
             match this.stage.as_mut().project() {
                 StageProj::Read {
@@ -308,6 +329,11 @@ where
                         // The hit path: one read, one decode.
                         Ok(bytes) => match inner.decode_hit::<S, R>(bytes, &policy) {
                             Ok((result, due)) => {
+                                let outcome = match &due {
+                                    Some((Due::Stale, _)) => Outcome::Stale,
+                                    _ => Outcome::Hit,
+                                };
+                                span.record("outcome", outcome.as_str());
                                 if let Some((due, raw)) = due {
                                     body.refresh(Refresh {
                                         inner,
@@ -330,8 +356,19 @@ where
                         miss: Miss::new(fill),
                     });
                 }
-                StageProj::Miss { miss } => return poll_miss::<S, R>(miss, cx, body, this.kept),
-                StageProj::Uncached => return body.poll_body(cx),
+                StageProj::Miss { miss } => {
+                    let result = ready!(poll_miss::<S, R>(miss, cx, body, this.kept));
+                    span.record("outcome", miss.outcome().as_str());
+                    if let Some(took) = miss.computed() {
+                        span.record("compute_ms", took.as_secs_f64() * 1e3);
+                    }
+                    return Poll::Ready(result);
+                }
+                StageProj::Uncached => {
+                    let result = ready!(body.poll_body(cx));
+                    span.record("outcome", Outcome::Uncached.as_str());
+                    return Poll::Ready(result);
+                }
                 StageProj::Captured => return Poll::Pending,
             }
         }
