@@ -233,6 +233,25 @@ macro_rules! stats_of_scenario {
         assert_eq!(all.misses, sa.misses + sb.misses + sc.misses, "{all}");
         // Capturing the stats ran nothing.
         assert_eq!(stats_of(a(&cache, 0)).expect("cached").computes, 1);
+        // A write-through's writes are its own.
+        #[cache_put(key = "a:<id>", cache = cache)]
+        async fn put_a(cache: &Cache, id: u64, value: u64) -> u64 {
+            let _ = id;
+            value
+        }
+        for n in 0..3 {
+            put_a(&cache, 1, n).await;
+        }
+        let sp = stats_of(put_a(&cache, 0, 0)).expect("a cached function");
+        assert_eq!(sp.writes, 3, "{sp}");
+        // A value that no longer decodes is the reading function's error.
+        cache
+            .set("a:7", &"not a number", std::time::Duration::from_secs(60))
+            .await
+            .expect("set");
+        assert_eq!(a(&cache, 7).await, 7);
+        let sa = stats_of(a(&cache, 0)).expect("a cached function");
+        assert_eq!(sa.decode_errors, 1, "{sa}");
     }};
 }
 
@@ -253,7 +272,15 @@ async fn stats_of_needs_no_cache_and_not_an_eviction() {
     async fn uncached(id: u64) -> u64 {
         id
     }
+    // Calls without a cache run uncached, and are not counted.
+    assert_eq!(uncached(1).await, 1);
     let stats = stats_of(uncached(1)).expect("a cached function, though uncached");
-    assert_eq!(stats.hits + stats.misses, 0);
+    assert_eq!(stats.hits + stats.misses + stats.computes, 0, "{stats}");
     assert_eq!(stats_of(async { 1 }), None);
+
+    #[redis_cached::cache_evict(key = "n:<id>")]
+    async fn evict(id: u64) {
+        let _ = id;
+    }
+    assert_eq!(stats_of(evict(1)), None, "an eviction has no counters");
 }

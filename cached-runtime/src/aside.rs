@@ -28,6 +28,7 @@ use crate::flight::{self, Followed, Leader, Role};
 use crate::lock::{LockGuard, LockWait, Waited};
 use crate::policy::Policy;
 use crate::shape::{Shape, Split};
+use crate::site::Site;
 use crate::stats::Event;
 
 tokio::task_local! {
@@ -669,7 +670,7 @@ impl<'a> Stage<'a> {
         outcome: &mut Outcome,
     ) -> Option<Self> {
         let alone = match step {
-            Step::Found(bytes) => match call.decode(fill.inner(), bytes) {
+            Step::Found(bytes) => match call.decode(fill.inner(), bytes, fill.policy.site) {
                 Ok(()) => {
                     *outcome = fill.accept();
                     return None;
@@ -729,7 +730,7 @@ pub(crate) fn unkeep<S: Shape<R>, R>(kept: Kept<S::Value, R>) -> R {
 pub(crate) trait Compute {
     /// Decodes `bytes` as the call's result; what the key held if they are
     /// no result.
-    fn decode(&mut self, inner: &Inner, bytes: Bytes) -> Result<(), Seen>;
+    fn decode(&mut self, inner: &Inner, bytes: Bytes, site: Option<&Site>) -> Result<(), Seen>;
     /// Polls the body; once ready, its result is the call's.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<()>;
     /// The entry to store for the body's result, of which only the stored
@@ -740,8 +741,12 @@ pub(crate) trait Compute {
 
 impl Inner {
     /// Decodes an entry as a result of shape `S`, or says what it is.
-    pub(crate) fn decode_result<S: Shape<R>, R>(&self, bytes: Bytes) -> Result<R, Seen> {
-        match self.decode::<S::Value>(bytes) {
+    pub(crate) fn decode_result<S: Shape<R>, R>(
+        &self,
+        bytes: Bytes,
+        site: Option<&Site>,
+    ) -> Result<R, Seen> {
+        match self.decode::<S::Value>(bytes, site) {
             crate::core::Lookup::Hit(hit) => rebuild::<S, R>(hit),
             crate::core::Lookup::Miss(seen) => Err(seen),
         }

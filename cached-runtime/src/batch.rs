@@ -223,7 +223,7 @@ where
             continue;
         }
         let lookup = match read {
-            Ok(bytes) => inner.decode::<V>(bytes),
+            Ok(bytes) => inner.decode::<V>(bytes, site),
             Err(seen) => Lookup::Miss(seen),
         };
         match inner.count_lookup(lookup, site) {
@@ -280,7 +280,7 @@ where
             still.push(element);
             continue;
         };
-        match inner.decode::<V>(Bytes::Shared(entry)) {
+        match inner.decode::<V>(Bytes::Shared(entry), site) {
             Lookup::Hit(hit) => {
                 if let Some(value) = hit.value {
                     found.put(element.element, value);

@@ -91,7 +91,7 @@ impl Cache {
         check_user_key(key)?;
         let entry = self.inner.settings.codec.encode(value, None)?;
         let key = self.inner.full_key(key.to_owned());
-        let stored = self.inner.store(&key, entry.into(), ttl).await;
+        let stored = self.inner.store(&key, entry.into(), ttl, None).await;
         // A write is the newest state: later callers must not get an older
         // one, from a computation here or a late lock notification.
         self.inner.flights.detach(&key);
@@ -133,7 +133,7 @@ impl Cache {
         let read = inner.read_many(&full).await;
         for ((at, _), read) in wanted.into_iter().zip(read) {
             let lookup = match read {
-                Ok(bytes) => inner.decode::<T>(bytes),
+                Ok(bytes) => inner.decode::<T>(bytes, None),
                 Err(seen) => Lookup::Miss(seen),
             };
             if let Lookup::Hit(hit) = inner.count_lookup(lookup, None) {

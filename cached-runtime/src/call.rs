@@ -408,8 +408,8 @@ struct Turn<'p, S: Shape<R>, R> {
 }
 
 impl<S: Shape<R>, R> Compute for Turn<'_, S, R> {
-    fn decode(&mut self, inner: &Inner, bytes: Bytes) -> Result<(), Seen> {
-        *self.result = Some(inner.decode_result::<S, R>(bytes)?);
+    fn decode(&mut self, inner: &Inner, bytes: Bytes, site: Option<&Site>) -> Result<(), Seen> {
+        *self.result = Some(inner.decode_result::<S, R>(bytes, site)?);
         Ok(())
     }
 

@@ -125,12 +125,12 @@ impl Inner {
         let outcome = tokio::time::timeout(bound, op).await;
         if let Some(started) = started {
             self.meters
-                .redis_time(started.elapsed(), self.owner(), self.cache_label());
+                .redis_time(started.elapsed(), self.cache_label());
         }
         let err = match outcome {
             Ok(Ok(value)) => {
                 if let Some(outage) = self.breaker.success() {
-                    self.meters.breaker(false, self.owner(), self.cache_label());
+                    self.meters.breaker(false, self.cache_label());
                     tracing::info!(
                         target: "redis_cached",
                         outage = ?outage.lasted,
@@ -176,7 +176,7 @@ impl Inner {
         }
         if transition == Transition::Opened {
             self.count(None, Event::breaker_opens);
-            self.meters.breaker(true, self.owner(), self.cache_label());
+            self.meters.breaker(true, self.cache_label());
             tracing::warn!(target: "redis_cached",
                 error = %err,
                 "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
@@ -235,7 +235,7 @@ impl Inner {
     /// Reads and decodes `key`, counting a hit or a miss.
     pub(crate) async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
         let found = match self.read(key).await {
-            Ok(bytes) => self.decode::<T>(bytes),
+            Ok(bytes) => self.decode::<T>(bytes, None),
             Err(seen) => Lookup::Miss(seen),
         };
         self.count_lookup(found, None)
@@ -251,20 +251,12 @@ impl Inner {
                 site.counters().add(event);
                 if meters::TIMED {
                     site.meters()
-                        .count(event, || site.name(), self.owner(), self.cache_label());
+                        .count(event, || site.name(), self.cache_label());
                 }
             }
-            None if meters::TIMED => {
-                self.meters
-                    .count(event, || NO_FUNCTION, self.owner(), self.cache_label())
-            }
+            None if meters::TIMED => self.meters.count(event, || NO_FUNCTION, self.cache_label()),
             None => {}
         }
-    }
-
-    /// This cache's identity for its exported metrics: its address.
-    pub(crate) fn owner(&self) -> usize {
-        std::ptr::from_ref(self) as usize
     }
 
     /// How exported metrics name this cache: its namespace, or `default`.
@@ -276,7 +268,7 @@ impl Inner {
     pub(crate) fn computed(&self, site: Option<&Site>, took: Duration) {
         if let (true, Some(site)) = (meters::TIMED, site) {
             site.meters()
-                .compute_time(took, || site.name(), self.owner(), self.cache_label());
+                .compute_time(took, || site.name(), self.cache_label());
         }
     }
 
@@ -289,7 +281,11 @@ impl Inner {
         found
     }
 
-    pub(crate) fn decode<T: DeserializeOwned>(&self, bytes: Bytes) -> Lookup<T> {
+    pub(crate) fn decode<T: DeserializeOwned>(
+        &self,
+        bytes: Bytes,
+        site: Option<&Site>,
+    ) -> Lookup<T> {
         if bytes.len() > self.settings.max_value_bytes {
             self.count(None, Event::oversized);
             return Lookup::Miss(Seen::Oversized);
@@ -302,7 +298,7 @@ impl Inner {
             }),
             Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
             Err(err) => {
-                self.count(None, Event::decode_errors);
+                self.count(site, Event::decode_errors);
                 tracing::debug!(target: "redis_cached", error = %err, "stored value undecodable; treated as a miss");
                 Lookup::Miss(Seen::Bytes(bytes))
             }
@@ -322,10 +318,16 @@ impl Inner {
     }
 
     /// Stores `entry` at `key`, replacing what is there.
-    pub(crate) async fn store(&self, key: &str, entry: Arc<[u8]>, ttl: Duration) -> Result<()> {
+    pub(crate) async fn store(
+        &self,
+        key: &str,
+        entry: Arc<[u8]>,
+        ttl: Duration,
+        site: Option<&Site>,
+    ) -> Result<()> {
         self.check_size(&entry)?;
         self.guarded(self.backend.set(key, entry, ttl)).await?;
-        self.count(None, Event::writes);
+        self.count(site, Event::writes);
         Ok(())
     }
 
@@ -517,7 +519,7 @@ impl Inner {
             Stored::Value(value) => match codec.encode(value, timing) {
                 Ok(entry) => entry,
                 Err(err) => {
-                    self.count(None, Event::encode_errors);
+                    self.count(policy.site, Event::encode_errors);
                     tracing::warn!(target: "redis_cached", error = %err, "value not cached: it cannot be serialized");
                     return None;
                 }

@@ -80,7 +80,7 @@ impl Inner {
         bytes: Bytes,
         policy: &Policy,
     ) -> Result<(R, Option<(Due, Bytes)>), Seen> {
-        let hit = match self.decode::<S::Value>(bytes) {
+        let hit = match self.decode::<S::Value>(bytes, policy.site) {
             Lookup::Hit(hit) => hit,
             Lookup::Miss(seen) => return Err(seen),
         };

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{Acquire, Bytes, Landing, RedisBackend, Release, Seen};
 use crate::core::{Encoded, Inner, StoreOutcome};
 use crate::error::Error;
-use crate::meters::NO_FUNCTION;
+use crate::meters::{self, NO_FUNCTION};
 use crate::policy::LockPolicy;
 use crate::site::Site;
 use crate::stats::Event;
@@ -256,7 +256,12 @@ impl<'a> LockGuard<'a> {
         site: Option<&'static Site>,
     ) -> Self {
         let (counters, meters) = (Arc::clone(&inner.counters), Arc::clone(&inner.meters));
-        let (owner, cache) = (inner.owner(), inner.cache_label().to_owned());
+        // The label is only made when metrics are exported.
+        let cache = if meters::TIMED {
+            inner.cache_label().to_owned()
+        } else {
+            String::new()
+        };
         let watchdog = redis.spawn_watchdog(
             &lock,
             token,
@@ -264,7 +269,7 @@ impl<'a> LockGuard<'a> {
             inner.settings.op_timeout,
             move || {
                 counters.add(Event::lock_extends);
-                meters.count(Event::lock_extends, || NO_FUNCTION, owner, &cache);
+                meters.count(Event::lock_extends, || NO_FUNCTION, &cache);
             },
         );
         LockGuard {

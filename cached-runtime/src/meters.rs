@@ -2,12 +2,11 @@
 //! to whatever recorder the program installs (Prometheus, OpenTelemetry
 //! bridges, …). Without the feature every method here is empty.
 //!
-//! Handles are registered once per cache and once per cached function, on
-//! their first event, and then used without any lookup; so a recorder must
-//! be installed before the first cached call (as every recorder's
-//! documentation asks). A function is labelled with the namespace of the
-//! cache it first counted on; its events on another cache are registered
-//! per event (rare: one function, two caches).
+//! Handles are registered once per cache and once per cached function and
+//! cache, on their first event, and then found without any lookup (for the
+//! first cache a function counts on) or under a read lock (for others); so
+//! a recorder must be installed before the first cached call (as every
+//! recorder's documentation asks).
 
 use crate::stats::Event;
 
@@ -29,12 +28,12 @@ pub(crate) const NO_FUNCTION: &str = "";
 
 #[cfg(feature = "metrics")]
 mod on {
-    use std::sync::OnceLock;
+    use std::sync::{OnceLock, PoisonError, RwLock};
     use std::time::Duration;
 
     use metrics::{Counter, Gauge, Histogram, Label};
 
-    use super::metric_of;
+    use super::{metric_of, NO_FUNCTION};
     use crate::stats::Event;
 
     /// The labels of a series of `function` on `cache`.
@@ -49,16 +48,11 @@ mod on {
         labels
     }
 
-    fn counter(event: Event, function: &str, cache: &str) -> Counter {
-        let (name, kind) = metric_of(event);
-        metrics::counter!(name, labels(function, cache, kind))
-    }
-
-    /// One cache's or function's handles.
+    /// One cache's handles (`fn=""`: every event, Redis times, the
+    /// breaker) or one function's on one cache (its own events and compute
+    /// time); the others are no-ops, so that no series is exported that
+    /// never moves.
     struct Handles {
-        /// The cache (its core's address) they were registered for.
-        owner: usize,
-        /// Its label.
         cache: String,
         counters: Vec<Counter>,
         compute: Histogram,
@@ -67,29 +61,51 @@ mod on {
     }
 
     impl Handles {
-        fn register(function: &str, owner: usize, cache: &str) -> Handles {
+        fn register(function: &str, cache: &str) -> Handles {
+            let whole_cache = function == NO_FUNCTION;
             let only_cache = || vec![Label::new("cache", cache.to_owned())];
             Handles {
-                owner,
                 cache: cache.to_owned(),
                 counters: Event::ALL
                     .iter()
-                    .map(|event| counter(*event, function, cache))
+                    .map(|event| {
+                        if whole_cache || event.per_function() {
+                            let (name, kind) = metric_of(*event);
+                            metrics::counter!(name, labels(function, cache, kind))
+                        } else {
+                            Counter::noop()
+                        }
+                    })
                     .collect(),
-                compute: metrics::histogram!(
-                    "redis_cached_compute_seconds",
-                    labels(function, cache, None)
-                ),
-                redis: metrics::histogram!("redis_cached_redis_operation_seconds", only_cache()),
-                breaker: metrics::gauge!("redis_cached_breaker_open", only_cache()),
+                compute: if whole_cache {
+                    Histogram::noop()
+                } else {
+                    metrics::histogram!(
+                        "redis_cached_compute_seconds",
+                        labels(function, cache, None)
+                    )
+                },
+                redis: if whole_cache {
+                    metrics::histogram!("redis_cached_redis_operation_seconds", only_cache())
+                } else {
+                    Histogram::noop()
+                },
+                breaker: if whole_cache {
+                    metrics::gauge!("redis_cached_breaker_open", only_cache())
+                } else {
+                    Gauge::noop()
+                },
             }
         }
     }
 
-    /// The handles of one cache (`fn=""`) or one cached function.
+    /// The handles of one cache (`fn=""`) or one cached function: those of
+    /// the first cache it counts on, found without a lock, and those of any
+    /// other, under a read lock.
     #[derive(Default)]
     pub(crate) struct Meters {
-        handles: OnceLock<Handles>,
+        first: OnceLock<Handles>,
+        others: RwLock<Vec<Handles>>,
     }
 
     impl std::fmt::Debug for Meters {
@@ -101,66 +117,67 @@ mod on {
     impl Meters {
         pub(crate) const fn new() -> Meters {
             Meters {
-                handles: OnceLock::new(),
+                first: OnceLock::new(),
+                others: RwLock::new(Vec::new()),
             }
         }
 
-        /// The handles for the function `function()` names, on the cache
-        /// whose core is at `owner`, labelled `cache`: registered on first
-        /// use (the name is only made then); `None` when they were
-        /// registered for another cache.
-        fn handles<'a>(
+        /// Runs `use_them` with the handles for the function `function()`
+        /// names on `cache`, registered on first use (the name is only made
+        /// then).
+        fn with<'a>(
             &self,
-            function: impl FnOnce() -> &'a str,
-            owner: usize,
-            cache: &str,
-        ) -> Option<&Handles> {
-            let handles = self
-                .handles
-                .get_or_init(|| Handles::register(function(), owner, cache));
-            (handles.owner == owner || handles.cache == cache).then_some(handles)
-        }
-
-        pub(crate) fn count<'a>(
-            &self,
-            event: Event,
             function: impl Fn() -> &'a str,
-            owner: usize,
             cache: &str,
+            use_them: impl FnOnce(&Handles),
         ) {
-            match self.handles(&function, owner, cache) {
-                Some(handles) => handles.counters[event as usize].increment(1),
-                None => counter(event, function(), cache).increment(1),
+            let first = self
+                .first
+                .get_or_init(|| Handles::register(function(), cache));
+            if first.cache == cache {
+                return use_them(first);
             }
+            let others = self.others.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(handles) = others.iter().find(|h| h.cache == cache) {
+                return use_them(handles);
+            }
+            drop(others);
+            let mut others = self.others.write().unwrap_or_else(PoisonError::into_inner);
+            if !others.iter().any(|h| h.cache == cache) {
+                others.push(Handles::register(function(), cache));
+            }
+            if let Some(handles) = others.iter().find(|h| h.cache == cache) {
+                use_them(handles);
+            }
+        }
+
+        pub(crate) fn count<'a>(&self, event: Event, function: impl Fn() -> &'a str, cache: &str) {
+            self.with(function, cache, |h| h.counters[event as usize].increment(1));
         }
 
         pub(crate) fn compute_time<'a>(
             &self,
             took: Duration,
             function: impl Fn() -> &'a str,
-            owner: usize,
             cache: &str,
         ) {
-            match self.handles(&function, owner, cache) {
-                Some(handles) => handles.compute.record(took.as_secs_f64()),
-                None => metrics::histogram!(
-                    "redis_cached_compute_seconds",
-                    labels(function(), cache, None)
-                )
-                .record(took.as_secs_f64()),
-            }
+            self.with(function, cache, |h| h.compute.record(took.as_secs_f64()));
         }
 
-        pub(crate) fn redis_time(&self, took: Duration, owner: usize, cache: &str) {
-            if let Some(handles) = self.handles(|| super::NO_FUNCTION, owner, cache) {
-                handles.redis.record(took.as_secs_f64());
-            }
+        pub(crate) fn redis_time(&self, took: Duration, cache: &str) {
+            self.with(
+                || NO_FUNCTION,
+                cache,
+                |h| h.redis.record(took.as_secs_f64()),
+            );
         }
 
-        pub(crate) fn breaker(&self, open: bool, owner: usize, cache: &str) {
-            if let Some(handles) = self.handles(|| super::NO_FUNCTION, owner, cache) {
-                handles.breaker.set(if open { 1.0 } else { 0.0 });
-            }
+        pub(crate) fn breaker(&self, open: bool, cache: &str) {
+            self.with(
+                || NO_FUNCTION,
+                cache,
+                |h| h.breaker.set(if open { 1.0 } else { 0.0 }),
+            );
         }
     }
 }
@@ -180,23 +197,22 @@ impl Meters {
     }
 
     #[inline(always)]
-    pub(crate) fn count<'a>(&self, _: Event, _: impl Fn() -> &'a str, _: usize, _: &str) {}
+    pub(crate) fn count<'a>(&self, _: Event, _: impl Fn() -> &'a str, _: &str) {}
 
     #[inline(always)]
     pub(crate) fn compute_time<'a>(
         &self,
         _: std::time::Duration,
         _: impl Fn() -> &'a str,
-        _: usize,
         _: &str,
     ) {
     }
 
     #[inline(always)]
-    pub(crate) fn redis_time(&self, _: std::time::Duration, _: usize, _: &str) {}
+    pub(crate) fn redis_time(&self, _: std::time::Duration, _: &str) {}
 
     #[inline(always)]
-    pub(crate) fn breaker(&self, _: bool, _: usize, _: &str) {}
+    pub(crate) fn breaker(&self, _: bool, _: &str) {}
 }
 
 /// Whether Redis operations are timed (only when exported).

@@ -239,7 +239,7 @@ where
         inner.tag(&key, tags, ttl).await.is_ok()
     };
     let written = match encoded.filter(|_| tagged) {
-        Some((entry, Some(ttl))) => inner.store(&key, entry, ttl).await,
+        Some((entry, Some(ttl))) => inner.store(&key, entry, ttl, policy.site).await,
         _ => Err(crate::Error::Config("not storable".into())),
     };
     if written.is_err() {

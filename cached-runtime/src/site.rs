@@ -1,6 +1,8 @@
 //! A cached function's own counters and metrics: a `static` the attribute
 //! writes in each function's body.
 
+use std::sync::OnceLock;
+
 use crate::meters::Meters;
 use crate::stats::Counters;
 
@@ -13,7 +15,9 @@ pub struct Site {
     /// The type name of a closure in the site's `static`:
     /// `<path>::<function>::<static>::{{closure}}::{{closure}}`.
     namer: fn() -> &'static str,
-    counters: Counters,
+    /// On the heap, made on first use: the striped counters take a dozen
+    /// KiB, which would otherwise sit in the binary once per function.
+    counters: OnceLock<Box<Counters>>,
     meters: Meters,
 }
 
@@ -24,7 +28,7 @@ impl Site {
     pub const fn new(namer: fn() -> &'static str) -> Site {
         Site {
             namer,
-            counters: Counters::new(),
+            counters: OnceLock::new(),
             meters: Meters::new(),
         }
     }
@@ -41,7 +45,7 @@ impl Site {
     }
 
     pub(crate) fn counters(&self) -> &Counters {
-        &self.counters
+        self.counters.get_or_init(Box::default)
     }
 
     pub(crate) fn meters(&self) -> &Meters {

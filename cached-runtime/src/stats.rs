@@ -18,10 +18,6 @@ struct Stripe(AtomicU64);
 pub(crate) struct Striped([Stripe; STRIPES]);
 
 impl Striped {
-    const fn new() -> Striped {
-        Striped([const { Stripe(AtomicU64::new(0)) }; STRIPES])
-    }
-
     fn sum(&self) -> u64 {
         self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
     }
@@ -55,6 +51,23 @@ macro_rules! counters {
             /// index).
             pub(crate) const ALL: &'static [Event] = &[$( Event::$name, )*];
 
+            /// Whether a cached function counts it (the others are the
+            /// cache's as a whole: Redis errors, the breaker, …).
+            pub(crate) fn per_function(self) -> bool {
+                !matches!(
+                    self,
+                    Event::lock_extends
+                        | Event::invalidations
+                        | Event::errors
+                        | Event::refused
+                        | Event::rejected
+                        | Event::timeouts
+                        | Event::breaker_skips
+                        | Event::breaker_opens
+                        | Event::oversized
+                )
+            }
+
             /// Its exported counter's name: `redis_cached_<name>_total`.
             pub(crate) fn metric_name(self) -> &'static str {
                 match self {
@@ -64,10 +77,6 @@ macro_rules! counters {
         }
 
         impl Counters {
-            pub(crate) const fn new() -> Counters {
-                Counters { $( $name: Striped::new(), )* }
-            }
-
             pub(crate) fn snapshot(&self) -> Stats {
                 Stats { $( $name: self.$name.sum(), )* }
             }
