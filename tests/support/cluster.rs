@@ -28,10 +28,8 @@ impl RedisCluster {
     }
 
     fn launch(shared: bool) -> Self {
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
-        let nodes: Vec<RedisServer> = ports
-            .iter()
-            .map(|&port| {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
                 let args = [
                     "--cluster-enabled",
                     "yes",
@@ -47,12 +45,13 @@ impl RedisCluster {
                     "0",
                 ];
                 if shared {
-                    RedisServer::start_shared_on(port, &args)
+                    RedisServer::start_shared(&args)
                 } else {
-                    RedisServer::start_on(port, &args)
+                    RedisServer::start_with(&args)
                 }
             })
             .collect();
+        let ports: Vec<u16> = nodes.iter().map(RedisServer::port).collect();
         let mut create = Command::new("redis-cli");
         create.args(["--cluster", "create"]);
         for port in &ports {
@@ -228,25 +227,22 @@ impl SentinelSetup {
     }
 
     fn launch(shared: bool) -> Self {
-        let start = |port, args: &[&str]| {
+        let start = |args: &[&str]| {
             if shared {
-                RedisServer::start_shared_on(port, args)
+                RedisServer::start_shared(args)
             } else {
-                RedisServer::start_on(port, args)
+                RedisServer::start_with(args)
             }
         };
-        let master = start(free_port(), &["--repl-diskless-sync-delay", "0"]);
+        let master = start(&["--repl-diskless-sync-delay", "0"]);
         let master_port = master.port().to_string();
-        let replica = start(
-            free_port(),
-            &[
-                "--replicaof",
-                "127.0.0.1",
-                &master_port,
-                "--repl-diskless-sync-delay",
-                "0",
-            ],
-        );
+        let replica = start(&[
+            "--replicaof",
+            "127.0.0.1",
+            &master_port,
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
         let sentinels = (0..3)
             .map(|_| Sentinel::start(master.port(), shared))
             .collect();

@@ -42,7 +42,25 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (`--maxmemory`, …).
     pub fn start_with(extra: &[&str]) -> Self {
-        Self::start_on(free_port(), extra)
+        Self::anywhere(extra, false)
+    }
+
+    /// [`RedisServer::start_with`] for a server shared by the tests of a
+    /// process (see [`RedisServer::start_shared_on`]).
+    pub fn start_shared(extra: &[&str]) -> Self {
+        Self::anywhere(extra, true)
+    }
+
+    /// Starts a server on a free port, trying another one if it does not
+    /// come up (another process took the port between the check and the
+    /// bind).
+    fn anywhere(extra: &[&str], outlives_nothing: bool) -> Self {
+        for _ in 0..5 {
+            if let Some(server) = Self::try_launch(free_port(), extra, outlives_nothing) {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     /// Starts a server on `port`.
@@ -58,6 +76,11 @@ impl RedisServer {
     }
 
     fn launch(port: u16, extra: &[&str], outlives_nothing: bool) -> Self {
+        Self::try_launch(port, extra, outlives_nothing)
+            .unwrap_or_else(|| panic!("redis-server on port {port} did not start"))
+    }
+
+    fn try_launch(port: u16, extra: &[&str], outlives_nothing: bool) -> Option<Self> {
         let dir = std::env::temp_dir().join(format!("redis-cached-test-{port}"));
         // A server that had this port before may have left files (a
         // cluster node's `nodes.conf`) that this one must not load.
@@ -71,11 +94,11 @@ impl RedisServer {
             tls: false,
             outlives_nothing,
         };
-        server.spawn();
-        server
+        // On failure, dropping it kills what was started.
+        server.try_spawn().then_some(server)
     }
 
-    fn spawn(&mut self) {
+    fn try_spawn(&mut self) -> bool {
         // A TLS server gets its ports from `extra`.
         let port_flag: Vec<String> = if self.tls {
             Vec::new()
@@ -111,18 +134,33 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&self) {
+    fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server on port {} did not start",
+            self.port
+        );
+    }
+
+    /// Whether the server answers PING within 10 s (`false` at once if it
+    /// exited: its port was taken).
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.ping() {
-                return;
+                return true;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return false;
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not start", self.port);
+        false
     }
 
     /// A server that speaks only TLS, with a certificate for 127.0.0.1
