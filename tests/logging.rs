@@ -195,3 +195,46 @@ fn each_call_has_a_span_with_its_outcome() {
         "{logs}"
     );
 }
+
+/// A value over `max_value_bytes` is not cached, and says so once at
+/// `warn`, naming the usual cause (bytes serialized as a list of numbers).
+#[test]
+fn a_value_too_large_to_cache_is_reported_once() {
+    #[redis_cached(key = "blob:<id>", cache = cache)]
+    async fn blob(cache: &Cache, id: u8) -> Vec<u8> {
+        vec![id; 4_000]
+    }
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cache = Cache::builder("memory://")
+        .max_value_bytes(8_000)
+        .build()
+        .expect("valid");
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            for _ in 0..3 {
+                assert_eq!(blob(&cache, 200).await.len(), 4_000);
+            }
+        });
+    });
+    let stats = cache.stats();
+    // 4,000 bytes are some 16,000 as JSON: never stored, computed each time.
+    assert_eq!(
+        (stats.computes, stats.writes, stats.oversized),
+        (3, 0, 3),
+        "{stats}"
+    );
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(warnings[0].contains("serde_bytes"), "{logs}");
+}

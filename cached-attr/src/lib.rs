@@ -27,8 +27,10 @@ use errors::Errors;
 /// async fn get_user(&self, id: u64) -> Result<Option<User>, DbError> { … }
 /// ```
 ///
-/// Arguments (all optional; the crate documentation's "The attribute"
-/// section has the full table, with defaults and examples):
+/// Arguments, all optional. The full reference, with every default and
+/// example, is in one place: the `redis-cached` crate's documentation,
+/// section [The attribute](https://docs.rs/redis-cached/latest/redis_cached/#the-attribute)
+/// (the same text as its README). In short:
 ///
 /// - `key = "user:<id>"`: the key template; `<param>`, `<param.field>`,
 ///   `<self.field>` placeholders, `<ids[]>` for each element of a batch.

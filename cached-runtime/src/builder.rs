@@ -428,6 +428,7 @@ impl CacheBuilder {
             breaker: Breaker::new(self.breaker),
             counters: Arc::new(Counters::default()),
             meters: Arc::new(crate::meters::Meters::new()),
+            oversized_warned: std::sync::atomic::AtomicBool::new(false),
             flights: Flights::default(),
             refreshing: Claims::default(),
             recent: Default::default(),

@@ -7,6 +7,7 @@
 //! so that little code is compiled once per cached function.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,8 @@ pub(crate) struct Inner {
     pub(crate) refreshing: crate::claims::Claims,
     /// The keys this process invalidated lately (for lock waiters).
     pub(crate) recent: crate::recent::Recent,
+    /// Whether a value over `max_value_bytes` was reported at `warn`.
+    pub(crate) oversized_warned: AtomicBool,
     /// The cache's exported metrics (feature `metrics`).
     pub(crate) meters: Arc<Meters>,
 }
@@ -309,6 +312,18 @@ impl Inner {
         let max = self.settings.max_value_bytes;
         if entry.len() > max {
             self.count(None, Event::oversized);
+            // Once per cache at `warn` (a value that never fits would
+            // otherwise go uncached unseen), then at `debug`.
+            let bytes = entry.len();
+            if !self.oversized_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(target: "redis_cached", bytes, max,
+                    "a value is not cached: it is over max_value_bytes (counted in stats().oversized); \
+                     serde writes a Vec<u8> as a list of numbers, up to 4 bytes per byte: \
+                     store bytes with serde_bytes, or use Codec::Postcard"
+                );
+            } else {
+                tracing::debug!(target: "redis_cached", bytes, max, "a value over max_value_bytes is not cached");
+            }
             return Err(Error::Config(format!(
                 "value of {} bytes is over max_value_bytes ({max})",
                 entry.len()
