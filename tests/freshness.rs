@@ -210,3 +210,55 @@ async fn stale_with_lock_refreshes_once_across_caches(env: &Env) {
     let stale_serves: u64 = procs.iter().map(|p| p.cache.stats().stale_serves).sum();
     assert_eq!(stale_serves, 3);
 }
+
+/// `stale` with `&self` and a `&str` argument: the refresh runs on clones,
+/// made only when the body runs (a hit clones nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_function_may_borrow_self_and_its_arguments() {
+    struct Catalog {
+        cache: Cache,
+        price: Arc<std::sync::atomic::AtomicU64>,
+        clones: Arc<std::sync::atomic::AtomicU32>,
+    }
+    impl Clone for Catalog {
+        fn clone(&self) -> Self {
+            self.clones
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Catalog {
+                cache: self.cache.clone(),
+                price: Arc::clone(&self.price),
+                clones: Arc::clone(&self.clones),
+            }
+        }
+    }
+    impl Catalog {
+        #[redis_cached(key = "price:<sku>", ttl = 1, stale = "1m", cache = self.cache)]
+        async fn price(&self, sku: &str) -> u64 {
+            let sku: &str = sku; // the parameter keeps its type
+            self.price.load(std::sync::atomic::Ordering::SeqCst) + sku.len() as u64
+        }
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let catalog = Catalog {
+        cache: Cache::in_memory(),
+        price: Arc::default(),
+        clones: Arc::default(),
+    };
+    catalog.price.store(10, SeqCst);
+    assert_eq!(catalog.price("abc").await, 13, "a miss");
+    assert_eq!(catalog.price("abc").await, 13, "a hit");
+    assert_eq!(catalog.clones.load(SeqCst), 1, "the hit cloned nothing");
+    catalog.price.store(20, SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        catalog.price("abc").await,
+        13,
+        "served stale while refreshed"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while catalog.price("abc").await != 23 {
+        assert!(std::time::Instant::now() < deadline, "not refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(catalog.clones.load(SeqCst), 2, "one clone for the refresh");
+}

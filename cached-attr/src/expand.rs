@@ -12,7 +12,7 @@
 //! ```
 
 use proc_macro2::{Ident, Span, TokenStream};
-use quote::{quote, quote_spanned};
+use quote::{quote, quote_spanned, ToTokens};
 
 use crate::args::Kind;
 use crate::model::{Batch, Collection, KeyPart, Model, TypeName};
@@ -51,6 +51,8 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
                 Kind::Cached => "cached",
                 _ => "put",
             };
+            // A refreshing call takes a maker and its future.
+            let infer = vec![quote!(_); if entry == "cached_refreshing" { 2 } else { 1 }];
             let entry = Ident::new(entry, model.ret_span);
             let policy = policy(model);
             let tags_arg = quote!(&#tags,);
@@ -58,7 +60,7 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             // value is reported there, and only there.
             let private = respan(private.clone(), model.ret_span);
             quote_spanned!(model.ret_span=>
-                #private::#entry::<#private::#shape, #ret, _>(#cache.get(), #key, #tags_arg #policy, #body).await
+                #private::#entry::<#private::#shape, #ret, #(#infer),*>(#cache.get(), #key, #tags_arg #policy, #body).await
             )
         }
         Kind::Evict => {
@@ -82,6 +84,18 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
         Kind::Evict => TokenStream::new(),
         _ => site_static(&private),
     };
+    let refreshing =
+        model.kind == Kind::Cached && (model.stale_ms.is_some() || model.early.is_some());
+    let body_binding = if refreshing {
+        refresh_maker(model, &body, &ret_local)
+    } else {
+        quote! {
+            let #body = async move {
+                let #ret_local: #ret = #block;
+                #ret_local
+            };
+        }
+    };
     quote! {
         #(#attrs)*
         #vis #sig {
@@ -91,13 +105,102 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             #ttl_binding
             let #key = #key_expr;
             let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
-            let #body = async move {
-                let #ret_local: #ret = #block;
-                #ret_local
-            };
+            #body_binding
             #call
         }
     }
+}
+
+/// The body of a `stale`/`early` function, as a maker of its future: the
+/// future must be `'static` (it may run as a background refresh), so the
+/// maker clones what the function borrows, `&self` (`Self: Clone`) and
+/// each `name: &T` (to `T::Owned`), and the body sees them under the same
+/// names and types. Made only when the body runs: a hit that needs no
+/// refresh clones nothing.
+///
+/// ```text
+/// let __body = move || {
+///     let __this = Clone::clone(self);
+///     let __owned_name = ToOwned::to_owned(name);
+///     async move {
+///         let __self: &Self = &__this;
+///         let name: &T = Borrow::borrow(&__owned_name);
+///         let __ret: R = <body, `self` read as `__self`>;
+///         __ret
+///     }
+/// };
+/// ```
+fn refresh_maker(model: &Model, body: &Ident, ret_local: &Ident) -> TokenStream {
+    let ret = &model.ret;
+    let (this, alias) = (local("__this"), local("__self"));
+    let mut clones = Vec::new();
+    let mut rebinds = Vec::new();
+    let mut rewrite_self = false;
+    for input in &model.func.sig.inputs {
+        match input {
+            syn::FnArg::Receiver(recv) if crate::model::refresh_clones_receiver(recv) => {
+                rewrite_self = true;
+                let span = recv.self_token.span;
+                clones.push(quote_spanned!(span=> let #this = ::core::clone::Clone::clone(self);));
+                rebinds.push(quote!(let #alias = &#this;));
+            }
+            syn::FnArg::Typed(typed) => {
+                if let Some((name, elem)) = crate::model::refresh_owned_param(typed) {
+                    let owned = local(&format!("__owned_{name}"));
+                    let span = syn::spanned::Spanned::span(&typed.ty);
+                    clones.push(quote_spanned!(span=> let #owned = ::std::borrow::ToOwned::to_owned(#name);));
+                    rebinds
+                        .push(quote!(let #name: &#elem = ::core::borrow::Borrow::borrow(&#owned);));
+                }
+            }
+            _ => {}
+        }
+    }
+    let block = model.func.body.to_token_stream();
+    let block = if rewrite_self {
+        replace_self(block, &alias)
+    } else {
+        block
+    };
+    quote! {
+        let #body = move || {
+            #(#clones)*
+            async move {
+                #(#rebinds)*
+                let #ret_local: #ret = #block;
+                #ret_local
+            }
+        };
+    }
+}
+
+/// `tokens` with each `self` (not `self::…`, a module path) read as `alias`.
+fn replace_self(tokens: TokenStream, alias: &Ident) -> TokenStream {
+    use proc_macro2::TokenTree;
+    let mut out = Vec::new();
+    let mut tokens = tokens.into_iter().peekable();
+    while let Some(token) = tokens.next() {
+        out.push(match token {
+            TokenTree::Ident(ident) if ident == "self" => {
+                let path = matches!(tokens.peek(), Some(TokenTree::Punct(p)) if p.as_char() == ':');
+                if path {
+                    TokenTree::Ident(ident)
+                } else {
+                    let mut alias = alias.clone();
+                    alias.set_span(alias.span().located_at(ident.span()));
+                    TokenTree::Ident(alias)
+                }
+            }
+            TokenTree::Group(group) => {
+                let mut replaced =
+                    proc_macro2::Group::new(group.delimiter(), replace_self(group.stream(), alias));
+                replaced.set_span(group.span());
+                TokenTree::Group(replaced)
+            }
+            other => other,
+        });
+    }
+    out.into_iter().collect()
 }
 
 /// The function's own counters: a `static` in its body, named (at run

@@ -601,8 +601,10 @@ fn place_root(expr: &syn::Expr) -> Option<String> {
 }
 
 /// With `stale` or `early` the body may run as a background refresh after
-/// the call returned, so it cannot borrow: catch the usual borrows here,
-/// with a message that says what to do, before rustc reports a lifetime.
+/// the call returned, so what it borrows is cloned when it runs: `&self`
+/// (for `Self: Clone`) and `name: &T` (to `T::Owned`, through `ToOwned`).
+/// What cannot be cloned so is caught here, with a message that says what
+/// to do, before rustc reports a lifetime.
 fn check_refresh_ownership(args: &Args, func: &Func, errors: &mut Errors) {
     let Some(span) = args.stale.map(|s| s.span).or(args.early.map(|e| e.span)) else {
         return;
@@ -612,11 +614,23 @@ fn check_refresh_ownership(args: &Args, func: &Func, errors: &mut Errors) {
         .inputs
         .iter()
         .filter_map(|input| match input {
-            FnArg::Receiver(recv) if recv.reference.is_some() => Some("`self`".to_owned()),
-            FnArg::Typed(typed) if matches!(*typed.ty, Type::Reference(_)) => Some(format!(
-                "`{}`",
-                quote::ToTokens::to_token_stream(&typed.pat)
-            )),
+            FnArg::Receiver(recv) if !refresh_clones_receiver(recv) && recv.reference.is_some() => {
+                Some("`self`".to_owned())
+            }
+            FnArg::Receiver(recv)
+                if recv.colon_token.is_some() && matches!(*recv.ty, Type::Reference(_)) =>
+            {
+                Some("`self`".to_owned())
+            }
+            FnArg::Typed(typed)
+                if matches!(*typed.ty, Type::Reference(_))
+                    && refresh_owned_param(typed).is_none() =>
+            {
+                Some(format!(
+                    "`{}`",
+                    quote::ToTokens::to_token_stream(&typed.pat)
+                ))
+            }
             _ => None,
         })
         .collect();
@@ -624,11 +638,29 @@ fn check_refresh_ownership(args: &Args, func: &Func, errors: &mut Errors) {
         errors.push(syn::Error::new(
             span,
             format!(
-                "`stale` and `early` refresh in the background, after the call has returned, so the function cannot borrow its arguments: {} {} borrowed; take `self: Arc<Self>` and owned values instead",
+                "`stale` and `early` refresh in the background, after the call has returned, so the function cannot borrow its arguments mutably or through a pattern: {} {} borrowed; take `&self` (with `Self: Clone`) or `self: Arc<Self>`, and `name: &T` or owned values instead",
                 borrowed.join(", "),
                 if borrowed.len() == 1 { "is" } else { "are" }
             ),
         ));
+    }
+}
+
+/// Whether a refresh clones this receiver: `&self`.
+pub(crate) fn refresh_clones_receiver(recv: &syn::Receiver) -> bool {
+    recv.reference.is_some() && recv.mutability.is_none() && recv.colon_token.is_none()
+}
+
+/// The name and borrowed type of a parameter `name: &T` that a refresh
+/// clones to `T::Owned`.
+pub(crate) fn refresh_owned_param(typed: &syn::PatType) -> Option<(&Ident, &Type)> {
+    match (&*typed.pat, &*typed.ty) {
+        (Pat::Ident(pat), Type::Reference(reference))
+            if reference.mutability.is_none() && pat.by_ref.is_none() && pat.subpat.is_none() =>
+        {
+            Some((&pat.ident, &reference.elem))
+        }
+        _ => None,
     }
 }
 

@@ -66,17 +66,19 @@ impl<Fut: Future> Body<Fut::Output> for InPlace<Fut> {
 }
 
 /// A body that a hit may detach to refresh the value in the background
-/// (`stale`, `early`): boxed when it first runs, or when it is detached.
-/// `S` is the shape of its result.
-pub(crate) struct Detachable<S, Fut> {
-    unstarted: Option<Fut>,
+/// (`stale`, `early`): made by its maker (which clones what it borrows)
+/// and boxed when it first runs, or when it is detached. `S` is the shape
+/// of its result.
+pub(crate) struct Detachable<S, F, Fut> {
+    unstarted: Option<F>,
     running: Option<Pin<Box<Fut>>>,
     shape: PhantomData<fn() -> S>,
 }
 
-impl<S, Fut> Body<Fut::Output> for Detachable<S, Fut>
+impl<S, F, Fut> Body<Fut::Output> for Detachable<S, F, Fut>
 where
     S: Shape<Fut::Output> + 'static,
+    F: FnOnce() -> Fut,
     Fut: Future + Send + 'static,
     Fut::Output: 'static,
 {
@@ -86,17 +88,15 @@ where
         let running = match &mut this.running {
             Some(running) => running,
             None => {
-                let body = this.unstarted.take().expect("a call's body, once");
-                this.running.insert(Box::pin(body))
+                let make = this.unstarted.take().expect("a call's body, once");
+                this.running.insert(Box::pin(make()))
             }
         };
         running.as_mut().poll(cx)
     }
 
     fn refresh(self: Pin<&mut Self>, refresh: Refresh<'_>) {
-        let Some(body) = Pin::into_inner(self).unstarted.take() else {
-            return;
-        };
+        let unstarted = &mut Pin::into_inner(self).unstarted;
         let Refresh {
             inner,
             due,
@@ -105,14 +105,19 @@ where
             policy,
             raw,
         } = refresh;
-        // Boxed: the refresh is compiled once per result type, not once
-        // per function.
-        let body: Detached<Fut::Output> = Box::pin(body);
-        inner.start_refresh::<S, Fut::Output>(due, key, tags, policy, raw, body);
+        // Made (and what it borrows cloned) only if the refresh starts;
+        // boxed, so that the refresh is compiled once per result type, not
+        // once per function.
+        let mut make = || {
+            let make = unstarted.take()?;
+            let body: Detached<Fut::Output> = Box::pin(make());
+            Some(body)
+        };
+        inner.start_refresh::<S, Fut::Output>(due, key, tags, policy, raw, &mut make);
     }
 }
 
-impl<S, Fut> Unpin for Detachable<S, Fut> {}
+impl<S, F, Fut> Unpin for Detachable<S, F, Fut> {}
 
 pin_project! {
     /// One call of a cached function: its body, and the rest.
@@ -214,23 +219,24 @@ where
 /// The call of a `stale` or `early` function: a hit that is due detaches
 /// the body to refresh the value. The key is always read first (also with
 /// `lock = true`): a stale hit is served at once.
-pub(crate) fn cached_refreshing<'a, S, R, Fut>(
+pub(crate) fn cached_refreshing<'a, S, R, F, Fut>(
     inner: Option<&'a Arc<Inner>>,
     unset: fn(),
     key: String,
     tags: &'a [String],
     policy: Policy,
-    body: Fut,
-) -> Cached<'a, S, R, impl Future<Output = Read> + 'a, Detachable<S, Fut>>
+    make: F,
+) -> Cached<'a, S, R, impl Future<Output = Read> + 'a, Detachable<S, F, Fut>>
 where
     S: Shape<R> + 'static,
     R: 'static,
+    F: FnOnce() -> Fut,
     Fut: Future<Output = R> + Send + 'static,
 {
     Cached {
         state: start(inner, unset, key, tags, policy, |_, _| true),
         body: Detachable {
-            unstarted: Some(body),
+            unstarted: Some(make),
             running: None,
             shape: PhantomData,
         },

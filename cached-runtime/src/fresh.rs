@@ -96,7 +96,9 @@ impl Inner {
         Ok((result, due))
     }
 
-    /// Starts the refresh a hit is `due`, counting why.
+    /// Starts the refresh a hit is `due`, counting why; `make` makes the
+    /// body, only once the refresh is sure to start (it clones what the
+    /// function borrows).
     pub(crate) fn start_refresh<S, R>(
         self: &Arc<Self>,
         due: Due,
@@ -104,7 +106,7 @@ impl Inner {
         tags: &[String],
         policy: Policy,
         raw: Bytes,
-        body: Detached<R>,
+        make: &mut dyn FnMut() -> Option<Detached<R>>,
     ) where
         S: Shape<R> + 'static,
         R: 'static,
@@ -112,7 +114,7 @@ impl Inner {
         if due == Due::Stale {
             self.count(policy.site, Event::stale_serves);
         }
-        if self.spawn_refresh::<S, R>(key, tags, policy, raw, body) && due == Due::Early {
+        if self.spawn_refresh::<S, R>(key, tags, policy, raw, make) && due == Due::Early {
             self.count(policy.site, Event::early_refreshes);
         }
     }
@@ -127,7 +129,7 @@ impl Inner {
         tags: &[String],
         policy: Policy,
         seen: Bytes,
-        body: Detached<R>,
+        make: &mut dyn FnMut() -> Option<Detached<R>>,
     ) -> bool
     where
         S: Shape<R> + 'static,
@@ -137,6 +139,9 @@ impl Inner {
             return false;
         };
         let Some(claim) = self.refreshing.claim(key) else {
+            return false;
+        };
+        let Some(body) = make() else {
             return false;
         };
         let inner = Arc::clone(self);

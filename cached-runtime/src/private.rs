@@ -138,21 +138,31 @@ where
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
-/// body may run as a background refresh, so it must be `Send + 'static`.
-pub fn cached_refreshing<'a, S, R, Fut>(
+/// body may run as a background refresh, so `make` makes it `Send +
+/// 'static` (cloning a borrowed `self` and borrowed arguments), only when
+/// it runs: a hit that needs no refresh calls nothing.
+pub fn cached_refreshing<'a, S, R, F, Fut>(
     cache: Option<&'a Cache>,
     key: String,
     tags: &'a [String],
     policy: Policy,
-    body: Fut,
+    make: F,
 ) -> impl Future<Output = R> + 'a
 where
     S: Shape<R> + 'static,
     R: 'static,
+    F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + Send + 'static,
 {
     let inner = cache.map(|cache| &cache.inner);
-    crate::call::cached_refreshing::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
+    crate::call::cached_refreshing::<S, R, F, Fut>(
+        inner,
+        global::warn_unset,
+        key,
+        tags,
+        policy,
+        make,
+    )
 }
 
 /// The body of a batch function (`<ids[]>` in its key): `elements` are the
