@@ -146,11 +146,14 @@ fn refresh_maker(model: &Model, body: &Ident, ret_local: &Ident) -> TokenStream 
             }
             syn::FnArg::Typed(typed) => {
                 if let Some((name, elem)) = crate::model::refresh_owned_param(typed) {
-                    let owned = local(&format!("__owned_{name}"));
+                    let owned = local(&format!("__owned_{}", syn::ext::IdentExt::unraw(name)));
                     let span = syn::spanned::Spanned::span(&typed.ty);
                     clones.push(quote_spanned!(span=> let #owned = ::std::borrow::ToOwned::to_owned(#name);));
-                    rebinds
-                        .push(quote!(let #name: &#elem = ::core::borrow::Borrow::borrow(&#owned);));
+                    // Allowed unused: the key may be all that reads it.
+                    rebinds.push(quote! {
+                        #[allow(unused_variables)]
+                        let #name: &#elem = ::core::borrow::Borrow::borrow(&#owned);
+                    });
                 }
             }
             _ => {}
@@ -174,12 +177,48 @@ fn refresh_maker(model: &Model, body: &Ident, ret_local: &Ident) -> TokenStream 
     }
 }
 
-/// `tokens` with each `self` (not `self::…`, a module path) read as `alias`.
+/// `tokens` with each `self` read as `alias`, but for those that are not
+/// the function's: in a path (`self::…`), a `use` declaration (`use
+/// std::fmt::{self, Write}`), a visibility (`pub(self)`), and anywhere in a
+/// nested item (`fn`, `impl`, `trait`, `mod`), up to its body.
 fn replace_self(tokens: TokenStream, alias: &Ident) -> TokenStream {
     use proc_macro2::TokenTree;
     let mut out = Vec::new();
     let mut tokens = tokens.into_iter().peekable();
     while let Some(token) = tokens.next() {
+        let verbatim_until = match &token {
+            TokenTree::Ident(ident) if ident == "use" => Some(Until::Semicolon),
+            TokenTree::Ident(ident) if ident == "pub" => {
+                // `pub(self)`, `pub(in self::a)`: the group alone.
+                matches!(tokens.peek(), Some(TokenTree::Group(g)) if g.delimiter() == proc_macro2::Delimiter::Parenthesis)
+                    .then_some(Until::Group)
+            }
+            TokenTree::Ident(ident)
+                if ident == "fn" || ident == "impl" || ident == "trait" || ident == "mod" =>
+            {
+                Some(Until::Braces)
+            }
+            _ => None,
+        };
+        if let Some(until) = verbatim_until {
+            out.push(token);
+            for next in tokens.by_ref() {
+                let end = match (&next, until) {
+                    (TokenTree::Punct(p), Until::Semicolon) => p.as_char() == ';',
+                    (TokenTree::Group(_), Until::Group) => true,
+                    (TokenTree::Group(g), Until::Braces) => {
+                        g.delimiter() == proc_macro2::Delimiter::Brace
+                    }
+                    (TokenTree::Punct(p), Until::Braces) => p.as_char() == ';',
+                    _ => false,
+                };
+                out.push(next);
+                if end {
+                    break;
+                }
+            }
+            continue;
+        }
         out.push(match token {
             TokenTree::Ident(ident) if ident == "self" => {
                 let path = matches!(tokens.peek(), Some(TokenTree::Punct(p)) if p.as_char() == ':');
@@ -201,6 +240,14 @@ fn replace_self(tokens: TokenStream, alias: &Ident) -> TokenStream {
         });
     }
     out.into_iter().collect()
+}
+
+/// Where a stretch of tokens copied as they are ends.
+#[derive(Clone, Copy)]
+enum Until {
+    Semicolon,
+    Group,
+    Braces,
 }
 
 /// The function's own counters: a `static` in its body, named (at run

@@ -623,7 +623,7 @@ fn check_refresh_ownership(args: &Args, func: &Func, errors: &mut Errors) {
                 Some("`self`".to_owned())
             }
             FnArg::Typed(typed)
-                if matches!(*typed.ty, Type::Reference(_))
+                if matches!(&*typed.ty, Type::Reference(r) if !is_static(r))
                     && refresh_owned_param(typed).is_none() =>
             {
                 Some(format!(
@@ -638,9 +638,8 @@ fn check_refresh_ownership(args: &Args, func: &Func, errors: &mut Errors) {
         errors.push(syn::Error::new(
             span,
             format!(
-                "`stale` and `early` refresh in the background, after the call has returned, so the function cannot borrow its arguments mutably or through a pattern: {} {} borrowed; take `&self` (with `Self: Clone`) or `self: Arc<Self>`, and `name: &T` or owned values instead",
-                borrowed.join(", "),
-                if borrowed.len() == 1 { "is" } else { "are" }
+                "`stale` and `early` refresh in the background, after the call has returned, so what the function borrows is cloned when its body runs, which {} cannot be (borrowed mutably, through a pattern or `mut`, or as a type holding references, `impl` or `dyn`); take `&self` (with `Self: Clone`) or `self: Arc<Self>`, and `name: &T` (`T: ToOwned`, `'static` once owned) or owned values instead",
+                borrowed.join(", ")
             ),
         ));
     }
@@ -652,16 +651,45 @@ pub(crate) fn refresh_clones_receiver(recv: &syn::Receiver) -> bool {
 }
 
 /// The name and borrowed type of a parameter `name: &T` that a refresh
-/// clones to `T::Owned`.
+/// clones to `T::Owned`: a plain name (not `mut`), and a `T` that is a
+/// type of its own (no `impl`, `dyn`, reference or lifetime inside, which
+/// its owned form could not outlive the call with). A `&'static T` needs
+/// no clone: `None`, and it is not reported either.
 pub(crate) fn refresh_owned_param(typed: &syn::PatType) -> Option<(&Ident, &Type)> {
     match (&*typed.pat, &*typed.ty) {
         (Pat::Ident(pat), Type::Reference(reference))
-            if reference.mutability.is_none() && pat.by_ref.is_none() && pat.subpat.is_none() =>
+            if reference.mutability.is_none()
+                && pat.by_ref.is_none()
+                && pat.mutability.is_none()
+                && pat.subpat.is_none()
+                && !is_static(reference)
+                && self_contained(&reference.elem) =>
         {
             Some((&pat.ident, &reference.elem))
         }
         _ => None,
     }
+}
+
+fn is_static(reference: &syn::TypeReference) -> bool {
+    reference
+        .lifetime
+        .as_ref()
+        .is_some_and(|lifetime| lifetime.ident == "static")
+}
+
+/// Whether `ty` names no lifetime, reference, `impl` or `dyn` inside.
+fn self_contained(ty: &Type) -> bool {
+    use proc_macro2::TokenTree;
+    fn clean(tokens: proc_macro2::TokenStream) -> bool {
+        tokens.into_iter().all(|token| match token {
+            TokenTree::Punct(p) => p.as_char() != '&' && p.as_char() != '\'',
+            TokenTree::Ident(i) => i != "impl" && i != "dyn",
+            TokenTree::Group(g) => clean(g.stream()),
+            TokenTree::Literal(_) => true,
+        })
+    }
+    clean(quote::ToTokens::to_token_stream(ty))
 }
 
 fn millis(d: std::time::Duration) -> u64 {
