@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use redis_cached::{redis_cached, BreakerConfig, Cache};
 use support::RedisServer;
+use tracing_subscriber::fmt::format::FmtSpan;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -23,6 +24,30 @@ impl Write for Captured {
     }
 }
 
+impl Captured {
+    /// What was logged, as text.
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().expect("log buffer").clone()).expect("UTF-8 logs")
+    }
+}
+
+/// A subscriber that writes, without colours, into the buffer returned
+/// with it: events up to `level`, and spans as `spans` says.
+fn capture(
+    level: tracing::Level,
+    spans: FmtSpan,
+) -> (Captured, impl tracing::Subscriber + Send + Sync) {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_span_events(spans)
+        .with_writer(move || sink.clone())
+        .finish();
+    (captured, subscriber)
+}
+
 #[redis_cached(key = "secret-key-name:<id>", cache = cache)]
 async fn lookup(cache: &Cache, id: u64) -> String {
     format!("secret-value-{id}")
@@ -30,13 +55,7 @@ async fn lookup(cache: &Cache, id: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_values_and_passwords_are_never_logged() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
+    let (captured, subscriber) = capture(tracing::Level::TRACE, FmtSpan::NONE);
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let server = RedisServer::start_with(&["--requirepass", "pw-in-url"]);
@@ -69,7 +88,7 @@ async fn keys_values_and_passwords_are_never_logged() {
         lookup(&good, id).await;
     }
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("WARN"), "failures are logged: {logs}");
     // Under the crate users depend on, so `RUST_LOG=redis_cached=debug`
     // shows them.
@@ -95,13 +114,7 @@ async fn keys_values_and_passwords_are_never_logged() {
 /// lasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_is_one_warning_and_one_summary() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
+    let (captured, subscriber) = capture(tracing::Level::INFO, FmtSpan::NONE);
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let mut server = RedisServer::start();
@@ -129,7 +142,7 @@ async fn an_outage_is_one_warning_and_one_summary() {
     }
     assert!(!cache.is_degraded(), "recovered");
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let warnings = logs.lines().filter(|l| l.contains("WARN")).count();
     assert_eq!(warnings, 1, "one warning per outage:\n{logs}");
     let summary: Vec<&str> = logs
@@ -148,14 +161,7 @@ fn each_call_has_a_span_with_its_outcome() {
     async fn traced(cache: &Cache, id: u64) -> String {
         format!("span-value-{id}")
     }
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_writer(move || sink.clone())
-        .finish();
+    let (captured, subscriber) = capture(tracing::Level::DEBUG, FmtSpan::CLOSE);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -173,7 +179,7 @@ fn each_call_has_a_span_with_its_outcome() {
             traced(&Cache::in_memory(), 2).await; // miss, in memory
         });
     });
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let spans: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("cached{") && l.contains("close"))
@@ -204,13 +210,7 @@ fn a_value_too_large_to_cache_is_reported_once() {
     async fn blob(cache: &Cache, id: u8) -> Vec<u8> {
         vec![id; 4_000]
     }
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
+    let (captured, subscriber) = capture(tracing::Level::INFO, FmtSpan::NONE);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -233,7 +233,7 @@ fn a_value_too_large_to_cache_is_reported_once() {
         (3, 0, 3),
         "{stats}"
     );
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "{logs}");
     assert!(warnings[0].contains("serde_bytes"), "{logs}");
