@@ -278,3 +278,72 @@ fn the_prometheus_text_shows_the_same_counts() {
         });
     });
 }
+
+/// A sink that takes everything.
+struct Accept;
+
+impl redis_cached::Sink<u32, String> for Accept {
+    type Error = String;
+
+    async fn write_batch(&self, _: Vec<redis_cached::Write<u32, String>>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[test]
+fn write_behind_exports_its_counters_depth_and_lag() {
+    let server = RedisServer::start();
+    let recorder = DebuggingRecorder::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let cache = Cache::redis(&server.url()).expect("valid URL");
+            let wb = redis_cached::WriteBehind::builder("orders", &cache, Accept)
+                .key(|id: &u32| format!("order:{id}"))
+                .max_delay(Duration::from_millis(300))
+                .start()
+                .expect("valid");
+            for n in 0..5 {
+                wb.write(n % 2, &format!("v{n}")).await.expect("journaled");
+            }
+            assert_eq!(wb.shutdown(Duration::from_secs(10)).await, Ok(0));
+            let exported = snapshot(&recorder);
+            let get = |name: &str| -> f64 {
+                exported
+                    .iter()
+                    .filter(|((n, labels), _)| {
+                        n == name
+                            && labels.contains(&("journal".into(), "orders".into()))
+                            && labels.contains(&("cache".into(), "default".into()))
+                    })
+                    .map(|(_, v)| *v)
+                    .sum()
+            };
+            let stats = wb.stats();
+            assert_eq!(get("redis_cached_write_behind_accepted_total"), 5.0);
+            assert_eq!(
+                get("redis_cached_write_behind_flushed_total"),
+                stats.flushed as f64
+            );
+            assert_eq!(
+                get("redis_cached_write_behind_coalesced_total"),
+                stats.coalesced as f64
+            );
+            assert_eq!(stats.flushed + stats.coalesced, 5, "{stats:?}");
+            assert_eq!(
+                get("redis_cached_write_behind_batches_total"),
+                stats.batches as f64
+            );
+            assert_eq!(get("redis_cached_write_behind_dead_letters_total"), 0.0);
+            assert_eq!(get("redis_cached_write_behind_queue_depth"), 0.0);
+            assert_eq!(
+                get("redis_cached_write_behind_flush_lag_seconds"),
+                stats.batches as f64,
+                "one lag sample per batch"
+            );
+        });
+    });
+}

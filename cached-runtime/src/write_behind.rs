@@ -156,25 +156,112 @@ pub struct WriteBehindStats {
     pub max_flush_lag: Duration,
 }
 
-#[derive(Default)]
-struct Counters {
-    accepted: AtomicU64,
-    refused: AtomicU64,
-    failed: AtomicU64,
-    cache_update_failures: AtomicU64,
-    flushed: AtomicU64,
-    coalesced: AtomicU64,
-    batches: AtomicU64,
-    retries: AtomicU64,
-    dead_letters: AtomicU64,
-    claimed: AtomicU64,
-    queue_depth: AtomicU64,
-    last_lag_ms: AtomicU64,
-    max_lag_ms: AtomicU64,
+/// This process's counters, and (feature `metrics`) their exported twins,
+/// `redis_cached_write_behind_<name>_total{journal, cache}`.
+macro_rules! write_behind_counters {
+    ($($name:ident),* $(,)?) => {
+        #[derive(Default)]
+        struct Counters {
+            $( $name: AtomicU64, )*
+            queue_depth: AtomicU64,
+            last_lag_ms: AtomicU64,
+            max_lag_ms: AtomicU64,
+            #[cfg(feature = "metrics")]
+            exported: Option<Exported>,
+        }
+
+        /// One of the counters, by name.
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy)]
+        enum Tally {
+            $( $name, )*
+        }
+
+        impl Counters {
+            fn add(&self, tally: Tally, by: u64) {
+                let counter = match tally {
+                    $( Tally::$name => &self.$name, )*
+                };
+                counter.fetch_add(by, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                if let Some(exported) = &self.exported {
+                    match tally {
+                        $( Tally::$name => exported.$name.increment(by), )*
+                    }
+                }
+            }
+        }
+
+        #[cfg(feature = "metrics")]
+        struct Exported {
+            $( $name: metrics::Counter, )*
+            queue_depth: metrics::Gauge,
+            flush_lag: metrics::Histogram,
+        }
+
+        #[cfg(feature = "metrics")]
+        impl Exported {
+            fn register(journal: &str, cache: &str) -> Exported {
+                let labels = || {
+                    vec![
+                        metrics::Label::new("journal", journal.to_owned()),
+                        metrics::Label::new("cache", cache.to_owned()),
+                    ]
+                };
+                Exported {
+                    $( $name: metrics::counter!(
+                        concat!("redis_cached_write_behind_", stringify!($name), "_total"),
+                        labels()
+                    ), )*
+                    queue_depth: metrics::gauge!("redis_cached_write_behind_queue_depth", labels()),
+                    flush_lag: metrics::histogram!("redis_cached_write_behind_flush_lag_seconds", labels()),
+                }
+            }
+        }
+    };
 }
 
-fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
+write_behind_counters!(
+    accepted,
+    refused,
+    failed,
+    cache_update_failures,
+    flushed,
+    coalesced,
+    batches,
+    retries,
+    dead_letters,
+    claimed,
+);
+
+impl Counters {
+    /// Counters exported under `journal` and `cache` (with the `metrics`
+    /// feature; registered now, with the recorder installed by then).
+    fn for_journal(journal: &str, cache: &str) -> Counters {
+        let _ = (journal, cache);
+        Counters {
+            #[cfg(feature = "metrics")]
+            exported: Some(Exported::register(journal, cache)),
+            ..Counters::default()
+        }
+    }
+
+    fn depth(&self, depth: u64) {
+        self.queue_depth.store(depth, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(exported) = &self.exported {
+            exported.queue_depth.set(depth as f64);
+        }
+    }
+
+    fn lag(&self, lag_ms: u64) {
+        self.last_lag_ms.store(lag_ms, Ordering::Relaxed);
+        self.max_lag_ms.fetch_max(lag_ms, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(exported) = &self.exported {
+            exported.flush_lag.record(lag_ms as f64 / 1e3);
+        }
+    }
 }
 
 /// The settings of a [`WriteBehind`]; see [`WriteBehindBuilder`].
@@ -336,6 +423,7 @@ where
         };
         let namespace = self.cache.inner.settings.namespace.as_deref();
         let tag = format!("{{{}}}", self.name);
+        let counters = Counters::for_journal(&self.name, self.cache.inner.cache_label());
         let shared = Arc::new(Shared {
             journal: JournalKeys {
                 stream: internal_key(namespace, "wb", &tag),
@@ -348,7 +436,7 @@ where
             cache: self.cache,
             sink: self.sink,
             limits: self.limits,
-            counters: Counters::default(),
+            counters,
             wake: tokio::sync::Notify::new(),
             urgent: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
@@ -680,7 +768,7 @@ where
             let depth = inner
                 .guarded(redis.stream_len(&self.journal.stream))
                 .await?;
-            self.counters.queue_depth.store(depth, Ordering::Relaxed);
+            self.counters.depth(depth);
             Ok(depth)
         })
     }
@@ -756,11 +844,11 @@ where
         let id = match appended {
             Ok(Some(id)) => id,
             Ok(None) => {
-                bump(&self.counters.refused, 1);
+                self.counters.add(Tally::refused, 1);
                 return Err(Error::Backlog(self.limits.max_len));
             }
             Err(err) => {
-                bump(&self.counters.failed, 1);
+                self.counters.add(Tally::failed, 1);
                 // Redis may have journaled it all the same (a reply too
                 // late, a connection reset after the send): the cache must
                 // not go on serving what the write replaces.
@@ -768,11 +856,11 @@ where
                 return Err(err);
             }
         };
-        bump(&self.counters.accepted, 1);
+        self.counters.add(Tally::accepted, 1);
         let version = companion_key(inner.settings.namespace.as_deref(), full, "wbv");
         let put = redis.journal_put(full, &version, &id, entry, self.limits.ttl);
         if let Err(err) = inner.guarded(put).await {
-            bump(&self.counters.cache_update_failures, 1);
+            self.counters.add(Tally::cache_update_failures, 1);
             tracing::warn!(target: "redis_cached", error = %err, "a journaled write could not update the cache; invalidating it");
             let _ = inner.tombstone(full).await;
         }
@@ -827,7 +915,7 @@ where
         let claimed = inner.guarded_within(self.limits.lease, claim).await?;
         if claimed > 0 {
             tracing::info!(target: "redis_cached", claimed, stream = %self.journal.stream, "took over pending writes");
-            bump(&self.counters.claimed, claimed as u64);
+            self.counters.add(Tally::claimed, claimed as u64);
         }
         let forget = redis.journal_forget(&self.journal, &self.consumer);
         if let Err(err) = inner.guarded(forget).await {
@@ -899,7 +987,7 @@ where
             };
             match index.get(&key) {
                 Some(&at) => {
-                    bump(&self.counters.coalesced, 1);
+                    self.counters.add(Tally::coalesced, 1);
                     let slot = &mut slots[at];
                     slot.write = write;
                     slot.entry = entry;
@@ -941,7 +1029,7 @@ where
         let redis = self.redis()?;
         let bury = redis.journal_bury(&self.journal, key, entry, error, attempts, ids);
         self.cache.inner.guarded(bury).await?;
-        bump(&self.counters.dead_letters, 1);
+        self.counters.add(Tally::dead_letters, 1);
         tracing::error!(target: "redis_cached", error, attempts, stream = %self.journal.dead, "a write the sink keeps refusing was moved to the dead letters");
         Ok(())
     }
@@ -1011,7 +1099,7 @@ where
                         self.flushed(&part.slots).await?;
                     }
                     Some(Err(error)) => {
-                        bump(&self.counters.retries, 1);
+                        self.counters.add(Tally::retries, 1);
                         tracing::warn!(target: "redis_cached", %error, writes = part.slots.len(), "the write-behind sink failed; retrying");
                         part.failures += 1;
                         let since = *part.failing_since.get_or_insert_with(Instant::now);
@@ -1085,12 +1173,10 @@ where
         let oldest = slots.iter().map(|slot| slot.write.id).min();
         self.ack(&ids).await?;
         let c = &self.counters;
-        bump(&c.batches, 1);
-        bump(&c.flushed, slots.len() as u64);
+        c.add(Tally::batches, 1);
+        c.add(Tally::flushed, slots.len() as u64);
         if let Some(oldest) = oldest {
-            let lag = now_unix_ms().saturating_sub(oldest.ms);
-            c.last_lag_ms.store(lag, Ordering::Relaxed);
-            c.max_lag_ms.fetch_max(lag, Ordering::Relaxed);
+            c.lag(now_unix_ms().saturating_sub(oldest.ms));
         }
         Ok(())
     }
@@ -1221,7 +1307,7 @@ where
         if let Ok(redis) = shared.redis() {
             let depth = redis.stream_len(&shared.journal.stream);
             if let Ok(depth) = shared.cache.inner.guarded(depth).await {
-                shared.counters.queue_depth.store(depth, Ordering::Relaxed);
+                shared.counters.depth(depth);
             }
         }
     }
