@@ -124,7 +124,7 @@ impl Inner {
             self.count(None, Event::breaker_skips);
             return Err(Error::BreakerOpen);
         }
-        let started = meters::TIMED.then(Instant::now);
+        let started = meters::EXPORTED.then(Instant::now);
         let outcome = tokio::time::timeout(bound, op).await;
         if let Some(started) = started {
             self.meters
@@ -252,12 +252,14 @@ impl Inner {
         match site {
             Some(site) => {
                 site.counters().add(event);
-                if meters::TIMED {
+                if meters::EXPORTED {
                     site.meters()
                         .count(event, || site.name(), self.cache_label());
                 }
             }
-            None if meters::TIMED => self.meters.count(event, || NO_FUNCTION, self.cache_label()),
+            None if meters::EXPORTED => {
+                self.meters.count(event, || NO_FUNCTION, self.cache_label())
+            }
             None => {}
         }
     }
@@ -269,7 +271,7 @@ impl Inner {
 
     /// Records how long a cached function's body ran.
     pub(crate) fn computed(&self, site: Option<&Site>, took: Duration) {
-        if let (true, Some(site)) = (meters::TIMED, site) {
+        if let (true, Some(site)) = (meters::EXPORTED, site) {
             site.meters()
                 .compute_time(took, || site.name(), self.cache_label());
         }

@@ -257,7 +257,7 @@ impl<'a> LockGuard<'a> {
     ) -> Self {
         let (counters, meters) = (Arc::clone(&inner.counters), Arc::clone(&inner.meters));
         // The label is only made when metrics are exported.
-        let cache = if meters::TIMED {
+        let cache = if meters::EXPORTED {
             inner.cache_label().to_owned()
         } else {
             String::new()
