@@ -334,6 +334,45 @@ async fn a_panicking_sink_is_retried_not_fatal() {
     assert_eq!(wb.stats().dead_letters, 0);
 }
 
+/// A sink whose first call never returns.
+struct Hangs {
+    calls: AtomicU32,
+    inner: Recorder,
+}
+
+impl Sink<u32, String> for Hangs {
+    type Error = String;
+
+    async fn write_batch(&self, batch: Vec<Write<u32, String>>) -> Result<(), String> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::future::pending::<()>().await;
+        }
+        self.inner.write_batch(batch).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sink_call_is_abandoned_and_retried() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let recorder = Recorder::default();
+    let sink = Hangs {
+        calls: AtomicU32::new(0),
+        inner: recorder.clone(),
+    };
+    let wb = WriteBehind::builder("hangs", &cache, sink)
+        .key(|id: &u32| format!("user:{id}"))
+        .retry(Duration::from_millis(10), Duration::from_millis(50))
+        .sink_timeout(Duration::from_millis(300))
+        .start()
+        .expect("valid");
+    wb.write(1, &"one".to_owned()).await.expect("journaled");
+    drained(&wb).await;
+    assert_eq!(recorder.writes().len(), 1, "flushed by the second call");
+    assert_eq!(wb.stats().retries, 1, "the hung call counted as a failure");
+    assert_eq!(wb.stats().dead_letters, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_journal_refuses_writes() {
     let server = RedisServer::start();
