@@ -5,7 +5,8 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_cached::{redis_cached, Cache};
@@ -55,6 +56,51 @@ impl Repo {
     }
 }
 
+/// Eight tasks calling `row` over a set of ids in a loop, every value
+/// checked (a wrong one panics the task), until [`Load::finish`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Duration)>>,
+}
+
+impl Load {
+    fn start(repo: &Arc<Repo>, ids: &[u32]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..8)
+            .map(|task| {
+                let (repo, stop, ids) = (repo.clone(), stop.clone(), ids.to_vec());
+                tokio::spawn(async move {
+                    let (mut calls, mut worst) = (0u64, Duration::ZERO);
+                    for id in ids.iter().cycle().skip(task) {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let call = Instant::now();
+                        assert_eq!(repo.row(*id).await, id * 10);
+                        worst = worst.max(call.elapsed());
+                        calls += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    (calls, worst)
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    /// Stops the tasks; returns how many calls they made and the slowest.
+    async fn finish(self) -> (u64, Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (mut calls, mut worst) = (0, Duration::ZERO);
+        for task in self.tasks {
+            let (made, slowest) = task.await.expect("every value was right");
+            calls += made;
+            worst = worst.max(slowest);
+        }
+        (calls, worst)
+    }
+}
+
 /// Waits until the lock subscriber listens on the shard channel of `key`'s
 /// slot at the node that serves it now.
 async fn wait_subscribed(cluster: &RedisCluster, key: &str) {
@@ -81,10 +127,14 @@ fn cluster_cache(cluster: &RedisCluster) -> Cache {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_cluster_master_is_replaced_without_a_caller_noticing() {
     let mut cluster = RedisCluster::start();
-    let repo = Repo::new(cluster_cache(&cluster));
+    let repo = Arc::new(Repo::new(cluster_cache(&cluster)));
     repo.cache.connect().await.expect("connect");
     repo.until_cached(7, Duration::from_secs(10)).await;
     wait_subscribed(&cluster, "app:row:7").await;
+    // Eight tasks keep calling over ids spread across the three masters
+    // while the one serving row 7 dies.
+    let load = Load::start(&repo, &(0..24).collect::<Vec<_>>());
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let port = cluster.master_of("app:row:7").port();
     let victim = cluster
         .nodes
@@ -95,29 +145,30 @@ async fn a_killed_cluster_master_is_replaced_without_a_caller_noticing() {
     // Until its replica takes over (node timeout 2 s), every call still
     // returns the right value: from the cache, or computed.
     let started = Instant::now();
-    let mut worst = Duration::ZERO;
-    while started.elapsed() < Duration::from_secs(3) {
-        let call = Instant::now();
-        assert_eq!(repo.row(7).await, 70);
-        worst = worst.max(call.elapsed());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
     repo.until_cached(7, Duration::from_secs(30)).await;
+    let cached_again = started.elapsed();
+    let (calls, worst) = load.finish().await;
     println!(
-        "cluster master killed: slowest call during the failover {worst:?}; cached again after {:?}",
-        started.elapsed()
+        "cluster master killed under 8 tasks: {calls} calls, slowest {worst:?} (op_timeout 300 ms); cached again after {cached_again:?}"
     );
+    assert!(calls > 8, "the load ran through the failover");
     repo.until_cached(8, Duration::from_secs(10)).await;
     // Lock wake-ups for the slot reach this process again, from the
     // promoted replica.
     wait_subscribed(&cluster, "app:row:7").await;
-    assert_eq!(cluster.crossslot_errors(), 0);
+    assert_eq!(
+        cluster.crossslot_errors(),
+        0,
+        "{:?}",
+        cluster.rejected_commands()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moved_to_another_node_is_followed() {
     let cluster = RedisCluster::start();
-    let repo = Repo::new(cluster_cache(&cluster));
+    let repo = Arc::new(Repo::new(cluster_cache(&cluster)));
     repo.until_cached(3, Duration::from_secs(10)).await;
     let key = "app:row:3";
     wait_subscribed(&cluster, key).await;
@@ -133,21 +184,45 @@ async fn a_slot_moved_to_another_node_is_followed() {
         .expect("another master");
     let id = |port: u16| cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
     let (from_id, to_id) = (id(from), id(to));
-    // The slot's migration, as redis-cli --cluster reshard does it.
+    // Eight tasks call row 3 (in the moving slot) and others throughout
+    // the migration: while the slot is MIGRATING, missing keys are
+    // answered with ASK.
+    let load = Load::start(&repo, &[3, 4, 3, 5, 3, 6]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The slot's migration, as redis-cli --cluster reshard does it; the
+    // load may store keys at the source meanwhile, so move until empty.
     cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
     cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
-    let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
-    for moved in keys.lines().filter(|k| !k.is_empty()) {
-        let out = cli(
-            from,
-            &["MIGRATE", "127.0.0.1", &to.to_string(), moved, "0", "5000"],
-        );
-        assert!(out.contains("OK"), "MIGRATE {moved}: {out}");
+    let mut moved = 0;
+    loop {
+        let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        for key in keys {
+            let out = cli(
+                from,
+                &["MIGRATE", "127.0.0.1", &to.to_string(), key, "0", "5000"],
+            );
+            assert!(
+                out.contains("OK") || out.contains("NOKEY"),
+                "MIGRATE {key}: {out}"
+            );
+            moved += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for port in cluster.nodes.iter().map(|node| node.port()) {
         cli(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
     }
-    // The entry moved with its slot: still a hit, found through MOVED.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (calls, worst) = load.finish().await;
+    println!("slot moved under 8 tasks: {moved} keys migrated, {calls} calls, slowest {worst:?}");
+    assert!(moved >= 1, "the cached entry moved with its slot");
+    assert!(calls > 8, "the load ran through the migration");
+    // Still a hit after the move, found through MOVED.
+    repo.until_cached(3, Duration::from_secs(10)).await;
     let before = repo.queries();
     assert_eq!(repo.row(3).await, 30);
     assert_eq!(repo.queries(), before, "served from the moved slot");
@@ -155,7 +230,40 @@ async fn a_slot_moved_to_another_node_is_followed() {
     // Redis unsubscribed the moved slot's channel at the old owner; the
     // subscriber listens at the new one.
     wait_subscribed(&cluster, key).await;
-    assert_eq!(cluster.crossslot_errors(), 0);
+    assert_eq!(
+        cluster.crossslot_errors(),
+        0,
+        "{:?}",
+        cluster.rejected_commands()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_subscriber_comes_back_on_every_slot_after_its_connections_drop() {
+    let cluster = RedisCluster::start();
+    let repo = Repo::new(cluster_cache(&cluster));
+    // Locked misses over 24 keys: their slots, spread over the three
+    // masters, are all subscribed.
+    let keys: Vec<String> = (0..24).map(|id| format!("app:row:{id}")).collect();
+    for id in 0..24 {
+        repo.until_cached(id, Duration::from_secs(10)).await;
+    }
+    for key in &keys {
+        wait_subscribed(&cluster, key).await;
+    }
+    for node in &cluster.nodes {
+        cli(node.port(), &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    }
+    // Every channel is subscribed again, each with a command of its own.
+    for key in &keys {
+        wait_subscribed(&cluster, key).await;
+    }
+    assert_eq!(
+        cluster.crossslot_errors(),
+        0,
+        "{:?}",
+        cluster.rejected_commands()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,5 +323,42 @@ async fn a_sentinel_failover_is_followed() {
         repo.cache.stats().refused,
         0,
         "followed on the sentinels' word, before the old master refused a write"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_that_answer_late_hold_no_caller_up() {
+    let setup = SentinelSetup::start();
+    for sentinel in &setup.sentinels {
+        sentinel.pause();
+    }
+    let urls = setup.sentinel_urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let repo = Repo::new(
+        Cache::sentinel_builder(&urls, MASTER_NAME)
+            .namespace("app")
+            .op_timeout(Duration::from_millis(200))
+            .build()
+            .expect("valid settings"),
+    );
+    // A caller that gives up while the master is being looked up.
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), repo.row(1)).await;
+    assert!(gave_up.is_err(), "the lookup cannot have been answered");
+    // The others get their values, computed, while the sentinels say
+    // nothing.
+    let mut worst = Duration::ZERO;
+    for id in 0..5 {
+        let call = Instant::now();
+        assert_eq!(repo.row(id).await, id * 10);
+        worst = worst.max(call.elapsed());
+    }
+    for sentinel in &setup.sentinels {
+        sentinel.resume();
+    }
+    // Once they answer, the cache finds the master and stores again.
+    repo.until_cached(1, Duration::from_secs(20)).await;
+    println!(
+        "sentinels frozen: slowest call {worst:?} (op_timeout 200 ms); {:?}",
+        repo.cache.stats()
     );
 }

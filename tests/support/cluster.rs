@@ -111,6 +111,23 @@ impl RedisCluster {
             .sum()
     }
 
+    /// The `INFO commandstats` lines, with their node's port, of every
+    /// command a node rejected at least once (`CROSSSLOT` is a rejection).
+    pub fn rejected_commands(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .flat_map(|node| {
+                let info = cli(node.port(), &["INFO", "commandstats"]);
+                info.lines()
+                    .filter(|line| {
+                        line.starts_with("cmdstat_") && !line.contains("rejected_calls=0")
+                    })
+                    .map(|line| format!("{}: {line}", node.port()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// How many times the nodes ran `command` (lower case), from their
     /// `INFO commandstats`, commands run by scripts included.
     pub fn command_calls(&self, command: &str) -> u64 {
@@ -354,6 +371,28 @@ impl Sentinel {
             child: Some(child),
             dir,
         }
+    }
+}
+
+impl Sentinel {
+    /// SIGSTOP: the sentinel keeps its connections but answers nothing.
+    /// For a set-up of its own ([`SentinelSetup::start`]).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Sentinel::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("sentinel running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
     }
 }
 

@@ -19,7 +19,9 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{
+    Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
+};
 
 use crate::error::{Error, Result};
 
@@ -55,28 +57,42 @@ impl Target {
     }
 }
 
-#[cfg(feature = "tls")]
 fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
+    #[cfg(not(feature = "tls"))]
+    if tls_root.is_some() || url.starts_with("rediss://") {
+        return Err(no_tls());
+    }
+    let info = url
+        .into_connection_info()
+        .map_err(|e| invalid_url_in(&[url], &e))?;
+    open_client_with(info, tls_root).map_err(|e| invalid_url_in(&[url], &e))
+}
+
+#[cfg(feature = "tls")]
+fn open_client_with(
+    info: ConnectionInfo,
+    tls_root: Option<&[u8]>,
+) -> redis::RedisResult<redis::Client> {
     install_crypto_provider();
     match tls_root {
         Some(pem) => redis::Client::build_with_tls(
-            url,
+            info,
             redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(pem.to_vec()),
             },
         ),
-        None => redis::Client::open(url),
+        None => redis::Client::open(info),
     }
-    .map_err(|e| invalid_url_in(&[url], &e))
 }
 
+/// Without the `tls` feature, callers refuse a root certificate first.
 #[cfg(not(feature = "tls"))]
-fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
-    if tls_root.is_some() || url.starts_with("rediss://") {
-        return Err(no_tls());
-    }
-    redis::Client::open(url).map_err(|e| invalid_url_in(&[url], &e))
+fn open_client_with(
+    info: ConnectionInfo,
+    _tls_root: Option<&[u8]>,
+) -> redis::RedisResult<redis::Client> {
+    redis::Client::open(info)
 }
 
 #[cfg(feature = "tls")]
@@ -132,19 +148,98 @@ impl ClusterTarget {
             client,
         })
     }
+}
 
-    /// A client whose connections are RESP3 and hand every push message
-    /// (sharded pub/sub) to `push`; for the lock notifications.
-    pub(crate) fn push_client(
-        &self,
-        push: impl Fn(redis::PushInfo) -> std::result::Result<(), ()> + Send + Sync + 'static,
-    ) -> Result<ClusterClient> {
-        cluster_builder(&self.seeds, self.connect_timeout, self.tls_root.as_deref())
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(push)
-            .build()
-            .map_err(|e| invalid_url(&e))
+/// A range of slots and the address of the master that serves it.
+pub(crate) struct SlotRange {
+    pub(crate) first: u16,
+    pub(crate) last: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+impl ClusterTarget {
+    /// The masters serving the slots now, as a node of the cluster answers
+    /// `CLUSTER SLOTS` (through a cluster connection of its own, which
+    /// finds a live node as redis-rs does).
+    pub(crate) async fn slot_ranges(&self) -> Result<Vec<SlotRange>> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let mut conn = self
+            .client
+            .get_async_connection()
+            .await
+            .map_err(|e| Error::from_redis(&e))?;
+        let reply = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .map_err(|e| Error::from_redis(&e))?;
+        parse_slot_ranges(&reply)
+            .ok_or_else(|| Error::Redis("CLUSTER SLOTS answered in an unknown shape".into()))
     }
+
+    /// A RESP3 client for the node at `host:port`, with the first seed's
+    /// credentials and TLS settings.
+    pub(crate) fn node_client(&self, host: &str, port: u16) -> Result<redis::Client> {
+        let seed = self.seeds[0].as_str();
+        let info = seed
+            .into_connection_info()
+            .map_err(|e| invalid_url_in(&[seed], &e))?;
+        let addr = match info.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let info = info.set_addr(addr).set_redis_settings(settings);
+        open_client_with(info, self.tls_root.as_deref()).map_err(|e| invalid_url_in(&[seed], &e))
+    }
+}
+
+/// `CLUSTER SLOTS`: `[[first, last, [host, port, …], replicas…], …]`. A
+/// master that names no host (`""`, or `?` while unknown) is skipped.
+fn parse_slot_ranges(reply: &Value) -> Option<Vec<SlotRange>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let int = |v: &Value| match v {
+        Value::Int(n) => u16::try_from(*n).ok(),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            return None;
+        };
+        let (first, last) = (int(fields.first()?)?, int(fields.get(1)?)?);
+        let Value::Array(master) = fields.get(2)? else {
+            return None;
+        };
+        let host = match master.first()? {
+            Value::BulkString(host) => String::from_utf8(host.clone()).ok()?,
+            Value::SimpleString(host) => host.clone(),
+            _ => return None,
+        };
+        let port = int(master.get(1)?)?;
+        if !host.is_empty() && host != "?" {
+            out.push(SlotRange {
+                first,
+                last,
+                host,
+                port,
+            });
+        }
+    }
+    Some(out)
 }
 
 fn cluster_builder(

@@ -5,10 +5,10 @@
 //! On a cluster, a notification goes to a shard channel of the value's slot
 //! (`SPUBLISH`, from the release script, which may only touch its own
 //! slot): one channel per slot, `<channel>{<tag>}`, the tag a short text of
-//! that slot. The subscriber holds a RESP3 cluster connection and
-//! subscribes (`SSUBSCRIBE`) to the channel of each slot this process has
-//! waited in, at most 16,384; redis-rs subscribes again after reconnecting
-//! and after the slots move.
+//! that slot. The subscriber subscribes (`SSUBSCRIBE`) to the channel of
+//! each slot this process has waited in, at most 16,384, on a RESP3
+//! connection to the master serving the slot; after a connection drops or
+//! a slot moves, it asks where the slots are and subscribes again.
 //!
 //! A message is `<key length>:<key><kind>[entry]` (see the release script):
 //! the waiter learns what happened without a further read when the entry
@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::link::{ClusterTarget, SentinelTarget};
+use super::link::{ClusterTarget, SentinelTarget, SlotRange};
 use crate::backend::Bytes;
 use crate::error::{Error, Result};
 use crate::key::{slot, slot_tag};
@@ -45,8 +45,9 @@ pub(crate) enum Feed {
 struct Shards {
     /// Slots whose channel this process wants (waited in once).
     wanted: HashSet<u16>,
-    /// Asks the live subscriber to add a channel; `None` while none is.
-    requests: Option<mpsc::UnboundedSender<String>>,
+    /// Asks the live subscriber to add a slot's channel; `None` while
+    /// none is.
+    requests: Option<mpsc::UnboundedSender<u16>>,
 }
 
 /// What a notification said about a key.
@@ -182,7 +183,7 @@ impl Notifier {
             let mut shards = self.shards();
             if shards.wanted.insert(slot) {
                 if let Some(requests) = &shards.requests {
-                    let _ = requests.send(shard_channel(&self.channel, slot));
+                    let _ = requests.send(slot);
                 }
             }
         }
@@ -380,63 +381,49 @@ async fn listen(
 }
 
 /// [`listen`] on a cluster: subscribes to the shard channel of every slot
-/// wanted, then of each slot wanted later, until the connection fails or
-/// the cache is gone.
+/// wanted, then of each slot wanted later, until a connection fails or the
+/// cache is gone.
 ///
-/// A node that drops its connection, or a slot that moves away from the
-/// node its channel was subscribed on (Redis then unsubscribes it, and
-/// redis-rs forgets it), ends the connection: the next one subscribes to
-/// every wanted channel again, at the slots' current owners.
+/// Each channel is subscribed on its own connection to the master serving
+/// its slot (one connection per master, opened on demand), one channel per
+/// command: channels of two slots in one `SSUBSCRIBE` are refused
+/// (`CROSSSLOT`). These connections never reconnect or resubscribe by
+/// themselves (a cluster connection of redis-rs would, sending all of a
+/// node's channels in one command). A node that drops its connection, or a
+/// slot that moves away from the node its channel was subscribed on (Redis
+/// then unsubscribes it), ends them all: the next round asks the cluster
+/// where the slots are and subscribes every wanted channel again.
 async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (bool, Result<()>) {
     let generation = match notifier.upgrade() {
         Some(n) => n.shard_generation.fetch_add(1, Ordering::AcqRel) + 1,
         None => return (false, Ok(())),
     };
-    let heard = notifier.clone();
-    let client = cluster.push_client(move |push: redis::PushInfo| {
-        let Some(n) = heard.upgrade() else {
-            return Ok(());
-        };
-        match push.kind {
-            redis::PushKind::SMessage => {
-                if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
-                    n.wake(payload);
-                }
-            }
-            redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe
-                if n.shard_generation.load(Ordering::Acquire) == generation =>
-            {
-                n.restart();
-            }
-            _ => {}
-        }
-        Ok(())
-    });
-    let client = match client {
-        Ok(client) => client,
-        Err(err) => return (false, Err(err)),
-    };
-    let mut conn = match tokio::time::timeout(CONNECT, client.get_async_connection()).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(err)) => return (false, Err(Error::from_redis(&err))),
+    let ranges = match tokio::time::timeout(CONNECT, cluster.slot_ranges()).await {
+        Ok(Ok(ranges)) => ranges,
+        Ok(Err(err)) => return (false, Err(err)),
         Err(_) => return (false, Err(Error::Timeout(CONNECT))),
     };
+    // Declared before `_detach`, so dropped after it: the connections'
+    // last messages then belong to a retired generation.
+    let mut nodes = Nodes {
+        notifier: notifier.clone(),
+        generation,
+        cluster,
+        ranges,
+        connections: HashMap::new(),
+    };
     let (requests, mut requested) = mpsc::unbounded_channel();
-    let initial: Vec<String> = match notifier.upgrade() {
+    let initial: Vec<u16> = match notifier.upgrade() {
         Some(n) => {
             let mut shards = n.shards();
             shards.requests = Some(requests);
-            shards
-                .wanted
-                .iter()
-                .map(|&slot| shard_channel(&n.channel, slot))
-                .collect()
+            shards.wanted.iter().copied().collect()
         }
         None => return (false, Ok(())),
     };
     // Clears `requests` however this ends, so that a later subscriber
-    // starts from `wanted` again, and retires this connection's
-    // generation, so that its last messages restart nothing.
+    // starts from `wanted` again, and retires this round's generation, so
+    // that its connections' last messages restart nothing.
     struct Detach<'a>(&'a Weak<Notifier>);
     impl Drop for Detach<'_> {
         fn drop(&mut self) {
@@ -447,10 +434,8 @@ async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (
         }
     }
     let _detach = Detach(notifier);
-    // One channel per command: channels of two slots in one SSUBSCRIBE
-    // would be refused (CROSSSLOT).
-    for channel in initial {
-        if let Err(err) = timed_ssubscribe(&mut conn, &channel).await {
+    for slot in initial {
+        if let Err(err) = nodes.subscribe(slot).await {
             return (false, Err(err));
         }
     }
@@ -469,8 +454,8 @@ async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (
             }
         };
         match next {
-            Ok(Some(channel)) => {
-                if let Err(err) = timed_ssubscribe(&mut conn, &channel).await {
+            Ok(Some(slot)) => {
+                if let Err(err) = nodes.subscribe(slot).await {
                     return (true, Err(err));
                 }
             }
@@ -481,14 +466,86 @@ async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (
     }
 }
 
-async fn timed_ssubscribe(
-    conn: &mut redis::cluster_async::ClusterConnection,
-    channel: &str,
-) -> Result<()> {
-    match tokio::time::timeout(CONNECT, conn.ssubscribe(channel)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(err)) => Err(Error::from_redis(&err)),
-        Err(_) => Err(Error::Timeout(CONNECT)),
+/// One round of a cluster subscriber: the slot map it started from and a
+/// connection per master it subscribed on.
+struct Nodes<'a> {
+    notifier: Weak<Notifier>,
+    generation: u64,
+    cluster: &'a ClusterTarget,
+    ranges: Vec<SlotRange>,
+    connections: HashMap<(String, u16), redis::aio::MultiplexedConnection>,
+}
+
+impl Nodes<'_> {
+    /// Subscribes to `slot`'s channel at the master serving it.
+    async fn subscribe(&mut self, slot: u16) -> Result<()> {
+        let Some(range) = self
+            .ranges
+            .iter()
+            .find(|r| r.first <= slot && slot <= r.last)
+        else {
+            return Err(Error::Redis(format!("no node serves slot {slot}")));
+        };
+        let address = (range.host.clone(), range.port);
+        let channel = match self.notifier.upgrade() {
+            Some(n) => shard_channel(&n.channel, slot),
+            None => return Ok(()),
+        };
+        let subscribe = async {
+            let conn = match self.connections.entry(address) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let (host, port) = entry.key();
+                    let client = self.cluster.node_client(host, *port)?;
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_push_sender(pushes(self.notifier.clone(), self.generation));
+                    let conn = client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(|e| Error::from_redis(&e))?;
+                    entry.insert(conn)
+                }
+            };
+            redis::cmd("SSUBSCRIBE")
+                .arg(&channel)
+                .query_async::<redis::Value>(conn)
+                .await
+                .map_err(|e| Error::from_redis(&e))
+        };
+        match tokio::time::timeout(CONNECT, subscribe).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(Error::Timeout(CONNECT)),
+        }
+    }
+}
+
+/// What a subscriber connection does with what the server pushes: wakes
+/// waiters on a message; restarts the subscriber when the connection
+/// drops or the server unsubscribes a channel (its slot moved), unless a
+/// later round has taken over.
+fn pushes(
+    notifier: Weak<Notifier>,
+    generation: u64,
+) -> impl Fn(redis::PushInfo) -> std::result::Result<(), ()> + Send + Sync + 'static {
+    move |push: redis::PushInfo| {
+        let Some(n) = notifier.upgrade() else {
+            return Ok(());
+        };
+        match push.kind {
+            redis::PushKind::SMessage => {
+                if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
+                    n.wake(payload);
+                }
+            }
+            redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe
+                if n.shard_generation.load(Ordering::Acquire) == generation =>
+            {
+                n.restart();
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 
