@@ -1,0 +1,184 @@
+//! `demo serve`: the service; `demo bench`: the service under load, with
+//! the cache and without, then a table and a chart.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use demo::load::{self, LoadConfig};
+use demo::service::{prometheus, App};
+use demo::{db::Db, repo::Repo, report};
+
+const USAGE: &str = "\
+usage: demo bench [--requests N] [--zipf S] [--writes F] [--concurrency C] [--seed N] [--chart FILE]
+       demo serve [--port P] [--no-cache]
+DATABASE_URL: sqlite://… or postgres://… (default: sqlite://demo.sqlite3?mode=rwc)
+REDIS_URL:    the cache's Redis (default: in process memory)";
+
+type Failure = Box<dyn std::error::Error>;
+
+#[tokio::main]
+async fn main() {
+    if let Err(err) = run().await {
+        eprintln!("demo: {err}");
+        std::process::exit(1);
+    }
+}
+
+/// `--name value` from the arguments, parsed, or `default`.
+fn option<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, Failure> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => {
+            let value = args.get(i + 1).ok_or(format!("{name} needs a value"))?;
+            value
+                .parse()
+                .map_err(|_| format!("{name}: cannot read {value:?}").into())
+        }
+    }
+}
+
+async fn run() -> Result<(), Failure> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let database = std::env::var("DATABASE_URL").unwrap_or_else(|_| demo::DEFAULT_DATABASE.into());
+    let redis = std::env::var("REDIS_URL").ok();
+    prometheus();
+    match args.first().map(String::as_str) {
+        Some("serve") => {
+            let port: u16 = option(&args, "--port", 3000)?;
+            let db = Db::open(&database).await?;
+            let cache = demo::cache(redis.as_deref(), "demo")?;
+            let app = App {
+                repo: Repo { db, cache },
+                cached: !args.iter().any(|a| a == "--no-cache"),
+            };
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+            println!(
+                "serving on http://{}/users/1 (metrics on /metrics)",
+                listener.local_addr()?
+            );
+            axum::serve(listener, demo::service::router(std::sync::Arc::new(app))).await?;
+            Ok(())
+        }
+        Some("bench") => bench(&args, &database, redis.as_deref()).await,
+        _ => {
+            println!("{USAGE}");
+            Ok(())
+        }
+    }
+}
+
+async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(), Failure> {
+    let config = LoadConfig {
+        requests: option(args, "--requests", 50_000)?,
+        zipf_s: option(args, "--zipf", 1.0)?,
+        writes: option(args, "--writes", 0.05)?,
+        concurrency: option(args, "--concurrency", 32)?,
+        seed: option(args, "--seed", 1)?,
+        progress: true,
+        ..LoadConfig::default()
+    };
+    let chart_file: String = option(args, "--chart", "demo-chart.png".to_owned())?;
+    println!(
+        "database: {}",
+        database.split('@').next_back().unwrap_or(database)
+    );
+    let db = Db::open(database).await?;
+    // A namespace of its own, so that entries of an earlier run are not
+    // found (with Redis).
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let cache = demo::cache(redis, &format!("demo{stamp}"))?;
+    println!(
+        "cache: {}",
+        if redis.is_some() {
+            "Redis (REDIS_URL)"
+        } else {
+            "in process memory"
+        }
+    );
+    let cached = demo::spawn(App {
+        repo: Repo {
+            db: db.clone(),
+            cache,
+        },
+        cached: true,
+    })
+    .await?;
+    let step = |what: &str| {
+        println!(
+            "{what}: {} requests, Zipf({}) over {} users, {}% writes",
+            config.requests,
+            config.zipf_s,
+            config.users,
+            config.writes * 100.0
+        )
+    };
+    step("with the cache, from empty (cold)");
+    let cold = load::run(
+        cached,
+        &LoadConfig {
+            seed: config.seed + 1,
+            ..config.clone()
+        },
+    )
+    .await?;
+    step("with the cache, warming up further");
+    load::run(
+        cached,
+        &LoadConfig {
+            seed: config.seed + 2,
+            ..config.clone()
+        },
+    )
+    .await?;
+    step("with the cache, warm (measured)");
+    let warm = load::run(cached, &config).await?;
+    let exported = check_metrics(cached).await?;
+    let uncached = demo::spawn(App {
+        repo: Repo {
+            db,
+            cache: demo::cache(None, "unused")?,
+        },
+        cached: false,
+    })
+    .await?;
+    step("without the cache (same requests as the measured run)");
+    let baseline = load::run(uncached, &config).await?;
+    println!();
+    println!(
+        "{}",
+        report::table(&[
+            ("cache, cold start", &cold),
+            ("cache, warm", &warm),
+            ("no cache", &baseline),
+        ])
+    );
+    println!("{exported}");
+    match report::chart(&warm, &baseline) {
+        Ok(png) => {
+            std::fs::write(&chart_file, png)?;
+            println!("chart: {chart_file}");
+        }
+        Err(err) => eprintln!("no chart: {err}"),
+    }
+    if warm.failures + cold.failures + baseline.failures > 0 {
+        return Err("some requests failed".into());
+    }
+    Ok(())
+}
+
+/// Compares `/metrics` with `/stats` at the end of the cached runs.
+async fn check_metrics(addr: std::net::SocketAddr) -> Result<String, Failure> {
+    let mut conn = load::Connection::open(addr).await?;
+    let counts = conn.counts().await?;
+    let (_, body) = conn.send("GET", "/metrics", "").await?;
+    let text = String::from_utf8(body)?;
+    let hits = report::counter_total(&text, "redis_cached_hits_total").unwrap_or(0.0) as u64;
+    let misses = report::counter_total(&text, "redis_cached_misses_total").unwrap_or(0.0) as u64;
+    if (hits, misses) != (counts.hits, counts.misses) {
+        return Err(format!(
+            "/metrics says {hits} hits and {misses} misses, the cache {} and {}",
+            counts.hits, counts.misses
+        )
+        .into());
+    }
+    Ok(format!("/metrics after the cached runs: {hits} hits, {misses} misses (the same as the cache's stats)"))
+}

@@ -1,0 +1,128 @@
+//! The HTTP service: the API over the repository, `/metrics` in the
+//! Prometheus text format and `/stats` for the load generator.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::{Deserialize, Serialize};
+
+use crate::db::DbError;
+use crate::repo::Repo;
+
+/// What the handlers share.
+pub struct App {
+    /// The data.
+    pub repo: Repo,
+    /// `false`: every call goes to the database directly (the baseline).
+    pub cached: bool,
+}
+
+/// What `/stats` answers: the counts the load generator reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    /// SQL statements run, counted at the database layer.
+    pub sql: u64,
+    /// Cache hits (`Cache::stats`).
+    pub hits: u64,
+    /// Cache misses (`Cache::stats`), waiting for another caller's
+    /// computation included.
+    pub misses: u64,
+}
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .expect("no other metrics recorder is installed")
+    })
+}
+
+/// The routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/users/{id}", get(user))
+        .route("/users/{id}/name", axum::routing::put(rename))
+        .route("/users/{id}/orders", get(orders).post(add_order))
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .with_state(app)
+}
+
+fn failed(err: DbError) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()
+}
+
+async fn user(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
+    let user = if app.cached {
+        app.repo.user(id).await
+    } else {
+        app.repo.db.user(id).await
+    };
+    match user {
+        Ok(Some(user)) => Json(user).into_response(),
+        Ok(None) => StatusCode::NOT_FOUND.into_response(),
+        Err(err) => failed(err),
+    }
+}
+
+async fn orders(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
+    let summary = if app.cached {
+        app.repo.order_summary(id).await
+    } else {
+        app.repo.db.order_summary(id).await
+    };
+    match summary {
+        Ok(summary) => Json(summary).into_response(),
+        Err(err) => failed(err),
+    }
+}
+
+async fn rename(State(app): State<Arc<App>>, Path(id): Path<i64>, name: String) -> Response {
+    let user = if app.cached {
+        app.repo.rename_user(id, name).await
+    } else {
+        app.repo.db.rename_user(id, &name).await
+    };
+    match user {
+        Ok(Some(user)) => Json(user).into_response(),
+        Ok(None) => StatusCode::NOT_FOUND.into_response(),
+        Err(err) => failed(err),
+    }
+}
+
+async fn add_order(State(app): State<Arc<App>>, Path(id): Path<i64>, amount: String) -> Response {
+    let Ok(amount) = amount.trim().parse::<i64>() else {
+        return (StatusCode::BAD_REQUEST, "the body is an amount in cents").into_response();
+    };
+    let order = if app.cached {
+        app.repo.add_order(id, amount).await
+    } else {
+        app.repo.db.add_order(id, amount).await
+    };
+    match order {
+        Ok(order) => (StatusCode::CREATED, Json(order)).into_response(),
+        Err(err) => failed(err),
+    }
+}
+
+async fn metrics() -> String {
+    let handle = prometheus();
+    handle.run_upkeep();
+    handle.render()
+}
+
+async fn stats(State(app): State<Arc<App>>) -> Json<Counts> {
+    let stats = app.repo.cache.stats();
+    Json(Counts {
+        sql: app.repo.db.statements(),
+        hits: stats.hits,
+        misses: stats.misses,
+    })
+}
