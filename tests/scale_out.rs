@@ -124,6 +124,16 @@ fn cluster_cache(cluster: &RedisCluster) -> Cache {
         .expect("valid settings")
 }
 
+fn sentinel_cache(setup: &SentinelSetup, op_timeout: Duration) -> Cache {
+    let urls = setup.sentinel_urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    Cache::sentinel_builder(&urls, MASTER_NAME)
+        .namespace("app")
+        .op_timeout(op_timeout)
+        .build()
+        .expect("valid settings")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_cluster_master_is_replaced_without_a_caller_noticing() {
     let mut cluster = RedisCluster::start();
@@ -269,15 +279,7 @@ async fn the_lock_subscriber_comes_back_on_every_slot_after_its_connections_drop
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed() {
     let setup = SentinelSetup::start();
-    let urls = setup.sentinel_urls();
-    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let repo = Repo::new(
-        Cache::sentinel_builder(&urls, MASTER_NAME)
-            .namespace("app")
-            .op_timeout(Duration::from_millis(300))
-            .build()
-            .expect("valid settings"),
-    );
+    let repo = Repo::new(sentinel_cache(&setup, Duration::from_millis(300)));
     repo.cache.connect().await.expect("connect");
     repo.until_cached(1, Duration::from_secs(10)).await;
     let old = setup.master_port();
@@ -332,15 +334,7 @@ async fn sentinels_that_answer_late_hold_no_caller_up() {
     for sentinel in &setup.sentinels {
         sentinel.pause();
     }
-    let urls = setup.sentinel_urls();
-    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let repo = Repo::new(
-        Cache::sentinel_builder(&urls, MASTER_NAME)
-            .namespace("app")
-            .op_timeout(Duration::from_millis(200))
-            .build()
-            .expect("valid settings"),
-    );
+    let repo = Repo::new(sentinel_cache(&setup, Duration::from_millis(200)));
     // A caller that gives up while the master is being looked up.
     let gave_up = tokio::time::timeout(Duration::from_millis(50), repo.row(1)).await;
     assert!(gave_up.is_err(), "the lookup cannot have been answered");
