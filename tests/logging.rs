@@ -196,10 +196,53 @@ fn each_call_has_a_span_with_its_outcome() {
     assert_eq!(outcomes, ["miss", "hit", "fallback", "miss"], "{logs}");
     assert!(spans.iter().all(|l| l.contains("::traced")), "{logs}");
     assert!(spans[0].contains("compute_ms="), "{logs}");
+    // Time spent waiting for Redis, on Redis only.
+    assert!(
+        spans[0].contains("redis_ms=") && spans[1].contains("redis_ms="),
+        "{logs}"
+    );
+    assert!(!spans[3].contains("redis_ms="), "{logs}");
     assert!(
         !logs.contains("span-key") && !logs.contains("span-value"),
         "{logs}"
     );
+}
+
+/// `log_keys(true)` names each call's key in its span; values still never.
+#[test]
+fn keys_are_in_spans_only_when_asked_for() {
+    #[redis_cached(key = "opted-key:<id>", cache = cache)]
+    async fn traced(cache: &Cache, id: u64) -> String {
+        format!("opted-value-{id}")
+    }
+    let (captured, subscriber) = capture(tracing::Level::DEBUG, FmtSpan::CLOSE);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let server = RedisServer::start();
+            let cache = Cache::builder(&server.url())
+                .namespace("app")
+                .log_keys(true)
+                .build()
+                .expect("valid URL");
+            traced(&cache, 1).await;
+            traced(&cache, 1).await;
+            traced(&Cache::in_memory(), 2).await;
+        });
+    });
+    let logs = captured.text();
+    let spans: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("cached{") && l.contains("close"))
+        .collect();
+    assert_eq!(spans.len(), 3, "{logs}");
+    assert!(spans[0].contains("key=\"app:opted-key:1\""), "{logs}");
+    assert!(spans[1].contains("key=\"app:opted-key:1\""), "{logs}");
+    assert!(!spans[2].contains("opted-key"), "not asked for: {logs}");
+    assert!(!logs.contains("opted-value"), "{logs}");
 }
 
 /// A value over `max_value_bytes` is not cached, and says so once at

@@ -162,6 +162,7 @@ pub struct CacheBuilder {
     coalesce_wait: Duration,
     max_value_bytes: usize,
     bounded_reads: bool,
+    log_keys: bool,
     merge_lookups: bool,
     tls_root: Option<Vec<u8>>,
     codec: Codec,
@@ -208,6 +209,7 @@ impl CacheBuilder {
             tls_root: None,
             max_value_bytes: 16 * 1024 * 1024,
             bounded_reads: false,
+            log_keys: false,
             merge_lookups: true,
             codec: Codec::Json,
             breaker: BreakerConfig::default(),
@@ -312,6 +314,15 @@ impl CacheBuilder {
     /// cache's Redis.
     pub fn bounded_reads(mut self, bounded: bool) -> Self {
         self.bounded_reads = bounded;
+        self
+    }
+
+    /// Whether each call's tracing span names its key (the field `key`,
+    /// namespace included). Off by default: keys hold user ids, emails and
+    /// other arguments, and logs travel further than the cache. Values are
+    /// never logged.
+    pub fn log_keys(mut self, log: bool) -> Self {
+        self.log_keys = log;
         self
     }
 
@@ -423,6 +434,7 @@ impl CacheBuilder {
                 coalesce_wait: self.coalesce_wait,
                 max_value_bytes: self.max_value_bytes,
                 bounded_reads: self.bounded_reads,
+                log_keys: self.log_keys,
                 codec: self.codec,
             },
             breaker: Breaker::new(self.breaker),

@@ -15,6 +15,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
@@ -26,6 +27,7 @@ use crate::fresh::{Detached, Due};
 use crate::policy::Policy;
 use crate::shape::Shape;
 use crate::site::Site;
+use crate::spent;
 use crate::stats::Event;
 
 /// A cached function's body, as its call runs it.
@@ -170,6 +172,9 @@ pin_project! {
         // poll, so the body's own spans nest in it; its `outcome` is
         // recorded when the call ends.
         span: tracing::Span,
+        // Time spent waiting for Redis in this call's polls, summed while
+        // its span is listened to.
+        redis: Duration,
     }
 }
 
@@ -254,6 +259,10 @@ fn start<'a, S: Shape<R>, R>(
     reads_first: fn(&Inner, &Policy) -> bool,
 ) -> CallState<'a, S, R, impl Future<Output = Read> + 'a> {
     let directive = directive::take();
+    // The key as the span may name it (opt-in): kept only when wanted.
+    let logged_key = inner
+        .filter(|inner| inner.settings.log_keys && spent::wanted())
+        .map(|_| key.clone());
     let stage = match (inner, directive) {
         (_, Some(Directive::Bypass)) => Stage::Uncached,
         (Some(inner), Some(Directive::Capture)) => {
@@ -294,12 +303,20 @@ fn start<'a, S: Shape<R>, R>(
             function = policy.site.map_or("", Site::name),
             outcome = tracing::field::Empty,
             compute_ms = tracing::field::Empty,
+            redis_ms = tracing::field::Empty,
+            key = tracing::field::Empty,
         ),
     };
+    if let (Some(inner), Some(key)) = (inner, logged_key) {
+        if inner.settings.log_keys && !span.is_disabled() {
+            span.record("key", inner.full_key(key).as_str());
+        }
+    }
     CallState {
         stage,
         kept: None,
         span,
+        redis: Duration::ZERO,
     }
 }
 
@@ -310,11 +327,31 @@ where
 {
     /// Advances the call, running `body` if it must.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>, body: Pin<&mut dyn Body<R>>) -> Poll<R> {
-        let mut this = self.project();
+        let this = self.project();
         let span = &*this.span;
         let _entered = span.enter();
+        if span.is_disabled() {
+            return Self::advance(this.stage, this.kept, span, cx, body);
+        }
+        let outer = spent::begin();
+        let polled = Self::advance(this.stage, this.kept, span, cx, body);
+        *this.redis += spent::end(outer);
+        if polled.is_ready() && !this.redis.is_zero() {
+            span.record("redis_ms", this.redis.as_secs_f64() * 1e3);
+        }
+        polled
+    }
+
+    /// [`CallState::poll`] within the call's span.
+    fn advance(
+        mut stage: Pin<&mut Stage<'a, Rd>>,
+        kept: &mut Option<Kept<S::Value, R>>,
+        span: &tracing::Span,
+        cx: &mut Context<'_>,
+        body: Pin<&mut dyn Body<R>>,
+    ) -> Poll<R> {
         loop {
-            match this.stage.as_mut().project() {
+            match stage.as_mut().project() {
                 StageProj::Read {
                     read,
                     inner,
@@ -326,7 +363,7 @@ where
                     let (inner, tags, policy): (&'a Arc<Inner>, _, _) = (*inner, *tags, *policy);
                     if *forced {
                         let fill = Fill::forced(inner, key, tags, policy, inner.seen(read));
-                        this.stage.set(Stage::Miss {
+                        stage.set(Stage::Miss {
                             miss: Miss::new(fill),
                         });
                         continue;
@@ -358,12 +395,12 @@ where
                     };
                     inner.count(policy.site, Event::misses);
                     let fill = Fill::after_miss(inner, key, tags, policy, seen);
-                    this.stage.set(Stage::Miss {
+                    stage.set(Stage::Miss {
                         miss: Miss::new(fill),
                     });
                 }
                 StageProj::Miss { miss } => {
-                    let result = ready!(poll_miss::<S, R>(miss, cx, body, this.kept));
+                    let result = ready!(poll_miss::<S, R>(miss, cx, body, kept));
                     span.record("outcome", miss.outcome().as_str());
                     if let Some(took) = miss.computed() {
                         span.record("compute_ms", took.as_secs_f64() * 1e3);

@@ -23,6 +23,7 @@ use crate::meters::{self, Meters, NO_FUNCTION};
 use crate::policy::Policy;
 use crate::shape::{Shape, Stored};
 use crate::site::Site;
+use crate::spent;
 use crate::stats::{Counters, Event};
 use crate::token::now_unix_ms;
 
@@ -47,6 +48,8 @@ pub(crate) struct Settings {
     /// rather than all of it (GET).
     pub(crate) bounded_reads: bool,
     pub(crate) codec: Codec,
+    /// Name each call's key in its tracing span (opt-in).
+    pub(crate) log_keys: bool,
 }
 
 /// What a cache is made of; the public handle holds it in an `Arc`.
@@ -124,11 +127,12 @@ impl Inner {
             self.count(None, Event::breaker_skips);
             return Err(Error::BreakerOpen);
         }
-        let started = meters::EXPORTED.then(Instant::now);
+        let started = (meters::EXPORTED || spent::wanted()).then(Instant::now);
         let outcome = tokio::time::timeout(bound, op).await;
         if let Some(started) = started {
-            self.meters
-                .redis_time(started.elapsed(), self.cache_label());
+            let took = started.elapsed();
+            self.meters.redis_time(took, self.cache_label());
+            spent::add(took);
         }
         let err = match outcome {
             Ok(Ok(value)) => {

@@ -33,6 +33,7 @@ mod policy;
 mod recent;
 mod shape;
 mod site;
+mod spent;
 mod stats;
 mod token;
 mod write_behind;
