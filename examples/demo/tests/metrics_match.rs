@@ -12,6 +12,8 @@ use demo::service::{prometheus, App};
 async fn metrics_show_what_the_load_generator_counted() {
     prometheus();
     let dir = std::env::temp_dir().join(format!("demo-test-{}", std::process::id()));
+    // A directory left by an earlier process of the same id goes first.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a temporary directory");
     let url = format!("sqlite://{}/demo.sqlite3?mode=rwc", dir.display());
     let db = Db::open(&url).await.expect("SQLite opens and is seeded");

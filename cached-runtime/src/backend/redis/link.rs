@@ -176,8 +176,20 @@ impl ClusterTarget {
             )
             .await
             .map_err(|e| Error::from_redis(&e))?;
-        parse_slot_ranges(&reply)
+        let seed = self.seeds[0].as_str().into_connection_info().ok();
+        let fallback = match seed.as_ref().map(ConnectionInfo::addr) {
+            Some(ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. }) => {
+                host.as_str()
+            }
+            _ => "127.0.0.1",
+        };
+        parse_slot_ranges(&reply, fallback)
             .ok_or_else(|| Error::Redis("CLUSTER SLOTS answered in an unknown shape".into()))
+    }
+
+    /// How long connecting to a node may take.
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
     }
 
     /// A RESP3 client for the node at `host:port`, with the first seed's
@@ -205,9 +217,12 @@ impl ClusterTarget {
     }
 }
 
-/// `CLUSTER SLOTS`: `[[first, last, [host, port, …], replicas…], …]`. A
-/// master that names no host (`""`, or `?` while unknown) is skipped.
-fn parse_slot_ranges(reply: &Value) -> Option<Vec<SlotRange>> {
+/// `CLUSTER SLOTS`: `[[first, last, [host, port, …], replicas…], …]`.
+/// A master named by no host (NULL or `""`: the node does not know its
+/// own address) is taken to be on `fallback_host`, the first seed's host,
+/// as redis-rs takes it to be on the node that answered; one still unknown
+/// (`?`), or an entry of another shape, is skipped.
+fn parse_slot_ranges(reply: &Value, fallback_host: &str) -> Option<Vec<SlotRange>> {
     let Value::Array(ranges) = reply else {
         return None;
     };
@@ -215,8 +230,7 @@ fn parse_slot_ranges(reply: &Value) -> Option<Vec<SlotRange>> {
         Value::Int(n) => u16::try_from(*n).ok(),
         _ => None,
     };
-    let mut out = Vec::with_capacity(ranges.len());
-    for range in ranges {
+    let range = |range: &Value| {
         let Value::Array(fields) = range else {
             return None;
         };
@@ -227,19 +241,61 @@ fn parse_slot_ranges(reply: &Value) -> Option<Vec<SlotRange>> {
         let host = match master.first()? {
             Value::BulkString(host) => String::from_utf8(host.clone()).ok()?,
             Value::SimpleString(host) => host.clone(),
+            Value::Nil => String::new(),
             _ => return None,
         };
+        let host = match host.as_str() {
+            "?" => return None,
+            "" => fallback_host.to_owned(),
+            _ => host,
+        };
         let port = int(master.get(1)?)?;
-        if !host.is_empty() && host != "?" {
-            out.push(SlotRange {
-                first,
-                last,
-                host,
-                port,
-            });
-        }
+        Some(SlotRange {
+            first,
+            last,
+            host,
+            port,
+        })
+    };
+    Some(ranges.iter().filter_map(range).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_ranges_are_read_as_redis_rs_reads_them() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |first: i64, last: i64, host: Value, port: i64| {
+            Value::Array(vec![
+                Value::Int(first),
+                Value::Int(last),
+                Value::Array(vec![host, Value::Int(port), bulk("id")]),
+            ])
+        };
+        let reply = Value::Array(vec![
+            entry(0, 5460, bulk("10.0.0.1"), 7000),
+            entry(5461, 10922, bulk(""), 7001),
+            entry(10923, 16000, Value::Nil, 7002),
+            entry(16001, 16383, bulk("?"), 7003),
+            Value::Array(vec![Value::Int(1)]),
+        ]);
+        let ranges = parse_slot_ranges(&reply, "seed.host").expect("an array");
+        let read: Vec<_> = ranges
+            .iter()
+            .map(|r| (r.first, r.last, r.host.as_str(), r.port))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                (0, 5460, "10.0.0.1", 7000),
+                (5461, 10922, "seed.host", 7001),
+                (10923, 16000, "seed.host", 7002),
+            ]
+        );
+        assert!(parse_slot_ranges(&Value::Int(1), "h").is_none());
     }
-    Some(out)
 }
 
 fn cluster_builder(

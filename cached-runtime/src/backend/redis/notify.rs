@@ -498,6 +498,8 @@ impl Nodes<'_> {
                     let (host, port) = entry.key();
                     let client = self.cluster.node_client(host, *port)?;
                     let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(self.cluster.connect_timeout()))
+                        .set_response_timeout(Some(CONNECT))
                         .set_push_sender(pushes(self.notifier.clone(), self.generation));
                     let conn = client
                         .get_multiplexed_async_connection_with_config(&config)
