@@ -153,6 +153,24 @@ async fn an_outage_is_one_warning_and_one_summary() {
     assert!(summary[0].contains("failed probes"), "{logs}");
 }
 
+/// Runs `calls` on a runtime of its own under a `debug` subscriber; all
+/// that was logged, and the lines of the `cached` spans as they closed.
+fn cached_spans(calls: impl std::future::Future<Output = ()>) -> (String, Vec<String>) {
+    let (captured, subscriber) = capture(tracing::Level::DEBUG, FmtSpan::CLOSE);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tracing::subscriber::with_default(subscriber, || runtime.block_on(calls));
+    let logs = captured.text();
+    let spans = logs
+        .lines()
+        .filter(|l| l.contains("cached{") && l.contains("close"))
+        .map(str::to_owned)
+        .collect();
+    (logs, spans)
+}
+
 /// One span per call at `debug`, target `redis_cached`: the function and
 /// how the call got its result; never the key or the value.
 #[test]
@@ -161,29 +179,17 @@ fn each_call_has_a_span_with_its_outcome() {
     async fn traced(cache: &Cache, id: u64) -> String {
         format!("span-value-{id}")
     }
-    let (captured, subscriber) = capture(tracing::Level::DEBUG, FmtSpan::CLOSE);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let server = RedisServer::start();
-            let cache = Cache::redis(&server.url()).expect("valid URL");
-            traced(&cache, 1).await; // miss
-            traced(&cache, 1).await; // hit
-            let dead = Cache::builder("redis://127.0.0.1:1/")
-                .build()
-                .expect("valid");
-            traced(&dead, 1).await; // fallback
-            traced(&Cache::in_memory(), 2).await; // miss, in memory
-        });
+    let (logs, spans) = cached_spans(async {
+        let server = RedisServer::start();
+        let cache = Cache::redis(&server.url()).expect("valid URL");
+        traced(&cache, 1).await; // miss
+        traced(&cache, 1).await; // hit
+        let dead = Cache::builder("redis://127.0.0.1:1/")
+            .build()
+            .expect("valid");
+        traced(&dead, 1).await; // fallback
+        traced(&Cache::in_memory(), 2).await; // miss, in memory
     });
-    let logs = captured.text();
-    let spans: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("cached{") && l.contains("close"))
-        .collect();
     let outcomes: Vec<&str> = spans
         .iter()
         .map(|l| {
@@ -215,29 +221,17 @@ fn keys_are_in_spans_only_when_asked_for() {
     async fn traced(cache: &Cache, id: u64) -> String {
         format!("opted-value-{id}")
     }
-    let (captured, subscriber) = capture(tracing::Level::DEBUG, FmtSpan::CLOSE);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let server = RedisServer::start();
-            let cache = Cache::builder(&server.url())
-                .namespace("app")
-                .log_keys(true)
-                .build()
-                .expect("valid URL");
-            traced(&cache, 1).await;
-            traced(&cache, 1).await;
-            traced(&Cache::in_memory(), 2).await;
-        });
+    let (logs, spans) = cached_spans(async {
+        let server = RedisServer::start();
+        let cache = Cache::builder(&server.url())
+            .namespace("app")
+            .log_keys(true)
+            .build()
+            .expect("valid URL");
+        traced(&cache, 1).await;
+        traced(&cache, 1).await;
+        traced(&Cache::in_memory(), 2).await;
     });
-    let logs = captured.text();
-    let spans: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("cached{") && l.contains("close"))
-        .collect();
     assert_eq!(spans.len(), 3, "{logs}");
     assert!(spans[0].contains("key=\"app:opted-key:1\""), "{logs}");
     assert!(spans[1].contains("key=\"app:opted-key:1\""), "{logs}");
