@@ -333,9 +333,9 @@ where
         if span.is_disabled() {
             return Self::advance(this.stage, this.kept, span, cx, body);
         }
-        let outer = spent::begin();
+        let polling = spent::begin();
         let polled = Self::advance(this.stage, this.kept, span, cx, body);
-        *this.redis += spent::end(outer);
+        *this.redis += polling.end();
         if polled.is_ready() && !this.redis.is_zero() {
             span.record("redis_ms", this.redis.as_secs_f64() * 1e3);
         }

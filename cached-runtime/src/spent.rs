@@ -23,14 +23,33 @@ pub(crate) fn add(took: Duration) {
     SPENT.with(|spent| spent.set(spent.get().saturating_add(took)));
 }
 
-/// Starts one poll of a call: the total set aside, for [`end`].
-pub(crate) fn begin() -> Duration {
-    SPENT.with(|spent| spent.replace(Duration::ZERO))
+/// One poll of a call, from [`begin`]: gives the total set aside back
+/// when ended, or when dropped (a body that panicked).
+pub(crate) struct Polling {
+    outer: Option<Duration>,
 }
 
-/// Ends one poll of a call: what its operations spent.
-pub(crate) fn end(outer: Duration) -> Duration {
-    SPENT.with(|spent| spent.replace(outer))
+/// Starts one poll of a call, setting the running total aside.
+pub(crate) fn begin() -> Polling {
+    Polling {
+        outer: Some(SPENT.with(|spent| spent.replace(Duration::ZERO))),
+    }
+}
+
+impl Polling {
+    /// Ends the poll: what its operations spent.
+    pub(crate) fn end(mut self) -> Duration {
+        let outer = self.outer.take().unwrap_or_default();
+        SPENT.with(|spent| spent.replace(outer))
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        if let Some(outer) = self.outer.take() {
+            SPENT.with(|spent| spent.set(outer));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -44,9 +63,15 @@ mod tests {
         add(Duration::from_millis(1));
         let inner = begin();
         add(Duration::from_millis(2));
-        assert_eq!(end(inner), Duration::from_millis(2));
+        assert_eq!(inner.end(), Duration::from_millis(2));
+        let panicked = begin();
+        add(Duration::from_millis(50));
+        drop(panicked); // unwound: its time is dropped with it
         add(Duration::from_millis(3));
-        assert_eq!(end(outer), Duration::from_millis(4));
-        assert_eq!(begin(), Duration::from_millis(100));
+        assert_eq!(outer.end(), Duration::from_millis(4));
+        // The total outside any call is back as it was.
+        let probe = begin();
+        assert_eq!(probe.outer, Some(Duration::from_millis(100)));
+        assert_eq!(probe.end(), Duration::ZERO);
     }
 }
