@@ -3,11 +3,12 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis_cached::{redis_cached, BreakerConfig, Cache};
+use redis_cached::{cache_evict, cache_put, redis_cached, BreakerConfig, Cache};
 use support::RedisServer;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -153,21 +154,30 @@ async fn an_outage_is_one_warning_and_one_summary() {
     assert!(summary[0].contains("failed probes"), "{logs}");
 }
 
-/// Runs `calls` on a runtime of its own under a `debug` subscriber; all
-/// that was logged, and the lines of the `cached` spans as they closed.
-fn cached_spans(calls: impl std::future::Future<Output = ()>) -> (String, Vec<String>) {
+/// Runs `calls` on a runtime of its own under a `debug` subscriber: all
+/// that was logged.
+fn traced(calls: impl std::future::Future<Output = ()>) -> String {
     let (captured, subscriber) = capture(tracing::Level::DEBUG, FmtSpan::CLOSE);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     tracing::subscriber::with_default(subscriber, || runtime.block_on(calls));
-    let logs = captured.text();
-    let spans = logs
-        .lines()
-        .filter(|l| l.contains("cached{") && l.contains("close"))
+    captured.text()
+}
+
+/// The lines of `logs` that close a span named `name`, in order.
+fn closed(logs: &str, name: &str) -> Vec<String> {
+    logs.lines()
+        .filter(|l| l.contains(&format!("{name}{{")) && l.contains("close"))
         .map(str::to_owned)
-        .collect();
+        .collect()
+}
+
+/// [`traced`], and the lines of the `cached` spans as they closed.
+fn cached_spans(calls: impl std::future::Future<Output = ()>) -> (String, Vec<String>) {
+    let logs = traced(calls);
+    let spans = closed(&logs, "cached");
     (logs, spans)
 }
 
@@ -237,6 +247,176 @@ fn keys_are_in_spans_only_when_asked_for() {
     assert!(spans[1].contains("key=\"app:opted-key:1\""), "{logs}");
     assert!(!spans[2].contains("opted-key"), "not asked for: {logs}");
     assert!(!logs.contains("opted-value"), "{logs}");
+}
+
+/// Batch functions, `#[cache_put]`, `#[cache_evict]` and the runtime API
+/// have spans of their own, with how each went; never a key or a value.
+#[test]
+fn batches_writes_and_runtime_calls_have_spans_of_their_own() {
+    #[redis_cached(key = "batch-key:<ids[]>", cache = cache)]
+    async fn names(cache: &Cache, ids: Vec<u64>) -> HashMap<u64, String> {
+        ids.into_iter()
+            .map(|id| (id, format!("batch-value-{id}")))
+            .collect()
+    }
+    #[cache_put(key = "batch-key:<id>", cache = cache)]
+    async fn rename(cache: &Cache, id: u64) -> String {
+        format!("put-value-{id}")
+    }
+    #[cache_evict(key = "batch-key:<id>", cache = cache)]
+    async fn remove(cache: &Cache, id: u64) -> Result<(), String> {
+        if id == 0 {
+            return Err("refused".into());
+        }
+        Ok(())
+    }
+    let logs = traced(async {
+        let server = RedisServer::start();
+        let cache = Cache::redis(&server.url()).expect("valid URL");
+        names(&cache, vec![1, 2]).await;
+        names(&cache, vec![1, 2, 3]).await;
+        names(&cache, vec![3, 1]).await;
+        rename(&cache, 1).await;
+        remove(&cache, 1).await.expect("evicted");
+        remove(&cache, 0).await.expect_err("failed body");
+        assert_eq!(
+            cache.get::<String>("batch-key:2").await.as_deref(),
+            Some("batch-value-2")
+        );
+        cache
+            .set("plain-key", &"plain-value", Duration::from_secs(60))
+            .await
+            .expect("stored");
+        let got = cache.get_many::<String>(&["plain-key", "absent-key"]).await;
+        assert_eq!(got, [Some("plain-value".to_owned()), None]);
+        cache.invalidate("plain-key").await.expect("invalidated");
+        cache.invalidate_tag("some-tag").await.expect("invalidated");
+        let dead = Cache::builder("redis://127.0.0.1:1/")
+            .build()
+            .expect("valid");
+        assert_eq!(dead.get::<String>("plain-key").await, None);
+        dead.set("plain-key", &1, Duration::from_secs(60))
+            .await
+            .expect_err("Redis down");
+        rename(&Cache::in_memory(), 2).await;
+    });
+    let field = |line: &str, name: &str| -> String {
+        let start = line
+            .find(&format!(" {name}="))
+            .or_else(|| line.find(&format!("{{{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {line}"));
+        let rest = &line[start + name.len() + 2..];
+        rest[..rest.find([' ', '}']).unwrap_or(rest.len())]
+            .trim_matches('"')
+            .to_owned()
+    };
+    let batches = closed(&logs, "cached_batch");
+    let got: Vec<(String, String)> = batches
+        .iter()
+        .map(|l| (field(l, "outcome"), field(l, "computed")))
+        .collect();
+    let want = [("miss", "2"), ("miss", "1"), ("hit", "0")];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(o, c)| (o.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(got, want, "{logs}");
+    assert!(batches.iter().all(|l| l.contains("::names")), "{logs}");
+    assert!(batches.iter().all(|l| l.contains("redis_ms=")), "{logs}");
+    assert!(batches[0].contains("compute_ms="), "{logs}");
+    assert!(!batches[2].contains("compute_ms="), "{logs}");
+
+    let puts = closed(&logs, "cache_put");
+    let got: Vec<String> = puts.iter().map(|l| field(l, "outcome")).collect();
+    assert_eq!(got, ["stored", "stored"], "{logs}");
+    assert!(puts.iter().all(|l| l.contains("::rename")), "{logs}");
+    assert!(
+        puts[0].contains("redis_ms=") && puts[0].contains("compute_ms="),
+        "{logs}"
+    );
+    assert!(!puts[1].contains("redis_ms="), "in memory: {logs}");
+
+    let evictions = closed(&logs, "cache_evict");
+    let got: Vec<String> = evictions.iter().map(|l| field(l, "outcome")).collect();
+    assert_eq!(got, ["evicted", "skipped"], "{logs}");
+    assert!(evictions.iter().all(|l| l.contains("::remove")), "{logs}");
+    assert_eq!(field(&evictions[0], "evicted"), "1", "{logs}");
+    assert!(evictions[0].contains("redis_ms="), "{logs}");
+
+    let ops = closed(&logs, "cache_op");
+    let got: Vec<(String, String)> = ops
+        .iter()
+        .map(|l| (field(l, "op"), field(l, "outcome")))
+        .collect();
+    let want = [
+        ("get", "hit"),
+        ("set", "ok"),
+        ("get_many", "miss"),
+        ("invalidate", "ok"),
+        ("invalidate_tag", "ok"),
+        ("get", "fallback"),
+        ("set", "error"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(o, c)| (o.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(got, want, "{logs}");
+    assert_eq!(field(&ops[2], "hits"), "1", "{logs}");
+    assert_eq!(field(&ops[2], "keys"), "2", "{logs}");
+    assert_eq!(ops[4].matches("keys=").count(), 1, "{logs}");
+    assert_eq!(field(&ops[4], "keys"), "0", "{logs}");
+    assert!(ops[..5].iter().all(|l| l.contains("redis_ms=")), "{logs}");
+    for secret in [
+        "batch-key",
+        "batch-value",
+        "put-value",
+        "plain-key",
+        "plain-value",
+        "some-tag",
+    ] {
+        assert!(!logs.contains(secret), "{secret} logged: {logs}");
+    }
+}
+
+/// With `log_keys(true)`, writes and runtime calls name their key (a
+/// tag invalidation its tag); values still never.
+#[test]
+fn writes_and_runtime_calls_name_keys_only_when_asked_for() {
+    #[cache_put(key = "named-key:<id>", cache = cache)]
+    async fn rename(cache: &Cache, id: u64) -> String {
+        format!("named-value-{id}")
+    }
+    #[cache_evict(key = "named-key:<id>", cache = cache)]
+    async fn remove(cache: &Cache, id: u64) {}
+    let logs = traced(async {
+        let server = RedisServer::start();
+        let cache = Cache::builder(&server.url())
+            .namespace("app")
+            .log_keys(true)
+            .build()
+            .expect("valid URL");
+        rename(&cache, 1).await;
+        assert_eq!(
+            cache.get::<String>("named-key:1").await.as_deref(),
+            Some("named-value-1")
+        );
+        remove(&cache, 1).await;
+        cache
+            .invalidate_tag("named-tag")
+            .await
+            .expect("invalidated");
+        rename(&Cache::in_memory(), 2).await;
+    });
+    let puts = closed(&logs, "cache_put");
+    assert!(puts[0].contains("key=\"app:named-key:1\""), "{logs}");
+    assert!(!puts[1].contains("named-key"), "not asked for: {logs}");
+    let evictions = closed(&logs, "cache_evict");
+    assert!(evictions[0].contains("key=\"app:named-key:1\""), "{logs}");
+    let ops = closed(&logs, "cache_op");
+    assert!(ops[0].contains("key=\"app:named-key:1\""), "{logs}");
+    assert!(ops[1].contains("key=\"named-tag\""), "{logs}");
+    assert!(!logs.contains("named-value"), "{logs}");
 }
 
 /// A value over `max_value_bytes` is not cached, and says so once at

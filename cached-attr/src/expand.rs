@@ -76,14 +76,12 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             } else {
                 quote!(::core::option::Option::Some(#key))
             };
-            quote!(#private::evict::<#ret, _>(#cache.get(), #key, &#tags, #succeeded, #body).await)
+            let site = local("__SITE");
+            quote!(#private::evict::<#ret, _>(#cache.get(), &#site, #key, &#tags, #succeeded, #body).await)
         }
     };
 
-    let site = match model.kind {
-        Kind::Evict => TokenStream::new(),
-        _ => site_static(&private),
-    };
+    let site = site_static(&private);
     let refreshing =
         model.kind == Kind::Cached && (model.stale_ms.is_some() || model.early.is_some());
     let body_binding = if refreshing {

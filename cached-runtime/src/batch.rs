@@ -14,18 +14,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::future::join_all;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::Span;
 
-use crate::aside::{marked_all, reentrant};
+use crate::aside::{marked_all, reentrant, Outcome};
 use crate::backend::{Bytes, Seen, StoreIf};
 use crate::core::{Encoded, Inner, Lookup, StoreOutcome};
 use crate::directive::{self, Directive};
 use crate::flight::{self, Followed, Leader, Role};
 use crate::policy::Policy;
 use crate::site::Site;
+use crate::spent::InSpan;
 use crate::stats::Event;
 
 /// The map a batch function returns: element to value.
@@ -140,44 +143,125 @@ where
         }
         _ => None,
     };
-    let Some(inner) = inner else {
-        let mut keys = HashSet::new();
-        let unique = elements
-            .into_iter()
-            .filter(|(_, key)| keys.insert(key.clone()))
-            .map(|(element, _)| element)
-            .collect();
-        return body(unique).await;
-    };
-    let mut found = S::Map::default();
+    let span = tracing::debug_span!(
+        target: "redis_cached",
+        "cached_batch",
+        function = policy.site.map_or("", Site::name),
+        elements = elements.len(),
+        computed = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        compute_ms = tracing::field::Empty,
+        redis_ms = tracing::field::Empty,
+    );
     let forced = directive == Some(Directive::Refresh);
-    let site = policy.site;
-    let missing = look_up::<K, V, S::Map>(inner, elements, forced, site, &mut found).await;
-    // A refresh recomputes: it takes no computation that began before it.
-    let missing = if forced {
-        missing
-    } else {
-        follow::<K, V, S::Map>(inner, missing, site, &mut found).await
+    let call = Call {
+        inner,
+        tags,
+        policy,
+        forced,
+        span: span.clone(),
     };
-    if missing.is_empty() {
-        return S::wrap(found);
-    }
-    let mut batch = Fill::lead(inner, missing, tags, policy).await;
-    batch.forced = forced;
-    let computing = batch.keys();
-    inner.count(site, Event::computes);
-    let result = marked_all(computing, body(batch.elements())).await;
-    let computed = match S::split(result) {
-        Ok(map) => map,
-        Err(result) => {
-            batch.fail();
-            return result;
+    InSpan::new(span, call.run::<S, R, K, V, F, Fut>(elements, body)).await
+}
+
+/// One call of a batch function with its cache (`None`: uncached) and its
+/// span, which records how the call went.
+struct Call<'a> {
+    inner: Option<&'a Arc<Inner>>,
+    tags: &'a [String],
+    policy: Policy,
+    /// `refresh(…)`: every element is recomputed.
+    forced: bool,
+    span: Span,
+}
+
+impl Call<'_> {
+    async fn run<S, R, K, V, F, Fut>(self, elements: Vec<(K, String)>, body: F) -> R
+    where
+        S: BatchShape<R>,
+        S::Map: BatchMap<K, V>,
+        K: Clone,
+        V: Serialize + DeserializeOwned,
+        F: FnOnce(Vec<K>) -> Fut,
+        Fut: Future<Output = R>,
+    {
+        let Call {
+            inner,
+            tags,
+            policy,
+            forced,
+            span,
+        } = self;
+        let Some(inner) = inner else {
+            let mut keys = HashSet::new();
+            let unique: Vec<K> = elements
+                .into_iter()
+                .filter(|(_, key)| keys.insert(key.clone()))
+                .map(|(element, _)| element)
+                .collect();
+            span.record("computed", unique.len());
+            span.record("outcome", Outcome::Uncached.as_str());
+            return timed(&span, body(unique)).await;
+        };
+        let mut found = S::Map::default();
+        let site = policy.site;
+        let missing = look_up::<K, V, S::Map>(inner, elements, forced, site, &mut found).await;
+        // Redis could not be read: what is computed is a fallback.
+        let unread = missing.iter().any(|m| matches!(m.seen, Seen::Unknown));
+        let unfound = missing.len();
+        // A refresh recomputes: it takes no computation that began before it.
+        let missing = if forced {
+            missing
+        } else {
+            follow::<K, V, S::Map>(inner, missing, site, &mut found).await
+        };
+        if missing.is_empty() {
+            let outcome = if unfound == 0 {
+                Outcome::Hit
+            } else {
+                Outcome::Coalesced
+            };
+            span.record("computed", 0);
+            span.record("outcome", outcome.as_str());
+            return S::wrap(found);
         }
-    };
-    let entries = batch.encode::<V, S::Map>(&computed);
-    batch.finish(entries).await;
-    found.merge(computed);
-    S::wrap(found)
+        span.record("computed", missing.len());
+        let outcome = if unread {
+            Outcome::Fallback
+        } else {
+            Outcome::Miss
+        };
+        span.record("outcome", outcome.as_str());
+        let mut batch = Fill::lead(inner, missing, tags, policy).await;
+        batch.forced = forced;
+        let computing = batch.keys();
+        inner.count(site, Event::computes);
+        let result = timed(&span, marked_all(computing, body(batch.elements()))).await;
+        // Only the map is held across the store: an error type need not
+        // be `Send`.
+        let computed = match S::split(result) {
+            Ok(map) => map,
+            Err(result) => {
+                batch.fail();
+                return result;
+            }
+        };
+        let entries = batch.encode::<V, S::Map>(&computed);
+        batch.finish(entries).await;
+        found.merge(computed);
+        S::wrap(found)
+    }
+}
+
+/// Runs a batch's body, recording its time in `span` when it is listened to.
+async fn timed<R>(span: &Span, body: impl Future<Output = R>) -> R {
+    if span.is_disabled() {
+        return body.await;
+    }
+    let started = Instant::now();
+    let result = body.await;
+    span.record("compute_ms", started.elapsed().as_secs_f64() * 1e3);
+    result
 }
 
 /// Reads every element's key in one round trip: hits go into `found`

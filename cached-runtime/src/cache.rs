@@ -8,7 +8,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backend::AnyBackend;
+use tracing::Span;
+
+use crate::aside::Outcome;
+use crate::backend::{AnyBackend, Seen};
 use crate::core::{Inner, Lookup};
 #[cfg(doc)]
 use crate::error::Error;
@@ -16,6 +19,7 @@ use crate::error::Result;
 use crate::key::check_user_key;
 use crate::policy::Policy;
 use crate::shape::Plain;
+use crate::spent::InSpan;
 use crate::stats::Stats;
 
 /// A cache: a backend (Redis or in-memory) plus the policy around it.
@@ -53,6 +57,31 @@ impl std::fmt::Debug for Cache {
     }
 }
 
+/// The span of one runtime API call (`cache_op`, target `redis_cached`,
+/// level `debug`), on `keys` keys when they are known before it runs.
+fn op_span(op: &'static str, keys: Option<usize>) -> Span {
+    let span = tracing::debug_span!(
+        target: "redis_cached",
+        "cache_op",
+        op,
+        keys = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        hits = tracing::field::Empty,
+        redis_ms = tracing::field::Empty,
+        key = tracing::field::Empty,
+    );
+    if let Some(keys) = keys {
+        span.record("keys", keys);
+    }
+    span
+}
+
+/// Records how a runtime API write ended (`ok` or `error`) in its span.
+fn ended<T>(result: Result<T>, span: &Span) -> Result<T> {
+    span.record("outcome", if result.is_ok() { "ok" } else { "error" });
+    result
+}
+
 impl Cache {
     pub(crate) fn from_inner(inner: Inner) -> Cache {
         Cache {
@@ -65,15 +94,25 @@ impl Cache {
     ///
     /// A key with the reserved byte `~` is never looked up: `None`.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
-        if let Err(err) = check_user_key(key) {
-            tracing::warn!(target: "redis_cached", error = %err, "lookup of a reserved key refused");
-            return None;
-        }
-        let key = self.inner.full_key(key.to_owned());
-        match self.inner.lookup(&key).await {
-            Lookup::Hit(hit) => hit.value,
-            Lookup::Miss(_) => None,
-        }
+        let span = op_span("get", Some(1));
+        let traced = span.clone();
+        let get = async move {
+            if let Err(err) = check_user_key(key) {
+                tracing::warn!(target: "redis_cached", error = %err, "lookup of a reserved key refused");
+                traced.record("outcome", "refused");
+                return None;
+            }
+            let key = self.inner.full_key(key.to_owned());
+            self.inner.record_key(&traced, &key);
+            let (outcome, value) = match self.inner.lookup(&key).await {
+                Lookup::Hit(hit) => (Outcome::Hit, hit.value),
+                Lookup::Miss(Seen::Unknown) => (Outcome::Fallback, None),
+                Lookup::Miss(_) => (Outcome::Miss, None),
+            };
+            traced.record("outcome", outcome.as_str());
+            value
+        };
+        InSpan::new(span, get).await
     }
 
     /// Stores `value` at `key` for `ttl`.
@@ -88,15 +127,21 @@ impl Cache {
         value: &T,
         ttl: Duration,
     ) -> Result<()> {
-        check_user_key(key)?;
-        let entry = self.inner.settings.codec.encode(value, None)?;
-        let key = self.inner.full_key(key.to_owned());
-        let stored = self.inner.store(&key, entry.into(), ttl, None).await;
-        // A write is the newest state: later callers must not get an older
-        // one, from a computation here or a late lock notification.
-        self.inner.flights.detach(&key);
-        self.inner.recent.mark(&key);
-        stored
+        let span = op_span("set", Some(1));
+        let traced = span.clone();
+        let set = async move {
+            check_user_key(key)?;
+            let entry = self.inner.settings.codec.encode(value, None)?;
+            let key = self.inner.full_key(key.to_owned());
+            self.inner.record_key(&traced, &key);
+            let stored = self.inner.store(&key, entry.into(), ttl, None).await;
+            // A write is the newest state: later callers must not get an older
+            // one, from a computation here or a late lock notification.
+            self.inner.flights.detach(&key);
+            self.inner.recent.mark(&key);
+            stored
+        };
+        ended(InSpan::new(span.clone(), set).await, &span)
     }
 
     /// The values at `keys`, in order: one round trip for all of them (on
@@ -117,6 +162,16 @@ impl Cache {
     /// # }
     /// ```
     pub async fn get_many<T: DeserializeOwned>(&self, keys: &[impl AsRef<str>]) -> Vec<Option<T>> {
+        let span = op_span("get_many", Some(keys.len()));
+        InSpan::new(span.clone(), self.read_many(keys, span)).await
+    }
+
+    /// [`Cache::get_many`] within its span.
+    async fn read_many<T: DeserializeOwned>(
+        &self,
+        keys: &[impl AsRef<str>],
+        span: Span,
+    ) -> Vec<Option<T>> {
         let inner = &self.inner;
         let mut wanted = Vec::with_capacity(keys.len());
         let mut found: Vec<Option<T>> = Vec::with_capacity(keys.len());
@@ -131,15 +186,25 @@ impl Cache {
         }
         let full: Vec<String> = wanted.iter().map(|(_, key)| key.clone()).collect();
         let read = inner.read_many(&full).await;
+        let (mut hits, mut unread) = (0, false);
         for ((at, _), read) in wanted.into_iter().zip(read) {
+            unread |= matches!(read, Err(Seen::Unknown));
             let lookup = match read {
                 Ok(bytes) => inner.decode::<T>(bytes, None),
                 Err(seen) => Lookup::Miss(seen),
             };
             if let Lookup::Hit(hit) = inner.count_lookup(lookup, None) {
                 found[at] = hit.value;
+                hits += 1;
             }
         }
+        let outcome = match (unread, hits == keys.len()) {
+            (true, _) => Outcome::Fallback,
+            (false, true) => Outcome::Hit,
+            (false, false) => Outcome::Miss,
+        };
+        span.record("hits", hits);
+        span.record("outcome", outcome.as_str());
         found
     }
 
@@ -154,21 +219,25 @@ impl Cache {
         K: AsRef<str>,
         T: Serialize + ?Sized,
     {
-        let inner = &self.inner;
-        let mut encoded = Vec::with_capacity(entries.len());
-        for (key, value) in entries {
-            check_user_key(key.as_ref())?;
-            let entry = inner.settings.codec.encode(*value, None)?;
-            inner.check_size(&entry)?;
-            encoded.push((inner.full_key(key.as_ref().to_owned()), entry.into()));
-        }
-        let stored = inner.store_many(&encoded, ttl).await;
-        for (key, _) in &encoded {
-            // A write is the newest state: later callers must not get an older one.
-            inner.flights.detach(key);
-            inner.recent.mark(key);
-        }
-        stored
+        let span = op_span("set_many", Some(entries.len()));
+        let set = async move {
+            let inner = &self.inner;
+            let mut encoded = Vec::with_capacity(entries.len());
+            for (key, value) in entries {
+                check_user_key(key.as_ref())?;
+                let entry = inner.settings.codec.encode(*value, None)?;
+                inner.check_size(&entry)?;
+                encoded.push((inner.full_key(key.as_ref().to_owned()), entry.into()));
+            }
+            let stored = inner.store_many(&encoded, ttl).await;
+            for (key, _) in &encoded {
+                // A write is the newest state: later callers must not get an older one.
+                inner.flights.detach(key);
+                inner.recent.mark(key);
+            }
+            stored
+        };
+        ended(InSpan::new(span.clone(), set).await, &span)
     }
 
     /// Invalidates `key`: the next lookup misses, and a computation of it
@@ -184,9 +253,15 @@ impl Cache {
     /// Redis fails, times out or is skipped by the open breaker: the old
     /// value may then still be served until its TTL ends.
     pub async fn invalidate(&self, key: &str) -> Result<()> {
-        check_user_key(key)?;
-        let key = self.inner.full_key(key.to_owned());
-        self.inner.tombstone(&key).await
+        let span = op_span("invalidate", Some(1));
+        let traced = span.clone();
+        let invalidate = async move {
+            check_user_key(key)?;
+            let key = self.inner.full_key(key.to_owned());
+            self.inner.record_key(&traced, &key);
+            self.inner.tombstone(&key).await
+        };
+        ended(InSpan::new(span.clone(), invalidate).await, &span)
     }
 
     /// Invalidates every key cached under `tag` (the `tags = [...]` of
@@ -217,7 +292,14 @@ impl Cache {
     /// When Redis fails, times out or is skipped by the open breaker; the
     /// keys of the batches done by then are invalidated.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
-        self.inner.invalidate_tag(tag).await
+        let span = op_span("invalidate_tag", None);
+        // A tag holds placeholder values, as keys do: named only on request.
+        self.inner.record_key(&span, tag);
+        let invalidated = InSpan::new(span.clone(), self.inner.invalidate_tag(tag)).await;
+        if let Ok(keys) = invalidated {
+            span.record("keys", keys);
+        }
+        ended(invalidated, &span)
     }
 
     /// The value at `key`; on a miss, runs `compute`, stores its result for

@@ -308,9 +308,7 @@ fn start<'a, S: Shape<R>, R>(
         ),
     };
     if let (Some(inner), Some(key)) = (inner, logged_key) {
-        if inner.settings.log_keys && !span.is_disabled() {
-            span.record("key", inner.full_key(key).as_str());
-        }
+        inner.record_key(&span, &inner.full_key(key));
     }
     CallState {
         stage,
@@ -329,17 +327,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>, body: Pin<&mut dyn Body<R>>) -> Poll<R> {
         let this = self.project();
         let span = &*this.span;
-        let _entered = span.enter();
-        if span.is_disabled() {
-            return Self::advance(this.stage, this.kept, span, cx, body);
-        }
-        let polling = spent::begin();
-        let polled = Self::advance(this.stage, this.kept, span, cx, body);
-        *this.redis += polling.end();
-        if polled.is_ready() && !this.redis.is_zero() {
-            span.record("redis_ms", this.redis.as_secs_f64() * 1e3);
-        }
-        polled
+        let (stage, kept) = (this.stage, this.kept);
+        spent::poll_in(span, this.redis, || {
+            Self::advance(stage, kept, span, cx, body)
+        })
     }
 
     /// [`CallState::poll`] within the call's span.

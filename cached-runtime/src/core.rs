@@ -107,6 +107,14 @@ impl Inner {
         full_key(self.settings.namespace.as_deref(), key)
     }
 
+    /// Names `key` (as sent to the backend) in `span`'s field `key`, if
+    /// the cache was built with `log_keys(true)` and the span is listened to.
+    pub(crate) fn record_key(&self, span: &tracing::Span, key: &str) {
+        if self.settings.log_keys && !span.is_disabled() {
+            span.record("key", key);
+        }
+    }
+
     /// Runs one backend operation under the breaker and `op_timeout`,
     /// counting what happens. The in-memory backend cannot fail or block, so
     /// it runs bare.

@@ -4,15 +4,19 @@
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tracing::Span;
 
 pub use crate::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
+use crate::core::Inner;
 use crate::directive::{self, Directive};
 pub use crate::key::KeyBuilder;
 pub use crate::policy::{LockPolicy, Policy};
 use crate::shape::Split;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
 pub use crate::site::Site;
+use crate::spent::InSpan;
 use crate::{global, Cache};
 
 /// The cache one call uses, held for the call: borrowed where the
@@ -212,32 +216,76 @@ where
     S: Shape<R>,
     Fut: Future<Output = R>,
 {
-    match (directive::take(), cache) {
-        (Some(Directive::Capture), cache) => {
-            let entry = cache.map(|cache| (cache.inner.full_key(key), &cache.inner));
-            directive::capture(entry, policy.site);
-            return std::future::pending().await;
-        }
-        (Some(Directive::Bypass), _) => return body.await,
-        _ => {}
+    let directive = directive::take();
+    if directive == Some(Directive::Capture) {
+        let entry = cache.map(|cache| (cache.inner.full_key(key), &cache.inner));
+        directive::capture(entry, policy.site);
+        return std::future::pending().await;
     }
-    let Some(cache) = cache else {
-        global::warn_unset();
+    let span = tracing::debug_span!(
+        target: "redis_cached",
+        "cache_put",
+        function = policy.site.map_or("", Site::name),
+        outcome = tracing::field::Empty,
+        compute_ms = tracing::field::Empty,
+        redis_ms = tracing::field::Empty,
+        key = tracing::field::Empty,
+    );
+    let cache = writing_with(directive, cache);
+    let put = write_through::<S, R, Fut>(cache, key, tags, policy, body, span.clone());
+    InSpan::new(span, put).await
+}
+
+/// The cache a write (`#[cache_put]`, `#[cache_evict]`) goes to: none
+/// under `bypass(…)`, or when no cache is set (which warns).
+fn writing_with(directive: Option<Directive>, cache: Option<&Cache>) -> Option<&Arc<Inner>> {
+    match (directive, cache) {
+        (Some(Directive::Bypass), _) => None,
+        (_, None) => {
+            global::warn_unset();
+            None
+        }
+        (_, Some(cache)) => Some(&cache.inner),
+    }
+}
+
+/// [`put`] once its span is open; `inner` is `None` when it runs uncached.
+async fn write_through<S, R, Fut>(
+    inner: Option<&Arc<Inner>>,
+    key: String,
+    tags: &[String],
+    policy: Policy,
+    body: Fut,
+    span: Span,
+) -> R
+where
+    S: Shape<R>,
+    Fut: Future<Output = R>,
+{
+    let Some(inner) = inner else {
+        span.record("outcome", "uncached");
         return body.await;
     };
-    let inner = &cache.inner;
+    let key = inner.full_key(key);
+    inner.record_key(&span, &key);
     // Only the stored part of the result is kept across the writes below.
     let (encoded, kept) = {
+        let started = (!span.is_disabled()).then(Instant::now);
         let result = body.await;
+        if let Some(started) = started {
+            span.record("compute_ms", started.elapsed().as_secs_f64() * 1e3);
+        }
         let encoded = inner.encode_result::<S, R>(&result, &policy, Duration::ZERO);
         let kept: Result<S::Value, fn() -> R> = match S::split(result) {
             Split::Value(value) => Ok(value),
             Split::Absent(absent) => Err(absent),
-            Split::Other(result) => return result,
+            Split::Other(result) => {
+                span.record("outcome", "skipped");
+                return result;
+            }
         };
         (encoded, kept)
     };
-    let key = inner.full_key(key);
     // The written key lives on: so must its tag records. Before the write,
     // so that an invalidation of a tag from now on reaches it; a key that
     // could not be recorded is invalidated rather than written.
@@ -256,6 +304,14 @@ where
         // Failures are counted inside; the caller gets its value anyway.
         let _ = inner.tombstone(&key).await;
     }
+    span.record(
+        "outcome",
+        if written.is_ok() {
+            "stored"
+        } else {
+            "invalidated"
+        },
+    );
     inner.flights.detach(&key);
     inner.recent.mark(&key);
     match kept {
@@ -270,6 +326,7 @@ where
 /// error type need not be `Send`.
 pub async fn evict<R, Fut>(
     cache: Option<&Cache>,
+    site: &'static Site,
     key: Option<String>,
     tags: &[String],
     succeeded: impl Success<R>,
@@ -278,36 +335,75 @@ pub async fn evict<R, Fut>(
 where
     Fut: Future<Output = R>,
 {
-    match directive::take() {
+    let directive = directive::take();
+    if directive == Some(Directive::Capture) {
         // An eviction reads nothing: its key is the entry it deletes.
-        Some(Directive::Capture) => {
-            if let (Some(cache), Some(key)) = (cache, key) {
-                let inner = &cache.inner;
-                directive::capture(Some((inner.full_key(key), inner)), None);
-            }
-            return std::future::pending().await;
+        if let (Some(cache), Some(key)) = (cache, key) {
+            let inner = &cache.inner;
+            directive::capture(Some((inner.full_key(key), inner)), None);
         }
-        Some(Directive::Bypass) => return body.await,
-        _ => {}
+        return std::future::pending().await;
     }
-    let Some(cache) = cache else {
-        global::warn_unset();
+    let span = tracing::debug_span!(
+        target: "redis_cached",
+        "cache_evict",
+        function = site.name(),
+        outcome = tracing::field::Empty,
+        evicted = tracing::field::Empty,
+        redis_ms = tracing::field::Empty,
+        key = tracing::field::Empty,
+    );
+    let cache = writing_with(directive, cache);
+    let evict = invalidate_after(cache, key, tags, succeeded, body, span.clone());
+    InSpan::new(span, evict).await
+}
+
+/// [`evict`] once its span is open; `inner` is `None` when it runs
+/// uncached.
+async fn invalidate_after<R, Fut>(
+    inner: Option<&Arc<Inner>>,
+    key: Option<String>,
+    tags: &[String],
+    succeeded: impl Success<R>,
+    body: Fut,
+    span: Span,
+) -> R
+where
+    Fut: Future<Output = R>,
+{
+    let Some(inner) = inner else {
+        span.record("outcome", "uncached");
         return body.await;
     };
     let kept = match succeeded.split(body.await) {
         Ok(kept) => kept,
-        Err(failed) => return failed,
+        Err(failed) => {
+            span.record("outcome", "skipped");
+            return failed;
+        }
     };
-    let inner = &cache.inner;
     // Failures are counted inside; the caller gets its value anyway.
+    let mut evicted = 0;
+    let mut failed = false;
     if let Some(key) = key {
-        let _ = inner.tombstone(&inner.full_key(key)).await;
-    }
-    for tag in tags {
-        if let Err(err) = inner.invalidate_tag(tag).await {
-            tracing::warn!(target: "redis_cached", error = %err, "a tag's eviction failed; its keys live until their TTL");
+        let key = inner.full_key(key);
+        inner.record_key(&span, &key);
+        match inner.tombstone(&key).await {
+            Ok(()) => evicted += 1,
+            Err(_) => failed = true,
         }
     }
+    for tag in tags {
+        match inner.invalidate_tag(tag).await {
+            Ok(keys) => evicted += keys,
+            Err(err) => {
+                failed = true;
+                tracing::warn!(target: "redis_cached", error = %err, "a tag's eviction failed; its keys live until their TTL");
+            }
+        }
+    }
+    span.record("evicted", evicted);
+    span.record("outcome", if failed { "failed" } else { "evicted" });
     succeeded.rebuild(kept)
 }
 

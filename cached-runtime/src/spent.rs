@@ -6,7 +6,13 @@
 //! inside another's body keeps its own sum.
 
 use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tracing::Span;
 
 thread_local! {
     static SPENT: Cell<Duration> = const { Cell::new(Duration::ZERO) };
@@ -49,6 +55,57 @@ impl Drop for Polling {
         if let Some(outer) = self.outer.take() {
             SPENT.with(|spent| spent.set(outer));
         }
+    }
+}
+
+/// Runs one poll of an operation inside `span`, adding what it waited
+/// for Redis to `redis`; records the sum as the span's `redis_ms` when
+/// the operation is done. With the span disabled, no clock is read.
+pub(crate) fn poll_in<T>(
+    span: &Span,
+    redis: &mut Duration,
+    poll: impl FnOnce() -> Poll<T>,
+) -> Poll<T> {
+    let _entered = span.enter();
+    if span.is_disabled() {
+        return poll();
+    }
+    let polling = begin();
+    let polled = poll();
+    *redis += polling.end();
+    if polled.is_ready() && !redis.is_zero() {
+        span.record("redis_ms", redis.as_secs_f64() * 1e3);
+    }
+    polled
+}
+
+pin_project! {
+    /// An operation run in its span: see [`poll_in`].
+    pub(crate) struct InSpan<F> {
+        #[pin]
+        op: F,
+        span: Span,
+        redis: Duration,
+    }
+}
+
+impl<F: Future> InSpan<F> {
+    pub(crate) fn new(span: Span, op: F) -> Self {
+        InSpan {
+            op,
+            span,
+            redis: Duration::ZERO,
+        }
+    }
+}
+
+impl<F: Future> Future for InSpan<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let op = this.op;
+        poll_in(this.span, this.redis, || op.poll(cx))
     }
 }
 
