@@ -169,6 +169,31 @@ impl Db {
         Ok(())
     }
 
+    /// Undoes what requests changed: orders added after the seeded ones
+    /// are deleted, renamed users get their seeded names back. Not
+    /// counted (set-up, like seeding).
+    pub async fn reset(&self) -> Result<(), DbError> {
+        // The seeded orders were inserted first, in one transaction: they
+        // hold the ORDERS lowest ids.
+        let seeded_last: Option<i64> = sqlx::query(
+            "SELECT MAX(id) FROM (SELECT id FROM orders ORDER BY id LIMIT $1) AS seeded",
+        )
+        .bind(ORDERS)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        if let Some(last) = seeded_last {
+            sqlx::query("DELETE FROM orders WHERE id > $1")
+                .bind(last)
+                .execute(&self.pool)
+                .await?;
+        }
+        sqlx::query("UPDATE users SET name = 'user ' || CAST(id AS TEXT) WHERE name <> 'user ' || CAST(id AS TEXT)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// `SELECT` one user.
     pub async fn user(&self, id: i64) -> Result<Option<User>, DbError> {
         self.count();

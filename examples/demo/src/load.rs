@@ -3,6 +3,7 @@
 //! writes decided by the seed alone (two runs with one seed send the same
 //! requests), the service's own counts read before, during and after.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,9 @@ pub struct LoadConfig {
     pub seed: u64,
     /// Show a progress bar.
     pub progress: bool,
+    /// Send only the run's writes (to bring a database to the state this
+    /// run leaves it in, without measuring anything).
+    pub writes_only: bool,
 }
 
 impl Default for LoadConfig {
@@ -48,6 +52,7 @@ impl Default for LoadConfig {
             summary_reads: 0.1,
             seed: 1,
             progress: false,
+            writes_only: false,
         }
     }
 }
@@ -163,15 +168,26 @@ pub struct Connection {
 impl Connection {
     /// Connects to the service at `addr`.
     pub async fn open(addr: SocketAddr) -> io::Result<Connection> {
-        let stream = TcpStream::connect(addr).await?;
+        let stream = within(TcpStream::connect(addr)).await?;
         stream.set_nodelay(true)?;
         Ok(Connection {
             stream: BufReader::new(stream),
         })
     }
 
-    /// Sends one request; the status and the body.
+    /// Sends one request; the status and the body. An answer that takes
+    /// longer than [`ANSWER_TIMEOUT`] is an error.
     pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> io::Result<(u16, Vec<u8>)> {
+        within(self.exchange(method, path, body)).await
+    }
+
+    /// [`Connection::send`] with no time bound.
+    async fn exchange(
         &mut self,
         method: &str,
         path: &str,
@@ -223,6 +239,22 @@ impl Connection {
     }
 }
 
+/// How long a connection or an answer may take before the load generator
+/// gives up on the service.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `io` bounded by [`ANSWER_TIMEOUT`].
+async fn within<T>(io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(ANSWER_TIMEOUT, io)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the service did not answer in time",
+            )
+        })?
+}
+
 fn bad(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
@@ -271,6 +303,9 @@ pub async fn run(addr: SocketAddr, config: &LoadConfig) -> io::Result<LoadReport
                     return Ok::<_, io::Error>((latencies, failures));
                 }
                 let (method, path, body) = request(&config, &zipf, index);
+                if config.writes_only && method == "GET" {
+                    continue;
+                }
                 let sent = Instant::now();
                 let (status, _) = conn.send(method, &path, &body).await?;
                 latencies.push(sent.elapsed());
@@ -319,12 +354,7 @@ pub async fn run(addr: SocketAddr, config: &LoadConfig) -> io::Result<LoadReport
     bar.finish_and_clear();
     let after = probe.counts().await?;
     latencies.sort_unstable();
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
+    let at = |q: f64| percentile(&latencies, q);
     Ok(LoadReport {
         requests: latencies.len() as u64,
         failures,
@@ -338,6 +368,16 @@ pub async fn run(addr: SocketAddr, config: &LoadConfig) -> io::Result<LoadReport
         p99: at(0.99),
         timeline,
     })
+}
+
+/// The nearest-rank `q` quantile of `sorted`: the smallest value with at
+/// least `q` of all at or below it; zero for none.
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    let rank = (sorted.len() as f64 * q).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len().max(1)) - 1)
+        .copied()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -362,6 +402,18 @@ mod tests {
         assert!(seen.len() > 8_000, "the tail is drawn too: {}", seen.len());
         assert_eq!(zipf.id(0.0), 1);
         assert_eq!(zipf.id(0.999_999_999_999), 10_000);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let ms = |n: u64| Duration::from_millis(n);
+        let hundred: Vec<Duration> = (1..=100).map(ms).collect();
+        assert_eq!(percentile(&hundred, 0.50), ms(50));
+        assert_eq!(percentile(&hundred, 0.99), ms(99));
+        assert_eq!(percentile(&hundred, 1.0), ms(100));
+        assert_eq!(percentile(&[ms(7)], 0.99), ms(7));
+        assert_eq!(percentile(&[ms(1), ms(2)], 0.50), ms(1));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
     }
 
     #[test]

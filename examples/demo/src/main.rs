@@ -82,6 +82,8 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         database.split('@').next_back().unwrap_or(database)
     );
     let db = Db::open(database).await?;
+    // Every bench starts from the seeded data, whatever earlier ones wrote.
+    db.reset().await?;
     // A namespace of its own, so that entries of an earlier run are not
     // found (with Redis).
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -111,35 +113,37 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
             config.writes * 100.0
         )
     };
+    // The runs before the measured one, each with a seed of its own.
+    let earlier = [config.seed + 1, config.seed + 2].map(|seed| LoadConfig {
+        seed,
+        ..config.clone()
+    });
     step("with the cache, from empty (cold)");
-    let cold = load::run(
-        cached,
-        &LoadConfig {
-            seed: config.seed + 1,
-            ..config.clone()
-        },
-    )
-    .await?;
+    let cold = load::run(cached, &earlier[0]).await?;
     step("with the cache, warming up further");
-    load::run(
-        cached,
-        &LoadConfig {
-            seed: config.seed + 2,
-            ..config.clone()
-        },
-    )
-    .await?;
+    load::run(cached, &earlier[1]).await?;
     step("with the cache, warm (measured)");
     let warm = load::run(cached, &config).await?;
     let exported = check_metrics(cached).await?;
     let uncached = demo::spawn(App {
         repo: Repo {
-            db,
+            db: db.clone(),
             cache: demo::cache(None, "unused")?,
         },
         cached: false,
     })
     .await?;
+    // The baseline runs on the data the measured run saw: seeded, then
+    // changed by the writes of the runs before it, replayed.
+    db.reset().await?;
+    for config in earlier {
+        let writes = LoadConfig {
+            writes_only: true,
+            progress: false,
+            ..config
+        };
+        load::run(uncached, &writes).await?;
+    }
     step("without the cache (same requests as the measured run)");
     let baseline = load::run(uncached, &config).await?;
     println!();
