@@ -207,7 +207,8 @@ impl Call<'_> {
         let site = policy.site;
         let missing = look_up::<K, V, S::Map>(inner, elements, forced, site, &mut found).await;
         // Redis could not be read: what is computed is a fallback.
-        let unread = missing.iter().any(|m| matches!(m.seen, Seen::Unknown));
+        // (A refresh computes whatever was read: a miss, as a single call's.)
+        let unread = !forced && missing.iter().any(|m| matches!(m.seen, Seen::Unknown));
         let unfound = missing.len();
         // A refresh recomputes: it takes no computation that began before it.
         let missing = if forced {

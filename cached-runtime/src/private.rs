@@ -375,6 +375,10 @@ where
         span.record("outcome", "uncached");
         return body.await;
     };
+    let key = key.map(|key| inner.full_key(key));
+    if let Some(key) = &key {
+        inner.record_key(&span, key);
+    }
     let kept = match succeeded.split(body.await) {
         Ok(kept) => kept,
         Err(failed) => {
@@ -386,8 +390,6 @@ where
     let mut evicted = 0;
     let mut failed = false;
     if let Some(key) = key {
-        let key = inner.full_key(key);
-        inner.record_key(&span, &key);
         match inner.tombstone(&key).await {
             Ok(()) => evicted += 1,
             Err(_) => failed = true,

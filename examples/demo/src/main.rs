@@ -136,13 +136,14 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
     // The baseline runs on the data the measured run saw: seeded, then
     // changed by the writes of the runs before it, replayed.
     db.reset().await?;
+    let mut replay_failures = 0;
     for config in earlier {
         let writes = LoadConfig {
             writes_only: true,
             progress: false,
             ..config
         };
-        load::run(uncached, &writes).await?;
+        replay_failures += load::run(uncached, &writes).await?.failures;
     }
     step("without the cache (same requests as the measured run)");
     let baseline = load::run(uncached, &config).await?;
@@ -163,7 +164,7 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         }
         Err(err) => eprintln!("no chart: {err}"),
     }
-    if warm.failures + cold.failures + baseline.failures > 0 {
+    if warm.failures + cold.failures + baseline.failures + replay_failures > 0 {
         return Err("some requests failed".into());
     }
     Ok(())
