@@ -54,6 +54,18 @@ impl Repo {
         Ok(id)
     }
 
+    #[redis_cached(key = "near:<id>", near = "30s", lock = true, cache = self.cache)]
+    async fn near(&self, id: u64) -> Result<Option<u64>, Rc<str>> {
+        tokio::task::yield_now().await;
+        Ok(Some(id))
+    }
+
+    #[redis_cached(key = "near-stale:<id>", near = "30s", stale = "1m", cache = self.cache)]
+    async fn near_stale(self: Arc<Self>, id: u64) -> Result<u64, BoxError> {
+        tokio::task::yield_now().await;
+        Ok(id)
+    }
+
     #[cache_put(key = "plain:<id>", cache = self.cache)]
     async fn put(&self, id: u64) -> Result<u64, BoxError> {
         tokio::task::yield_now().await;
@@ -85,6 +97,8 @@ fn every_option_keeps_the_future_send() {
     assert_send(&repo.optional(1));
     assert_send(&repo.clone().stale(1));
     assert_send(&repo.clone().early(1));
+    assert_send(&repo.near(1));
+    assert_send(&repo.clone().near_stale(1));
     assert_send(&repo.put(1));
     assert_send(&repo.evict(1));
     assert_send(&free(1));

@@ -38,6 +38,7 @@ impl Kind {
                 "lock_wait",
                 "stale",
                 "early",
+                "near",
                 "cache_none",
                 "version",
                 "tags",
@@ -80,6 +81,7 @@ pub(crate) struct Args {
     pub(crate) lock_wait: Option<WithSpan<Duration>>,
     pub(crate) stale: Option<WithSpan<Duration>>,
     pub(crate) early: Option<WithSpan<f64>>,
+    pub(crate) near: Option<WithSpan<Duration>>,
     pub(crate) cache: Option<Expr>,
     pub(crate) krate: Option<syn::Path>,
     /// Tag templates, each a key template.
@@ -149,6 +151,7 @@ impl Args {
             "lock_wait" => self.lock_wait = errors.ok(duration_arg(&value, "lock_wait")),
             "stale" => self.stale = errors.ok(duration_arg(&value, "stale")),
             "early" => self.early = errors.ok(beta_arg(&value)),
+            "near" => self.near = errors.ok(duration_arg(&value, "near")),
             "skip" => {
                 self.skip_span = Some(value.span());
                 self.skip = errors.ok(skip_arg(&value)).unwrap_or_default();

@@ -43,16 +43,24 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     let call = match model.kind {
         Kind::Cached | Kind::Put => {
             let shape = Ident::new(model.shape.runtime_name(), model.ret_span);
-            let entry = match model.kind {
+            let refreshing = model.stale_ms.is_some() || model.early.is_some();
+            let entry = match (model.kind, refreshing, model.near_ms.is_some()) {
                 // Its body may run as a background refresh.
-                Kind::Cached if model.stale_ms.is_some() || model.early.is_some() => {
-                    "cached_refreshing"
-                }
-                Kind::Cached => "cached",
+                (Kind::Cached, true, false) => "cached_refreshing",
+                (Kind::Cached, true, true) => "cached_refreshing_near",
+                (Kind::Cached, false, false) => "cached",
+                (Kind::Cached, false, true) => "cached_near",
                 _ => "put",
             };
             // A refreshing call takes a maker and its future.
-            let infer = vec![quote!(_); if entry == "cached_refreshing" { 2 } else { 1 }];
+            let infer = vec![
+                quote!(_);
+                if refreshing && model.kind == Kind::Cached {
+                    2
+                } else {
+                    1
+                }
+            ];
             let entry = Ident::new(entry, model.ret_span);
             let policy = policy(model);
             let tags_arg = quote!(&#tags,);
@@ -471,6 +479,7 @@ fn policy(model: &Model) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
     let stale = duration(model.stale_ms);
+    let near = duration(model.near_ms);
     let early = match model.early {
         Some(beta) => quote!(::core::option::Option::Some(#beta)),
         None => quote!(::core::option::Option::None),
@@ -482,6 +491,7 @@ fn policy(model: &Model) -> TokenStream {
         lock: #lock,
         stale: #stale,
         early: #early,
+        near: #near,
         site: ::core::option::Option::Some(&#site),
     })
 }

@@ -143,6 +143,8 @@ pub(crate) struct Model {
     pub(crate) lock_ms: Option<(u64, u64)>,
     pub(crate) stale_ms: Option<u64>,
     pub(crate) early: Option<f64>,
+    /// `near`: how long a value may be kept in the near tier.
+    pub(crate) near_ms: Option<u64>,
     pub(crate) cache: Option<syn::Expr>,
     /// Whether the `cache` expression can be borrowed for the whole call
     /// rather than cloned (see [`borrowable`]).
@@ -268,6 +270,7 @@ impl Model {
             cache_none_ms: args.cache_none.map(|d| millis(d.value)),
             stale_ms: args.stale.map(|d| millis(d.value)),
             early: args.early.map(|b| b.value),
+            near_ms: args.near.map(|d| millis(d.value)),
             lock_ms: args.lock.filter(|l| l.value).map(|_| {
                 (
                     args.lock_ttl.map_or(10_000, |d| millis(d.value)),
@@ -336,16 +339,17 @@ fn batch_model(
         ("lock", args.lock.is_some_and(|l| l.value).then_some(())),
         ("stale", args.stale.map(|_| ())),
         ("early", args.early.map(|_| ())),
+        ("near", args.near.map(|_| ())),
     ] {
         if given.is_some() {
             errors.push(syn::Error::new(
                 lit.span(),
                 format!(
                     "`{name}` is not available on a batch (`<{root}[]>`): {}",
-                    if name == "lock" {
-                        "a batch would hold one lock per element and wait for other processes element by element; concurrent calls in this process still share each element's computation"
-                    } else {
-                        "a batch has no single value to refresh in the background"
+                    match name {
+                        "lock" => "a batch would hold one lock per element and wait for other processes element by element; concurrent calls in this process still share each element's computation",
+                        "near" => "the near tier keeps single values; a batch reads its elements in one round trip already",
+                        _ => "a batch has no single value to refresh in the background",
                     }
                 ),
             ));

@@ -321,7 +321,7 @@ impl<'a> Fill<'a> {
                         }
                     }
                 },
-                State::Read => match inner.read(&self.key).await {
+                State::Read => match inner.read_for(&self.key, &self.policy).await {
                     Ok(bytes) => return self.found(bytes, Source::Read),
                     Err(seen) => {
                         inner.count(self.policy.site, Event::misses);

@@ -164,6 +164,7 @@ pub struct CacheBuilder {
     bounded_reads: bool,
     log_keys: bool,
     merge_lookups: bool,
+    near_capacity: usize,
     tls_root: Option<Vec<u8>>,
     codec: Codec,
     breaker: BreakerConfig,
@@ -211,6 +212,7 @@ impl CacheBuilder {
             bounded_reads: false,
             log_keys: false,
             merge_lookups: true,
+            near_capacity: 10_000,
             codec: Codec::Json,
             breaker: BreakerConfig::default(),
             memory: MemoryConfig::default(),
@@ -338,6 +340,15 @@ impl CacheBuilder {
         self
     }
 
+    /// How many entries the near tier (`near = "…"`, [`Cache::get_near`])
+    /// keeps at most; the least used go first. Default 10,000; 0 turns the
+    /// tier off (every call reads Redis). The tier exists on a server or a
+    /// Sentinel master, not on a cluster, nor in memory (which is local).
+    pub fn near_capacity(mut self, entries: usize) -> Self {
+        self.near_capacity = entries;
+        self
+    }
+
     /// Checks the settings and builds the cache. Connects nothing.
     ///
     /// # Errors
@@ -412,7 +423,8 @@ impl CacheBuilder {
             channel,
             self.max_value_bytes,
             (self.merge_lookups && !self.bounded_reads).then_some(self.op_timeout),
-        ));
+            self.near_capacity,
+        )?);
         Ok(self.finish(backend))
     }
 
@@ -423,6 +435,15 @@ impl CacheBuilder {
     }
 
     fn finish(self, backend: AnyBackend) -> Cache {
+        let counters = Arc::new(Counters::default());
+        let meters = Arc::new(crate::meters::Meters::new());
+        if let Some(tracker) = backend.tracker() {
+            tracker.store.count_in(crate::near::Tally {
+                counters: Arc::clone(&counters),
+                meters: Arc::clone(&meters),
+                cache: self.namespace.clone().unwrap_or_else(|| "default".into()),
+            });
+        }
         Cache::from_inner(Inner {
             backend,
             settings: Settings {
@@ -438,8 +459,8 @@ impl CacheBuilder {
                 codec: self.codec,
             },
             breaker: Breaker::new(self.breaker),
-            counters: Arc::new(Counters::default()),
-            meters: Arc::new(crate::meters::Meters::new()),
+            counters,
+            meters,
             oversized_warned: std::sync::atomic::AtomicBool::new(false),
             flights: Flights::default(),
             refreshing: Claims::default(),

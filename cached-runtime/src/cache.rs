@@ -20,7 +20,7 @@ use crate::key::check_user_key;
 use crate::policy::Policy;
 use crate::shape::Plain;
 use crate::spent::InSpan;
-use crate::stats::Stats;
+use crate::stats::{Event, Stats};
 
 /// A cache: a backend (Redis or in-memory) plus the policy around it.
 ///
@@ -94,7 +94,45 @@ impl Cache {
     ///
     /// A key with the reserved byte `~` is never looked up: `None`.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
-        let span = op_span("get", Some(1));
+        self.read_one("get", key, None, |_, _| None).await
+    }
+
+    /// The value at `key`, as [`Cache::get`], kept in this process's near
+    /// tier for at most `near` (and never past the Redis entry's TTL): a
+    /// later call answers from memory, without a round trip, until Redis
+    /// says the key changed (see the README's "Near tier"). On a cluster,
+    /// in memory, or with `near_capacity(0)`, the same as [`Cache::get`].
+    ///
+    /// ```
+    /// # extern crate cached_runtime as redis_cached;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// let cache = redis_cached::Cache::in_memory();
+    /// cache.set("greeting", &"hello", Duration::from_secs(60)).await.unwrap();
+    /// let near = Duration::from_secs(30);
+    /// assert_eq!(cache.get_near::<String>("greeting", near).await.as_deref(), Some("hello"));
+    /// # }
+    /// ```
+    pub async fn get_near<T>(&self, key: &str, near: Duration) -> Option<T>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let near_value = |inner: &Inner, key: &str| inner.near_get::<T>(key);
+        self.read_one("get_near", key, Some(near), near_value).await
+    }
+
+    /// One lookup of the runtime API (`op`) in its span: from the near
+    /// tier if `near_value` finds it there, else read (through the
+    /// tracking connection with `near`) and decoded.
+    async fn read_one<T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        key: &str,
+        near: Option<Duration>,
+        near_value: impl FnOnce(&Inner, &str) -> Option<Option<T>>,
+    ) -> Option<T> {
+        let span = op_span(op, Some(1));
         let traced = span.clone();
         let get = async move {
             if let Err(err) = check_user_key(key) {
@@ -102,9 +140,24 @@ impl Cache {
                 traced.record("outcome", "refused");
                 return None;
             }
-            let key = self.inner.full_key(key.to_owned());
-            self.inner.record_key(&traced, &key);
-            let (outcome, value) = match self.inner.lookup(&key).await {
+            let inner = &self.inner;
+            let key = inner.full_key(key.to_owned());
+            inner.record_key(&traced, &key);
+            if let Some(value) = near_value(inner, &key) {
+                inner.count(None, Event::hits);
+                inner.count(None, Event::near_hits);
+                traced.record("outcome", "near");
+                return value;
+            }
+            let read = match near {
+                Some(bound) => inner.read_near(&key, bound, None).await,
+                None => inner.read(&key).await,
+            };
+            let found = match read {
+                Ok(bytes) => inner.decode::<T>(bytes, None),
+                Err(seen) => Lookup::Miss(seen),
+            };
+            let (outcome, value) = match inner.count_lookup(found, None) {
                 Lookup::Hit(hit) => (Outcome::Hit, hit.value),
                 Lookup::Miss(Seen::Unknown) => (Outcome::Fallback, None),
                 Lookup::Miss(_) => (Outcome::Miss, None),
@@ -137,8 +190,7 @@ impl Cache {
             let stored = self.inner.store(&key, entry.into(), ttl, None).await;
             // A write is the newest state: later callers must not get an older
             // one, from a computation here or a late lock notification.
-            self.inner.flights.detach(&key);
-            self.inner.recent.mark(&key);
+            self.inner.wrote(&key);
             stored
         };
         ended(InSpan::new(span.clone(), set).await, &span)
@@ -232,8 +284,7 @@ impl Cache {
             let stored = inner.store_many(&encoded, ttl).await;
             for (key, _) in &encoded {
                 // A write is the newest state: later callers must not get an older one.
-                inner.flights.detach(key);
-                inner.recent.mark(key);
+                inner.wrote(key);
             }
             stored
         };
@@ -369,6 +420,12 @@ impl Cache {
     /// Whether the circuit breaker currently skips Redis.
     pub fn is_degraded(&self) -> bool {
         self.inner.breaker.is_open()
+    }
+
+    /// How many entries the near tier holds (expired ones included until
+    /// evicted); `None` without a near tier.
+    pub fn near_entry_count(&self) -> Option<usize> {
+        self.inner.backend.tracker().map(|t| t.store.len())
     }
 
     /// How many unexpired entries the in-memory backend holds (expired

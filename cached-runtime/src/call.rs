@@ -151,9 +151,10 @@ where
 /// What a read of the key found, with the key.
 pub(crate) type Read = (String, Result<Bytes, Seen>);
 
-/// Reads `key`, handing it back with what was read.
-async fn read(inner: &Inner, key: String) -> Read {
-    let read = inner.read(&key).await;
+/// Reads `key`, handing it back with what was read; for a function with a
+/// near tier, on the tracking connection.
+async fn read(inner: &Inner, key: String, policy: Policy) -> Read {
+    let read = inner.read_for(&key, &policy).await;
     (key, read)
 }
 
@@ -282,7 +283,7 @@ fn start<'a, S: Shape<R>, R>(
             let forced = directive == Some(Directive::Refresh);
             if forced || reads_first(inner, &policy) {
                 Stage::Read {
-                    read: read(inner, key),
+                    read: read(inner, key, policy),
                     inner,
                     tags,
                     policy,

@@ -114,6 +114,23 @@ impl Codec {
     }
 
     /// A tombstone with a fresh random id, unlike any other.
+    /// Whether the near tier may keep `bytes`: an entry of this format
+    /// that is not a tombstone; with its soft expiry (Unix ms) if timed.
+    pub(crate) fn near_kept(bytes: &[u8]) -> Option<Option<u64>> {
+        match bytes {
+            [MAGIC, FORMAT_VERSION, _, flags, rest @ ..]
+                if flags & !KNOWN_FLAGS == 0 && flags & FLAG_TOMBSTONE == 0 =>
+            {
+                if flags & FLAG_TIMED == 0 {
+                    return Some(None);
+                }
+                let soft = rest.get(..8)?.try_into().ok()?;
+                Some(Some(u64::from_le_bytes(soft)))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether `bytes` are a tombstone (of any codec).
     pub(crate) fn is_tombstone(bytes: &[u8]) -> bool {
         matches!(bytes, [MAGIC, FORMAT_VERSION, _, flags, ..] if flags & FLAG_TOMBSTONE != 0)

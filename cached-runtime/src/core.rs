@@ -247,15 +247,6 @@ impl Inner {
         }
     }
 
-    /// Reads and decodes `key`, counting a hit or a miss.
-    pub(crate) async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
-        let found = match self.read(key).await {
-            Ok(bytes) => self.decode::<T>(bytes, None),
-            Err(seen) => Lookup::Miss(seen),
-        };
-        self.count_lookup(found, None)
-    }
-
     /// Counts `event` for the cache and, if it is a cached function's,
     /// for the function (`site`); exported under the function's name, or
     /// the cache's alone.
@@ -355,9 +346,89 @@ impl Inner {
         site: Option<&Site>,
     ) -> Result<()> {
         self.check_size(&entry)?;
-        self.guarded(self.backend.set(key, entry, ttl)).await?;
+        let stored = self.guarded(self.backend.set(key, entry, ttl)).await;
+        // Whether or not it landed: the near copy may be older now.
+        self.forget_near(key);
+        stored?;
         self.count(site, Event::writes);
         Ok(())
+    }
+
+    /// A write of `key` by this process returned (or may have landed): it
+    /// is the newest state, so later callers must not get an older one,
+    /// from a computation here, a late lock notification, or the near tier.
+    pub(crate) fn wrote(&self, key: &str) {
+        self.flights.detach(key);
+        self.recent.mark(key);
+        self.forget_near(key);
+    }
+
+    /// Drops `key`'s near copy, if any: this process wrote the key.
+    /// (Redis's invalidation would drop it too, a message later.)
+    pub(crate) fn forget_near(&self, key: &str) {
+        if let Some(tracker) = self.backend.tracker() {
+            tracker.store.invalidate(key);
+        }
+    }
+
+    /// The value of `key` in the near tier, if it holds it and may serve
+    /// it now (`Some(None)`: a cached absence).
+    pub(crate) fn near_get<T>(&self, key: &str) -> Option<Option<T>>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        self.backend
+            .tracker()?
+            .store
+            .get::<T>(key, self.settings.codec)
+    }
+
+    /// Reads `key` for a call of a function with `policy`: through the
+    /// near tier's tracking connection if it has `near`.
+    pub(crate) async fn read_for(
+        &self,
+        key: &str,
+        policy: &Policy,
+    ) -> std::result::Result<Bytes, Seen> {
+        match policy.near {
+            Some(bound) => self.read_near(key, bound, policy.site).await,
+            None => self.read(key).await,
+        }
+    }
+
+    /// Reads `key` for a function with a near tier kept at most `bound`:
+    /// on the tracking connection, keeping what it found in the tier
+    /// unless the key changes meanwhile; as [`Inner::read`] while the tier
+    /// is not serving (or this cache has none).
+    pub(crate) async fn read_near(
+        &self,
+        key: &str,
+        bound: Duration,
+        site: Option<&Site>,
+    ) -> std::result::Result<Bytes, Seen> {
+        let Some(tracker) = self.backend.tracker() else {
+            return self.read(key).await;
+        };
+        tracker.ensure_running();
+        self.count(site, Event::near_misses);
+        let Some(fill) = tracker.store.begin_fill(key) else {
+            return self.read(key).await;
+        };
+        let Some(read) = tracker.read(key) else {
+            return self.read(key).await;
+        };
+        match self.guarded(read).await {
+            Ok(Some((bytes, pttl))) => {
+                if bytes.len() <= self.settings.max_value_bytes {
+                    if let Some(soft_expiry) = Codec::near_kept(&bytes) {
+                        fill.finish(Arc::from(&*bytes), bound, pttl, soft_expiry);
+                    }
+                }
+                Ok(bytes)
+            }
+            Ok(None) => Err(Seen::Nothing),
+            Err(_) => Err(Seen::Unknown),
+        }
     }
 
     /// Stores each entry at its key, replacing what is there; sizes checked
@@ -367,7 +438,11 @@ impl Inner {
         entries: &[(String, Arc<[u8]>)],
         ttl: Duration,
     ) -> Result<()> {
-        self.guarded(self.backend.set_many(entries, ttl)).await?;
+        let stored = self.guarded(self.backend.set_many(entries, ttl)).await;
+        for (key, _) in entries {
+            self.forget_near(key);
+        }
+        stored?;
         for _ in entries {
             self.count(None, Event::writes);
         }
@@ -392,7 +467,11 @@ impl Inner {
         if sent.is_empty() {
             return outcomes;
         }
-        if let Ok(stored) = self.guarded(self.backend.set_many_if(&sent)).await {
+        let stored = self.guarded(self.backend.set_many_if(&sent)).await;
+        for store in &sent {
+            self.forget_near(&store.key);
+        }
+        if let Ok(stored) = stored {
             for (n, stored) in at.into_iter().zip(stored) {
                 outcomes[n] = self.count_store(stored, site);
             }
@@ -412,10 +491,11 @@ impl Inner {
         if self.check_size(&entry).is_err() || matches!(seen, Seen::Unknown) {
             return StoreOutcome::Failed;
         }
-        match self
+        let stored = self
             .guarded(self.backend.set_if(key, seen, entry, ttl))
-            .await
-        {
+            .await;
+        self.forget_near(key);
+        match stored {
             Ok(stored) => self.count_store(stored, site),
             Err(_) => StoreOutcome::Failed,
         }
@@ -443,8 +523,7 @@ impl Inner {
         // Even if the write failed: this process's later callers must not
         // join a computation that read the key before, nor take a lock
         // notification's value computed before.
-        self.flights.detach(key);
-        self.recent.mark(key);
+        self.wrote(key);
         written?;
         self.count(None, Event::invalidations);
         Ok(())
@@ -500,8 +579,7 @@ impl Inner {
                 break Err(err);
             }
             for (key, _) in &live {
-                self.flights.detach(key);
-                self.recent.mark(key);
+                self.wrote(key);
             }
             invalidated += live.len() as u64;
             if let Err(err) = self.guarded(self.backend.untag(&tag_key, &batch)).await {

@@ -89,6 +89,16 @@ pub(crate) fn take() -> Option<Directive> {
         .flatten()
 }
 
+/// Whether a directive waits for the next cached call (which will take it).
+pub(crate) fn pending() -> bool {
+    if SCOPES.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    SCOPE
+        .try_with(|scope| scope.directive.get().is_some())
+        .unwrap_or(false)
+}
+
 /// Records what a captured call would have read (its key, on `inner`'s
 /// cache; `None` without a cache) and which function it is.
 pub(crate) fn capture(entry: Option<(String, &Arc<Inner>)>, site: Option<&'static Site>) {

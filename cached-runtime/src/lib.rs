@@ -29,6 +29,7 @@ mod global;
 mod key;
 mod lock;
 mod meters;
+mod near;
 mod policy;
 mod recent;
 mod shape;

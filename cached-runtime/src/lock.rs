@@ -304,7 +304,9 @@ impl<'a> LockGuard<'a> {
         let released = self
             .redis
             .release(&self.key, &self.lock, &self.token, seen, release);
-        match inner.guarded(released).await {
+        let released = inner.guarded(released).await;
+        inner.forget_near(&self.key);
+        match released {
             Ok(stored) => {
                 self.released = true;
                 match release {

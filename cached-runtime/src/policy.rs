@@ -18,6 +18,8 @@ pub struct Policy {
     pub stale: Option<Duration>,
     /// The XFetch beta of early refresh.
     pub early: Option<f64>,
+    /// How long a value may be kept in the near tier (`near = "…"`).
+    pub near: Option<Duration>,
     /// The function's own counters; `None` for the runtime API.
     pub site: Option<&'static Site>,
 }

@@ -17,6 +17,7 @@ use crate::shape::Split;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
 pub use crate::site::Site;
 use crate::spent::InSpan;
+use crate::stats::Event;
 use crate::{global, Cache};
 
 /// The cache one call uses, held for the call: borrowed where the
@@ -169,6 +170,82 @@ where
     )
 }
 
+/// The body of a `#[redis_cached]` function with `near`: a value the near
+/// tier holds is returned at once, without a round trip; otherwise as
+/// [`cached`].
+pub async fn cached_near<'a, S, R, Fut>(
+    cache: Option<&'a Cache>,
+    key: String,
+    tags: &'a [String],
+    policy: Policy,
+    body: Fut,
+) -> R
+where
+    S: Shape<R> + 'a,
+    S::Value: Clone + Sync,
+    R: 'a,
+    Fut: Future<Output = R> + 'a,
+{
+    // The result is made only to be returned, never held across an
+    // `.await`: the call is `Send` whatever the error type.
+    if let Some(result) = near_hit::<S, R>(cache, &key, &policy) {
+        return result;
+    }
+    cached::<S, R, Fut>(cache, key, tags, policy, body).await
+}
+
+/// [`cached_near`] for a function with `stale` or `early` (see
+/// [`cached_refreshing`]).
+pub async fn cached_refreshing_near<'a, S, R, F, Fut>(
+    cache: Option<&'a Cache>,
+    key: String,
+    tags: &'a [String],
+    policy: Policy,
+    make: F,
+) -> R
+where
+    S: Shape<R> + 'static,
+    S::Value: Clone + Sync,
+    R: 'static,
+    F: FnOnce() -> Fut + 'a,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    if let Some(result) = near_hit::<S, R>(cache, &key, &policy) {
+        return result;
+    }
+    cached_refreshing::<S, R, F, Fut>(cache, key, tags, policy, make).await
+}
+
+/// The result the near tier holds for `key`, if it may serve it now; not
+/// under a directive (`bypass`, `refresh`, `key_of`, …), which the call
+/// itself follows.
+fn near_hit<S, R>(cache: Option<&Cache>, key: &str, policy: &Policy) -> Option<R>
+where
+    S: Shape<R>,
+    S::Value: Clone + Sync,
+{
+    let inner = &cache?.inner;
+    if directive::pending() {
+        return None;
+    }
+    let full = inner.full_key(key.to_owned());
+    let result = match inner.near_get::<S::Value>(&full)? {
+        Some(value) => S::from_value(value),
+        None => S::absent()?,
+    };
+    inner.count(policy.site, Event::hits);
+    inner.count(policy.site, Event::near_hits);
+    let span = tracing::debug_span!(
+        target: "redis_cached",
+        "cached",
+        function = policy.site.map_or("", Site::name),
+        outcome = "near",
+        key = tracing::field::Empty,
+    );
+    inner.record_key(&span, &full);
+    Some(result)
+}
+
 /// The body of a batch function (`<ids[]>` in its key): `elements` are the
 /// requested elements with their rendered keys; `body` computes those it
 /// is given.
@@ -312,8 +389,7 @@ where
             "invalidated"
         },
     );
-    inner.flights.detach(&key);
-    inner.recent.mark(&key);
+    inner.wrote(&key);
     match kept {
         Ok(value) => S::from_value(value),
         Err(absent) => absent(),

@@ -65,6 +65,8 @@ macro_rules! counters {
                         | Event::breaker_skips
                         | Event::breaker_opens
                         | Event::oversized
+                        | Event::near_invalidations
+                        | Event::near_flushes
                 )
             }
 
@@ -179,6 +181,18 @@ counters! {
     encode_errors,
     /// Values not stored, or stored values ignored, because they exceed `max_value_bytes`.
     oversized,
+    /// Calls answered from the near tier (`near = "…"`, `get_near`), without
+    /// a round trip; also counted in `hits`.
+    near_hits,
+    /// Calls of near functions the near tier did not answer (not held,
+    /// expired, or the tier not serving): they read Redis.
+    near_misses,
+    /// Keys Redis said changed, dropped from the near tier (one per key
+    /// named, held or not).
+    near_invalidations,
+    /// Times the near tier was emptied: its tracking connection dropped,
+    /// failed a ping or was replaced, or Redis invalidated every key.
+    near_flushes,
 }
 
 impl Counters {

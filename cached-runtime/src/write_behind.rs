@@ -866,8 +866,7 @@ where
         }
         // Newer than anything computed here before: later callers must
         // not join such a computation or take its lock notification.
-        inner.flights.detach(full);
-        inner.recent.mark(full);
+        inner.wrote(full);
         self.wake.notify_one();
         JournalId::parse(&id).ok_or_else(|| Error::Redis(format!("unexpected stream id {id}")))
     }

@@ -13,6 +13,7 @@ pub(crate) use self::memory::MemoryBackend;
 pub use self::memory::MemoryConfig;
 pub(crate) use self::redis::{
     ClusterTarget, JournalKeys, Journaled, Landing, RedisBackend, Release, SentinelTarget, Target,
+    Tracker,
 };
 use crate::error::Result;
 
@@ -149,6 +150,11 @@ pub(crate) enum AnyBackend {
 impl AnyBackend {
     pub(crate) fn is_redis(&self) -> bool {
         matches!(self, AnyBackend::Redis(_))
+    }
+
+    /// The near tier's tracking: on Redis (not a cluster), if on.
+    pub(crate) fn tracker(&self) -> Option<&Arc<Tracker>> {
+        self.redis().and_then(RedisBackend::tracker)
     }
 
     /// The Redis backend, which alone has cross-process locks.

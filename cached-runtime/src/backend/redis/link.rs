@@ -68,6 +68,17 @@ fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
     open_client_with(info, tls_root).map_err(|e| invalid_url_in(&[url], &e))
 }
 
+/// A client for the server `client` connects to, speaking RESP3 (for
+/// push messages), with the same credentials and TLS settings.
+pub(crate) fn resp3(client: &redis::Client) -> redis::RedisResult<redis::Client> {
+    let info = client.get_connection_info().clone();
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    redis::Client::open(info.set_redis_settings(settings))
+}
+
 #[cfg(feature = "tls")]
 fn open_client_with(
     info: ConnectionInfo,

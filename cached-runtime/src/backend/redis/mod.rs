@@ -22,6 +22,7 @@ mod link;
 mod merge;
 mod notify;
 mod scripts;
+mod track;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +40,8 @@ use self::merge::{Merger, Reply, Route};
 use self::notify::Feed;
 pub(crate) use self::notify::{Landing, Notifier, Watch};
 use self::scripts::{px, Scripts, SOURCES};
+use self::track::TrackFeed;
+pub(crate) use self::track::Tracker;
 use super::{Acquire, Backend, Bytes, Seen, StoreIf};
 use crate::error::{Error, Result};
 
@@ -64,6 +67,8 @@ pub(crate) struct RedisBackend {
     notifier: Arc<Notifier>,
     /// Merges the reads of many tasks into one `MGET`, when on.
     merger: Option<Arc<Merger>>,
+    /// The near tier's tracking, on a server or a Sentinel master.
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -122,14 +127,16 @@ impl RedisBackend {
     /// Prepares the connection settings for `target`; connects nothing.
     /// `channel` names where lock notifications go; `limit` is the largest
     /// entry; with `merge`, concurrent reads are merged, each merged read
-    /// bounded by it (not on a cluster).
+    /// bounded by it (not on a cluster). A near tier of `near` entries
+    /// (none for 0) is kept on a server or a Sentinel master.
     pub(crate) fn new(
         target: Target,
         connect_timeout: Duration,
         channel: String,
         limit: usize,
         merge: Option<Duration>,
-    ) -> Self {
+        near: usize,
+    ) -> Result<Self> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             // Every operation is already bounded by the cache's own
@@ -149,7 +156,20 @@ impl RedisBackend {
         let merger = merge
             .filter(|_| !matches!(target, Target::Cluster(_)))
             .map(|bound| Arc::new(Merger::new(bound)));
-        RedisBackend {
+        let track = match &target {
+            _ if near == 0 => None,
+            Target::Server(client) => Some(TrackFeed::Server(
+                link::resp3(client).map_err(|e| Error::from_redis(&e))?,
+            )),
+            Target::Sentinel(sentinel) => Some(TrackFeed::Sentinel(Arc::clone(sentinel))),
+            Target::Cluster(_) => None,
+        };
+        let tracker = track.map(|feed| {
+            let store = Arc::new(crate::near::NearStore::new(near));
+            Arc::new(Tracker::new(store, feed, connect_timeout))
+        });
+        Ok(RedisBackend {
+            tracker,
             merger,
             target,
             scripts: Scripts::default(),
@@ -159,7 +179,12 @@ impl RedisBackend {
             link: Arc::new(ArcSwapOption::empty()),
             lookup: Arc::new(Lookup::default()),
             notifier: Notifier::new(channel, feed),
-        }
+        })
+    }
+
+    /// The near tier's tracking, if this backend has one.
+    pub(crate) fn tracker(&self) -> Option<&Arc<Tracker>> {
+        self.tracker.as_ref()
     }
 
     fn is_cluster(&self) -> bool {

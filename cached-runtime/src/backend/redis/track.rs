@@ -1,0 +1,287 @@
+//! The near tier's tracking connection: one RESP3 connection per cache
+//! with `CLIENT TRACKING ON` (default mode), on which the near tier's
+//! fills read their keys, so that Redis remembers which keys this process
+//! holds and pushes an invalidation on the same connection when anyone
+//! changes one (a write, a delete, an expiry, an eviction, `FLUSHALL`).
+//! Redis tracks only the keys read here: a fill elsewhere broadcasts
+//! nothing.
+//!
+//! Pushes are handled in the connection's reader, in the order they
+//! arrive, before the replies after them. The connection is pinged every
+//! [`PING_EVERY`]; each answer lets the tier serve for [`LEASE`] from the
+//! ping's sending (see `near.rs`). A drop, a failed or late ping, or a
+//! refused `CLIENT TRACKING` empties the tier, which serves nothing until
+//! a new connection tracks and answers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tokio::sync::Notify;
+
+use super::link::SentinelTarget;
+use crate::backend::Bytes;
+use crate::error::{Error, Result};
+use crate::near::{Flush, NearStore, LEASE, PING_EVERY};
+
+/// Where the tracking connection goes.
+// One per cache: boxing the client would gain nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum TrackFeed {
+    /// One server: its RESP3 client.
+    Server(redis::Client),
+    /// The master the sentinels name at each connect.
+    Sentinel(Arc<SentinelTarget>),
+}
+
+/// The live tracking connection, with the generation it serves.
+struct Tracked {
+    conn: MultiplexedConnection,
+    generation: u64,
+}
+
+pub(crate) struct Tracker {
+    pub(crate) store: Arc<NearStore>,
+    feed: TrackFeed,
+    connect_timeout: Duration,
+    live: ArcSwapOption<Tracked>,
+    /// Whether the tracking task is alive; its guard clears it.
+    running: Arc<AtomicBool>,
+    /// Wakes the task to reconnect (the connection dropped).
+    restart: Arc<Notify>,
+    /// Whether `CLIENT TRACKING` was refused (logged once).
+    refused: AtomicBool,
+}
+
+/// What a tracked read found: the entry and its remaining TTL in ms
+/// (negative: none), or nothing.
+pub(crate) type TrackedRead = Option<(Bytes, i64)>;
+
+impl Tracker {
+    pub(crate) fn new(store: Arc<NearStore>, feed: TrackFeed, connect_timeout: Duration) -> Self {
+        Tracker {
+            store,
+            feed,
+            connect_timeout,
+            live: ArcSwapOption::empty(),
+            running: Arc::new(AtomicBool::new(false)),
+            restart: Arc::new(Notify::new()),
+            refused: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts the tracking task unless one is alive (on the caller's
+    /// runtime; it ends when the cache is dropped or its runtime ends).
+    pub(crate) fn ensure_running(self: &Arc<Self>) {
+        if self.running.load(Ordering::Acquire) || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let running = Running(Arc::clone(&self.running));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let tracker = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let _running = running;
+            track_loop(tracker).await;
+        });
+    }
+
+    /// Reads `key` and its TTL on the tracking connection (one round
+    /// trip), so that Redis tracks it; `None` when no connection tracks now.
+    pub(crate) fn read(
+        &self,
+        key: &str,
+    ) -> Option<impl std::future::Future<Output = Result<TrackedRead>> + 'static> {
+        let tracked = self.live.load_full()?;
+        let key = key.to_owned();
+        Some(async move {
+            let mut conn = tracked.conn.clone();
+            let (value, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+                .cmd("GET")
+                .arg(&key)
+                .cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::from_redis(&e))?;
+            Ok(value.map(|v| (Bytes::Owned(v), pttl)))
+        })
+    }
+}
+
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long an answer to a ping may take: past it the lease lapses anyway.
+const PING_TIMEOUT: Duration = LEASE;
+
+async fn track_loop(tracker: Weak<Tracker>) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let Some(t) = tracker.upgrade() else {
+            return;
+        };
+        let tracked = connect(&t).await;
+        let restart = Arc::clone(&t.restart);
+        let store = Arc::clone(&t.store);
+        let switches = match &t.feed {
+            TrackFeed::Sentinel(sentinel) => Some((Arc::clone(sentinel), sentinel.switches())),
+            TrackFeed::Server(_) => None,
+        };
+        drop(t);
+        match tracked {
+            Ok(tracked) => {
+                backoff = FIRST_BACKOFF;
+                keep_alive(&tracker, &store, &restart, tracked, switches).await;
+            }
+            Err(err) => {
+                if let Some(t) = tracker.upgrade() {
+                    let refused = matches!(
+                        err,
+                        Error::Refused(_) | Error::Rejected(_) | Error::Config(_)
+                    );
+                    if refused && !t.refused.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(target: "redis_cached", error = %err, "the near tier is off: Redis refused client tracking (RESP3 and CLIENT TRACKING need Redis 6 or later); calls read Redis");
+                    } else {
+                        tracing::debug!(target: "redis_cached", error = %err, "near tier: tracking connection failed; calls read Redis meanwhile");
+                    }
+                }
+            }
+        }
+        if tracker.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Opens a RESP3 connection whose pushes go to the store, and turns
+/// tracking on. The store is emptied and starts a new generation first:
+/// nothing from an earlier connection is served.
+async fn connect(t: &Tracker) -> Result<Arc<Tracked>> {
+    let bound = t.connect_timeout + LEASE;
+    let client = match &t.feed {
+        TrackFeed::Server(client) => client.clone(),
+        TrackFeed::Sentinel(sentinel) => {
+            let master = tokio::time::timeout(bound, sentinel.master())
+                .await
+                .map_err(|_| Error::Timeout(bound))??;
+            super::link::resp3(&master).map_err(|e| Error::from_redis(&e))?
+        }
+    };
+    let generation = t.store.connected();
+    let store = Arc::downgrade(&t.store);
+    let restart = Arc::clone(&t.restart);
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(t.connect_timeout))
+        .set_response_timeout(Some(LEASE))
+        .set_push_sender(move |push: redis::PushInfo| {
+            if let Some(store) = store.upgrade() {
+                pushed(&store, &restart, generation, push);
+            }
+            Ok::<(), ()>(())
+        });
+    let open = async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| Error::from_redis(&e))?;
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| Error::from_redis(&e))?;
+        Ok::<_, Error>(conn)
+    };
+    let conn = tokio::time::timeout(bound, open)
+        .await
+        .map_err(|_| Error::Timeout(bound))??;
+    let tracked = Arc::new(Tracked { conn, generation });
+    t.live.store(Some(Arc::clone(&tracked)));
+    Ok(tracked)
+}
+
+/// What the tracking connection's reader does with a push: drops the named
+/// keys, or everything; a dropped connection empties the tier and wakes
+/// the task to reconnect.
+fn pushed(store: &NearStore, restart: &Notify, generation: u64, push: redis::PushInfo) {
+    match push.kind {
+        redis::PushKind::Invalidate => match push.data.first() {
+            Some(Value::Array(keys)) => {
+                for key in keys {
+                    match key {
+                        Value::BulkString(key) => {
+                            // A key that is not UTF-8 is none of this cache's.
+                            if let Ok(key) = std::str::from_utf8(key) {
+                                store.invalidated(key);
+                            }
+                        }
+                        _ => store.flush(Flush::Everything),
+                    }
+                }
+            }
+            // `nil`: every key (FLUSHALL, FLUSHDB, a full tracking table).
+            _ => store.flush(Flush::Everything),
+        },
+        redis::PushKind::Disconnection => {
+            store.disconnected(generation);
+            restart.notify_one();
+        }
+        _ => {}
+    }
+}
+
+/// Pings the connection until it fails, the cache is gone, or (Sentinel)
+/// a failover was heard of; then empties the tier.
+async fn keep_alive(
+    tracker: &Weak<Tracker>,
+    store: &NearStore,
+    restart: &Notify,
+    tracked: Arc<Tracked>,
+    switches: Option<(Arc<SentinelTarget>, u64)>,
+) {
+    let mut conn = tracked.conn.clone();
+    loop {
+        let sent = Instant::now();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<Value>(&mut conn);
+        let answered = tokio::select! {
+            answered = tokio::time::timeout(PING_TIMEOUT, ping) => matches!(answered, Ok(Ok(_))),
+            () = restart.notified() => false,
+        };
+        if !answered {
+            break;
+        }
+        store.answered(sent, tracked.generation);
+        if let Some((sentinel, at)) = &switches {
+            if sentinel.switches() != *at {
+                break; // the master changed: track the new one
+            }
+        }
+        let woken = tokio::select! {
+            () = tokio::time::sleep(PING_EVERY.saturating_sub(sent.elapsed())) => false,
+            () = restart.notified() => true,
+        };
+        if woken || tracker.strong_count() == 0 {
+            break;
+        }
+    }
+    store.disconnected(tracked.generation);
+    if let Some(t) = tracker.upgrade() {
+        t.live
+            .compare_and_swap(&Some(Arc::clone(&tracked)), None::<Arc<Tracked>>);
+    }
+}

@@ -1,0 +1,466 @@
+//! The near tier: entries kept in this process as well as in Redis, with
+//! their decoded values, for the functions with `near = "…"`.
+//!
+//! An entry is only ever filled from a read made on the tracking
+//! connection (see the Redis backend's `track` module), on which Redis
+//! remembers the key and later pushes an invalidation when anyone changes
+//! it. So an entry is correct for as long as the invalidations of that
+//! connection are heard, and the store serves none otherwise:
+//!
+//! - **Lease.** Hits are served only until a deadline that each answered
+//!   `PING` on the tracking connection pushes forward (the `PING`'s send
+//!   time plus [`LEASE`]): the invalidations Redis sent before it answered
+//!   have been handled by then, since a connection delivers in order. A
+//!   connection that stalls stops the hits within [`LEASE`].
+//! - **Epoch.** A connection that drops (its invalidations since are lost),
+//!   or Redis saying "all keys" (`FLUSHALL`, a full tracking table),
+//!   empties the store and starts a new epoch: a fill whose read was sent
+//!   in an earlier epoch stores nothing.
+//! - **Fill tokens.** A fill registers its key before its read is sent; an
+//!   invalidation of the key removes the registration, and the fill then
+//!   stores nothing (the invalidation may have been about a newer value
+//!   than the one read).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+
+use crate::codec::{Codec, Entry};
+use crate::meters::{self, Meters, NO_FUNCTION};
+use crate::stats::{Counters, Event};
+
+/// How long an answered `PING` lets the tier serve hits, counted from when
+/// it was sent.
+pub(crate) const LEASE: Duration = Duration::from_secs(1);
+
+/// How often the tracking connection is pinged (well within [`LEASE`]).
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(200);
+
+const SHARDS: usize = 16;
+
+/// One entry: the bytes as stored in Redis, and their decoded value once
+/// a hit decoded them.
+struct Slot {
+    raw: Arc<[u8]>,
+    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+    /// Served until then (ns since the store's `base`).
+    deadline: u64,
+    epoch: u64,
+}
+
+/// Why the tier was emptied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flush {
+    /// The tracking connection dropped or was replaced.
+    Disconnected,
+    /// Redis invalidated every key (`FLUSHALL`, `FLUSHDB`, or a full
+    /// tracking table).
+    Everything,
+}
+
+/// The near tier of one cache.
+pub(crate) struct NearStore {
+    entries: quick_cache::sync::Cache<String, Arc<Slot>>,
+    /// Fills in flight, by key, with their tokens.
+    pending: [Mutex<HashMap<String, u64>>; SHARDS],
+    hasher: std::collections::hash_map::RandomState,
+    next_token: AtomicU64,
+    epoch: AtomicU64,
+    /// Which tracking connection is the live one: its `PING`s renew the
+    /// lease, its disconnection flushes.
+    generation: AtomicU64,
+    /// Hits are served until then (ns since `base`); 0: not at all.
+    lease: AtomicU64,
+    base: Instant,
+    /// Where invalidations and flushes are counted: the cache's counters,
+    /// once it is built.
+    tally: OnceLock<Tally>,
+}
+
+/// A cache's counters and exported metrics, as the tier counts in them.
+pub(crate) struct Tally {
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) meters: Arc<Meters>,
+    /// The cache's label in exported metrics.
+    pub(crate) cache: String,
+}
+
+impl std::fmt::Debug for NearStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearStore")
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A fill of one key, from [`NearStore::begin_fill`]: unregistered when
+/// dropped unfinished.
+pub(crate) struct Fill<'a> {
+    store: &'a NearStore,
+    key: &'a str,
+    token: u64,
+    epoch: u64,
+}
+
+impl NearStore {
+    /// A store of at most `capacity` entries.
+    pub(crate) fn new(capacity: usize) -> NearStore {
+        NearStore {
+            entries: quick_cache::sync::Cache::new(capacity.max(1)),
+            pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            hasher: std::collections::hash_map::RandomState::new(),
+            next_token: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            lease: AtomicU64::new(0),
+            base: Instant::now(),
+            tally: OnceLock::new(),
+        }
+    }
+
+    /// Counts the tier's events in `tally` from now on.
+    pub(crate) fn count_in(&self, tally: Tally) {
+        let _ = self.tally.set(tally);
+    }
+
+    fn count(&self, event: Event) {
+        if let Some(tally) = self.tally.get() {
+            tally.counters.add(event);
+            if meters::EXPORTED {
+                tally.meters.count(event, || NO_FUNCTION, &tally.cache);
+            }
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.at(Instant::now())
+    }
+
+    fn at(&self, instant: Instant) -> u64 {
+        u64::try_from(instant.saturating_duration_since(self.base).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, u64>> {
+        self.pending[self.hasher.hash_one(key) as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the tier serves hits now.
+    pub(crate) fn serving(&self) -> bool {
+        self.now() < self.lease.load(Ordering::Acquire)
+    }
+
+    /// How many entries it holds (expired ones included until evicted).
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The value at `key`, if the tier holds it and may serve it now:
+    /// `Some(None)` for a cached absence. Decoded once per entry (an entry
+    /// read as another type is decoded each time, and never shared).
+    pub(crate) fn get<T>(&self, key: &str, codec: Codec) -> Option<Option<T>>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let now = self.now();
+        if now >= self.lease.load(Ordering::Acquire) {
+            return None;
+        }
+        let slot = self.entries.get(key)?;
+        if slot.deadline <= now || slot.epoch != self.epoch.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(decoded) = slot.decoded.get() {
+            if let Some(value) = decoded.downcast_ref::<Option<T>>() {
+                return Some(value.clone());
+            }
+        }
+        let value = match codec.decode::<T>(&slot.raw) {
+            Ok(Entry::Value(value, _)) => value,
+            _ => return None,
+        };
+        let _ = slot.decoded.set(Box::new(value.clone()));
+        Some(value)
+    }
+
+    /// Registers a fill of `key` before its read is sent; `None` while the
+    /// tier is not serving (the read is then not worth keeping).
+    pub(crate) fn begin_fill<'a>(&'a self, key: &'a str) -> Option<Fill<'a>> {
+        if !self.serving() {
+            return None;
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.shard(key).insert(key.to_owned(), token);
+        Some(Fill {
+            store: self,
+            key,
+            token,
+            epoch,
+        })
+    }
+
+    /// Drops `key`'s entry and voids its fills: Redis said it changed, or
+    /// this process is about to change it (or just did).
+    pub(crate) fn invalidate(&self, key: &str) {
+        let mut pending = self.shard(key);
+        pending.remove(key);
+        self.entries.remove(key);
+    }
+
+    /// Redis named `key` as changed.
+    pub(crate) fn invalidated(&self, key: &str) {
+        self.count(Event::near_invalidations);
+        self.invalidate(key);
+    }
+
+    /// Empties the tier and voids every fill in flight; after a
+    /// disconnection, also stops serving until the next connection's
+    /// first answered `PING`.
+    pub(crate) fn flush(&self, why: Flush) {
+        if why == Flush::Disconnected {
+            // Generation first: an answer being recorded now sees it.
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.lease.store(0, Ordering::Release);
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        for shard in &self.pending {
+            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+        self.entries.clear();
+        self.count(Event::near_flushes);
+        tracing::debug!(target: "redis_cached", why = ?why, "near tier emptied");
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// A new tracking connection takes over: the tier starts empty, and
+    /// serves once a `PING` of the returned generation is answered.
+    pub(crate) fn connected(&self) -> u64 {
+        self.flush(Flush::Disconnected);
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The tracking connection of `generation` dropped: what Redis pushed
+    /// since is lost.
+    pub(crate) fn disconnected(&self, generation: u64) {
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.flush(Flush::Disconnected);
+        }
+    }
+
+    /// A `PING` sent at `sent` on the connection of `generation` was
+    /// answered: every invalidation Redis pushed before it has been
+    /// handled, so hits may be served until `sent + LEASE`.
+    pub(crate) fn answered(&self, sent: Instant, generation: u64) {
+        let until = self.at(sent + LEASE);
+        let live = || self.generation.load(Ordering::Acquire) == generation;
+        if live() {
+            self.lease.fetch_max(until, Ordering::AcqRel);
+            if !live() {
+                // Disconnected meanwhile: its "not serving" stands.
+                self.lease.store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Fill<'_> {
+    /// Keeps `raw`, as read, for at most `bound` and Redis's remaining TTL
+    /// (`pttl_ms`; negative: none), and never past `soft_expiry` (Unix
+    /// ms, for a `stale`/`early` entry); unless the key was invalidated or
+    /// the tier flushed since the fill began.
+    pub(crate) fn finish(
+        self,
+        raw: Arc<[u8]>,
+        bound: Duration,
+        pttl_ms: i64,
+        soft_expiry: Option<u64>,
+    ) {
+        let mut life = bound;
+        if pttl_ms >= 0 {
+            life = life.min(Duration::from_millis(pttl_ms as u64));
+        }
+        if let Some(soft) = soft_expiry {
+            let now_ms = crate::token::now_unix_ms();
+            life = life.min(Duration::from_millis(soft.saturating_sub(now_ms)));
+        }
+        let store = self.store;
+        let deadline = store.at(Instant::now() + life);
+        let mut pending = store.shard(self.key);
+        if pending.get(self.key) != Some(&self.token) || store.epoch() != self.epoch {
+            return;
+        }
+        pending.remove(self.key);
+        if life.is_zero() {
+            return;
+        }
+        store.entries.insert(
+            self.key.to_owned(),
+            Arc::new(Slot {
+                raw,
+                decoded: OnceLock::new(),
+                deadline,
+                epoch: self.epoch,
+            }),
+        );
+    }
+}
+
+impl Drop for Fill<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.store.shard(self.key);
+        if pending.get(self.key) == Some(&self.token) {
+            pending.remove(self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(value: &str) -> Arc<[u8]> {
+        Codec::Json.encode(value, None).unwrap().into()
+    }
+
+    fn serving(store: &NearStore) {
+        store.answered(Instant::now(), store.generation.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn nothing_is_served_without_a_lease() {
+        let store = NearStore::new(100);
+        assert!(store.begin_fill("k").is_none(), "no lease: no fill");
+        serving(&store);
+        let fill = store.begin_fill("k").unwrap();
+        fill.finish(entry("v"), Duration::from_secs(30), -1, None);
+        assert_eq!(
+            store.get::<String>("k", Codec::Json),
+            Some(Some("v".into()))
+        );
+        assert_eq!(
+            store.get::<String>("k", Codec::Json),
+            Some(Some("v".into())),
+            "decoded once, kept"
+        );
+        store.lease.store(1, Ordering::Release); // lapsed
+        assert_eq!(store.get::<String>("k", Codec::Json), None);
+    }
+
+    #[test]
+    fn an_invalidation_during_a_fill_voids_it() {
+        let store = NearStore::new(100);
+        serving(&store);
+        let fill = store.begin_fill("k").unwrap();
+        store.invalidated("k");
+        fill.finish(entry("old"), Duration::from_secs(30), -1, None);
+        assert_eq!(store.get::<String>("k", Codec::Json), None);
+        // A flush voids fills of every key, and an older epoch's too.
+        let fill = store.begin_fill("k").unwrap();
+        store.flush(Flush::Everything);
+        fill.finish(entry("old"), Duration::from_secs(30), -1, None);
+        assert_eq!(store.get::<String>("k", Codec::Json), None);
+        assert_eq!(
+            store
+                .pending
+                .iter()
+                .map(|s| s.lock().unwrap().len())
+                .sum::<usize>(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_disconnection_stops_serving_until_the_next_answer() {
+        let store = NearStore::new(100);
+        let old = store.connected();
+        store.answered(Instant::now(), old);
+        let fill = store.begin_fill("k").unwrap();
+        fill.finish(entry("v"), Duration::from_secs(30), -1, None);
+        let sent = Instant::now();
+        store.disconnected(old + 1); // not the live connection's
+        assert!(store.serving());
+        store.disconnected(old);
+        assert!(!store.serving());
+        store.answered(sent, old); // a late answer on the old connection
+        assert!(
+            !store.serving(),
+            "a PING of an older connection proves nothing"
+        );
+        let new = store.connected();
+        store.answered(Instant::now(), new);
+        assert_eq!(store.get::<String>("k", Codec::Json), None, "emptied");
+        // Everything invalidated: emptied, but still serving.
+        store
+            .begin_fill("k")
+            .unwrap()
+            .finish(entry("v"), Duration::from_secs(30), -1, None);
+        store.flush(Flush::Everything);
+        assert!(store.serving());
+        assert_eq!(store.get::<String>("k", Codec::Json), None);
+    }
+
+    #[test]
+    fn an_entry_lives_no_longer_than_its_redis_ttl_nor_the_bound() {
+        let store = NearStore::new(100);
+        serving(&store);
+        store
+            .begin_fill("a")
+            .unwrap()
+            .finish(entry("v"), Duration::from_secs(30), 0, None);
+        assert_eq!(
+            store.get::<String>("a", Codec::Json),
+            None,
+            "expiring in Redis"
+        );
+        store
+            .begin_fill("b")
+            .unwrap()
+            .finish(entry("v"), Duration::ZERO, -1, None);
+        assert_eq!(store.get::<String>("b", Codec::Json), None);
+        let past = crate::token::now_unix_ms() - 1;
+        store
+            .begin_fill("c")
+            .unwrap()
+            .finish(entry("v"), Duration::from_secs(30), -1, Some(past));
+        assert_eq!(
+            store.get::<String>("c", Codec::Json),
+            None,
+            "past its freshness"
+        );
+        store
+            .begin_fill("d")
+            .unwrap()
+            .finish(entry("v"), Duration::from_secs(30), 60_000, None);
+        assert!(store.get::<String>("d", Codec::Json).is_some());
+        // Read as another type: decoded each time, never a wrong value.
+        assert_eq!(store.get::<u64>("d", Codec::Json), None);
+        assert!(store.get::<String>("d", Codec::Json).is_some());
+    }
+
+    #[test]
+    fn a_dropped_fill_leaves_no_registration() {
+        let store = NearStore::new(100);
+        serving(&store);
+        drop(store.begin_fill("k").unwrap());
+        assert_eq!(
+            store
+                .pending
+                .iter()
+                .map(|s| s.lock().unwrap().len())
+                .sum::<usize>(),
+            0
+        );
+    }
+}

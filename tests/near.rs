@@ -1,0 +1,385 @@
+//! The near tier: values kept in process memory, dropped when Redis says
+//! their key changed, and not served at all while that cannot be heard.
+//! Two `Cache` instances on one server stand for two processes: each has
+//! its own connections.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis_cached::{cache_put, redis_cached, Cache};
+use support::RedisServer;
+
+const NEAR: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(600);
+
+/// A cache on `server` whose near tier is serving, checked on `key`
+/// (which must hold a value): its calls answer from memory.
+async fn serving(server: &RedisServer, key: &str) -> Cache {
+    let cache = Cache::builder(&server.url())
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid URL");
+    near_hit_on(&cache, key).await;
+    cache
+}
+
+/// Reads `key` until the near tier answers it (within 5 s).
+async fn near_hit_on(cache: &Cache, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = cache.stats().near_hits;
+        let value = cache.get_near::<String>(key, NEAR).await;
+        assert!(value.is_some(), "{key} holds a value");
+        if cache.stats().near_hits > before {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the near tier never served {key}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long until `cache` reads `want` at `key` (within 5 s), reading
+/// through the near tier.
+async fn seen_after(cache: &Cache, key: &str, want: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        if cache.get_near::<String>(key, NEAR).await.as_deref() == Some(want) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{key} still not {want}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// How long until `cache` finds nothing at `key` (within 5 s), reading
+/// through the near tier.
+async fn gone_after(cache: &Cache, key: &str) -> Duration {
+    let started = Instant::now();
+    while cache.get_near::<String>(key, NEAR).await.is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{key} still cached"
+        );
+        tokio::task::yield_now().await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_by_anyone_is_seen_by_the_next_read_after_one_message() {
+    let server = RedisServer::start();
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("k", &"v0", TTL).await.expect("stored");
+    let reader = serving(&server, "k").await;
+    let hits = reader.stats().near_hits;
+    for _ in 0..100 {
+        assert_eq!(
+            reader.get_near::<String>("k", NEAR).await.as_deref(),
+            Some("v0")
+        );
+    }
+    assert_eq!(reader.stats().near_hits, hits + 100, "answered from memory");
+
+    // Another cache's writes, each seen after about one message.
+    let mut delays = Vec::new();
+    for n in 1..=50 {
+        let value = format!("v{n}");
+        writer.set("k", &value, TTL).await.expect("stored");
+        delays.push(seen_after(&reader, "k", &value).await);
+        near_hit_on(&reader, "k").await;
+    }
+    delays.sort();
+    eprintln!(
+        "near tier: another cache's write seen after p50 {:?}, p99 {:?}, max {:?} (50 writes)",
+        delays[24], delays[48], delays[49]
+    );
+    assert!(reader.stats().near_invalidations >= 50);
+
+    // An invalidation, another program's plain SET, a DEL, an expiry and
+    // a FLUSHALL each drop the near copy.
+    writer.invalidate("k").await.expect("invalidated");
+    gone_after(&reader, "k").await;
+    writer.set("k", &"v-again", TTL).await.expect("stored");
+    near_hit_on(&reader, "k").await;
+    let mut raw = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let entry: Vec<u8> = redis::cmd("GET")
+        .arg("k")
+        .query_async(&mut raw)
+        .await
+        .expect("GET");
+    let mut other = entry.clone();
+    // The same header, another JSON string: "v-other".
+    let header = entry.len() - br#""v-again""#.len();
+    other.truncate(header);
+    other.extend_from_slice(br#""v-other""#);
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg(&other)
+        .query_async(&mut raw)
+        .await
+        .expect("SET");
+    seen_after(&reader, "k", "v-other").await;
+    near_hit_on(&reader, "k").await;
+    let () = redis::cmd("PEXPIRE")
+        .arg("k")
+        .arg(200)
+        .query_async(&mut raw)
+        .await
+        .expect("PEXPIRE");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        reader.get_near::<String>("k", NEAR).await,
+        None,
+        "expired in Redis"
+    );
+    writer.set("k", &"v-last", TTL).await.expect("stored");
+    near_hit_on(&reader, "k").await;
+    let flushes = reader.stats().near_flushes;
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut raw)
+        .await
+        .expect("FLUSHALL");
+    gone_after(&reader, "k").await;
+    assert!(
+        reader.stats().near_flushes > flushes,
+        "{:?}",
+        reader.stats()
+    );
+}
+
+/// `near` on the attribute; `#[cache_put]` from another cache, and this
+/// cache's own writes, which it reads back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_functions_answer_from_memory_until_the_key_changes() {
+    static COMPUTED: AtomicU64 = AtomicU64::new(0);
+    #[redis_cached(key = "user:<id>", ttl = 600, near = "30s", cache = cache)]
+    async fn user(cache: &Cache, id: u64) -> Option<String> {
+        COMPUTED.fetch_add(1, Ordering::SeqCst);
+        Some(format!("user {id}"))
+    }
+    #[cache_put(key = "user:<id>", ttl = 600, cache = cache)]
+    async fn rename(cache: &Cache, id: u64, name: &str) -> Option<String> {
+        let _ = id;
+        Some(name.to_owned())
+    }
+    let server = RedisServer::start();
+    let a = Cache::redis(&server.url()).expect("valid URL");
+    let b = Cache::redis(&server.url()).expect("valid URL");
+    assert_eq!(user(&a, 1).await.as_deref(), Some("user 1"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.stats().near_hits == 0 {
+        assert_eq!(user(&a, 1).await.as_deref(), Some("user 1"));
+        assert!(Instant::now() < deadline, "never served from memory");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(COMPUTED.load(Ordering::SeqCst), 1, "computed once");
+    let near_hits = redis_cached::stats_of(user(&a, 1))
+        .expect("a cached function")
+        .near_hits;
+    assert!(near_hits >= 1, "counted for the function");
+
+    rename(&b, 1, "Ada").await;
+    let started = Instant::now();
+    while user(&a, 1).await.as_deref() != Some("Ada") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the rename never reached a"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Its own write: read back at once, whatever the messages do.
+    for n in 0..20 {
+        let name = format!("name {n}");
+        rename(&a, 1, &name).await;
+        assert_eq!(user(&a, 1).await.as_deref(), Some(name.as_str()));
+    }
+    assert_eq!(COMPUTED.load(Ordering::SeqCst), 1);
+}
+
+/// A dropped tracking connection empties the tier: a write made while it
+/// was down is seen by the next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_tracking_connection_empties_the_tier() {
+    let server = RedisServer::start();
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("k", &"before", TTL).await.expect("stored");
+    let reader = serving(&server, "k").await;
+    let flushes = reader.stats().near_flushes;
+    let mut raw = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    // Every other client: the reader's tracking and data connections, the
+    // writer's.
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut raw)
+        .await
+        .expect("CLIENT KILL");
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("k", &"after", TTL).await.expect("stored");
+    seen_after(&reader, "k", "after").await;
+    assert!(
+        reader.stats().near_flushes > flushes,
+        "{:?}",
+        reader.stats()
+    );
+    // Tracking again: served from memory again.
+    near_hit_on(&reader, "k").await;
+    assert_eq!(
+        reader.get_near::<String>("k", NEAR).await.as_deref(),
+        Some("after")
+    );
+}
+
+/// A server that stops answering (SIGSTOP) stops the near hits within the
+/// lease: nothing is served that Redis may have changed unheard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_stops_near_hits_within_the_lease() {
+    let server = RedisServer::start();
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("k", &"v", TTL).await.expect("stored");
+    let reader = serving(&server, "k").await;
+    server.pause();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let hits = reader.stats().near_hits;
+    let got = reader.get_near::<String>("k", NEAR).await;
+    assert_eq!(
+        reader.stats().near_hits,
+        hits,
+        "no near hit while Redis is silent"
+    );
+    assert_eq!(got, None, "Redis did not answer in time: a miss");
+    server.resume();
+    near_hit_on(&reader, "k").await;
+}
+
+/// The near tier holds a value no longer than `near`, and a cached
+/// absence as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_lives_no_longer_than_its_bound() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    cache.set("k", &"v", TTL).await.expect("stored");
+    near_hit_on(&cache, "k").await;
+    let short = Duration::from_millis(100);
+    // A read with a shorter bound keeps what it reads that long.
+    cache.set("s", &"v", TTL).await.expect("stored");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        cache.get_near::<String>("s", short).await;
+        if cache.near_entry_count().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hits = cache.stats().near_hits;
+    tokio::time::sleep(short * 2).await;
+    assert_eq!(
+        cache.get_near::<String>("s", short).await.as_deref(),
+        Some("v")
+    );
+    assert_eq!(
+        cache.stats().near_hits,
+        hits,
+        "past its bound: read from Redis"
+    );
+}
+
+/// On the in-memory backend and with `near_capacity(0)`, `near` changes
+/// nothing: every read goes to the backend.
+#[tokio::test]
+async fn without_a_tier_near_reads_the_backend() {
+    let memory = Cache::in_memory();
+    memory.set("k", &"v", TTL).await.expect("stored");
+    assert_eq!(
+        memory.get_near::<String>("k", NEAR).await.as_deref(),
+        Some("v")
+    );
+    assert_eq!(memory.near_entry_count(), None);
+    assert_eq!(memory.stats().near_hits, 0);
+    let server = RedisServer::start();
+    let off = Cache::builder(&server.url())
+        .near_capacity(0)
+        .build()
+        .expect("valid URL");
+    off.set("k", &"v", TTL).await.expect("stored");
+    for _ in 0..5 {
+        assert_eq!(
+            off.get_near::<String>("k", NEAR).await.as_deref(),
+            Some("v")
+        );
+    }
+    assert_eq!(off.near_entry_count(), None);
+    assert_eq!(off.stats().near_hits, 0);
+}
+
+/// `near` with `lock = true` and with `stale`: filled by the call's own
+/// read, and never served past the value's freshness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_works_with_lock_and_stale() {
+    static LOCKED: AtomicU64 = AtomicU64::new(0);
+    static STALE: AtomicU64 = AtomicU64::new(0);
+    #[redis_cached(key = "locked:<id>", ttl = 600, lock = true, near = "30s", cache = cache)]
+    async fn locked(cache: &Cache, id: u64) -> String {
+        LOCKED.fetch_add(1, Ordering::SeqCst);
+        format!("locked {id}")
+    }
+    #[redis_cached(key = "stale:<id>", ttl = 1, stale = "60s", near = "30s", cache = cache)]
+    async fn stale(cache: &Cache, id: u64) -> String {
+        let n = STALE.fetch_add(1, Ordering::SeqCst);
+        format!("stale {id} #{n}")
+    }
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.stats().near_hits == 0 {
+        assert_eq!(locked(&cache, 1).await, "locked 1");
+        assert!(
+            Instant::now() < deadline,
+            "a lock function is never served from memory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(LOCKED.load(Ordering::SeqCst), 1);
+
+    let first = stale(&cache, 1).await;
+    let hits = cache.stats().near_hits;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.stats().near_hits == hits {
+        assert_eq!(stale(&cache, 1).await, first);
+        assert!(Instant::now() < deadline, "never served from memory");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past its TTL (1 s) the value is stale: the near tier serves it no
+    // more; the call serves it stale from Redis and refreshes it.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let stale_serves = cache.stats().stale_serves;
+    let hits = cache.stats().near_hits;
+    assert_eq!(stale(&cache, 1).await, first, "served stale");
+    assert_eq!(cache.stats().near_hits, hits, "not from memory");
+    assert_eq!(cache.stats().stale_serves, stale_serves + 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stale(&cache, 1).await == first {
+        assert!(Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
