@@ -169,6 +169,12 @@ async fn near_functions_answer_from_memory_until_the_key_changes() {
         COMPUTED.fetch_add(1, Ordering::SeqCst);
         Some(format!("user {id}"))
     }
+    #[redis_cached(key = "nobody:<id>", ttl = 600, cache_none = "10m", near = "30s", cache = cache)]
+    async fn nobody(cache: &Cache, id: u64) -> Option<String> {
+        let _ = id;
+        COMPUTED.fetch_add(1, Ordering::SeqCst);
+        None
+    }
     #[cache_put(key = "user:<id>", ttl = 600, cache = cache)]
     async fn rename(cache: &Cache, id: u64, name: &str) -> Option<String> {
         let _ = id;
@@ -206,6 +212,24 @@ async fn near_functions_answer_from_memory_until_the_key_changes() {
         assert_eq!(user(&a, 1).await.as_deref(), Some(name.as_str()));
     }
     assert_eq!(COMPUTED.load(Ordering::SeqCst), 1);
+
+    // A cached absence is served from memory as one.
+    assert_eq!(nobody(&a, 1).await, None);
+    let hits = a.stats().near_hits;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.stats().near_hits == hits {
+        assert_eq!(nobody(&a, 1).await, None);
+        assert!(
+            Instant::now() < deadline,
+            "an absence is never served from memory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        COMPUTED.load(Ordering::SeqCst),
+        2,
+        "the absence computed once"
+    );
 }
 
 /// A dropped tracking connection empties the tier: a write made while it
@@ -271,11 +295,12 @@ async fn a_silent_server_stops_near_hits_within_the_lease() {
     near_hit_on(&reader, "k").await;
 }
 
-/// The near tier holds a value no longer than `near`, and a cached
-/// absence as one.
+/// The near tier holds a value no longer than `near`, nor past its Redis
+/// TTL even when Redis has not expired the key yet (it expires lazily
+/// here: active expiry off, so no invalidation comes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_lives_no_longer_than_its_bound() {
-    let server = RedisServer::start();
+async fn an_entry_lives_no_longer_than_its_bound_nor_its_ttl() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
     let cache = Cache::redis(&server.url()).expect("valid URL");
     cache.set("k", &"v", TTL).await.expect("stored");
     near_hit_on(&cache, "k").await;
@@ -302,6 +327,31 @@ async fn an_entry_lives_no_longer_than_its_bound() {
         hits,
         "past its bound: read from Redis"
     );
+
+    let mut raw = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let () = redis::cmd("DEBUG")
+        .arg("SET-ACTIVE-EXPIRE")
+        .arg(0)
+        .query_async(&mut raw)
+        .await
+        .expect("active expiry off");
+    cache
+        .set("t", &"v", Duration::from_millis(300))
+        .await
+        .expect("stored");
+    near_hit_on(&cache, "t").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let hits = cache.stats().near_hits;
+    assert_eq!(
+        cache.get_near::<String>("t", NEAR).await,
+        None,
+        "past its TTL"
+    );
+    assert_eq!(cache.stats().near_hits, hits);
 }
 
 /// On the in-memory backend and with `near_capacity(0)`, `near` changes

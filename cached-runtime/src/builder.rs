@@ -165,6 +165,7 @@ pub struct CacheBuilder {
     log_keys: bool,
     merge_lookups: bool,
     near_capacity: usize,
+    near_max_bytes: usize,
     tls_root: Option<Vec<u8>>,
     codec: Codec,
     breaker: BreakerConfig,
@@ -213,6 +214,7 @@ impl CacheBuilder {
             log_keys: false,
             merge_lookups: true,
             near_capacity: 10_000,
+            near_max_bytes: 64 * 1024 * 1024,
             codec: Codec::Json,
             breaker: BreakerConfig::default(),
             memory: MemoryConfig::default(),
@@ -349,6 +351,15 @@ impl CacheBuilder {
         self
     }
 
+    /// About how many bytes the near tier holds at most: each entry counts
+    /// its bytes as stored, as much again for its decoded value, and its
+    /// key. Default 64 MiB. Whichever of this and
+    /// [`near_capacity`](Self::near_capacity) is reached first bounds it.
+    pub fn near_max_bytes(mut self, bytes: usize) -> Self {
+        self.near_max_bytes = bytes;
+        self
+    }
+
     /// Checks the settings and builds the cache. Connects nothing.
     ///
     /// # Errors
@@ -423,7 +434,7 @@ impl CacheBuilder {
             channel,
             self.max_value_bytes,
             (self.merge_lookups && !self.bounded_reads).then_some(self.op_timeout),
-            self.near_capacity,
+            (self.near_capacity, self.near_max_bytes),
         )?);
         Ok(self.finish(backend))
     }

@@ -113,7 +113,6 @@ impl Codec {
         self.header(FLAG_ABSENT, timing)
     }
 
-    /// A tombstone with a fresh random id, unlike any other.
     /// Whether the near tier may keep `bytes`: an entry of this format
     /// that is not a tombstone; with its soft expiry (Unix ms) if timed.
     pub(crate) fn near_kept(bytes: &[u8]) -> Option<Option<u64>> {
@@ -136,6 +135,7 @@ impl Codec {
         matches!(bytes, [MAGIC, FORMAT_VERSION, _, flags, ..] if flags & FLAG_TOMBSTONE != 0)
     }
 
+    /// A tombstone with a fresh random id, unlike any other.
     pub(crate) fn encode_tombstone(self) -> Vec<u8> {
         let mut buf = self.header(FLAG_TOMBSTONE, None);
         buf.extend_from_slice(&crate::token::random_bytes::<TOMBSTONE_ID_LEN>());

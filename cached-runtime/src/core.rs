@@ -346,6 +346,9 @@ impl Inner {
         site: Option<&Site>,
     ) -> Result<()> {
         self.check_size(&entry)?;
+        // Before and after: a caller that gives up mid-write leaves no
+        // older near copy than Redis's next message would.
+        self.forget_near(key);
         let stored = self.guarded(self.backend.set(key, entry, ttl)).await;
         // Whether or not it landed: the near copy may be older now.
         self.forget_near(key);
@@ -411,23 +414,44 @@ impl Inner {
         };
         tracker.ensure_running();
         self.count(site, Event::near_misses);
+        if self.breaker.is_open() {
+            return self.read(key).await;
+        }
         let Some(fill) = tracker.store.begin_fill(key) else {
             return self.read(key).await;
         };
-        let Some(read) = tracker.read(key) else {
+        let limit = self
+            .settings
+            .bounded_reads
+            .then_some(self.settings.max_value_bytes);
+        let Some(read) = tracker.read(key, limit) else {
             return self.read(key).await;
         };
-        match self.guarded(read).await {
-            Ok(Some((bytes, pttl))) => {
+        let sent = Instant::now();
+        // Not under the breaker: a failure here says nothing the data
+        // connection's read below will not say.
+        let read = tokio::time::timeout(self.settings.op_timeout, read).await;
+        if meters::EXPORTED || spent::wanted() {
+            let took = sent.elapsed();
+            self.meters.redis_time(took, self.cache_label());
+            spent::add(took);
+        }
+        match read {
+            Ok(Ok(Some((bytes, pttl)))) => {
                 if bytes.len() <= self.settings.max_value_bytes {
                     if let Some(soft_expiry) = Codec::near_kept(&bytes) {
-                        fill.finish(Arc::from(&*bytes), bound, pttl, soft_expiry);
+                        fill.finish(Arc::from(&*bytes), sent, bound, pttl, soft_expiry);
                     }
                 }
                 Ok(bytes)
             }
-            Ok(None) => Err(Seen::Nothing),
-            Err(_) => Err(Seen::Unknown),
+            Ok(Ok(None)) => Err(Seen::Nothing),
+            // The tracking connection failed or is slow (its keep-alive
+            // replaces it): the data connection answers.
+            _ => {
+                drop(fill);
+                self.read(key).await
+            }
         }
     }
 
@@ -517,6 +541,7 @@ impl Inner {
     pub(crate) async fn tombstone(&self, key: &str) -> Result<()> {
         let tombstone = self.settings.codec.encode_tombstone();
         let window = self.settings.invalidation_window;
+        self.forget_near(key);
         let written = self
             .guarded(self.backend.set(key, tombstone.into(), window))
             .await;
@@ -574,12 +599,13 @@ impl Inner {
                 .iter()
                 .map(|(key, _)| (key.clone(), tombstone.clone()))
                 .collect();
-            let tombstones = self.backend.set_many(&live, window);
-            if let Err(err) = self.guarded(tombstones).await {
-                break Err(err);
-            }
+            let tombstones = self.guarded(self.backend.set_many(&live, window)).await;
+            // Even if the write failed: some tombstones may have landed.
             for (key, _) in &live {
                 self.wrote(key);
+            }
+            if let Err(err) = tombstones {
+                break Err(err);
             }
             invalidated += live.len() as u64;
             if let Err(err) = self.guarded(self.backend.untag(&tag_key, &batch)).await {

@@ -36,10 +36,10 @@ use crate::stats::{Counters, Event};
 
 /// How long an answered `PING` lets the tier serve hits, counted from when
 /// it was sent.
-pub(crate) const LEASE: Duration = Duration::from_secs(1);
+pub(crate) const LEASE: Duration = Duration::from_millis(500);
 
 /// How often the tracking connection is pinged (well within [`LEASE`]).
-pub(crate) const PING_EVERY: Duration = Duration::from_millis(200);
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(100);
 
 const SHARDS: usize = 16;
 
@@ -51,6 +51,21 @@ struct Slot {
     /// Served until then (ns since the store's `base`).
     deadline: u64,
     epoch: u64,
+}
+
+/// An entry's weight: about the bytes it holds (the entry as read, its
+/// decoded value, taken to be as large, and its key), and never less than
+/// the tier's bytes over its entries, so that it holds at most that many.
+#[derive(Clone)]
+struct ByBytes {
+    least: u64,
+}
+
+impl quick_cache::Weighter<String, Arc<Slot>> for ByBytes {
+    fn weight(&self, key: &String, slot: &Arc<Slot>) -> u64 {
+        let bytes = 2 * slot.raw.len() as u64 + key.len() as u64 + 96;
+        bytes.max(self.least)
+    }
 }
 
 /// Why the tier was emptied.
@@ -65,7 +80,7 @@ pub(crate) enum Flush {
 
 /// The near tier of one cache.
 pub(crate) struct NearStore {
-    entries: quick_cache::sync::Cache<String, Arc<Slot>>,
+    entries: quick_cache::sync::Cache<String, Arc<Slot>, ByBytes>,
     /// Fills in flight, by key, with their tokens.
     pending: [Mutex<HashMap<String, u64>>; SHARDS],
     hasher: std::collections::hash_map::RandomState,
@@ -108,10 +123,14 @@ pub(crate) struct Fill<'a> {
 }
 
 impl NearStore {
-    /// A store of at most `capacity` entries.
-    pub(crate) fn new(capacity: usize) -> NearStore {
+    /// A store of at most `capacity` entries and about `max_bytes` bytes.
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> NearStore {
+        let (capacity, max_bytes) = (capacity.max(1) as u64, max_bytes.max(1) as u64);
+        let weigher = ByBytes {
+            least: (max_bytes / capacity).max(1),
+        };
         NearStore {
-            entries: quick_cache::sync::Cache::new(capacity.max(1)),
+            entries: quick_cache::sync::Cache::with_weighter(capacity as usize, max_bytes, weigher),
             pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             hasher: std::collections::hash_map::RandomState::new(),
             next_token: AtomicU64::new(1),
@@ -222,22 +241,24 @@ impl NearStore {
         self.invalidate(key);
     }
 
-    /// Empties the tier and voids every fill in flight; after a
-    /// disconnection, also stops serving until the next connection's
-    /// first answered `PING`.
+    /// Redis invalidated every key (`FLUSHALL`, `FLUSHDB`): the tier is
+    /// emptied, and fills in flight voided; tracking goes on.
     pub(crate) fn flush(&self, why: Flush) {
-        if why == Flush::Disconnected {
-            // Generation first: an answer being recorded now sees it.
-            self.generation.fetch_add(1, Ordering::AcqRel);
-            self.lease.store(0, Ordering::Release);
-        }
+        self.empty(Some(why));
+    }
+
+    /// Empties the tier and voids every fill in flight, counting it as a
+    /// flush if `why` says one happened.
+    fn empty(&self, why: Option<Flush>) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         for shard in &self.pending {
             shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
         }
         self.entries.clear();
-        self.count(Event::near_flushes);
-        tracing::debug!(target: "redis_cached", why = ?why, "near tier emptied");
+        if let Some(why) = why {
+            self.count(Event::near_flushes);
+            tracing::debug!(target: "redis_cached", why = ?why, "near tier emptied");
+        }
     }
 
     fn epoch(&self) -> u64 {
@@ -247,56 +268,76 @@ impl NearStore {
     /// A new tracking connection takes over: the tier starts empty, and
     /// serves once a `PING` of the returned generation is answered.
     pub(crate) fn connected(&self) -> u64 {
-        self.flush(Flush::Disconnected);
-        self.generation.load(Ordering::Acquire)
+        // Generation first: an answer being recorded now sees it.
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let was_serving = self.lease.swap(0, Ordering::AcqRel) != 0;
+        let held = was_serving || !self.entries.is_empty();
+        self.empty(held.then_some(Flush::Disconnected));
+        generation
     }
 
-    /// The tracking connection of `generation` dropped: what Redis pushed
-    /// since is lost.
+    /// The tracking connection of `generation` dropped or was given up:
+    /// what Redis pushed since is lost. (A later connection's generation
+    /// is left alone.)
     pub(crate) fn disconnected(&self, generation: u64) {
-        if self.generation.load(Ordering::Acquire) == generation {
-            self.flush(Flush::Disconnected);
+        let ended = self.generation.compare_exchange(
+            generation,
+            generation + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if ended.is_ok() {
+            self.lease.store(0, Ordering::Release);
+            self.empty(Some(Flush::Disconnected));
         }
     }
 
     /// A `PING` sent at `sent` on the connection of `generation` was
     /// answered: every invalidation Redis pushed before it has been
-    /// handled, so hits may be served until `sent + LEASE`.
-    pub(crate) fn answered(&self, sent: Instant, generation: u64) {
-        let until = self.at(sent + LEASE);
+    /// handled, so hits may be served until `sent + LEASE`. Whether that
+    /// connection is still the live one.
+    pub(crate) fn answered(&self, sent: Instant, generation: u64) -> bool {
+        let until = self.at(sent).saturating_add(nanos(LEASE));
         let live = || self.generation.load(Ordering::Acquire) == generation;
-        if live() {
-            self.lease.fetch_max(until, Ordering::AcqRel);
-            if !live() {
-                // Disconnected meanwhile: its "not serving" stands.
-                self.lease.store(0, Ordering::Release);
-            }
+        if !live() {
+            return false;
         }
+        self.lease.fetch_max(until, Ordering::AcqRel);
+        if !live() {
+            // Disconnected meanwhile: its "not serving" stands.
+            self.lease.store(0, Ordering::Release);
+            return false;
+        }
+        true
     }
 }
 
 impl Fill<'_> {
-    /// Keeps `raw`, as read, for at most `bound` and Redis's remaining TTL
-    /// (`pttl_ms`; negative: none), and never past `soft_expiry` (Unix
-    /// ms, for a `stale`/`early` entry); unless the key was invalidated or
-    /// the tier flushed since the fill began.
+    /// Keeps `raw`, read by a command sent at `sent`, for at most `bound`
+    /// and Redis's remaining TTL then (`pttl_ms`: -1 none, -2 the key is
+    /// gone), and never past `soft_expiry` (Unix ms, for a `stale`/`early`
+    /// entry); unless the key was invalidated or the tier flushed since
+    /// the fill began.
     pub(crate) fn finish(
         self,
         raw: Arc<[u8]>,
+        sent: Instant,
         bound: Duration,
         pttl_ms: i64,
         soft_expiry: Option<u64>,
     ) {
         let mut life = bound;
-        if pttl_ms >= 0 {
-            life = life.min(Duration::from_millis(pttl_ms as u64));
+        match pttl_ms {
+            -1 => {}
+            ms if ms >= 0 => life = life.min(Duration::from_millis(ms as u64)),
+            _ => return,
         }
         if let Some(soft) = soft_expiry {
             let now_ms = crate::token::now_unix_ms();
             life = life.min(Duration::from_millis(soft.saturating_sub(now_ms)));
         }
         let store = self.store;
-        let deadline = store.at(Instant::now() + life);
+        let deadline = store.at(sent).saturating_add(nanos(life));
         let mut pending = store.shard(self.key);
         if pending.get(self.key) != Some(&self.token) || store.epoch() != self.epoch {
             return;
@@ -317,6 +358,11 @@ impl Fill<'_> {
     }
 }
 
+/// `duration` in ns, saturating.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Drop for Fill<'_> {
     fn drop(&mut self) {
         let mut pending = self.store.shard(self.key);
@@ -334,17 +380,23 @@ mod tests {
         Codec::Json.encode(value, None).unwrap().into()
     }
 
+    impl Fill<'_> {
+        fn finish_now(self, raw: Arc<[u8]>, bound: Duration, pttl_ms: i64, soft: Option<u64>) {
+            self.finish(raw, Instant::now(), bound, pttl_ms, soft);
+        }
+    }
+
     fn serving(store: &NearStore) {
         store.answered(Instant::now(), store.generation.load(Ordering::Acquire));
     }
 
     #[test]
     fn nothing_is_served_without_a_lease() {
-        let store = NearStore::new(100);
+        let store = NearStore::new(100, 1 << 20);
         assert!(store.begin_fill("k").is_none(), "no lease: no fill");
         serving(&store);
         let fill = store.begin_fill("k").unwrap();
-        fill.finish(entry("v"), Duration::from_secs(30), -1, None);
+        fill.finish_now(entry("v"), Duration::from_secs(30), -1, None);
         assert_eq!(
             store.get::<String>("k", Codec::Json),
             Some(Some("v".into()))
@@ -360,16 +412,16 @@ mod tests {
 
     #[test]
     fn an_invalidation_during_a_fill_voids_it() {
-        let store = NearStore::new(100);
+        let store = NearStore::new(100, 1 << 20);
         serving(&store);
         let fill = store.begin_fill("k").unwrap();
         store.invalidated("k");
-        fill.finish(entry("old"), Duration::from_secs(30), -1, None);
+        fill.finish_now(entry("old"), Duration::from_secs(30), -1, None);
         assert_eq!(store.get::<String>("k", Codec::Json), None);
         // A flush voids fills of every key, and an older epoch's too.
         let fill = store.begin_fill("k").unwrap();
         store.flush(Flush::Everything);
-        fill.finish(entry("old"), Duration::from_secs(30), -1, None);
+        fill.finish_now(entry("old"), Duration::from_secs(30), -1, None);
         assert_eq!(store.get::<String>("k", Codec::Json), None);
         assert_eq!(
             store
@@ -383,11 +435,11 @@ mod tests {
 
     #[test]
     fn a_disconnection_stops_serving_until_the_next_answer() {
-        let store = NearStore::new(100);
+        let store = NearStore::new(100, 1 << 20);
         let old = store.connected();
         store.answered(Instant::now(), old);
         let fill = store.begin_fill("k").unwrap();
-        fill.finish(entry("v"), Duration::from_secs(30), -1, None);
+        fill.finish_now(entry("v"), Duration::from_secs(30), -1, None);
         let sent = Instant::now();
         store.disconnected(old + 1); // not the live connection's
         assert!(store.serving());
@@ -405,7 +457,7 @@ mod tests {
         store
             .begin_fill("k")
             .unwrap()
-            .finish(entry("v"), Duration::from_secs(30), -1, None);
+            .finish_now(entry("v"), Duration::from_secs(30), -1, None);
         store.flush(Flush::Everything);
         assert!(store.serving());
         assert_eq!(store.get::<String>("k", Codec::Json), None);
@@ -413,12 +465,12 @@ mod tests {
 
     #[test]
     fn an_entry_lives_no_longer_than_its_redis_ttl_nor_the_bound() {
-        let store = NearStore::new(100);
+        let store = NearStore::new(100, 1 << 20);
         serving(&store);
         store
             .begin_fill("a")
             .unwrap()
-            .finish(entry("v"), Duration::from_secs(30), 0, None);
+            .finish_now(entry("v"), Duration::from_secs(30), 0, None);
         assert_eq!(
             store.get::<String>("a", Codec::Json),
             None,
@@ -427,22 +479,26 @@ mod tests {
         store
             .begin_fill("b")
             .unwrap()
-            .finish(entry("v"), Duration::ZERO, -1, None);
+            .finish_now(entry("v"), Duration::ZERO, -1, None);
         assert_eq!(store.get::<String>("b", Codec::Json), None);
         let past = crate::token::now_unix_ms() - 1;
-        store
-            .begin_fill("c")
-            .unwrap()
-            .finish(entry("v"), Duration::from_secs(30), -1, Some(past));
+        store.begin_fill("c").unwrap().finish_now(
+            entry("v"),
+            Duration::from_secs(30),
+            -1,
+            Some(past),
+        );
         assert_eq!(
             store.get::<String>("c", Codec::Json),
             None,
             "past its freshness"
         );
-        store
-            .begin_fill("d")
-            .unwrap()
-            .finish(entry("v"), Duration::from_secs(30), 60_000, None);
+        store.begin_fill("d").unwrap().finish_now(
+            entry("v"),
+            Duration::from_secs(30),
+            60_000,
+            None,
+        );
         assert!(store.get::<String>("d", Codec::Json).is_some());
         // Read as another type: decoded each time, never a wrong value.
         assert_eq!(store.get::<u64>("d", Codec::Json), None);
@@ -451,7 +507,7 @@ mod tests {
 
     #[test]
     fn a_dropped_fill_leaves_no_registration() {
-        let store = NearStore::new(100);
+        let store = NearStore::new(100, 1 << 20);
         serving(&store);
         drop(store.begin_fill("k").unwrap());
         assert_eq!(

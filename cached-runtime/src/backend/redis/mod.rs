@@ -25,7 +25,7 @@ mod scripts;
 mod track;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -127,15 +127,16 @@ impl RedisBackend {
     /// Prepares the connection settings for `target`; connects nothing.
     /// `channel` names where lock notifications go; `limit` is the largest
     /// entry; with `merge`, concurrent reads are merged, each merged read
-    /// bounded by it (not on a cluster). A near tier of `near` entries
-    /// (none for 0) is kept on a server or a Sentinel master.
+    /// bounded by it (not on a cluster). A near tier of at most `near`
+    /// entries (none for 0) and about `near_bytes` bytes is kept on a
+    /// server or a Sentinel master.
     pub(crate) fn new(
         target: Target,
         connect_timeout: Duration,
         channel: String,
         limit: usize,
         merge: Option<Duration>,
-        near: usize,
+        (near, near_bytes): (usize, usize),
     ) -> Result<Self> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
@@ -165,7 +166,7 @@ impl RedisBackend {
             Target::Cluster(_) => None,
         };
         let tracker = track.map(|feed| {
-            let store = Arc::new(crate::near::NearStore::new(near));
+            let store = Arc::new(crate::near::NearStore::new(near, near_bytes));
             Arc::new(Tracker::new(store, feed, connect_timeout))
         });
         Ok(RedisBackend {
@@ -275,6 +276,7 @@ impl RedisBackend {
     /// subscriber, so that both move to the new master at once.
     fn watch_failovers(&self, sentinel: &Arc<SentinelTarget>) {
         let (link, notifier) = (Arc::downgrade(&self.link), Arc::downgrade(&self.notifier));
+        let tracker = self.tracker.as_ref().map(Arc::downgrade);
         let alive = {
             let link = link.clone();
             move || link.strong_count() > 0
@@ -285,6 +287,9 @@ impl RedisBackend {
             }
             if let Some(notifier) = notifier.upgrade() {
                 notifier.restart();
+            }
+            if let Some(tracker) = tracker.as_ref().and_then(Weak::upgrade) {
+                tracker.failed_over();
             }
         });
     }

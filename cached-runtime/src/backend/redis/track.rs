@@ -37,10 +37,12 @@ pub(crate) enum TrackFeed {
     Sentinel(Arc<SentinelTarget>),
 }
 
-/// The live tracking connection, with the generation it serves.
+/// The live tracking connection, with the generation it serves and what
+/// wakes its keep-alive to give it up.
 struct Tracked {
     conn: MultiplexedConnection,
     generation: u64,
+    restart: Arc<Notify>,
 }
 
 pub(crate) struct Tracker {
@@ -50,8 +52,6 @@ pub(crate) struct Tracker {
     live: ArcSwapOption<Tracked>,
     /// Whether the tracking task is alive; its guard clears it.
     running: Arc<AtomicBool>,
-    /// Wakes the task to reconnect (the connection dropped).
-    restart: Arc<Notify>,
     /// Whether `CLIENT TRACKING` was refused (logged once).
     refused: AtomicBool,
 }
@@ -68,7 +68,6 @@ impl Tracker {
             connect_timeout,
             live: ArcSwapOption::empty(),
             running: Arc::new(AtomicBool::new(false)),
-            restart: Arc::new(Notify::new()),
             refused: AtomicBool::new(false),
         }
     }
@@ -90,26 +89,43 @@ impl Tracker {
         });
     }
 
-    /// Reads `key` and its TTL on the tracking connection (one round
-    /// trip), so that Redis tracks it; `None` when no connection tracks now.
+    /// Reads `key` (at most `limit + 1` bytes of it, with `bounded_reads`)
+    /// and its TTL on the tracking connection, in one round trip, so that
+    /// Redis tracks it; `None` when no connection tracks now.
     pub(crate) fn read(
         &self,
         key: &str,
+        limit: Option<usize>,
     ) -> Option<impl std::future::Future<Output = Result<TrackedRead>> + 'static> {
         let tracked = self.live.load_full()?;
         let key = key.to_owned();
         Some(async move {
             let mut conn = tracked.conn.clone();
-            let (value, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
-                .cmd("GET")
-                .arg(&key)
+            let mut pipe = redis::pipe();
+            match limit {
+                Some(limit) => pipe.cmd("GETRANGE").arg(&key).arg(0).arg(limit),
+                None => pipe.cmd("GET").arg(&key),
+            };
+            let (value, pttl): (Option<Vec<u8>>, i64) = pipe
                 .cmd("PTTL")
                 .arg(&key)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| Error::from_redis(&e))?;
-            Ok(value.map(|v| (Bytes::Owned(v), pttl)))
+            // `GETRANGE` of a missing key is "": no entry is empty.
+            Ok(value
+                .filter(|v| !v.is_empty())
+                .map(|v| (Bytes::Owned(v), pttl)))
         })
+    }
+
+    /// The master failed over: what the tracking connection heard of the
+    /// old one says nothing of the new; track the new one.
+    pub(crate) fn failed_over(&self) {
+        if let Some(tracked) = self.live.load_full() {
+            self.store.disconnected(tracked.generation);
+            tracked.restart.notify_one();
+        }
     }
 }
 
@@ -123,6 +139,8 @@ impl Drop for Running {
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// After Redis refused tracking: it will not change its mind soon.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(60);
 /// How long an answer to a ping may take: past it the lease lapses anyway.
 const PING_TIMEOUT: Duration = LEASE;
 
@@ -132,18 +150,21 @@ async fn track_loop(tracker: Weak<Tracker>) {
         let Some(t) = tracker.upgrade() else {
             return;
         };
-        let tracked = connect(&t).await;
-        let restart = Arc::clone(&t.restart);
-        let store = Arc::clone(&t.store);
+        // Before the master is looked up: a failover during the lookup
+        // voids what it found.
         let switches = match &t.feed {
             TrackFeed::Sentinel(sentinel) => Some((Arc::clone(sentinel), sentinel.switches())),
             TrackFeed::Server(_) => None,
         };
+        let tracked = connect(&t, switches.as_ref().map(|(_, at)| *at)).await;
+        let store = Arc::clone(&t.store);
         drop(t);
+        let mut pause = backoff;
         match tracked {
             Ok(tracked) => {
                 backoff = FIRST_BACKOFF;
-                keep_alive(&tracker, &store, &restart, tracked, switches).await;
+                pause = backoff;
+                keep_alive(&tracker, &store, tracked, switches).await;
             }
             Err(err) => {
                 if let Some(t) = tracker.upgrade() {
@@ -151,27 +172,32 @@ async fn track_loop(tracker: Weak<Tracker>) {
                         err,
                         Error::Refused(_) | Error::Rejected(_) | Error::Config(_)
                     );
+                    if refused {
+                        pause = REFUSED_BACKOFF;
+                    }
                     if refused && !t.refused.swap(true, Ordering::Relaxed) {
                         tracing::warn!(target: "redis_cached", error = %err, "the near tier is off: Redis refused client tracking (RESP3 and CLIENT TRACKING need Redis 6 or later); calls read Redis");
                     } else {
                         tracing::debug!(target: "redis_cached", error = %err, "near tier: tracking connection failed; calls read Redis meanwhile");
                     }
                 }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
         if tracker.strong_count() == 0 {
             return;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(pause).await;
     }
 }
 
 /// Opens a RESP3 connection whose pushes go to the store, and turns
 /// tracking on. The store is emptied and starts a new generation first:
-/// nothing from an earlier connection is served.
-async fn connect(t: &Tracker) -> Result<Arc<Tracked>> {
-    let bound = t.connect_timeout + LEASE;
+/// nothing from an earlier connection is served. On Sentinel, `switches`
+/// is the failover count before the lookup: a failover since voids the
+/// connection.
+async fn connect(t: &Tracker, switches: Option<u64>) -> Result<Arc<Tracked>> {
+    let bound = t.connect_timeout.saturating_add(LEASE);
     let client = match &t.feed {
         TrackFeed::Server(client) => client.clone(),
         TrackFeed::Sentinel(sentinel) => {
@@ -183,13 +209,14 @@ async fn connect(t: &Tracker) -> Result<Arc<Tracked>> {
     };
     let generation = t.store.connected();
     let store = Arc::downgrade(&t.store);
-    let restart = Arc::clone(&t.restart);
+    let restart = Arc::new(Notify::new());
+    let woken = Arc::clone(&restart);
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(t.connect_timeout))
         .set_response_timeout(Some(LEASE))
         .set_push_sender(move |push: redis::PushInfo| {
             if let Some(store) = store.upgrade() {
-                pushed(&store, &restart, generation, push);
+                pushed(&store, &woken, generation, push);
             }
             Ok::<(), ()>(())
         });
@@ -209,14 +236,25 @@ async fn connect(t: &Tracker) -> Result<Arc<Tracked>> {
     let conn = tokio::time::timeout(bound, open)
         .await
         .map_err(|_| Error::Timeout(bound))??;
-    let tracked = Arc::new(Tracked { conn, generation });
+    if let (TrackFeed::Sentinel(sentinel), Some(at)) = (&t.feed, switches) {
+        if sentinel.switches() != at {
+            return Err(Error::Redis(
+                "the master failed over while tracking started".into(),
+            ));
+        }
+    }
+    let tracked = Arc::new(Tracked {
+        conn,
+        generation,
+        restart,
+    });
     t.live.store(Some(Arc::clone(&tracked)));
     Ok(tracked)
 }
 
 /// What the tracking connection's reader does with a push: drops the named
 /// keys, or everything; a dropped connection empties the tier and wakes
-/// the task to reconnect.
+/// the keep-alive to reconnect.
 fn pushed(store: &NearStore, restart: &Notify, generation: u64, push: redis::PushInfo) {
     match push.kind {
         redis::PushKind::Invalidate => match push.data.first() {
@@ -233,7 +271,7 @@ fn pushed(store: &NearStore, restart: &Notify, generation: u64, push: redis::Pus
                     }
                 }
             }
-            // `nil`: every key (FLUSHALL, FLUSHDB, a full tracking table).
+            // `nil`: every key (FLUSHALL, FLUSHDB).
             _ => store.flush(Flush::Everything),
         },
         redis::PushKind::Disconnection => {
@@ -244,15 +282,39 @@ fn pushed(store: &NearStore, restart: &Notify, generation: u64, push: redis::Pus
     }
 }
 
-/// Pings the connection until it fails, the cache is gone, or (Sentinel)
-/// a failover was heard of; then empties the tier.
+/// Ends a tracking connection however its keep-alive ends (the runtime
+/// shutting down included): the tier serves nothing it may have missed,
+/// and no read goes to the connection.
+struct Ended<'a> {
+    tracker: &'a Weak<Tracker>,
+    store: &'a NearStore,
+    tracked: Arc<Tracked>,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.store.disconnected(self.tracked.generation);
+        if let Some(t) = self.tracker.upgrade() {
+            t.live
+                .compare_and_swap(&Some(Arc::clone(&self.tracked)), None::<Arc<Tracked>>);
+        }
+    }
+}
+
+/// Pings the connection until it fails, the cache is gone, its generation
+/// is over, or (Sentinel) a failover was heard of; then ends it.
 async fn keep_alive(
     tracker: &Weak<Tracker>,
     store: &NearStore,
-    restart: &Notify,
     tracked: Arc<Tracked>,
     switches: Option<(Arc<SentinelTarget>, u64)>,
 ) {
+    let ended = Ended {
+        tracker,
+        store,
+        tracked,
+    };
+    let tracked = &ended.tracked;
     let mut conn = tracked.conn.clone();
     loop {
         let sent = Instant::now();
@@ -260,12 +322,11 @@ async fn keep_alive(
         let ping = cmd.query_async::<Value>(&mut conn);
         let answered = tokio::select! {
             answered = tokio::time::timeout(PING_TIMEOUT, ping) => matches!(answered, Ok(Ok(_))),
-            () = restart.notified() => false,
+            () = tracked.restart.notified() => false,
         };
-        if !answered {
+        if !answered || !store.answered(sent, tracked.generation) {
             break;
         }
-        store.answered(sent, tracked.generation);
         if let Some((sentinel, at)) = &switches {
             if sentinel.switches() != *at {
                 break; // the master changed: track the new one
@@ -273,15 +334,10 @@ async fn keep_alive(
         }
         let woken = tokio::select! {
             () = tokio::time::sleep(PING_EVERY.saturating_sub(sent.elapsed())) => false,
-            () = restart.notified() => true,
+            () = tracked.restart.notified() => true,
         };
         if woken || tracker.strong_count() == 0 {
             break;
         }
-    }
-    store.disconnected(tracked.generation);
-    if let Some(t) = tracker.upgrade() {
-        t.live
-            .compare_and_swap(&Some(Arc::clone(&tracked)), None::<Arc<Tracked>>);
     }
 }
