@@ -342,8 +342,8 @@ impl CacheBuilder {
         self
     }
 
-    /// How many entries the near tier (`near = "…"`, [`Cache::get_near`])
-    /// keeps at most; the least used go first. Default 10,000; 0 turns the
+    /// About how many entries the near tier (`near = "…"`,
+    /// [`Cache::get_near`]) keeps at most; the least used go first. Default 10,000; 0 turns the
     /// tier off (every call reads Redis). The tier exists on a server or a
     /// Sentinel master, not on a cluster, nor in memory (which is local).
     pub fn near_capacity(mut self, entries: usize) -> Self {
@@ -354,7 +354,8 @@ impl CacheBuilder {
     /// About how many bytes the near tier holds at most: each entry counts
     /// its bytes as stored, as much again for its decoded value, and its
     /// key. Default 64 MiB. Whichever of this and
-    /// [`near_capacity`](Self::near_capacity) is reached first bounds it.
+    /// [`near_capacity`](Self::near_capacity) is reached first bounds it;
+    /// a value over 1/64 of it is not kept.
     pub fn near_max_bytes(mut self, bytes: usize) -> Self {
         self.near_max_bytes = bytes;
         self

@@ -431,6 +431,11 @@ impl Inner {
         // Not under the breaker: a failure here says nothing the data
         // connection's read below will not say.
         let read = tokio::time::timeout(self.settings.op_timeout, read).await;
+        if read.is_err() {
+            // Out of time: no second wait on the data connection.
+            self.count(None, Event::timeouts);
+            return Err(Seen::Unknown);
+        }
         if meters::EXPORTED || spent::wanted() {
             let took = sent.elapsed();
             self.meters.redis_time(took, self.cache_label());
@@ -446,8 +451,8 @@ impl Inner {
                 Ok(bytes)
             }
             Ok(Ok(None)) => Err(Seen::Nothing),
-            // The tracking connection failed or is slow (its keep-alive
-            // replaces it): the data connection answers.
+            // The tracking connection failed (its keep-alive replaces it):
+            // the data connection answers.
             _ => {
                 drop(fill);
                 self.read(key).await
@@ -462,6 +467,9 @@ impl Inner {
         entries: &[(String, Arc<[u8]>)],
         ttl: Duration,
     ) -> Result<()> {
+        for (key, _) in entries {
+            self.forget_near(key);
+        }
         let stored = self.guarded(self.backend.set_many(entries, ttl)).await;
         for (key, _) in entries {
             self.forget_near(key);
@@ -491,6 +499,9 @@ impl Inner {
         if sent.is_empty() {
             return outcomes;
         }
+        for store in &sent {
+            self.forget_near(&store.key);
+        }
         let stored = self.guarded(self.backend.set_many_if(&sent)).await;
         for store in &sent {
             self.forget_near(&store.key);
@@ -515,6 +526,7 @@ impl Inner {
         if self.check_size(&entry).is_err() || matches!(seen, Seen::Unknown) {
             return StoreOutcome::Failed;
         }
+        self.forget_near(key);
         let stored = self
             .guarded(self.backend.set_if(key, seen, entry, ttl))
             .await;

@@ -304,6 +304,7 @@ impl<'a> LockGuard<'a> {
         let released = self
             .redis
             .release(&self.key, &self.lock, &self.token, seen, release);
+        inner.forget_near(&self.key);
         let released = inner.guarded(released).await;
         inner.forget_near(&self.key);
         match released {

@@ -63,8 +63,7 @@ struct ByBytes {
 
 impl quick_cache::Weighter<String, Arc<Slot>> for ByBytes {
     fn weight(&self, key: &String, slot: &Arc<Slot>) -> u64 {
-        let bytes = 2 * slot.raw.len() as u64 + key.len() as u64 + 96;
-        bytes.max(self.least)
+        (2 * slot.raw.len() as u64 + key.len() as u64 + 96).max(self.least)
     }
 }
 
@@ -95,6 +94,8 @@ pub(crate) struct NearStore {
     /// Where invalidations and flushes are counted: the cache's counters,
     /// once it is built.
     tally: OnceLock<Tally>,
+    /// The largest entry kept (bytes as stored).
+    max_entry: usize,
 }
 
 /// A cache's counters and exported metrics, as the tier counts in them.
@@ -126,8 +127,10 @@ impl NearStore {
     /// A store of at most `capacity` entries and about `max_bytes` bytes.
     pub(crate) fn new(capacity: usize, max_bytes: usize) -> NearStore {
         let (capacity, max_bytes) = (capacity.max(1) as u64, max_bytes.max(1) as u64);
+        // A little under the bytes per entry: a whole-budget entry would
+        // be refused by the store (which checks each of its shards).
         let weigher = ByBytes {
-            least: (max_bytes / capacity).max(1),
+            least: (max_bytes / capacity * 9 / 10).max(1),
         };
         NearStore {
             entries: quick_cache::sync::Cache::with_weighter(capacity as usize, max_bytes, weigher),
@@ -139,6 +142,7 @@ impl NearStore {
             lease: AtomicU64::new(0),
             base: Instant::now(),
             tally: OnceLock::new(),
+            max_entry: (max_bytes / 64) as usize,
         }
     }
 
@@ -287,8 +291,9 @@ impl NearStore {
             Ordering::Acquire,
         );
         if ended.is_ok() {
-            self.lease.store(0, Ordering::Release);
-            self.empty(Some(Flush::Disconnected));
+            let was_serving = self.lease.swap(0, Ordering::AcqRel) != 0;
+            let held = was_serving || !self.entries.is_empty();
+            self.empty(held.then_some(Flush::Disconnected));
         }
     }
 
@@ -337,6 +342,9 @@ impl Fill<'_> {
             life = life.min(Duration::from_millis(soft.saturating_sub(now_ms)));
         }
         let store = self.store;
+        if raw.len() > store.max_entry {
+            return;
+        }
         let deadline = store.at(sent).saturating_add(nanos(life));
         let mut pending = store.shard(self.key);
         if pending.get(self.key) != Some(&self.token) || store.epoch() != self.epoch {

@@ -162,16 +162,26 @@ async fn track_loop(tracker: Weak<Tracker>) {
         let mut pause = backoff;
         match tracked {
             Ok(tracked) => {
-                backoff = FIRST_BACKOFF;
+                // Backing off again unless it worked (a server loading its
+                // data accepts connections but answers no ping).
+                backoff = if keep_alive(&tracker, &store, tracked, switches).await {
+                    FIRST_BACKOFF
+                } else {
+                    (backoff * 2).min(MAX_BACKOFF)
+                };
                 pause = backoff;
-                keep_alive(&tracker, &store, tracked, switches).await;
             }
             Err(err) => {
                 if let Some(t) = tracker.upgrade() {
-                    let refused = matches!(
-                        err,
-                        Error::Refused(_) | Error::Rejected(_) | Error::Config(_)
-                    );
+                    let refused = match &err {
+                        Error::Refused(_) | Error::Rejected(_) | Error::Config(_) => true,
+                        // Before Redis 6: no RESP3 (HELLO), no tracking.
+                        Error::Redis(message) => {
+                            let message = message.to_ascii_lowercase();
+                            message.contains("resp3") || message.contains("unknown")
+                        }
+                        _ => false,
+                    };
                     if refused {
                         pause = REFUSED_BACKOFF;
                     }
@@ -260,14 +270,14 @@ fn pushed(store: &NearStore, restart: &Notify, generation: u64, push: redis::Pus
         redis::PushKind::Invalidate => match push.data.first() {
             Some(Value::Array(keys)) => {
                 for key in keys {
-                    match key {
-                        Value::BulkString(key) => {
-                            // A key that is not UTF-8 is none of this cache's.
-                            if let Ok(key) = std::str::from_utf8(key) {
-                                store.invalidated(key);
-                            }
-                        }
-                        _ => store.flush(Flush::Everything),
+                    let Value::BulkString(key) = key else {
+                        // Not a key: take it as everything.
+                        store.flush(Flush::Everything);
+                        return;
+                    };
+                    // A key that is not UTF-8 is none of this cache's.
+                    if let Ok(key) = std::str::from_utf8(key) {
+                        store.invalidated(key);
                     }
                 }
             }
@@ -302,13 +312,14 @@ impl Drop for Ended<'_> {
 }
 
 /// Pings the connection until it fails, the cache is gone, its generation
-/// is over, or (Sentinel) a failover was heard of; then ends it.
+/// is over, or (Sentinel) a failover was heard of; then ends it. Whether a
+/// ping was answered at all.
 async fn keep_alive(
     tracker: &Weak<Tracker>,
     store: &NearStore,
     tracked: Arc<Tracked>,
     switches: Option<(Arc<SentinelTarget>, u64)>,
-) {
+) -> bool {
     let ended = Ended {
         tracker,
         store,
@@ -316,6 +327,7 @@ async fn keep_alive(
     };
     let tracked = &ended.tracked;
     let mut conn = tracked.conn.clone();
+    let mut proven = false;
     loop {
         let sent = Instant::now();
         let cmd = redis::cmd("PING");
@@ -324,14 +336,15 @@ async fn keep_alive(
             answered = tokio::time::timeout(PING_TIMEOUT, ping) => matches!(answered, Ok(Ok(_))),
             () = tracked.restart.notified() => false,
         };
-        if !answered || !store.answered(sent, tracked.generation) {
-            break;
-        }
         if let Some((sentinel, at)) = &switches {
             if sentinel.switches() != *at {
                 break; // the master changed: track the new one
             }
         }
+        if !answered || !store.answered(sent, tracked.generation) {
+            break;
+        }
+        proven = true;
         let woken = tokio::select! {
             () = tokio::time::sleep(PING_EVERY.saturating_sub(sent.elapsed())) => false,
             () = tracked.restart.notified() => true,
@@ -340,4 +353,5 @@ async fn keep_alive(
             break;
         }
     }
+    proven
 }
