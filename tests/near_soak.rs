@@ -1,6 +1,7 @@
 //! The near tier under random faults, across processes: this process
-//! writes versions of a few keys (through a cache, and as another program
-//! with plain `SET`s) and injects faults; two reader processes read the
+//! changes a few keys (new versions through a cache, `#[cache_put]` and
+//! another program's plain `SET`s; short TTLs, invalidations, now and then
+//! a `FLUSHALL`) and injects faults; two reader processes read the
 //! keys through their near tiers, one through a fault proxy (connections
 //! reset, replies cut, a black hole, latency), one directly; the server is
 //! also paused now and then. Every read is then checked against every
@@ -91,6 +92,13 @@ async fn near_soak_reader() {
         stats.errors,
         stats.timeouts
     );
+}
+
+/// A write-through of `version` at `soak:<key>`.
+#[redis_cached::cache_put(key = "soak:<key>", ttl = 600, cache = cache)]
+async fn put(cache: &Cache, key: u64, version: u64) -> u64 {
+    let _ = key;
+    version
 }
 
 /// A stored entry of `version`, as the cache encodes a JSON value, written
@@ -207,31 +215,66 @@ fn near_soak() {
                 }
                 healed_at = Some(Instant::now() + Duration::from_millis(200 + rng.below(1_300)));
             }
-            // A write: through the cache, or another program's SET.
+            // A change of a key: a new version through the cache (set or
+            // `#[cache_put]`), another program's SET, a value that
+            // expires soon, an invalidation, now and then a FLUSHALL. A
+            // change that stores no version (an invalidation, an expiry,
+            // a flush) is recorded as a version no read can return, so
+            // that any read of an older one after it counts as stale.
             let key = rng.below(KEYS);
+            let name = format!("soak:{key}");
             version += 1;
-            let written = if rng.below(4) == 0 {
-                redis::cmd("SET")
-                    .arg(format!("soak:{key}"))
-                    .arg(entry(version))
-                    .query_async::<()>(&mut raw)
-                    .await
-                    .is_ok()
-            } else {
-                writer
-                    .set(&format!("soak:{key}"), &version, Duration::from_secs(600))
-                    .await
-                    .is_ok()
+            let ttl = Duration::from_secs(600);
+            let (written, expires) = match rng.below(100) {
+                0..=39 => (writer.set(&name, &version, ttl).await.is_ok(), None),
+                40..=59 => {
+                    // A write-through reports no failure: its cache's do.
+                    let failures = |s: redis_cached::Stats| s.errors + s.timeouts + s.breaker_skips;
+                    let before = failures(writer.stats());
+                    put(&writer, key, version).await;
+                    (failures(writer.stats()) == before, None)
+                }
+                60..=79 => {
+                    let set = redis::cmd("SET")
+                        .arg(&name)
+                        .arg(entry(version))
+                        .query_async::<()>(&mut raw)
+                        .await;
+                    (set.is_ok(), None)
+                }
+                80..=89 => {
+                    let short = Duration::from_millis(100 + rng.below(400));
+                    (
+                        writer.set(&name, &version, short).await.is_ok(),
+                        Some(short),
+                    )
+                }
+                90..=98 => (writer.invalidate(&name).await.is_ok(), None),
+                _ => {
+                    let flushed = redis::cmd("FLUSHALL").query_async::<()>(&mut raw).await;
+                    if flushed.is_ok() {
+                        let done = now_us();
+                        for key in 0..KEYS {
+                            writes.entry(key).or_default().push((version, done));
+                        }
+                    }
+                    (false, None)
+                }
             };
             if written {
-                writes.entry(key).or_default().push((version, now_us()));
+                let done = now_us();
+                writes.entry(key).or_default().push((version, done));
+                if let Some(ttl) = expires {
+                    // Gone then: as if a newer version had been written.
+                    version += 1;
+                    let gone = done + ttl.as_micros() as u64;
+                    writes.entry(key).or_default().push((version, gone));
+                }
             } else if paused {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-            } else {
+            } else if let Ok(conn) = server.client().get_multiplexed_async_connection().await {
                 // The raw connection may have been killed: a new one.
-                if let Ok(conn) = server.client().get_multiplexed_async_connection().await {
-                    raw = conn;
-                }
+                raw = conn;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
