@@ -349,3 +349,48 @@ async fn a_late_notification_older_than_an_invalidation_is_not_taken() {
         "a value older than the invalidation was taken"
     );
 }
+
+/// Background lock work that fails is counted: a dropped holder's release
+/// that Redis does not answer in time, and a watchdog's extension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_background_lock_work_is_counted() {
+    static STARTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    #[redis_cached(key = "slow:<id>", lock = true, lock_ttl = "300ms", cache = cache)]
+    async fn slow(cache: &Cache, id: u64) -> u64 {
+        STARTED.notify_one();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        id
+    }
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .op_timeout(Duration::from_millis(100))
+        .build()
+        .expect("valid URL");
+    let started = STARTED.notified();
+    let call = {
+        let cache = cache.clone();
+        tokio::spawn(async move { slow(&cache, 1).await })
+    };
+    started.await;
+    server.pause();
+    let before = cache.stats();
+    // The watchdog extends every 100 ms: its extensions time out.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let extending = cache.stats();
+    assert!(
+        extending.timeouts > before.timeouts,
+        "a watchdog's failed extension is counted: {extending:?}"
+    );
+    // The holder is dropped: its release runs in the background, and
+    // times out too.
+    call.abort();
+    let _ = call.await;
+    let dropped = cache.stats();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.resume();
+    let after = cache.stats();
+    assert!(
+        after.timeouts > dropped.timeouts,
+        "a dropped holder's release that timed out is counted: {after:?}"
+    );
+}

@@ -447,16 +447,7 @@ impl CacheBuilder {
     }
 
     fn finish(self, backend: AnyBackend) -> Cache {
-        let counters = Arc::new(Counters::default());
-        let meters = Arc::new(crate::meters::Meters::new());
-        if let Some(tracker) = backend.tracker() {
-            tracker.store.count_in(crate::near::Tally {
-                counters: Arc::clone(&counters),
-                meters: Arc::clone(&meters),
-                cache: self.namespace.clone().unwrap_or_else(|| "default".into()),
-            });
-        }
-        Cache::from_inner(Inner {
+        let cache = Cache::from_inner(Inner {
             backend,
             settings: Settings {
                 namespace: self.namespace,
@@ -471,13 +462,18 @@ impl CacheBuilder {
                 codec: self.codec,
             },
             breaker: Breaker::new(self.breaker),
-            counters,
-            meters,
+            counters: Arc::new(Counters::default()),
+            meters: Arc::new(crate::meters::Meters::new()),
             oversized_warned: std::sync::atomic::AtomicBool::new(false),
             flights: Flights::default(),
             refreshing: Claims::default(),
             recent: Default::default(),
-        })
+        });
+        let inner = &cache.inner;
+        if let Some(tracker) = inner.backend.tracker() {
+            tracker.store.count_in(inner.counting());
+        }
+        cache
     }
 }
 

@@ -267,6 +267,20 @@ impl Inner {
         }
     }
 
+    /// This cache's counters and metrics, for work that outlives a call.
+    pub(crate) fn counting(&self) -> meters::Counting {
+        meters::Counting {
+            counters: Arc::clone(&self.counters),
+            meters: Arc::clone(&self.meters),
+            // The label is only made when metrics are exported.
+            cache: if meters::EXPORTED {
+                self.cache_label().to_owned()
+            } else {
+                String::new()
+            },
+        }
+    }
+
     /// How exported metrics name this cache: its namespace, or `default`.
     pub(crate) fn cache_label(&self) -> &str {
         self.settings.namespace.as_deref().unwrap_or("default")

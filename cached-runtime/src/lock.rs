@@ -18,13 +18,11 @@
 //! Nothing here is generic: the per-function code decodes what a wait
 //! returns and encodes what the holder computed.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Acquire, Bytes, Landing, RedisBackend, Release, Seen};
 use crate::core::{Encoded, Inner, StoreOutcome};
 use crate::error::Error;
-use crate::meters::{self, NO_FUNCTION};
 use crate::policy::LockPolicy;
 use crate::site::Site;
 use crate::stats::Event;
@@ -225,8 +223,14 @@ impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.answered {
             let timeout = self.inner.settings.op_timeout;
-            self.redis
-                .release_detached(self.key, self.lock, self.token, false, timeout);
+            self.redis.release_detached(
+                self.key,
+                self.lock,
+                self.token,
+                false,
+                timeout,
+                self.inner.counting(),
+            );
         }
     }
 }
@@ -255,22 +259,12 @@ impl<'a> LockGuard<'a> {
         policy: &LockPolicy,
         site: Option<&'static Site>,
     ) -> Self {
-        let (counters, meters) = (Arc::clone(&inner.counters), Arc::clone(&inner.meters));
-        // The label is only made when metrics are exported.
-        let cache = if meters::EXPORTED {
-            inner.cache_label().to_owned()
-        } else {
-            String::new()
-        };
         let watchdog = redis.spawn_watchdog(
             &lock,
             token,
             policy.ttl,
             inner.settings.op_timeout,
-            move || {
-                counters.add(Event::lock_extends);
-                meters.count(Event::lock_extends, || NO_FUNCTION, &cache);
-            },
+            inner.counting(),
         );
         LockGuard {
             inner,
@@ -325,8 +319,14 @@ impl<'a> LockGuard<'a> {
         self.stop_watchdog();
         self.released = true;
         let timeout = self.inner.settings.op_timeout;
-        self.redis
-            .release_detached(&self.key, &self.lock, &self.token, true, timeout);
+        self.redis.release_detached(
+            &self.key,
+            &self.lock,
+            &self.token,
+            true,
+            timeout,
+            self.inner.counting(),
+        );
     }
 }
 
@@ -338,8 +338,14 @@ impl Drop for LockGuard<'_> {
             // A cancelled one did not: they try the lock again.
             let failed = std::thread::panicking();
             let timeout = self.inner.settings.op_timeout;
-            self.redis
-                .release_detached(&self.key, &self.lock, &self.token, failed, timeout);
+            self.redis.release_detached(
+                &self.key,
+                &self.lock,
+                &self.token,
+                failed,
+                timeout,
+                self.inner.counting(),
+            );
         }
     }
 }

@@ -26,6 +26,25 @@ pub(crate) fn metric_of(event: Event) -> (&'static str, Option<&'static str>) {
 /// runtime API, and cache-wide events such as Redis errors).
 pub(crate) const NO_FUNCTION: &str = "";
 
+/// A cache's counters and exported metrics, for work that outlives the
+/// call that started it (a lock's watchdog, a background release, the
+/// near tier's invalidations): counts events of the cache as a whole.
+pub(crate) struct Counting {
+    pub(crate) counters: std::sync::Arc<crate::stats::Counters>,
+    pub(crate) meters: std::sync::Arc<Meters>,
+    /// The cache's label in exported metrics (empty when none are).
+    pub(crate) cache: String,
+}
+
+impl Counting {
+    pub(crate) fn count(&self, event: Event) {
+        self.counters.add(event);
+        if EXPORTED {
+            self.meters.count(event, || NO_FUNCTION, &self.cache);
+        }
+    }
+}
+
 #[cfg(feature = "metrics")]
 mod on {
     use std::sync::{OnceLock, PoisonError, RwLock};

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::codec::{Codec, Entry};
-use crate::meters::{self, Meters, NO_FUNCTION};
-use crate::stats::{Counters, Event};
+use crate::meters::Counting;
+use crate::stats::Event;
 
 /// How long an answered `PING` lets the tier serve hits, counted from when
 /// it was sent.
@@ -93,17 +93,9 @@ pub(crate) struct NearStore {
     base: Instant,
     /// Where invalidations and flushes are counted: the cache's counters,
     /// once it is built.
-    tally: OnceLock<Tally>,
+    tally: OnceLock<Counting>,
     /// The largest entry kept (bytes as stored).
     max_entry: usize,
-}
-
-/// A cache's counters and exported metrics, as the tier counts in them.
-pub(crate) struct Tally {
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) meters: Arc<Meters>,
-    /// The cache's label in exported metrics.
-    pub(crate) cache: String,
 }
 
 impl std::fmt::Debug for NearStore {
@@ -147,16 +139,13 @@ impl NearStore {
     }
 
     /// Counts the tier's events in `tally` from now on.
-    pub(crate) fn count_in(&self, tally: Tally) {
+    pub(crate) fn count_in(&self, tally: Counting) {
         let _ = self.tally.set(tally);
     }
 
     fn count(&self, event: Event) {
         if let Some(tally) = self.tally.get() {
-            tally.counters.add(event);
-            if meters::EXPORTED {
-                tally.meters.count(event, || NO_FUNCTION, &tally.cache);
-            }
+            tally.count(event);
         }
     }
 

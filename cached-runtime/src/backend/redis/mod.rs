@@ -44,6 +44,8 @@ use self::track::TrackFeed;
 pub(crate) use self::track::Tracker;
 use super::{Acquire, Backend, Bytes, Seen, StoreIf};
 use crate::error::{Error, Result};
+use crate::meters::Counting;
+use crate::stats::Event;
 
 /// The largest entry a lock notification carries; waiters fetch larger
 /// ones, so that no message nears Redis's pub/sub output-buffer limits.
@@ -445,7 +447,7 @@ impl RedisBackend {
         token: &str,
         ttl: Duration,
         timeout: Duration,
-        extended: impl Fn() + Send + 'static,
+        counting: Counting,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let mut conn = self.current().ok()??;
@@ -459,11 +461,12 @@ impl RedisBackend {
                 invocation.arg(&token).arg(px(ttl));
                 let extend = invocation.invoke_async::<i64>(&mut conn);
                 match tokio::time::timeout(timeout, extend).await {
-                    Ok(Ok(1)) => extended(),
+                    Ok(Ok(1)) => counting.count(Event::lock_extends),
                     // Lost (expired and taken): nothing left to extend.
                     Ok(Ok(_)) => return,
-                    // Redis slow or failing: try again next period.
-                    Ok(Err(_)) | Err(_) => {}
+                    // Redis slow or failing: counted; tried again next period.
+                    Ok(Err(_)) => counting.count(Event::errors),
+                    Err(_) => counting.count(Event::timeouts),
                 }
             }
         }))
@@ -532,6 +535,7 @@ impl RedisBackend {
         token: &str,
         failed: bool,
         timeout: Duration,
+        counting: Counting,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -560,11 +564,21 @@ impl RedisBackend {
                 .arg(NOTIFY_INLINE_MAX)
                 .arg(publish);
             let release = invocation.invoke_async::<i64>(&mut conn);
-            if let Ok(Err(err)) = tokio::time::timeout(timeout, release).await {
-                tracing::debug!(target: "redis_cached",
-                    error = %Error::from_redis(&err),
-                    "releasing a dropped holder's lock failed; it expires by its TTL"
-                );
+            match tokio::time::timeout(timeout, release).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    counting.count(Event::errors);
+                    tracing::debug!(target: "redis_cached",
+                        error = %Error::from_redis(&err),
+                        "releasing a dropped holder's lock failed; it expires by its TTL"
+                    );
+                }
+                Err(_) => {
+                    counting.count(Event::timeouts);
+                    tracing::debug!(target: "redis_cached",
+                        "releasing a dropped holder's lock timed out; it expires by its TTL"
+                    );
+                }
             }
         });
     }
