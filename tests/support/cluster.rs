@@ -2,11 +2,12 @@
 //! Sentinel set-up (a master, a replica, 3 sentinels), started by the
 //! tests themselves.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{free_port, RedisServer};
+use super::{free_port, unique_dir, RedisServer};
 
 /// A cluster of six `redis-server --cluster-enabled yes` nodes.
 pub struct RedisCluster {
@@ -27,7 +28,21 @@ impl RedisCluster {
         SHARED.get_or_init(|| Self::launch(true))
     }
 
+    /// Starts six nodes and joins them; a node that dies or a join that
+    /// hangs (`redis-cli --cluster create` waits for ever on a node that
+    /// is not there) is retried with new nodes.
     fn launch(shared: bool) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_launch(shared) {
+                Ok(cluster) => return cluster,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("the test cluster did not come up: {failures:?}");
+    }
+
+    fn try_launch(shared: bool) -> Result<Self, String> {
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
                 let args = [
@@ -57,23 +72,34 @@ impl RedisCluster {
         for port in &ports {
             create.arg(format!("127.0.0.1:{port}"));
         }
-        let out = create
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .expect("redis-cli is installed (scripts/test.sh installs it)");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
         let cluster = RedisCluster { nodes };
-        cluster.wait_ok();
-        cluster
+        let joined =
+            finish_within(create, Duration::from_secs(60)).and_then(|()| cluster.until_ok());
+        if let Err(why) = joined {
+            cluster.shut_down();
+            return Err(why);
+        }
+        Ok(cluster)
+    }
+
+    /// Stops every node, shared ones included (their watching shell only
+    /// stops them when this process ends).
+    fn shut_down(&self) {
+        for node in &self.nodes {
+            cli(node.port(), &["SHUTDOWN", "NOSAVE"]);
+        }
     }
 
     /// Waits until every node says the cluster is up and knows 3 masters,
     /// and every replica is in sync with its master.
     pub fn wait_ok(&self) {
+        if let Err(why) = self.until_ok() {
+            panic!("{why}");
+        }
+    }
+
+    fn until_ok(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let ok = self.nodes.iter().all(|node| {
@@ -85,11 +111,11 @@ impl RedisCluster {
                         || replication.contains("master_link_status:up"))
             });
             if ok {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("the test cluster did not come up");
+        Err("the cluster's nodes did not all report it up within 30 s".to_owned())
     }
 
     /// Every node's URL.
@@ -201,6 +227,33 @@ fn owns(port: u16, slot: u16) -> bool {
                     (start..=end).contains(&slot)
                 })
         })
+}
+
+/// Runs `command` to its end, or kills it after `limit`; `Err` says why
+/// it failed, with its output.
+fn finish_within(mut command: Command, limit: Duration) -> Result<(), String> {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("redis-cli is installed (scripts/test.sh installs it)");
+    let pid = child.id();
+    let (done, outcome) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match outcome.recv_timeout(limit) {
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => Err(format!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )),
+        Ok(Err(e)) => Err(format!("{command:?}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            Err(format!("{command:?} did not finish within {limit:?}"))
+        }
+    }
 }
 
 /// `redis-cli -p port args…`'s output.
@@ -320,9 +373,7 @@ impl SentinelSetup {
 impl Sentinel {
     fn start(master_port: u16, shared: bool) -> Sentinel {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("redis-cached-sentinel-{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the sentinel's directory");
+        let dir = unique_dir("redis-cached-sentinel", port);
         let config = dir.join("sentinel.conf");
         std::fs::write(
             &config,
@@ -358,8 +409,14 @@ impl Sentinel {
                 .spawn()
         }
         .expect("redis-server is installed");
+        // This sentinel's own answer (its configuration file is in its
+        // directory), not another process's that took the port.
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !cli(port, &["PING"]).contains("PONG") {
+        while !cli(port, &["INFO", "server"]).contains(&name) {
             assert!(
                 Instant::now() < deadline,
                 "sentinel on {port} did not start"

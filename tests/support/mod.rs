@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A `redis-server` owned by one test; killed on drop.
@@ -24,6 +25,20 @@ pub struct RedisServer {
     /// Whether the server stops by itself when this test process ends:
     /// for servers kept in a `static`, which is never dropped.
     outlives_nothing: bool,
+}
+
+/// A fresh directory of this process's own for a server on `port`: its
+/// name also tells the server apart from another one that took the port
+/// (see [`RedisServer::ping`]).
+pub fn unique_dir(kind: &str, port: u16) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("{kind}-{}-{n}-{port}", std::process::id()));
+    // A process with this id before may have left files (a cluster
+    // node's `nodes.conf`) that this server must not load.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the server's directory");
+    dir
 }
 
 /// A port nobody listens on right now.
@@ -81,10 +96,7 @@ impl RedisServer {
     }
 
     fn try_launch(port: u16, extra: &[&str], outlives_nothing: bool) -> Option<Self> {
-        let dir = std::env::temp_dir().join(format!("redis-cached-test-{port}"));
-        // A server that had this port before may have left files (a
-        // cluster node's `nodes.conf`) that this one must not load.
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = unique_dir("redis-cached-test", port);
         std::fs::create_dir_all(&dir).expect("create the server's directory");
         let mut server = RedisServer {
             port,
@@ -267,9 +279,37 @@ impl RedisServer {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut buf = [0u8; 64];
-        stream.write_all(b"PING\r\n").is_ok()
-            && matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
+        // Not just any server on the port: the port may have been taken
+        // between `free_port` and the bind by another test's server, which
+        // would answer while this one has exited. Its directory names it.
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if stream.write_all(b"CONFIG GET dir\r\n").is_err() {
+            return false;
+        }
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&reply);
+            if text.contains(&name) {
+                return true;
+            }
+            // A password server cannot be asked before `AUTH`; those are
+            // never shared, so `wait_ready` sees their exit.
+            if text.starts_with("-NOAUTH") {
+                return true;
+            }
+            if text.starts_with('-') || text.matches("\r\n").count() >= 5 {
+                return false;
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
