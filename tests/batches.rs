@@ -28,6 +28,7 @@ per_backend!(
     a_body_that_asks_for_its_own_elements_does_not_wait_for_itself,
     slices_sets_and_btree_maps_work_alike,
     a_dropped_or_panicking_batch_lets_its_waiters_compute,
+    a_tagged_batch_is_reached_by_its_tags,
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +94,11 @@ impl Repo {
 
     #[redis_cached(key = "user:<ids[]>", ttl = 60, cache = self.cache)]
     async fn users(&self, ids: Vec<u64>) -> Result<HashMap<u64, User>, String> {
+        self.query(&ids).await
+    }
+
+    #[redis_cached(key = "member:<ids[]>", ttl = 60, tags = ["members"], cache = self.cache)]
+    async fn tagged_users(&self, ids: Vec<u64>) -> Result<HashMap<u64, User>, String> {
         self.query(&ids).await
     }
 
@@ -351,6 +357,22 @@ async fn a_dropped_or_panicking_batch_lets_its_waiters_compute(env: &Env) {
     );
 }
 
+async fn a_tagged_batch_is_reached_by_its_tags(env: &Env) {
+    let repo = Repo::new(env.cache());
+    assert_eq!(repo.tagged_users(vec![1, 2, 3]).await.unwrap().len(), 3);
+    assert_eq!(repo.tagged_users(vec![1, 2, 3]).await.unwrap().len(), 3);
+    assert_eq!(repo.batches(), [vec![1, 2, 3]], "stored");
+    // A later batch adds its own elements to the tag.
+    repo.tagged_users(vec![3, 4]).await.unwrap();
+    assert_eq!(repo.batches(), [vec![1, 2, 3], vec![4]]);
+    assert_eq!(repo.cache.invalidate_tag("members").await.unwrap(), 4);
+    repo.tagged_users(vec![1, 2, 3, 4, 5]).await.unwrap();
+    assert_eq!(
+        repo.batches(),
+        [vec![1, 2, 3], vec![4], vec![1, 2, 3, 4, 5]]
+    );
+}
+
 async fn slices_sets_and_btree_maps_work_alike(env: &Env) {
     let repo = Repo::new(env.cache());
     let found = repo.users_in(&[4, 3, 4]).await;
@@ -391,6 +413,21 @@ async fn on_redis_a_batch_is_one_read_one_body_call_and_one_store_pipeline() {
     assert_eq!(count("EVALSHA"), 70, "70 compare-and-sets");
     assert_eq!(commands.len(), 71, "{commands:?}");
     assert_eq!(server.calls("mget").await, 1);
+
+    // Tagged: the 70 keys' tag records are one more command.
+    monitor.take_client_commands().await;
+    let found = repo.tagged_users((0..70).collect()).await.unwrap();
+    assert_eq!(found.len(), 70);
+    let commands = monitor.take_client_commands().await;
+    let scripts = commands
+        .iter()
+        .filter(|c| c.to_ascii_uppercase().starts_with("\"EVALSHA\""))
+        .count();
+    assert_eq!(
+        scripts, 71,
+        "70 compare-and-sets, one tag record: {commands:?}"
+    );
+    assert_eq!(commands.len(), 72, "{commands:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -410,9 +410,9 @@ impl<'a, K: Clone> Fill<'a, K> {
             .collect();
         if !tags.is_empty() {
             let ttl = policy.ttl.unwrap_or(inner.settings.default_ttl);
-            let recorded = join_all(missing.iter().map(|m| inner.tag(&m.key, tags, ttl))).await;
-            for (m, recorded) in missing.iter_mut().zip(recorded) {
-                if recorded.is_err() {
+            let keys: Vec<String> = missing.iter().map(|m| m.key.clone()).collect();
+            if inner.tag_many(&keys, tags, ttl).await.is_err() {
+                for m in &mut missing {
                     m.seen = Seen::Unknown;
                 }
             }

@@ -596,9 +596,20 @@ impl Inner {
     /// still reached by its tags, as long as its own store may still be
     /// refused by an invalidation.
     pub(crate) async fn tag(&self, key: &str, tags: &[String], ttl: Duration) -> Result<()> {
+        self.tag_many(&[key.to_owned()], tags, ttl).await
+    }
+
+    /// [`Inner::tag`] for each of `keys`, in one round trip (on a cluster,
+    /// one per tag, in parallel).
+    pub(crate) async fn tag_many(
+        &self,
+        keys: &[String],
+        tags: &[String],
+        ttl: Duration,
+    ) -> Result<()> {
         let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
         let ttl = ttl.saturating_add(self.settings.invalidation_window);
-        self.guarded(self.backend.tag(key, &tag_keys, ttl)).await
+        self.guarded(self.backend.tag(keys, &tag_keys, ttl)).await
     }
 
     /// Invalidates every key recorded under `tag`; how many keys it

@@ -207,7 +207,15 @@ impl MemoryBackend {
         } else {
             self.entries.insert(key.to_owned(), entry);
         }
-        if self.writes.fetch_add(1, Ordering::Relaxed) % self.sweep_every == self.sweep_every - 1 {
+        self.count_writes(1);
+    }
+
+    /// Counts `n` writes (entries or tag records), and sweeps every
+    /// `sweep_every` of them: tag records are written on every tagged miss,
+    /// stored or not, so they too must bring the sweep that bounds them.
+    fn count_writes(&self, n: u64) {
+        let before = self.writes.fetch_add(n, Ordering::Relaxed);
+        if before / self.sweep_every != (before + n) / self.sweep_every {
             self.sweep();
         }
     }
@@ -291,22 +299,25 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
-    async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+    async fn tag(&self, keys: &[String], tag_keys: &[String], ttl: Duration) -> Result<()> {
         let expiry =
             now_unix_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         for tag_key in tag_keys {
-            // Every record raises the expiry (as on Redis), so that `untag`
-            // sees any record made since a batch was read.
-            let made = Instant::now();
-            let recorded = tags
-                .entry(tag_key.clone())
-                .or_default()
-                .entry(key.to_owned())
-                .or_insert(Record { expiry: 0, made });
-            recorded.expiry = expiry.max(recorded.expiry + 1);
-            recorded.made = made;
+            let members = tags.entry(tag_key.clone()).or_default();
+            for key in keys {
+                // Every record raises the expiry (as on Redis), so that
+                // `untag` sees any record made since a batch was read.
+                let made = Instant::now();
+                let recorded = members
+                    .entry(key.clone())
+                    .or_insert(Record { expiry: 0, made });
+                recorded.expiry = expiry.max(recorded.expiry + 1);
+                recorded.made = made;
+            }
         }
+        drop(tags);
+        self.count_writes((keys.len() * tag_keys.len()) as u64);
         Ok(())
     }
 
@@ -385,7 +396,9 @@ mod tests {
         let ttl = Duration::from_secs(3600);
         for n in 0..5_000 {
             let key = format!("k{n}");
-            m.tag(&key, &["t".to_owned()], ttl).await.unwrap();
+            m.tag(std::slice::from_ref(&key), &["t".to_owned()], ttl)
+                .await
+                .unwrap();
             m.set(&key, bytes("v"), ttl).await.unwrap();
         }
         m.sweep();
@@ -396,6 +409,30 @@ mod tests {
             records.len()
         );
         assert!(records.iter().all(|(key, _)| m.holds(key, Instant::now())));
+    }
+
+    /// Records of misses that store nothing (`None` without `cache_none`,
+    /// an `Err`) are swept too, without any store to bring the sweep.
+    #[tokio::test]
+    async fn tag_records_without_stores_are_swept() {
+        let m = MemoryBackend::new(
+            MemoryConfig {
+                max_entries: 64,
+                ..MemoryConfig::default()
+            },
+            Duration::ZERO,
+        );
+        for n in 0..5_000 {
+            m.tag(
+                &[format!("k{n}")],
+                &["t".to_owned()],
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap();
+        }
+        let records = m.tagged("t", usize::MAX).await.unwrap();
+        assert!(records.len() <= 64, "{} records kept", records.len());
     }
 
     fn bytes(s: &str) -> Arc<[u8]> {

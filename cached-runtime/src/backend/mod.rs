@@ -101,10 +101,12 @@ pub(crate) trait Backend: Send + Sync {
     /// [`Backend::set_if`] for each of `stores`, in one round trip (on a
     /// cluster, one per node, in parallel); whether each stored.
     fn set_many_if(&self, stores: &[StoreIf]) -> impl Future<Output = Result<Vec<bool>>> + Send;
-    /// Adds `key` to each tag set in `tag_keys`, each kept at least `ttl`.
+    /// Adds each of `keys` to each tag set in `tag_keys`, each kept at
+    /// least `ttl` (one round trip; on a cluster, one per tag set, in
+    /// parallel).
     fn tag(
         &self,
-        key: &str,
+        keys: &[String],
         tag_keys: &[String],
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
@@ -167,10 +169,10 @@ impl AnyBackend {
 }
 
 impl Backend for AnyBackend {
-    async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+    async fn tag(&self, keys: &[String], tag_keys: &[String], ttl: Duration) -> Result<()> {
         match self {
-            AnyBackend::Redis(b) => b.tag(key, tag_keys, ttl).await,
-            AnyBackend::Memory(b) => b.tag(key, tag_keys, ttl).await,
+            AnyBackend::Redis(b) => b.tag(keys, tag_keys, ttl).await,
+            AnyBackend::Memory(b) => b.tag(keys, tag_keys, ttl).await,
         }
     }
 

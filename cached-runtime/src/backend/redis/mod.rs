@@ -787,12 +787,15 @@ impl Backend for RedisBackend {
             .collect())
     }
 
-    async fn tag(&self, key: &str, tag_keys: &[String], ttl: Duration) -> Result<()> {
+    async fn tag(&self, keys: &[String], tag_keys: &[String], ttl: Duration) -> Result<()> {
+        if keys.is_empty() || tag_keys.is_empty() {
+            return Ok(());
+        }
         if self.is_cluster() {
             // Tag sets live in slots of their own: one call per set.
             try_join_all(tag_keys.iter().map(|tag_key| async move {
                 let mut invocation = self.scripts.tag.key(tag_key);
-                invocation.arg(key).arg(px(ttl));
+                invocation.arg(px(ttl)).arg(keys);
                 self.invoke::<i64>(&invocation).await
             }))
             .await?;
@@ -802,7 +805,7 @@ impl Backend for RedisBackend {
         for tag_key in tag_keys {
             invocation.key(tag_key);
         }
-        invocation.arg(key).arg(px(ttl));
+        invocation.arg(px(ttl)).arg(keys);
         let _: i64 = self.invoke(&invocation).await?;
         Ok(())
     }

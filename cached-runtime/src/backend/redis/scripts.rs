@@ -125,24 +125,27 @@ end
 return 0
 ";
 
-/// Records ARGV[1] in each tag set in KEYS (sorted sets scored by when the
-/// record expires, Unix ms by the server's clock) for ARGV[2] ms, keeping a
-/// later expiry already recorded. Each call also drops up to 128 members
-/// that expired, so a set stays proportional to its live keys at a bounded
-/// cost per call, and each set expires with its last member.
+/// Records each member ARGV[2..] in each tag set in KEYS (sorted sets
+/// scored by when the record expires, Unix ms by the server's clock) for
+/// ARGV[1] ms, keeping a later expiry already recorded. Each call also
+/// drops up to 128 members that expired, so a set stays proportional to its
+/// live keys at a bounded cost per call, and each set expires with its last
+/// member.
 const TAG: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local ttl = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[1])
 for _, tag in ipairs(KEYS) do
-  -- Every record raises the score, so that removing a batch unless
-  -- recorded again (UNTAG) sees any record made since the batch was read.
-  local score = now + ttl
-  local current = redis.call('ZSCORE', tag, ARGV[1])
-  if current and tonumber(current) >= score then
-    score = tonumber(current) + 1
+  for i = 2, #ARGV do
+    -- Every record raises the score, so that removing a batch unless
+    -- recorded again (UNTAG) sees any record made since it was read.
+    local score = now + ttl
+    local current = redis.call('ZSCORE', tag, ARGV[i])
+    if current and tonumber(current) >= score then
+      score = tonumber(current) + 1
+    end
+    redis.call('ZADD', tag, score, ARGV[i])
   end
-  redis.call('ZADD', tag, score, ARGV[1])
   local expired = redis.call('ZRANGE', tag, '-inf', now, 'BYSCORE', 'LIMIT', 0, 128)
   if #expired > 0 then
     redis.call('ZREM', tag, unpack(expired))
