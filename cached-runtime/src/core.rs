@@ -30,7 +30,7 @@ use crate::token::now_unix_ms;
 /// How many keys of a tag one round of `invalidate_tag` handles.
 pub(crate) const TAG_BATCH: usize = 500;
 /// A bound on the rounds of one `invalidate_tag` (50 million keys), against
-/// members recorded again faster than they are removed.
+/// other invalidations of the same tag keeping its drain busy for ever.
 const MAX_TAG_ROUNDS: usize = 100_000;
 
 /// The settings of a cache, fixed when it is built.
@@ -613,22 +613,56 @@ impl Inner {
     }
 
     /// Invalidates every key recorded under `tag`; how many keys it
-    /// invalidated. In batches of [`TAG_BATCH`] keys, each a few round
-    /// trips bounded by `op_timeout`, so that no single Redis command
-    /// works for long, however large the tag: read a batch of members, put
-    /// a tombstone on each live one, then drop them from the set unless
-    /// they were recorded again meanwhile; until a batch comes back short.
+    /// invalidated. The tag set is first moved aside (constant time), so
+    /// that the work is bounded by the keys recorded before the call, not
+    /// by the records that callers of a hot tag make meanwhile (those
+    /// belong to computations that start after it, and a computation that
+    /// started before it cannot store over its tombstones). Then in batches
+    /// of [`TAG_BATCH`] keys, each a few round trips bounded by
+    /// `op_timeout`, so that no single Redis command works for long,
+    /// however large the tag: read a batch of members, put a tombstone on
+    /// each, drop them from the moved set. An invalidation that fails
+    /// leaves the rest of the moved set, and the next one drains it first
+    /// (as does one that starts while another drains).
     pub(crate) async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
         let tag_key = self.tag_key(tag);
+        let drain_key = companion_key(self.settings.namespace.as_deref(), &tag_key, "drain");
         let tombstone: Arc<[u8]> = self.settings.codec.encode_tombstone().into();
         let window = self.settings.invalidation_window;
         let mut invalidated = 0;
+        let mut moved = false;
         let mut rounds = 0usize;
         let result = loop {
-            let batch = match self.guarded(self.backend.tagged(&tag_key, TAG_BATCH)).await {
+            if !moved {
+                match self
+                    .guarded(self.backend.drain_tag(&tag_key, &drain_key))
+                    .await
+                {
+                    Ok(now) => moved = now,
+                    Err(err) => break Err(err),
+                }
+            }
+            let batch = match self
+                .guarded(self.backend.tagged(&drain_key, TAG_BATCH))
+                .await
+            {
                 Ok(batch) => batch,
                 Err(err) => break Err(err),
             };
+            rounds += 1;
+            if batch.is_empty() {
+                // Drained: done if this call's set was in it; else the
+                // earlier drain is over and this call's set moves next.
+                if moved {
+                    break Ok(invalidated);
+                }
+                if rounds > MAX_TAG_ROUNDS {
+                    break Err(Error::Redis(format!(
+                        "tag {tag:?} not invalidated: other invalidations of it kept its drain busy"
+                    )));
+                }
+                continue;
+            }
             // Every member, even one whose record expired: its value may
             // outlive the record, and a tombstone where nothing is costs
             // only the invalidation window.
@@ -645,12 +679,16 @@ impl Inner {
                 break Err(err);
             }
             invalidated += live.len() as u64;
-            if let Err(err) = self.guarded(self.backend.untag(&tag_key, &batch)).await {
+            if let Err(err) = self.guarded(self.backend.untag(&drain_key, &batch)).await {
                 break Err(err);
             }
-            rounds += 1;
-            if batch.len() < TAG_BATCH || rounds > MAX_TAG_ROUNDS {
+            if moved && batch.len() < TAG_BATCH {
                 break Ok(invalidated);
+            }
+            if rounds > MAX_TAG_ROUNDS {
+                break Err(Error::Redis(format!(
+                    "tag {tag:?} only partly invalidated: its drain never emptied"
+                )));
             }
         };
         for _ in 0..invalidated {

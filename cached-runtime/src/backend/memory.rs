@@ -359,6 +359,17 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn drain_tag(&self, tag_key: &str, drain_key: &str) -> Result<bool> {
+        let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        if tags.contains_key(drain_key) {
+            return Ok(!tags.contains_key(tag_key));
+        }
+        if let Some(members) = tags.remove(tag_key) {
+            tags.insert(drain_key.to_owned(), members);
+        }
+        Ok(true)
+    }
+
     async fn untag(&self, tag_key: &str, members: &[(String, u64)]) -> Result<()> {
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(keys) = tags.get_mut(tag_key) {

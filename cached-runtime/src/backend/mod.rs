@@ -131,6 +131,16 @@ pub(crate) trait Backend: Send + Sync {
         entries: &[(String, Arc<[u8]>)],
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// Moves the tag set `tag_key` to `drain_key`, for an invalidation to
+    /// drain, unless `drain_key` is still being drained (by an
+    /// invalidation that started earlier, or one that failed): whether it
+    /// moved (`true` too when there was nothing to move). Constant time,
+    /// whatever the set's size.
+    fn drain_tag(
+        &self,
+        tag_key: &str,
+        drain_key: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
     /// Removes from the tag set each member whose expiry is still the one
     /// given (a member recorded again meanwhile stays).
     fn untag(
@@ -201,6 +211,13 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.set_many(entries, ttl).await,
             AnyBackend::Memory(b) => b.set_many(entries, ttl).await,
+        }
+    }
+
+    async fn drain_tag(&self, tag_key: &str, drain_key: &str) -> Result<bool> {
+        match self {
+            AnyBackend::Redis(b) => b.drain_tag(tag_key, drain_key).await,
+            AnyBackend::Memory(b) => b.drain_tag(tag_key, drain_key).await,
         }
     }
 

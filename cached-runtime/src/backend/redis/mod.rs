@@ -860,6 +860,13 @@ impl Backend for RedisBackend {
             .map_err(|e| self.failed(&e))
     }
 
+    async fn drain_tag(&self, tag_key: &str, drain_key: &str) -> Result<bool> {
+        let mut invocation = self.scripts.drain.key(tag_key);
+        invocation.key(drain_key);
+        let moved: i64 = self.invoke(&invocation).await?;
+        Ok(moved == 1)
+    }
+
     async fn untag(&self, tag_key: &str, members: &[(String, u64)]) -> Result<()> {
         if members.is_empty() {
             return Ok(());

@@ -171,6 +171,16 @@ end
 return removed
 ";
 
+/// Moves the tag set KEYS[1] to KEYS[2], where an invalidation drains it,
+/// unless KEYS[2] is still being drained: 1 if moved (or there was nothing
+/// to move), 0 if KEYS[2] exists. O(1), whatever the set's size.
+const DRAIN: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 1
+end
+return redis.call('RENAMENX', KEYS[1], KEYS[2])
+";
+
 /// The scripts, hashed once per backend.
 pub(crate) struct Scripts {
     pub(crate) set_if: redis::Script,
@@ -179,15 +189,16 @@ pub(crate) struct Scripts {
     pub(crate) extend: redis::Script,
     pub(crate) tag: redis::Script,
     pub(crate) untag: redis::Script,
+    pub(crate) drain: redis::Script,
 }
 
 /// Every script's source, in [`Scripts`]' field order; `prepare` loads
 /// them all in one round trip.
-pub(crate) const SOURCES: [&str; 6] = [SET_IF, ACQUIRE, RELEASE, EXTEND, TAG, UNTAG];
+pub(crate) const SOURCES: [&str; 7] = [SET_IF, ACQUIRE, RELEASE, EXTEND, TAG, UNTAG, DRAIN];
 
 impl Default for Scripts {
     fn default() -> Self {
-        let [set_if, acquire, release, extend, tag, untag] = SOURCES.map(redis::Script::new);
+        let [set_if, acquire, release, extend, tag, untag, drain] = SOURCES.map(redis::Script::new);
         Scripts {
             set_if,
             acquire,
@@ -195,6 +206,7 @@ impl Default for Scripts {
             extend,
             tag,
             untag,
+            drain,
         }
     }
 }
