@@ -350,6 +350,161 @@ async fn a_late_notification_older_than_an_invalidation_is_not_taken() {
     );
 }
 
+/// The same late message when another process made the invalidation (so
+/// this one has no trace of it), in both formats: one that names no holder,
+/// and one that names an earlier holder than the one the call waits for.
+/// Neither is taken; the holder's own message is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_awaited_holders_value_is_taken_from_a_message() {
+    let server = RedisServer::start();
+    let repo = Arc::new(Report {
+        cache: Cache::redis(&server.url()).unwrap(),
+    });
+    repo.cache.connect().await.unwrap();
+    let elsewhere = Cache::redis(&server.url()).unwrap();
+    repo.cache
+        .set("old", &"old report".to_owned(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let old_entry: Vec<u8> = server.cmd(::redis::cmd("GET").arg("old")).await;
+    let holder = "0123456789abcdef0123456789abcdef";
+    for (day, message_from) in [(1u32, None), (2, Some("fedcba9876543210fedcba9876543210"))] {
+        let key = format!("report:{day}");
+        elsewhere.invalidate(&key).await.unwrap();
+        let _: () = server
+            .cmd(
+                ::redis::cmd("SET")
+                    .arg(format!("~lock{{{key}}}"))
+                    .arg(holder)
+                    .arg("PX")
+                    .arg(1_500),
+            )
+            .await;
+        let call = {
+            let repo = Arc::clone(&repo);
+            tokio::spawn(async move { repo.report(day).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut message = format!("{}:{key}", key.len()).into_bytes();
+        match message_from {
+            None => message.push(b'v'),
+            Some(token) => {
+                message.extend_from_slice(format!("V{}:{token}", token.len()).as_bytes())
+            }
+        }
+        message.extend_from_slice(&old_entry);
+        let _: () = server
+            .cmd(
+                ::redis::cmd("PUBLISH")
+                    .arg("redis-cached:filled")
+                    .arg(message),
+            )
+            .await;
+        assert_eq!(
+            call.await.unwrap(),
+            format!("fresh report {day}"),
+            "a late message from {message_from:?} was taken"
+        );
+    }
+
+    // From the holder waited for: taken, without reading the key (which
+    // holds nothing here).
+    let _: () = server
+        .cmd(
+            ::redis::cmd("SET")
+                .arg("~lock{report:3}")
+                .arg(holder)
+                .arg("PX")
+                .arg(1_500),
+        )
+        .await;
+    let call = {
+        let repo = Arc::clone(&repo);
+        tokio::spawn(async move { repo.report(3).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut message = format!("8:report:3V{}:{holder}", holder.len()).into_bytes();
+    message.extend_from_slice(&old_entry);
+    let _: () = server
+        .cmd(
+            ::redis::cmd("PUBLISH")
+                .arg("redis-cached:filled")
+                .arg(message),
+        )
+        .await;
+    assert_eq!(call.await.unwrap(), "old report", "the holder's own value");
+}
+
+/// A repository whose row can appear, seen through one process's cache.
+struct Finder {
+    cache: Cache,
+    row: Arc<std::sync::atomic::AtomicBool>,
+    /// Set: the body signals `started`, then waits for `go`.
+    hold: Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>,
+}
+
+impl Finder {
+    #[redis_cached(key = "find:<id>", lock = true, lock_wait = "3s", cache = self.cache)]
+    async fn find(&self, id: u32) -> Option<String> {
+        let found = self.row.load(Ordering::SeqCst).then(|| format!("row {id}"));
+        if let Some((started, go)) = &self.hold {
+            started.notify_one();
+            go.notified().await;
+        }
+        found
+    }
+}
+
+/// A holder whose result is an absence that is not cached hands it to the
+/// waiters of other processes only if the key is unchanged since its read:
+/// here the row appeared and another process invalidated the key while the
+/// holder computed, and a call that started after that invalidation gets
+/// the row, not the older absence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_result_older_than_an_invalidation_is_not_handed_on() {
+    let server = RedisServer::start();
+    let row = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, go) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let holder = Arc::new(Finder {
+        cache: Cache::redis(&server.url()).unwrap(),
+        row: row.clone(),
+        hold: Some((started.clone(), go.clone())),
+    });
+    let waiter = Arc::new(Finder {
+        cache: Cache::redis(&server.url()).unwrap(),
+        row: row.clone(),
+        hold: None,
+    });
+    let elsewhere = Cache::redis(&server.url()).unwrap();
+    holder.cache.connect().await.unwrap();
+    waiter.cache.connect().await.unwrap();
+    let computing = started.notified();
+    let held = {
+        let holder = Arc::clone(&holder);
+        tokio::spawn(async move { holder.find(1).await })
+    };
+    computing.await;
+    // The row appears, and its writer invalidates the key.
+    row.store(true, Ordering::SeqCst);
+    elsewhere.invalidate("find:1").await.unwrap();
+    let later = {
+        let waiter = Arc::clone(&waiter);
+        tokio::spawn(async move { waiter.find(1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(waiter.cache.stats().lock_waits, 1, "the later call waits");
+    go.notify_one();
+    assert_eq!(held.await.unwrap(), None, "the holder read before the row");
+    assert_eq!(
+        later.await.unwrap(),
+        Some("row 1".to_owned()),
+        "the later call got an absence read before the invalidation"
+    );
+}
+
 /// Background lock work that fails is counted: a dropped holder's release
 /// that Redis does not answer in time, and a watchdog's extension.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,7 +105,10 @@ impl LockWait {
                 Ok(Acquire::Landed(Seen::Bytes(bytes))) => return Waited::Landed(bytes),
                 // A value too large to read: it counts as seen.
                 Ok(Acquire::Landed(now)) => seen = now,
-                Ok(Acquire::Held) => {
+                // Only the value of the holder found is taken from a
+                // message: another's may predate an invalidation made
+                // anywhere.
+                Ok(Acquire::Held(holder)) => {
                     if !self.waited {
                         self.waited = true;
                         inner.count(self.site, Event::lock_waits);
@@ -123,15 +126,20 @@ impl LockWait {
                     let pause = self.retry.mul_f64(0.5 + unit_interval());
                     let _ = tokio::time::timeout(pause.min(self.deadline - now), notified).await;
                     match watch.landed() {
-                        // A value for a key invalidated here lately may have
-                        // been computed before the invalidation (the message
-                        // came late): read what the key holds instead.
-                        Some(Landing::Value(bytes))
-                            if !inner.recent.within(key, inner.settings.invalidation_window) =>
+                        // A value from another holder than the one waited
+                        // for (a late message from an earlier one), or for
+                        // a key invalidated here lately, may have been
+                        // computed before an invalidation: read what the
+                        // key holds instead.
+                        Some(Landing::Value(bytes, Some(by)))
+                            if holder.as_deref() == Some(&*by)
+                                && !inner
+                                    .recent
+                                    .within(key, inner.settings.invalidation_window) =>
                         {
                             return Waited::Landed(bytes)
                         }
-                        Some(Landing::Value(_) | Landing::Fetch) => match inner.read(key).await {
+                        Some(Landing::Value(..) | Landing::Fetch) => match inner.read(key).await {
                             Ok(bytes) => return Waited::Landed(bytes),
                             Err(now) => seen = now,
                         },

@@ -66,8 +66,9 @@ pub(crate) enum Acquire {
     Landed(Seen),
     /// The lock is ours; the key holds this now.
     Acquired(Seen),
-    /// Another caller holds the lock.
-    Held,
+    /// Another caller holds the lock: its token, if it still held it when
+    /// the reply was made.
+    Held(Option<Box<[u8]>>),
 }
 
 /// The operations the cache needs from a store. Errors are reported, never

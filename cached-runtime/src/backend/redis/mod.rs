@@ -621,7 +621,12 @@ fn parse_acquire(values: &[redis::Value]) -> Result<Acquire> {
         (Some(2), Some(0)) => Ok(Acquire::Acquired(Seen::Nothing)),
         (Some(2), Some(1)) => Ok(Acquire::Acquired(seen(values.get(2)))),
         (Some(2), Some(2)) => Ok(Acquire::Acquired(Seen::Oversized)),
-        (Some(3), _) => Ok(Acquire::Held),
+        (Some(3), _) => Ok(Acquire::Held(match values.get(1) {
+            Some(redis::Value::BulkString(token)) if !token.is_empty() => {
+                Some(token.as_slice().into())
+            }
+            _ => None,
+        })),
         _ => Err(Error::Redis("unexpected reply to a lock attempt".into())),
     }
 }

@@ -53,8 +53,9 @@ struct Shards {
 /// What a notification said about a key.
 #[derive(Debug, Clone)]
 pub(crate) enum Landing {
-    /// This entry was stored.
-    Value(Bytes),
+    /// This entry was stored (or shared), by the holder with this token
+    /// (`None`: a message that names no holder, from an earlier version).
+    Value(Bytes, Option<Box<[u8]>>),
     /// An entry too large to carry was stored: read it.
     Fetch,
     /// The lock was released with nothing stored: try it again.
@@ -255,15 +256,29 @@ fn shard_channel(channel: &str, slot: u16) -> String {
     format!("{channel}{{{}}}", slot_tag(slot))
 }
 
-/// `<key length>:<key><kind>[entry]` → the key and what happened.
+/// `<length>:<that many bytes>` at the start of `bytes` → those bytes and
+/// the rest.
+fn counted(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = bytes.iter().position(|&b| b == b':')?;
+    let len: usize = std::str::from_utf8(&bytes[..colon]).ok()?.parse().ok()?;
+    let rest = &bytes[colon + 1..];
+    Some((rest.get(..len)?, rest.get(len..)?))
+}
+
+/// `<key length>:<key><kind>[…]` → the key and what happened.
 fn parse(message: &[u8]) -> Option<(&str, Landing)> {
-    let colon = message.iter().position(|&b| b == b':')?;
-    let len: usize = std::str::from_utf8(&message[..colon]).ok()?.parse().ok()?;
-    let rest = &message[colon + 1..];
-    let key = std::str::from_utf8(rest.get(..len)?).ok()?;
-    let (&kind, entry) = rest.get(len..)?.split_first()?;
+    let (key, rest) = counted(message)?;
+    let key = std::str::from_utf8(key).ok()?;
+    let (&kind, entry) = rest.split_first()?;
     let landing = match (kind, entry.is_empty()) {
-        (b'v', false) => Landing::Value(Bytes::Owned(entry.to_vec())),
+        (b'V', false) => {
+            let (token, entry) = counted(entry)?;
+            if entry.is_empty() {
+                return None;
+            }
+            Landing::Value(Bytes::Owned(entry.to_vec()), Some(token.into()))
+        }
+        (b'v', false) => Landing::Value(Bytes::Owned(entry.to_vec()), None),
         (b'f', true) => Landing::Fetch,
         (b'r', true) => Landing::Retry,
         (b'x', true) => Landing::Failed,
@@ -562,7 +577,11 @@ mod tests {
         let watch = notifier.register("a:b");
         let other = notifier.register("a");
         notifier.wake(b"3:a:bvENTRY");
-        assert!(matches!(watch.landed(), Some(Landing::Value(b)) if &*b == b"ENTRY"));
+        assert!(matches!(watch.landed(), Some(Landing::Value(b, None)) if &*b == b"ENTRY"));
+        notifier.wake(b"3:a:bV5:tokenENTRY");
+        assert!(
+            matches!(watch.landed(), Some(Landing::Value(b, Some(t))) if &*b == b"ENTRY" && &*t == b"token")
+        );
         assert!(watch.landed().is_none(), "seen once");
         assert!(other.landed().is_none());
         notifier.wake(b"1:ar");
@@ -579,6 +598,10 @@ mod tests {
             b"1:",
             b"1:a",
             b"1:av",
+            b"1:aV",
+            b"1:aV5:tok",
+            b"1:aV3:tok",
+            b"1:aVx:tokE",
             b"1:arX",
         ] {
             notifier.wake(garbage);

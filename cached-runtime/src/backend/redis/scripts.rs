@@ -47,7 +47,8 @@ return 0
 /// value the cache reads.
 /// Returns `{1, entry}` when another entry landed, `{2, state, entry}` when
 /// the lock was taken (state 0: the key holds nothing, 1: `entry`, 2: a
-/// value over the limit), `{3}` when another caller holds it.
+/// value over the limit), `{3, token}` when another caller holds it (its
+/// token: a waiter takes a value only from the holder it waited for).
 const ACQUIRE: &str = concat!(
     unchanged_fn!(),
     r"
@@ -64,19 +65,26 @@ if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then
   if cur and cur ~= '' then return {2, 1, cur} end
   return {2, 0, ''}
 end
-return {3}
+return {3, redis.call('GET', KEYS[2]) or ''}
 "
 );
 
 /// Releases the lock if this token holds it, stores the value by
 /// compare-and-set if asked, and tells the waiters what happened:
-/// `<key length>:<key><kind>[entry]`, kind `v` with the entry when it was
-/// stored (or shared without storing) and is small, `f` when it was stored
-/// but is large (read it), `r` when nothing was stored (try the lock again),
-/// `x` when the computation failed or its large result was not stored
-/// (compute without waiting). A holder whose lock had expired and been
-/// taken by another tells nothing but a stored value: the waiters wait for
-/// the new holder.
+/// `<key length>:<key><kind>[…]`:
+/// - `V<token length>:<token><entry>` when the entry was stored, or shared
+///   without storing while the key still held what the holder read, and
+///   is small; the token names the holder, so that a waiter takes the
+///   entry only from the holder it waited for (a late message from an
+///   earlier holder may predate an invalidation);
+/// - `f` when it was stored but is large (read it);
+/// - `r` when nothing was stored, or a shared result no longer matches the
+///   key (invalidated meanwhile): try the lock again;
+/// - `x` when the computation failed or its large result was not stored
+///   (compute without waiting).
+///
+/// A holder whose lock had expired and been taken by another tells nothing
+/// but a stored value: the waiters wait for the new holder.
 /// KEYS: value, lock. ARGV: token, what to do (`1` store, `2` share without
 /// storing, `0` nothing), mode, seen, the entry, its TTL in ms, the channel,
 /// the key as given, `1` if the computation failed, the largest entry a
@@ -96,16 +104,21 @@ if ARGV[2] == '1' and unchanged(KEYS[1], ARGV[3], ARGV[4]) then
 end
 local small = #ARGV[5] <= tonumber(ARGV[10])
 local message = #ARGV[8] .. ':' .. ARGV[8]
+local value = 'V' .. #ARGV[1] .. ':' .. ARGV[1] .. ARGV[5]
 if stored == 1 then
   if small then
-    message = message .. 'v' .. ARGV[5]
+    message = message .. value
   else
     message = message .. 'f'
   end
 elseif not held then
   return stored
 elseif ARGV[2] == '2' and small then
-  message = message .. 'v' .. ARGV[5]
+  if unchanged(KEYS[1], ARGV[3], ARGV[4]) then
+    message = message .. value
+  else
+    message = message .. 'r'
+  end
 elseif ARGV[9] == '1' or ARGV[2] == '2' then
   message = message .. 'x'
 else
