@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::try_join_all;
 use serde::de::DeserializeOwned;
 
 use crate::backend::{AnyBackend, Backend, Bytes, Seen, StoreIf};
@@ -609,7 +610,14 @@ impl Inner {
     ) -> Result<()> {
         let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
         let ttl = ttl.saturating_add(self.settings.invalidation_window);
-        self.guarded(self.backend.tag(keys, &tag_keys, ttl)).await
+        // At most TAG_BATCH members per script, so that no one call works
+        // for long; the calls go out together.
+        try_join_all(
+            keys.chunks(TAG_BATCH)
+                .map(|chunk| self.guarded(self.backend.tag(chunk, &tag_keys, ttl))),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Invalidates every key recorded under `tag`; how many keys it

@@ -87,7 +87,11 @@ impl RedisCluster {
     /// stops them when this process ends).
     fn shut_down(&self) {
         for node in &self.nodes {
-            cli(node.port(), &["SHUTDOWN", "NOSAVE"]);
+            // Only a node that is still this one (its port may have gone
+            // to another test's server).
+            if node.ping() {
+                cli(node.port(), &["SHUTDOWN", "NOSAVE"]);
+            }
         }
     }
 

@@ -300,6 +300,9 @@ impl Backend for MemoryBackend {
     }
 
     async fn tag(&self, keys: &[String], tag_keys: &[String], ttl: Duration) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
         let expiry =
             now_unix_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
@@ -361,6 +364,10 @@ impl Backend for MemoryBackend {
 
     async fn drain_tag(&self, tag_key: &str, drain_key: &str) -> Result<bool> {
         let mut tags = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        // An empty set is no set, as on Redis.
+        if tags.get(drain_key).is_some_and(HashMap::is_empty) {
+            tags.remove(drain_key);
+        }
         if tags.contains_key(drain_key) {
             return Ok(!tags.contains_key(tag_key));
         }
@@ -444,6 +451,32 @@ mod tests {
         }
         let records = m.tagged("t", usize::MAX).await.unwrap();
         assert!(records.len() <= 64, "{} records kept", records.len());
+    }
+
+    /// As on Redis: recording no key makes no set, and an emptied drain is
+    /// no drain, so the next invalidation moves its tag's set at once.
+    #[tokio::test]
+    async fn empty_sets_do_not_exist() {
+        let m = MemoryBackend::new(MemoryConfig::default(), GRACE);
+        let ttl = Duration::from_secs(60);
+        m.tag(&[], &["t".to_owned()], ttl).await.unwrap();
+        assert!(m.drain_tag("t", "d").await.unwrap());
+        assert!(m.tagged("d", usize::MAX).await.unwrap().is_empty());
+        m.tag(&["k".to_owned()], &["t".to_owned()], ttl)
+            .await
+            .unwrap();
+        assert!(m.drain_tag("t", "d").await.unwrap(), "moved");
+        let drained = m.tagged("d", usize::MAX).await.unwrap();
+        assert_eq!(drained.len(), 1);
+        m.untag("d", &drained).await.unwrap();
+        m.tag(&["k".to_owned()], &["t".to_owned()], ttl)
+            .await
+            .unwrap();
+        assert!(
+            m.drain_tag("t", "d").await.unwrap(),
+            "the emptied drain is gone"
+        );
+        assert_eq!(m.tagged("d", usize::MAX).await.unwrap().len(), 1);
     }
 
     fn bytes(s: &str) -> Arc<[u8]> {

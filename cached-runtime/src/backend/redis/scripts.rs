@@ -104,10 +104,12 @@ if ARGV[2] == '1' and unchanged(KEYS[1], ARGV[3], ARGV[4]) then
 end
 local small = #ARGV[5] <= tonumber(ARGV[10])
 local message = #ARGV[8] .. ':' .. ARGV[8]
-local value = 'V' .. #ARGV[1] .. ':' .. ARGV[1] .. ARGV[5]
+local function value()
+  return 'V' .. #ARGV[1] .. ':' .. ARGV[1] .. ARGV[5]
+end
 if stored == 1 then
   if small then
-    message = message .. value
+    message = message .. value()
   else
     message = message .. 'f'
   end
@@ -115,7 +117,7 @@ elseif not held then
   return stored
 elseif ARGV[2] == '2' and small then
   if unchanged(KEYS[1], ARGV[3], ARGV[4]) then
-    message = message .. value
+    message = message .. value()
   else
     message = message .. 'r'
   end
