@@ -375,7 +375,19 @@ impl SentinelSetup {
 }
 
 impl Sentinel {
+    /// Starts a sentinel on a free port, trying another one if it does not
+    /// come up (another process took the port between the check and the
+    /// bind).
     fn start(master_port: u16, shared: bool) -> Sentinel {
+        for _ in 0..5 {
+            if let Some(sentinel) = Self::try_start(master_port, shared) {
+                return sentinel;
+            }
+        }
+        panic!("no sentinel started on any of 5 free ports");
+    }
+
+    fn try_start(master_port: u16, shared: bool) -> Option<Sentinel> {
         let port = free_port();
         let dir = unique_dir("redis-cached-sentinel", port);
         let config = dir.join("sentinel.conf");
@@ -419,19 +431,24 @@ impl Sentinel {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cli(port, &["INFO", "server"]).contains(&name) {
-            assert!(
-                Instant::now() < deadline,
-                "sentinel on {port} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Sentinel {
+        let mut sentinel = Sentinel {
             port,
             child: Some(child),
             dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cli(port, &["INFO", "server"]).contains(&name) {
+            let exited = sentinel
+                .child
+                .as_mut()
+                .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() >= deadline {
+                // Dropping it stops what was started.
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        Some(sentinel)
     }
 }
 
