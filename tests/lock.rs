@@ -293,48 +293,44 @@ impl Report {
     }
 }
 
-/// A lock notification that carries a value computed before this process
-/// invalidated the key, and reaches a waiter after the invalidation (a
-/// late message): the waiter reads the key instead of taking that value,
-/// so no call that starts after `invalidate` returned gets the older value.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_notification_older_than_an_invalidation_is_not_taken() {
-    let server = RedisServer::start();
-    let repo = Arc::new(Report {
-        cache: Cache::redis(&server.url()).unwrap(),
-    });
-    repo.cache.connect().await.unwrap();
-    // The entry an earlier holder stored and announced: stored, then
-    // invalidated here.
-    repo.cache
-        .set("old", &"old report".to_owned(), Duration::from_secs(60))
-        .await
-        .unwrap();
-    let old_entry: Vec<u8> = server.cmd(::redis::cmd("GET").arg("old")).await;
-    repo.cache.invalidate("report:1").await.unwrap();
-    // Another process holds the lock now (taken after the invalidation).
+/// Another process holds `key`'s lock, as `holder`, for 1.5 s.
+async fn held_elsewhere(server: &RedisServer, key: &str, holder: &str) {
     let _: () = server
         .cmd(
             ::redis::cmd("SET")
-                .arg("~lock{report:1}")
-                .arg("another holder")
+                .arg(format!("~lock{{{key}}}"))
+                .arg(holder)
                 .arg("PX")
                 .arg(1_500),
         )
         .await;
+}
+
+/// `report(day)` called in a task, once it waits for the lock.
+async fn waiting_report(repo: &Arc<Report>, day: u32) -> tokio::task::JoinHandle<String> {
+    let waits = repo.cache.stats().lock_waits;
     let call = {
-        let repo = Arc::clone(&repo);
-        tokio::spawn(async move { repo.report(1).await })
+        let repo = Arc::clone(repo);
+        tokio::spawn(async move { repo.report(day).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         repo.cache.stats().lock_waits,
-        1,
+        waits + 1,
         "the call waits for the holder"
     );
-    // The earlier holder's message arrives only now.
-    let mut message = b"8:report:1v".to_vec();
-    message.extend_from_slice(&old_entry);
+    call
+}
+
+/// Publishes a lock notification saying `entry` landed at `key`, from
+/// `holder` (`None`: in the format that names none).
+async fn announce(server: &RedisServer, key: &str, holder: Option<&str>, entry: &[u8]) {
+    let mut message = format!("{}:{key}", key.len()).into_bytes();
+    match holder {
+        None => message.push(b'v'),
+        Some(token) => message.extend_from_slice(format!("V{}:{token}", token.len()).as_bytes()),
+    }
+    message.extend_from_slice(entry);
     let _: () = server
         .cmd(
             ::redis::cmd("PUBLISH")
@@ -342,10 +338,41 @@ async fn a_late_notification_older_than_an_invalidation_is_not_taken() {
                 .arg(message),
         )
         .await;
+}
+
+/// A repository whose reports are cached, with the entry of an "old
+/// report" as an earlier holder would have stored it.
+async fn report_repo(server: &RedisServer) -> (Arc<Report>, Vec<u8>) {
+    let repo = Arc::new(Report {
+        cache: Cache::redis(&server.url()).unwrap(),
+    });
+    repo.cache.connect().await.unwrap();
+    repo.cache
+        .set("old", &"old report".to_owned(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let old_entry: Vec<u8> = server.cmd(::redis::cmd("GET").arg("old")).await;
+    (repo, old_entry)
+}
+
+/// A lock notification that carries a value computed before this process
+/// invalidated the key, and reaches a waiter after the invalidation (a
+/// late message): the waiter reads the key instead of taking that value,
+/// so no call that starts after `invalidate` returned gets the older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_notification_older_than_an_invalidation_is_not_taken() {
+    let server = RedisServer::start();
+    let (repo, old_entry) = report_repo(&server).await;
+    repo.cache.invalidate("report:1").await.unwrap();
+    // Another process holds the lock now (taken after the invalidation).
+    held_elsewhere(&server, "report:1", "another holder").await;
+    let call = waiting_report(&repo, 1).await;
+    // The earlier holder's message arrives only now.
+    announce(&server, "report:1", None, &old_entry).await;
     // The holder goes away without a value: the waiter takes the lock.
-    let value = call.await.unwrap();
     assert_eq!(
-        value, "fresh report 1",
+        call.await.unwrap(),
+        "fresh report 1",
         "a value older than the invalidation was taken"
     );
 }
@@ -357,49 +384,15 @@ async fn a_late_notification_older_than_an_invalidation_is_not_taken() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_awaited_holders_value_is_taken_from_a_message() {
     let server = RedisServer::start();
-    let repo = Arc::new(Report {
-        cache: Cache::redis(&server.url()).unwrap(),
-    });
-    repo.cache.connect().await.unwrap();
+    let (repo, old_entry) = report_repo(&server).await;
     let elsewhere = Cache::redis(&server.url()).unwrap();
-    repo.cache
-        .set("old", &"old report".to_owned(), Duration::from_secs(60))
-        .await
-        .unwrap();
-    let old_entry: Vec<u8> = server.cmd(::redis::cmd("GET").arg("old")).await;
     let holder = "0123456789abcdef0123456789abcdef";
     for (day, message_from) in [(1u32, None), (2, Some("fedcba9876543210fedcba9876543210"))] {
         let key = format!("report:{day}");
         elsewhere.invalidate(&key).await.unwrap();
-        let _: () = server
-            .cmd(
-                ::redis::cmd("SET")
-                    .arg(format!("~lock{{{key}}}"))
-                    .arg(holder)
-                    .arg("PX")
-                    .arg(1_500),
-            )
-            .await;
-        let call = {
-            let repo = Arc::clone(&repo);
-            tokio::spawn(async move { repo.report(day).await })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut message = format!("{}:{key}", key.len()).into_bytes();
-        match message_from {
-            None => message.push(b'v'),
-            Some(token) => {
-                message.extend_from_slice(format!("V{}:{token}", token.len()).as_bytes())
-            }
-        }
-        message.extend_from_slice(&old_entry);
-        let _: () = server
-            .cmd(
-                ::redis::cmd("PUBLISH")
-                    .arg("redis-cached:filled")
-                    .arg(message),
-            )
-            .await;
+        held_elsewhere(&server, &key, holder).await;
+        let call = waiting_report(&repo, day).await;
+        announce(&server, &key, message_from, &old_entry).await;
         assert_eq!(
             call.await.unwrap(),
             format!("fresh report {day}"),
@@ -409,29 +402,9 @@ async fn only_the_awaited_holders_value_is_taken_from_a_message() {
 
     // From the holder waited for: taken, without reading the key (which
     // holds nothing here).
-    let _: () = server
-        .cmd(
-            ::redis::cmd("SET")
-                .arg("~lock{report:3}")
-                .arg(holder)
-                .arg("PX")
-                .arg(1_500),
-        )
-        .await;
-    let call = {
-        let repo = Arc::clone(&repo);
-        tokio::spawn(async move { repo.report(3).await })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut message = format!("8:report:3V{}:{holder}", holder.len()).into_bytes();
-    message.extend_from_slice(&old_entry);
-    let _: () = server
-        .cmd(
-            ::redis::cmd("PUBLISH")
-                .arg("redis-cached:filled")
-                .arg(message),
-        )
-        .await;
+    held_elsewhere(&server, "report:3", holder).await;
+    let call = waiting_report(&repo, 3).await;
+    announce(&server, "report:3", Some(holder), &old_entry).await;
     assert_eq!(call.await.unwrap(), "old report", "the holder's own value");
 }
 
