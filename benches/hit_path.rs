@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{median, user, verdict, User};
+use common::{median, percentile, user, verdict, User};
 use redis::aio::ConnectionManager;
 use redis_cached::{redis_cached, Cache};
 
@@ -43,10 +43,6 @@ const SEQ_OPS: usize = 2_000;
 const TASKS: usize = 64;
 const TASK_OPS: usize = 400;
 const CONC_ROUNDS: usize = 15;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 fn main() {
     let server = support::RedisServer::start();

@@ -22,7 +22,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{median, user, verdict, User};
+use common::{median, percentile, user, verdict, User};
 use redis::aio::MultiplexedConnection;
 use redis_cached::{redis_cached, Cache};
 
@@ -86,10 +86,6 @@ async fn call(side: usize, sides: &Sides, id: u64) {
         3 => black_box(get_raw(&sides.raw, id).await),
         _ => black_box(sides.near.redis_user(id).await.expect("hit")),
     };
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn main() {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each benchmark uses a different part
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// A small row, as a service caches them.
@@ -28,6 +30,12 @@ pub fn user(id: u64) -> User {
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// The `p` quantile (0 to 1) of `sorted`: the element at the rounded
+/// fractional index.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// How a line reports a target.

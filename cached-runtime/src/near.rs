@@ -383,6 +383,11 @@ mod tests {
         }
     }
 
+    /// How many fills are registered, over every shard.
+    fn pending_fills(store: &NearStore) -> usize {
+        store.pending.iter().map(|s| s.lock().unwrap().len()).sum()
+    }
+
     fn serving(store: &NearStore) {
         store.answered(Instant::now(), store.generation.load(Ordering::Acquire));
     }
@@ -420,14 +425,7 @@ mod tests {
         store.flush(Flush::Everything);
         fill.finish_now(entry("old"), Duration::from_secs(30), -1, None);
         assert_eq!(store.get::<String>("k", Codec::Json), None);
-        assert_eq!(
-            store
-                .pending
-                .iter()
-                .map(|s| s.lock().unwrap().len())
-                .sum::<usize>(),
-            0
-        );
+        assert_eq!(pending_fills(&store), 0);
     }
 
     #[test]
@@ -507,13 +505,6 @@ mod tests {
         let store = NearStore::new(100, 1 << 20);
         serving(&store);
         drop(store.begin_fill("k").unwrap());
-        assert_eq!(
-            store
-                .pending
-                .iter()
-                .map(|s| s.lock().unwrap().len())
-                .sum::<usize>(),
-            0
-        );
+        assert_eq!(pending_fills(&store), 0);
     }
 }
