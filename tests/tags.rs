@@ -21,6 +21,7 @@ per_backend!(
     a_key_kept_alive_by_refreshes_stays_tagged,
     a_key_written_through_stays_tagged,
     a_tag_is_named_as_the_attribute_rendered_it,
+    an_invalidation_dropped_part_way_is_finished_by_the_next,
 );
 
 struct Repo {
@@ -345,6 +346,74 @@ async fn on_redis_a_large_tag_is_invalidated_in_bounded_batches() {
         .cmd(::redis::cmd("EXISTS").arg("~drain{~tag:tenant:1}"))
         .await;
     assert_eq!(drain, 0, "the drained set is gone");
+}
+
+/// An invalidation dropped at some `.await` (a client gone, a `timeout`)
+/// leaves part of its tag's keys untouched, set aside; the next
+/// invalidation of the tag reaches them all, wherever the first one was
+/// cut.
+async fn an_invalidation_dropped_part_way_is_finished_by_the_next(env: &Env) {
+    let repo = Repo::new(env.cache());
+    const USERS: u32 = 1_200;
+    for cut_us in [0u64, 300, 1_000, 3_000, 10_000] {
+        for id in 0..USERS {
+            repo.user(7, id, None).await;
+        }
+        let cut = tokio::time::timeout(
+            Duration::from_micros(cut_us),
+            repo.cache.invalidate_tag("tenant:7"),
+        )
+        .await;
+        if let Ok(done) = cut {
+            done.expect("invalidated");
+        }
+        repo.cache
+            .invalidate_tag("tenant:7")
+            .await
+            .expect("invalidated");
+        let before = repo.computes();
+        for id in 0..USERS {
+            repo.user(7, id, None).await;
+        }
+        assert_eq!(
+            repo.computes() - before,
+            USERS,
+            "every key recomputed after a first invalidation cut after {cut_us} µs"
+        );
+    }
+}
+
+/// What a failed invalidation leaves on Redis (the tag's set moved aside,
+/// partly drained) is drained by the next invalidation of the tag before
+/// it moves the set recorded since, so both are reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_set_left_aside_is_drained_by_the_next_invalidation() {
+    let server = RedisServer::start();
+    let repo = Repo::new(Cache::redis(&server.url()).unwrap());
+    for id in 0..3 {
+        repo.user(5, id, None).await;
+    }
+    let _: () = server
+        .cmd(
+            ::redis::cmd("RENAME")
+                .arg("~tag:tenant:5")
+                .arg("~drain{~tag:tenant:5}"),
+        )
+        .await;
+    for id in 3..5 {
+        repo.user(5, id, None).await;
+    }
+    let invalidated = repo.cache.invalidate_tag("tenant:5").await.unwrap();
+    assert_eq!(invalidated, 5, "the set left aside and the one since");
+    for key in ["~tag:tenant:5", "~drain{~tag:tenant:5}"] {
+        let left: u64 = server.cmd(::redis::cmd("EXISTS").arg(key)).await;
+        assert_eq!(left, 0, "{key} is gone");
+    }
+    let before = repo.computes();
+    for id in 0..5 {
+        repo.user(5, id, None).await;
+    }
+    assert_eq!(repo.computes() - before, 5);
 }
 
 /// A hot tag: its keys are recorded again, with short TTLs, all the time
