@@ -5,12 +5,14 @@
 //! in-memory backend's hit, and the bytes each value costs in Redis.
 //!
 //! The 64-task throughput is measured twice. First with the client's
-//! runtime on every core, sharing them with the local Redis: on a small
-//! machine that measures how the kernel schedules three busy threads on
-//! two cores more than the client. Then with the client on the cores Redis
-//! leaves it (all but one, at least one), as when Redis has a host of its
-//! own: the targets are judged there, and the sequential latency is
-//! measured there too.
+//! runtime on every core, unpinned, sharing them with the local Redis.
+//! Then with Redis pinned to the last core and the client (a runtime with
+//! one worker per remaining core) pinned to the others, as when Redis has a
+//! host of its own: the targets are judged there, and the sequential
+//! latency is measured there too. Pinning uses `taskset`; where it fails the
+//! benchmark says so. Every measured call must be a hit: a cache that fell
+//! back to its (instant) body would look fast, so the benchmark checks its
+//! counters.
 //!
 //! `cargo bench --bench hit_path` (needs `redis-server` on the PATH; the
 //! benchmark starts its own on a free port).
@@ -56,27 +58,73 @@ fn main() {
     let server = support::RedisServer::start();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let client_cores = cores.saturating_sub(1).max(1);
-    runtime(cores).block_on(async {
+    let redis_pid = runtime(cores).block_on(async {
         let (repos, conn) = connect(&server).await;
         fill(&server, &repos).await;
-        let title = format!("client on all {cores} cores, shared with Redis; no target");
+        let before = counts(&repos);
+        let title = format!("client on all {cores} cores, shared with Redis, unpinned; no target");
         concurrent(&repos, &conn, &title, false).await;
+        assert_all_hits(&repos, before);
+        let info: String = server.cmd(redis::cmd("INFO").arg("server")).await;
+        info.lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .map(|pid| pid.trim().to_owned())
     });
+    let pinned = match (cores, redis_pid) {
+        (1, _) => "client and Redis on the one core".to_owned(),
+        (_, Some(pid)) if pin(&pid, cores) => {
+            format!("client pinned to {client_cores} of {cores} cores, Redis to the last")
+        }
+        _ => format!("client on {client_cores} of {cores} cores (pinning failed)"),
+    };
     // A new runtime, and connections of its own: a connection's driver
-    // runs on the runtime it was made on.
+    // runs on the runtime it was made on. Its threads inherit the pinning.
     runtime(client_cores).block_on(async {
         let (repos, conn) = connect(&server).await;
+        let before = counts(&repos);
         sequential(&repos, &conn).await;
-        let title = format!("client on {client_cores} of {cores} cores, Redis on the rest");
-        concurrent(&repos, &conn, &title, true).await;
-        let stats = repos[0].cache.stats();
-        println!(
-            "  cache stats (default): {} hits, {} misses, {} errors, {} timeouts",
-            stats.hits, stats.misses, stats.errors, stats.timeouts
-        );
+        concurrent(&repos, &conn, &pinned, true).await;
+        assert_all_hits(&repos, before);
         value_bytes(&server).await;
     });
     in_memory_hit();
+}
+
+/// Pins Redis (`pid`) to the last of `cores` cores and this process's
+/// threads to the others; whether `taskset` did both.
+fn pin(pid: &str, cores: usize) -> bool {
+    let taskset = |list: String, pid: &str| {
+        std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", &list, pid])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    taskset(format!("{}", cores - 1), pid)
+        && taskset(format!("0-{}", cores - 2), &std::process::id().to_string())
+}
+
+/// Each measured cache's misses and body runs so far.
+fn counts(repos: &[Arc<Repo>; N - 1]) -> [(u64, u64); N - 1] {
+    repos.each_ref().map(|repo| {
+        let stats = repo.cache.stats();
+        (stats.misses, stats.computes)
+    })
+}
+
+/// Fails the benchmark if a measured call was not a hit: one that fell
+/// back to the body would have measured the body, not the cache.
+fn assert_all_hits(repos: &[Arc<Repo>; N - 1], before: [(u64, u64); N - 1]) {
+    for (side, (repo, before)) in repos.iter().zip(before).enumerate() {
+        let stats = repo.cache.stats();
+        assert_eq!(
+            (stats.misses, stats.computes),
+            before,
+            "{}: every measured call must be a hit ({} errors, {} timeouts)",
+            SIDES[side + 1].0,
+            stats.errors,
+            stats.timeouts
+        );
+    }
 }
 
 fn runtime(workers: usize) -> tokio::runtime::Runtime {
