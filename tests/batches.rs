@@ -719,19 +719,123 @@ fn merged_lookups_outlive_the_runtime_that_started_them() {
 }
 
 /// Another program's list at one element's key: that element is computed
-/// every time, and the others are stored as usual.
+/// every time, and the others are stored as usual; with bounded reads
+/// (a pipeline of `GETRANGE`s) as with the default `MGET`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_redis_a_wrong_type_at_one_key_spoils_only_that_element() {
     let server = RedisServer::start();
-    let repo = Repo::new(Cache::redis(&server.url()).unwrap());
-    server
-        .cmd::<()>(::redis::cmd("RPUSH").arg("user:5").arg("someone else's"))
-        .await;
-    for _ in 0..2 {
-        let found = repo.users(vec![4, 5, 6]).await.unwrap();
-        assert_eq!(found.len(), 3, "the caller gets every value");
+    for bounded in [false, true] {
+        server.cmd::<()>(&::redis::cmd("FLUSHALL")).await;
+        let cache = Cache::builder(&server.url())
+            .bounded_reads(bounded)
+            .build()
+            .unwrap();
+        let repo = Repo::new(cache);
+        server
+            .cmd::<()>(::redis::cmd("RPUSH").arg("user:5").arg("someone else's"))
+            .await;
+        for _ in 0..2 {
+            let found = repo.users(vec![4, 5, 6]).await.unwrap();
+            assert_eq!(found.len(), 3, "the caller gets every value");
+        }
+        assert_eq!(
+            repo.batches(),
+            [vec![4, 5, 6], vec![5]],
+            "bounded reads: {bounded}"
+        );
+        assert_eq!(repo.cache.stats().errors, 0, "a rejected key is no failure");
+        let kind: String = server.cmd(::redis::cmd("TYPE").arg("user:5")).await;
+        assert_eq!(kind, "list", "the other program's data is left alone");
     }
-    assert_eq!(repo.batches(), [vec![4, 5, 6], vec![5]]);
-    let kind: String = server.cmd(::redis::cmd("TYPE").arg("user:5")).await;
-    assert_eq!(kind, "list", "the other program's data is left alone");
+}
+
+/// A server that stalls for longer than `op_timeout` while many tasks look
+/// up: each lookup reaches Redis at most once (Redis counts every key a
+/// read looks at), so that callers giving up do not make the merged reads
+/// of others go out again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_a_stall_each_merged_read_reaches_redis_at_most_once() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .op_timeout(Duration::from_millis(100))
+        .breaker(redis_cached::BreakerConfig {
+            failure_threshold: 1_000_000,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    cache.set("k", &7u32, TTL).await.unwrap();
+    server
+        .cmd::<()>(::redis::cmd("CONFIG").arg("RESETSTAT"))
+        .await;
+    server.pause();
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_millis(600);
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tokio::spawn(async move {
+                while Instant::now() < until {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let _ = cache.get::<u32>("k").await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    server.resume();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Reads abandoned by their callers still run once the server is back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info: String = server.cmd(::redis::cmd("INFO").arg("stats")).await;
+    let stat = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in INFO stats"))
+    };
+    let looked_at = stat("keyspace_hits:") + stat("keyspace_misses:");
+    let calls = calls.load(Ordering::SeqCst);
+    assert!(
+        looked_at <= calls,
+        "{looked_at} keys read for {calls} lookups"
+    );
+    assert!(looked_at > 0, "the lookups reached Redis once it was back");
+}
+
+/// A lookup polled once and then kept without being polled again (as a
+/// future left in a `select!` loop is): the lookups of others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_kept_unpolled_holds_up_no_other() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .op_timeout(Duration::from_millis(300))
+        .breaker(redis_cached::BreakerConfig {
+            failure_threshold: 1_000_000,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    cache.set("k", &7u32, TTL).await.unwrap();
+    server.pause();
+    // One read on the wire, so that the next one is merged.
+    let alone = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get::<u32>("k").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut kept = Box::pin(cache.get::<u32>("k"));
+    std::future::poll_fn(|cx| {
+        let polled = std::future::Future::poll(kept.as_mut(), cx);
+        assert!(polled.is_pending(), "the server is paused");
+        std::task::Poll::Ready(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.resume();
+    alone.await.unwrap();
+    until_all_answer(&cache, "a lookup kept unpolled held the others up").await;
+    drop(kept);
 }

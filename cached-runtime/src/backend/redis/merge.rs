@@ -3,23 +3,24 @@
 //!
 //! A read that finds no other read on the wire goes out at once as a
 //! `GET`: a lone caller pays nothing for merging. A read that finds one
-//! joins a queue. One of the queued callers at a time holds the turn: it
-//! sends everything queued as one `MGET`, hands each caller its own value
-//! (by position), then passes the turn to the next queued caller, if any,
-//! and returns its own value. Redis does the work of one command for many
-//! keys, and no task is spawned: the flush runs on the runtime of a caller
-//! that is waiting anyway.
+//! joins a queue. A flusher task, started on the runtime of the first read
+//! to queue, sends everything queued as one `MGET`, hands each caller its
+//! own value (by position), and sends the next `MGET` with what queued
+//! meanwhile, until the queue is empty; then it ends. Redis does the work of
+//! one command for many keys.
 //!
-//! Whatever the callers do, every queued read is answered or handed on: a
-//! caller that gives up (dropped, or past its `op_timeout`) drops its end
-//! of the reply and is skipped; a turn holder dropped mid-`MGET` (or whose
-//! runtime ends) puts the reads it carried back at the front of the queue
-//! and passes the turn on; each `MGET` has its own bound.
+//! The flusher belongs to no caller, so no caller's fate stalls or repeats
+//! the reads of others: a caller that gives up (dropped, or past its
+//! `op_timeout`) only drops its end of the reply, and is not sent if it was
+//! still queued; each `MGET` has its own bound. A flusher that cannot send
+//! (no connection open, its runtime ended) tells every read it holds to
+//! retry, and the caller then reads alone, with a `GET` of its own.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tokio::sync::oneshot;
 
 use super::link::Link;
@@ -35,25 +36,27 @@ pub(crate) enum Reply {
     Value(Option<Vec<u8>>),
     /// The `MGET` that carried its read failed.
     Failed(Error),
-    /// Its turn to send what has queued (its own read included).
-    Turn(Turn),
+    /// Its read was not sent (no connection was open, or the flusher's
+    /// runtime ended): it reads alone.
+    Retry,
 }
 
 /// The merged reads of one cache.
-#[derive(Debug)]
 pub(crate) struct Merger {
     state: Mutex<State>,
     /// Each `MGET`'s bound.
     bound: Duration,
+    /// The cache's connection, as the flusher finds it for each `MGET`.
+    link: Arc<ArcSwapOption<Link>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// Reads on the wire: `GET`s sent directly, and the turn's `MGET`.
+    /// Reads on the wire: `GET`s sent directly, and the flusher's `MGET`.
     busy: usize,
     queue: VecDeque<Waiting>,
-    /// Whether a caller holds the turn (or is being handed it).
-    turn: bool,
+    /// Whether a flusher runs (or has been started).
+    flushing: bool,
 }
 
 #[derive(Debug)]
@@ -66,10 +69,8 @@ struct Waiting {
 pub(crate) enum Route<'m> {
     /// Alone: send a `GET` now, holding this while it is on the wire.
     Direct(Busy<'m>),
-    /// Queued: wait for the reply (a value, or the turn).
+    /// Queued: wait for the reply.
     Queued(oneshot::Receiver<Reply>),
-    /// Queued, and the turn is this caller's: flush now.
-    Turn(oneshot::Receiver<Reply>, Turn),
 }
 
 /// A read on the wire; dropped when it ends, however it ends.
@@ -81,11 +82,20 @@ impl Drop for Busy<'_> {
     }
 }
 
+impl std::fmt::Debug for Merger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Merger")
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Merger {
-    pub(crate) fn new(bound: Duration) -> Self {
+    pub(crate) fn new(bound: Duration, link: Arc<ArcSwapOption<Link>>) -> Self {
         Merger {
             state: Mutex::default(),
             bound,
+            link,
         }
     }
 
@@ -93,123 +103,105 @@ impl Merger {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// How a read of `key` goes out.
+    /// How a read of `key` goes out. The first read to queue starts the
+    /// flusher on its own runtime; outside a runtime, a read goes alone.
     pub(crate) fn route(self: &Arc<Self>, key: &str) -> Route<'_> {
         let mut state = self.state();
-        if state.busy == 0 && state.queue.is_empty() && !state.turn {
-            state.busy += 1;
-            return Route::Direct(Busy(self));
+        let alone = state.busy == 0 && state.queue.is_empty() && !state.flushing;
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !alone => runtime,
+            _ => {
+                state.busy += 1;
+                return Route::Direct(Busy(self));
+            }
+        };
+        let (reply, receiver) = oneshot::channel();
+        state.queue.push_back(Waiting {
+            key: key.to_owned(),
+            reply,
+        });
+        if !std::mem::replace(&mut state.flushing, true) {
+            drop(state);
+            // Dropped unpolled if the runtime is shutting down: its guard
+            // then tells this read (and any queued since) to retry.
+            runtime.spawn(Flusher::new(self).run());
         }
-        let receiver = state.enqueue(key, false);
-        if std::mem::replace(&mut state.turn, true) {
-            Route::Queued(receiver)
-        } else {
-            Route::Turn(receiver, Turn::new(self))
-        }
+        Route::Queued(receiver)
     }
 }
 
-/// The right to send the next `MGET`, held by one queued caller at a time.
-/// Dropped however it ends (sent, cut short, or never used: its caller gave
-/// up, its runtime ended), it puts back at the front of the queue the reads
-/// it carried and did not answer, then passes itself on.
-pub(crate) struct Turn {
+/// Sends what queues, one `MGET` at a time, until the queue is empty.
+/// Dropped before that (its runtime ended), it tells every read it holds or
+/// that is queued to retry, so that none waits on a flusher that is gone.
+struct Flusher {
     merger: Arc<Merger>,
     batch: Vec<Waiting>,
-    /// Cleared when this turn was handed to no one (its receiver was gone):
-    /// the one who tried passes the turn on instead.
-    armed: bool,
+    /// Whether its `MGET` counts in `busy`.
+    on_wire: bool,
+    /// Cleared once it ended by itself (the queue was empty).
+    running: bool,
 }
 
-impl std::fmt::Debug for Turn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Turn").finish_non_exhaustive()
-    }
-}
-
-impl Turn {
+impl Flusher {
     fn new(merger: &Arc<Merger>) -> Self {
-        Turn {
+        Flusher {
             merger: Arc::clone(merger),
             batch: Vec::new(),
-            armed: true,
+            on_wire: false,
+            running: true,
         }
     }
 
-    /// Puts the read of `key` (a caller just handed the turn) first in the
-    /// queue, to go out in this turn's `MGET`.
-    pub(crate) fn rejoin(&self, key: &str) -> oneshot::Receiver<Reply> {
-        self.merger.state().enqueue(key, true)
-    }
-
-    /// Sends what has queued as one `MGET` on `link` and answers each
-    /// caller, then passes the turn on.
-    pub(crate) async fn flush(mut self, link: Option<Arc<Link>>) {
+    async fn run(mut self) {
         let merger = Arc::clone(&self.merger);
-        {
-            let mut state = merger.state();
-            while self.batch.len() < MAX_MERGED {
-                let Some(waiting) = state.queue.pop_front() else {
-                    break;
-                };
-                // A caller that gave up is not sent.
-                if !waiting.reply.is_closed() {
-                    self.batch.push(waiting);
+        loop {
+            {
+                let mut state = merger.state();
+                while self.batch.len() < MAX_MERGED {
+                    let Some(waiting) = state.queue.pop_front() else {
+                        break;
+                    };
+                    // A caller that gave up is not sent.
+                    if !waiting.reply.is_closed() {
+                        self.batch.push(waiting);
+                    }
                 }
+                if self.batch.is_empty() {
+                    state.flushing = false;
+                    self.running = false;
+                    return;
+                }
+                state.busy += 1;
+                self.on_wire = true;
             }
-            state.busy += 1;
+            let replies = match merger.link.load_full() {
+                Some(link) => Some(mget(&link, &self.batch, merger.bound).await),
+                None => None,
+            };
+            merger.state().busy -= 1;
+            self.on_wire = false;
+            let batch = std::mem::take(&mut self.batch);
+            match replies {
+                Some(replies) => hand_out(batch, replies),
+                None => retry(batch),
+            }
         }
-        let busy = Busy(&merger);
-        let replies = match &link {
-            Some(link) if !self.batch.is_empty() => mget(link, &self.batch, merger.bound).await,
-            Some(_) => Ok(Vec::new()),
-            None => Err(Error::Redis("no connection".into())),
-        };
-        drop(busy);
-        hand_out(std::mem::take(&mut self.batch), replies);
     }
 }
 
-impl Drop for Turn {
+impl Drop for Flusher {
     fn drop(&mut self) {
-        if !self.armed {
+        if !self.running {
             return;
         }
         let mut state = self.merger.state();
-        for waiting in self.batch.drain(..).rev() {
-            state.queue.push_front(waiting);
+        if self.on_wire {
+            state.busy -= 1;
         }
-        state.pass_turn(&self.merger);
-    }
-}
-
-impl State {
-    fn enqueue(&mut self, key: &str, first: bool) -> oneshot::Receiver<Reply> {
-        let (reply, receiver) = oneshot::channel();
-        let waiting = Waiting {
-            key: key.to_owned(),
-            reply,
-        };
-        if first {
-            self.queue.push_front(waiting);
-        } else {
-            self.queue.push_back(waiting);
-        }
-        receiver
-    }
-
-    /// Hands the turn to the first queued caller still waiting, or ends it.
-    fn pass_turn(&mut self, merger: &Arc<Merger>) {
-        while let Some(waiting) = self.queue.pop_front() {
-            match waiting.reply.send(Reply::Turn(Turn::new(merger))) {
-                Ok(()) => return,
-                // Gone: its read is dropped with it, and the turn it was
-                // not given must not pass itself on (this is doing so).
-                Err(Reply::Turn(mut unsent)) => unsent.armed = false,
-                Err(_) => {}
-            }
-        }
-        self.turn = false;
+        let queued: Vec<Waiting> = state.queue.drain(..).collect();
+        state.flushing = false;
+        drop(state);
+        retry(self.batch.drain(..).chain(queued));
     }
 }
 
@@ -245,61 +237,110 @@ fn hand_out(batch: Vec<Waiting>, replies: Result<Vec<Option<Vec<u8>>>>) {
     }
 }
 
+/// Tells each caller of `reads` to read alone.
+fn retry(reads: impl IntoIterator<Item = Waiting>) {
+    for waiting in reads {
+        let _ = waiting.reply.send(Reply::Retry);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_lone_read_goes_direct_and_others_queue_behind_it() {
-        let merger = Arc::new(Merger::new(Duration::from_secs(1)));
-        let Route::Direct(busy) = merger.route("a") else {
-            panic!("a lone read goes out at once")
-        };
-        let Route::Turn(_b, turn) = merger.route("b") else {
-            panic!("the first queued read takes the turn")
-        };
-        let Route::Queued(_c) = merger.route("c") else {
-            panic!("later reads wait for their reply")
-        };
-        drop(busy);
-        assert_eq!(merger.state().queue.len(), 2);
-        drop(turn);
+    fn merger() -> Arc<Merger> {
+        Arc::new(Merger::new(
+            Duration::from_secs(1),
+            Arc::new(ArcSwapOption::empty()),
+        ))
     }
 
-    /// Turns that end without being used, or cut short mid-MGET, pass
-    /// themselves on to a caller still waiting, with the reads they held
-    /// back in the queue; a turn handed to a caller that is gone is not lost.
     #[test]
-    fn no_way_of_ending_loses_the_turn() {
-        let merger = Arc::new(Merger::new(Duration::from_secs(1)));
+    fn a_lone_read_goes_direct_and_others_queue_behind_it() {
+        let merger = merger();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _inside = runtime.enter();
         let Route::Direct(busy) = merger.route("a") else {
             panic!("a lone read goes out at once")
         };
-        let Route::Turn(b, turn) = merger.route("b") else {
-            panic!("the first queued read takes the turn")
+        let Route::Queued(_b) = merger.route("b") else {
+            panic!("a read beside another queues")
         };
-        let Route::Queued(c) = merger.route("c") else {
-            panic!("later reads wait")
+        let Route::Queued(_c) = merger.route("c") else {
+            panic!("so does the next")
         };
-        let Route::Queued(mut d) = merger.route("d") else {
-            panic!("later reads wait")
-        };
-        drop(busy);
-        // Cut short mid-MGET with b, c and d on the wire; c's caller gave up
-        // meanwhile, and b's too: the turn goes past them to d.
-        let mut turn = turn;
-        turn.batch = merger.state().queue.drain(..).collect();
-        drop((b, c));
-        drop(turn);
-        let Ok(Reply::Turn(next)) = d.try_recv() else {
-            panic!("the turn reached the caller still waiting")
-        };
-        assert!(merger.state().turn);
-        // d's caller is dropped before it uses the turn: nobody is left.
-        drop(next);
         let state = merger.state();
-        assert!(!state.turn, "the turn ended with no one to take it");
-        assert!(state.queue.is_empty());
+        assert_eq!(state.queue.len(), 2);
+        assert!(state.flushing, "the first to queue started the flusher");
+        drop(state);
+        drop(busy);
+    }
+
+    #[test]
+    fn outside_a_runtime_a_read_goes_alone() {
+        let merger = merger();
+        let Route::Direct(_a) = merger.route("a") else {
+            panic!("a lone read goes out at once")
+        };
+        let Route::Direct(_b) = merger.route("b") else {
+            panic!("no runtime to run a flusher on: alone")
+        };
+        assert!(merger.state().queue.is_empty());
+    }
+
+    /// With no connection open, the flusher sends nothing and tells the
+    /// reads to go alone; then it ends.
+    #[test]
+    fn with_no_connection_queued_reads_are_told_to_retry() {
+        let merger = merger();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_busy, b) = {
+            let _inside = runtime.enter();
+            let Route::Direct(busy) = merger.route("a") else {
+                panic!("a lone read goes out at once")
+            };
+            let Route::Queued(b) = merger.route("b") else {
+                panic!("a read beside another queues")
+            };
+            (busy, b)
+        };
+        assert!(matches!(runtime.block_on(b), Ok(Reply::Retry)));
+        let state = merger.state();
+        assert!(!state.flushing && state.queue.is_empty());
+        assert_eq!(state.busy, 1, "only the direct read is on the wire");
+    }
+
+    /// The flusher's runtime ends before it ran: the reads it would have
+    /// sent are told to retry, and the next read starts a new flusher.
+    #[test]
+    fn a_flusher_whose_runtime_ends_lets_no_read_wait() {
+        let merger = merger();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (busy, mut b, mut c) = {
+            let _inside = runtime.enter();
+            let Route::Direct(busy) = merger.route("a") else {
+                panic!("a lone read goes out at once")
+            };
+            let (Route::Queued(b), Route::Queued(c)) = (merger.route("b"), merger.route("c"))
+            else {
+                panic!("reads beside another queue")
+            };
+            (busy, b, c)
+        };
+        drop(runtime);
+        assert!(matches!(b.try_recv(), Ok(Reply::Retry)));
+        assert!(matches!(c.try_recv(), Ok(Reply::Retry)));
+        let state = merger.state();
+        assert!(!state.flushing && state.queue.is_empty());
+        drop(state);
+        drop(busy);
+        assert_eq!(merger.state().busy, 0);
     }
 
     #[test]

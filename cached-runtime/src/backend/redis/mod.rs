@@ -156,9 +156,10 @@ impl RedisBackend {
             Target::Sentinel(sentinel) => Feed::Sentinel(Arc::clone(sentinel)),
             Target::Cluster(cluster) => Feed::Sharded(Arc::clone(cluster)),
         };
+        let link = Arc::new(ArcSwapOption::empty());
         let merger = merge
             .filter(|_| !matches!(target, Target::Cluster(_)))
-            .map(|bound| Arc::new(Merger::new(bound)));
+            .map(|bound| Arc::new(Merger::new(bound, Arc::clone(&link))));
         let track = match &target {
             _ if near == 0 => None,
             Target::Server(client) => Some(TrackFeed::Server(
@@ -179,7 +180,7 @@ impl RedisBackend {
             journal: JournalScripts::default(),
             config,
             limit,
-            link: Arc::new(ArcSwapOption::empty()),
+            link,
             lookup: Arc::new(Lookup::default()),
             notifier: Notifier::new(channel, feed),
         })
@@ -371,37 +372,24 @@ impl RedisBackend {
     }
 
     /// A read of `key` through the merger: alone, a `GET` at once; beside
-    /// others, part of the next `MGET`, which this caller may be the one
-    /// to send.
+    /// others, part of the next `MGET`.
     async fn merged_get(&self, merger: &Arc<Merger>, key: &str) -> Result<Option<Bytes>> {
         if self.link.load().is_none() {
             // Connects (or looks the master up) here, so that the flusher
             // finds a connection.
             self.connection().await?;
         }
-        let mut reply = match merger.route(key) {
-            Route::Direct(_busy) => {
-                let value: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
-                return Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned));
-            }
-            Route::Queued(reply) => reply,
-            Route::Turn(reply, turn) => {
-                turn.flush(self.link.load_full()).await;
-                reply
-            }
-        };
-        let value = loop {
-            match reply.await {
-                Ok(Reply::Value(value)) => break value,
+        let value = match merger.route(key) {
+            Route::Direct(_busy) => self.query(redis::cmd("GET").arg(key)).await?,
+            Route::Queued(reply) => match reply.await {
+                Ok(Reply::Value(value)) => value,
                 Ok(Reply::Failed(err)) => return Err(err),
-                Ok(Reply::Turn(turn)) => {
-                    reply = turn.rejoin(key);
-                    turn.flush(self.link.load_full()).await;
-                }
-                Err(_) => return Err(Error::Redis("merged read abandoned".into())),
-            }
+                // Not sent (no connection open, or the flusher's runtime
+                // ended): read alone, connecting if need be.
+                Ok(Reply::Retry) | Err(_) => self.query(redis::cmd("GET").arg(key)).await?,
+            },
         };
-        Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned))
+        Ok(value.filter(|v: &Vec<u8>| !v.is_empty()).map(Bytes::Owned))
     }
 
     /// The compare arguments (mode, seen) of `seen`; `None` when it is unknown.
@@ -663,22 +651,39 @@ impl Backend for RedisBackend {
                 }
                 self.query(&mget).await?
             }
+            // A key Redis rejects (another type at it) reads as absent, as
+            // it does through MGET; the other keys are read as usual.
             Some(limit) if self.is_cluster() => {
                 try_join_all(keys.iter().map(|key| async move {
                     let range = redis::cmd("GETRANGE").arg(key).arg(0).arg(limit).clone();
-                    self.query::<Option<Vec<u8>>>(&range).await
+                    match self.query::<Option<Vec<u8>>>(&range).await {
+                        Err(Error::Rejected(_)) => Ok(None),
+                        read => read,
+                    }
                 }))
                 .await?
             }
             Some(limit) => {
                 let mut pipe = redis::pipe();
+                pipe.ignore_errors();
                 for key in keys {
                     pipe.cmd("GETRANGE").arg(key).arg(0).arg(limit);
                 }
                 let mut conn = self.connection().await?;
-                pipe.query_async(&mut conn)
+                let reads: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
+                    .query_async(&mut conn)
                     .await
-                    .map_err(|e| self.failed(&e))?
+                    .map_err(|e| self.failed(&e))?;
+                reads
+                    .into_iter()
+                    .map(|read| match read {
+                        Ok(value) => Ok(value),
+                        Err(err) => match Error::from_redis(&err) {
+                            Error::Rejected(_) => Ok(None),
+                            _ => Err(self.failed(&err)),
+                        },
+                    })
+                    .collect::<Result<_>>()?
             }
         };
         if values.len() != keys.len() {
