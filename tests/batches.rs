@@ -718,6 +718,44 @@ fn merged_lookups_outlive_the_runtime_that_started_them() {
     ));
 }
 
+/// A current-thread runtime runs its tasks only while someone waits in its
+/// `block_on`: lookups made from one, then left there unfinished while the
+/// runtime idles, hold up no lookup made elsewhere.
+#[test]
+fn a_current_thread_runtime_left_idle_holds_up_no_lookup() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .op_timeout(Duration::from_millis(300))
+        .breaker(redis_cached::BreakerConfig {
+            failure_threshold: 1_000_000,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    // The connection is made on a multi-thread runtime, so that its
+    // driver runs all along.
+    let other = tokio::runtime::Runtime::new().unwrap();
+    other.block_on(cache.set("k", &7u32, TTL)).unwrap();
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    idle.block_on(async {
+        server.pause();
+        // Concurrent lookups on this runtime, cut short while the server
+        // does not answer; the runtime is then kept, but no longer run.
+        let lookups = (0..8).map(|_| cache.get::<u32>("k"));
+        let all = futures_util::future::join_all(lookups);
+        let _ = tokio::time::timeout(Duration::from_millis(50), all).await;
+    });
+    server.resume();
+    other.block_on(until_all_answer(
+        &cache,
+        "lookups stuck behind a runtime left idle",
+    ));
+    drop(idle);
+}
+
 /// Another program's list at one element's key: that element is computed
 /// every time, and the others are stored as usual; with bounded reads
 /// (a pipeline of `GETRANGE`s) as with the default `MGET`.

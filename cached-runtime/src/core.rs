@@ -171,6 +171,11 @@ impl Inner {
                 tracing::debug!(target: "redis_cached", error = %err, "Redis refused a command");
                 return Err(err);
             }
+            // A bound inside the operation (a merged read's `MGET`) ran out.
+            Ok(Err(err @ Error::Timeout(_))) => {
+                self.count(None, Event::timeouts);
+                err
+            }
             Ok(Err(err)) => {
                 self.count(None, Event::errors);
                 err

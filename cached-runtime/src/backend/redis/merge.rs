@@ -9,6 +9,11 @@
 //! meanwhile, until the queue is empty; then it ends. Redis does the work of
 //! one command for many keys.
 //!
+//! Only a multi-thread runtime gets a flusher: its workers run spawned
+//! tasks all along. A current-thread runtime runs them only while some
+//! caller is inside its `block_on`, so a flusher left there could stall the
+//! reads of every runtime; reads from one go alone.
+//!
 //! The flusher belongs to no caller, so no caller's fate stalls or repeats
 //! the reads of others: a caller that gives up (dropped, or past its
 //! `op_timeout`) only drops its end of the reply, and is not sent if it was
@@ -21,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use tokio::runtime::RuntimeFlavor;
 use tokio::sync::oneshot;
 
 use super::link::Link;
@@ -104,12 +110,15 @@ impl Merger {
     }
 
     /// How a read of `key` goes out. The first read to queue starts the
-    /// flusher on its own runtime; outside a runtime, a read goes alone.
+    /// flusher on its own runtime; outside a multi-thread runtime, a read
+    /// goes alone.
     pub(crate) fn route(self: &Arc<Self>, key: &str) -> Route<'_> {
         let mut state = self.state();
         let alone = state.busy == 0 && state.queue.is_empty() && !state.flushing;
         let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if !alone => runtime,
+            Ok(runtime) if !alone && runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                runtime
+            }
             _ => {
                 state.busy += 1;
                 return Route::Direct(Busy(self));
@@ -255,31 +264,41 @@ mod tests {
         ))
     }
 
+    fn multi_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap()
+    }
+
+    /// Reads beside one on the wire queue; with no connection open, the
+    /// flusher sends nothing and tells them to read alone, then ends.
     #[test]
     fn a_lone_read_goes_direct_and_others_queue_behind_it() {
         let merger = merger();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = multi_thread();
         let _inside = runtime.enter();
         let Route::Direct(busy) = merger.route("a") else {
             panic!("a lone read goes out at once")
         };
-        let Route::Queued(_b) = merger.route("b") else {
+        let Route::Queued(b) = merger.route("b") else {
             panic!("a read beside another queues")
         };
-        let Route::Queued(_c) = merger.route("c") else {
+        let Route::Queued(c) = merger.route("c") else {
             panic!("so does the next")
         };
+        assert!(matches!(runtime.block_on(b), Ok(Reply::Retry)));
+        assert!(matches!(runtime.block_on(c), Ok(Reply::Retry)));
         let state = merger.state();
-        assert_eq!(state.queue.len(), 2);
-        assert!(state.flushing, "the first to queue started the flusher");
+        assert!(state.queue.is_empty());
+        assert_eq!(state.busy, 1, "only the direct read is on the wire");
         drop(state);
         drop(busy);
+        assert_eq!(merger.state().busy, 0);
     }
 
     #[test]
-    fn outside_a_runtime_a_read_goes_alone() {
+    fn outside_a_multi_thread_runtime_a_read_goes_alone() {
         let merger = merger();
         let Route::Direct(_a) = merger.route("a") else {
             panic!("a lone read goes out at once")
@@ -287,55 +306,35 @@ mod tests {
         let Route::Direct(_b) = merger.route("b") else {
             panic!("no runtime to run a flusher on: alone")
         };
-        assert!(merger.state().queue.is_empty());
-    }
-
-    /// With no connection open, the flusher sends nothing and tells the
-    /// reads to go alone; then it ends.
-    #[test]
-    fn with_no_connection_queued_reads_are_told_to_retry() {
-        let merger = merger();
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let current = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (_busy, b) = {
-            let _inside = runtime.enter();
-            let Route::Direct(busy) = merger.route("a") else {
-                panic!("a lone read goes out at once")
-            };
-            let Route::Queued(b) = merger.route("b") else {
-                panic!("a read beside another queues")
-            };
-            (busy, b)
+        let _inside = current.enter();
+        let Route::Direct(_c) = merger.route("c") else {
+            panic!("a current-thread runtime gets no flusher: alone")
         };
-        assert!(matches!(runtime.block_on(b), Ok(Reply::Retry)));
         let state = merger.state();
-        assert!(!state.flushing && state.queue.is_empty());
-        assert_eq!(state.busy, 1, "only the direct read is on the wire");
+        assert!(state.queue.is_empty() && !state.flushing);
+        assert_eq!(state.busy, 3);
     }
 
-    /// The flusher's runtime ends before it ran: the reads it would have
-    /// sent are told to retry, and the next read starts a new flusher.
+    /// The flusher's runtime has ended: the task is dropped unpolled, the
+    /// read it would have sent is told to retry, and the next read starts
+    /// a new flusher.
     #[test]
-    fn a_flusher_whose_runtime_ends_lets_no_read_wait() {
+    fn a_flusher_whose_runtime_ended_lets_no_read_wait() {
         let merger = merger();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let (busy, mut b, mut c) = {
-            let _inside = runtime.enter();
-            let Route::Direct(busy) = merger.route("a") else {
-                panic!("a lone read goes out at once")
-            };
-            let (Route::Queued(b), Route::Queued(c)) = (merger.route("b"), merger.route("c"))
-            else {
-                panic!("reads beside another queue")
-            };
-            (busy, b, c)
-        };
+        let runtime = multi_thread();
+        let handle = runtime.handle().clone();
         drop(runtime);
+        let _inside = handle.enter();
+        let Route::Direct(busy) = merger.route("a") else {
+            panic!("a lone read goes out at once")
+        };
+        let Route::Queued(mut b) = merger.route("b") else {
+            panic!("a read beside another queues")
+        };
         assert!(matches!(b.try_recv(), Ok(Reply::Retry)));
-        assert!(matches!(c.try_recv(), Ok(Reply::Retry)));
         let state = merger.state();
         assert!(!state.flushing && state.queue.is_empty());
         drop(state);

@@ -651,13 +651,13 @@ impl Backend for RedisBackend {
                 }
                 self.query(&mget).await?
             }
-            // A key Redis rejects (another type at it) reads as absent, as
-            // it does through MGET; the other keys are read as usual.
+            // Another type at a key reads as absent, as it does through
+            // MGET; the other keys are read as usual.
             Some(limit) if self.is_cluster() => {
                 try_join_all(keys.iter().map(|key| async move {
                     let range = redis::cmd("GETRANGE").arg(key).arg(0).arg(limit).clone();
                     match self.query::<Option<Vec<u8>>>(&range).await {
-                        Err(Error::Rejected(_)) => Ok(None),
+                        Err(Error::Rejected(code)) if code == "WRONGTYPE" => Ok(None),
                         read => read,
                     }
                 }))
@@ -678,10 +678,8 @@ impl Backend for RedisBackend {
                     .into_iter()
                     .map(|read| match read {
                         Ok(value) => Ok(value),
-                        Err(err) => match Error::from_redis(&err) {
-                            Error::Rejected(_) => Ok(None),
-                            _ => Err(self.failed(&err)),
-                        },
+                        Err(err) if err.code() == Some("WRONGTYPE") => Ok(None),
+                        Err(err) => Err(self.failed(&err)),
                     })
                     .collect::<Result<_>>()?
             }
