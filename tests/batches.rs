@@ -621,14 +621,7 @@ async fn with_merging_off_each_lookup_is_a_get() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_lookups_survive_dropped_callers_and_a_paused_server() {
     let server = RedisServer::start();
-    let cache = Cache::builder(&server.url())
-        .op_timeout(Duration::from_millis(300))
-        .breaker(redis_cached::BreakerConfig {
-            failure_threshold: 1_000,
-            ..Default::default()
-        })
-        .build()
-        .unwrap();
+    let cache = patient_cache(&server, Duration::from_millis(300));
     cache.set("k", &7u32, TTL).await.unwrap();
     // Dropped callers: each lookup is cancelled after a few microseconds,
     // at whatever point it reached.
@@ -666,6 +659,19 @@ async fn merged_lookups_survive_dropped_callers_and_a_paused_server() {
     }
     server.resume();
     until_all_answer(&cache, "lookups did not recover").await;
+}
+
+/// A cache on `server` whose operations are bounded by `op_timeout` and
+/// whose breaker does not open, so that every lookup goes to Redis.
+fn patient_cache(server: &RedisServer, op_timeout: Duration) -> Cache {
+    Cache::builder(&server.url())
+        .op_timeout(op_timeout)
+        .breaker(redis_cached::BreakerConfig {
+            failure_threshold: 1_000_000,
+            ..Default::default()
+        })
+        .build()
+        .unwrap()
 }
 
 /// Waits until 16 concurrent lookups of `k` all find 7, for up to 5 s.
@@ -724,14 +730,7 @@ fn merged_lookups_outlive_the_runtime_that_started_them() {
 #[test]
 fn a_current_thread_runtime_left_idle_holds_up_no_lookup() {
     let server = RedisServer::start();
-    let cache = Cache::builder(&server.url())
-        .op_timeout(Duration::from_millis(300))
-        .breaker(redis_cached::BreakerConfig {
-            failure_threshold: 1_000_000,
-            ..Default::default()
-        })
-        .build()
-        .unwrap();
+    let cache = patient_cache(&server, Duration::from_millis(300));
     // The connection is made on a multi-thread runtime, so that its
     // driver runs all along.
     let other = tokio::runtime::Runtime::new().unwrap();
@@ -794,14 +793,7 @@ async fn on_redis_a_wrong_type_at_one_key_spoils_only_that_element() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_a_stall_each_merged_read_reaches_redis_at_most_once() {
     let server = RedisServer::start();
-    let cache = Cache::builder(&server.url())
-        .op_timeout(Duration::from_millis(100))
-        .breaker(redis_cached::BreakerConfig {
-            failure_threshold: 1_000_000,
-            ..Default::default()
-        })
-        .build()
-        .unwrap();
+    let cache = patient_cache(&server, Duration::from_millis(100));
     cache.set("k", &7u32, TTL).await.unwrap();
     server
         .cmd::<()>(::redis::cmd("CONFIG").arg("RESETSTAT"))
@@ -848,14 +840,7 @@ async fn across_a_stall_each_merged_read_reaches_redis_at_most_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_kept_unpolled_holds_up_no_other() {
     let server = RedisServer::start();
-    let cache = Cache::builder(&server.url())
-        .op_timeout(Duration::from_millis(300))
-        .breaker(redis_cached::BreakerConfig {
-            failure_threshold: 1_000_000,
-            ..Default::default()
-        })
-        .build()
-        .unwrap();
+    let cache = patient_cache(&server, Duration::from_millis(300));
     cache.set("k", &7u32, TTL).await.unwrap();
     server.pause();
     // One read on the wire, so that the next one is merged.
