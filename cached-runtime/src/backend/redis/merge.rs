@@ -18,12 +18,18 @@
 //! the reads of others: a caller that gives up (dropped, or past its
 //! `op_timeout`) only drops its end of the reply, and is not sent if it was
 //! still queued; each `MGET` has its own bound. A flusher that cannot send
-//! (no connection open, its runtime ended) tells every read it holds to
-//! retry, and the caller then reads alone, with a `GET` of its own.
+//! (no connection open, its runtime ended) tells every read it has not sent
+//! to retry, and the caller then reads alone, with a `GET` of its own.
+//!
+//! A read does not queue behind a flusher that has shown no progress (sent
+//! nothing since it started, or its `MGET` out) for a quarter of the bound:
+//! Redis is slow to answer, or the flusher's runtime is busy with blocking
+//! work. It goes alone, so that a queued read waits for at most that long
+//! before its own `MGET` goes out, plus one more when over 512 queued.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use tokio::runtime::RuntimeFlavor;
@@ -52,6 +58,9 @@ pub(crate) struct Merger {
     state: Mutex<State>,
     /// Each `MGET`'s bound.
     bound: Duration,
+    /// How long a flusher may show no progress before reads stop queueing
+    /// behind it.
+    patience: Duration,
     /// The cache's connection, as the flusher finds it for each `MGET`.
     link: Arc<ArcSwapOption<Link>>,
 }
@@ -63,6 +72,8 @@ struct State {
     queue: VecDeque<Waiting>,
     /// Whether a flusher runs (or has been started).
     flushing: bool,
+    /// When the flusher last showed progress: started, or sent an `MGET`.
+    progress: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -101,6 +112,7 @@ impl Merger {
         Merger {
             state: Mutex::default(),
             bound,
+            patience: bound / 4,
             link,
         }
     }
@@ -115,8 +127,14 @@ impl Merger {
     pub(crate) fn route(self: &Arc<Self>, key: &str) -> Route<'_> {
         let mut state = self.state();
         let alone = state.busy == 0 && state.queue.is_empty() && !state.flushing;
+        let stalled = state.flushing
+            && state
+                .progress
+                .is_some_and(|since| since.elapsed() >= self.patience);
         let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if !alone && runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            Ok(runtime)
+                if !alone && !stalled && runtime.runtime_flavor() == RuntimeFlavor::MultiThread =>
+            {
                 runtime
             }
             _ => {
@@ -130,6 +148,7 @@ impl Merger {
             reply,
         });
         if !std::mem::replace(&mut state.flushing, true) {
+            state.progress = Some(Instant::now());
             drop(state);
             // Dropped unpolled if the runtime is shutting down: its guard
             // then tells this read (and any queued since) to retry.
@@ -140,8 +159,9 @@ impl Merger {
 }
 
 /// Sends what queues, one `MGET` at a time, until the queue is empty.
-/// Dropped before that (its runtime ended), it tells every read it holds or
-/// that is queued to retry, so that none waits on a flusher that is gone.
+/// Dropped before that (its runtime ended), it answers every read it holds
+/// or that is queued, so that none waits on a flusher that is gone: those
+/// it sent fail, the others are told to retry.
 struct Flusher {
     merger: Arc<Merger>,
     batch: Vec<Waiting>,
@@ -181,6 +201,7 @@ impl Flusher {
                     return;
                 }
                 state.busy += 1;
+                state.progress = Some(Instant::now());
                 self.on_wire = true;
             }
             let replies = match merger.link.load_full() {
@@ -204,13 +225,24 @@ impl Drop for Flusher {
             return;
         }
         let mut state = self.merger.state();
-        if self.on_wire {
-            state.busy -= 1;
-        }
         let queued: Vec<Waiting> = state.queue.drain(..).collect();
         state.flushing = false;
-        drop(state);
-        retry(self.batch.drain(..).chain(queued));
+        let sent = std::mem::take(&mut self.batch);
+        if self.on_wire {
+            state.busy -= 1;
+            drop(state);
+            // Already sent: reading them again would read them twice.
+            hand_out(
+                sent,
+                Err(Error::Redis(
+                    "merged read abandoned: its runtime ended".into(),
+                )),
+            );
+        } else {
+            drop(state);
+            retry(sent);
+        }
+        retry(queued);
     }
 }
 
@@ -316,6 +348,28 @@ mod tests {
         let state = merger.state();
         assert!(state.queue.is_empty() && !state.flushing);
         assert_eq!(state.busy, 3);
+    }
+
+    /// A flusher that has shown no progress for a quarter of the bound
+    /// (Redis slow, or its runtime busy): later reads do not queue behind it.
+    #[test]
+    fn a_read_does_not_queue_behind_a_stalled_flusher() {
+        let merger = merger();
+        let runtime = multi_thread();
+        let _inside = runtime.enter();
+        {
+            let mut state = merger.state();
+            state.flushing = true;
+            state.progress = Some(Instant::now() - Duration::from_millis(200));
+        }
+        let Route::Queued(_a) = merger.route("a") else {
+            panic!("a flusher 200 ms quiet is within a 1 s bound's patience")
+        };
+        merger.state().progress = Some(Instant::now() - Duration::from_millis(300));
+        let Route::Direct(_b) = merger.route("b") else {
+            panic!("past the patience: alone")
+        };
+        assert_eq!(merger.state().queue.len(), 1);
     }
 
     /// The flusher's runtime has ended: the task is dropped unpolled, the

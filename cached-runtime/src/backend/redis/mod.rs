@@ -375,8 +375,8 @@ impl RedisBackend {
     /// others, part of the next `MGET`.
     async fn merged_get(&self, merger: &Arc<Merger>, key: &str) -> Result<Option<Bytes>> {
         if self.link.load().is_none() {
-            // Connects (or looks the master up) here, so that the flusher
-            // finds a connection.
+            // Sets the connection up here (looking a Sentinel master up),
+            // so that the flusher finds one; it connects on first use.
             self.connection().await?;
         }
         let value = match merger.route(key) {
