@@ -18,14 +18,17 @@
 //! the reads of others: a caller that gives up (dropped, or past its
 //! `op_timeout`) only drops its end of the reply, and is not sent if it was
 //! still queued; each `MGET` has its own bound. A flusher that cannot send
-//! (no connection open, its runtime ended) tells every read it has not sent
-//! to retry, and the caller then reads alone, with a `GET` of its own.
+//! (no connection open) tells the reads it holds to retry, and the caller
+//! then reads alone, with a `GET` of its own; so does a flusher whose
+//! runtime ended, for every read it holds or that is queued (one it had
+//! sent may then be read twice: a `GET` is harmless, a failure would count
+//! against the breaker).
 //!
 //! A read does not queue behind a flusher that has shown no progress (sent
 //! nothing since it started, or its `MGET` out) for a quarter of the bound:
 //! Redis is slow to answer, or the flusher's runtime is busy with blocking
-//! work. It goes alone, so that a queued read waits for at most that long
-//! before its own `MGET` goes out, plus one more when over 512 queued.
+//! work. It goes alone. Reads that queued before then still wait for the
+//! `MGET` out ahead of theirs.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -159,9 +162,8 @@ impl Merger {
 }
 
 /// Sends what queues, one `MGET` at a time, until the queue is empty.
-/// Dropped before that (its runtime ended), it answers every read it holds
-/// or that is queued, so that none waits on a flusher that is gone: those
-/// it sent fail, the others are told to retry.
+/// Dropped before that (its runtime ended), it tells every read it holds or
+/// that is queued to retry, so that none waits on a flusher that is gone.
 struct Flusher {
     merger: Arc<Merger>,
     batch: Vec<Waiting>,
@@ -225,24 +227,13 @@ impl Drop for Flusher {
             return;
         }
         let mut state = self.merger.state();
-        let queued: Vec<Waiting> = state.queue.drain(..).collect();
-        state.flushing = false;
-        let sent = std::mem::take(&mut self.batch);
         if self.on_wire {
             state.busy -= 1;
-            drop(state);
-            // Already sent: reading them again would read them twice.
-            hand_out(
-                sent,
-                Err(Error::Redis(
-                    "merged read abandoned: its runtime ended".into(),
-                )),
-            );
-        } else {
-            drop(state);
-            retry(sent);
         }
-        retry(queued);
+        let queued: Vec<Waiting> = state.queue.drain(..).collect();
+        state.flushing = false;
+        drop(state);
+        retry(self.batch.drain(..).chain(queued));
     }
 }
 
@@ -354,18 +345,21 @@ mod tests {
     /// (Redis slow, or its runtime busy): later reads do not queue behind it.
     #[test]
     fn a_read_does_not_queue_behind_a_stalled_flusher() {
-        let merger = merger();
+        let merger = Arc::new(Merger::new(
+            Duration::from_secs(40),
+            Arc::new(ArcSwapOption::empty()),
+        ));
         let runtime = multi_thread();
         let _inside = runtime.enter();
         {
             let mut state = merger.state();
             state.flushing = true;
-            state.progress = Some(Instant::now() - Duration::from_millis(200));
+            state.progress = Some(Instant::now() - Duration::from_secs(1));
         }
         let Route::Queued(_a) = merger.route("a") else {
-            panic!("a flusher 200 ms quiet is within a 1 s bound's patience")
+            panic!("a flusher 1 s quiet is within a 40 s bound's patience")
         };
-        merger.state().progress = Some(Instant::now() - Duration::from_millis(300));
+        merger.state().progress = Some(Instant::now() - Duration::from_secs(20));
         let Route::Direct(_b) = merger.route("b") else {
             panic!("past the patience: alone")
         };
