@@ -399,18 +399,23 @@ mod tests {
 
     const GRACE: Duration = Duration::from_secs(60);
 
-    /// Tag records of keys that no longer hold anything (evicted, here) go
-    /// at the next sweep once past the grace: the records stay
-    /// proportional to the entries, not to every key ever tagged.
-    #[tokio::test]
-    async fn tag_records_stay_proportional_to_the_entries() {
-        let m = MemoryBackend::new(
+    /// A backend that keeps at most 64 entries.
+    fn of_64_entries() -> MemoryBackend {
+        MemoryBackend::new(
             MemoryConfig {
                 max_entries: 64,
                 ..MemoryConfig::default()
             },
             Duration::ZERO,
-        );
+        )
+    }
+
+    /// Tag records of keys that no longer hold anything (evicted, here) go
+    /// at the next sweep once past the grace: the records stay
+    /// proportional to the entries, not to every key ever tagged.
+    #[tokio::test]
+    async fn tag_records_stay_proportional_to_the_entries() {
+        let m = of_64_entries();
         let ttl = Duration::from_secs(3600);
         for n in 0..5_000 {
             let key = format!("k{n}");
@@ -433,13 +438,7 @@ mod tests {
     /// an `Err`) are swept too, without any store to bring the sweep.
     #[tokio::test]
     async fn tag_records_without_stores_are_swept() {
-        let m = MemoryBackend::new(
-            MemoryConfig {
-                max_entries: 64,
-                ..MemoryConfig::default()
-            },
-            Duration::ZERO,
-        );
+        let m = of_64_entries();
         for n in 0..5_000 {
             m.tag(
                 &[format!("k{n}")],
