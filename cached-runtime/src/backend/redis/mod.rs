@@ -36,7 +36,7 @@ use self::journal::JournalScripts;
 pub(crate) use self::journal::{JournalKeys, Journaled};
 use self::link::Link;
 pub(crate) use self::link::{ClusterTarget, SentinelTarget, Target};
-use self::merge::{Merger, Reply, Route};
+use self::merge::{Busy, Merger, Reply, Route};
 use self::notify::Feed;
 pub(crate) use self::notify::{Landing, Notifier, Watch};
 use self::scripts::{px, Scripts, SOURCES};
@@ -110,6 +110,14 @@ impl Drop for Done {
         self.0.running.store(false, Ordering::Release);
         self.0.done.notify_waiters();
     }
+}
+
+/// What a merged read came to.
+enum Merged<'m> {
+    /// The `MGET` that carried it answered.
+    Value(Option<Vec<u8>>),
+    /// The caller reads it alone, holding this (if any) while on the wire.
+    Alone(Option<Busy<'m>>),
 }
 
 /// How a lock is released.
@@ -371,25 +379,24 @@ impl RedisBackend {
             .map_err(|e| self.failed(&e))
     }
 
-    /// A read of `key` through the merger: alone, a `GET` at once; beside
-    /// others, part of the next `MGET`.
-    async fn merged_get(&self, merger: &Arc<Merger>, key: &str) -> Result<Option<Bytes>> {
+    /// A read of `key` through the merger: beside others, part of the next
+    /// `MGET`; alone (or not sent by the flusher), for the caller to read.
+    async fn merged_get<'m>(&self, merger: &'m Arc<Merger>, key: &str) -> Result<Merged<'m>> {
         if self.link.load().is_none() {
             // Sets the connection up here (looking a Sentinel master up),
             // so that the flusher finds one; it connects on first use.
             self.connection().await?;
         }
-        let value = match merger.route(key) {
-            Route::Direct(_busy) => self.query(redis::cmd("GET").arg(key)).await?,
+        Ok(match merger.route(key) {
+            Route::Direct(busy) => Merged::Alone(Some(busy)),
             Route::Queued(reply) => match reply.await {
-                Ok(Reply::Value(value)) => value,
+                Ok(Reply::Value(value)) => Merged::Value(value),
                 Ok(Reply::Failed(err)) => return Err(err),
                 // Not sent (no connection open, or the flusher's runtime
                 // ended): read alone, connecting if need be.
-                Ok(Reply::Retry) | Err(_) => self.query(redis::cmd("GET").arg(key)).await?,
+                Ok(Reply::Retry) | Err(_) => Merged::Alone(None),
             },
-        };
-        Ok(value.filter(|v: &Vec<u8>| !v.is_empty()).map(Bytes::Owned))
+        })
     }
 
     /// The compare arguments (mode, seen) of `seen`; `None` when it is unknown.
@@ -621,9 +628,6 @@ fn parse_acquire(values: &[redis::Value]) -> Result<Acquire> {
 
 impl Backend for RedisBackend {
     async fn get(&self, key: &str, limit: Option<usize>) -> Result<Option<Bytes>> {
-        if let (Some(merger), None) = (&self.merger, limit) {
-            return self.merged_get(merger, key).await;
-        }
         let value: Option<Vec<u8>> = match limit {
             // GETRANGE reads at most limit + 1 bytes: an oversized value
             // costs no more than that to reject.
@@ -631,7 +635,17 @@ impl Backend for RedisBackend {
                 self.query(redis::cmd("GETRANGE").arg(key).arg(0).arg(limit))
                     .await?
             }
-            None => self.query(redis::cmd("GET").arg(key)).await?,
+            None => {
+                let merged = match &self.merger {
+                    Some(merger) => self.merged_get(merger, key).await?,
+                    None => Merged::Alone(None),
+                };
+                match merged {
+                    Merged::Value(value) => value,
+                    // Counted as on the wire while it is.
+                    Merged::Alone(_busy) => self.query(redis::cmd("GET").arg(key)).await?,
+                }
+            }
         };
         // A missing key reads as empty through GETRANGE; no entry is empty.
         Ok(value.filter(|v| !v.is_empty()).map(Bytes::Owned))
