@@ -26,7 +26,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{median, percentile, user, verdict, User};
+use common::{median, not_hits, percentile, user, verdict, User};
 use redis::aio::ConnectionManager;
 use redis_cached::{redis_cached, Cache};
 
@@ -105,25 +105,13 @@ fn pin(pid: &str, cores: usize) -> bool {
 
 /// Each measured cache's misses and body runs so far.
 fn counts(repos: &[Arc<Repo>; N - 1]) -> [(u64, u64); N - 1] {
-    repos.each_ref().map(|repo| {
-        let stats = repo.cache.stats();
-        (stats.misses, stats.computes)
-    })
+    repos.each_ref().map(|repo| not_hits(&repo.cache))
 }
 
-/// Fails the benchmark if a measured call was not a hit: one that fell
-/// back to the body would have measured the body, not the cache.
+/// Fails the benchmark if a measured call was not a hit.
 fn assert_all_hits(repos: &[Arc<Repo>; N - 1], before: [(u64, u64); N - 1]) {
     for (side, (repo, before)) in repos.iter().zip(before).enumerate() {
-        let stats = repo.cache.stats();
-        assert_eq!(
-            (stats.misses, stats.computes),
-            before,
-            "{}: every measured call must be a hit ({} errors, {} timeouts)",
-            SIDES[side + 1].0,
-            stats.errors,
-            stats.timeouts
-        );
+        common::assert_all_hits(SIDES[side + 1].0, &repo.cache, before);
     }
 }
 

@@ -46,3 +46,24 @@ pub fn verdict(ok: bool) -> &'static str {
         "NOT MET"
     }
 }
+
+/// What a cache has answered without a hit so far: its misses and its
+/// bodies' runs.
+pub fn not_hits(cache: &redis_cached::Cache) -> (u64, u64) {
+    let stats = cache.stats();
+    (stats.misses, stats.computes)
+}
+
+/// Fails the benchmark if `cache` (named `name`) answered a call without a
+/// hit since `before` ([`not_hits`]): a call that fell back to its body
+/// would have measured the body, not the cache.
+pub fn assert_all_hits(name: &str, cache: &redis_cached::Cache, before: (u64, u64)) {
+    let stats = cache.stats();
+    assert_eq!(
+        not_hits(cache),
+        before,
+        "{name}: every measured call must be a hit ({} errors, {} timeouts)",
+        stats.errors,
+        stats.timeouts
+    );
+}
