@@ -111,7 +111,7 @@ async fn run(server: &support::RedisServer, path: &Path) {
         lags: Arc::default(),
     };
     let wb = WriteBehind::builder("bench", &cache, table.clone())
-        .key(|id: &u64| format!("user:{id}"))
+        .key_template("user:<id>")
         .ttl(Duration::from_secs(3600))
         .batch_size(1000)
         .max_delay(Duration::from_millis(50))

@@ -5,8 +5,8 @@ pub use cached_attr::{cache_evict, cache_put, redis_cached, CacheKey};
 pub use cached_runtime::{
     bypass, escape_into, global, invalidate_call, key_of, refresh, set_global, stats_of, tag,
     BreakerConfig, Cache, CacheBuilder, CacheKey, Change, Codec, Error, JournalId, KeyAtom,
-    KeyBuilder, MemoryConfig, Result, Sink, Stats, Write, WriteBehind, WriteBehindBuilder,
-    WriteBehindStats, MAX_KEY_LEN, MEMORY_URL,
+    KeyBuilder, KeyParts, MemoryConfig, Result, Sink, Stats, Write, WriteBehind,
+    WriteBehindBuilder, WriteBehindStats, MAX_KEY_LEN, MEMORY_URL,
 };
 
 /// What generated code calls; not a stable API.

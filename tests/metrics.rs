@@ -295,7 +295,7 @@ fn write_behind_exports_its_counters_depth_and_lag() {
     recorded(&recorder, async {
         let cache = Cache::redis(&server.url()).expect("valid URL");
         let wb = redis_cached::WriteBehind::builder("orders", &cache, Accept)
-            .key(|id: &u32| format!("order:{id}"))
+            .key_template("order:<id>")
             .max_delay(Duration::from_millis(300))
             .start()
             .expect("valid");

@@ -46,6 +46,10 @@ pub enum Error {
     /// not accepted (back-pressure while the sink falls behind).
     #[error("write-behind journal full: {0} writes wait for the sink")]
     Backlog(u64),
+    /// The write-behind was shut down (or its last handle dropped): it
+    /// accepts no more writes.
+    #[error("write-behind shut down: it accepts no more writes")]
+    Closed,
 }
 
 /// Shorthand for results of this crate.

@@ -322,7 +322,9 @@ impl KeyBuilder {
 
 /// Renders a key or tag template the way the attributes do: the literal
 /// text as written, each `<…>` placeholder replaced, in order, by the key
-/// encoding of the next value. The placeholder names are not read.
+/// encoding of the next value, escaped exactly as the attribute escapes it
+/// (a hand-written [`CacheKey`] impl's stray bytes included). The
+/// placeholder names are not read.
 ///
 /// ```
 /// # extern crate cached_runtime as redis_cached;
@@ -332,36 +334,200 @@ impl KeyBuilder {
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidKey`](crate::Error::InvalidKey) when the template has
-/// an unclosed `<`, a stray `>`, the reserved `~`, or not as many
+/// [`Error::InvalidKey`](crate::Error::InvalidKey) when the template is
+/// one the attribute would refuse (an unclosed `<`, a stray `>`, an empty
+/// placeholder, the reserved `~`, whitespace, two placeholders with no
+/// separator between them, an unclosed hash tag), or has not as many
 /// placeholders as values.
 pub fn tag(template: &str, values: &[&dyn CacheKey]) -> crate::Result<String> {
-    let invalid = |what: &str| Err(crate::Error::InvalidKey(format!("tag template: {what}")));
-    if template.contains(RESERVED) {
-        return invalid("`~` is reserved");
+    let parsed = Template::parse(template)
+        .map_err(|why| crate::Error::InvalidKey(format!("tag template: {why}")))?;
+    if parsed.placeholders() != values.len() {
+        return Err(crate::Error::InvalidKey(format!(
+            "tag template: {} placeholders for {} values",
+            parsed.placeholders(),
+            values.len()
+        )));
     }
-    let mut out = String::with_capacity(template.len() + 8 * values.len());
-    let mut values = values.iter();
-    let mut rest = template;
-    while let Some(open) = rest.find(['<', '>']) {
-        if rest.as_bytes()[open] == b'>' {
-            return invalid("a `>` without its `<`");
+    Ok(parsed.render_with(None, |n, key| key.value(values[n])))
+}
+
+/// The values that fill a key template's placeholders, in order: one
+/// [`CacheKey`] value for a template with one placeholder, a tuple of up
+/// to four for more (`(tenant, id)` for `"order:<tenant>:<id>"`).
+pub trait KeyParts {
+    /// How many placeholders these values fill.
+    const COUNT: usize;
+
+    /// Appends the `n`-th value (from 0) to `key`.
+    fn write_part(&self, n: usize, key: &mut KeyBuilder);
+}
+
+impl<T: CacheKey + ?Sized> KeyParts for T {
+    const COUNT: usize = 1;
+
+    fn write_part(&self, _n: usize, key: &mut KeyBuilder) {
+        key.value(self);
+    }
+}
+
+macro_rules! tuple_parts {
+    ($count:literal: $($name:ident $index:tt),+) => {
+        impl<$($name: CacheKey),+> KeyParts for ($($name,)+) {
+            const COUNT: usize = $count;
+
+            fn write_part(&self, n: usize, key: &mut KeyBuilder) {
+                match n {
+                    $($index => key.value(&self.$index),)+
+                    _ => {}
+                }
+            }
         }
-        out.push_str(&rest[..open]);
-        let Some(close) = rest[open..].find('>') else {
-            return invalid("an unclosed `<`");
-        };
-        let Some(value) = values.next() else {
-            return invalid("more placeholders than values");
-        };
-        value.write_key(&mut out);
-        rest = &rest[open + close + 1..];
+    };
+}
+tuple_parts!(2: A 0, B 1);
+tuple_parts!(3: A 0, B 1, C 2);
+tuple_parts!(4: A 0, B 1, C 2, D 3);
+
+/// A key or tag template, checked once with the attribute's rules and
+/// rendered many times exactly as the attribute renders it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Template {
+    segments: Vec<Segment>,
+    placeholders: usize,
+    /// The length of the literal text: a capacity hint.
+    literal_len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Value,
+}
+
+impl Template {
+    /// Checks `text` as the attribute checks a `key = "…"`: placeholders
+    /// are closed and named, literal text holds neither `~`, whitespace
+    /// nor control characters, hash tags are closed and non-empty, and
+    /// two placeholders are separated by a byte that no encoded value
+    /// holds. The error says what is wrong.
+    pub(crate) fn parse(text: &str) -> std::result::Result<Template, String> {
+        if text.is_empty() {
+            return Err("the template is empty".into());
+        }
+        let mut segments = Vec::new();
+        let mut literal = String::new();
+        let mut separated = true;
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            let at = text.len() - rest.len();
+            rest = &rest[c.len_utf8()..];
+            match c {
+                '<' => {
+                    let Some(close) = rest
+                        .find(['<', '>'])
+                        .filter(|&n| rest.as_bytes()[n] == b'>')
+                    else {
+                        return Err(format!("unclosed `<` at byte {at}"));
+                    };
+                    if close == 0 {
+                        return Err(format!("empty placeholder `<>` at byte {at}"));
+                    }
+                    if !separated {
+                        return Err(format!(
+                            "the placeholder at byte {at} has no separator before it: put a \
+                             character other than letters, digits, `-`, `_`, `.`, `%`, `[`, `,` \
+                             and `]` between two placeholders"
+                        ));
+                    }
+                    rest = &rest[close + 1..];
+                    if !literal.is_empty() {
+                        segments.push(Segment::Literal(std::mem::take(&mut literal)));
+                    }
+                    segments.push(Segment::Value);
+                    separated = false;
+                }
+                '>' => return Err(format!("a `>` without its `<` at byte {at}")),
+                RESERVED => return Err(format!("`~` at byte {at} is reserved")),
+                c if c.is_whitespace() || c.is_control() => {
+                    return Err(format!("whitespace or a control character at byte {at}"))
+                }
+                c => {
+                    separated |= !c.is_ascii() || !in_encoding(c as u8);
+                    literal.push(c);
+                }
+            }
+        }
+        if !literal.is_empty() {
+            segments.push(Segment::Literal(literal));
+        }
+        check_hash_tags(text)?;
+        let placeholders = segments.iter().filter(|s| **s == Segment::Value).count();
+        let literal_len = segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(text) => text.len(),
+                Segment::Value => 0,
+            })
+            .sum();
+        Ok(Template {
+            segments,
+            placeholders,
+            literal_len,
+        })
     }
-    if values.next().is_some() {
-        return invalid("more values than placeholders");
+
+    /// How many values the template takes.
+    pub(crate) fn placeholders(&self) -> usize {
+        self.placeholders
     }
-    out.push_str(rest);
-    Ok(out)
+
+    /// Renders the template with `parts`' values, then the version.
+    pub(crate) fn render<P: KeyParts + ?Sized>(&self, parts: &P, version: Option<u32>) -> String {
+        self.render_with(version, |n, key| parts.write_part(n, key))
+    }
+
+    /// Renders the template, `value(n, key)` appending the `n`-th value.
+    fn render_with(
+        &self,
+        version: Option<u32>,
+        mut value: impl FnMut(usize, &mut KeyBuilder),
+    ) -> String {
+        let mut key = KeyBuilder::with_capacity(self.literal_len + 8 * self.placeholders);
+        let mut n = 0;
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(text) => key.literal(text),
+                Segment::Value => {
+                    value(n, &mut key);
+                    n += 1;
+                }
+            }
+        }
+        key.finish(version)
+    }
+}
+
+/// `{…}` is a Redis Cluster hash tag: it must close, hold something, and
+/// not nest.
+fn check_hash_tags(text: &str) -> std::result::Result<(), String> {
+    let mut open: Option<usize> = None;
+    for (at, c) in text.char_indices() {
+        match (c, open) {
+            ('{', None) => open = Some(at),
+            ('{', Some(_)) => return Err(format!("a `{{` inside a hash tag at byte {at}")),
+            ('}', None) => return Err(format!("a `}}` that closes no `{{` at byte {at}")),
+            ('}', Some(start)) if at == start + 1 => {
+                return Err(format!("an empty hash tag `{{}}` at byte {start}"))
+            }
+            ('}', Some(_)) => open = None,
+            _ => {}
+        }
+    }
+    match open {
+        Some(start) => Err(format!("an unclosed `{{` at byte {start}")),
+        None => Ok(()),
+    }
 }
 
 /// The byte that marks the runtime's own keys and shortened keys.
@@ -611,11 +777,59 @@ mod tests {
     fn tags_render_like_the_attribute() {
         assert_eq!(tag("t:<a>/<b>", &[&"x y", &1u8]).unwrap(), "t:x%20y/1");
         assert_eq!(tag("plain", &[]).unwrap(), "plain");
-        for bad in ["t:<a", "t:a>", "t:<a>~"] {
+        for bad in [
+            "t:<a",
+            "t:a>",
+            "t:<a>~",
+            "t:<>",
+            "t:<a><b>",
+            "t:<a>.<b>",
+            "t:<a>,<b>",
+            "t:<a>[<b>",
+            "t:<a> x",
+            "{t:<a>",
+            "t:}<a>",
+            "{}:<a>",
+            "",
+        ] {
+            assert!(tag(bad, &[&1u8, &2u8]).is_err(), "{bad}");
             assert!(tag(bad, &[&1u8]).is_err(), "{bad}");
         }
         assert!(tag("t:<a>", &[]).is_err());
         assert!(tag("t", &[&1u8]).is_err());
+        // What a careless impl writes is escaped as in a key.
+        let mut k = KeyBuilder::with_capacity(16);
+        k.literal("p:");
+        k.value(&Careless("a:b{c}"));
+        assert_eq!(
+            tag("p:<x>", &[&Careless("a:b{c}")]).unwrap(),
+            k.finish(None)
+        );
+    }
+
+    #[test]
+    fn templates_render_one_value_or_a_tuple_as_the_attribute() {
+        let one = Template::parse("user:<id>").expect("valid");
+        assert_eq!(one.placeholders(), 1);
+        assert_eq!(one.render(&42u64, None), "user:42");
+        assert_eq!(one.render("/p/0", Some(3)), "user:%2Fp%2F0@v3");
+        let two = Template::parse("{order:<tenant>}:<id>").expect("valid");
+        assert_eq!(two.placeholders(), 2);
+        assert_eq!(
+            two.render(&("acme corp", 7u32), None),
+            "{order:acme%20corp}:7"
+        );
+        let mut k = KeyBuilder::with_capacity(16);
+        k.literal("c:");
+        k.value(&Careless("x~y"));
+        k.literal("/");
+        k.value(&9u8);
+        let attribute = k.finish(Some(1));
+        let template = Template::parse("c:<a>/<b>").expect("valid");
+        assert_eq!(template.render(&(Careless("x~y"), 9u8), Some(1)), attribute);
+        assert_eq!(<(u8, u8, u8, u8) as KeyParts>::COUNT, 4);
+        assert!(Template::parse("a:<b>").is_ok());
+        assert!(Template::parse("a:<b").unwrap_err().contains("unclosed"));
     }
 
     #[test]

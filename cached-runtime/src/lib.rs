@@ -23,6 +23,7 @@ mod codec;
 mod core;
 mod directive;
 mod error;
+mod failpoint;
 mod flight;
 mod fresh;
 mod global;
@@ -43,6 +44,13 @@ mod write_behind;
 pub mod __private {
     //! Generated code's entry points; not a stable API.
     pub use crate::private::*;
+
+    /// The crate's own crash and fault tests' failpoints (feature
+    /// `failpoints`); not for applications.
+    #[cfg(feature = "failpoints")]
+    pub mod failpoint {
+        pub use crate::failpoint::{arm, disarm, Action};
+    }
 }
 mod private;
 
@@ -54,7 +62,7 @@ pub use codec::Codec;
 pub use directive::{bypass, invalidate_call, key_of, refresh, stats_of};
 pub use error::{Error, Result};
 pub use global::{global, set_global};
-pub use key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, MAX_KEY_LEN};
+pub use key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, KeyParts, MAX_KEY_LEN};
 pub use stats::Stats;
 pub use write_behind::{
     Change, JournalId, Sink, Write, WriteBehind, WriteBehindBuilder, WriteBehindStats,

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use futures_util::future::try_join_all;
 use redis::Value;
 
 use super::scripts::px;
@@ -26,18 +27,22 @@ return redis.call('XADD', KEYS[1], '*', 'k', ARGV[2], 'v', ARGV[3])
 ";
 
 /// Stores an entry unless a write with a later journal id was stored at the
-/// key. KEYS: value, its version companion. ARGV: journal id (`ms-seq`),
-/// entry, TTL in ms. Returns 1 if it stored.
+/// key: the cache update of an accepted write, of a flushed one (which a
+/// crash may have kept out of the cache, or a reader may have replaced by
+/// the database's older row), and the invalidation of a buried one. KEYS:
+/// value, its version companion. ARGV: journal id (`ms-seq`), entry, TTL
+/// in ms. Returns 1 if it stored. A version companion of another type
+/// (not one of ours) is overwritten.
 const PUT: &str = r"
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
-local current = redis.call('GET', KEYS[2])
-if current then
+local current = redis.pcall('GET', KEYS[2])
+if type(current) == 'string' then
   local cms, cseq = parse(current)
   local nms, nseq = parse(ARGV[1])
-  if cms and (cms > nms or (cms == nms and cseq >= nseq)) then
+  if cms and nms and (cms > nms or (cms == nms and cseq > nseq)) then
     return 0
   end
 end
@@ -67,10 +72,10 @@ return 0
 /// that lost the lease can never take writes out of the stream, so every
 /// write a dead or cut-off flusher read is pending under a consumer the
 /// next holder claims. KEYS: stream, lease. ARGV: token, lease TTL in ms,
-/// group, consumer, count, `all` (the consumer's pending writes, then new
-/// ones) or `new`. Returns `{0}` without the lease, else `{1, entries}`.
-/// A group that is gone (`FLUSHALL`, a replica promoted without the
-/// stream) is made again.
+/// group, consumer, count, `all` (the consumer's pending writes after the
+/// id ARGV[7], then new ones) or `new`, that id. Returns `{0}` without the
+/// lease, else `{1, entries}`. A group that is gone (`FLUSHALL`, a replica
+/// promoted without the stream) is made again.
 const READ: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -89,7 +94,7 @@ end
 local count = tonumber(ARGV[5])
 local entries = {}
 if ARGV[6] == 'all' then
-  entries = read('0', count)
+  entries = read(ARGV[7], count)
 end
 if #entries < count then
   for _, entry in ipairs(read('>', count - #entries)) do
@@ -97,6 +102,50 @@ if #entries < count then
   end
 end
 return {1, entries}
+";
+
+/// Takes the journal over for the lease holder, in one step with the
+/// lease check, so that a process whose lease lapsed can neither claim
+/// nor forget anything: makes the consumer group if it is missing, claims
+/// up to ARGV[5] of the writes other consumers left pending (flushers that
+/// died or were cut off), and removes from the group the other consumers
+/// left with nothing. KEYS: stream, lease. ARGV: token, lease TTL in ms,
+/// group, consumer, count. Returns `{0}` without the lease, else
+/// `{1, claimed, more}` (`more` = 1: call again).
+const TAKE_OVER: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[3], '0', 'MKSTREAM')
+local budget = tonumber(ARGV[5])
+local claimed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[3])) do
+  local name, pending
+  for i = 1, #consumer, 2 do
+    if consumer[i] == 'name' then name = consumer[i + 1] end
+    if consumer[i] == 'pending' then pending = tonumber(consumer[i + 1]) end
+  end
+  if name and pending and name ~= ARGV[4] then
+    if pending > 0 and budget > 0 then
+      local args = {'XCLAIM', KEYS[1], ARGV[3], ARGV[4], 0}
+      local listed = redis.call('XPENDING', KEYS[1], ARGV[3], '-', '+', math.min(pending, budget), name)
+      for _, entry in ipairs(listed) do
+        args[#args + 1] = entry[1]
+      end
+      if #listed > 0 then
+        args[#args + 1] = 'JUSTID'
+        redis.call(unpack(args))
+        claimed = claimed + #listed
+        budget = budget - #listed
+        pending = pending - #listed
+      end
+    end
+    if pending <= 0 then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[3], name)
+    end
+  end
+end
+if budget <= 0 then return {1, claimed, 1} end
+return {1, claimed, 0}
 ";
 
 /// Gives the lease up if the token holds it. KEYS: lease. ARGV: token.
@@ -114,14 +163,32 @@ redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 return redis.call('XDEL', KEYS[1], unpack(ids))
 ";
 
-/// Moves a write to the dead letters. KEYS: stream, dead letters. ARGV:
-/// group, key, entry, error, attempts, ids.
+/// Moves a write to the dead letters, which keep at most ARGV[6] entries
+/// (the oldest go first). KEYS: stream, dead letters. ARGV: group, key,
+/// entry, error, attempts, most, ids. Returns how many old dead letters it
+/// dropped to make room.
 const BURY: &str = r"
-local ids = {unpack(ARGV, 6)}
+local ids = {unpack(ARGV, 7)}
+local most = tonumber(ARGV[6])
+local dropped = 0
+local held = redis.call('XLEN', KEYS[2])
+if held >= most then
+  dropped = held - most + 1
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', most - 1)
+end
 redis.call('XADD', KEYS[2], '*', 'k', ARGV[2], 'v', ARGV[3], 'error', ARGV[4],
   'attempts', ARGV[5], 'ids', table.concat(ids, ' '))
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-return redis.call('XDEL', KEYS[1], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+return dropped
+";
+
+/// What the journal's server is: its version and its eviction policy.
+/// KEYS: stream (only to route the call to the journal's node).
+const SERVER: &str = r"
+local version = string.match(redis.call('INFO', 'server'), 'redis_version:([^\r\n]+)')
+local policy = string.match(redis.call('INFO', 'memory'), 'maxmemory_policy:([^\r\n]+)')
+return {version or '', policy or ''}
 ";
 
 /// The journal's scripts, hashed once.
@@ -130,23 +197,29 @@ pub(crate) struct JournalScripts {
     put: redis::Script,
     lease: redis::Script,
     read: redis::Script,
+    take_over: redis::Script,
     unlease: redis::Script,
     ack: redis::Script,
     bury: redis::Script,
+    server: redis::Script,
 }
 
 impl Default for JournalScripts {
     fn default() -> Self {
-        let [append, put, lease, read, unlease, ack, bury] =
-            [APPEND, PUT, LEASE, READ, UNLEASE, ACK, BURY].map(redis::Script::new);
+        let [append, put, lease, read, take_over, unlease, ack, bury, server] = [
+            APPEND, PUT, LEASE, READ, TAKE_OVER, UNLEASE, ACK, BURY, SERVER,
+        ]
+        .map(redis::Script::new);
         JournalScripts {
             append,
             put,
             lease,
             read,
+            take_over,
             unlease,
             ack,
             bury,
+            server,
         }
     }
 }
@@ -159,6 +232,30 @@ pub(crate) struct Journaled {
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) entry: Option<Vec<u8>>,
 }
+
+/// One versioned cache update: store `entry` at `key` for `ttl` unless a
+/// write journaled after `id` is stored there.
+pub(crate) struct JournalPut<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) version_key: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) entry: &'a [u8],
+    pub(crate) ttl: Duration,
+}
+
+/// A write given up on, as the dead letters keep it.
+pub(crate) struct DeadLetter<'a> {
+    pub(crate) key: &'a [u8],
+    pub(crate) entry: &'a [u8],
+    /// Why: the sink's error, or what could not be decoded (never data).
+    pub(crate) error: &'a str,
+    pub(crate) attempts: u32,
+    /// The ids of every write it stands for.
+    pub(crate) ids: &'a [&'a str],
+}
+
+/// Writes a takeover claims per script call, so that none works for long.
+const TAKE_OVER_BATCH: u64 = 1000;
 
 /// Where a journal lives: its stream, consumer group, dead letters and
 /// lease.
@@ -187,18 +284,56 @@ impl RedisBackend {
 
     /// Stores `entry` at `key` for `ttl` unless a write journaled after
     /// `id` was stored there; whether it stored.
-    pub(crate) async fn journal_put(
-        &self,
-        key: &str,
-        version_key: &str,
-        id: &str,
-        entry: &[u8],
-        ttl: Duration,
-    ) -> Result<bool> {
-        let mut invocation = self.journal.put.key(key);
-        invocation.key(version_key).arg(id).arg(entry).arg(px(ttl));
-        let stored: i64 = self.invoke(&invocation).await?;
+    pub(crate) async fn journal_put(&self, put: &JournalPut<'_>) -> Result<bool> {
+        let stored: i64 = self.invoke(&self.put_invocation(put)).await?;
         Ok(stored == 1)
+    }
+
+    /// [`RedisBackend::journal_put`] for each of `puts`: in one pipeline
+    /// on a server, one call each (in parallel) on a cluster, where the
+    /// keys live in many slots. Fails if any failed.
+    pub(crate) async fn journal_put_many(&self, puts: &[JournalPut<'_>]) -> Result<()> {
+        if puts.is_empty() {
+            return Ok(());
+        }
+        if self.is_cluster() || puts.len() == 1 {
+            try_join_all(puts.iter().map(|put| self.journal_put(put))).await?;
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for put in puts {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.journal.put.get_hash())
+                .arg(2)
+                .arg(put.key)
+                .arg(put.version_key)
+                .arg(put.id)
+                .arg(put.entry)
+                .arg(px(put.ttl));
+            pipe.add_command(cmd).ignore();
+        }
+        let mut conn = self.connection().await?;
+        let sent: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+        match sent {
+            Err(err) if err.code() == Some("NOSCRIPT") => {
+                // A server that lost its scripts (restarted, flushed):
+                // each call alone loads the script.
+                drop(conn);
+                try_join_all(puts.iter().map(|put| self.journal_put(put))).await?;
+                Ok(())
+            }
+            other => other.map_err(|e| self.failed(&e)),
+        }
+    }
+
+    fn put_invocation<'a>(&'a self, put: &JournalPut<'a>) -> redis::ScriptInvocation<'a> {
+        let mut invocation = self.journal.put.key(put.key);
+        invocation
+            .key(put.version_key)
+            .arg(put.id)
+            .arg(put.entry)
+            .arg(px(put.ttl));
+        invocation
     }
 
     /// Extends the flusher lease to `ttl`, or with `take` takes it if it
@@ -224,61 +359,45 @@ impl RedisBackend {
         Ok(())
     }
 
-    /// Creates the consumer group (and the stream) unless it exists; it
-    /// starts at the stream's first entry.
-    pub(crate) async fn journal_group(&self, journal: &JournalKeys) -> Result<()> {
-        let mut conn = self.connection().await?;
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&journal.stream)
-            .arg(&journal.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Err(err) if err.code() != Some("BUSYGROUP") => Err(self.failed(&err)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Makes every pending write of the group `consumer`'s, whoever read
-    /// it (a flusher that died); how many.
-    pub(crate) async fn journal_claim(
+    /// Takes the journal over for `token`, the lease holder (the lease
+    /// extended to `ttl`): claims for `consumer` what other consumers left
+    /// pending and forgets those left with nothing. How many writes it
+    /// claimed from others, or `None` without the lease.
+    pub(crate) async fn journal_take_over(
         &self,
         journal: &JournalKeys,
         consumer: &str,
-    ) -> Result<usize> {
-        let mut cursor = "0-0".to_owned();
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>> {
         let mut claimed = 0;
         loop {
-            let reply: Value = self
-                .query(
-                    redis::cmd("XAUTOCLAIM")
-                        .arg(&journal.stream)
-                        .arg(&journal.group)
-                        .arg(consumer)
-                        .arg(0)
-                        .arg(&cursor)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("JUSTID"),
-                )
-                .await?;
-            let Some([next, ids, ..]) = as_seq(&reply) else {
-                return Err(malformed("XAUTOCLAIM"));
-            };
-            claimed += as_seq(ids).map_or(0, <[Value]>::len);
-            cursor = as_string(next).ok_or_else(|| malformed("XAUTOCLAIM"))?;
-            if cursor == "0-0" {
-                return Ok(claimed);
+            let mut invocation = self.journal.take_over.key(&journal.stream);
+            invocation
+                .key(&journal.lease)
+                .arg(token)
+                .arg(px(ttl))
+                .arg(&journal.group)
+                .arg(consumer)
+                .arg(TAKE_OVER_BATCH);
+            let reply: Vec<u64> = self.invoke(&invocation).await?;
+            match reply[..] {
+                [0] => return Ok(None),
+                [1, now, more] => {
+                    claimed += now;
+                    if more == 0 {
+                        return Ok(Some(claimed));
+                    }
+                }
+                _ => return Err(malformed("the journal takeover")),
             }
         }
     }
 
     /// Up to `count` writes for `consumer` if `token` holds the lease
-    /// (extended to `ttl`): its pending ones first unless `new_only`, then
-    /// new ones, oldest first; `None` without the lease.
+    /// (extended to `ttl`): with `pending_after`, its pending ones with a
+    /// later id first (`"0"`: all of them), then new ones, oldest first;
+    /// `None` without the lease.
     pub(crate) async fn journal_read(
         &self,
         journal: &JournalKeys,
@@ -286,7 +405,7 @@ impl RedisBackend {
         token: &str,
         ttl: Duration,
         count: usize,
-        new_only: bool,
+        pending_after: Option<&str>,
     ) -> Result<Option<Vec<Journaled>>> {
         let mut invocation = self.journal.read.key(&journal.stream);
         invocation
@@ -296,41 +415,18 @@ impl RedisBackend {
             .arg(&journal.group)
             .arg(consumer)
             .arg(count)
-            .arg(if new_only { "new" } else { "all" });
+            .arg(if pending_after.is_some() {
+                "all"
+            } else {
+                "new"
+            })
+            .arg(pending_after.unwrap_or("0"));
         let reply: Value = self.invoke(&invocation).await?;
         match as_seq(&reply) {
             Some([Value::Int(0)]) => Ok(None),
             Some([Value::Int(1), entries]) => parse_entries(entries).map(Some),
             _ => Err(malformed("the journal read")),
         }
-    }
-
-    /// Removes from the group the consumers other than `consumer` that
-    /// hold no pending write (flushers that stopped), so that the group
-    /// does not grow with every process start.
-    pub(crate) async fn journal_forget(&self, journal: &JournalKeys, consumer: &str) -> Result<()> {
-        let reply: Value = self
-            .query(
-                redis::cmd("XINFO")
-                    .arg("CONSUMERS")
-                    .arg(&journal.stream)
-                    .arg(&journal.group),
-            )
-            .await?;
-        for (name, pending) in parse_consumers(&reply) {
-            if pending == 0 && name != consumer {
-                let _: i64 = self
-                    .query(
-                        redis::cmd("XGROUP")
-                            .arg("DELCONSUMER")
-                            .arg(&journal.stream)
-                            .arg(&journal.group)
-                            .arg(&name),
-                    )
-                    .await?;
-            }
-        }
-        Ok(())
     }
 
     /// Removes flushed writes from the journal.
@@ -344,27 +440,31 @@ impl RedisBackend {
         Ok(())
     }
 
-    /// Moves a write that the sink keeps refusing to the dead letters.
+    /// Moves a write that the sink keeps refusing (or nobody can decode)
+    /// to the dead letters, which keep the `most` latest; how many older
+    /// dead letters it dropped to make room.
     pub(crate) async fn journal_bury(
         &self,
         journal: &JournalKeys,
-        key: &[u8],
-        entry: &[u8],
-        error: &str,
-        attempts: u32,
-        ids: &[&str],
-    ) -> Result<()> {
+        dead: &DeadLetter<'_>,
+        most: u64,
+    ) -> Result<u64> {
         let mut invocation = self.journal.bury.key(&journal.stream);
         invocation
             .key(&journal.dead)
             .arg(&journal.group)
-            .arg(key)
-            .arg(entry)
-            .arg(error)
-            .arg(attempts)
-            .arg(ids);
-        let _: i64 = self.invoke(&invocation).await?;
-        Ok(())
+            .arg(dead.key)
+            .arg(dead.entry)
+            .arg(dead.error)
+            .arg(dead.attempts)
+            .arg(most)
+            .arg(dead.ids);
+        self.invoke(&invocation).await
+    }
+
+    /// The journal's server's `redis_version` and `maxmemory-policy`.
+    pub(crate) async fn journal_server(&self, journal: &JournalKeys) -> Result<(String, String)> {
+        self.invoke(&self.journal.server.key(&journal.stream)).await
     }
 
     /// How many entries `stream` holds.
@@ -406,40 +506,6 @@ fn parse_entries(entries: &Value) -> Result<Vec<Journaled>> {
             .map(parse_entry)
             .collect(),
     }
-}
-
-/// The (name, pending) of each consumer in an `XINFO CONSUMERS` reply
-/// (RESP2 flat arrays or RESP3 maps).
-fn parse_consumers(reply: &Value) -> Vec<(String, i64)> {
-    let Some(consumers) = as_seq(reply) else {
-        return Vec::new();
-    };
-    consumers
-        .iter()
-        .filter_map(|consumer| {
-            let pairs: Vec<(&Value, &Value)> = match consumer {
-                Value::Map(pairs) => pairs.iter().map(|(f, v)| (f, v)).collect(),
-                other => as_seq(other)?
-                    .chunks_exact(2)
-                    .map(|pair| (&pair[0], &pair[1]))
-                    .collect(),
-            };
-            let mut name = None;
-            let mut pending = None;
-            for (field, value) in pairs {
-                match as_bytes(field) {
-                    Some(b"name") => name = as_string(value),
-                    Some(b"pending") => {
-                        if let Value::Int(n) = value {
-                            pending = Some(*n);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            Some((name?, pending?))
-        })
-        .collect()
 }
 
 fn parse_entry(entry: &Value) -> Result<Journaled> {
@@ -497,26 +563,5 @@ mod tests {
         assert!(read[1].key.is_none() && read[1].entry.is_none());
         assert!(parse_entries(&Value::Nil).expect("nil").is_empty());
         assert!(parse_entries(&Value::Int(3)).is_err());
-    }
-
-    #[test]
-    fn consumers_are_parsed() {
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                bulk("name"),
-                bulk("a"),
-                bulk("pending"),
-                Value::Int(0),
-            ]),
-            Value::Map(vec![
-                (bulk("name"), bulk("b")),
-                (bulk("pending"), Value::Int(3)),
-            ]),
-            Value::Array(vec![bulk("name"), bulk("c")]),
-        ]);
-        assert_eq!(
-            parse_consumers(&reply),
-            [("a".to_owned(), 0), ("b".to_owned(), 3)]
-        );
     }
 }

@@ -1,0 +1,1 @@
+//! Write-behind faults made on purpose (feature `failpoints`).
