@@ -7,14 +7,15 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis_cached::{redis_cached, Cache, Change, Error, Sink, Write, WriteBehind};
+use redis_cached::{Cache, Change, Error, Sink, Write, WriteBehind};
 use support::backends::Env;
+use support::write_behind::{builder, drained, Recorder, Sqlite, Users};
 use support::RedisServer;
 
 per_shared_backend!(
@@ -23,86 +24,6 @@ per_shared_backend!(
     two_flushers_under_load_flush_one_at_a_time_in_key_order,
 );
 
-type Batches = Arc<Mutex<Vec<Vec<Write<u32, String>>>>>;
-
-/// A sink that records every batch it is given.
-#[derive(Clone, Default)]
-struct Recorder {
-    batches: Batches,
-    /// Keys it refuses, always.
-    poison: Option<u32>,
-    /// Calls that panic before it works.
-    panics: Arc<AtomicU32>,
-}
-
-impl Sink<u32, String> for Recorder {
-    type Error = String;
-
-    async fn write_batch(&self, batch: Vec<Write<u32, String>>) -> Result<(), String> {
-        if self
-            .panics
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            panic!("the sink panicked");
-        }
-        if let Some(poison) = self.poison {
-            if batch.iter().any(|w| w.key == poison) {
-                return Err(format!("row {poison} violates a constraint"));
-            }
-        }
-        self.batches.lock().expect("not poisoned").push(batch);
-        Ok(())
-    }
-}
-
-impl Recorder {
-    fn writes(&self) -> Vec<Write<u32, String>> {
-        self.batches
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .flatten()
-            .cloned()
-            .collect()
-    }
-}
-
-fn builder(
-    name: &str,
-    cache: &Cache,
-    sink: Recorder,
-) -> redis_cached::WriteBehindBuilder<u32, String, Recorder> {
-    WriteBehind::builder(name, cache, sink)
-        .key_template("user:<id>")
-        .ttl(Duration::from_secs(60))
-        .retry(Duration::from_millis(10), Duration::from_millis(50))
-}
-
-async fn drained<K, V>(wb: &WriteBehind<K, V>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while wb.pending().await.expect("Redis answers") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the journal did not drain in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Users {
-    cache: Cache,
-    reads: AtomicU32,
-}
-
-impl Users {
-    #[redis_cached(key = "user:<id>", ttl = 60, cache = self.cache)]
-    async fn user(&self, id: u32) -> Option<String> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        None
-    }
-}
-
 async fn a_write_is_visible_at_once_and_flushed_coalesced(env: &Env) {
     let cache = env.cache();
     let sink = Recorder::default();
@@ -110,10 +31,7 @@ async fn a_write_is_visible_at_once_and_flushed_coalesced(env: &Env) {
         .max_delay(Duration::from_secs(1))
         .start()
         .expect("valid settings");
-    let users = Users {
-        cache: cache.clone(),
-        reads: AtomicU32::new(0),
-    };
+    let users = Users::new(&cache);
     for n in 0..20 {
         wb.write(1, &format!("ada {n}")).await.expect("journaled");
     }
@@ -573,124 +491,6 @@ fn expected_rows() -> BTreeMap<u32, String> {
         };
     }
     rows
-}
-
-/// A real database table as the sink; it also records any write that
-/// arrives older than one already applied to its key (a reorder).
-#[derive(Clone)]
-struct Sqlite {
-    path: PathBuf,
-    /// Each committed batch is announced on stdout (the child's parent
-    /// reads it), then the call waits this long before returning.
-    after_commit: Duration,
-    announce: bool,
-    /// The sink fails from its `fail_at`-th call for this long.
-    fail_at: u32,
-    fail_for: Duration,
-    calls: Arc<AtomicU32>,
-    failing_since: Arc<Mutex<Option<Instant>>>,
-}
-
-impl Sqlite {
-    fn new(path: &Path) -> Sqlite {
-        let conn = rusqlite::Connection::open(path).expect("open the database");
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS applied (id INTEGER PRIMARY KEY, ms INTEGER, seq INTEGER);
-             CREATE TABLE IF NOT EXISTS reordered (id INTEGER, ms INTEGER, seq INTEGER);",
-        )
-        .expect("create the tables");
-        Sqlite {
-            path: path.to_owned(),
-            after_commit: Duration::ZERO,
-            announce: false,
-            fail_at: u32::MAX,
-            fail_for: Duration::ZERO,
-            calls: Arc::default(),
-            failing_since: Arc::default(),
-        }
-    }
-
-    fn rows(&self) -> BTreeMap<u32, String> {
-        let conn = rusqlite::Connection::open(&self.path).expect("open");
-        let mut stmt = conn
-            .prepare("SELECT id, name FROM users")
-            .expect("valid SQL");
-        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows")
-    }
-
-    fn reordered(&self) -> u64 {
-        let conn = rusqlite::Connection::open(&self.path).expect("open");
-        conn.query_row("SELECT COUNT(*) FROM reordered", [], |row| row.get(0))
-            .expect("count")
-    }
-
-    fn failing(&self, call: u32) -> bool {
-        let mut since = self.failing_since.lock().expect("not poisoned");
-        if call == self.fail_at {
-            *since = Some(Instant::now());
-        }
-        since.is_some_and(|at| at.elapsed() < self.fail_for)
-    }
-}
-
-fn apply(path: &Path, batch: &[Write<u32, String>]) -> rusqlite::Result<()> {
-    let mut conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    let tx = conn.transaction()?;
-    for write in batch {
-        let (ms, seq) = (write.id.ms as i64, write.id.seq as i64);
-        let newer: bool = tx.query_row(
-            "SELECT EXISTS(SELECT 1 FROM applied WHERE id = ?1 AND (ms > ?2 OR (ms = ?2 AND seq > ?3)))",
-            (write.key, ms, seq),
-            |row| row.get(0),
-        )?;
-        if newer {
-            tx.execute(
-                "INSERT INTO reordered (id, ms, seq) VALUES (?1, ?2, ?3)",
-                (write.key, ms, seq),
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO applied (id, ms, seq) VALUES (?1, ?2, ?3)
-             ON CONFLICT(id) DO UPDATE SET ms = excluded.ms, seq = excluded.seq",
-            (write.key, ms, seq),
-        )?;
-        match &write.change {
-            Change::Upsert(name) => tx.execute(
-                "INSERT INTO users (id, name) VALUES (?1, ?2)
-                 ON CONFLICT(id) DO UPDATE SET name = excluded.name",
-                (write.key, name),
-            )?,
-            Change::Delete => tx.execute("DELETE FROM users WHERE id = ?1", [write.key])?,
-        };
-    }
-    tx.commit()
-}
-
-impl Sink<u32, String> for Sqlite {
-    type Error = String;
-
-    async fn write_batch(&self, batch: Vec<Write<u32, String>>) -> Result<(), String> {
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.failing(call) {
-            return Err("database unavailable".into());
-        }
-        let path = self.path.clone();
-        let n = batch.len();
-        tokio::task::spawn_blocking(move || apply(&path, &batch))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        if self.announce {
-            println!("committed {n}");
-        }
-        tokio::time::sleep(self.after_commit).await;
-        Ok(())
-    }
 }
 
 fn crash_builder(

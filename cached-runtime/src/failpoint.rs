@@ -14,6 +14,9 @@ pub enum Action {
     Abort,
     /// The operation at the failpoint fails as if Redis had.
     Fail,
+    /// The task at the failpoint stops for this many milliseconds, as a
+    /// process descheduled (or a garbage-collection pause) would.
+    Pause(u64),
 }
 
 #[cfg(feature = "failpoints")]
@@ -40,7 +43,10 @@ mod armed {
                     let action = match action {
                         "abort" => Action::Abort,
                         "fail" => Action::Fail,
-                        _ => continue,
+                        pause => match pause.strip_prefix("pause").map(str::parse) {
+                            Some(Ok(ms)) => Action::Pause(ms),
+                            _ => continue,
+                        },
                     };
                     points.insert(name.to_owned(), (action, nth.parse().unwrap_or(0)));
                 }
@@ -100,7 +106,8 @@ pub fn disarm(name: &str) {
 }
 
 /// Passes the failpoint `name` in `scope`: aborts the process if it is
-/// armed so, `Some(Action::Fail)` if the operation here must fail.
+/// armed so, `Some(Action::Fail)` if the operation here must fail,
+/// `Some(Action::Pause(ms))` if the task must stop a while (see [`pause`]).
 #[inline(always)]
 pub(crate) fn hit(name: &str, scope: &str) -> Option<Action> {
     #[cfg(feature = "failpoints")]
@@ -111,5 +118,12 @@ pub(crate) fn hit(name: &str, scope: &str) -> Option<Action> {
     {
         let _ = (name, scope);
         None
+    }
+}
+
+/// Passes the failpoint `name` in `scope` where the only fault is a pause.
+pub(crate) async fn pause(name: &str, scope: &str) {
+    if let Some(Action::Pause(ms)) = hit(name, scope) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }

@@ -7,6 +7,7 @@ pub mod backends;
 pub mod cluster;
 pub mod proxy;
 pub mod stampede;
+pub mod write_behind;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -21,6 +21,9 @@ struct Faults {
     cut_next_reply: AtomicBool,
     /// New connections are closed at once.
     refuse: AtomicBool,
+    /// Replies have these bytes replaced by those (of the same length, so
+    /// that RESP lengths stay right).
+    rewrite: std::sync::Mutex<Option<(Vec<u8>, Vec<u8>)>>,
 }
 
 /// A running proxy, on a thread and runtime of its own (so it keeps
@@ -92,6 +95,13 @@ impl Proxy {
         self.faults.refuse.store(on, Ordering::SeqCst);
     }
 
+    /// Replaces `from` by `to` (as long) in every reply: a server that
+    /// says something else than the one behind the proxy.
+    pub fn rewrite_replies(&self, from: &[u8], to: &[u8]) {
+        assert_eq!(from.len(), to.len(), "a rewrite keeps lengths");
+        *self.faults.rewrite.lock().expect("not poisoned") = Some((from.to_vec(), to.to_vec()));
+    }
+
     /// Resets every open connection.
     pub fn reset_all(&self) {
         self.reset.send_modify(|generation| *generation += 1);
@@ -103,6 +113,7 @@ impl Proxy {
         self.set_blackhole(false);
         self.set_refuse(false);
         self.faults.cut_next_reply.store(false, Ordering::SeqCst);
+        *self.faults.rewrite.lock().expect("not poisoned") = None;
     }
 }
 
@@ -176,6 +187,13 @@ async fn pump(
             if faults.cut_next_reply.swap(false, Ordering::SeqCst) {
                 let _ = to.write_all(&buf[..n.div_ceil(2)]).await;
                 return;
+            }
+            if let Some((old, new)) = faults.rewrite.lock().expect("not poisoned").as_ref() {
+                let mut at = 0;
+                while let Some(found) = buf[at..n].windows(old.len()).position(|w| w == old) {
+                    buf[at + found..at + found + new.len()].copy_from_slice(new);
+                    at += found + new.len();
+                }
             }
         }
         if to.write_all(&buf[..n]).await.is_err() {

@@ -33,6 +33,7 @@ use super::{Change, JournalId, Sink, Write};
 use crate::backend::{DeadLetter, JournalPut, Journaled};
 use crate::codec::Entry;
 use crate::error::Result;
+use crate::failpoint;
 use crate::key::KeyParts;
 use crate::stats::Event;
 use crate::token::now_unix_ms;
@@ -290,6 +291,8 @@ where
             return Ok(false);
         }
         self.renewed(sent);
+        // A process stopped here holds a lease that may lapse meanwhile.
+        failpoint::pause("write-behind/before-take-over", &shared.journal.stream).await;
         let redis = shared.redis()?;
         let take_over = redis.journal_take_over(
             &shared.journal,

@@ -1,0 +1,534 @@
+//! Write-behind under failures: a row the database always refuses, a
+//! journaled write nobody here can decode, a lease that runs out while the
+//! sink works, a full dead-letter stream, a Redis too old for the journal,
+//! a panic in the application's code, writes after a shutdown, and keys
+//! that must be the getter's.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis_cached::{redis_cached, Cache, Change, Error, Sink, Write, WriteBehind};
+use serde::{Deserialize, Serialize};
+use support::proxy::Proxy;
+use support::write_behind::{builder, drained, Recorder, Users};
+use support::RedisServer;
+
+/// Waits until `done` holds, at most `within`.
+async fn until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_row_is_buried_with_the_default_ratios_and_the_rest_keeps_flowing() {
+    // The defaults scaled down 10x (lease 1 s, retry 10 ms to 1 s,
+    // max_delay 10 ms, sink_timeout 3 s), max_attempts at its default.
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Recorder {
+        poison: Some(13),
+        ..Recorder::default()
+    };
+    let wb = WriteBehind::builder("refused", &cache, sink.clone())
+        .key_template("user:<id>")
+        .ttl(Duration::from_secs(60))
+        .takeover_after(Duration::from_secs(1))
+        .retry(Duration::from_millis(10), Duration::from_secs(1))
+        .max_delay(Duration::from_millis(10))
+        .sink_timeout(Duration::from_secs(3))
+        .start()
+        .expect("valid");
+    let users = Users::new(&cache);
+    for id in 10..20 {
+        wb.write(id, &format!("row {id}")).await.expect("journaled");
+    }
+    // A trickle of other writes all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let last: Arc<Mutex<BTreeMap<u32, String>>> = Arc::default();
+    let trickle = {
+        let (wb, stop, last) = (wb.clone(), Arc::clone(&stop), Arc::clone(&last));
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let (key, value) = (100 + n % 50, format!("t{n}"));
+                wb.write(key, &value).await.expect("journaled");
+                last.lock().expect("not poisoned").insert(key, value);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    until(Duration::from_secs(40), "the refused row buried", || {
+        wb.stats().dead_letters == 1
+    })
+    .await;
+    // The database never got row 13: the cache no longer serves it.
+    assert_eq!(users.user(13).await, None);
+    assert_eq!(
+        users.reads.load(Ordering::SeqCst),
+        1,
+        "read from the database"
+    );
+    // The rest flows again at its usual pace.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    trickle.await.expect("no panic");
+    drained(&wb).await;
+    let stats = wb.stats();
+    assert_eq!(stats.dead_letters, 1, "{stats:?}");
+    assert_eq!(
+        stats.claimed, 0,
+        "nothing re-claimed from itself: {stats:?}"
+    );
+    assert!(
+        stats.last_flush_lag < Duration::from_millis(500),
+        "the lag came back down: {stats:?}"
+    );
+    let mut flushed: BTreeMap<u32, String> = BTreeMap::new();
+    for write in sink.writes() {
+        if let Change::Upsert(value) = write.change {
+            flushed.insert(write.key, value);
+        }
+    }
+    assert!(!flushed.contains_key(&13));
+    for id in (10..20).filter(|id| *id != 13) {
+        assert_eq!(flushed.get(&id), Some(&format!("row {id}")));
+    }
+    for (key, value) in last.lock().expect("not poisoned").iter() {
+        assert_eq!(flushed.get(key), Some(value), "key {key}");
+    }
+}
+
+/// A sink for a newer version of the application, whose values are any
+/// JSON.
+#[derive(Clone, Default)]
+struct Documents(Arc<Mutex<Vec<Write<u32, serde_json::Value>>>>);
+
+impl Sink<u32, serde_json::Value> for Documents {
+    type Error = String;
+
+    async fn write_batch(&self, batch: Vec<Write<u32, serde_json::Value>>) -> Result<(), String> {
+        self.0.lock().expect("not poisoned").extend(batch);
+        Ok(())
+    }
+}
+
+fn documents(cache: &Cache, sink: Documents) -> WriteBehind<u32, serde_json::Value> {
+    WriteBehind::builder("rolling", cache, sink)
+        .key_template("user:<id>")
+        .retry(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .expect("valid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_write_waits_for_a_flusher_that_can_decode_it() {
+    // A rolling deploy: a newer process journals a format that the older
+    // one, flushing, cannot decode.
+    let server = RedisServer::start();
+    let old_cache = Cache::redis(&server.url()).expect("valid URL");
+    let old_sink = Recorder::default();
+    let old = builder("rolling", &old_cache, old_sink.clone())
+        .start()
+        .expect("valid");
+    let new_cache = Cache::redis(&server.url()).expect("valid URL");
+    let newer = WriteBehind::builder("rolling", &new_cache, Documents::default())
+        .key_template("user:<id>")
+        .flusher(false)
+        .start()
+        .expect("valid");
+    newer
+        .write(7, &serde_json::json!({"name": "Ada", "plan": 3}))
+        .await
+        .expect("journaled");
+    old.write(8, &"fine".to_owned()).await.expect("journaled");
+    until(Duration::from_secs(10), "the other write flushed", || {
+        old_sink.writes().len() == 1
+    })
+    .await;
+    // Parked and retried, not buried.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = old.stats();
+    assert_eq!((stats.parked, stats.dead_letters), (1, 0), "{stats:?}");
+    assert_eq!(old.pending().await, Ok(1));
+    // The old process stops; a new one flushes what it could not.
+    old.shutdown(Duration::ZERO).await.expect("answers");
+    let sink = Documents::default();
+    let new_flusher = documents(&new_cache, sink.clone());
+    drained(&new_flusher).await;
+    let flushed = sink.0.lock().expect("not poisoned").clone();
+    assert_eq!(flushed.len(), 1, "{flushed:?}");
+    assert_eq!(flushed[0].key, 7);
+    assert_eq!(
+        flushed[0].change,
+        Change::Upsert(serde_json::json!({"name": "Ada", "plan": 3}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_write_is_replaced_by_a_later_one_or_buried_after_its_bound() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Recorder::default();
+    let old = builder("rolling", &cache, sink.clone())
+        .park_undecodable_for(Duration::from_millis(800))
+        .start()
+        .expect("valid");
+    let newer = WriteBehind::builder("rolling", &cache, Documents::default())
+        .key_template("user:<id>")
+        .flusher(false)
+        .start()
+        .expect("valid");
+    newer
+        .write(9, &serde_json::json!([1, 2]))
+        .await
+        .expect("journaled");
+    newer
+        .write(10, &serde_json::json!({"x": 1}))
+        .await
+        .expect("journaled");
+    until(Duration::from_secs(10), "both parked", || {
+        old.stats().parked == 2
+    })
+    .await;
+    // A later write of key 9 replaces its parked one.
+    old.write(9, &"later".to_owned()).await.expect("journaled");
+    until(Duration::from_secs(10), "key 9 flushed", || {
+        sink.writes().iter().any(|w| w.key == 9)
+    })
+    .await;
+    assert_eq!(
+        sink.writes()[0].change,
+        Change::Upsert("later".to_owned()),
+        "only the later write reaches the sink"
+    );
+    // Key 10 is buried once parked for 800 ms, and its cache entry, which
+    // the database never got, invalidated.
+    until(Duration::from_secs(10), "key 10 buried", || {
+        old.stats().dead_letters == 1
+    })
+    .await;
+    drained(&old).await;
+    assert_eq!(cache.get::<serde_json::Value>("user:10").await, None);
+    assert_eq!(
+        cache.get::<String>("user:9").await.as_deref(),
+        Some("later")
+    );
+    let dead: Vec<redis::Value> = server
+        .cmd(
+            redis::cmd("XRANGE")
+                .arg("~wb-dead:{rolling}")
+                .arg("-")
+                .arg("+"),
+        )
+        .await;
+    assert_eq!(dead.len(), 1);
+    let text = format!("{dead:?}");
+    assert!(text.contains("cannot be decoded"), "{text}");
+}
+
+/// A sink whose call never ends, and which says when its call started and
+/// when its future was dropped.
+#[derive(Clone, Default)]
+struct Stuck {
+    started: Arc<tokio::sync::Notify>,
+    dropped: Arc<Mutex<Option<Instant>>>,
+}
+
+struct DropClock(Arc<Mutex<Option<Instant>>>);
+
+impl Drop for DropClock {
+    fn drop(&mut self) {
+        *self.0.lock().expect("not poisoned") = Some(Instant::now());
+    }
+}
+
+impl Sink<u32, String> for Stuck {
+    type Error = String;
+
+    async fn write_batch(&self, _: Vec<Write<u32, String>>) -> Result<(), String> {
+        let _clock = DropClock(Arc::clone(&self.dropped));
+        self.started.notify_one();
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_call_is_dropped_when_the_lease_runs_out_by_the_flushers_own_clock() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .op_timeout(Duration::from_millis(150))
+        .build()
+        .expect("valid");
+    let sink = Stuck::default();
+    let wb = WriteBehind::builder("fenced", &cache, sink.clone())
+        .key_template("user:<id>")
+        .takeover_after(Duration::from_millis(600))
+        .max_delay(Duration::from_millis(10))
+        .sink_timeout(Duration::from_secs(60))
+        .start()
+        .expect("valid");
+    let started = sink.started.notified();
+    wb.write(1, &"one".to_owned()).await.expect("journaled");
+    tokio::time::timeout(Duration::from_secs(5), started)
+        .await
+        .expect("the sink was called");
+    // Redis freezes: no renewal gets through, and no other process could
+    // be told the lease is still held.
+    server.pause();
+    let frozen = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dropped = *sink.dropped.lock().expect("not poisoned");
+    server.resume();
+    let dropped = dropped.expect("the sink call was abandoned while Redis was frozen");
+    assert!(
+        dropped.duration_since(frozen) < Duration::from_millis(1500),
+        "abandoned {:?} after the freeze, the lease being 600 ms",
+        dropped.duration_since(frozen)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letters_are_capped_and_what_is_dropped_is_counted() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Recorder::default();
+    sink.refuse_all.store(true, Ordering::SeqCst);
+    let wb = builder("capped", &cache, sink.clone())
+        .max_attempts(1)
+        .max_dead_letters(3)
+        .max_delay(Duration::from_millis(200))
+        .start()
+        .expect("valid");
+    for id in 0..5 {
+        wb.write(id, &format!("row {id}")).await.expect("journaled");
+    }
+    drained(&wb).await;
+    let stats = wb.stats();
+    assert_eq!((stats.dead_letters, stats.dead_letters_dropped), (5, 2));
+    let held: u64 = server
+        .cmd(redis::cmd("XLEN").arg("~wb-dead:{capped}"))
+        .await;
+    assert_eq!(held, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_too_old_for_the_journal_is_refused_at_the_first_write() {
+    let server = RedisServer::start();
+    let info: String = server.cmd(redis::cmd("INFO").arg("server")).await;
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .expect("a version")
+        .trim()
+        .to_owned();
+    // The same server, saying it is a 6.0.
+    let mut old = String::from("6.0.");
+    while old.len() < version.len() {
+        old.push('9');
+    }
+    assert_eq!(
+        old.len(),
+        version.len(),
+        "the version {version} is long enough"
+    );
+    let proxy = Proxy::start(server.port());
+    proxy.rewrite_replies(version.as_bytes(), old.as_bytes());
+    let cache = Cache::redis(&proxy.url()).expect("valid URL");
+    let wb = builder("old", &cache, Recorder::default())
+        .start()
+        .expect("valid");
+    let refused = wb.write(1, &"x".to_owned()).await;
+    match refused {
+        Err(Error::Config(why)) => assert!(why.contains("6.2"), "{why}"),
+        other => panic!("not refused: {other:?}"),
+    }
+    // Nothing journaled, and the flusher takes no lease.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held: u64 = server.cmd(redis::cmd("XLEN").arg("~wb:{old}")).await;
+    let leased: u64 = server
+        .cmd(redis::cmd("EXISTS").arg("~wb-lease:{old}"))
+        .await;
+    assert_eq!((held, leased), (0, 0));
+}
+
+/// A value whose `Clone` panics while `BOMBS` is above zero.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Bomb(String);
+
+static BOMBS: AtomicU32 = AtomicU32::new(0);
+
+impl Clone for Bomb {
+    fn clone(&self) -> Self {
+        if BOMBS
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("Bomb::clone");
+        }
+        Bomb(self.0.clone())
+    }
+}
+
+/// An error whose `Display` panics.
+struct Grumpy;
+
+impl std::fmt::Display for Grumpy {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("Grumpy::fmt")
+    }
+}
+
+#[derive(Clone, Default)]
+struct Bombs {
+    fail_first: Arc<AtomicBool>,
+    writes: Arc<Mutex<Vec<Write<u32, Bomb>>>>,
+}
+
+impl Sink<u32, Bomb> for Bombs {
+    type Error = Grumpy;
+
+    async fn write_batch(&self, batch: Vec<Write<u32, Bomb>>) -> Result<(), Grumpy> {
+        if self.fail_first.swap(false, Ordering::SeqCst) {
+            return Err(Grumpy);
+        }
+        self.writes.lock().expect("not poisoned").extend(batch);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_applications_code_does_not_stop_the_flusher() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Bombs::default();
+    sink.fail_first.store(true, Ordering::SeqCst);
+    let wb = WriteBehind::builder("bombs", &cache, sink.clone())
+        .key_template("user:<id>")
+        .retry(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .expect("valid");
+    BOMBS.store(1, Ordering::SeqCst);
+    wb.write(1, &Bomb("one".into())).await.expect("journaled");
+    // No other write: the flusher itself must carry on.
+    drained(&wb).await;
+    let stats = wb.stats();
+    assert_eq!(stats.flusher_restarts, 1, "{stats:?}");
+    assert_eq!(
+        stats.retries, 1,
+        "the error whose Display panicked: {stats:?}"
+    );
+    let writes = sink.writes.lock().expect("not poisoned").clone();
+    assert_eq!(writes.len(), 1);
+    assert_eq!(writes[0].change, Change::Upsert(Bomb("one".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_shutdown_are_refused() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let wb = builder("closed", &cache, Recorder::default())
+        .start()
+        .expect("valid");
+    let clone = wb.clone();
+    wb.write(1, &"before".to_owned()).await.expect("journaled");
+    assert_eq!(wb.shutdown(Duration::from_secs(5)).await, Ok(0));
+    assert_eq!(wb.write(2, &"after".to_owned()).await, Err(Error::Closed));
+    assert_eq!(clone.delete(1).await, Err(Error::Closed));
+    let held: u64 = server.cmd(redis::cmd("XLEN").arg("~wb:{closed}")).await;
+    assert_eq!(held, 0, "nothing journaled after the shutdown");
+    assert_eq!(cache.get::<String>("user:2").await, None);
+}
+
+struct Pages {
+    cache: Cache,
+    reads: AtomicU32,
+}
+
+impl Pages {
+    #[redis_cached(key = "pv:<page>", ttl = 60, cache = self.cache)]
+    async fn views(&self, page: String) -> Option<u64> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        None
+    }
+
+    #[redis_cached(key = "{order:<tenant>}:<id>", ttl = 60, version = 2, cache = self.cache)]
+    async fn order(&self, tenant: &str, id: u32) -> Option<String> {
+        let _ = (tenant, id);
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        None
+    }
+}
+
+#[derive(Clone, Default)]
+struct Nowhere;
+
+impl<K: Send + 'static, V: Send + 'static> Sink<K, V> for Nowhere {
+    type Error = String;
+
+    async fn write_batch(&self, _: Vec<Write<K, V>>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_template_renders_as_the_getters() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let pages = Pages {
+        cache: cache.clone(),
+        reads: AtomicU32::new(0),
+    };
+    // A value the template escapes: `/` is not a key byte.
+    let views = WriteBehind::builder("views", &cache, Nowhere)
+        .key_template("pv:<page>")
+        .start()
+        .expect("valid");
+    views
+        .write("/p/0".to_owned(), &5u64)
+        .await
+        .expect("journaled");
+    assert_eq!(pages.views("/p/0".to_owned()).await, Some(5));
+    // A tuple fills several placeholders; a version as the getter's.
+    let orders = WriteBehind::builder("orders", &cache, Nowhere)
+        .key_template("{order:<tenant>}:<id>")
+        .version(2)
+        .start()
+        .expect("valid");
+    orders
+        .write(("acme corp".to_owned(), 7u32), &"shipped".to_owned())
+        .await
+        .expect("journaled");
+    assert_eq!(
+        pages.order("acme corp", 7).await.as_deref(),
+        Some("shipped")
+    );
+    assert_eq!(
+        pages.reads.load(Ordering::SeqCst),
+        0,
+        "both read from the cache"
+    );
+    // A template the key cannot fill, or the attribute would refuse.
+    for bad in ["pv:<a>:<b>", "pv", "pv:<page", "pv:<a><b>", "pv:~<a>"] {
+        let started = WriteBehind::builder("bad", &cache, Nowhere)
+            .key_template(bad)
+            .start()
+            .map(|_: WriteBehind<String, u64>| ());
+        assert!(
+            matches!(started, Err(Error::Config(_))),
+            "{bad}: {started:?}"
+        );
+    }
+    let untemplated = WriteBehind::builder("bad", &cache, Nowhere)
+        .start()
+        .map(|_: WriteBehind<u32, u64>| ());
+    assert!(matches!(untemplated, Err(Error::Config(_))));
+}
