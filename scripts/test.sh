@@ -33,6 +33,10 @@ cargo test -p cached-runtime --features postcard --locked codec
 # The optional `metrics` export: every counter exact, the Prometheus text.
 cargo clippy -p redis-cached --features metrics --test metrics --locked -- -D warnings
 cargo test -p redis-cached --features metrics --locked --test metrics
+# Write-behind faults made on purpose: a writer killed at random points,
+# a cache update that fails, a takeover whose lease lapsed (failpoints).
+cargo clippy -p redis-cached --features failpoints --test write_behind_faults --locked -- -D warnings
+cargo test -p redis-cached --features failpoints --locked --test write_behind_faults
 # The quickstart, on the in-memory default.
 env -u REDIS_URL cargo run --locked --example quickstart
 # The demo service on SQLite: its load generator's counts against /metrics.

@@ -32,7 +32,8 @@ mod armed {
         static POINTS: OnceLock<Mutex<HashMap<String, (Action, u64)>>> = OnceLock::new();
         POINTS.get_or_init(|| {
             // `REDIS_CACHED_FAILPOINTS=point=abort@5,other=fail`: for a
-            // child process, armed before it runs anything.
+            // child process, armed before it runs anything (`@n`: the
+            // n-th hit alone; none: every hit).
             let mut points = HashMap::new();
             if let Ok(spec) = std::env::var("REDIS_CACHED_FAILPOINTS") {
                 for item in spec.split(',').filter(|s| !s.is_empty()) {
@@ -75,8 +76,15 @@ mod armed {
         };
         let (action, left) = points.get_mut(&key)?;
         match *left {
+            // Every hit.
             0 => {}
-            1 => *left = 0,
+            // This hit, and no later one.
+            1 => {
+                let action = *action;
+                points.remove(&key);
+                drop(points);
+                return fire(action);
+            }
             _ => {
                 *left -= 1;
                 return None;
@@ -84,6 +92,10 @@ mod armed {
         }
         let action = *action;
         drop(points);
+        fire(action)
+    }
+
+    fn fire(action: Action) -> Option<Action> {
         if action == Action::Abort {
             std::process::abort();
         }
@@ -92,8 +104,8 @@ mod armed {
 }
 
 /// Arms the failpoint `name` (`point`, or `point:scope` for one scope
-/// alone, such as one journal's stream): its `nth` hit (every hit for 0)
-/// does `action`, and every later one.
+/// alone, such as one journal's stream): its `nth` hit does `action` and
+/// disarms it; with `nth` = 0, every hit does.
 #[cfg(feature = "failpoints")]
 pub fn arm(name: &str, action: Action, nth: u64) {
     armed::arm(name, action, nth);

@@ -82,11 +82,33 @@ pub async fn drained<K, V>(wb: &WriteBehind<K, V>) {
     }
 }
 
+/// A table of rows: the "database" of [`Users`], and a sink into it.
+pub type Rows = Arc<Mutex<BTreeMap<u32, String>>>;
+
+/// A sink that applies writes to [`Rows`].
+#[derive(Clone, Default)]
+pub struct Table(pub Rows);
+
+impl Sink<u32, String> for Table {
+    type Error = String;
+
+    async fn write_batch(&self, batch: Vec<Write<u32, String>>) -> Result<(), String> {
+        let mut rows = self.0.lock().expect("not poisoned");
+        for write in batch {
+            match write.change {
+                Change::Upsert(value) => rows.insert(write.key, value),
+                Change::Delete => rows.remove(&write.key),
+            };
+        }
+        Ok(())
+    }
+}
+
 /// A getter over a "database" of users, as the application reads them.
 pub struct Users {
     pub cache: Cache,
     /// The rows the getter reads on a miss.
-    pub rows: Mutex<BTreeMap<u32, String>>,
+    pub rows: Rows,
     /// How often it read them.
     pub reads: AtomicU32,
 }
@@ -95,7 +117,7 @@ impl Users {
     pub fn new(cache: &Cache) -> Users {
         Users {
             cache: cache.clone(),
-            rows: Mutex::default(),
+            rows: Rows::default(),
             reads: AtomicU32::new(0),
         }
     }
