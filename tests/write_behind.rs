@@ -377,7 +377,21 @@ async fn a_write_redis_answers_too_late_leaves_no_older_value_cached() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Redis journaled it after all; the cache no longer serves "old".
     assert_eq!(wb.pending().await, Ok(2));
-    assert_eq!(cache.get::<String>("user:1").await, None);
+    let users = Users::new(&cache);
+    users
+        .rows
+        .lock()
+        .expect("not poisoned")
+        .insert(1, "older row".into());
+    // A reader meanwhile fills the key from the database's older row…
+    assert_eq!(users.user(1).await.as_deref(), Some("older row"));
+    // …which the flush replaces with the write the database now holds.
+    let flusher = builder("late", &cache, Recorder::default())
+        .start()
+        .expect("valid");
+    drained(&flusher).await;
+    assert_eq!(users.user(1).await.as_deref(), Some("new"));
+    assert_eq!(users.reads.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
