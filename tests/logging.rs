@@ -455,3 +455,53 @@ fn a_value_too_large_to_cache_is_reported_once() {
     assert_eq!(warnings.len(), 1, "{logs}");
     assert!(warnings[0].contains("serde_bytes"), "{logs}");
 }
+
+#[redis_cached(key = "profile:<id>", cache = cache)]
+async fn email(cache: &Cache, id: u64) -> String {
+    format!("alice-{id}@example.com")
+}
+
+/// The same key, read as another type: what is stored there cannot be
+/// decoded as it.
+#[redis_cached(key = "profile:<id>", cache = cache)]
+async fn visits(cache: &Cache, id: u64) -> u64 {
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_values_and_tags_never_reach_the_logs() {
+    let (captured, subscriber) = capture(tracing::Level::TRACE, FmtSpan::FULL);
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    assert_eq!(email(&cache, 1).await, "alice-1@example.com");
+    // Undecodable as a number: a miss, logged without what was stored.
+    assert_eq!(visits(&cache, 1).await, 1);
+    assert_eq!(cache.stats().decode_errors, 1);
+    // Garbage written by someone else, read through the runtime API.
+    let _: () = server
+        .cmd(
+            redis::cmd("SET")
+                .arg("profile:2")
+                .arg("\u{ca}\u{1}\u{1}\u{0}{\"mail\":\"bob@example.com\"}"),
+        )
+        .await;
+    assert_eq!(cache.get::<u64>("profile:2").await, None);
+    // A tag holding user input, in an invalidation that fails.
+    server.pause();
+    let failed = cache.invalidate_tag("q:carol@example.com").await;
+    server.resume();
+    assert!(failed.is_err());
+    let logs = captured.text();
+    assert!(
+        logs.contains("undecodable"),
+        "the decode error was logged: {logs}"
+    );
+    for secret in [
+        "alice-1@example.com",
+        "bob@example.com",
+        "carol@example.com",
+    ] {
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
+}

@@ -21,6 +21,9 @@
 //! truncated write, a value of another type) fails to decode and is treated
 //! as a miss by the cache, which then overwrites it.
 
+#[cfg(any(feature = "postcard", test))]
+mod depth;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -97,8 +100,9 @@ impl Codec {
     ) -> Result<Vec<u8>> {
         let mut buf = self.header(0, timing);
         match self {
-            Codec::Json => serde_json::to_writer(&mut buf, value)
-                .map_err(|e| Error::Codec(format!("cannot serialize value: {e}")))?,
+            Codec::Json => {
+                serde_json::to_writer(&mut buf, value).map_err(|e| json_error("serialize", &e))?
+            }
             #[cfg(feature = "postcard")]
             Codec::Postcard => {
                 buf = postcard::to_extend(value, buf)
@@ -192,14 +196,39 @@ impl Codec {
             };
         }
         let value = match self {
-            Codec::Json => serde_json::from_slice(payload)
-                .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}")))?,
+            Codec::Json => {
+                serde_json::from_slice(payload).map_err(|e| json_error("deserialize", &e))?
+            }
+            // postcard's errors name a kind, never the data; it has no
+            // bound on nesting of its own.
             #[cfg(feature = "postcard")]
-            Codec::Postcard => postcard::from_bytes(payload)
-                .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}")))?,
+            Codec::Postcard => {
+                let mut de = postcard::Deserializer::from_bytes(payload);
+                serde::Deserialize::deserialize(depth::Limited::new(&mut de))
+                    .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}")))?
+            }
         };
         Ok(Entry::Value(Some(value), timing))
     }
+}
+
+/// A JSON error without the data it quotes (serde's messages repeat the
+/// value that did not fit, which may be personal): its kind and place.
+fn json_error(what: &str, err: &serde_json::Error) -> Error {
+    let kind = match err.classify() {
+        serde_json::error::Category::Io => "an I/O error",
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "JSON of another shape than the type",
+        serde_json::error::Category::Eof => "truncated JSON",
+    };
+    if err.line() == 0 {
+        return Error::Codec(format!("cannot {what} value: {kind}"));
+    }
+    Error::Codec(format!(
+        "cannot {what} value: {kind} at line {} column {}",
+        err.line(),
+        err.column()
+    ))
 }
 
 fn bad_timing() -> Error {
