@@ -150,6 +150,33 @@ mod derived {
     #[derive(CacheKey)]
     struct Wrapper<T>(T);
 
+    #[derive(CacheKey, Clone)]
+    #[cache_key(transparent)]
+    struct PlanId(u64);
+
+    #[derive(CacheKey, Clone)]
+    #[cache_key(transparent)]
+    struct Email {
+        address: String,
+    }
+
+    #[allow(non_camel_case_types)]
+    #[derive(CacheKey, Clone)]
+    enum Kind {
+        r#type,
+        Other(String),
+    }
+
+    /// A hand-written impl that writes bytes no encoding holds.
+    #[derive(Clone)]
+    struct Careless(&'static str);
+
+    impl CacheKey for Careless {
+        fn write_key(&self, out: &mut String) {
+            out.push_str(self.0);
+        }
+    }
+
     fn enc<K: CacheKey>(value: &K) -> String {
         let mut k = KeyBuilder::with_capacity(16);
         k.value(value);
@@ -166,6 +193,57 @@ mod derived {
         assert_eq!(enc(&Filter::Active), "Active");
         assert_eq!(enc(&Filter::Since { day: 3 }), "Since%[%,3%]");
         assert_eq!(enc(&Wrapper(5u8)), "%[%,5%]");
+        assert_eq!(enc(&PlanId(7)), "7");
+        assert_eq!(
+            enc(&Email {
+                address: "a@b".into()
+            }),
+            "a%40b"
+        );
+        assert_eq!(enc(&Kind::r#type), "type");
+    }
+
+    /// One cached function per kind of value, with the key template `t:<v>`.
+    macro_rules! agree {
+        ($($name:ident: $ty:ty = $value:expr;)*) => {
+            $(
+                #[redis_cached(key = "t:<v>", cache = cache)]
+                async fn $name(cache: &Cache, v: $ty) -> u8 {
+                    let _ = v;
+                    0
+                }
+            )*
+
+            /// `tag(…)` renders what the attribute renders, for every
+            /// built-in and derived kind and a careless hand-written impl.
+            #[test]
+            fn tags_render_as_the_attribute_for_every_kind() {
+                let cache = Cache::in_memory();
+                $(
+                    let value: $ty = $value;
+                    let attribute = redis_cached::key_of($name(&cache, value.clone())).expect("a key");
+                    let tag = redis_cached::tag("t:<v>", &[&value]).expect("valid");
+                    assert_eq!(tag, attribute, "{}", stringify!($name));
+                )*
+            }
+        };
+    }
+
+    agree! {
+        unsigned: u64 = 42;
+        signed: i32 = -7;
+        boolean: bool = true;
+        character: char = '~';
+        text: String = "a b:{c}~%".into();
+        float: f64 = -0.5;
+        optional: Option<u32> = None;
+        list: Vec<String> = vec!["x,y".into(), "]".into()];
+        account: Account = Account { tenant: "t:1".into(), id: 1 };
+        filter: Filter = Filter::Named("n".into(), vec!["%,".into()]);
+        plan: PlanId = PlanId(7);
+        kind: Kind = Kind::r#type;
+        other: Kind = Kind::Other("o".into());
+        careless: Careless = Careless("a:b{c}@v2 #~");
     }
 
     fn filters() -> impl Strategy<Value = Filter> {

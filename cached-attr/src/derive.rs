@@ -3,15 +3,18 @@
 //!
 //! A struct is written like a sequence of its fields (`%[%,<a>%,<b>%]`), an
 //! enum as its variant's name followed by its fields, if it has any
-//! (`Active`, `Suspended%[%,<until>%]`): a variant's name holds only
-//! letters, digits and `_`, so it cannot run into the `%[` that follows.
+//! (`Active`, `Suspended%[%,<until>%]`): a variant's name (written without
+//! `r#`) holds no `%`, so it cannot run into the `%[` that follows. With
+//! `#[cache_key(transparent)]`, a struct of one field is written as that
+//! field (`PlanId(7)` as `7`), as serde's `transparent` does.
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
+use syn::ext::IdentExt;
 use syn::{Data, DeriveInput, Fields};
 
 pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
-    let krate = krate(&input)?;
+    let Options { krate, transparent } = options(&input)?;
     let name = &input.ident;
     let mut generics = input.generics.clone();
     for param in generics.type_params_mut() {
@@ -20,14 +23,33 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let out = format_ident!("__out", span = proc_macro2::Span::mixed_site());
     let body = match &input.data {
+        Data::Struct(data) if transparent => {
+            if data.fields.len() != 1 {
+                return Err(syn::Error::new_spanned(
+                    &input.ident,
+                    "#[cache_key(transparent)] needs a struct of exactly one field: it is written as that field",
+                ));
+            }
+            let field = match data.fields.iter().next().and_then(|f| f.ident.as_ref()) {
+                Some(name) => quote!(#name),
+                None => quote!(0),
+            };
+            quote!(#krate::CacheKey::write_key(&self.#field, #out);)
+        }
         Data::Struct(data) => {
             let (pattern, writes) = fields(&data.fields, &krate, &out);
             quote!(let Self #pattern = self; #writes)
         }
+        Data::Enum(enumeration) if transparent => {
+            return Err(syn::Error::new(
+                enumeration.enum_token.span,
+                "#[cache_key(transparent)] applies to a struct of one field, not to an enum",
+            ))
+        }
         Data::Enum(data) => {
             let arms = data.variants.iter().map(|variant| {
                 let ident = &variant.ident;
-                let text = ident.to_string();
+                let text = ident.unraw().to_string();
                 if matches!(variant.fields, Fields::Unit) {
                     return quote!(Self::#ident => #out.push_str(#text),);
                 }
@@ -77,9 +99,17 @@ fn fields(fields: &Fields, krate: &syn::Path, out: &syn::Ident) -> (TokenStream,
     (pattern, writes)
 }
 
-/// The facade's path: `#[cache_key(crate = "path")]`, or `::redis_cached`.
-fn krate(input: &DeriveInput) -> syn::Result<syn::Path> {
+/// What `#[cache_key(…)]` says.
+struct Options {
+    /// The facade's path: `crate = "path"`, or `::redis_cached`.
+    krate: syn::Path,
+    /// `transparent`: a one-field struct is written as its field.
+    transparent: bool,
+}
+
+fn options(input: &DeriveInput) -> syn::Result<Options> {
     let mut krate: syn::Path = syn::parse_quote!(::redis_cached);
+    let mut transparent = false;
     for attr in input
         .attrs
         .iter()
@@ -90,11 +120,15 @@ fn krate(input: &DeriveInput) -> syn::Result<syn::Path> {
                 let lit: syn::LitStr = meta.value()?.parse()?;
                 krate = lit.parse()?;
                 Ok(())
+            } else if meta.path.is_ident("transparent") {
+                transparent = true;
+                Ok(())
             } else {
-                Err(meta
-                    .error("unknown argument; `#[cache_key(crate = \"path\")]` is the only one"))
+                Err(meta.error(
+                    "unknown argument; `#[cache_key(crate = \"path\")]` and `#[cache_key(transparent)]` are the valid ones",
+                ))
             }
         })?;
     }
-    Ok(krate)
+    Ok(Options { krate, transparent })
 }

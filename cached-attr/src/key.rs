@@ -24,9 +24,11 @@ pub(crate) enum Segment {
 }
 
 /// Bytes an encoded placeholder value may contain (see the runtime's key
-/// encoding); a separator needs a byte outside this set.
+/// encoding: the safe bytes, `%` escapes, and the `[`, `,` and `]` that
+/// sequences write, which a hand-written `CacheKey` impl may write bare);
+/// a separator needs a byte outside this set.
 fn in_value_alphabet(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '%')
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '%' | '[' | ',' | ']')
 }
 
 /// Parses the template in `lit`; errors point at the literal.
@@ -137,7 +139,7 @@ fn check_separators(segments: &[Segment]) -> Result<(), String> {
             Segment::Placeholder { .. } => {
                 if let (Some(prev), false) = (previous, separated) {
                     return Err(format!(
-                        "placeholders {} and {} have no separator between them: put literal text with a character other than letters, digits, `-`, `_`, `.` and `%` between them, e.g. `{}:{}`",
+                        "placeholders {} and {} have no separator between them: put literal text with a character other than letters, digits, `-`, `_`, `.`, `%`, `[`, `,` and `]` between them, e.g. `{}:{}`",
                         display(prev),
                         display(segment),
                         display(prev),
