@@ -519,3 +519,41 @@ mod evict_tags {
         assert_eq!(teams.cache.stats().writes, writes);
     }
 }
+
+#[redis_cached(key = "search:<query>", tags = ["q:<query>"], cache = cache)]
+async fn search(cache: &Cache, query: String) -> usize {
+    query.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_huge_tag_is_a_short_key_inside_the_namespace() {
+    let server = RedisServer::start();
+    let namespace = "n".repeat(64);
+    let cache = Cache::builder(&server.url())
+        .namespace(&namespace)
+        .build()
+        .expect("valid");
+    let query = "q".repeat(1 << 20);
+    assert_eq!(search(&cache, query.clone()).await, 1 << 20);
+    let keys: Vec<String> = server.cmd(::redis::cmd("KEYS").arg("*")).await;
+    assert!(!keys.is_empty());
+    for key in &keys {
+        assert!(key.len() <= 300, "a key of {} bytes", key.len());
+        assert!(
+            key.starts_with(&format!("{namespace}:")),
+            "outside the namespace: {key:.80}"
+        );
+    }
+    // The tag still reaches its key, by the text the template renders.
+    let tag = redis_cached::tag("q:<query>", &[&query]).expect("valid");
+    assert_eq!(cache.invalidate_tag(&tag).await, Ok(1));
+    // A namespace longer than 64 bytes is refused.
+    let long = Cache::builder(&server.url())
+        .namespace(&"n".repeat(65))
+        .build();
+    assert!(matches!(long, Err(redis_cached::Error::Config(_))));
+    assert!(matches!(
+        cache.invalidate_tag("a~b").await,
+        Err(redis_cached::Error::InvalidKey(_))
+    ));
+}

@@ -13,6 +13,7 @@ use crate::codec::Codec;
 use crate::core::{Inner, Settings};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
+use crate::key::MAX_NAMESPACE_LEN;
 use crate::stats::Counters;
 
 /// The URL that selects the in-memory backend in [`Cache::builder`].
@@ -223,7 +224,8 @@ impl CacheBuilder {
 
     /// Prefixes every key, and the lock notification channel, with
     /// `<namespace>:`. Letters, digits and `- _ . /` only: no `:`, so that
-    /// two namespaces never produce one key (`a` + `b:c`, `a:b` + `c`).
+    /// two namespaces never produce one key (`a` + `b:c`, `a:b` + `c`); at
+    /// most 64 bytes, so that a shortened key keeps all of it.
     pub fn namespace(mut self, namespace: &str) -> Self {
         self.namespace = Some(namespace.to_owned());
         self
@@ -365,17 +367,18 @@ impl CacheBuilder {
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] for a malformed URL, [`Error::Config`] for a
-    /// zero TTL or timeout or a namespace with characters outside
-    /// `A-Z a-z 0-9 - _ . /`.
+    /// zero TTL or timeout or a namespace longer than 64 bytes or with
+    /// characters outside `A-Z a-z 0-9 - _ . /`.
     pub fn build(self) -> Result<Cache> {
         if let Some(ns) = &self.namespace {
             let valid = !ns.is_empty()
+                && ns.len() <= MAX_NAMESPACE_LEN
                 && ns
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
             if !valid {
                 return Err(Error::Config(format!(
-                    "namespace {ns:?} must be non-empty and use only A-Z a-z 0-9 - _ . /"
+                    "namespace {ns:?} must be 1 to {MAX_NAMESPACE_LEN} bytes of A-Z a-z 0-9 - _ . /"
                 )));
             }
         }

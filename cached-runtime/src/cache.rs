@@ -340,9 +340,12 @@ impl Cache {
     /// Redis commands, so that Redis is never blocked for long.
     ///
     /// # Errors
-    /// When Redis fails, times out or is skipped by the open breaker; the
-    /// keys of the batches done by then are invalidated.
+    /// [`Error::InvalidKey`](crate::Error::InvalidKey) for a tag holding
+    /// the reserved `~` (no template renders one); when Redis fails, times
+    /// out or is skipped by the open breaker, the keys of the batches done
+    /// by then are invalidated.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
+        check_user_key(tag)?;
         let span = op_span("invalidate_tag", None);
         // A tag holds placeholder values, as keys do: named only on request.
         self.inner.record_key(&span, tag);

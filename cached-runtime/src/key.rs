@@ -29,6 +29,9 @@ use sha2::{Digest, Sha256};
 
 /// The longest key sent to Redis, in bytes. Longer keys are shortened.
 pub const MAX_KEY_LEN: usize = 256;
+/// The longest namespace, in bytes: short enough that a shortened key
+/// keeps all of it (and stays inside an ACL user's `~<namespace>:*`).
+pub(crate) const MAX_NAMESPACE_LEN: usize = 64;
 /// How much of a shortened key is kept as a readable prefix.
 const SHORTENED_PREFIX_LEN: usize = MAX_KEY_LEN - 1 - 64;
 
@@ -591,12 +594,17 @@ pub(crate) fn companion_key(namespace: Option<&str>, key: &str, kind: &str) -> S
 }
 
 /// A key of the runtime's own, with no value key beside it:
-/// `<namespace>:~<kind>:<name>`.
+/// `<namespace>:~<kind>:<name>`, shortened as value keys are when longer
+/// than [`MAX_KEY_LEN`] (a tag holds placeholder values of any length).
 pub(crate) fn internal_key(namespace: Option<&str>, kind: &str, name: &str) -> String {
-    match namespace {
+    let key = match namespace {
         Some(ns) => format!("{ns}:{RESERVED}{kind}:{name}"),
         None => format!("{RESERVED}{kind}:{name}"),
+    };
+    if key.len() > MAX_KEY_LEN {
+        return shorten(&key);
     }
+    key
 }
 
 /// The cluster hash slot of `key` (CRC16/XMODEM of its hash tag, or of the
@@ -897,6 +905,17 @@ mod tests {
         assert_eq!(internal_key(Some("shop"), "tag", "t 1"), "shop:~tag:t 1");
         assert!(check_user_key("~lock{user:42}").is_err());
         assert!(check_user_key("user:42").is_ok());
+    }
+
+    #[test]
+    fn long_internal_keys_are_shortened_inside_their_namespace() {
+        let ns = "n".repeat(MAX_NAMESPACE_LEN);
+        let long = "q".repeat(1 << 20);
+        let key = internal_key(Some(&ns), "tag", &long);
+        assert_eq!(key.len(), MAX_KEY_LEN);
+        assert!(key.starts_with(&format!("{ns}:~tag:qqq")));
+        assert_ne!(key, internal_key(Some(&ns), "tag", &format!("{long}r")));
+        assert_eq!(internal_key(Some("ns"), "tag", "t:1"), "ns:~tag:t:1");
     }
 
     #[test]
