@@ -907,3 +907,34 @@ async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> bool {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_huge_batch_is_read_and_stored_in_bounded_chunks() {
+    let server = RedisServer::start();
+    let repo = Repo::new(Cache::redis(&server.url()).unwrap());
+    repo.cache.connect().await.unwrap();
+    let monitor = server.monitor();
+    monitor.take_client_commands().await;
+    // 2,000 ids from one request: no single command of 2,000 keys.
+    let found = repo.users_or_none((0..2000).collect()).await.unwrap();
+    assert_eq!(found.len(), 1000);
+    assert_eq!(repo.batches().len(), 1, "one body call all the same");
+    let commands = monitor.take_client_commands().await;
+    let mgets: Vec<usize> = commands
+        .iter()
+        .filter(|c| c.to_ascii_uppercase().starts_with("\"MGET\""))
+        .map(|c| c.matches("\" \"").count())
+        .collect();
+    assert_eq!(mgets.len(), 4, "2,000 keys in chunks of at most 512");
+    assert!(mgets.iter().all(|keys| *keys <= 512), "{mgets:?}");
+    assert_eq!(mgets.iter().sum::<usize>(), 2000);
+    let stores = commands
+        .iter()
+        .filter(|c| c.to_ascii_uppercase().starts_with("\"EVALSHA\""))
+        .count();
+    assert_eq!(stores, 2000, "every element stored");
+    // Read back whole, in chunks too.
+    let again = repo.users_or_none((0..2000).collect()).await.unwrap();
+    assert_eq!(again.len(), 1000);
+    assert_eq!(repo.batches().len(), 1, "all from the cache");
+}

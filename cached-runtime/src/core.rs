@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::de::DeserializeOwned;
 
 use crate::backend::{AnyBackend, Backend, Bytes, Seen, StoreIf};
@@ -30,6 +31,31 @@ use crate::token::now_unix_ms;
 
 /// How many keys of a tag one round of `invalidate_tag` handles.
 pub(crate) const TAG_BATCH: usize = 500;
+/// The most keys one batch read or store sends in one command or pipeline,
+/// so that no single command holds Redis's one thread for long, however
+/// many elements a call asks for.
+pub(crate) const BATCH_CHUNK: usize = 512;
+/// How many chunks of one batch call are in flight at once.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Runs `chunks` with at most [`CHUNKS_IN_FLIGHT`] of them at once; their
+/// outputs in order.
+async fn in_flight<F: Future>(mut chunks: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut running = FuturesOrdered::new();
+    let mut outputs = Vec::new();
+    loop {
+        while running.len() < CHUNKS_IN_FLIGHT {
+            match chunks.next() {
+                Some(chunk) => running.push_back(chunk),
+                None => break,
+            }
+        }
+        match running.next().await {
+            Some(output) => outputs.push(output),
+            None => return outputs,
+        }
+    }
+}
 /// A bound on the rounds of one `invalidate_tag` (50 million keys), against
 /// other invalidations of the same tag keeping its drain busy for ever.
 const MAX_TAG_ROUNDS: usize = 100_000;
@@ -222,8 +248,9 @@ impl Inner {
         }
     }
 
-    /// Reads `keys` in one round trip: for each, its bytes or what a later
-    /// compare-and-set expects.
+    /// Reads `keys`, in one round trip for up to [`BATCH_CHUNK`] keys (a
+    /// few in parallel beyond): for each, its bytes or what a later
+    /// compare-and-set expects. A chunk that fails leaves its keys unknown.
     pub(crate) async fn read_many(&self, keys: &[String]) -> Vec<std::result::Result<Bytes, Seen>> {
         if keys.is_empty() {
             // Nothing to ask: no round trip, and no breaker probe spent.
@@ -233,6 +260,17 @@ impl Inner {
             .settings
             .bounded_reads
             .then_some(self.settings.max_value_bytes);
+        let chunks = keys
+            .chunks(BATCH_CHUNK)
+            .map(|chunk| self.read_chunk(chunk, limit));
+        in_flight(chunks).await.into_iter().flatten().collect()
+    }
+
+    async fn read_chunk(
+        &self,
+        keys: &[String],
+        limit: Option<usize>,
+    ) -> Vec<std::result::Result<Bytes, Seen>> {
         match self.guarded(self.backend.get_many(keys, limit)).await {
             Ok(found) => found
                 .into_iter()
@@ -480,8 +518,8 @@ impl Inner {
         }
     }
 
-    /// Stores each entry at its key, replacing what is there; sizes checked
-    /// by the caller.
+    /// Stores each entry at its key, replacing what is there, in chunks of
+    /// [`BATCH_CHUNK`]; sizes checked by the caller.
     pub(crate) async fn store_many(
         &self,
         entries: &[(String, Arc<[u8]>)],
@@ -490,18 +528,22 @@ impl Inner {
         for (key, _) in entries {
             self.forget_near(key);
         }
-        let stored = self.guarded(self.backend.set_many(entries, ttl)).await;
+        let chunks = entries
+            .chunks(BATCH_CHUNK)
+            .map(|chunk| self.guarded(self.backend.set_many(chunk, ttl)));
+        let stored = in_flight(chunks).await;
         for (key, _) in entries {
             self.forget_near(key);
         }
-        stored?;
+        stored.into_iter().collect::<Result<Vec<()>>>()?;
         for _ in entries {
             self.count(None, Event::writes);
         }
         Ok(())
     }
 
-    /// [`Inner::store_if`] for each of `stores`, in one round trip.
+    /// [`Inner::store_if`] for each of `stores`, in one round trip for up
+    /// to [`BATCH_CHUNK`] stores (a few in parallel beyond).
     pub(crate) async fn store_many_if(
         &self,
         stores: Vec<StoreIf>,
@@ -522,13 +564,18 @@ impl Inner {
         for store in &sent {
             self.forget_near(&store.key);
         }
-        let stored = self.guarded(self.backend.set_many_if(&sent)).await;
+        let chunks = sent
+            .chunks(BATCH_CHUNK)
+            .map(|chunk| self.guarded(self.backend.set_many_if(chunk)));
+        let stored = in_flight(chunks).await;
         for store in &sent {
             self.forget_near(&store.key);
         }
-        if let Ok(stored) = stored {
-            for (n, stored) in at.into_iter().zip(stored) {
-                outcomes[n] = self.count_store(stored, site);
+        for (at, stored) in at.chunks(BATCH_CHUNK).zip(stored) {
+            if let Ok(stored) = stored {
+                for (&n, stored) in at.iter().zip(stored) {
+                    outcomes[n] = self.count_store(stored, site);
+                }
             }
         }
         outcomes
