@@ -234,6 +234,39 @@ async fn a_parked_write_is_replaced_by_a_later_one_or_buried_after_its_bound() {
     assert!(text.contains("cannot be decoded"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_parked_writes_do_not_hold_up_the_others() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let newer = WriteBehind::builder("stall", &cache, Documents::default())
+        .key_template("user:<id>")
+        .flusher(false)
+        .start()
+        .expect("valid");
+    for id in 0..40 {
+        newer
+            .write(id, &serde_json::json!({"id": id}))
+            .await
+            .expect("journaled");
+    }
+    let sink = Recorder::default();
+    let old = WriteBehind::builder("stall", &cache, sink.clone())
+        .key_template("user:<id>")
+        .batch_size(2)
+        .max_delay(Duration::from_millis(10))
+        .retry(Duration::from_millis(200), Duration::from_secs(5))
+        .start()
+        .expect("valid");
+    old.write(100, &"fine".to_owned()).await.expect("journaled");
+    until(
+        Duration::from_secs(10),
+        "the decodable write flushed",
+        || !sink.writes().is_empty(),
+    )
+    .await;
+    assert_eq!(old.stats().dead_letters, 0);
+}
+
 /// A sink whose call never ends, and which says when its call started and
 /// when its future was dropped.
 #[derive(Clone, Default)]
@@ -296,28 +329,128 @@ async fn a_sink_call_is_dropped_when_the_lease_runs_out_by_the_flushers_own_cloc
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dead_letters_are_capped_and_what_is_dropped_is_counted() {
+/// A sink whose first call takes 200 ms, and says whether it finished.
+#[derive(Clone, Default)]
+struct Slow {
+    started: Arc<tokio::sync::Notify>,
+    calls: Arc<AtomicU32>,
+    first_finished: Arc<AtomicBool>,
+    inner: Recorder,
+}
+
+impl Sink<u32, String> for Slow {
+    type Error = String;
+
+    async fn write_batch(&self, batch: Vec<Write<u32, String>>) -> Result<(), String> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.started.notify_one();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.first_finished.store(true, Ordering::SeqCst);
+        }
+        self.inner.write_batch(batch).await
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_paused_flusher_never_finishes_a_sink_call_past_its_lease() {
     let server = RedisServer::start();
     let cache = Cache::redis(&server.url()).expect("valid URL");
-    let sink = Recorder::default();
-    sink.refuse_all.store(true, Ordering::SeqCst);
+    let sink = Slow::default();
+    let wb = WriteBehind::builder("paused", &cache, sink.clone())
+        .key_template("user:<id>")
+        .takeover_after(Duration::from_millis(300))
+        .max_delay(Duration::from_millis(10))
+        .retry(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .expect("valid");
+    let started = sink.started.notified();
+    wb.write(1, &"one".to_owned()).await.expect("journaled");
+    tokio::time::timeout(Duration::from_secs(5), started)
+        .await
+        .expect("the sink was called");
+    // The process stops for three leases (a pause, a stop-the-world): on
+    // waking, its lease is over by its own clock.
+    std::thread::sleep(Duration::from_millis(900));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !sink.first_finished.load(Ordering::SeqCst),
+        "the call went on after the lease ran out"
+    );
+    drained(&wb).await;
+    assert_eq!(sink.inner.writes().len(), 1, "flushed by a later call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_dead_letters_keep_writes_in_the_journal_until_drained() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Recorder {
+        refuse_below: 5,
+        ..Recorder::default()
+    };
     let wb = builder("capped", &cache, sink.clone())
         .max_attempts(1)
         .max_dead_letters(3)
-        .max_delay(Duration::from_millis(200))
+        .max_delay(Duration::from_millis(20))
         .start()
         .expect("valid");
     for id in 0..5 {
         wb.write(id, &format!("row {id}")).await.expect("journaled");
     }
-    drained(&wb).await;
-    let stats = wb.stats();
-    assert_eq!((stats.dead_letters, stats.dead_letters_dropped), (5, 2));
+    // Other writes pass meanwhile: the five are refused rows, not an outage.
+    for id in 100..110 {
+        wb.write(id, &format!("row {id}")).await.expect("journaled");
+    }
+    until(Duration::from_secs(20), "three buried, two held", || {
+        let stats = wb.stats();
+        stats.dead_letters == 3 && stats.dead_letters_full >= 2
+    })
+    .await;
+    assert_eq!(
+        wb.pending().await,
+        Ok(2),
+        "nothing dropped: two wait in the journal"
+    );
     let held: u64 = server
         .cmd(redis::cmd("XLEN").arg("~wb-dead:{capped}"))
         .await;
     assert_eq!(held, 3);
+    // Draining the dead letters makes room: the two follow.
+    let _: () = server.cmd(redis::cmd("DEL").arg("~wb-dead:{capped}")).await;
+    wb.write(200, &"more".to_owned()).await.expect("journaled");
+    drained(&wb).await;
+    assert_eq!(wb.stats().dead_letters, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_buries_nothing_and_costs_the_database_one_call_per_back_off() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Recorder::default();
+    sink.refuse_all.store(true, Ordering::SeqCst);
+    let wb = builder("outage", &cache, sink.clone())
+        .max_attempts(2)
+        .retry(Duration::from_millis(10), Duration::from_millis(200))
+        .max_delay(Duration::from_millis(20))
+        .start()
+        .expect("valid");
+    for id in 0..20 {
+        wb.write(id, &format!("row {id}")).await.expect("journaled");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = sink.calls.load(Ordering::SeqCst);
+    let stats = wb.stats();
+    assert_eq!(
+        stats.dead_letters, 0,
+        "an outage is not a refused write: {stats:?}"
+    );
+    // Back-off from 10 ms doubling to 200 ms: about 20 calls in 3 s.
+    assert!(calls <= 40, "{calls} calls in 3 s of outage");
+    // The database comes back: every write lands.
+    sink.refuse_all.store(false, Ordering::SeqCst);
+    drained(&wb).await;
+    assert_eq!(sink.writes().len(), 20);
+    assert_eq!(wb.stats().dead_letters, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +493,8 @@ async fn a_redis_too_old_for_the_journal_is_refused_at_the_first_write() {
     assert_eq!((held, leased), (0, 0));
 }
 
-/// A value whose `Clone` panics while `BOMBS` is above zero.
+/// A value whose `Clone` panics while `BOMBS` is above zero, and always
+/// for `Bomb("boom")`.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct Bomb(String);
 
@@ -368,9 +502,10 @@ static BOMBS: AtomicU32 = AtomicU32::new(0);
 
 impl Clone for Bomb {
     fn clone(&self) -> Self {
-        if BOMBS
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+        if self.0 == "boom"
+            || BOMBS
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
         {
             panic!("Bomb::clone");
         }
@@ -413,6 +548,7 @@ async fn a_panic_in_the_applications_code_does_not_stop_the_flusher() {
     sink.fail_first.store(true, Ordering::SeqCst);
     let wb = WriteBehind::builder("bombs", &cache, sink.clone())
         .key_template("user:<id>")
+        .max_attempts(2)
         .retry(Duration::from_millis(10), Duration::from_millis(50))
         .start()
         .expect("valid");
@@ -421,14 +557,22 @@ async fn a_panic_in_the_applications_code_does_not_stop_the_flusher() {
     // No other write: the flusher itself must carry on.
     drained(&wb).await;
     let stats = wb.stats();
-    assert_eq!(stats.flusher_restarts, 1, "{stats:?}");
-    assert_eq!(
-        stats.retries, 1,
-        "the error whose Display panicked: {stats:?}"
-    );
+    // Both panics are failures of the sink call, retried.
+    assert_eq!((stats.retries, stats.flusher_restarts), (2, 0), "{stats:?}");
     let writes = sink.writes.lock().expect("not poisoned").clone();
     assert_eq!(writes.len(), 1);
     assert_eq!(writes[0].change, Change::Upsert(Bomb("one".into())));
+    // A value whose Clone always panics is one refused write: buried, and
+    // the others flow.
+    wb.write(2, &Bomb("boom".into())).await.expect("journaled");
+    for id in 3..6 {
+        wb.write(id, &Bomb(format!("v{id}")))
+            .await
+            .expect("journaled");
+    }
+    drained(&wb).await;
+    assert_eq!(wb.stats().dead_letters, 1);
+    assert_eq!(sink.writes.lock().expect("not poisoned").len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,6 +143,80 @@ async fn a_takeover_whose_lease_lapsed_claims_and_forgets_nothing() {
     assert_eq!(live_sink.inner.writes().len(), 5);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flusher_that_panics_is_started_again() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    failpoint::arm("write-behind/flusher:~wb:{restart}", Action::Fail, 3);
+    let sink = Recorder::default();
+    let wb = WriteBehind::builder("restart", &cache, sink.clone())
+        .key_template("user:<id>")
+        .retry(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .expect("valid");
+    wb.write(1, &"one".to_owned()).await.expect("journaled");
+    // No other write: the flusher must carry on by itself.
+    drained(&wb).await;
+    assert_eq!(wb.stats().flusher_restarts, 1);
+    assert_eq!(sink.writes().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_under_noeviction_still_drains_the_journal() {
+    let server =
+        RedisServer::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]);
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Gated::default();
+    let wb = WriteBehind::builder("full", &cache, sink.clone())
+        .key_template("user:<id>")
+        .max_delay(Duration::from_millis(10))
+        .retry(Duration::from_millis(10), Duration::from_millis(100))
+        .start()
+        .expect("valid");
+    let started = sink.started.notified();
+    for id in 0..10 {
+        wb.write(id, &format!("row {id}")).await.expect("journaled");
+    }
+    tokio::time::timeout(Duration::from_secs(5), started)
+        .await
+        .expect("the sink was called");
+    // Another program fills the memory: Redis refuses every write now
+    // (what is used is over `maxmemory`).
+    let mut client = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let chunk = vec![b'x'; 256 * 1024];
+    for n in 0..8 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("filler:{n}"))
+            .arg(&chunk)
+            .query_async(&mut client)
+            .await
+            .expect("room for the filler");
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1mb")
+        .query_async(&mut client)
+        .await
+        .expect("config set");
+    let refused: redis::RedisResult<()> = redis::cmd("SET")
+        .arg("probe")
+        .arg("x")
+        .query_async(&mut client)
+        .await;
+    assert!(refused.is_err(), "Redis is full");
+    sink.open.store(true, Ordering::SeqCst);
+    // The writes reach the database and leave the journal; the cache can
+    // no longer hold them, so readers go to the database.
+    drained(&wb).await;
+    assert_eq!(sink.inner.writes().len(), 10);
+    assert_eq!(cache.get::<String>("user:3").await, None);
+}
+
 // ---------------------------------------------------------------------
 // A writer process killed at random points while a second process runs.
 

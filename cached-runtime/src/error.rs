@@ -62,7 +62,8 @@ impl Error {
     /// include the whole connection info in their detail; only the kind,
     /// category and code are kept.
     pub(crate) fn from_redis(err: &redis::RedisError) -> Self {
-        match err.code() {
+        let code = server_code(err);
+        match code.as_deref() {
             Some(code @ ("OOM" | "READONLY" | "MISCONF")) => {
                 return Error::Refused(code.to_owned())
             }
@@ -89,9 +90,9 @@ impl Error {
             );
         }
         let mut text = format!("{:?}", err.kind());
-        if let Some(code) = err.code() {
+        if let Some(code) = code {
             text.push_str(": ");
-            text.push_str(code);
+            text.push_str(&code);
         }
         if err.is_timeout() {
             text.push_str(" (timeout)");
@@ -102,4 +103,14 @@ impl Error {
         }
         Error::Redis(text)
     }
+}
+
+/// The server's error code of `err` (`OOM`, `NOSCRIPT`, …), also when it
+/// is a pipeline's error (that of its first failing command).
+pub(crate) fn server_code(err: &redis::RedisError) -> Option<String> {
+    if let Some(code) = err.code() {
+        return Some(code.to_owned());
+    }
+    let failed = err.clone().into_server_errors()?;
+    failed.first().map(|(_, failure)| failure.code().to_owned())
 }

@@ -20,6 +20,10 @@ pub struct Recorder {
     pub poison: Option<u32>,
     /// It refuses every write while on.
     pub refuse_all: Arc<AtomicBool>,
+    /// Keys below this it refuses, always.
+    pub refuse_below: u32,
+    /// Calls made, failed ones too.
+    pub calls: Arc<AtomicU32>,
     /// Calls that panic before it works.
     pub panics: Arc<AtomicU32>,
 }
@@ -35,8 +39,12 @@ impl Sink<u32, String> for Recorder {
         {
             panic!("the sink panicked");
         }
+        self.calls.fetch_add(1, Ordering::SeqCst);
         if self.refuse_all.load(Ordering::SeqCst) {
             return Err("the database refuses every write".into());
+        }
+        if let Some(w) = batch.iter().find(|w| w.key < self.refuse_below) {
+            return Err(format!("row {} violates a constraint", w.key));
         }
         if let Some(poison) = self.poison {
             if batch.iter().any(|w| w.key == poison) {

@@ -12,8 +12,8 @@ use std::time::Duration;
 pub(crate) use self::memory::MemoryBackend;
 pub use self::memory::MemoryConfig;
 pub(crate) use self::redis::{
-    ClusterTarget, DeadLetter, JournalKeys, JournalPut, Journaled, Landing, RedisBackend, Release,
-    SentinelTarget, Target, Tracker,
+    Buried, ClusterTarget, DeadLetter, JournalKeys, JournalPut, Journaled, Landing, RedisBackend,
+    Release, SentinelTarget, Target, Tracker,
 };
 use crate::error::Result;
 

@@ -70,7 +70,10 @@ where
     /// `(String, u64)` keys). The placeholder names are not read.
     ///
     /// The template is checked by [`WriteBehindBuilder::start`] with the
-    /// attribute's rules.
+    /// attribute's rules. The getter's key must be an explicit template
+    /// over parameters of concrete types: a default key, or a placeholder
+    /// of generic type, adds a digest that no template renders. Entries
+    /// written here carry no tags (`invalidate_tag` does not reach them).
     pub fn key_template(mut self, template: &str) -> Self {
         self.key = Some(template.to_owned());
         self
@@ -121,8 +124,9 @@ where
         self
     }
 
-    /// How often one write may fail alone before it goes to the dead
-    /// letters (default 10; see [`WriteBehind`]).
+    /// How often one write may fail alone, while the sink takes other
+    /// writes, before it goes to the dead letters (default 10; see
+    /// [`WriteBehind`]).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.limits.max_attempts = attempts;
         self
@@ -146,9 +150,11 @@ where
         self
     }
 
-    /// The most dead letters kept (default 10,000): a new one beyond it
-    /// drops the oldest, counted in
-    /// [`WriteBehindStats::dead_letters_dropped`](super::WriteBehindStats::dead_letters_dropped).
+    /// The most dead letters kept (default 10,000). Nothing is dropped from
+    /// them: while they are full, a write given up on stays in the journal
+    /// (counted in
+    /// [`WriteBehindStats::dead_letters_full`](super::WriteBehindStats::dead_letters_full)),
+    /// until they are drained (`XRANGE`, then `XDEL`).
     pub fn max_dead_letters(mut self, most: u64) -> Self {
         self.limits.max_dead_letters = most;
         self

@@ -5,22 +5,36 @@
 //! reads the journal in batches, coalesces each into one write per key,
 //! hands them to the sink, puts what the sink took in the cache again
 //! (unless a later write of its key is there) and only then removes it
-//! from the journal. A failing batch is retried with back-off and split
-//! down to single writes, and a write that keeps failing alone is buried
-//! in the dead letters, its cache entry invalidated. A write it cannot
-//! decode is parked for a flusher that can.
+//! from the journal.
+//!
+//! Failures. A failing batch is split in halves down to single writes. A
+//! single write that fails is *held*: it stays pending in the journal,
+//! tried again alone with back-off of its own, while the flusher goes on
+//! with other writes; a later write of its key replaces it. It is buried
+//! in the dead letters (its cache entry invalidated) once it failed
+//! `max_attempts` times while the sink took other writes: never while the
+//! sink takes nothing, which is an outage, not a bad write. While calls
+//! fail in a row, every call first waits a back-off that grows with the
+//! streak, so that an outage costs the database one call per back-off. A
+//! write it cannot decode is held the same way (parked) for a flusher that
+//! can decode it.
 //!
 //! The lease is kept on two clocks. Redis's: every read and renewal
-//! extends it, and only the holder can read, claim or forget consumers
-//! (each checked in the same script). This process's own: the lease ends
-//! one lease period after the last renewal was *sent*, so a sink call
-//! still running then is dropped before Redis can hand the lease to
-//! another process, whatever happened to the renewals meanwhile.
+//! extends it, and only the holder can read, claim, forget consumers,
+//! acknowledge or bury (each checked in the same script). This process's
+//! own: the lease ends one lease period after the last renewal was *sent*;
+//! the sink's future is never polled past that, so a sink call cut off
+//! from Redis, or a process paused, stops before Redis can hand the lease
+//! to another process (to within one poll: a sink that must be exact
+//! fences rows by journal id).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -30,9 +44,9 @@ use serde::Serialize;
 use super::shared::{Limits, Shared};
 use super::stats::Tally;
 use super::{Change, JournalId, Sink, Write};
-use crate::backend::{DeadLetter, JournalPut, Journaled};
+use crate::backend::{Buried, DeadLetter, JournalPut, Journaled};
 use crate::codec::Entry;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::key::KeyParts;
 use crate::stats::Event;
@@ -40,8 +54,8 @@ use crate::token::now_unix_ms;
 
 /// Failures of a part before it is split in halves.
 const SPLIT_AFTER: u32 = 3;
-/// Reads one batch may take to get past parked writes.
-const MAX_READS_PER_BATCH: usize = 16;
+/// Pages of pending writes one batch reads to get past held ones.
+const MAX_PENDING_PAGES: usize = 4;
 /// Writes one acknowledgement removes.
 const ACK_CHUNK: usize = 1000;
 
@@ -76,8 +90,8 @@ impl<K, V, S> Drop for Running<K, V, S> {
 
 /// Runs the flusher until the write-behind stops, starting it again if it
 /// panics: the application's code runs inside it (its `Deserialize`,
-/// `Display` and `CacheKey` impls), and a flusher that died would leave
-/// the journal unflushed until the next local write.
+/// `Clone`, `Display` and `CacheKey` impls, and the sink), and a flusher
+/// that died would leave the journal unflushed until the next local write.
 async fn supervise<K, V, S>(shared: &Shared<K, V, S>)
 where
     K: Serialize + DeserializeOwned + KeyParts + Clone + Send + Sync + 'static,
@@ -102,15 +116,31 @@ fn backoff(pause: Duration, limits: &Limits) -> Duration {
     pause.saturating_mul(2).min(limits.retry_max)
 }
 
+/// The back-off after `failures` failures in a row.
+fn backoff_after(failures: u32, limits: &Limits) -> Duration {
+    let mut wait = limits.retry_base;
+    for _ in 1..failures.min(32) {
+        wait = backoff(wait, limits);
+    }
+    wait
+}
+
+/// What makes two journaled writes writes of one key: the cache key they
+/// render to, or, for a key that cannot be decoded here, its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SlotKey {
+    Cache(String),
+    Raw(Vec<u8>),
+}
+
 /// One key's writes in a batch: the last one, and the ids of all.
 struct Slot<K, V> {
     /// The key's last write, or why it cannot be decoded (never the data).
     write: std::result::Result<Write<K, V>, &'static str>,
-    /// Its full cache key, when its key could be decoded.
-    cache_key: Option<String>,
+    key: SlotKey,
     raw_key: Vec<u8>,
     entry: Vec<u8>,
-    /// The ids of the key's writes in the batch, oldest first.
+    /// The ids of the key's writes it stands for, oldest first.
     ids: Vec<String>,
     /// The last of them.
     last: JournalId,
@@ -120,32 +150,53 @@ impl<K, V> Slot<K, V> {
     fn last_id(&self) -> &str {
         self.ids.last().map_or("", String::as_str)
     }
+
+    fn cache_key(&self) -> Option<&str> {
+        match &self.key {
+            SlotKey::Cache(key) => Some(key),
+            SlotKey::Raw(_) => None,
+        }
+    }
 }
 
 /// Part of a batch that the sink has not taken yet.
 struct Part<K, V> {
     slots: Vec<Slot<K, V>>,
     failures: u32,
+    /// When the batch it comes from first failed.
     failing_since: Option<Instant>,
-    error: String,
 }
 
-/// A write's failures alone, kept while it is read again.
-#[derive(Debug, Clone, Copy)]
-struct Strikes {
-    failures: u32,
-    since: Instant,
+/// Why a write is held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The sink refused it alone.
+    Refused,
+    /// It cannot be decoded here.
+    Undecodable,
 }
 
-/// A write that could not be decoded, waiting.
+/// A write held back in the journal, by the id of each write it stands
+/// for.
 #[derive(Debug, Clone)]
-struct Parked {
-    raw_key: Vec<u8>,
-    /// Its last write's id: the writes it stands for are parked with it.
+struct Held {
+    hold: Hold,
+    key: SlotKey,
+    /// Its last write's id.
     last: JournalId,
+    /// Failed tries: the sink's refusals alone, or decodes.
+    failures: u32,
+    /// When it (or the batch it came from) first failed.
     since: Instant,
-    tries: u32,
     /// Not tried again before then.
+    next: Instant,
+}
+
+/// Sink calls failing in a row, none passing.
+#[derive(Debug, Clone, Copy)]
+struct Streak {
+    failures: u32,
+    /// No call before then.
     next: Instant,
 }
 
@@ -157,11 +208,12 @@ struct Flusher<'a, K, V, S> {
     /// When this flusher's lease ends by its own clock, in ms after
     /// `epoch`; 0 when it holds none.
     lease_end: AtomicU64,
-    /// Writes that failed alone, by id: read again (the lease lost and
-    /// taken back), they stay alone, with their count.
-    alone: Mutex<HashMap<String, Strikes>>,
-    /// Writes that could not be decoded, by id.
-    parked: Mutex<HashMap<String, Parked>>,
+    /// Writes held back, by id. Kept when the lease is lost and taken
+    /// back: the journal keeps them pending, and their counts must go on.
+    held: Mutex<HashMap<String, Held>>,
+    streak: Mutex<Option<Streak>>,
+    /// When a sink call last passed.
+    last_success: Mutex<Option<Instant>>,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,8 +233,9 @@ where
             shared,
             epoch: Instant::now(),
             lease_end: AtomicU64::new(0),
-            alone: Mutex::default(),
-            parked: Mutex::default(),
+            held: Mutex::default(),
+            streak: Mutex::default(),
+            last_success: Mutex::default(),
         }
     }
 
@@ -199,6 +252,11 @@ where
             .max(Duration::from_millis(5));
         let mut pause = limits.retry_base;
         while !shared.stopping() {
+            if failpoint::hit("write-behind/flusher", &shared.journal.stream)
+                == Some(failpoint::Action::Fail)
+            {
+                panic!("write-behind flusher failpoint");
+            }
             if !self.holds() {
                 match self.lead().await {
                     Ok(true) => {}
@@ -227,16 +285,17 @@ where
                     continue;
                 }
             };
-            pause = limits.retry_base;
             if batch.is_empty() {
+                pause = limits.retry_base;
                 shared.draining.store(false, Ordering::Release);
                 shared.idle(poll).await;
                 continue;
             }
             match self.apply(batch).await {
-                Ok(true) => {}
+                Ok(true) => pause = limits.retry_base,
                 Ok(false) => self.lost(),
-                // The writes stay pending and are read again.
+                // The writes stay pending and are read again, after a
+                // back-off that grows while this goes on.
                 Err(err) => {
                     tracing::debug!(target: "redis_cached", error = %err, "write-behind batch left pending");
                     shared.pause(pause).await;
@@ -364,18 +423,17 @@ where
         }
     }
 
-    /// Waits `period`, extending the lease meanwhile; whether it still
-    /// holds. A drain or a stop ends the wait early.
-    async fn hold_for(&self, period: Duration) -> bool {
-        let end = Instant::now() + period;
+    /// Waits until `until`, extending the lease meanwhile; whether it
+    /// still holds. A stop ends the wait early.
+    async fn hold_until(&self, until: Instant) -> bool {
         let step = self.shared.limits.lease / 3;
         loop {
-            let left = end.saturating_duration_since(Instant::now());
+            let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return true;
             }
             self.shared.pause(left.min(step)).await;
-            if self.shared.stopping() || Instant::now() >= end {
+            if self.shared.stopping() || Instant::now() >= until {
                 return true;
             }
             if !self.renew().await {
@@ -414,36 +472,43 @@ where
         Ok(read)
     }
 
-    /// Whether the write `id` is parked and not due for another try.
+    /// Whether the write `id` is held and not due for another try.
     fn waits(&self, id: &str) -> bool {
-        locked(&self.parked)
+        locked(&self.held)
             .get(id)
-            .is_some_and(|parked| parked.next > Instant::now())
+            .is_some_and(|held| held.next > Instant::now())
     }
 
     /// The next writes to flush: this flusher's pending ones first (a
-    /// takeover's, a failed acknowledgement's), past the parked ones that
-    /// wait, then new ones; a batch that is not full waits until its
-    /// oldest write is `max_delay` old. `None` when the lease is lost.
+    /// takeover's, a failed acknowledgement's, held ones now due), past
+    /// the held ones that wait, then new ones; a batch that is not full
+    /// waits until its oldest write is `max_delay` old. `None` when the
+    /// lease is lost.
     async fn next_batch(&self) -> Result<Option<Vec<Journaled>>> {
         let limits = &self.shared.limits;
         let size = limits.batch_size;
         let mut batch = Vec::new();
         let mut after = "0".to_owned();
-        for _ in 0..MAX_READS_PER_BATCH {
+        let mut more_pending = false;
+        for _ in 0..MAX_PENDING_PAGES {
             let want = size - batch.len();
             let Some(read) = self.read(want, Some(&after)).await? else {
                 return Ok(None);
             };
-            let full = read.len() == want;
+            more_pending = read.len() == want;
             if let Some(last) = read.last() {
                 after.clone_from(&last.id);
             }
-            let before = batch.len() + read.len();
             batch.extend(read.into_iter().filter(|w| !self.waits(&w.id)));
-            // Read on past what waits, if that filled the read.
-            if !full || batch.len() == before || batch.len() >= size {
+            if !more_pending || batch.len() >= size {
                 break;
+            }
+        }
+        // Held writes fill the pending pages: new ones come all the same.
+        if more_pending && batch.len() < size {
+            match self.read(size - batch.len(), None).await? {
+                Some(new) => batch.extend(new),
+                None => return Ok(None),
             }
         }
         let Some(first) = batch.first().and_then(|w| JournalId::parse(&w.id)) else {
@@ -462,18 +527,15 @@ where
     }
 
     /// Decodes a journaled write: the write, or why not (never the data,
-    /// which may be personal), and its full cache key when its key
-    /// decodes. The application's `Deserialize` and `CacheKey` impls run
-    /// here: a panic in one is an undecodable write, not a dead flusher.
+    /// which may be personal), and its key. The application's
+    /// `Deserialize` and `CacheKey` impls run here: a panic in one is an
+    /// undecodable write, not a dead flusher.
     fn decode(
         &self,
         raw_key: &[u8],
         entry: &[u8],
         id: JournalId,
-    ) -> (
-        std::result::Result<Write<K, V>, &'static str>,
-        Option<String>,
-    ) {
+    ) -> (std::result::Result<Write<K, V>, &'static str>, SlotKey) {
         let codec = self.shared.cache.inner.settings.codec;
         let key = std::panic::catch_unwind(AssertUnwindSafe(|| match codec.decode::<K>(raw_key) {
             Ok(Entry::Value(Some(key), _)) => Ok(key),
@@ -492,11 +554,16 @@ where
                 Err(_) => Err("the journaled value cannot be decoded"),
             }))
             .unwrap_or(Err("decoding the journaled value panicked"));
-        let write = match (key, change) {
-            (Ok(key), Ok(change)) => Ok(Write { key, change, id }),
-            (Err(why), _) | (_, Err(why)) => Err(why),
+        let write = match (key, change, &cache_key) {
+            (Ok(key), Ok(change), Some(_)) => Ok(Write { key, change, id }),
+            (Err(why), _, _) | (_, Err(why), _) => Err(why),
+            (_, _, None) => Err("rendering the journaled key's cache key panicked"),
         };
-        (write, cache_key)
+        let key = match cache_key {
+            Some(key) => SlotKey::Cache(key),
+            None => SlotKey::Raw(raw_key.to_vec()),
+        };
+        (write, key)
     }
 
     /// Coalesces `batch` into one slot per key (its last write), in
@@ -504,7 +571,7 @@ where
     /// pending.
     fn coalesce(&self, batch: Vec<Journaled>) -> (Vec<Slot<K, V>>, Vec<String>) {
         let mut slots: Vec<Slot<K, V>> = Vec::new();
-        let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut index: HashMap<SlotKey, usize> = HashMap::new();
         let mut gone = Vec::new();
         for journaled in batch {
             let (Some(raw_key), Some(entry), Some(id)) = (
@@ -515,22 +582,22 @@ where
                 gone.push(journaled.id);
                 continue;
             };
-            let (write, cache_key) = self.decode(&raw_key, &entry, id);
-            match index.get(&raw_key) {
+            let (write, key) = self.decode(&raw_key, &entry, id);
+            match index.get(&key) {
                 Some(&at) => {
                     self.shared.counters.add(Tally::coalesced, 1);
                     let slot = &mut slots[at];
                     slot.write = write;
-                    slot.cache_key = cache_key;
+                    slot.raw_key = raw_key;
                     slot.entry = entry;
                     slot.ids.push(journaled.id);
                     slot.last = id;
                 }
                 None => {
-                    index.insert(raw_key.clone(), slots.len());
+                    index.insert(key.clone(), slots.len());
                     slots.push(Slot {
                         write,
-                        cache_key,
+                        key,
                         raw_key,
                         entry,
                         ids: vec![journaled.id],
@@ -543,25 +610,66 @@ where
         (slots, gone)
     }
 
+    /// Makes each slot stand for the held writes of its key that are
+    /// older than it too: a later write replaces them (the sink needs only
+    /// a key's last write), so they are removed with it and never applied
+    /// after it.
+    fn absorb(&self, slots: &mut [Slot<K, V>]) {
+        let mut held = locked(&self.held);
+        if held.is_empty() {
+            return;
+        }
+        for slot in slots.iter_mut() {
+            let mut older: Vec<(JournalId, String)> = held
+                .iter()
+                .filter(|(id, h)| {
+                    h.key == slot.key && h.last <= slot.last && !slot.ids.contains(id)
+                })
+                .filter_map(|(id, _)| JournalId::parse(id).map(|at| (at, id.clone())))
+                .collect();
+            for id in &slot.ids {
+                // Held and read again: this try is the slot's own now,
+                // unless the slot is that very write retried.
+                if held.get(id).is_some_and(|h| h.last < slot.last) {
+                    held.remove(id);
+                }
+            }
+            if older.is_empty() {
+                continue;
+            }
+            older.sort();
+            self.shared
+                .counters
+                .add(Tally::coalesced, older.len() as u64);
+            let mut ids: Vec<String> = older.into_iter().map(|(_, id)| id).collect();
+            for id in &ids {
+                held.remove(id);
+            }
+            ids.append(&mut slot.ids);
+            slot.ids = ids;
+        }
+    }
+
     // ---------------------------------------------------------------
     // Flushing.
 
     /// Applies one batch; whether the lease held throughout.
     async fn apply(&self, batch: Vec<Journaled>) -> Result<bool> {
-        {
-            // What failed alone and is no longer read has been flushed or
-            // buried by another process.
-            let read: HashSet<&str> = batch.iter().map(|w| w.id.as_str()).collect();
-            locked(&self.alone).retain(|id, _| read.contains(id.as_str()));
-        }
-        let (slots, gone) = self.coalesce(batch);
+        let (mut slots, gone) = self.coalesce(batch);
         let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
-        self.ack(&gone).await?;
+        if !self.ack(&gone).await? {
+            return Ok(false);
+        }
+        self.absorb(&mut slots);
         let mut ready = Vec::with_capacity(slots.len());
         for slot in slots {
             match slot.write {
                 Ok(_) => ready.push(slot),
-                Err(why) => self.park(&slot, why).await?,
+                Err(why) => {
+                    if !self.park(&slot, why).await? {
+                        return Ok(false);
+                    }
+                }
             }
         }
         if ready.is_empty() {
@@ -570,66 +678,74 @@ where
         self.flush(ready).await
     }
 
-    /// Parks a write that cannot be decoded: it stays in the journal for
-    /// a flusher that can (a newer version of the application), tried
-    /// again with back-off, until `park_undecodable_for` passed; then it
-    /// is buried.
-    async fn park(&self, slot: &Slot<K, V>, why: &'static str) -> Result<()> {
-        let limits = &self.shared.limits;
+    /// Holds a write that cannot be decoded for a flusher that can (a
+    /// newer version of the application), tried again with back-off,
+    /// until `park_undecodable_for` passed; then buries it. Whether the
+    /// lease held.
+    async fn park(&self, slot: &Slot<K, V>, why: &'static str) -> Result<bool> {
         let now = Instant::now();
-        let (since, tries) = {
-            let mut parked = locked(&self.parked);
-            let record = parked
-                .get(slot.last_id())
-                .cloned()
-                .unwrap_or_else(|| {
-                    self.shared.counters.add(Tally::parked, 1);
-                    tracing::warn!(target: "redis_cached", stream = %self.shared.journal.stream, problem = why,
-                        "a journaled write cannot be decoded by this process; it waits for a flusher that can");
-                    Parked {
-                        raw_key: slot.raw_key.clone(),
-                        last: slot.last,
-                        since: now,
-                        tries: 0,
-                        next: now,
-                    }
-                });
-            let mut wait = limits.retry_base;
-            for _ in 0..record.tries.min(32) {
-                wait = backoff(wait, limits);
-            }
-            let record = Parked {
-                tries: record.tries + 1,
-                next: now + wait,
-                ..record
-            };
-            for id in &slot.ids {
-                parked.insert(id.clone(), record.clone());
-            }
-            // Forgotten by whoever flushed or buried them meanwhile.
-            let stale = limits.park_for.saturating_mul(2);
-            parked.retain(|_, p| now.saturating_duration_since(p.since) < stale);
-            (record.since, record.tries)
-        };
-        if now.saturating_duration_since(since) >= limits.park_for {
-            self.bury(slot, why, tries).await?;
+        let held = self.hold(slot, Hold::Undecodable, None, now);
+        if held.failures == 1 {
+            self.shared.counters.add(Tally::parked, 1);
+            tracing::warn!(target: "redis_cached", stream = %self.shared.journal.stream, problem = why,
+                "a journaled write cannot be decoded by this process; it waits for a flusher that can");
         }
-        Ok(())
+        if now.saturating_duration_since(held.since) < self.shared.limits.park_for {
+            return Ok(true);
+        }
+        self.bury(slot, why, held.failures).await
     }
 
-    /// The parts a flush starts with: the writes that failed alone before
-    /// stay alone, with their count; the others go together.
+    /// Records one more failure of `slot`, held back from now on; its
+    /// record. `since`: when its batch first failed, for a first failure.
+    fn hold(&self, slot: &Slot<K, V>, hold: Hold, since: Option<Instant>, now: Instant) -> Held {
+        let limits = &self.shared.limits;
+        let mut held = locked(&self.held);
+        let record = match held.get(slot.last_id()) {
+            Some(record) => Held {
+                failures: record.failures + 1,
+                ..record.clone()
+            },
+            None => Held {
+                hold,
+                key: slot.key.clone(),
+                last: slot.last,
+                failures: 1,
+                since: since.unwrap_or(now),
+                next: now,
+            },
+        };
+        let record = Held {
+            next: now + backoff_after(record.failures, limits),
+            ..record
+        };
+        for id in &slot.ids {
+            held.insert(id.clone(), record.clone());
+        }
+        record
+    }
+
+    /// Forgets what was held of `slot`'s writes: they are flushed or buried.
+    fn release(&self, slot: &Slot<K, V>) {
+        let mut held = locked(&self.held);
+        for id in &slot.ids {
+            held.remove(id);
+        }
+    }
+
+    /// The parts a flush starts with: a refused write tried again goes
+    /// alone, with its count; the others go together (a parked write that
+    /// decodes now among them).
     fn parts(&self, slots: Vec<Slot<K, V>>) -> Vec<Part<K, V>> {
-        let alone = locked(&self.alone);
+        let held = locked(&self.held);
         let mut together = Vec::with_capacity(slots.len());
         let mut parts = Vec::new();
         for slot in slots {
-            match alone.get(slot.last_id()) {
-                Some(strikes) => parts.push(Part {
+            match held.get(slot.last_id()).filter(|r| r.hold == Hold::Refused) {
+                Some(record) => parts.push(Part {
                     slots: vec![slot],
-                    failures: strikes.failures,
-                    failing_since: Some(strikes.since),
-                    error: String::new(),
+                    failures: record.failures,
+                    failing_since: Some(record.since),
                 }),
                 None => together.push(slot),
             }
@@ -641,39 +757,71 @@ where
                     slots: together,
                     failures: 0,
                     failing_since: None,
-                    error: String::new(),
                 },
             );
         }
         parts
     }
 
-    /// Flushes `slots` until the sink took each or it was buried; whether
-    /// the lease held throughout. A stop or a lost lease leaves the rest
-    /// pending in the journal, for whoever flushes next.
+    /// Waits, keeping the lease, while sink calls have been failing in a
+    /// row (an outage costs the database one call per back-off); whether
+    /// the lease held.
+    async fn pace(&self) -> bool {
+        let next = locked(&self.streak).map(|streak| streak.next);
+        match next {
+            Some(next) if next > Instant::now() => self.hold_until(next).await,
+            _ => true,
+        }
+    }
+
+    fn passed(&self) {
+        *locked(&self.streak) = None;
+        *locked(&self.last_success) = Some(Instant::now());
+    }
+
+    fn failed(&self) {
+        let mut streak = locked(&self.streak);
+        let failures = streak.map_or(0, |s| s.failures) + 1;
+        *streak = Some(Streak {
+            failures,
+            next: Instant::now() + backoff_after(failures, &self.shared.limits),
+        });
+    }
+
+    /// Whether the sink took some write since `since`.
+    fn others_pass(&self, since: Instant) -> bool {
+        locked(&self.last_success).is_some_and(|at| at > since)
+    }
+
+    /// Flushes `slots`: until the sink took each write, or it is held back
+    /// (a single write that failed) or buried; whether the lease held
+    /// throughout. A stop or a lost lease leaves the rest pending in the
+    /// journal, for whoever flushes next.
     async fn flush(&self, slots: Vec<Slot<K, V>>) -> Result<bool> {
-        let limits = &self.shared.limits;
         let mut parts = self.parts(slots);
-        let mut backoff_now = limits.retry_base;
-        let mut last_success: Option<Instant> = None;
-        while !parts.is_empty() {
+        while !parts.is_empty() && !self.shared.stopping() {
             let mut failing = Vec::new();
-            let mut progressed = false;
             for mut part in parts {
+                if !self.pace().await {
+                    return Ok(false);
+                }
                 let (outcome, held) = self.call_sink(&part.slots).await;
                 match outcome {
                     Some(Ok(())) => {
-                        progressed = true;
-                        last_success = Some(Instant::now());
-                        self.flushed(&part.slots).await?;
+                        self.passed();
+                        if !self.flushed(&part.slots).await? {
+                            return Ok(false);
+                        }
                     }
                     Some(Err(error)) => {
+                        self.failed();
                         self.shared.counters.add(Tally::retries, 1);
                         tracing::warn!(target: "redis_cached", %error, writes = part.slots.len(), "the write-behind sink failed; retrying");
                         part.failures += 1;
-                        let since = *part.failing_since.get_or_insert_with(Instant::now);
-                        part.error = error;
-                        failing.extend(self.after_failure(part, since, last_success).await?);
+                        part.failing_since.get_or_insert_with(Instant::now);
+                        if let Some(part) = self.after_failure(part, &error).await? {
+                            failing.extend(part);
+                        }
                     }
                     None => {}
                 }
@@ -682,67 +830,49 @@ where
                 }
             }
             parts = failing;
-            if parts.is_empty() || self.shared.stopping() {
-                break;
-            }
-            backoff_now = if progressed {
-                limits.retry_base
-            } else {
-                backoff(backoff_now, limits)
-            };
-            if !self.hold_for(backoff_now).await {
-                return Ok(false);
-            }
         }
         Ok(true)
     }
 
-    /// What becomes of a part that just failed: kept, split, or (a single
-    /// write) buried.
+    /// What becomes of a part that just failed: kept or split (`Some`);
+    /// a single write is held back, or buried once it failed
+    /// `max_attempts` times while the sink took other writes (`None`; an
+    /// `Err` when Redis failed meanwhile).
     async fn after_failure(
         &self,
         mut part: Part<K, V>,
-        since: Instant,
-        last_success: Option<Instant>,
-    ) -> Result<Vec<Part<K, V>>> {
-        let attempts = self.shared.limits.max_attempts;
+        error: &str,
+    ) -> Result<Option<Vec<Part<K, V>>>> {
+        let now = Instant::now();
         if part.slots.len() == 1 {
-            let others_pass = last_success.is_some_and(|at| at > since);
-            let limit = if others_pass {
-                attempts
-            } else {
-                attempts.saturating_mul(3)
-            };
-            if part.failures < limit {
-                let strikes = Strikes {
-                    failures: part.failures,
-                    since,
-                };
-                locked(&self.alone).insert(part.slots[0].last_id().to_owned(), strikes);
-                return Ok(vec![part]);
+            let slot = &part.slots[0];
+            let held = self.hold(slot, Hold::Refused, part.failing_since, now);
+            if held.failures >= self.shared.limits.max_attempts && self.others_pass(held.since) {
+                self.bury(slot, error, held.failures).await?;
             }
-            self.bury(&part.slots[0], &part.error, part.failures)
-                .await?;
-            return Ok(Vec::new());
+            return Ok(None);
         }
         if part.failures < SPLIT_AFTER {
-            return Ok(vec![part]);
+            return Ok(Some(vec![part]));
         }
         let second = part.slots.split_off(part.slots.len() / 2);
         let half = |slots| Part {
             slots,
             failures: 0,
             failing_since: part.failing_since,
-            error: part.error.clone(),
         };
-        Ok(vec![half(std::mem::take(&mut part.slots)), half(second)])
+        Ok(Some(vec![
+            half(std::mem::take(&mut part.slots)),
+            half(second),
+        ]))
     }
 
     /// Runs the sink on `slots` if the lease still holds, extending it
-    /// while the sink works and abandoning the call (dropping its future)
-    /// once the lease is lost, has run out by this process's clock, or
-    /// `sink_timeout` passed. The sink's outcome (`None`: not called, or
-    /// abandoned for the lease), and whether the lease held.
+    /// while the sink works and abandoning the call (dropping its future,
+    /// which is never polled past the lease's end by this process's clock)
+    /// once the lease is lost or ran out, or `sink_timeout` passed. The
+    /// sink's outcome (`None`: not called, or abandoned for the lease), and
+    /// whether the lease held.
     async fn call_sink(
         &self,
         slots: &[Slot<K, V>],
@@ -758,30 +888,47 @@ where
             }
         }
         let limits = &self.shared.limits;
-        let batch: Vec<Write<K, V>> = slots
-            .iter()
-            .filter_map(|slot| slot.write.as_ref().ok().cloned())
-            .collect();
-        // The sink's code before its first await runs here.
+        // The application's `Clone` and the sink's code before its first
+        // await run here.
         let sink = &self.shared.sink;
-        let Ok(call) = std::panic::catch_unwind(AssertUnwindSafe(|| sink.write_batch(batch)))
-        else {
-            return (Some(Err("the sink panicked".to_owned())), true);
+        let call = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let batch: Vec<Write<K, V>> = slots
+                .iter()
+                .filter_map(|slot| slot.write.as_ref().ok().cloned())
+                .collect();
+            sink.write_batch(batch)
+        }));
+        let Ok(call) = call else {
+            return (
+                Some(Err("the sink (or a write's Clone) panicked".to_owned())),
+                true,
+            );
         };
-        let call = tokio::time::timeout(limits.sink_timeout, AssertUnwindSafe(call).catch_unwind());
+        let fenced = Fenced {
+            call: Box::pin(call),
+            flusher: self,
+        };
+        let call =
+            tokio::time::timeout(limits.sink_timeout, AssertUnwindSafe(fenced).catch_unwind());
         tokio::select! {
-            outcome = call => {
-                let outcome = match outcome {
-                    Ok(Ok(Ok(()))) => Ok(()),
-                    Ok(Ok(Err(err))) => Err(describe(&err)),
-                    Ok(Err(_)) => Err("the sink panicked".to_owned()),
-                    Err(_) => Err(format!("the sink took longer than {:?}", limits.sink_timeout)),
-                };
-                (Some(outcome), true)
-            }
+            biased;
             () = self.keep_lease() => {
                 tracing::warn!(target: "redis_cached", stream = %self.shared.journal.stream, "write-behind lease lost during a sink call; call abandoned");
                 (None, false)
+            }
+            outcome = call => {
+                let outcome = match outcome {
+                    Ok(Ok(Some(Ok(())))) => Ok(()),
+                    Ok(Ok(Some(Err(err)))) => Err(describe(&err)),
+                    // The lease ran out by this process's clock.
+                    Ok(Ok(None)) => {
+                        tracing::warn!(target: "redis_cached", stream = %self.shared.journal.stream, "write-behind lease ran out during a sink call; call abandoned");
+                        return (None, false);
+                    }
+                    Ok(Err(_)) => Err("the sink panicked".to_owned()),
+                    Err(_) => Err(format!("the sink took longer than {:?}", limits.sink_timeout)),
+                };
+                (Some(outcome), self.holds())
             }
         }
     }
@@ -789,14 +936,17 @@ where
     /// Puts what the sink took in the cache again, unless a later write of
     /// its key is there: a process that crashed before its cache update, a
     /// failed update, or a reader that filled the key from the database's
-    /// older row meanwhile leave the cache at the database's value.
+    /// older row meanwhile leave the cache at the database's value. When
+    /// Redis refuses to store (out of memory), the keys are deleted
+    /// instead: readers then go to the database, which holds the writes.
     async fn settle(&self, slots: &[Slot<K, V>]) -> Result<()> {
         let shared = self.shared;
         let inner = &shared.cache.inner;
+        let redis = shared.redis()?;
         let keys: Vec<(&str, String, &Slot<K, V>)> = slots
             .iter()
             .filter_map(|slot| {
-                let key = slot.cache_key.as_deref()?;
+                let key = slot.cache_key()?;
                 Some((key, shared.version_key(key), slot))
             })
             .collect();
@@ -813,7 +963,11 @@ where
         for (key, ..) in &keys {
             inner.forget_near(key);
         }
-        let settled = inner.guarded(shared.redis()?.journal_put_many(&puts)).await;
+        let mut settled = inner.guarded(redis.journal_put_many(&puts)).await;
+        if let Err(Error::Refused(_)) = &settled {
+            let keys: Vec<&str> = keys.iter().map(|(key, ..)| *key).collect();
+            settled = inner.guarded(redis.journal_uncache(&keys)).await;
+        }
         for (key, ..) in &keys {
             inner.wrote(key);
         }
@@ -821,42 +975,22 @@ where
     }
 
     /// Records that the sink took `slots`: puts them in the cache again,
-    /// then removes them from the journal with the parked writes of their
-    /// keys that they replace.
-    async fn flushed(&self, slots: &[Slot<K, V>]) -> Result<()> {
+    /// then removes them from the journal. Whether the lease held.
+    async fn flushed(&self, slots: &[Slot<K, V>]) -> Result<bool> {
         self.settle(slots).await?;
-        let replaced: Vec<String> = {
-            let parked = locked(&self.parked);
-            parked
-                .iter()
-                .filter(|(_, p)| {
-                    slots
-                        .iter()
-                        .any(|slot| slot.raw_key == p.raw_key && p.last < slot.last)
-                })
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
         let ids: Vec<&str> = slots
             .iter()
             .flat_map(|slot| slot.ids.iter().map(String::as_str))
-            .chain(replaced.iter().map(String::as_str))
             .collect();
-        self.ack(&ids).await?;
-        {
-            let mut parked = locked(&self.parked);
-            for id in &replaced {
-                parked.remove(id);
-            }
-            let mut alone = locked(&self.alone);
-            for slot in slots {
-                alone.remove(slot.last_id());
-            }
+        if !self.ack(&ids).await? {
+            return Ok(false);
+        }
+        for slot in slots {
+            self.release(slot);
         }
         let c = &self.shared.counters;
         c.add(Tally::batches, 1);
         c.add(Tally::flushed, slots.len() as u64);
-        c.add(Tally::coalesced, replaced.len() as u64);
         // From the oldest write the batch stands for, coalesced ones too.
         let oldest = slots
             .iter()
@@ -865,17 +999,26 @@ where
         if let Some(oldest) = oldest {
             c.lag(now_unix_ms().saturating_sub(oldest.ms));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Gives a write up: invalidates its cache entry (unless a later write
     /// of its key is there), since the database never got it, then moves
-    /// it to the dead letters.
-    async fn bury(&self, slot: &Slot<K, V>, error: &str, attempts: u32) -> Result<()> {
+    /// it to the dead letters. When they are full, the write stays held in
+    /// the journal (nothing is ever dropped). Whether the lease held.
+    async fn bury(&self, slot: &Slot<K, V>, error: &str, attempts: u32) -> Result<bool> {
         let shared = self.shared;
         let inner = &shared.cache.inner;
         let redis = shared.redis()?;
-        if let Some(key) = slot.cache_key.as_deref() {
+        let ids: Vec<&str> = slot.ids.iter().map(String::as_str).collect();
+        let dead = DeadLetter {
+            key: &slot.raw_key,
+            entry: &slot.entry,
+            error,
+            attempts,
+            ids: &ids,
+        };
+        if let Some(key) = slot.cache_key() {
             let tombstone = inner.settings.codec.encode_tombstone();
             let version = shared.version_key(key);
             let put = JournalPut {
@@ -892,41 +1035,45 @@ where
                 inner.count(None, Event::invalidations);
             }
         }
-        let ids: Vec<&str> = slot.ids.iter().map(String::as_str).collect();
-        let dead = DeadLetter {
-            key: &slot.raw_key,
-            entry: &slot.entry,
-            error,
-            attempts,
-            ids: &ids,
-        };
-        let bury = redis.journal_bury(&shared.journal, &dead, shared.limits.max_dead_letters);
-        let dropped = inner.guarded(bury).await?;
-        {
-            let (mut alone, mut parked) = (locked(&self.alone), locked(&self.parked));
-            for id in &slot.ids {
-                alone.remove(id);
-                parked.remove(id);
+        let bury = redis.journal_bury(
+            &shared.journal,
+            &shared.consumer,
+            &dead,
+            shared.limits.max_dead_letters,
+        );
+        let c = &shared.counters;
+        match inner.guarded(bury).await? {
+            Buried::Yes => {
+                self.release(slot);
+                c.add(Tally::dead_letters, 1);
+                tracing::error!(target: "redis_cached", error, attempts, stream = %shared.journal.dead, "a write was given up on and moved to the dead letters");
+                Ok(true)
+            }
+            Buried::Full => {
+                c.add(Tally::dead_letters_full, 1);
+                tracing::error!(target: "redis_cached", error, attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
+                    "a write given up on stays in the journal: the dead letters are full; drain them (XRANGE, then XDEL)");
+                Ok(true)
+            }
+            Buried::NoLease => {
+                self.lost();
+                Ok(false)
             }
         }
-        let c = &shared.counters;
-        c.add(Tally::dead_letters, 1);
-        tracing::error!(target: "redis_cached", error, attempts, stream = %shared.journal.dead, "a write was given up on and moved to the dead letters");
-        if dropped > 0 {
-            c.add(Tally::dead_letters_dropped, dropped);
-            tracing::warn!(target: "redis_cached", dropped, most = shared.limits.max_dead_letters, stream = %shared.journal.dead, "the dead letters are full: the oldest were dropped");
-        }
-        Ok(())
     }
 
-    async fn ack(&self, ids: &[&str]) -> Result<()> {
+    /// Removes `ids` from the journal; whether the lease held.
+    async fn ack(&self, ids: &[&str]) -> Result<bool> {
         let shared = self.shared;
         let redis = shared.redis()?;
         for chunk in ids.chunks(ACK_CHUNK) {
-            let ack = redis.journal_ack(&shared.journal, chunk);
-            shared.cache.inner.guarded(ack).await?;
+            let ack = redis.journal_ack(&shared.journal, &shared.consumer, chunk);
+            if !shared.cache.inner.guarded(ack).await? {
+                self.lost();
+                return Ok(false);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn record_depth(&self) {
@@ -937,6 +1084,30 @@ where
                 shared.counters.depth(depth);
             }
         }
+    }
+}
+
+/// A sink call that is never polled once the flusher's lease has run out
+/// by its own clock: `None` then.
+struct Fenced<'f, 'a, F, K, V, S> {
+    call: Pin<Box<F>>,
+    flusher: &'f Flusher<'a, K, V, S>,
+}
+
+impl<F, K, V, S> Future for Fenced<'_, '_, F, K, V, S>
+where
+    F: Future,
+    K: Serialize + DeserializeOwned + KeyParts + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    S: Sink<K, V>,
+{
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if !self.flusher.holds() {
+            return Poll::Ready(None);
+        }
+        self.call.as_mut().poll(cx).map(Some)
     }
 }
 

@@ -34,10 +34,11 @@ use crate::key::KeyParts;
 /// leaves its writes pending; the next lease holder (any process, after
 /// `takeover_after`) claims them and flushes them again, before newer ones.
 ///
-/// One process flushes at a time (a lease in Redis). If the holder is cut
-/// off from Redis for longer than `takeover_after` while its sink call
-/// still runs, that call may land after the new holder's: a sink that must
-/// rule this out keeps each row's [`Write::id`] and ignores older ones.
+/// One process flushes at a time (a lease in Redis). The holder never
+/// polls a sink call past the lease's end by its own clock, but a call
+/// already sent to the database when the process was paused or cut off may
+/// still land after the next holder's: a sink that must rule this out
+/// keeps each row's [`Write::id`] and ignores older ones.
 ///
 /// **The cache follows the database.** Once the sink took a write, the
 /// flusher puts it in the cache again (unless a later write of its key is
@@ -51,11 +52,16 @@ use crate::key::KeyParts;
 ///
 /// **Failures.** A failed sink call is retried with back-off, the lease
 /// kept meanwhile; a batch that keeps failing is split in halves, down to
-/// single writes. A write that fails alone `max_attempts` times while the
-/// sink takes other writes goes to the dead letters; while the sink takes
-/// nothing (an outage), after three times as many. Its count survives the
-/// flusher losing and taking back its lease. A journaled write this
-/// process cannot decode waits for one that can (`park_undecodable_for`).
+/// single writes. A single write that fails is held back in the journal,
+/// tried again alone with a back-off of its own, while other writes flow
+/// (a later write of its key replaces it). It goes to the dead letters
+/// once it failed `max_attempts` times while the sink took other writes;
+/// never while the sink takes nothing at all (an outage), when calls are
+/// paced by a back-off that grows with the failures in a row. Its count
+/// survives the flusher losing and taking back its lease. The dead letters
+/// are never trimmed: while they hold `max_dead_letters`, a write given up
+/// on stays in the journal. A journaled write this process cannot decode
+/// waits for one that can (`park_undecodable_for`).
 /// When Redis cannot journal a write, `write` returns the error: there is
 /// no silent fallback, and no automatic synchronous write to the sink,
 /// since that could be overtaken by an older journaled write of the same
@@ -127,9 +133,11 @@ where
     /// Writes `value` at `key`: in the cache at once, in the sink after
     /// the flush. Returns once the write is journaled.
     ///
-    /// A caller that gives up waiting (its future dropped) does not stop
-    /// the write half-way: the journal entry and the cache update finish
-    /// together, or the write never happened.
+    /// A caller that gives up waiting (its future dropped) leaves the write
+    /// journaled or not at all; once journaled, its cache update finishes
+    /// in a task of its own (and the flusher puts it in the cache in any
+    /// case once the sink took it). A write given up on before it was sent
+    /// is never sent later, behind a later write of its key.
     ///
     /// # Errors
     /// [`Error::Closed`] after [`WriteBehind::shutdown`];
@@ -162,20 +170,24 @@ where
         let full = journal.cache_key(key);
         inner.check_size(&entry)?;
         let key_bytes = inner.settings.codec.encode(key, None)?;
-        let accept = async move {
-            let id = journal.accept(&full, &key_bytes, &entry).await;
+        // In the caller's future: a caller that gives up before the append
+        // is sent leaves nothing that could land after its next write.
+        let id = journal.append(&full, &key_bytes, &entry).await?;
+        let update = async move {
+            journal.cache_update(&full, &id, &entry).await;
             journal.ensure_flusher();
             id
         };
-        // A task of its own, so that a dropped caller cannot leave a write
-        // journaled but missing from the cache.
-        match tokio::runtime::Handle::try_current() {
+        // A task of its own: a caller dropped now does not leave the cache
+        // behind the journal until the flush.
+        let id = match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime
-                .spawn(accept)
+                .spawn(update)
                 .await
                 .map_err(|_| Error::Redis("the write's task ended early".into()))?,
-            Err(_) => accept.await,
-        }
+            Err(_) => update.await,
+        };
+        JournalId::parse(&id).ok_or_else(|| Error::Redis("unexpected stream id".into()))
     }
 }
 
@@ -231,12 +243,16 @@ pub(super) trait Journal<K, V>: Send + Sync {
     fn inner(&self) -> &Inner;
     fn journal(&self) -> &JournalKeys;
     fn cache_key(&self, key: &K) -> String;
-    fn accept<'a>(
+    /// Journals a write; its stream id.
+    fn append<'a>(
         &'a self,
         full: &'a str,
         key: &'a [u8],
         entry: &'a [u8],
-    ) -> BoxFuture<'a, Result<JournalId>>;
+    ) -> BoxFuture<'a, Result<String>>;
+    /// Puts a journaled write in the cache.
+    fn cache_update<'a>(&'a self, full: &'a str, id: &'a str, entry: &'a [u8])
+        -> BoxFuture<'a, ()>;
     fn stats(&self) -> WriteBehindStats;
     fn pending(&self) -> BoxFuture<'_, Result<u64>>;
     fn closed(&self) -> bool;
@@ -279,13 +295,22 @@ where
         Shared::cache_key(self, key)
     }
 
-    fn accept<'a>(
+    fn append<'a>(
         &'a self,
         full: &'a str,
         key: &'a [u8],
         entry: &'a [u8],
-    ) -> BoxFuture<'a, Result<JournalId>> {
-        Box::pin(Shared::accept(self, full, key, entry))
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(Shared::append(self, full, key, entry))
+    }
+
+    fn cache_update<'a>(
+        &'a self,
+        full: &'a str,
+        id: &'a str,
+        entry: &'a [u8],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(Shared::cache_update(self, full, id, entry))
     }
 
     fn stats(&self) -> WriteBehindStats {

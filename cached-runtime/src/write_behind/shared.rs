@@ -9,7 +9,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::stats::{Counters, Tally};
-use super::JournalId;
 use crate::backend::{JournalKeys, JournalPut, RedisBackend};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
@@ -33,8 +32,9 @@ pub(super) struct Limits {
     pub(super) flusher: bool,
 }
 
-/// The oldest Redis the journal's commands run on (`XAUTOCLAIM`-era
-/// consumer groups, `XADD` id rules).
+/// The oldest Redis the journal is supported on. Its commands (consumer
+/// groups, `XCLAIM`, `XINFO`) exist since 5.0, but releases before 6.2 are
+/// out of support and untested here.
 const OLDEST_REDIS: (u32, u32) = (6, 2);
 
 /// The state shared by a write-behind's handles and its flusher.
@@ -90,8 +90,8 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
     }
 
     /// Journals a write of `entry` at the full cache key `full` (`key`:
-    /// the written key, encoded), then puts it in the cache.
-    pub(super) async fn accept(&self, full: &str, key: &[u8], entry: &[u8]) -> Result<JournalId> {
+    /// the written key, encoded); its stream id.
+    pub(super) async fn append(&self, full: &str, key: &[u8], entry: &[u8]) -> Result<String> {
         let inner = &self.cache.inner;
         let redis = self.redis()?;
         if let Err(err) = self.check_server().await {
@@ -101,11 +101,14 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
         let appended = inner
             .guarded(redis.journal_append(&self.journal, self.limits.max_len, key, entry))
             .await;
-        let id = match appended {
-            Ok(Some(id)) => id,
+        match appended {
+            Ok(Some(id)) => {
+                self.counters.add(Tally::accepted, 1);
+                Ok(id)
+            }
             Ok(None) => {
                 self.counters.add(Tally::refused, 1);
-                return Err(Error::Backlog(self.limits.max_len));
+                Err(Error::Backlog(self.limits.max_len))
             }
             Err(err) => {
                 self.counters.add(Tally::failed, 1);
@@ -114,10 +117,14 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
                 // not go on serving what the write replaces. The flusher
                 // puts the write in the cache once it is applied.
                 let _ = inner.tombstone(full).await;
-                return Err(err);
+                Err(err)
             }
-        };
-        self.counters.add(Tally::accepted, 1);
+        }
+    }
+
+    /// Puts the journaled write `id` of `entry` in the cache at `full`.
+    pub(super) async fn cache_update(&self, full: &str, id: &str, entry: &[u8]) {
+        let inner = &self.cache.inner;
         // A crash here leaves the write journaled and not in the cache;
         // the flusher that applies it puts it there.
         failpoint::hit("write-behind/after-append", &self.journal.stream);
@@ -125,13 +132,16 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
         let put = JournalPut {
             key: full,
             version_key: &version,
-            id: &id,
+            id,
             entry,
             ttl: self.limits.ttl,
         };
         let updated = match failpoint::hit("write-behind/cache-update", &self.journal.stream) {
             Some(Action::Fail) => Err(Error::Redis("failpoint".into())),
-            _ => inner.guarded(redis.journal_put(&put)).await,
+            _ => match self.redis() {
+                Ok(redis) => inner.guarded(redis.journal_put(&put)).await.map(|_| ()),
+                Err(err) => Err(err),
+            },
         };
         if let Err(err) = updated {
             self.counters.add(Tally::cache_update_failures, 1);
@@ -142,7 +152,6 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
         // not join such a computation or take its lock notification.
         inner.wrote(full);
         self.wake.notify_one();
-        JournalId::parse(&id).ok_or_else(|| Error::Redis("unexpected stream id".into()))
     }
 
     /// Checks, once it answers, that the journal's server runs the

@@ -36,9 +36,10 @@ pub struct WriteBehindStats {
     /// ours), each counted once: parked, retried with back-off for a
     /// flusher that can, and dead-lettered after `park_undecodable_for`.
     pub parked: u64,
-    /// Old dead letters dropped to keep the dead-letter stream within
-    /// `max_dead_letters`.
-    pub dead_letters_dropped: u64,
+    /// Times a write given up on stayed in the journal because the dead
+    /// letters held `max_dead_letters` entries (nothing is ever dropped
+    /// from them: drain them to make room).
+    pub dead_letters_full: u64,
     /// Times the flusher task panicked (in code of the application's: a
     /// `Deserialize`, `Display` or `CacheKey` impl) and was started again.
     pub flusher_restarts: u64,
@@ -128,7 +129,7 @@ write_behind_counters!(
     dead_letters,
     claimed,
     parked,
-    dead_letters_dropped,
+    dead_letters_full,
     flusher_restarts,
 );
 
@@ -176,7 +177,7 @@ impl Counters {
             dead_letters: get(&self.dead_letters),
             claimed: get(&self.claimed),
             parked: get(&self.parked),
-            dead_letters_dropped: get(&self.dead_letters_dropped),
+            dead_letters_full: get(&self.dead_letters_full),
             flusher_restarts: get(&self.flusher_restarts),
             queue_depth: get(&self.queue_depth),
             last_flush_lag: Duration::from_millis(get(&self.last_lag_ms)),

@@ -14,7 +14,7 @@ use redis::Value;
 
 use super::scripts::px;
 use super::RedisBackend;
-use crate::error::{Error, Result};
+use crate::error::{server_code, Error, Result};
 
 /// Appends a write unless the stream holds `max_len` entries already.
 /// KEYS: stream. ARGV: max_len, key, entry. Returns the entry's id, or nil
@@ -156,31 +156,32 @@ end
 return 0
 ";
 
-/// Removes flushed entries. KEYS: stream. ARGV: group, ids.
+/// Removes flushed entries, for the lease holder only (a process whose
+/// lease lapsed leaves them to the holder, which applies them again).
+/// KEYS: stream, lease. ARGV: token, group, ids. Returns 1, or 0 without
+/// the lease.
 const ACK: &str = r"
-local ids = {unpack(ARGV, 2)}
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-return redis.call('XDEL', KEYS[1], unpack(ids))
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local ids = {unpack(ARGV, 3)}
+redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+return 1
 ";
 
-/// Moves a write to the dead letters, which keep at most ARGV[6] entries
-/// (the oldest go first). KEYS: stream, dead letters. ARGV: group, key,
-/// entry, error, attempts, most, ids. Returns how many old dead letters it
-/// dropped to make room.
+/// Moves a write to the dead letters, for the lease holder only, unless
+/// they hold ARGV[7] entries already (nothing is ever dropped from them).
+/// KEYS: stream, dead letters, lease. ARGV: token, group, key, entry,
+/// error, attempts, most, ids. Returns 1 if it moved the write, 0 when the
+/// dead letters are full, -1 without the lease.
 const BURY: &str = r"
-local ids = {unpack(ARGV, 7)}
-local most = tonumber(ARGV[6])
-local dropped = 0
-local held = redis.call('XLEN', KEYS[2])
-if held >= most then
-  dropped = held - most + 1
-  redis.call('XTRIM', KEYS[2], 'MAXLEN', most - 1)
-end
-redis.call('XADD', KEYS[2], '*', 'k', ARGV[2], 'v', ARGV[3], 'error', ARGV[4],
-  'attempts', ARGV[5], 'ids', table.concat(ids, ' '))
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[7]) then return 0 end
+local ids = {unpack(ARGV, 8)}
+redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'v', ARGV[4], 'error', ARGV[5],
+  'attempts', ARGV[6], 'ids', table.concat(ids, ' '))
+redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
 redis.call('XDEL', KEYS[1], unpack(ids))
-return dropped
+return 1
 ";
 
 /// What the journal's server is: its version and its eviction policy.
@@ -254,6 +255,17 @@ pub(crate) struct DeadLetter<'a> {
     pub(crate) ids: &'a [&'a str],
 }
 
+/// What became of a write given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Buried {
+    /// It is in the dead letters, out of the journal.
+    Yes,
+    /// The dead letters are full: it stays in the journal.
+    Full,
+    /// This process no longer holds the lease: nothing was done.
+    NoLease,
+}
+
 /// Writes a takeover claims per script call, so that none works for long.
 const TAKE_OVER_BATCH: u64 = 1000;
 
@@ -315,7 +327,7 @@ impl RedisBackend {
         let mut conn = self.connection().await?;
         let sent: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
         match sent {
-            Err(err) if err.code() == Some("NOSCRIPT") => {
+            Err(err) if server_code(&err).as_deref() == Some("NOSCRIPT") => {
                 // A server that lost its scripts (restarted, flushed):
                 // each call alone loads the script.
                 drop(conn);
@@ -429,29 +441,62 @@ impl RedisBackend {
         }
     }
 
-    /// Removes flushed writes from the journal.
-    pub(crate) async fn journal_ack(&self, journal: &JournalKeys, ids: &[&str]) -> Result<()> {
+    /// Removes flushed writes from the journal if `token` holds the lease;
+    /// whether it did.
+    pub(crate) async fn journal_ack(
+        &self,
+        journal: &JournalKeys,
+        token: &str,
+        ids: &[&str],
+    ) -> Result<bool> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let mut invocation = self.journal.ack.key(&journal.stream);
-        invocation.arg(&journal.group).arg(ids);
-        let _: i64 = self.invoke(&invocation).await?;
+        invocation
+            .key(&journal.lease)
+            .arg(token)
+            .arg(&journal.group)
+            .arg(ids);
+        let acked: i64 = self.invoke(&invocation).await?;
+        Ok(acked == 1)
+    }
+
+    /// Deletes cached entries outright: what a flusher does when Redis
+    /// refuses to store them again (out of memory under `noeviction`,
+    /// where `DEL` still works), so that readers go to the database, which
+    /// holds the writes now.
+    pub(crate) async fn journal_uncache(&self, keys: &[&str]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        if self.is_cluster() {
+            try_join_all(keys.iter().map(|key| async move {
+                let del = redis::cmd("DEL").arg(key).clone();
+                self.query::<i64>(&del).await
+            }))
+            .await?;
+            return Ok(());
+        }
+        let _: i64 = self.query(redis::cmd("DEL").arg(keys)).await?;
         Ok(())
     }
 
     /// Moves a write that the sink keeps refusing (or nobody can decode)
-    /// to the dead letters, which keep the `most` latest; how many older
-    /// dead letters it dropped to make room.
+    /// to the dead letters if `token` holds the lease and they hold fewer
+    /// than `most`.
     pub(crate) async fn journal_bury(
         &self,
         journal: &JournalKeys,
+        token: &str,
         dead: &DeadLetter<'_>,
         most: u64,
-    ) -> Result<u64> {
+    ) -> Result<Buried> {
         let mut invocation = self.journal.bury.key(&journal.stream);
         invocation
             .key(&journal.dead)
+            .key(&journal.lease)
+            .arg(token)
             .arg(&journal.group)
             .arg(dead.key)
             .arg(dead.entry)
@@ -459,7 +504,12 @@ impl RedisBackend {
             .arg(dead.attempts)
             .arg(most)
             .arg(dead.ids);
-        self.invoke(&invocation).await
+        let buried: i64 = self.invoke(&invocation).await?;
+        Ok(match buried {
+            1 => Buried::Yes,
+            0 => Buried::Full,
+            _ => Buried::NoLease,
+        })
     }
 
     /// The journal's server's `redis_version` and `maxmemory-policy`.

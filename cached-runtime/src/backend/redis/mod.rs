@@ -33,7 +33,7 @@ use futures_util::future::{join_all, try_join_all};
 use redis::aio::ConnectionManagerConfig;
 
 use self::journal::JournalScripts;
-pub(crate) use self::journal::{DeadLetter, JournalKeys, JournalPut, Journaled};
+pub(crate) use self::journal::{Buried, DeadLetter, JournalKeys, JournalPut, Journaled};
 use self::link::Link;
 pub(crate) use self::link::{ClusterTarget, SentinelTarget, Target};
 use self::merge::{Busy, Merger, Reply, Route};
