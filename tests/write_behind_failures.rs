@@ -676,3 +676,143 @@ async fn the_key_template_renders_as_the_getters() {
         .map(|_: WriteBehind<u32, u64>| ());
     assert!(matches!(untemplated, Err(Error::Config(_))));
 }
+
+/// The fields of the journal entries of `stream`, oldest first.
+async fn entries(server: &RedisServer, stream: &str) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+    server
+        .cmd(redis::cmd("XRANGE").arg(stream).arg("-").arg("+"))
+        .await
+}
+
+/// Adds an entry with these fields to `stream`, as another program could.
+async fn forge(server: &RedisServer, stream: &str, id: &str, fields: &[(String, Vec<u8>)]) {
+    let mut add = redis::cmd("XADD");
+    add.arg(stream).arg(id);
+    for (name, value) in fields {
+        add.arg(name).arg(value);
+    }
+    let _: String = server.cmd(&add).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_integrity_key_entries_another_program_added_never_reach_the_sink() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let signed = |flusher: bool, sink: Recorder| {
+        builder("signed", &cache, sink)
+            .integrity_key(b"a key the application holds")
+            .flusher(flusher)
+            .start()
+            .expect("valid")
+    };
+    let writer = signed(false, Recorder::default());
+    writer.write(7, &"ada".to_owned()).await.expect("journaled");
+    let legit = entries(&server, "~wb:{signed}").await;
+    let fields = legit[0].1.clone();
+    // A neighbour adds: the same write unsigned (as a forged upsert would
+    // be), a signed one with its value changed, and the signed one again,
+    // ten minutes in the future (a replay).
+    let unsigned: Vec<_> = fields
+        .iter()
+        .filter(|(name, _)| name == "k" || name == "v")
+        .cloned()
+        .collect();
+    forge(&server, "~wb:{signed}", "*", &unsigned).await;
+    let mut tampered = fields.clone();
+    for (name, value) in &mut tampered {
+        if name == "v" {
+            let at = value.len() - 2;
+            value[at] = b'x';
+        }
+    }
+    forge(&server, "~wb:{signed}", "*", &tampered).await;
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis()
+        + 600_000;
+    forge(&server, "~wb:{signed}", &format!("{later}-0"), &fields).await;
+    let sink = Recorder::default();
+    let flusher = signed(true, sink.clone());
+    drained(&flusher).await;
+    let writes = sink.writes();
+    assert_eq!(writes.len(), 1, "only the signed write: {writes:?}");
+    assert_eq!(writes[0].change, Change::Upsert("ada".to_owned()));
+    assert_eq!(flusher.stats().dead_letters, 3);
+    let dead: String = entries(&server, "~wb-dead:{signed}")
+        .await
+        .iter()
+        .flat_map(|(_, fields)| fields.iter())
+        .filter(|(name, _)| name == "error")
+        .map(|(_, why)| String::from_utf8_lossy(why).into_owned() + "\n")
+        .collect();
+    for why in ["not signed", "integrity check", "another time"] {
+        assert!(dead.contains(why), "{why}: {dead}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_larger_than_max_value_bytes_is_refused_unread() {
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .max_value_bytes(1024)
+        .build()
+        .expect("valid");
+    let writer = builder("bounded", &cache, Recorder::default())
+        .flusher(false)
+        .start()
+        .expect("valid");
+    writer
+        .write(1, &"small".to_owned())
+        .await
+        .expect("journaled");
+    let mut fields = entries(&server, "~wb:{bounded}").await[0].1.clone();
+    for (name, value) in &mut fields {
+        if name == "v" {
+            value.resize(64 * 1024, b' ');
+        }
+    }
+    forge(&server, "~wb:{bounded}", "*", &fields).await;
+    let sink = Recorder::default();
+    let flusher = builder("bounded", &cache, sink.clone())
+        .start()
+        .expect("valid");
+    drained(&flusher).await;
+    assert_eq!(sink.writes().len(), 1);
+    assert_eq!(flusher.stats().dead_letters, 1);
+    let dead = entries(&server, "~wb-dead:{bounded}").await;
+    let kept: usize = dead[0].1.iter().map(|(_, value)| value.len()).sum();
+    assert!(
+        kept < 1024,
+        "the oversized entry is not copied: {kept} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_blocked_by_the_largest_id_is_a_clear_error_not_an_outage() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let wb = builder("blocked", &cache, Recorder::default())
+        .start()
+        .expect("valid");
+    wb.write(1, &"before".to_owned()).await.expect("journaled");
+    let _: String = server
+        .cmd(
+            redis::cmd("XADD")
+                .arg("~wb:{blocked}")
+                .arg("18446744073709551615-18446744073709551615")
+                .arg("k")
+                .arg("x"),
+        )
+        .await;
+    for _ in 0..10 {
+        let refused = wb.write(2, &"after".to_owned()).await;
+        assert_eq!(refused, Err(Error::Rejected("JOURNALBLOCKED".into())));
+    }
+    // Redis answered each time: not held against the breaker.
+    assert_eq!(cache.stats().errors, 0);
+    assert_eq!(
+        cache.get::<String>("user:1").await.as_deref(),
+        Some("before")
+    );
+}

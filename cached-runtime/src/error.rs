@@ -71,7 +71,11 @@ impl Error {
             // still work. Everything else (the server's state, the
             // credentials, `ERR max number of clients reached`) may affect
             // every key, and feeds the breaker.
-            Some(code @ ("WRONGTYPE" | "NOPERM")) => return Error::Rejected(code.to_owned()),
+            // `JOURNALBLOCKED`: a write-behind journal that cannot take
+            // another entry (see the write-behind's docs).
+            Some(code @ ("WRONGTYPE" | "NOPERM" | "JOURNALBLOCKED")) => {
+                return Error::Rejected(code.to_owned())
+            }
             _ => {}
         }
         // Credentials: say what to fix (neither message carries a secret;

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::flusher;
 use super::handle::{Handle, WriteBehind};
+use super::integrity::IntegrityKey;
 use super::shared::{Limits, Shared};
 use super::stats::Counters;
 use super::Sink;
@@ -27,6 +28,7 @@ pub struct WriteBehindBuilder<K, V, S> {
     sink: S,
     key: Option<String>,
     version: Option<u32>,
+    integrity: Option<IntegrityKey>,
     limits: Limits,
     _types: PhantomData<fn(K, V)>,
 }
@@ -44,6 +46,7 @@ where
             sink,
             key: None,
             version: None,
+            integrity: None,
             limits: Limits {
                 ttl: cache.default_ttl(),
                 batch_size: 256,
@@ -170,6 +173,19 @@ where
         self
     }
 
+    /// Signs each journaled write with an HMAC-SHA256 under `secret`, a
+    /// key the application holds (every process that shares the journal
+    /// needs the same): the flusher hands the sink only writes whose MAC
+    /// matches, and moves any other entry of the stream (one another
+    /// program added: a forged database write, or an old entry added
+    /// again) to the dead letters. For a Redis shared with other
+    /// applications, on top of an ACL that keeps the journal's keys
+    /// private (see the crate's Security notes). Off by default.
+    pub fn integrity_key(mut self, secret: &[u8]) -> Self {
+        self.integrity = Some(IntegrityKey::new(secret));
+        self
+    }
+
     /// Whether this process flushes (default `true`). With `false` it only
     /// journals writes, and a process with a flusher applies them.
     pub fn flusher(mut self, flusher: bool) -> Self {
@@ -209,6 +225,7 @@ where
             consumer: lock_token(),
             key,
             version: self.version,
+            integrity: self.integrity,
             cache: self.cache,
             sink: self.sink,
             limits: self.limits,

@@ -41,6 +41,7 @@ use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::integrity::MAX_SKEW_MS;
 use super::shared::{Limits, Shared};
 use super::stats::Tally;
 use super::{Change, JournalId, Sink, Write};
@@ -58,6 +59,9 @@ const SPLIT_AFTER: u32 = 3;
 const MAX_PENDING_PAGES: usize = 4;
 /// Writes one acknowledgement removes.
 const ACK_CHUNK: usize = 1000;
+/// The largest encoded key the flusher decodes: far above any key this
+/// journal writes, far below what would hurt.
+const MAX_JOURNALED_KEY: usize = 64 * 1024;
 
 /// Starts the flusher task on `runtime`, unless one is running.
 pub(super) fn spawn<K, V, S>(shared: &Arc<Shared<K, V, S>>, runtime: &tokio::runtime::Handle)
@@ -157,6 +161,15 @@ impl<K, V> Slot<K, V> {
             SlotKey::Raw(_) => None,
         }
     }
+}
+
+/// A batch, coalesced.
+struct Coalesced<K, V> {
+    slots: Vec<Slot<K, V>>,
+    /// Writes removed from the stream while pending.
+    gone: Vec<String>,
+    /// Writes refused before decoding, and why.
+    refused: Vec<(Slot<K, V>, &'static str)>,
 }
 
 /// Part of a batch that the sink has not taken yet.
@@ -566,22 +579,79 @@ where
         (write, key)
     }
 
+    /// Whether a journaled write may be decoded at all: no larger than
+    /// this journal writes them, and signed by this application when the
+    /// journal is (else it is not ours: refused, never handed to the sink).
+    fn screen(
+        &self,
+        raw_key: &[u8],
+        entry: &[u8],
+        journaled: &Journaled,
+        id: JournalId,
+    ) -> std::result::Result<(), &'static str> {
+        let shared = self.shared;
+        if raw_key.len() > MAX_JOURNALED_KEY {
+            return Err("the journaled key is larger than any this journal writes");
+        }
+        if entry.len() > shared.cache.inner.settings.max_value_bytes {
+            return Err("the journaled entry is larger than max_value_bytes");
+        }
+        let Some(secret) = &shared.integrity else {
+            return Ok(());
+        };
+        let (Some(stamp), Some(mac)) = (journaled.stamp, journaled.mac.as_deref()) else {
+            return Err("the journaled write is not signed");
+        };
+        if !secret.verify(&shared.journal.stream, stamp, raw_key, entry, mac) {
+            return Err("the journaled write fails its integrity check");
+        }
+        if stamp.abs_diff(id.ms) > MAX_SKEW_MS {
+            return Err(
+                "the journaled write was signed at another time (an old write added again)",
+            );
+        }
+        Ok(())
+    }
+
     /// Coalesces `batch` into one slot per key (its last write), in
-    /// journal order, and the ids of writes removed from the stream while
-    /// pending.
-    fn coalesce(&self, batch: Vec<Journaled>) -> (Vec<Slot<K, V>>, Vec<String>) {
+    /// journal order; also the ids of writes removed from the stream while
+    /// pending, and the writes refused before decoding (see
+    /// [`Flusher::screen`]), each a slot of its own.
+    fn coalesce(&self, batch: Vec<Journaled>) -> Coalesced<K, V> {
         let mut slots: Vec<Slot<K, V>> = Vec::new();
         let mut index: HashMap<SlotKey, usize> = HashMap::new();
         let mut gone = Vec::new();
-        for journaled in batch {
+        let mut refused = Vec::new();
+        for mut journaled in batch {
             let (Some(raw_key), Some(entry), Some(id)) = (
-                journaled.key,
-                journaled.entry,
+                journaled.key.take(),
+                journaled.entry.take(),
                 JournalId::parse(&journaled.id),
             ) else {
                 gone.push(journaled.id);
                 continue;
             };
+            if let Err(why) = self.screen(&raw_key, &entry, &journaled, id) {
+                let oversized = raw_key.len() > MAX_JOURNALED_KEY
+                    || entry.len() > self.shared.cache.inner.settings.max_value_bytes;
+                let (raw_key, entry) = if oversized {
+                    (Vec::new(), Vec::new())
+                } else {
+                    (raw_key, entry)
+                };
+                refused.push((
+                    Slot {
+                        write: Err(why),
+                        key: SlotKey::Raw(raw_key.clone()),
+                        raw_key,
+                        entry,
+                        ids: vec![journaled.id],
+                        last: id,
+                    },
+                    why,
+                ));
+                continue;
+            }
             let (write, key) = self.decode(&raw_key, &entry, id);
             match index.get(&key) {
                 Some(&at) => {
@@ -607,7 +677,11 @@ where
             }
         }
         slots.sort_by_key(|slot| slot.last);
-        (slots, gone)
+        Coalesced {
+            slots,
+            gone,
+            refused,
+        }
     }
 
     /// Makes each slot stand for the held writes of its key that are
@@ -655,10 +729,21 @@ where
 
     /// Applies one batch; whether the lease held throughout.
     async fn apply(&self, batch: Vec<Journaled>) -> Result<bool> {
-        let (mut slots, gone) = self.coalesce(batch);
+        let Coalesced {
+            mut slots,
+            gone,
+            refused,
+        } = self.coalesce(batch);
         let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
         if !self.ack(&gone).await? {
             return Ok(false);
+        }
+        for (slot, why) in &refused {
+            tracing::warn!(target: "redis_cached", stream = %self.shared.journal.stream, problem = why,
+                "a journal entry was refused before decoding; moved to the dead letters");
+            if !self.bury(slot, why, 0).await? {
+                return Ok(false);
+            }
         }
         self.absorb(&mut slots);
         let mut ready = Vec::with_capacity(slots.len());
@@ -1050,6 +1135,8 @@ where
                 Ok(true)
             }
             Buried::Full => {
+                // Tried again after a back-off, not at every read.
+                self.hold(slot, Hold::Refused, None, Instant::now());
                 c.add(Tally::dead_letters_full, 1);
                 tracing::error!(target: "redis_cached", error, attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
                     "a write given up on stays in the journal: the dead letters are full; drain them (XRANGE, then XDEL)");

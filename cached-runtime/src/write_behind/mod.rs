@@ -18,6 +18,7 @@
 mod builder;
 mod flusher;
 mod handle;
+mod integrity;
 mod shared;
 mod stats;
 

@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use super::integrity::IntegrityKey;
 use super::stats::{Counters, Tally};
 use crate::backend::{JournalKeys, JournalPut, RedisBackend};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::failpoint::{self, Action};
 use crate::key::{companion_key, KeyParts, Template};
+use crate::token::now_unix_ms;
 
 /// The settings of a write-behind; see its builder.
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub(super) struct Shared<K, V, S> {
     /// the same template.
     pub(super) key: Template,
     pub(super) version: Option<u32>,
+    /// Signs and checks journaled writes, if set.
+    pub(super) integrity: Option<IntegrityKey>,
     pub(super) cache: Cache,
     pub(super) sink: S,
     pub(super) limits: Limits,
@@ -98,9 +102,14 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
             self.counters.add(Tally::failed, 1);
             return Err(err);
         }
-        let appended = inner
-            .guarded(redis.journal_append(&self.journal, self.limits.max_len, key, entry))
-            .await;
+        let stamp = now_unix_ms();
+        let mac = self
+            .integrity
+            .as_ref()
+            .map(|secret| secret.sign(&self.journal.stream, stamp, key, entry));
+        let signed = mac.as_ref().map(|mac| (stamp, &mac[..]));
+        let append = redis.journal_append(&self.journal, self.limits.max_len, key, entry, signed);
+        let appended = inner.guarded(append).await;
         match appended {
             Ok(Some(id)) => {
                 self.counters.add(Tally::accepted, 1);
@@ -109,6 +118,15 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
             Ok(None) => {
                 self.counters.add(Tally::refused, 1);
                 Err(Error::Backlog(self.limits.max_len))
+            }
+            Err(err @ Error::Rejected(_)) => {
+                // The journal cannot take it (a blocked stream, an ACL):
+                // nothing was journaled.
+                self.counters.add(Tally::failed, 1);
+                tracing::error!(target: "redis_cached", stream = %self.journal.stream, error = %err,
+                    "a write could not be journaled; if the stream holds the largest id there is, \
+                     drain it and delete it (see the write-behind's docs)");
+                Err(err)
             }
             Err(err) => {
                 self.counters.add(Tally::failed, 1);

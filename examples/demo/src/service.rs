@@ -55,8 +55,11 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// A database failure: logged here, and never shown to the client (the
+/// driver's text can name tables, columns, hosts or values).
 fn failed(err: DbError) -> Response {
-    (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()
+    eprintln!("request failed: {err}");
+    (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
 }
 
 async fn user(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
@@ -125,4 +128,21 @@ async fn stats(State(app): State<Arc<App>>) -> Json<Counts> {
         hits: stats.hits,
         misses: stats.misses,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_database_error_reaches_the_log_not_the_client() {
+        let response = failed(DbError(
+            "relation \"users\" at db.internal:5432: duplicate key alice@example.com".into(),
+        ));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .expect("a body");
+        assert_eq!(&body[..], b"internal error");
+    }
 }

@@ -17,13 +17,29 @@ use super::RedisBackend;
 use crate::error::{server_code, Error, Result};
 
 /// Appends a write unless the stream holds `max_len` entries already.
-/// KEYS: stream. ARGV: max_len, key, entry. Returns the entry's id, or nil
-/// when full.
+/// KEYS: stream. ARGV: max_len, key, entry, and with an integrity check
+/// the writer's time and the MAC (else empty). Returns the entry's id, or
+/// nil when full; a `JOURNALBLOCKED` error when the stream's last id is
+/// the largest there is (someone added an entry with that id by hand).
 const APPEND: &str = r"
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return false
 end
-return redis.call('XADD', KEYS[1], '*', 'k', ARGV[2], 'v', ARGV[3])
+local fields = {'XADD', KEYS[1], '*', 'k', ARGV[2], 'v', ARGV[3]}
+if ARGV[4] ~= '' then
+  fields[#fields + 1] = 't'
+  fields[#fields + 1] = ARGV[4]
+  fields[#fields + 1] = 'h'
+  fields[#fields + 1] = ARGV[5]
+end
+local id = redis.pcall(unpack(fields))
+if type(id) == 'table' and id.err then
+  if string.find(id.err, 'exhausted', 1, true) or string.find(id.err, 'equal or smaller', 1, true) then
+    return redis.error_reply('JOURNALBLOCKED the journal stream holds the largest id there is')
+  end
+  return redis.error_reply(id.err)
+end
+return id
 ";
 
 /// Stores an entry unless a write with a later journal id was stored at the
@@ -226,12 +242,15 @@ impl Default for JournalScripts {
 }
 
 /// One journaled write as read back: its stream id and fields. A write
-/// removed from the stream while still pending has neither field.
+/// removed from the stream while still pending has none.
 #[derive(Debug, Clone)]
 pub(crate) struct Journaled {
     pub(crate) id: String,
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) entry: Option<Vec<u8>>,
+    /// With an integrity check: the writer's time, and the MAC.
+    pub(crate) stamp: Option<u64>,
+    pub(crate) mac: Option<Vec<u8>>,
 }
 
 /// One versioned cache update: store `entry` at `key` for `ttl` unless a
@@ -288,9 +307,14 @@ impl RedisBackend {
         max_len: u64,
         key: &[u8],
         entry: &[u8],
+        signed: Option<(u64, &[u8])>,
     ) -> Result<Option<String>> {
         let mut invocation = self.journal.append.key(&journal.stream);
         invocation.arg(max_len).arg(key).arg(entry);
+        match signed {
+            Some((stamp, mac)) => invocation.arg(stamp).arg(mac),
+            None => invocation.arg("").arg(""),
+        };
         self.invoke(&invocation).await
     }
 
@@ -567,6 +591,8 @@ fn parse_entry(entry: &Value) -> Result<Journaled> {
         id,
         key: None,
         entry: None,
+        stamp: None,
+        mac: None,
     };
     let pairs: Vec<(&Value, &Value)> = match fields {
         Value::Nil => Vec::new(),
@@ -582,6 +608,12 @@ fn parse_entry(entry: &Value) -> Result<Journaled> {
         match as_bytes(field) {
             Some(b"k") => journaled.key = as_bytes(value).map(<[u8]>::to_vec),
             Some(b"v") => journaled.entry = as_bytes(value).map(<[u8]>::to_vec),
+            Some(b"t") => {
+                journaled.stamp = as_bytes(value)
+                    .and_then(|t| std::str::from_utf8(t).ok())
+                    .and_then(|t| t.parse().ok());
+            }
+            Some(b"h") => journaled.mac = as_bytes(value).map(<[u8]>::to_vec),
             _ => {}
         }
     }
