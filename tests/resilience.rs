@@ -39,6 +39,16 @@ struct Db {
 }
 
 impl Db {
+    /// Waits until `n` queries have started (each read its value), rather
+    /// than for a guessed time, which a loaded machine overruns.
+    async fn started(&self, n: u32) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.calls.load(Ordering::SeqCst) < n {
+            assert!(std::time::Instant::now() < deadline, "no query started");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     async fn query(&self, took: Duration) -> u64 {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -211,7 +221,7 @@ async fn invalidation_is_read_your_writes(env: &Env) {
         let repo = repo.clone();
         tokio::spawn(async move { repo.row(7).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    repo.db.started(1).await;
     repo.db.value.store(2, Ordering::SeqCst);
     repo.cache.invalidate("row:7").await.expect("invalidated");
     assert_eq!(
@@ -230,7 +240,7 @@ async fn eviction_is_read_your_writes(env: &Env) {
         let repo = repo.clone();
         tokio::spawn(async move { repo.row(7).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    repo.db.started(1).await;
     repo.update_row(7, 2).await.expect("updated");
     assert_eq!(
         repo.row(7).await,
@@ -247,7 +257,7 @@ async fn a_write_through_is_read_your_writes(env: &Env) {
         let repo = repo.clone();
         tokio::spawn(async move { repo.hot_row(7).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    repo.db.started(1).await;
     assert_eq!(repo.save_hot_row(7, 2).await, 2);
     assert_eq!(
         repo.hot_row(7).await,
@@ -812,7 +822,7 @@ async fn older_value_after_eviction(overwrite: bool) -> Arc<Repo> {
         let repo = repo.clone();
         tokio::spawn(async move { repo.row(7).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    repo.db.started(1).await;
     repo.update_row(7, 2).await.expect("updated");
     if overwrite {
         repo.cache

@@ -10,6 +10,7 @@ use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Lit, LitStr};
 
 use crate::errors::Errors;
+use crate::key::{self, Segment};
 
 /// Which attribute is being parsed; each accepts its own set of arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,10 +68,31 @@ pub(crate) struct WithSpan<T> {
     pub(crate) span: Span,
 }
 
+/// A key or tag template as written, parsed and checked once.
+pub(crate) struct Template {
+    pub(crate) lit: LitStr,
+    /// Its segments; `None` when it is invalid (the error is recorded).
+    pub(crate) segments: Option<Vec<Segment>>,
+}
+
+impl Template {
+    fn parse(lit: LitStr, errors: &mut Errors) -> Template {
+        let segments = errors.ok(key::parse(&lit));
+        Template { lit, segments }
+    }
+
+    /// Whether it names a batch's elements (`<ids[]>`).
+    pub(crate) fn is_batch(&self) -> bool {
+        self.segments
+            .as_ref()
+            .is_some_and(|segments| segments.iter().any(Segment::is_batch))
+    }
+}
+
 /// The parsed arguments of one attribute.
 #[derive(Default)]
 pub(crate) struct Args {
-    pub(crate) key: Option<LitStr>,
+    pub(crate) key: Option<Template>,
     pub(crate) ttl: Option<WithSpan<Duration>>,
     /// `ttl = <expression>` (a constant, a field): evaluated per call.
     pub(crate) ttl_expr: Option<Expr>,
@@ -85,7 +107,7 @@ pub(crate) struct Args {
     pub(crate) cache: Option<Expr>,
     pub(crate) krate: Option<syn::Path>,
     /// Tag templates, each a key template.
-    pub(crate) tags: Vec<LitStr>,
+    pub(crate) tags: Vec<Template>,
     /// `skip = [db]`: parameters left out of the default key.
     pub(crate) skip: Vec<syn::Ident>,
     pub(crate) skip_span: Option<Span>,
@@ -136,7 +158,8 @@ impl Args {
         seen.push(name.clone());
         match name.as_str() {
             "key" => {
-                self.key = errors.ok(lit_str(&value, "key", "a template such as \"user:<id>\""))
+                let lit = errors.ok(lit_str(&value, "key", "a template such as \"user:<id>\""));
+                self.key = lit.map(|lit| Template::parse(lit, errors));
             }
             "ttl" => match &value {
                 // Literals are checked here; anything else is an expression
@@ -157,7 +180,13 @@ impl Args {
                 self.skip = errors.ok(skip_arg(&value)).unwrap_or_default();
             }
             "cache" => self.cache = Some(value),
-            "tags" => self.tags = errors.ok(tags_arg(&value)).unwrap_or_default(),
+            "tags" => {
+                let lits = errors.ok(tags_arg(&value)).unwrap_or_default();
+                self.tags = lits
+                    .into_iter()
+                    .map(|lit| Template::parse(lit, errors))
+                    .collect();
+            }
             "crate" => {
                 self.krate = errors.ok(lit_str(&value, "crate", "a path such as \"my_cache\"")
                     .and_then(|lit| lit.parse::<syn::Path>()));

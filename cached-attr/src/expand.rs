@@ -144,14 +144,14 @@ fn refresh_maker(model: &Model, body: &Ident, ret_local: &Ident) -> TokenStream 
     let mut rewrite_self = false;
     for input in &model.func.sig.inputs {
         match input {
-            syn::FnArg::Receiver(recv) if crate::model::refresh_clones_receiver(recv) => {
+            syn::FnArg::Receiver(recv) if crate::valid::refresh_clones_receiver(recv) => {
                 rewrite_self = true;
                 let span = recv.self_token.span;
                 clones.push(quote_spanned!(span=> let #this = ::core::clone::Clone::clone(self);));
                 rebinds.push(quote!(let #alias = &#this;));
             }
             syn::FnArg::Typed(typed) => {
-                if let Some((name, elem)) = crate::model::refresh_owned_param(typed) {
+                if let Some((name, elem)) = crate::valid::refresh_owned_param(typed) {
                     let owned = local(&format!("__owned_{}", syn::ext::IdentExt::unraw(name)));
                     let span = syn::spanned::Spanned::span(&typed.ty);
                     clones.push(quote_spanned!(span=> let #owned = ::std::borrow::ToOwned::to_owned(#name);));
@@ -471,11 +471,19 @@ fn policy(model: &Model) -> TokenStream {
         None => duration(model.ttl_ms),
     };
     let cache_none = duration(model.cache_none_ms);
-    let lock = match model.lock_ms {
-        Some((ttl, wait)) => quote!(::core::option::Option::Some(#krate::__private::LockPolicy {
-            ttl: ::core::time::Duration::from_millis(#ttl),
-            wait: ::core::time::Duration::from_millis(#wait),
-        })),
+    let lock = match &model.lock {
+        Some(lock) => {
+            let setting = |ms: Option<u64>, default: TokenStream| match ms {
+                Some(ms) => quote!(::core::time::Duration::from_millis(#ms)),
+                None => quote!(#krate::__private::LockPolicy::#default),
+            };
+            let ttl = setting(lock.ttl, quote!(DEFAULT_TTL));
+            let wait = setting(lock.wait, quote!(DEFAULT_WAIT));
+            quote!(::core::option::Option::Some(#krate::__private::LockPolicy {
+                ttl: #ttl,
+                wait: #wait,
+            }))
+        }
         None => quote!(::core::option::Option::None),
     };
     let stale = duration(model.stale_ms);

@@ -23,6 +23,13 @@ pub(crate) enum Segment {
     },
 }
 
+impl Segment {
+    /// Whether it is a batch placeholder (`<ids[]>`).
+    pub(crate) fn is_batch(&self) -> bool {
+        matches!(self, Segment::Placeholder { batch: true, .. })
+    }
+}
+
 /// Bytes an encoded placeholder value may contain (see the runtime's key
 /// encoding: the safe bytes, `%` escapes, and the `[`, `,` and `]` that
 /// sequences write, which a hand-written `CacheKey` impl may write bare);

@@ -1,19 +1,23 @@
 //! The attributes of `redis-cached`. Use them through the `redis-cached`
 //! crate, which documents them in full; this crate only generates code.
 //!
-//! Each attribute runs one chain: parse the arguments (`args`), parse the
-//! function up to its body, which stays tokens (`item`), parse and check the
-//! key template (`key`), build the checked model of the function
-//! (`model`), generate code (`expand`). Errors from every phase are
-//! reported together, next to the user's function left unchanged.
+//! Each attribute runs one chain: parse the arguments, key and tag
+//! templates included, each once (`args`, `key`); parse the function up to
+//! its body, which stays tokens (`item`); check everything that involves
+//! more than one argument (`valid`); lower it to the typed model of the
+//! function (`model`, and `batch` for `<ids[]>`); generate code
+//! (`expand`). Errors from every phase are reported together, next to the
+//! user's function left unchanged.
 
 mod args;
+mod batch;
 mod derive;
 mod errors;
 mod expand;
 mod item;
 mod key;
 mod model;
+mod valid;
 
 use proc_macro::TokenStream;
 

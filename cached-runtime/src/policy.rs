@@ -32,3 +32,10 @@ pub struct LockPolicy {
     /// How long a caller waits for another's computation before computing itself.
     pub wait: Duration,
 }
+
+impl LockPolicy {
+    /// `lock_ttl` when the attribute gives none.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+    /// `lock_wait` when the attribute gives none.
+    pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+}
