@@ -147,7 +147,10 @@ fn refresh_maker(model: &Model, body: &Ident, ret_local: &Ident) -> TokenStream 
             syn::FnArg::Receiver(recv) if crate::valid::refresh_clones_receiver(recv) => {
                 rewrite_self = true;
                 let span = recv.self_token.span;
-                clones.push(quote_spanned!(span=> let #this = ::core::clone::Clone::clone(self);));
+                let krate = &model.krate;
+                clones.push(
+                    quote_spanned!(span=> let #this = #krate::__private::refresh_self(self);),
+                );
                 rebinds.push(quote!(let #alias = &#this;));
             }
             syn::FnArg::Typed(typed) => {

@@ -14,7 +14,7 @@ use crate::directive::{self, Directive};
 pub use crate::key::KeyBuilder;
 pub use crate::policy::{LockPolicy, Policy};
 use crate::shape::Split;
-pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape};
+pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape, Storable};
 pub use crate::site::Site;
 use crate::spent::InSpan;
 use crate::stats::Event;
@@ -170,6 +170,37 @@ where
     )
 }
 
+/// A value the near tier may hold: it is cloned out of the tier on every
+/// near hit, and shared between threads. Named so that a value type that
+/// is not gets one error naming `near`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be kept in the near tier (`near = …`): it must implement `Clone` (and `Sync`)",
+    label = "`near` keeps this function's value in the process and clones it on each near hit",
+    note = "derive `Clone` for `{Self}`, or remove `near`"
+)]
+pub trait NearValue: Clone + Sync + Send + 'static {}
+
+#[diagnostic::do_not_recommend]
+impl<T: Clone + Sync + Send + 'static> NearValue for T {}
+
+/// What a background refresh (`stale`, `early`) clones of `&self` to run
+/// the body after the call returned. Named so that a receiver that cannot
+/// be cloned gets one error naming `stale` and `early`.
+#[diagnostic::on_unimplemented(
+    message = "`stale` and `early` refresh in the background on a clone of `self`, but `{Self}` does not implement `Clone`",
+    label = "the refresh runs the body after the call returned, on a clone of this `self`",
+    note = "derive or implement `Clone` for `{Self}` (cheap when its fields are `Arc`s or pools), or take `self: Arc<Self>`"
+)]
+pub trait RefreshSelf: Clone {}
+
+#[diagnostic::do_not_recommend]
+impl<T: Clone> RefreshSelf for T {}
+
+/// The clone of `&self` that a background refresh works on.
+pub fn refresh_self<T: RefreshSelf>(this: &T) -> T {
+    this.clone()
+}
+
 /// The body of a `#[redis_cached]` function with `near`: a value the near
 /// tier holds is returned at once, without a round trip; otherwise as
 /// [`cached`].
@@ -182,7 +213,7 @@ pub async fn cached_near<'a, S, R, Fut>(
 ) -> R
 where
     S: Shape<R> + 'a,
-    S::Value: Clone + Sync,
+    S::Value: NearValue,
     R: 'a,
     Fut: Future<Output = R> + 'a,
 {
@@ -205,7 +236,7 @@ pub async fn cached_refreshing_near<'a, S, R, F, Fut>(
 ) -> R
 where
     S: Shape<R> + 'static,
-    S::Value: Clone + Sync,
+    S::Value: NearValue,
     R: 'static,
     F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + Send + 'static,
@@ -222,7 +253,7 @@ where
 fn near_hit<S, R>(cache: Option<&Cache>, key: &str, policy: &Policy) -> Option<R>
 where
     S: Shape<R>,
-    S::Value: Clone + Sync,
+    S::Value: NearValue,
 {
     let inner = &cache?.inner;
     if directive::pending() {

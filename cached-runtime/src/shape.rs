@@ -8,6 +8,20 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// A value a cached function may store: serializable both ways, and `Send`
+/// so that a computation can hand it to other tasks. Named so that a type
+/// that is not gets one error that says what to do (rather than one per
+/// missing trait, through the shapes below).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be cached: a cached function's value must implement `Serialize`, `Deserialize` and `Send`",
+    label = "this function's value is stored, so `{Self}` must be serializable",
+    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]` on `{Self}` (and keep it `Send`)"
+)]
+pub trait Storable: Serialize + DeserializeOwned + Send + 'static {}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + DeserializeOwned + Send + 'static> Storable for T {}
+
 /// What a result contributes to the cache.
 #[derive(Debug, Clone, Copy)]
 pub enum Stored<'a, V> {
@@ -34,7 +48,7 @@ pub enum Split<V, R> {
 /// How to take a result `R` apart for the cache and put it back together.
 pub trait Shape<R> {
     /// The stored part of `R`.
-    type Value: Serialize + DeserializeOwned + Send + 'static;
+    type Value: Storable;
     /// The part of `result` to store.
     fn view(result: &R) -> Stored<'_, Self::Value>;
     /// Rebuilds a result from a stored value.
@@ -58,7 +72,7 @@ pub struct OptionOf;
 #[derive(Debug)]
 pub struct ResultOptionOf;
 
-impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<T> for Plain {
+impl<T: Storable> Shape<T> for Plain {
     type Value = T;
     fn view(result: &T) -> Stored<'_, T> {
         Stored::Value(result)
@@ -74,7 +88,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<T> for Plain {
     }
 }
 
-impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<T, E>> for ResultOf {
+impl<T: Storable, E> Shape<Result<T, E>> for ResultOf {
     type Value = T;
     fn view(result: &Result<T, E>) -> Stored<'_, T> {
         match result {
@@ -96,7 +110,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<T, E>> fo
     }
 }
 
-impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<Option<T>> for OptionOf {
+impl<T: Storable> Shape<Option<T>> for OptionOf {
     type Value = T;
     fn view(result: &Option<T>) -> Stored<'_, T> {
         match result {
@@ -118,9 +132,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Shape<Option<T>> for Opti
     }
 }
 
-impl<T: Serialize + DeserializeOwned + Send + 'static, E> Shape<Result<Option<T>, E>>
-    for ResultOptionOf
-{
+impl<T: Storable, E> Shape<Result<Option<T>, E>> for ResultOptionOf {
     type Value = T;
     fn view(result: &Result<Option<T>, E>) -> Stored<'_, T> {
         match result {
