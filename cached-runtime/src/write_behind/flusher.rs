@@ -2,22 +2,26 @@
 //! journal's lease.
 //!
 //! It takes the lease (and with it what other flushers left pending),
-//! reads the journal in batches, coalesces each into one write per key,
-//! hands them to the sink, puts what the sink took in the cache again
-//! (unless a later write of its key is there) and only then removes it
-//! from the journal.
+//! reads the journal in id order (its own pending writes first, then new
+//! ones, never new ones while older pending ones are unread), coalesces
+//! each batch into one write per key, hands them to the sink, puts what
+//! the sink took in the cache again (unless a later write of its key is
+//! there) and only then removes it from the journal.
 //!
-//! Failures. A failing batch is split in halves down to single writes. A
-//! single write that fails is *held*: it stays pending in the journal,
-//! tried again alone with back-off of its own, while the flusher goes on
-//! with other writes; a later write of its key replaces it. It is buried
-//! in the dead letters (its cache entry invalidated) once it failed
-//! `max_attempts` times while the sink took other writes: never while the
-//! sink takes nothing, which is an outage, not a bad write. While calls
-//! fail in a row, every call first waits a back-off that grows with the
-//! streak, so that an outage costs the database one call per back-off. A
-//! write it cannot decode is held the same way (parked) for a flusher that
-//! can decode it.
+//! Failures. A failing batch is split in halves. A write that fails alone
+//! is *held*: its key's writes stay pending in the journal, tried again
+//! alone with a back-off of the key's own while the flusher goes on with
+//! other keys; a later write of the key joins them (the sink needs only a
+//! key's last write), so a key's writes never reach the sink out of order.
+//! A key's failures count towards `max_attempts` only when the sink took
+//! some other write since the key's previous try; at `max_attempts` its
+//! writes are buried in the dead letters and its cache entry invalidated.
+//! When nothing passes (an outage, or a batch of bad rows), writes are held
+//! uncounted, retried together, and every call waits a back-off that grows
+//! with the failures in a row: an outage costs the database one call per
+//! back-off and buries nothing. A write this process cannot decode (or
+//! whose integrity check fails) is held the same way, parked, for a
+//! flusher that can.
 //!
 //! The lease is kept on two clocks. Redis's: every read and renewal
 //! extends it, and only the holder can read, claim, forget consumers,
@@ -28,7 +32,7 @@
 //! to another process (to within one poll: a sink that must be exact
 //! fences rows by journal id).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -55,9 +59,9 @@ use crate::token::now_unix_ms;
 
 /// Failures of a part before it is split in halves.
 const SPLIT_AFTER: u32 = 3;
-/// Pages of pending writes one batch reads to get past held ones.
-const MAX_PENDING_PAGES: usize = 4;
-/// Writes one acknowledgement removes.
+/// Pages of pending writes one batch reads at most.
+const MAX_PENDING_PAGES: usize = 64;
+/// Writes one acknowledgement (or burial) removes.
 const ACK_CHUNK: usize = 1000;
 /// The largest encoded key the flusher decodes: far above any key this
 /// journal writes, far below what would hurt.
@@ -130,18 +134,23 @@ fn backoff_after(failures: u32, limits: &Limits) -> Duration {
 }
 
 /// What makes two journaled writes writes of one key: the cache key they
-/// render to, or, for a key that cannot be decoded here, its bytes.
+/// render to, or, for a key that cannot be decoded here, its bytes. A
+/// write that fails the screen (not signed, not checkable, too large) is a
+/// key of its own: it may be forged, so it never replaces another write.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum SlotKey {
     Cache(String),
     Raw(Vec<u8>),
+    Unverified(String),
 }
 
 /// One key's writes in a batch: the last one, and the ids of all.
 struct Slot<K, V> {
     /// The key's last write, or why it cannot be decoded (never the data).
     write: std::result::Result<Write<K, V>, &'static str>,
-    key: SlotKey,
+    key: Arc<SlotKey>,
+    /// Its full cache key, when its key could be decoded.
+    cache_key: Option<String>,
     raw_key: Vec<u8>,
     entry: Vec<u8>,
     /// The ids of the key's writes it stands for, oldest first.
@@ -154,13 +163,6 @@ impl<K, V> Slot<K, V> {
     fn last_id(&self) -> &str {
         self.ids.last().map_or("", String::as_str)
     }
-
-    fn cache_key(&self) -> Option<&str> {
-        match &self.key {
-            SlotKey::Cache(key) => Some(key),
-            SlotKey::Raw(_) => None,
-        }
-    }
 }
 
 /// A batch, coalesced.
@@ -168,41 +170,90 @@ struct Coalesced<K, V> {
     slots: Vec<Slot<K, V>>,
     /// Writes removed from the stream while pending.
     gone: Vec<String>,
-    /// Writes refused before decoding, and why.
-    refused: Vec<(Slot<K, V>, &'static str)>,
+}
+
+/// What a part is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Writes tried for the first time (or their halves): tried again at
+    /// once, split, and held when nothing passes.
+    Fresh,
+    /// A group of writes held while nothing passed: tried once per batch,
+    /// then held again (in halves while nothing passes).
+    Retried,
+    /// A key suspected of a bad row: tried once per batch, alone.
+    Suspect,
 }
 
 /// Part of a batch that the sink has not taken yet.
 struct Part<K, V> {
     slots: Vec<Slot<K, V>>,
+    kind: Kind,
     failures: u32,
     /// When the batch it comes from first failed.
     failing_since: Option<Instant>,
 }
 
-/// Why a write is held back.
+/// Why a key's writes are held back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hold {
-    /// The sink refused it alone.
+    /// The sink refused them.
     Refused,
-    /// It cannot be decoded here.
-    Undecodable,
+    /// They cannot be decoded (or checked) here.
+    Parked,
 }
 
-/// A write held back in the journal, by the id of each write it stands
-/// for.
+/// A key whose writes are held back in the journal.
 #[derive(Debug, Clone)]
-struct Held {
+struct HeldKey {
     hold: Hold,
-    key: SlotKey,
-    /// Its last write's id.
-    last: JournalId,
-    /// Failed tries: the sink's refusals alone, or decodes.
-    failures: u32,
-    /// When it (or the batch it came from) first failed.
+    /// The keys held while nothing passed are retried together, by group
+    /// (the halves of a group that failed again are groups of their own).
+    group: u64,
+    /// The ids of its held writes.
+    ids: Vec<String>,
+    /// The failed tries, for the back-off.
+    tries: u32,
+    /// The failures that count towards `max_attempts`: those after which
+    /// the sink had taken another write since this key's previous try.
+    counted: u32,
+    /// Its first failure.
     since: Instant,
+    last_try: Instant,
     /// Not tried again before then.
     next: Instant,
+}
+
+/// What is held back, by key, and by id for the reads.
+#[derive(Default)]
+struct Held {
+    keys: HashMap<Arc<SlotKey>, HeldKey>,
+    ids: HashMap<String, Arc<SlotKey>>,
+}
+
+impl Held {
+    fn insert(&mut self, key: &Arc<SlotKey>, record: HeldKey) {
+        for id in &record.ids {
+            self.ids.insert(id.clone(), Arc::clone(key));
+        }
+        self.keys.insert(Arc::clone(key), record);
+    }
+
+    fn remove(&mut self, key: &SlotKey) -> Option<HeldKey> {
+        let record = self.keys.remove(key)?;
+        for id in &record.ids {
+            self.ids.remove(id);
+        }
+        Some(record)
+    }
+
+    /// Whether the write `id` is held and not due for another try.
+    fn waits(&self, id: &str, now: Instant) -> bool {
+        self.ids
+            .get(id)
+            .and_then(|key| self.keys.get(key))
+            .is_some_and(|record| record.next > now)
+    }
 }
 
 /// Sink calls failing in a row, none passing.
@@ -221,12 +272,18 @@ struct Flusher<'a, K, V, S> {
     /// When this flusher's lease ends by its own clock, in ms after
     /// `epoch`; 0 when it holds none.
     lease_end: AtomicU64,
-    /// Writes held back, by id. Kept when the lease is lost and taken
-    /// back: the journal keeps them pending, and their counts must go on.
-    held: Mutex<HashMap<String, Held>>,
+    /// Writes held back. Kept when the lease is lost and taken back: the
+    /// journal keeps them pending, and their counts must go on; a full
+    /// read of the pending writes forgets those no longer there.
+    held: Mutex<Held>,
+    /// Every pending write up to this id is held and waiting: reads of
+    /// the pending writes start after it.
+    floor: Mutex<Option<String>>,
     streak: Mutex<Option<Streak>>,
     /// When a sink call last passed.
     last_success: Mutex<Option<Instant>>,
+    /// The last group number handed out.
+    groups: AtomicU64,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -247,8 +304,10 @@ where
             epoch: Instant::now(),
             lease_end: AtomicU64::new(0),
             held: Mutex::default(),
+            floor: Mutex::default(),
             streak: Mutex::default(),
             last_success: Mutex::default(),
+            groups: AtomicU64::new(0),
         }
     }
 
@@ -354,7 +413,9 @@ where
     }
 
     /// Takes the lease if it is free (or still this process's) and the
-    /// journal over with it; whether this process is the flusher now.
+    /// journal over with it; whether this process is the flusher now. The
+    /// lease counts as held only once the takeover is done: one that fails
+    /// is tried again before any write is read.
     async fn lead(&self) -> Result<bool> {
         let shared = self.shared;
         shared.check_server().await?;
@@ -362,7 +423,6 @@ where
         if !shared.lease(true).await? {
             return Ok(false);
         }
-        self.renewed(sent);
         // A process stopped here holds a lease that may lapse meanwhile.
         failpoint::pause("write-behind/before-take-over", &shared.journal.stream).await;
         let redis = shared.redis()?;
@@ -372,24 +432,22 @@ where
             &shared.consumer,
             shared.limits.lease,
         );
-        match shared
+        let claimed = shared
             .cache
             .inner
             .guarded_within(shared.limits.lease, take_over)
-            .await?
-        {
-            None => {
-                self.lost();
-                Ok(false)
-            }
-            Some(claimed) => {
-                if claimed > 0 {
-                    tracing::info!(target: "redis_cached", claimed, stream = %shared.journal.stream, "took over pending writes");
-                    shared.counters.add(Tally::claimed, claimed);
-                }
-                Ok(true)
-            }
+            .await?;
+        let Some(claimed) = claimed else {
+            return Ok(false);
+        };
+        if claimed > 0 {
+            tracing::info!(target: "redis_cached", claimed, stream = %shared.journal.stream, "took over pending writes");
+            shared.counters.add(Tally::claimed, claimed);
         }
+        // Read the pending writes whole again: some are new to this process.
+        *locked(&self.floor) = None;
+        self.renewed(sent);
+        Ok(true)
     }
 
     /// Extends the lease; whether this process still holds it (by its own
@@ -485,50 +543,69 @@ where
         Ok(read)
     }
 
-    /// Whether the write `id` is held and not due for another try.
-    fn waits(&self, id: &str) -> bool {
-        locked(&self.held)
-            .get(id)
-            .is_some_and(|held| held.next > Instant::now())
-    }
-
-    /// The next writes to flush: this flusher's pending ones first (a
-    /// takeover's, a failed acknowledgement's, held ones now due), past
-    /// the held ones that wait, then new ones; a batch that is not full
+    /// The next writes to flush, in id order: this flusher's pending ones
+    /// first (a takeover's, a failed acknowledgement's, held ones now due),
+    /// past the held ones that wait, then new ones, which are read only
+    /// once every older pending write has been; a batch that is not full
     /// waits until its oldest write is `max_delay` old. `None` when the
     /// lease is lost.
     async fn next_batch(&self) -> Result<Option<Vec<Journaled>>> {
         let limits = &self.shared.limits;
         let size = limits.batch_size;
+        let now = Instant::now();
+        let due = locked(&self.held).keys.values().any(|r| r.next <= now);
+        // Past the held writes that wait, unless one of them is due.
+        let start = if due {
+            None
+        } else {
+            locked(&self.floor).clone()
+        };
+        let whole = start.is_none();
+        let mut after = start.unwrap_or_else(|| "0".to_owned());
         let mut batch = Vec::new();
-        let mut after = "0".to_owned();
-        let mut more_pending = false;
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut waiting_so_far = true;
+        let mut exhausted = false;
         for _ in 0..MAX_PENDING_PAGES {
             let want = size - batch.len();
             let Some(read) = self.read(want, Some(&after)).await? else {
                 return Ok(None);
             };
-            more_pending = read.len() == want;
-            if let Some(last) = read.last() {
-                after.clone_from(&last.id);
+            // Fewer than asked: the pending writes ran out (the script
+            // then gave new ones).
+            exhausted = read.len() < want;
+            let Some(last) = read.last().map(|w| w.id.clone()) else {
+                break;
+            };
+            {
+                let held = locked(&self.held);
+                for journaled in read {
+                    if whole {
+                        seen.insert(journaled.id.clone());
+                    }
+                    if held.waits(&journaled.id, now) {
+                        continue;
+                    }
+                    waiting_so_far = false;
+                    batch.push(journaled);
+                }
             }
-            batch.extend(read.into_iter().filter(|w| !self.waits(&w.id)));
-            if !more_pending || batch.len() >= size {
+            if waiting_so_far {
+                *locked(&self.floor) = Some(last.clone());
+            }
+            after = last;
+            if exhausted || batch.len() >= size {
                 break;
             }
         }
-        // Held writes fill the pending pages: new ones come all the same.
-        if more_pending && batch.len() < size {
-            match self.read(size - batch.len(), None).await? {
-                Some(new) => batch.extend(new),
-                None => return Ok(None),
-            }
+        if whole && exhausted {
+            self.forget_unseen(&seen);
         }
         let Some(first) = batch.first().and_then(|w| JournalId::parse(&w.id)) else {
             return Ok(Some(batch));
         };
         let age = Duration::from_millis(now_unix_ms().saturating_sub(first.ms));
-        if batch.len() < size && age < limits.max_delay && !self.shared.hurry() {
+        if exhausted && batch.len() < size && age < limits.max_delay && !self.shared.hurry() {
             // Not woken by each write meanwhile: one read at the end.
             self.shared.pause(limits.max_delay - age).await;
             match self.read(size - batch.len(), None).await? {
@@ -537,6 +614,21 @@ where
             }
         }
         Ok(Some(batch))
+    }
+
+    /// Forgets the held writes that a whole read of the pending writes did
+    /// not see: another process flushed or buried them meanwhile.
+    fn forget_unseen(&self, seen: &HashSet<String>) {
+        let mut held = locked(&self.held);
+        let gone: Vec<Arc<SlotKey>> = held
+            .keys
+            .iter()
+            .filter(|(_, record)| record.ids.iter().all(|id| !seen.contains(id)))
+            .map(|(key, _)| Arc::clone(key))
+            .collect();
+        for key in gone {
+            held.remove(&key);
+        }
     }
 
     /// Decodes a journaled write: the write, or why not (never the data,
@@ -548,7 +640,10 @@ where
         raw_key: &[u8],
         entry: &[u8],
         id: JournalId,
-    ) -> (std::result::Result<Write<K, V>, &'static str>, SlotKey) {
+    ) -> (
+        std::result::Result<Write<K, V>, &'static str>,
+        Option<String>,
+    ) {
         let codec = self.shared.cache.inner.settings.codec;
         let key = std::panic::catch_unwind(AssertUnwindSafe(|| match codec.decode::<K>(raw_key) {
             Ok(Entry::Value(Some(key), _)) => Ok(key),
@@ -572,56 +667,49 @@ where
             (Err(why), _, _) | (_, Err(why), _) => Err(why),
             (_, _, None) => Err("rendering the journaled key's cache key panicked"),
         };
-        let key = match cache_key {
-            Some(key) => SlotKey::Cache(key),
-            None => SlotKey::Raw(raw_key.to_vec()),
-        };
-        (write, key)
+        (write, cache_key)
     }
 
-    /// Whether a journaled write may be decoded at all: no larger than
-    /// this journal writes them, and signed by this application when the
-    /// journal is (else it is not ours: refused, never handed to the sink).
+    /// Why a journaled write may not be decoded here, if so: larger than
+    /// this journal writes them, or not signed by this application when
+    /// the journal is (not ours, or signed with another key: parked, never
+    /// handed to the sink).
     fn screen(
         &self,
         raw_key: &[u8],
         entry: &[u8],
         journaled: &Journaled,
         id: JournalId,
-    ) -> std::result::Result<(), &'static str> {
+    ) -> Option<&'static str> {
         let shared = self.shared;
         if raw_key.len() > MAX_JOURNALED_KEY {
-            return Err("the journaled key is larger than any this journal writes");
+            return Some("the journaled key is larger than any this journal writes");
         }
         if entry.len() > shared.cache.inner.settings.max_value_bytes {
-            return Err("the journaled entry is larger than max_value_bytes");
+            return Some("the journaled entry is larger than max_value_bytes");
         }
-        let Some(secret) = &shared.integrity else {
-            return Ok(());
-        };
+        let secret = shared.integrity.as_ref()?;
         let (Some(stamp), Some(mac)) = (journaled.stamp, journaled.mac.as_deref()) else {
-            return Err("the journaled write is not signed");
+            return Some("the journaled write is not signed");
         };
         if !secret.verify(&shared.journal.stream, stamp, raw_key, entry, mac) {
-            return Err("the journaled write fails its integrity check");
+            return Some("the journaled write fails its integrity check");
         }
         if stamp.abs_diff(id.ms) > MAX_SKEW_MS {
-            return Err(
+            return Some(
                 "the journaled write was signed at another time (an old write added again)",
             );
         }
-        Ok(())
+        None
     }
 
     /// Coalesces `batch` into one slot per key (its last write), in
-    /// journal order; also the ids of writes removed from the stream while
-    /// pending, and the writes refused before decoding (see
-    /// [`Flusher::screen`]), each a slot of its own.
+    /// journal order, and the ids of writes removed from the stream while
+    /// pending.
     fn coalesce(&self, batch: Vec<Journaled>) -> Coalesced<K, V> {
         let mut slots: Vec<Slot<K, V>> = Vec::new();
-        let mut index: HashMap<SlotKey, usize> = HashMap::new();
+        let mut index: HashMap<Arc<SlotKey>, usize> = HashMap::new();
         let mut gone = Vec::new();
-        let mut refused = Vec::new();
         for mut journaled in batch {
             let (Some(raw_key), Some(entry), Some(id)) = (
                 journaled.key.take(),
@@ -631,43 +719,32 @@ where
                 gone.push(journaled.id);
                 continue;
             };
-            if let Err(why) = self.screen(&raw_key, &entry, &journaled, id) {
-                let oversized = raw_key.len() > MAX_JOURNALED_KEY
-                    || entry.len() > self.shared.cache.inner.settings.max_value_bytes;
-                let (raw_key, entry) = if oversized {
-                    (Vec::new(), Vec::new())
-                } else {
-                    (raw_key, entry)
-                };
-                refused.push((
-                    Slot {
-                        write: Err(why),
-                        key: SlotKey::Raw(raw_key.clone()),
-                        raw_key,
-                        entry,
-                        ids: vec![journaled.id],
-                        last: id,
-                    },
-                    why,
-                ));
-                continue;
-            }
-            let (write, key) = self.decode(&raw_key, &entry, id);
+            let refused = self.screen(&raw_key, &entry, &journaled, id);
+            let (mut write, cache_key) = self.decode(&raw_key, &entry, id);
+            let key = Arc::new(match (&cache_key, refused) {
+                (_, Some(why)) => {
+                    write = Err(why);
+                    SlotKey::Unverified(journaled.id.clone())
+                }
+                (Some(key), None) => SlotKey::Cache(key.clone()),
+                (None, None) => SlotKey::Raw(raw_key.clone()),
+            });
             match index.get(&key) {
                 Some(&at) => {
-                    self.shared.counters.add(Tally::coalesced, 1);
                     let slot = &mut slots[at];
                     slot.write = write;
+                    slot.cache_key = cache_key;
                     slot.raw_key = raw_key;
                     slot.entry = entry;
                     slot.ids.push(journaled.id);
                     slot.last = id;
                 }
                 None => {
-                    index.insert(key.clone(), slots.len());
+                    index.insert(Arc::clone(&key), slots.len());
                     slots.push(Slot {
                         write,
                         key,
+                        cache_key,
                         raw_key,
                         entry,
                         ids: vec![journaled.id],
@@ -677,51 +754,55 @@ where
             }
         }
         slots.sort_by_key(|slot| slot.last);
-        Coalesced {
-            slots,
-            gone,
-            refused,
-        }
+        Coalesced { slots, gone }
     }
 
-    /// Makes each slot stand for the held writes of its key that are
-    /// older than it too: a later write replaces them (the sink needs only
-    /// a key's last write), so they are removed with it and never applied
-    /// after it.
-    fn absorb(&self, slots: &mut [Slot<K, V>]) {
+    /// Makes each slot stand for every held write of its key too: a later
+    /// write replaces them (the sink needs only a key's last write), so
+    /// they are removed with it and never applied after it. The key's
+    /// record stays, with its counts, until the slot is flushed or buried.
+    /// A slot older than a held write of its key is folded into that
+    /// write instead (and not returned).
+    fn absorb(&self, slots: Vec<Slot<K, V>>) -> Vec<Slot<K, V>> {
         let mut held = locked(&self.held);
-        if held.is_empty() {
-            return;
+        if held.keys.is_empty() {
+            return slots;
         }
-        for slot in slots.iter_mut() {
-            let mut older: Vec<(JournalId, String)> = held
+        let mut kept = Vec::with_capacity(slots.len());
+        for mut slot in slots {
+            let Some(record) = held.keys.get(&slot.key) else {
+                kept.push(slot);
+                continue;
+            };
+            let newest_held = record
+                .ids
                 .iter()
-                .filter(|(id, h)| {
-                    h.key == slot.key && h.last <= slot.last && !slot.ids.contains(id)
-                })
-                .filter_map(|(id, _)| JournalId::parse(id).map(|at| (at, id.clone())))
-                .collect();
-            for id in &slot.ids {
-                // Held and read again: this try is the slot's own now,
-                // unless the slot is that very write retried.
-                if held.get(id).is_some_and(|h| h.last < slot.last) {
-                    held.remove(id);
+                .filter_map(|id| JournalId::parse(id))
+                .max();
+            if newest_held.is_some_and(|newest| newest > slot.last) {
+                let mut record = record.clone();
+                for id in slot.ids {
+                    if !record.ids.contains(&id) {
+                        record.ids.push(id);
+                    }
                 }
-            }
-            if older.is_empty() {
+                held.insert(&slot.key, record);
                 continue;
             }
-            older.sort();
-            self.shared
-                .counters
-                .add(Tally::coalesced, older.len() as u64);
-            let mut ids: Vec<String> = older.into_iter().map(|(_, id)| id).collect();
-            for id in &ids {
-                held.remove(id);
+            let mut ids: Vec<String> = record
+                .ids
+                .iter()
+                .filter(|id| !slot.ids.contains(id))
+                .cloned()
+                .collect();
+            if !ids.is_empty() {
+                ids.append(&mut slot.ids);
+                ids.sort_by_key(|id| JournalId::parse(id));
+                slot.ids = ids;
             }
-            ids.append(&mut slot.ids);
-            slot.ids = ids;
+            kept.push(slot);
         }
+        kept
     }
 
     // ---------------------------------------------------------------
@@ -729,23 +810,12 @@ where
 
     /// Applies one batch; whether the lease held throughout.
     async fn apply(&self, batch: Vec<Journaled>) -> Result<bool> {
-        let Coalesced {
-            mut slots,
-            gone,
-            refused,
-        } = self.coalesce(batch);
+        let Coalesced { slots, gone } = self.coalesce(batch);
         let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
         if !self.ack(&gone).await? {
             return Ok(false);
         }
-        for (slot, why) in &refused {
-            tracing::warn!(target: "redis_cached", stream = %self.shared.journal.stream, problem = why,
-                "a journal entry was refused before decoding; moved to the dead letters");
-            if !self.bury(slot, why, 0).await? {
-                return Ok(false);
-            }
-        }
-        self.absorb(&mut slots);
+        let slots = self.absorb(slots);
         let mut ready = Vec::with_capacity(slots.len());
         for slot in slots {
             match slot.write {
@@ -763,88 +833,127 @@ where
         self.flush(ready).await
     }
 
-    /// Holds a write that cannot be decoded for a flusher that can (a
-    /// newer version of the application), tried again with back-off,
-    /// until `park_undecodable_for` passed; then buries it. Whether the
-    /// lease held.
+    /// Holds a write that cannot be decoded or checked here for a flusher
+    /// that can (a newer version of the application, one with the right
+    /// key), tried again with back-off, until `park_undecodable_for`
+    /// passed; then buries it. Whether the lease held.
     async fn park(&self, slot: &Slot<K, V>, why: &'static str) -> Result<bool> {
         let now = Instant::now();
-        let held = self.hold(slot, Hold::Undecodable, None, now);
-        if held.failures == 1 {
+        let (record, new) = self.hold(slot, Hold::Parked, None, now, 0);
+        if new {
             self.shared.counters.add(Tally::parked, 1);
             tracing::warn!(target: "redis_cached", stream = %self.shared.journal.stream, problem = why,
-                "a journaled write cannot be decoded by this process; it waits for a flusher that can");
+                "a journaled write cannot be decoded or checked by this process; it waits for a flusher that can");
         }
-        if now.saturating_duration_since(held.since) < self.shared.limits.park_for {
+        if now.saturating_duration_since(record.since) < self.shared.limits.park_for {
             return Ok(true);
         }
-        self.bury(slot, why, held.failures).await
+        self.bury(slot, why, record.tries).await
     }
 
-    /// Records one more failure of `slot`, held back from now on; its
-    /// record. `since`: when its batch first failed, for a first failure.
-    fn hold(&self, slot: &Slot<K, V>, hold: Hold, since: Option<Instant>, now: Instant) -> Held {
+    /// Records one more failed try of `slot`'s key, held back from now on:
+    /// its record, and whether it is new. The failure counts towards
+    /// `max_attempts` if the sink took another write since the key's
+    /// previous try (since `since`, the batch's first failure, for a first
+    /// one).
+    fn hold(
+        &self,
+        slot: &Slot<K, V>,
+        hold: Hold,
+        since: Option<Instant>,
+        now: Instant,
+        group: u64,
+    ) -> (HeldKey, bool) {
         let limits = &self.shared.limits;
         let mut held = locked(&self.held);
-        let record = match held.get(slot.last_id()) {
-            Some(record) => Held {
-                failures: record.failures + 1,
-                ..record.clone()
-            },
-            None => Held {
-                hold,
-                key: slot.key.clone(),
-                last: slot.last,
-                failures: 1,
-                since: since.unwrap_or(now),
-                next: now,
-            },
-        };
-        let record = Held {
-            next: now + backoff_after(record.failures, limits),
-            ..record
-        };
+        let existing = held.remove(&slot.key);
+        let new = existing.is_none();
+        let previous = existing
+            .as_ref()
+            .map(|r| r.last_try)
+            .or(since)
+            .unwrap_or(now);
+        let counts = self.others_pass(previous);
+        let mut record = existing.unwrap_or(HeldKey {
+            hold,
+            group,
+            ids: Vec::new(),
+            tries: 0,
+            counted: 0,
+            since: since.unwrap_or(now),
+            last_try: now,
+            next: now,
+        });
+        record.hold = hold;
+        record.group = group;
+        record.tries += 1;
+        record.counted += u32::from(counts);
+        record.last_try = now;
+        record.next = now + backoff_after(record.tries, limits);
         for id in &slot.ids {
-            held.insert(id.clone(), record.clone());
-        }
-        record
-    }
-
-    /// Forgets what was held of `slot`'s writes: they are flushed or buried.
-    fn release(&self, slot: &Slot<K, V>) {
-        let mut held = locked(&self.held);
-        for id in &slot.ids {
-            held.remove(id);
-        }
-    }
-
-    /// The parts a flush starts with: a refused write tried again goes
-    /// alone, with its count; the others go together (a parked write that
-    /// decodes now among them).
-    fn parts(&self, slots: Vec<Slot<K, V>>) -> Vec<Part<K, V>> {
-        let held = locked(&self.held);
-        let mut together = Vec::with_capacity(slots.len());
-        let mut parts = Vec::new();
-        for slot in slots {
-            match held.get(slot.last_id()).filter(|r| r.hold == Hold::Refused) {
-                Some(record) => parts.push(Part {
-                    slots: vec![slot],
-                    failures: record.failures,
-                    failing_since: Some(record.since),
-                }),
-                None => together.push(slot),
+            if !record.ids.contains(id) {
+                record.ids.push(id.clone());
             }
         }
-        if !together.is_empty() {
-            parts.insert(
-                0,
-                Part {
-                    slots: together,
+        held.insert(&slot.key, record.clone());
+        (record, new)
+    }
+
+    /// Forgets what was held of `slot`'s key: its writes are flushed or
+    /// buried.
+    fn release(&self, slot: &Slot<K, V>) {
+        locked(&self.held).remove(&slot.key);
+    }
+
+    /// The parts a flush starts with, in this order: the fresh writes
+    /// together; each key suspected of a bad row (a counted failure)
+    /// alone; each group of writes held while nothing passed (an outage's,
+    /// or bad rows not told apart yet) together. Held writes never slow
+    /// fresh ones down.
+    fn parts(&self, slots: Vec<Slot<K, V>>) -> Vec<Part<K, V>> {
+        let held = locked(&self.held);
+        let mut fresh = Vec::with_capacity(slots.len());
+        let mut suspects = Vec::new();
+        let mut groups: Vec<(u64, Part<K, V>)> = Vec::new();
+        for slot in slots {
+            match held.keys.get(&slot.key).filter(|r| r.hold == Hold::Refused) {
+                None => fresh.push(slot),
+                Some(record) if record.counted == 0 => {
+                    match groups.iter_mut().find(|(group, _)| *group == record.group) {
+                        Some((_, part)) => {
+                            part.failing_since = part.failing_since.map(|s| s.min(record.since));
+                            part.slots.push(slot);
+                        }
+                        None => groups.push((
+                            record.group,
+                            Part {
+                                slots: vec![slot],
+                                kind: Kind::Retried,
+                                failures: 0,
+                                failing_since: Some(record.since),
+                            },
+                        )),
+                    }
+                }
+                Some(record) => suspects.push(Part {
+                    slots: vec![slot],
+                    kind: Kind::Suspect,
                     failures: 0,
-                    failing_since: None,
-                },
-            );
+                    failing_since: Some(record.since),
+                }),
+            }
         }
+        let mut parts = Vec::with_capacity(1 + suspects.len() + groups.len());
+        if !fresh.is_empty() {
+            parts.push(Part {
+                slots: fresh,
+                kind: Kind::Fresh,
+                failures: 0,
+                failing_since: None,
+            });
+        }
+        parts.extend(suspects);
+        parts.extend(groups.into_iter().map(|(_, part)| part));
         parts
     }
 
@@ -852,7 +961,11 @@ where
     /// row (an outage costs the database one call per back-off); whether
     /// the lease held.
     async fn pace(&self) -> bool {
-        let next = locked(&self.streak).map(|streak| streak.next);
+        // A part's first tries and splits go at once; a longer streak is
+        // an outage, or rows not told apart yet.
+        let next = locked(&self.streak)
+            .filter(|streak| streak.failures > SPLIT_AFTER)
+            .map(|streak| streak.next);
         match next {
             Some(next) if next > Instant::now() => self.hold_until(next).await,
             _ => true,
@@ -867,9 +980,10 @@ where
     fn failed(&self) {
         let mut streak = locked(&self.streak);
         let failures = streak.map_or(0, |s| s.failures) + 1;
+        let paced = failures.saturating_sub(SPLIT_AFTER);
         *streak = Some(Streak {
             failures,
-            next: Instant::now() + backoff_after(failures, &self.shared.limits),
+            next: Instant::now() + backoff_after(paced, &self.shared.limits),
         });
     }
 
@@ -879,9 +993,8 @@ where
     }
 
     /// Flushes `slots`: until the sink took each write, or it is held back
-    /// (a single write that failed) or buried; whether the lease held
-    /// throughout. A stop or a lost lease leaves the rest pending in the
-    /// journal, for whoever flushes next.
+    /// or buried; whether the lease held throughout. A stop or a lost lease
+    /// leaves the rest pending in the journal, for whoever flushes next.
     async fn flush(&self, slots: Vec<Slot<K, V>>) -> Result<bool> {
         let mut parts = self.parts(slots);
         while !parts.is_empty() && !self.shared.stopping() {
@@ -899,14 +1012,16 @@ where
                         }
                     }
                     Some(Err(error)) => {
-                        self.failed();
+                        // A suspected bad row failing again says nothing
+                        // of the database: it does not pace the others.
+                        if part.kind != Kind::Suspect {
+                            self.failed();
+                        }
                         self.shared.counters.add(Tally::retries, 1);
                         tracing::warn!(target: "redis_cached", %error, writes = part.slots.len(), "the write-behind sink failed; retrying");
                         part.failures += 1;
                         part.failing_since.get_or_insert_with(Instant::now);
-                        if let Some(part) = self.after_failure(part, &error).await? {
-                            failing.extend(part);
-                        }
+                        failing.extend(self.after_failure(part, &error).await?);
                     }
                     None => {}
                 }
@@ -919,37 +1034,69 @@ where
         Ok(true)
     }
 
-    /// What becomes of a part that just failed: kept or split (`Some`);
-    /// a single write is held back, or buried once it failed
-    /// `max_attempts` times while the sink took other writes (`None`; an
-    /// `Err` when Redis failed meanwhile).
-    async fn after_failure(
-        &self,
-        mut part: Part<K, V>,
-        error: &str,
-    ) -> Result<Option<Vec<Part<K, V>>>> {
-        let now = Instant::now();
-        if part.slots.len() == 1 {
-            let slot = &part.slots[0];
-            let held = self.hold(slot, Hold::Refused, part.failing_since, now);
-            if held.failures >= self.shared.limits.max_attempts && self.others_pass(held.since) {
-                self.bury(slot, error, held.failures).await?;
+    /// What becomes of a part that just failed: kept or split (returned,
+    /// fresh writes only, tried again at once); or held back, its writes
+    /// tried again in a later batch while the flusher goes on with fresh
+    /// ones (a suspect or a retried part, at its first failure; fresh
+    /// writes that kept failing while nothing passed, which tells a bad
+    /// row from an outage only once fresh writes pass); or, a key that
+    /// failed `max_attempts` counted times, buried.
+    async fn after_failure(&self, mut part: Part<K, V>, error: &str) -> Result<Vec<Part<K, V>>> {
+        let since = part.failing_since;
+        let others_passed = since.is_some_and(|since| self.others_pass(since));
+        match part.kind {
+            Kind::Suspect => {}
+            // Other writes passed since these first failed: the group holds
+            // bad rows, and its keys' failures count (each alone next
+            // time). Else, with nothing to tell an outage from a bad row,
+            // it is held again in halves, each a group of its own: a group
+            // of bad rows splits down to the rows across batches, while
+            // fresh writes flow between them.
+            Kind::Retried if !others_passed && part.slots.len() > 1 => {
+                let second = part.slots.split_off(part.slots.len() / 2);
+                self.hold_all(&part.slots, since, error).await?;
+                self.hold_all(&second, since, error).await?;
+                return Ok(Vec::new());
             }
-            return Ok(None);
+            Kind::Retried => {}
+            Kind::Fresh if part.slots.len() == 1 => {}
+            Kind::Fresh if part.failures < SPLIT_AFTER => return Ok(vec![part]),
+            // Fresh writes that kept failing while nothing passed: held,
+            // one group, until fresh ones pass (an outage costs one call
+            // per back-off meanwhile).
+            Kind::Fresh if !others_passed => {}
+            Kind::Fresh => {
+                let second = part.slots.split_off(part.slots.len() / 2);
+                let half = |slots| Part {
+                    slots,
+                    kind: Kind::Fresh,
+                    failures: 0,
+                    failing_since: since,
+                };
+                return Ok(vec![half(std::mem::take(&mut part.slots)), half(second)]);
+            }
         }
-        if part.failures < SPLIT_AFTER {
-            return Ok(Some(vec![part]));
+        self.hold_all(&part.slots, since, error).await?;
+        Ok(Vec::new())
+    }
+
+    /// Holds `slots`' keys as one group (buried, those that failed
+    /// `max_attempts` counted times).
+    async fn hold_all(
+        &self,
+        slots: &[Slot<K, V>],
+        since: Option<Instant>,
+        error: &str,
+    ) -> Result<()> {
+        let now = Instant::now();
+        let group = self.groups.fetch_add(1, Ordering::Relaxed) + 1;
+        for slot in slots {
+            let (record, _) = self.hold(slot, Hold::Refused, since, now, group);
+            if record.counted >= self.shared.limits.max_attempts {
+                self.bury(slot, error, record.tries).await?;
+            }
         }
-        let second = part.slots.split_off(part.slots.len() / 2);
-        let half = |slots| Part {
-            slots,
-            failures: 0,
-            failing_since: part.failing_since,
-        };
-        Ok(Some(vec![
-            half(std::mem::take(&mut part.slots)),
-            half(second),
-        ]))
+        Ok(())
     }
 
     /// Runs the sink on `slots` if the lease still holds, extending it
@@ -1031,7 +1178,7 @@ where
         let keys: Vec<(&str, String, &Slot<K, V>)> = slots
             .iter()
             .filter_map(|slot| {
-                let key = slot.cache_key()?;
+                let key = slot.cache_key.as_deref()?;
                 Some((key, shared.version_key(key), slot))
             })
             .collect();
@@ -1076,6 +1223,9 @@ where
         let c = &self.shared.counters;
         c.add(Tally::batches, 1);
         c.add(Tally::flushed, slots.len() as u64);
+        // The writes folded into a later one of their key.
+        let folded: usize = slots.iter().map(|slot| slot.ids.len() - 1).sum();
+        c.add(Tally::coalesced, folded as u64);
         // From the oldest write the batch stands for, coalesced ones too.
         let oldest = slots
             .iter()
@@ -1087,23 +1237,16 @@ where
         Ok(true)
     }
 
-    /// Gives a write up: invalidates its cache entry (unless a later write
-    /// of its key is there), since the database never got it, then moves
-    /// it to the dead letters. When they are full, the write stays held in
-    /// the journal (nothing is ever dropped). Whether the lease held.
+    /// Gives a key's writes up: invalidates its cache entry (unless a later
+    /// write of it is there), since the database never got them, then
+    /// moves them to the dead letters. When they are full, the writes stay
+    /// held in the journal (nothing is ever dropped). Whether the lease
+    /// held.
     async fn bury(&self, slot: &Slot<K, V>, error: &str, attempts: u32) -> Result<bool> {
         let shared = self.shared;
         let inner = &shared.cache.inner;
         let redis = shared.redis()?;
-        let ids: Vec<&str> = slot.ids.iter().map(String::as_str).collect();
-        let dead = DeadLetter {
-            key: &slot.raw_key,
-            entry: &slot.entry,
-            error,
-            attempts,
-            ids: &ids,
-        };
-        if let Some(key) = slot.cache_key() {
+        if let Some(key) = slot.cache_key.as_deref() {
             let tombstone = inner.settings.codec.encode_tombstone();
             let version = shared.version_key(key);
             let put = JournalPut {
@@ -1120,6 +1263,18 @@ where
                 inner.count(None, Event::invalidations);
             }
         }
+        // One dead letter, with every id; removed from the journal in
+        // chunks (a key written many times holds many).
+        let all: Vec<&str> = slot.ids.iter().map(String::as_str).collect();
+        let (first, rest) = all.split_at(all.len().min(ACK_CHUNK));
+        let dead = DeadLetter {
+            key: &slot.raw_key,
+            entry: &slot.entry,
+            error,
+            attempts,
+            ids: first,
+            all_ids: &all,
+        };
         let bury = redis.journal_bury(
             &shared.journal,
             &shared.consumer,
@@ -1129,14 +1284,15 @@ where
         let c = &shared.counters;
         match inner.guarded(bury).await? {
             Buried::Yes => {
+                if !self.ack(rest).await? {
+                    return Ok(false);
+                }
                 self.release(slot);
                 c.add(Tally::dead_letters, 1);
                 tracing::error!(target: "redis_cached", error, attempts, stream = %shared.journal.dead, "a write was given up on and moved to the dead letters");
                 Ok(true)
             }
             Buried::Full => {
-                // Tried again after a back-off, not at every read.
-                self.hold(slot, Hold::Refused, None, Instant::now());
                 c.add(Tally::dead_letters_full, 1);
                 tracing::error!(target: "redis_cached", error, attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
                     "a write given up on stays in the journal: the dead letters are full; drain them (XRANGE, then XDEL)");

@@ -51,17 +51,17 @@ use crate::key::KeyParts;
 /// and the database agree on every key the write-behind wrote.
 ///
 /// **Failures.** A failed sink call is retried with back-off, the lease
-/// kept meanwhile; a batch that keeps failing is split in halves, down to
-/// single writes. A single write that fails is held back in the journal,
-/// tried again alone with a back-off of its own, while other writes flow
-/// (a later write of its key replaces it). It goes to the dead letters
-/// once it failed `max_attempts` times while the sink took other writes;
-/// never while the sink takes nothing at all (an outage), when calls are
-/// paced by a back-off that grows with the failures in a row. Its count
-/// survives the flusher losing and taking back its lease. The dead letters
-/// are never trimmed: while they hold `max_dead_letters`, a write given up
-/// on stays in the journal. A journaled write this process cannot decode
-/// waits for one that can (`park_undecodable_for`).
+/// kept meanwhile; a batch that keeps failing is split in halves. A key
+/// whose write fails alone is held back in the journal and tried again
+/// alone with a back-off of its own while other keys flow (a later write
+/// of the key joins its held ones, and their count). It goes to the dead
+/// letters once it failed `max_attempts` times, counting only failures
+/// after which the sink had taken other writes: never in an outage, when
+/// calls are paced by a back-off that grows with the failures in a row.
+/// The dead letters are never trimmed: while they hold
+/// `max_dead_letters`, a write given up on stays in the journal. A
+/// journaled write this process cannot decode or check waits for one that
+/// can (`park_undecodable_for`).
 /// When Redis cannot journal a write, `write` returns the error: there is
 /// no silent fallback, and no automatic synchronous write to the sink,
 /// since that could be overtaken by an older journaled write of the same

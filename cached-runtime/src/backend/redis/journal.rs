@@ -62,7 +62,11 @@ if type(current) == 'string' then
     return 0
   end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local stored = redis.pcall('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if type(stored) == 'table' and stored.err then
+  -- As is (`OOM …`), also on servers that would wrap it.
+  return redis.error_reply(stored.err)
+end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 return 1
 ";
@@ -185,16 +189,18 @@ return 1
 ";
 
 /// Moves a write to the dead letters, for the lease holder only, unless
-/// they hold ARGV[7] entries already (nothing is ever dropped from them).
-/// KEYS: stream, dead letters, lease. ARGV: token, group, key, entry,
-/// error, attempts, most, ids. Returns 1 if it moved the write, 0 when the
-/// dead letters are full, -1 without the lease.
+/// they hold ARGV[7] entries already (nothing is ever dropped from them),
+/// and removes the first of its ids from the journal (the caller removes
+/// the others). KEYS: stream, dead letters, lease. ARGV: token, group, key,
+/// entry, error, attempts, most, every id (space-separated), the ids to
+/// remove now. Returns 1 if it moved the write, 0 when the dead letters
+/// are full, -1 without the lease.
 const BURY: &str = r"
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[7]) then return 0 end
-local ids = {unpack(ARGV, 8)}
+local ids = {unpack(ARGV, 9)}
 redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'v', ARGV[4], 'error', ARGV[5],
-  'attempts', ARGV[6], 'ids', table.concat(ids, ' '))
+  'attempts', ARGV[6], 'ids', ARGV[8])
 redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
 redis.call('XDEL', KEYS[1], unpack(ids))
 return 1
@@ -270,8 +276,10 @@ pub(crate) struct DeadLetter<'a> {
     /// Why: the sink's error, or what could not be decoded (never data).
     pub(crate) error: &'a str,
     pub(crate) attempts: u32,
-    /// The ids of every write it stands for.
+    /// The ids this call removes from the journal (at most a thousand).
     pub(crate) ids: &'a [&'a str],
+    /// The ids of every write it stands for.
+    pub(crate) all_ids: &'a [&'a str],
 }
 
 /// What became of a write given up on.
@@ -527,6 +535,7 @@ impl RedisBackend {
             .arg(dead.error)
             .arg(dead.attempts)
             .arg(most)
+            .arg(dead.all_ids.join(" "))
             .arg(dead.ids);
         let buried: i64 = self.invoke(&invocation).await?;
         Ok(match buried {
