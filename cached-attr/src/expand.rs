@@ -28,7 +28,6 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
     let krate = &model.krate;
     let private = quote!(#krate::__private);
     let func = &model.func;
-    let (attrs, vis, sig) = (&func.attrs, &func.vis, &func.sig);
     let (inner_attrs, block) = (&func.inner_attrs, &func.body);
     let ret = &model.ret;
     let (cache, key, body) = (local("__cache"), local("__key"), local("__body"));
@@ -102,17 +101,48 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             };
         }
     };
-    quote! {
-        #(#attrs)*
-        #vis #sig {
-            #(#inner_attrs)*
-            #site
-            let #cache = #cache_expr;
-            #ttl_binding
-            let #key = #key_expr;
-            let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
-            #body_binding
-            #call
+    let body = quote! {
+        #site
+        let #cache = #cache_expr;
+        #ttl_binding
+        let #key = #key_expr;
+        let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
+        #body_binding
+        #call
+    };
+    function(model, quote!(#(#inner_attrs)*), body)
+}
+
+/// The function as written, around the generated `body`: for a method
+/// `#[async_trait]` rewrote, under its rewritten signature and inside
+/// `Box::pin(async move { … })`, as `#[async_trait]` made it.
+fn function(model: &Model, inner_attrs: TokenStream, body: TokenStream) -> TokenStream {
+    let func = &model.func;
+    let (attrs, vis) = (&func.attrs, &func.vis);
+    match &model.boxed {
+        None => {
+            let sig = &func.sig;
+            quote! {
+                #(#attrs)*
+                #vis #sig {
+                    #inner_attrs
+                    #body
+                }
+            }
+        }
+        Some(output) => {
+            let mut sig = func.sig.clone();
+            sig.asyncness = None;
+            sig.output = output.clone();
+            quote! {
+                #(#attrs)*
+                #vis #sig {
+                    #inner_attrs
+                    ::std::boxed::Box::pin(async move {
+                        #body
+                    })
+                }
+            }
         }
     }
 }
@@ -315,7 +345,6 @@ fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
     let private = quote!(#krate::__private);
     let site = site_static(&private);
     let func = &model.func;
-    let (attrs, vis, sig) = (&func.attrs, &func.vis, &func.sig);
     let (inner_attrs, block) = (&func.inner_attrs, &func.body);
     let ret = &model.ret;
     let (cache, tags) = (local("__cache"), local("__tags"));
@@ -369,23 +398,20 @@ fn expand_batch(model: &Model, batch: &Batch) -> TokenStream {
             },
         ).await
     );
-    quote! {
-        #(#attrs)*
-        #vis #sig {
-            #(#inner_attrs)*
-            #used_mut
-            #site
-            let #cache = #cache_expr;
-            #ttl_binding
-            let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
-            let #elements: ::std::vec::Vec<(#elem, ::std::string::String)> = ::core::iter::Iterator::collect(
-                ::core::iter::Iterator::map(#param.iter(), |#element| {
-                    (::core::clone::Clone::clone(#element), #key_expr)
-                }),
-            );
-            #call
-        }
-    }
+    let body = quote! {
+        #used_mut
+        #site
+        let #cache = #cache_expr;
+        #ttl_binding
+        let #tags: [::std::string::String; #tag_count] = [#(#tag_exprs),*];
+        let #elements: ::std::vec::Vec<(#elem, ::std::string::String)> = ::core::iter::Iterator::collect(
+            ::core::iter::Iterator::map(#param.iter(), |#element| {
+                (::core::clone::Clone::clone(#element), #key_expr)
+            }),
+        );
+        #call
+    };
+    function(model, quote!(#(#inner_attrs)*), body)
 }
 
 /// `tokens` with every span set to `span`.

@@ -11,6 +11,7 @@
 
 mod args;
 mod batch;
+mod boxed;
 mod derive;
 mod errors;
 mod expand;
@@ -108,13 +109,14 @@ fn run(
 ) -> syn::Result<proc_macro2::TokenStream> {
     let mut errors = Errors::new();
     let args = Args::parse(kind, args, &mut errors);
-    let func: item::Func = syn::parse2(item).map_err(|err| {
+    let mut func: item::Func = syn::parse2(item).map_err(|err| {
         syn::Error::new(
             err.span(),
             format!("#[{}] applies to an `async fn`: {err}", kind.name()),
         )
     })?;
-    let model = model::Model::build(kind, args, func, &mut errors);
+    let boxed = boxed::unbox(&mut func);
+    let model = model::Model::build(kind, args, func, boxed, &mut errors);
     let model = errors.finish(model)?;
     // `build` returns no model only after recording an error.
     let model = model

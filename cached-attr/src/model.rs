@@ -131,6 +131,10 @@ pub(crate) struct Model {
     pub(crate) ret: Type,
     pub(crate) ret_span: Span,
     pub(crate) shape: Shape,
+    /// For a method `#[async_trait]` rewrote: its rewritten return type
+    /// (`Pin<Box<dyn Future<Output = R> + …>>`), under which the generated
+    /// body is put back into `Box::pin(async move { … })`.
+    pub(crate) boxed: Option<ReturnType>,
 }
 
 /// A lock's settings in ms; `None`: the runtime's default.
@@ -150,7 +154,13 @@ struct Param {
 impl Model {
     /// The model of `func` under `args`, once every check passed (`None`
     /// after recording an error).
-    pub(crate) fn build(kind: Kind, args: Args, func: Func, errors: &mut Errors) -> Option<Model> {
+    pub(crate) fn build(
+        kind: Kind,
+        args: Args,
+        func: Func,
+        boxed: Option<ReturnType>,
+        errors: &mut Errors,
+    ) -> Option<Model> {
         let (ret, ret_span) = match &func.sig.output {
             ReturnType::Default => (syn::parse_quote!(()), func.sig.ident.span()),
             ReturnType::Type(_, ty) => ((**ty).clone(), ty.span()),
@@ -230,6 +240,7 @@ impl Model {
             ret_span,
             shape,
             func,
+            boxed,
         })
     }
 }

@@ -73,9 +73,10 @@ fn not_async_error(kind: Kind, func: &Func) -> syn::Error {
     let generics = quote::ToTokens::to_token_stream(&func.sig.generics).to_string();
     let message = if generics.contains("'async_trait") || output.contains("'async_trait") {
         format!(
-            "#[{}] sees `{name}` after #[async_trait] rewrote it into a boxed future, and it caches `async fn`s only: \
-             use a native `async fn` in the trait (Rust 1.75+) where you can; for a `dyn` trait, put the cached \
-             `async fn` in an inherent impl and call it from the trait method",
+            "#[{}] sees `{name}` after #[async_trait] rewrote it, in a form it does not recognise (a body other \
+             than `Box::pin(async move {{ … }})`): put #[{}] on the `async fn` itself, inside the #[async_trait] \
+             impl, with no other attribute rewriting it first",
+            kind.name(),
             kind.name()
         )
     } else if output.contains("Future") {
