@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis_cached::{cache_put, redis_cached, Cache};
+use support::proxy::Proxy;
 use support::RedisServer;
 
 const NEAR: Duration = Duration::from_secs(30);
@@ -229,6 +230,66 @@ async fn near_functions_answer_from_memory_until_the_key_changes() {
         COMPUTED.load(Ordering::SeqCst),
         2,
         "the absence computed once"
+    );
+}
+
+/// A hot key: ten reads start every millisecond, on a link of 2 ms, so
+/// that the fills of its misses overlap all the time. After another
+/// cache's write, the key is back in the tier as soon as a fill that began
+/// after the invalidation returns: the fills in flight do not void one
+/// another, only the invalidation voids those that began before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_is_back_in_the_tier_soon_after_a_write() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port());
+    proxy.set_delay_line(Duration::from_millis(2));
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("hot", &"v1", TTL).await.expect("stored");
+    let reader = Cache::builder(&proxy.url())
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid URL");
+    near_hit_on(&reader, "hot").await;
+
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    let mut calls = Vec::new();
+    let mut wrote = None;
+    let mut from = None;
+    while started.elapsed() < Duration::from_secs(2) {
+        ticks.tick().await;
+        for _ in 0..10 {
+            let reader = reader.clone();
+            calls.push(tokio::spawn(async move {
+                reader.get_near::<String>("hot", NEAR).await
+            }));
+        }
+        if wrote.is_none() && started.elapsed() >= Duration::from_millis(200) {
+            writer.set("hot", &"v2", TTL).await.expect("stored");
+            wrote = Some(Instant::now());
+        }
+        if from.is_none() && wrote.is_some_and(|at| at.elapsed() >= Duration::from_millis(400)) {
+            from = Some(reader.stats());
+        }
+    }
+    for call in calls {
+        assert!(
+            call.await.expect("no panic").is_some(),
+            "the key holds a value"
+        );
+    }
+    let (from, to) = (from.expect("the loop ran past the write"), reader.stats());
+    let hits = to.near_hits - from.near_hits;
+    let misses = to.near_misses - from.near_misses;
+    eprintln!("hot key, from 400 ms after a write on: {hits} near hits, {misses} misses");
+    assert!(
+        hits * 10 >= (hits + misses) * 9,
+        "{hits} near hits of {} reads",
+        hits + misses
+    );
+    assert_eq!(
+        reader.get_near::<String>("hot", NEAR).await.as_deref(),
+        Some("v2")
     );
 }
 

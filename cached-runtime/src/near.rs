@@ -16,10 +16,13 @@
 //!   or Redis saying "all keys" (`FLUSHALL`, a full tracking table),
 //!   empties the store and starts a new epoch: a fill whose read was sent
 //!   in an earlier epoch stores nothing.
-//! - **Fill tokens.** A fill registers its key before its read is sent; an
-//!   invalidation of the key removes the registration, and the fill then
-//!   stores nothing (the invalidation may have been about a newer value
-//!   than the one read).
+//! - **Fill counts.** A fill registers its key before its read is sent,
+//!   and notes how many invalidations of the key were heard since the
+//!   first fill in flight registered it; a fill that finds another count
+//!   when its read returns stores nothing (an invalidation may have been
+//!   about a newer value than the one read). Only an invalidation (or an
+//!   emptying) voids a fill: concurrent fills of a hot key do not void
+//!   one another, so it stays in the tier however often it is read.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -80,10 +83,9 @@ pub(crate) enum Flush {
 /// The near tier of one cache.
 pub(crate) struct NearStore {
     entries: quick_cache::sync::Cache<String, Arc<Slot>, ByBytes>,
-    /// Fills in flight, by key, with their tokens.
-    pending: [Mutex<HashMap<String, u64>>; SHARDS],
+    /// The keys with fills in flight.
+    pending: [Mutex<HashMap<String, Pending>>; SHARDS],
     hasher: std::collections::hash_map::RandomState,
-    next_token: AtomicU64,
     epoch: AtomicU64,
     /// Which tracking connection is the live one: its `PING`s renew the
     /// lease, its disconnection flushes.
@@ -106,13 +108,24 @@ impl std::fmt::Debug for NearStore {
     }
 }
 
-/// A fill of one key, from [`NearStore::begin_fill`]: unregistered when
-/// dropped unfinished.
+/// The fills in flight of one key, and how many invalidations of the key
+/// were heard since the first of them registered.
+#[derive(Debug, Default)]
+struct Pending {
+    fills: u32,
+    invalidations: u64,
+}
+
+/// A fill of one key, from [`NearStore::begin_fill`]: unregistered when it
+/// ends, finished or dropped.
 pub(crate) struct Fill<'a> {
     store: &'a NearStore,
     key: &'a str,
-    token: u64,
+    /// The key's invalidation count when the fill registered.
+    seen: u64,
     epoch: u64,
+    /// Whether it still counts among the key's fills in flight.
+    registered: bool,
 }
 
 impl NearStore {
@@ -128,7 +141,6 @@ impl NearStore {
             entries: quick_cache::sync::Cache::with_weighter(capacity as usize, max_bytes, weigher),
             pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             hasher: std::collections::hash_map::RandomState::new(),
-            next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             lease: AtomicU64::new(0),
@@ -159,7 +171,7 @@ impl NearStore {
             .max(1)
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, u64>> {
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Pending>> {
         self.pending[self.hasher.hash_one(key) as usize % SHARDS]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -210,21 +222,37 @@ impl NearStore {
             return None;
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.shard(key).insert(key.to_owned(), token);
+        let mut pending = self.shard(key);
+        let seen = match pending.get_mut(key) {
+            Some(pending) => {
+                pending.fills += 1;
+                pending.invalidations
+            }
+            None => {
+                let first = Pending {
+                    fills: 1,
+                    invalidations: 0,
+                };
+                pending.insert(key.to_owned(), first);
+                0
+            }
+        };
         Some(Fill {
             store: self,
             key,
-            token,
+            seen,
             epoch,
+            registered: true,
         })
     }
 
-    /// Drops `key`'s entry and voids its fills: Redis said it changed, or
-    /// this process is about to change it (or just did).
+    /// Drops `key`'s entry and voids its fills in flight: Redis said it
+    /// changed, or this process is about to change it (or just did).
     pub(crate) fn invalidate(&self, key: &str) {
         let mut pending = self.shard(key);
-        pending.remove(key);
+        if let Some(pending) = pending.get_mut(key) {
+            pending.invalidations += 1;
+        }
         self.entries.remove(key);
     }
 
@@ -240,13 +268,10 @@ impl NearStore {
         self.empty(Some(why));
     }
 
-    /// Empties the tier and voids every fill in flight, counting it as a
-    /// flush if `why` says one happened.
+    /// Empties the tier and voids every fill in flight (a new epoch),
+    /// counting it as a flush if `why` says one happened.
     fn empty(&self, why: Option<Flush>) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        for shard in &self.pending {
-            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
-        }
         self.entries.clear();
         if let Some(why) = why {
             self.count(Event::near_flushes);
@@ -313,7 +338,7 @@ impl Fill<'_> {
     /// entry); unless the key was invalidated or the tier flushed since
     /// the fill began.
     pub(crate) fn finish(
-        self,
+        mut self,
         raw: Arc<[u8]>,
         sent: Instant,
         bound: Duration,
@@ -331,27 +356,42 @@ impl Fill<'_> {
             life = life.min(Duration::from_millis(soft.saturating_sub(now_ms)));
         }
         let store = self.store;
-        if raw.len() > store.max_entry {
+        if raw.len() > store.max_entry || life.is_zero() {
             return;
         }
         let deadline = store.at(sent).saturating_add(nanos(life));
         let mut pending = store.shard(self.key);
-        if pending.get(self.key) != Some(&self.token) || store.epoch() != self.epoch {
+        let voided = pending
+            .get(self.key)
+            .is_none_or(|pending| pending.invalidations != self.seen);
+        if !voided && store.epoch() == self.epoch {
+            // Under the shard's lock: an invalidation heard from now on
+            // removes what is inserted here.
+            store.entries.insert(
+                self.key.to_owned(),
+                Arc::new(Slot {
+                    raw,
+                    decoded: OnceLock::new(),
+                    deadline,
+                    epoch: self.epoch,
+                }),
+            );
+        }
+        self.release(&mut pending);
+    }
+
+    /// No longer among the key's fills in flight; the last one forgets the
+    /// key's count.
+    fn release(&mut self, pending: &mut HashMap<String, Pending>) {
+        if !std::mem::replace(&mut self.registered, false) {
             return;
         }
-        pending.remove(self.key);
-        if life.is_zero() {
-            return;
+        if let Some(entry) = pending.get_mut(self.key) {
+            entry.fills -= 1;
+            if entry.fills == 0 {
+                pending.remove(self.key);
+            }
         }
-        store.entries.insert(
-            self.key.to_owned(),
-            Arc::new(Slot {
-                raw,
-                decoded: OnceLock::new(),
-                deadline,
-                epoch: self.epoch,
-            }),
-        );
     }
 }
 
@@ -362,9 +402,9 @@ fn nanos(duration: Duration) -> u64 {
 
 impl Drop for Fill<'_> {
     fn drop(&mut self) {
-        let mut pending = self.store.shard(self.key);
-        if pending.get(self.key) == Some(&self.token) {
-            pending.remove(self.key);
+        if self.registered {
+            let store = self.store;
+            self.release(&mut store.shard(self.key));
         }
     }
 }
@@ -385,7 +425,11 @@ mod tests {
 
     /// How many fills are registered, over every shard.
     fn pending_fills(store: &NearStore) -> usize {
-        store.pending.iter().map(|s| s.lock().unwrap().len()).sum()
+        let fills = |shard: &Mutex<HashMap<String, Pending>>| {
+            let shard = shard.lock().unwrap();
+            shard.values().map(|p| p.fills as usize).sum::<usize>()
+        };
+        store.pending.iter().map(fills).sum()
     }
 
     fn serving(store: &NearStore) {
@@ -425,6 +469,36 @@ mod tests {
         store.flush(Flush::Everything);
         fill.finish_now(entry("old"), Duration::from_secs(30), -1, None);
         assert_eq!(store.get::<String>("k", Codec::Json), None);
+        assert_eq!(pending_fills(&store), 0);
+    }
+
+    /// Fills of one key overlap all the time when it is hot: none voids
+    /// another, only an invalidation voids those that began before it.
+    #[test]
+    fn concurrent_fills_of_one_key_do_not_void_each_other() {
+        let store = NearStore::new(100, 1 << 20);
+        serving(&store);
+        let bound = Duration::from_secs(30);
+        let a = store.begin_fill("k").unwrap();
+        let b = store.begin_fill("k").unwrap();
+        a.finish_now(entry("v"), bound, -1, None);
+        assert_eq!(
+            store.get::<String>("k", Codec::Json),
+            Some(Some("v".into())),
+            "a later fill in flight does not void an earlier one"
+        );
+        let c = store.begin_fill("k").unwrap();
+        b.finish_now(entry("v"), bound, -1, None);
+        store.invalidated("k");
+        let d = store.begin_fill("k").unwrap();
+        c.finish_now(entry("old"), bound, -1, None);
+        assert_eq!(store.get::<String>("k", Codec::Json), None, "voided");
+        d.finish_now(entry("new"), bound, -1, None);
+        assert_eq!(
+            store.get::<String>("k", Codec::Json),
+            Some(Some("new".into())),
+            "a fill that began after the invalidation keeps its value"
+        );
         assert_eq!(pending_fills(&store), 0);
     }
 
