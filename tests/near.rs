@@ -415,6 +415,64 @@ async fn an_entry_lives_no_longer_than_its_bound_nor_its_ttl() {
     assert_eq!(cache.stats().near_hits, hits);
 }
 
+/// A server that refuses `CLIENT TRACKING` with a plain error (here the
+/// `CLIENT` command is renamed away): one warning, and no new attempt for
+/// a minute, not a reconnection every 2 s; calls read Redis.
+#[test]
+fn a_server_refusing_tracking_is_warned_about_once_and_left_alone() {
+    let logs = support::logs::Captured::default();
+    let _guard = tracing::subscriber::set_default(logs.subscriber(tracing::Level::DEBUG));
+    // A current-thread runtime: the tracker's task logs on this thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let server = RedisServer::start_with(&["--rename-command", "CLIENT", ""]);
+        let cache = Cache::redis(&server.url()).expect("valid URL");
+        cache.set("k", &"v", TTL).await.expect("stored");
+        let mut raw = server
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let before = connections(&mut raw).await;
+        let until = Instant::now() + Duration::from_millis(4_500);
+        while Instant::now() < until {
+            assert_eq!(
+                cache.get_near::<String>("k", NEAR).await.as_deref(),
+                Some("v")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let opened = connections(&mut raw).await - before;
+        assert_eq!(cache.stats().near_hits, 0);
+        assert!(
+            opened <= 1,
+            "{opened} connections in 4.5 s: the tracker tried again"
+        );
+    });
+    let logs = logs.text();
+    let warnings = logs
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("client tracking"))
+        .count();
+    assert_eq!(warnings, 1, "{logs}");
+}
+
+/// How many connections the server has accepted.
+async fn connections(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(raw)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a connection count")
+}
+
 /// On the in-memory backend and with `near_capacity(0)`, `near` changes
 /// nothing: every read goes to the backend.
 #[tokio::test]

@@ -186,7 +186,7 @@ async fn track_loop(tracker: Weak<Tracker>) {
                         pause = REFUSED_BACKOFF;
                     }
                     if refused && !t.refused.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(target: "redis_cached", error = %err, "the near tier is off: Redis refused client tracking (RESP3 and CLIENT TRACKING need Redis 6 or later); calls read Redis");
+                        tracing::warn!(target: "redis_cached", error = %err, "the near tier is off: Redis refused client tracking (it needs Redis 6 or later, RESP3, and the CLIENT command allowed); calls read Redis, and tracking is tried again every minute");
                     } else {
                         tracing::debug!(target: "redis_cached", error = %err, "near tier: tracking connection failed; calls read Redis meanwhile");
                     }
@@ -240,7 +240,7 @@ async fn connect(t: &Tracker, switches: Option<u64>) -> Result<Arc<Tracked>> {
             .arg("ON")
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| Error::from_redis(&e))?;
+            .map_err(|e| tracking_refused(&e))?;
         Ok::<_, Error>(conn)
     };
     let conn = tokio::time::timeout(bound, open)
@@ -260,6 +260,18 @@ async fn connect(t: &Tracker, switches: Option<u64>) -> Result<Arc<Tracked>> {
     });
     t.live.store(Some(Arc::clone(&tracked)));
     Ok(tracked)
+}
+
+/// The error of a `CLIENT TRACKING ON` that failed. Redis answering it
+/// with a plain error (`ERR`: an unknown or renamed command, tracking
+/// unsupported or its options refused) or `NOPERM` (an ACL) refuses
+/// tracking: asking again soon would get the same answer. Other failures
+/// (a timeout, a server loading its data) are worth another try.
+fn tracking_refused(err: &redis::RedisError) -> Error {
+    match err.code() {
+        Some(code @ ("ERR" | "NOPERM")) => Error::Refused(format!("CLIENT TRACKING: {code}")),
+        _ => Error::from_redis(err),
+    }
 }
 
 /// What the tracking connection's reader does with a push: drops the named
