@@ -4,10 +4,14 @@
 //! A read that finds no other read on the wire goes out at once as a
 //! `GET`: a lone caller pays nothing for merging. A read that finds one
 //! joins a queue. A flusher task, started on the runtime of the first read
-//! to queue, sends everything queued as one `MGET`, hands each caller its
-//! own value (by position), and sends the next `MGET` with what queued
-//! meanwhile, until the queue is empty; then it ends. Redis does the work of
-//! one command for many keys.
+//! to queue, sends what queued as one `MGET` and hands each caller its own
+//! value (by position). While an `MGET` is out, what queues meanwhile waits
+//! for it to come back (that is what makes batches), unless a whole batch
+//! ([`MAX_MERGED`] keys) has queued: that goes out at once, so a burst
+//! takes one round trip however large it is, as pipelined `GET`s would.
+//! At most [`MAX_OUT`] `MGET`s are out at once; past them, with a whole
+//! batch queued, reads go alone. When nothing is out or queued, the
+//! flusher ends. Redis does the work of one command for many keys.
 //!
 //! Only a multi-thread runtime gets a flusher: its workers run spawned
 //! tasks all along. A current-thread runtime runs them only while some
@@ -25,24 +29,28 @@
 //! against the breaker).
 //!
 //! A read does not queue behind a flusher that has shown no progress (sent
-//! nothing since it started, or its `MGET` out) for a quarter of the bound:
-//! Redis is slow to answer, or the flusher's runtime is busy with blocking
-//! work. It goes alone. Reads that queued before then still wait for the
-//! `MGET` out ahead of theirs.
+//! nothing since it started, or since its last `MGET` went out) for a
+//! quarter of the bound: Redis is slow to answer, or the flusher's runtime
+//! is busy with blocking work. It goes alone. Reads that queued before
+//! then still wait for the `MGET`s out ahead of theirs.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::RuntimeFlavor;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use super::link::Link;
 use crate::error::{Error, Result};
 
 /// The most keys one `MGET` carries; more wait for the next.
 const MAX_MERGED: usize = 512;
+
+/// The most `MGET`s out at once.
+const MAX_OUT: usize = 16;
 
 /// What a queued caller is told.
 #[derive(Debug)]
@@ -66,12 +74,16 @@ pub(crate) struct Merger {
     patience: Duration,
     /// The cache's connection, as the flusher finds it for each `MGET`.
     link: Arc<ArcSwapOption<Link>>,
+    /// Wakes the flusher when a whole batch has queued.
+    batch_ready: Notify,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// Reads on the wire: `GET`s sent directly, and the flusher's `MGET`.
+    /// Reads on the wire: `GET`s sent directly, and the flusher's `MGET`s.
     busy: usize,
+    /// The flusher's `MGET`s on the wire.
+    out: usize,
     queue: VecDeque<Waiting>,
     /// Whether a flusher runs (or has been started).
     flushing: bool,
@@ -117,6 +129,7 @@ impl Merger {
             bound,
             patience: bound / 4,
             link,
+            batch_ready: Notify::new(),
         }
     }
 
@@ -129,14 +142,10 @@ impl Merger {
     /// goes alone.
     pub(crate) fn route(self: &Arc<Self>, key: &str) -> Route<'_> {
         let mut state = self.state();
-        let alone = state.busy == 0 && state.queue.is_empty() && !state.flushing;
-        let stalled = state.flushing
-            && state
-                .progress
-                .is_some_and(|since| since.elapsed() >= self.patience);
         let runtime = match tokio::runtime::Handle::try_current() {
             Ok(runtime)
-                if !alone && !stalled && runtime.runtime_flavor() == RuntimeFlavor::MultiThread =>
+                if state.may_queue(self.patience)
+                    && runtime.runtime_flavor() == RuntimeFlavor::MultiThread =>
             {
                 runtime
             }
@@ -150,26 +159,85 @@ impl Merger {
             key: key.to_owned(),
             reply,
         });
+        let batch_ready = state.queue.len() >= MAX_MERGED;
         if !std::mem::replace(&mut state.flushing, true) {
             state.progress = Some(Instant::now());
             drop(state);
             // Dropped unpolled if the runtime is shutting down: its guard
             // then tells this read (and any queued since) to retry.
             runtime.spawn(Flusher::new(self).run());
+        } else if batch_ready {
+            drop(state);
+            self.batch_ready.notify_one();
         }
         Route::Queued(receiver)
     }
 }
 
-/// Sends what queues, one `MGET` at a time, until the queue is empty.
+impl State {
+    /// Whether a read may queue: something is on the wire or queued, the
+    /// flusher has shown progress within `patience`, and it has room for
+    /// the read (fewer than [`MAX_OUT`] `MGET`s out, or less than a whole
+    /// batch queued).
+    fn may_queue(&self, patience: Duration) -> bool {
+        let alone = self.busy == 0 && self.queue.is_empty() && !self.flushing;
+        let stalled = self.flushing
+            && self
+                .progress
+                .is_some_and(|since| since.elapsed() >= patience);
+        let full = self.out >= MAX_OUT && self.queue.len() >= MAX_MERGED;
+        !alone && !stalled && !full
+    }
+
+    /// The next batch to send, counted as out: a whole one while fewer
+    /// than [`MAX_OUT`] are out, or what queued if `partial` (none of the
+    /// flusher's `MGET`s is out, or one just came back). With it, whether
+    /// it was whole. Callers that gave up are not sent.
+    fn next_batch(&mut self, partial: bool) -> Option<(Vec<Waiting>, bool)> {
+        loop {
+            let whole = self.queue.len() >= MAX_MERGED;
+            if self.out >= MAX_OUT || !(whole || partial) || self.queue.is_empty() {
+                return None;
+            }
+            let taken = self.queue.len().min(MAX_MERGED);
+            let batch: Vec<Waiting> = self
+                .queue
+                .drain(..taken)
+                .filter(|waiting| !waiting.reply.is_closed())
+                .collect();
+            if batch.is_empty() {
+                continue;
+            }
+            self.out += 1;
+            self.busy += 1;
+            self.progress = Some(Instant::now());
+            return Some((batch, whole));
+        }
+    }
+
+    /// An `MGET` came back (or was dropped).
+    fn came_back(&mut self) {
+        self.out -= 1;
+        self.busy -= 1;
+    }
+
+    /// Ends the flusher if nothing of its is out and nothing is queued;
+    /// whether it ended.
+    fn end_flusher(&mut self) -> bool {
+        let idle = self.out == 0 && self.queue.is_empty();
+        if idle {
+            self.flushing = false;
+        }
+        idle
+    }
+}
+
+/// Sends what queues, as [`Merger`] says, until nothing is out or queued.
 /// Dropped before that (its runtime ended), it tells every read it holds or
 /// that is queued to retry, so that none waits on a flusher that is gone.
 struct Flusher {
     merger: Arc<Merger>,
-    batch: Vec<Waiting>,
-    /// Whether its `MGET` counts in `busy`.
-    on_wire: bool,
-    /// Cleared once it ended by itself (the queue was empty).
+    /// Cleared once it ended by itself.
     running: bool,
 }
 
@@ -177,45 +245,36 @@ impl Flusher {
     fn new(merger: &Arc<Merger>) -> Self {
         Flusher {
             merger: Arc::clone(merger),
-            batch: Vec::new(),
-            on_wire: false,
             running: true,
         }
     }
 
     async fn run(mut self) {
         let merger = Arc::clone(&self.merger);
+        // Dropped with the flusher: each `MGET` then drops its callers'
+        // ends of the reply, which they take as "retry".
+        let mut out = FuturesUnordered::new();
+        let mut partial = true;
         loop {
-            {
-                let mut state = merger.state();
-                while self.batch.len() < MAX_MERGED {
-                    let Some(waiting) = state.queue.pop_front() else {
-                        break;
-                    };
-                    // A caller that gave up is not sent.
-                    if !waiting.reply.is_closed() {
-                        self.batch.push(waiting);
-                    }
-                }
-                if self.batch.is_empty() {
-                    state.flushing = false;
+            loop {
+                let next = merger.state().next_batch(partial);
+                let Some((batch, whole)) = next else {
+                    break;
+                };
+                partial &= whole;
+                out.push(send(&merger, batch));
+            }
+            if out.is_empty() {
+                if merger.state().end_flusher() {
                     self.running = false;
                     return;
                 }
-                state.busy += 1;
-                state.progress = Some(Instant::now());
-                self.on_wire = true;
+                partial = true;
+                continue;
             }
-            let replies = match merger.link.load_full() {
-                Some(link) => Some(mget(&link, &self.batch, merger.bound).await),
-                None => None,
-            };
-            merger.state().busy -= 1;
-            self.on_wire = false;
-            let batch = std::mem::take(&mut self.batch);
-            match replies {
-                Some(replies) => hand_out(batch, replies),
-                None => retry(batch),
+            tokio::select! {
+                Some(()) = out.next() => partial = true,
+                () = merger.batch_ready.notified() => {}
             }
         }
     }
@@ -227,13 +286,35 @@ impl Drop for Flusher {
             return;
         }
         let mut state = self.merger.state();
-        if self.on_wire {
-            state.busy -= 1;
-        }
         let queued: Vec<Waiting> = state.queue.drain(..).collect();
         state.flushing = false;
         drop(state);
-        retry(self.batch.drain(..).chain(queued));
+        retry(queued);
+    }
+}
+
+/// An `MGET` of the flusher's on the wire; dropped when it ends, however
+/// it ends.
+struct Out<'m>(&'m Merger);
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        self.0.state().came_back();
+    }
+}
+
+/// Sends `batch` as one `MGET` and hands each caller its value; with no
+/// connection open, tells them to read alone.
+async fn send(merger: &Merger, batch: Vec<Waiting>) {
+    let out = Out(merger);
+    let replies = match merger.link.load_full() {
+        Some(link) => Some(mget(&link, &batch, merger.bound).await),
+        None => None,
+    };
+    drop(out);
+    match replies {
+        Some(replies) => hand_out(batch, replies),
+        None => retry(batch),
     }
 }
 
@@ -388,6 +469,62 @@ mod tests {
         drop(state);
         drop(busy);
         assert_eq!(merger.state().busy, 0);
+    }
+
+    fn queued(state: &mut State, reads: usize) -> Vec<oneshot::Receiver<Reply>> {
+        (0..reads)
+            .map(|n| {
+                let (reply, receiver) = oneshot::channel();
+                let key = format!("k{n}");
+                state.queue.push_back(Waiting { key, reply });
+                receiver
+            })
+            .collect()
+    }
+
+    /// What queues while an `MGET` is out waits for it to come back, unless
+    /// a whole batch queued: that goes at once, up to `MAX_OUT` out; past
+    /// them, with a whole batch queued, reads go alone.
+    #[test]
+    fn a_whole_batch_goes_out_beside_the_others_up_to_a_bound() {
+        let mut state = State {
+            flushing: true,
+            ..State::default()
+        };
+        let _first = queued(&mut state, 3);
+        let (batch, whole) = state.next_batch(true).expect("nothing out: it goes");
+        assert_eq!((batch.len(), whole), (3, false));
+        let _partial = queued(&mut state, 100);
+        assert!(state.next_batch(false).is_none(), "waits for the one out");
+        let _more = queued(&mut state, MAX_MERGED);
+        let (batch, whole) = state.next_batch(false).expect("a whole batch goes");
+        assert_eq!((batch.len(), whole), (MAX_MERGED, true));
+        assert_eq!((state.out, state.busy), (2, 2));
+        assert_eq!(state.queue.len(), 100);
+        let patience = Duration::from_secs(60);
+        let mut receivers = Vec::new();
+        while state.out < MAX_OUT {
+            receivers.extend(queued(&mut state, MAX_MERGED));
+            assert!(state.may_queue(patience));
+            assert!(state.next_batch(false).is_some());
+        }
+        assert!(state.may_queue(patience), "less than a whole batch queued");
+        receivers.extend(queued(&mut state, MAX_MERGED));
+        assert!(!state.may_queue(patience), "all out and a batch queued");
+        assert!(state.next_batch(true).is_none());
+        state.came_back();
+        assert!(state.may_queue(patience));
+        assert!(!state.end_flusher(), "reads out and queued");
+    }
+
+    /// Callers that gave up are not sent; a batch of only those is none.
+    #[test]
+    fn callers_that_gave_up_are_not_sent() {
+        let mut state = State::default();
+        drop(queued(&mut state, 5));
+        assert!(state.next_batch(true).is_none());
+        assert!(state.queue.is_empty() && state.out == 0);
+        assert!(state.end_flusher());
     }
 
     #[test]
