@@ -14,6 +14,9 @@ use support::RedisServer;
 
 const NEAR: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(600);
+/// How long the near tier may serve without a proof that invalidations
+/// arrive.
+const LEASE: Duration = Duration::from_millis(500);
 
 /// A cache on `server` whose near tier is serving, checked on `key`
 /// (which must hold a value): its calls answer from memory.
@@ -353,6 +356,58 @@ async fn a_silent_server_stops_near_hits_within_the_lease() {
     );
     assert_eq!(got, None, "Redis did not answer in time: a miss");
     server.resume();
+    near_hit_on(&reader, "k").await;
+}
+
+/// A tracking connection that still answers but no longer delivers
+/// invalidations (a proxy dropping RESP3 pushes): the tier stops within
+/// its lease, so no read later than the lease after another cache's write
+/// gets the older value; and while pushes stay lost it serves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_delivers_no_invalidation_stops_the_tier_within_the_lease() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port());
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("k", &"v1", TTL).await.expect("stored");
+    let reader = Cache::builder(&proxy.url())
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid URL");
+    near_hit_on(&reader, "k").await;
+
+    proxy.set_drop_pushes(true);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let wrote = Instant::now();
+    writer.set("k", &"v2", TTL).await.expect("stored");
+    let mut stale_after = Duration::ZERO;
+    while wrote.elapsed() < LEASE * 3 {
+        let started = wrote.elapsed();
+        if reader.get_near::<String>("k", NEAR).await.as_deref() == Some("v1") {
+            stale_after = started;
+        }
+        tokio::task::yield_now().await;
+    }
+    eprintln!("pushes lost: the older value served until {stale_after:?} after the write");
+    assert!(
+        stale_after < LEASE,
+        "the older value served {stale_after:?} after the write"
+    );
+    let hits = reader.stats().near_hits;
+    for _ in 0..50 {
+        assert_eq!(
+            reader.get_near::<String>("k", NEAR).await.as_deref(),
+            Some("v2")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        reader.stats().near_hits,
+        hits,
+        "no near hit while no invalidation is delivered"
+    );
+
+    // Delivered again: served from memory again.
+    proxy.set_drop_pushes(false);
     near_hit_on(&reader, "k").await;
 }
 

@@ -13,6 +13,7 @@ use crate::codec::Codec;
 use crate::core::{Inner, Settings};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
+use crate::key::internal_key;
 use crate::stats::Counters;
 
 /// The URL that selects the in-memory backend in [`Cache::builder`].
@@ -429,13 +430,20 @@ impl CacheBuilder {
             Some(ns) => format!("{ns}:redis-cached:filled"),
             None => "redis-cached:filled".to_owned(),
         };
+        // Changed every 100 ms by a cache with a near tier, to prove that
+        // its tracking connection hears invalidations.
+        let near_canary = internal_key(
+            self.namespace.as_deref(),
+            "near",
+            &crate::token::lock_token(),
+        );
         let backend = AnyBackend::Redis(RedisBackend::new(
             target,
             self.connect_timeout,
             channel,
             self.max_value_bytes,
             (self.merge_lookups && !self.bounded_reads).then_some(self.op_timeout),
-            (self.near_capacity, self.near_max_bytes),
+            (self.near_capacity, self.near_max_bytes, near_canary),
         )?);
         Ok(self.finish(backend))
     }

@@ -7,11 +7,13 @@
 //! it. So an entry is correct for as long as the invalidations of that
 //! connection are heard, and the store serves none otherwise:
 //!
-//! - **Lease.** Hits are served only until a deadline that each answered
-//!   `PING` on the tracking connection pushes forward (the `PING`'s send
-//!   time plus [`LEASE`]): the invalidations Redis sent before it answered
-//!   have been handled by then, since a connection delivers in order. A
-//!   connection that stalls stops the hits within [`LEASE`].
+//! - **Lease.** Hits are served only until a deadline that each proof of
+//!   delivery on the tracking connection pushes forward (the proof's start
+//!   plus [`LEASE`]): the tracker reads a canary key there, changes it from
+//!   the main connection, and hears its invalidation; the invalidations
+//!   Redis sent before that one have been handled by then, since a
+//!   connection delivers in order. A connection that stalls, or answers
+//!   but delivers no invalidation, stops the hits within [`LEASE`].
 //! - **Epoch.** A connection that drops (its invalidations since are lost),
 //!   or Redis saying "all keys" (`FLUSHALL`, a full tracking table),
 //!   empties the store and starts a new epoch: a fill whose read was sent
@@ -37,12 +39,12 @@ use crate::codec::{Codec, Entry};
 use crate::meters::Counting;
 use crate::stats::Event;
 
-/// How long an answered `PING` lets the tier serve hits, counted from when
-/// it was sent.
+/// How long a proof of delivery lets the tier serve hits, counted from its
+/// start.
 pub(crate) const LEASE: Duration = Duration::from_millis(500);
 
-/// How often the tracking connection is pinged (well within [`LEASE`]).
-pub(crate) const PING_EVERY: Duration = Duration::from_millis(100);
+/// How often delivery is proven (well within [`LEASE`]).
+pub(crate) const PROVE_EVERY: Duration = Duration::from_millis(100);
 
 const SHARDS: usize = 16;
 
@@ -87,8 +89,8 @@ pub(crate) struct NearStore {
     pending: [Mutex<HashMap<String, Pending>>; SHARDS],
     hasher: std::collections::hash_map::RandomState,
     epoch: AtomicU64,
-    /// Which tracking connection is the live one: its `PING`s renew the
-    /// lease, its disconnection flushes.
+    /// Which tracking connection is the live one: its proofs of delivery
+    /// renew the lease, its disconnection flushes.
     generation: AtomicU64,
     /// Hits are served until then (ns since `base`); 0: not at all.
     lease: AtomicU64,
@@ -284,7 +286,8 @@ impl NearStore {
     }
 
     /// A new tracking connection takes over: the tier starts empty, and
-    /// serves once a `PING` of the returned generation is answered.
+    /// serves once the connection of the returned generation proves its
+    /// delivery.
     pub(crate) fn connected(&self) -> u64 {
         // Generation first: an answer being recorded now sees it.
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -311,11 +314,11 @@ impl NearStore {
         }
     }
 
-    /// A `PING` sent at `sent` on the connection of `generation` was
-    /// answered: every invalidation Redis pushed before it has been
-    /// handled, so hits may be served until `sent + LEASE`. Whether that
-    /// connection is still the live one.
-    pub(crate) fn answered(&self, sent: Instant, generation: u64) -> bool {
+    /// The connection of `generation` proved its delivery in a round
+    /// started at `sent`: every invalidation Redis pushed there before then
+    /// has been handled, so hits may be served until `sent + LEASE`.
+    /// Whether that connection is still the live one.
+    pub(crate) fn delivered(&self, sent: Instant, generation: u64) -> bool {
         let until = self.at(sent).saturating_add(nanos(LEASE));
         let live = || self.generation.load(Ordering::Acquire) == generation;
         if !live() {
@@ -433,7 +436,7 @@ mod tests {
     }
 
     fn serving(store: &NearStore) {
-        store.answered(Instant::now(), store.generation.load(Ordering::Acquire));
+        store.delivered(Instant::now(), store.generation.load(Ordering::Acquire));
     }
 
     #[test]
@@ -506,7 +509,7 @@ mod tests {
     fn a_disconnection_stops_serving_until_the_next_answer() {
         let store = NearStore::new(100, 1 << 20);
         let old = store.connected();
-        store.answered(Instant::now(), old);
+        store.delivered(Instant::now(), old);
         let fill = store.begin_fill("k").unwrap();
         fill.finish_now(entry("v"), Duration::from_secs(30), -1, None);
         let sent = Instant::now();
@@ -514,13 +517,13 @@ mod tests {
         assert!(store.serving());
         store.disconnected(old);
         assert!(!store.serving());
-        store.answered(sent, old); // a late answer on the old connection
+        store.delivered(sent, old); // a late answer on the old connection
         assert!(
             !store.serving(),
-            "a PING of an older connection proves nothing"
+            "a proof on an older connection proves nothing"
         );
         let new = store.connected();
-        store.answered(Instant::now(), new);
+        store.delivered(Instant::now(), new);
         assert_eq!(store.get::<String>("k", Codec::Json), None, "emptied");
         // Everything invalidated: emptied, but still serving.
         store
