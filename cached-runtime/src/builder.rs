@@ -352,11 +352,14 @@ impl CacheBuilder {
         self
     }
 
-    /// About how many bytes the near tier holds at most: each entry counts
-    /// its bytes as stored, as much again for its decoded value, and its
-    /// key. Default 64 MiB. Whichever of this and
+    /// About how much memory the near tier holds at most, decoded values
+    /// included: each entry counts its bytes as stored, its key, and, once
+    /// a hit has decoded it, an estimate of what the decoded value holds
+    /// (its strings and collections as serde shows them, each rounded up
+    /// as an allocator would; before that, as much as the stored bytes).
+    /// Default 64 MiB. Whichever of this and
     /// [`near_capacity`](Self::near_capacity) is reached first bounds it;
-    /// a value over 1/64 of it is not kept.
+    /// an entry over 1/64 of it (stored or decoded) is not kept.
     pub fn near_max_bytes(mut self, bytes: usize) -> Self {
         self.near_max_bytes = bytes;
         self

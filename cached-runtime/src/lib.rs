@@ -37,6 +37,7 @@ mod site;
 mod spent;
 mod stats;
 mod token;
+mod weigh;
 mod write_behind;
 
 #[doc(hidden)]

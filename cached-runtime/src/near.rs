@@ -38,6 +38,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{Codec, Entry};
 use crate::meters::Counting;
 use crate::stats::Event;
+use crate::weigh;
 
 /// How long a proof of delivery lets the tier serve hits, counted from its
 /// start.
@@ -49,18 +50,26 @@ pub(crate) const PROVE_EVERY: Duration = Duration::from_millis(100);
 const SHARDS: usize = 16;
 
 /// One entry: the bytes as stored in Redis, and their decoded value once
-/// a hit decoded them.
+/// a hit decoded them (an entry is replaced by one that holds it).
 struct Slot {
     raw: Arc<[u8]>,
     decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+    /// An estimate of the memory the decoded value holds (see `weigh.rs`);
+    /// 0 until it is decoded.
+    decoded_bytes: u64,
     /// Served until then (ns since the store's `base`).
     deadline: u64,
     epoch: u64,
 }
 
-/// An entry's weight: about the bytes it holds (the entry as read, its
-/// decoded value, taken to be as large, and its key), and never less than
-/// the tier's bytes over its entries, so that it holds at most that many.
+/// What an entry holds besides its bytes and its decoded value: the slot,
+/// its `Arc`, and the store's own record of it.
+const ENTRY_OVERHEAD: u64 = 160;
+
+/// An entry's weight: about the memory it holds (the entry as read, its
+/// decoded value, its key; before a hit decodes it, the value is taken to
+/// be as large as the entry), and never less than the tier's bytes over
+/// its entries, so that it holds at most that many.
 #[derive(Clone)]
 struct ByBytes {
     least: u64,
@@ -68,7 +77,13 @@ struct ByBytes {
 
 impl quick_cache::Weighter<String, Arc<Slot>> for ByBytes {
     fn weight(&self, key: &String, slot: &Arc<Slot>) -> u64 {
-        (2 * slot.raw.len() as u64 + key.len() as u64 + 96).max(self.least)
+        let raw = weigh::allocation(slot.raw.len()) as u64;
+        let decoded = match slot.decoded_bytes {
+            0 => raw,
+            bytes => bytes,
+        };
+        let key = weigh::allocation(key.len()) as u64;
+        (raw + decoded + key + ENTRY_OVERHEAD).max(self.least)
     }
 }
 
@@ -98,7 +113,8 @@ pub(crate) struct NearStore {
     /// Where invalidations and flushes are counted: the cache's counters,
     /// once it is built.
     tally: OnceLock<Counting>,
-    /// The largest entry kept (bytes as stored).
+    /// The largest entry kept: its bytes as stored, and the estimate of
+    /// its decoded value.
     max_entry: usize,
 }
 
@@ -190,8 +206,9 @@ impl NearStore {
     }
 
     /// The value at `key`, if the tier holds it and may serve it now:
-    /// `Some(None)` for a cached absence. Decoded once per entry (an entry
-    /// read as another type is decoded each time, and never shared).
+    /// `Some(None)` for a cached absence. Decoded once per entry, and
+    /// weighed then (an entry read as another type is decoded each time,
+    /// and never shared).
     pub(crate) fn get<T>(&self, key: &str, codec: Codec) -> Option<Option<T>>
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
@@ -205,16 +222,54 @@ impl NearStore {
             return None;
         }
         if let Some(decoded) = slot.decoded.get() {
-            if let Some(value) = decoded.downcast_ref::<Option<T>>() {
-                return Some(value.clone());
-            }
+            return decoded.downcast_ref::<Option<T>>().cloned().or_else(|| {
+                // Read as another type: decoded each time, never kept.
+                match codec.decode::<T>(&slot.raw) {
+                    Ok(Entry::Value(value, _)) => Some(value),
+                    _ => None,
+                }
+            });
         }
-        let value = match codec.decode::<T>(&slot.raw) {
-            Ok(Entry::Value(value, _)) => value,
+        let (value, heap) = match codec.decode_weighed::<T>(&slot.raw) {
+            Ok((Entry::Value(value, _), heap)) => (value, heap),
             _ => return None,
         };
-        let _ = slot.decoded.set(Box::new(value.clone()));
+        let bytes = heap + weigh::allocation(size_of::<Option<T>>());
+        self.keep_decoded(key, &slot, Box::new(value.clone()), bytes);
         Some(value)
+    }
+
+    /// Replaces `key`'s entry `slot`, if it is still there, by one that
+    /// holds its decoded value, weighed `bytes` more: the store's byte
+    /// bound then counts what the value holds. A value over the largest
+    /// entry is not kept, nor its entry.
+    fn keep_decoded(
+        &self,
+        key: &str,
+        slot: &Arc<Slot>,
+        decoded: Box<dyn Any + Send + Sync>,
+        bytes: usize,
+    ) {
+        // Under the shard's lock, as an invalidation: one that came since
+        // the hit already removed `slot`, one that comes later removes
+        // what is inserted here.
+        let _pending = self.shard(key);
+        let current = self.entries.peek(key);
+        if !current.is_some_and(|current| Arc::ptr_eq(&current, slot)) {
+            return;
+        }
+        if bytes > self.max_entry {
+            self.entries.remove(key);
+            return;
+        }
+        let kept = Slot {
+            raw: Arc::clone(&slot.raw),
+            decoded: OnceLock::from(decoded),
+            decoded_bytes: bytes.max(1) as u64,
+            deadline: slot.deadline,
+            epoch: slot.epoch,
+        };
+        self.entries.insert(key.to_owned(), Arc::new(kept));
     }
 
     /// Registers a fill of `key` before its read is sent; `None` while the
@@ -375,6 +430,7 @@ impl Fill<'_> {
                 Arc::new(Slot {
                     raw,
                     decoded: OnceLock::new(),
+                    decoded_bytes: 0,
                     deadline,
                     epoch: self.epoch,
                 }),
