@@ -36,6 +36,7 @@ mod shape;
 mod site;
 mod spent;
 mod stats;
+mod sync;
 mod token;
 mod weigh;
 mod write_behind;

@@ -29,8 +29,8 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -38,6 +38,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{Codec, Entry};
 use crate::meters::Counting;
 use crate::stats::Event;
+use crate::sync::{AtomicU64, Mutex, MutexGuard};
 use crate::weigh;
 
 /// How long a proof of delivery lets the tier serve hits, counted from its
@@ -639,5 +640,153 @@ mod tests {
         serving(&store);
         drop(store.begin_fill("k").unwrap());
         assert_eq!(pending_fills(&store), 0);
+    }
+}
+
+/// Models of the store's protocols, which loom runs over every
+/// interleaving of a few threads (up to 3 preemptions each run), with the
+/// store's own locks and atomics (see `sync.rs`): fills of one key racing
+/// one another, a write and its invalidation, an emptying; a proof of
+/// delivery racing its connection's end. Run by `scripts/test.sh`.
+#[cfg(all(test, redis_cached_loom))]
+mod model {
+    use super::*;
+    use crate::sync::model;
+    use loom::sync::atomic::AtomicU64 as Redis;
+    use loom::thread;
+
+    const BOUND: Duration = Duration::from_secs(30);
+
+    fn serving() -> Arc<NearStore> {
+        let store = NearStore::new(100, 1 << 20);
+        let generation = store.connected();
+        store.delivered(Instant::now(), generation);
+        Arc::new(store)
+    }
+
+    fn entry(version: u64) -> Arc<[u8]> {
+        Codec::Json.encode(&version, None).unwrap().into()
+    }
+
+    fn held(store: &NearStore) -> Option<u64> {
+        store.get::<u64>("k", Codec::Json).flatten()
+    }
+
+    /// A fill that reads the key's version in "Redis" and keeps it.
+    fn fill(store: &NearStore, redis: &Redis) {
+        let fill = store.begin_fill("k").expect("serving");
+        let version = redis.load(Ordering::SeqCst);
+        fill.finish(entry(version), Instant::now(), BOUND, -1, None);
+    }
+
+    fn pending_fills(store: &NearStore) -> usize {
+        let shard = |s: &Mutex<HashMap<String, Pending>>| s.lock().unwrap().len();
+        store.pending.iter().map(shard).sum()
+    }
+
+    /// Overlapping fills of one key, and no invalidation: each fill, once
+    /// finished, has left the key in the tier (none voids another).
+    #[test]
+    fn overlapping_fills_keep_the_key() {
+        model("overlapping_fills_keep_the_key", || {
+            let store = serving();
+            let redis = Arc::new(Redis::new(1));
+            let fills: Vec<_> = (0..2)
+                .map(|_| {
+                    let (store, redis) = (Arc::clone(&store), Arc::clone(&redis));
+                    thread::spawn(move || {
+                        fill(&store, &redis);
+                        assert_eq!(held(&store), Some(1), "a finished fill is kept");
+                    })
+                })
+                .collect();
+            for fill in fills {
+                fill.join().unwrap();
+            }
+            assert_eq!(pending_fills(&store), 0, "no fill left registered");
+        });
+    }
+
+    /// A write in Redis, then its invalidation heard, against two fills
+    /// that read Redis: once both are done, the tier holds the new value
+    /// or nothing, never the old one.
+    #[test]
+    fn no_fill_keeps_a_value_older_than_an_invalidation() {
+        model("no_fill_keeps_a_value_older_than_an_invalidation", || {
+            let store = serving();
+            let redis = Arc::new(Redis::new(1));
+            let writer = {
+                let (store, redis) = (Arc::clone(&store), Arc::clone(&redis));
+                thread::spawn(move || {
+                    redis.store(2, Ordering::SeqCst);
+                    store.invalidated("k");
+                })
+            };
+            let fills: Vec<_> = (0..2)
+                .map(|_| {
+                    let (store, redis) = (Arc::clone(&store), Arc::clone(&redis));
+                    thread::spawn(move || fill(&store, &redis))
+                })
+                .collect();
+            writer.join().unwrap();
+            for fill in fills {
+                fill.join().unwrap();
+            }
+            let held = held(&store);
+            assert!(held.is_none() || held == Some(2), "kept {held:?}");
+            assert_eq!(pending_fills(&store), 0);
+        });
+    }
+
+    /// The same with Redis invalidating everything (`FLUSHALL`), and a hit
+    /// that decodes the entry (and replaces it) meanwhile.
+    #[test]
+    fn no_fill_keeps_a_value_older_than_an_emptying() {
+        model("no_fill_keeps_a_value_older_than_an_emptying", || {
+            let store = serving();
+            let redis = Arc::new(Redis::new(1));
+            let writer = {
+                let (store, redis) = (Arc::clone(&store), Arc::clone(&redis));
+                thread::spawn(move || {
+                    redis.store(2, Ordering::SeqCst);
+                    store.flush(Flush::Everything);
+                })
+            };
+            let filler = {
+                let (store, redis) = (Arc::clone(&store), Arc::clone(&redis));
+                thread::spawn(move || {
+                    fill(&store, &redis);
+                    held(&store);
+                })
+            };
+            writer.join().unwrap();
+            filler.join().unwrap();
+            let held = held(&store);
+            assert!(held.is_none() || held == Some(2), "kept {held:?}");
+        });
+    }
+
+    /// A proof of delivery that lands as its connection ends: once the end
+    /// is handled, the tier does not serve, whichever came first.
+    #[test]
+    fn a_late_proof_does_not_outlive_its_connection() {
+        model("a_late_proof_does_not_outlive_its_connection", || {
+            let store = Arc::new(NearStore::new(100, 1 << 20));
+            let generation = store.connected();
+            let sent = Instant::now();
+            let proof = {
+                let store = Arc::clone(&store);
+                thread::spawn(move || {
+                    store.delivered(sent, generation);
+                })
+            };
+            let end = {
+                let store = Arc::clone(&store);
+                thread::spawn(move || store.disconnected(generation))
+            };
+            proof.join().unwrap();
+            end.join().unwrap();
+            assert!(!store.serving(), "serving after its connection ended");
+        });
     }
 }

@@ -35,7 +35,7 @@
 //! then still wait for the `MGET`s out ahead of theirs.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -45,6 +45,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::link::Link;
 use crate::error::{Error, Result};
+use crate::sync::{Mutex, MutexGuard};
 
 /// The most keys one `MGET` carries; more wait for the next.
 const MAX_MERGED: usize = 512;
@@ -141,40 +142,100 @@ impl Merger {
     /// flusher on its own runtime; outside a multi-thread runtime, a read
     /// goes alone.
     pub(crate) fn route(self: &Arc<Self>, key: &str) -> Route<'_> {
-        let mut state = self.state();
-        let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(runtime)
-                if state.may_queue(self.patience)
-                    && runtime.runtime_flavor() == RuntimeFlavor::MultiThread =>
-            {
-                runtime
-            }
-            _ => {
-                state.busy += 1;
-                return Route::Direct(Busy(self));
-            }
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
+        let Some(runtime) = runtime else {
+            self.state().busy += 1;
+            return Route::Direct(Busy(self));
         };
-        let (reply, receiver) = oneshot::channel();
-        state.queue.push_back(Waiting {
-            key: key.to_owned(),
-            reply,
-        });
-        let batch_ready = state.queue.len() >= MAX_MERGED;
-        if !std::mem::replace(&mut state.flushing, true) {
-            state.progress = Some(Instant::now());
-            drop(state);
-            // Dropped unpolled if the runtime is shutting down: its guard
-            // then tells this read (and any queued since) to retry.
-            runtime.spawn(Flusher::new(self).run());
-        } else if batch_ready {
-            drop(state);
-            self.batch_ready.notify_one();
+        // The lock is released before a flusher is spawned: one dropped
+        // at once (its runtime ended) takes it again.
+        let routed = self.state().route(key, self.patience);
+        match routed {
+            Routed::Direct => Route::Direct(Busy(self)),
+            Routed::Queued(reply, wake) => {
+                match wake {
+                    // Dropped unpolled if the runtime is shutting down: its
+                    // guard then tells this read (and any queued since) to
+                    // retry.
+                    Wake::Start => drop(runtime.spawn(Flusher::new(self).run())),
+                    Wake::BatchReady => self.batch_ready.notify_one(),
+                    Wake::None => {}
+                }
+                Route::Queued(reply)
+            }
         }
-        Route::Queued(receiver)
     }
 }
 
+/// How [`State::route`] sent a read.
+enum Routed {
+    /// Alone, counted as on the wire.
+    Direct,
+    /// Queued, its reply to come here; and whom that wakes.
+    Queued(oneshot::Receiver<Reply>, Wake),
+}
+
+/// Whom a queued read wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// No flusher runs: start one.
+    Start,
+    /// A whole batch is queued: the flusher may send it.
+    BatchReady,
+    None,
+}
+
+/// What the flusher does next.
+enum Step {
+    /// Sends this batch (counted as out; whether it was whole).
+    Send(Vec<Waiting>, bool),
+    /// Waits for an `MGET` to come back or a whole batch to queue.
+    Wait,
+    /// Nothing is out or queued: it has ended.
+    End,
+}
+
 impl State {
+    /// Queues a read of `key`, or counts it as going alone (nothing on the
+    /// wire, the flusher stalled for `patience`, or no room).
+    fn route(&mut self, key: &str, patience: Duration) -> Routed {
+        if !self.may_queue(patience) {
+            self.busy += 1;
+            return Routed::Direct;
+        }
+        let (reply, receiver) = oneshot::channel();
+        self.queue.push_back(Waiting {
+            key: key.to_owned(),
+            reply,
+        });
+        let wake = if !std::mem::replace(&mut self.flushing, true) {
+            self.progress = Some(Instant::now());
+            Wake::Start
+        } else if self.queue.len() >= MAX_MERGED {
+            Wake::BatchReady
+        } else {
+            Wake::None
+        };
+        Routed::Queued(receiver, wake)
+    }
+
+    /// The flusher's next step: a batch to send if one may go (see
+    /// [`State::next_batch`]; a partial one always when none of its
+    /// `MGET`s is out), else waiting while some are out, else the end.
+    fn step(&mut self, partial: bool) -> Step {
+        if let Some((batch, whole)) = self.next_batch(partial || self.out == 0) {
+            return Step::Send(batch, whole);
+        }
+        if self.out > 0 {
+            return Step::Wait;
+        }
+        // Nothing out, and nothing left that may go: nothing queued.
+        self.flushing = false;
+        Step::End
+    }
+
     /// Whether a read may queue: something is on the wire or queued, the
     /// flusher has shown progress within `patience`, and it has room for
     /// the read (fewer than [`MAX_OUT`] `MGET`s out, or less than a whole
@@ -220,16 +281,6 @@ impl State {
         self.out -= 1;
         self.busy -= 1;
     }
-
-    /// Ends the flusher if nothing of its is out and nothing is queued;
-    /// whether it ended.
-    fn end_flusher(&mut self) -> bool {
-        let idle = self.out == 0 && self.queue.is_empty();
-        if idle {
-            self.flushing = false;
-        }
-        idle
-    }
 }
 
 /// Sends what queues, as [`Merger`] says, until nothing is out or queued.
@@ -256,25 +307,20 @@ impl Flusher {
         let mut out = FuturesUnordered::new();
         let mut partial = true;
         loop {
-            loop {
-                let next = merger.state().next_batch(partial);
-                let Some((batch, whole)) = next else {
-                    break;
-                };
-                partial &= whole;
-                out.push(send(&merger, batch));
-            }
-            if out.is_empty() {
-                if merger.state().end_flusher() {
+            let step = merger.state().step(partial);
+            match step {
+                Step::Send(batch, whole) => {
+                    partial &= whole;
+                    out.push(send(&merger, batch));
+                }
+                Step::Wait => tokio::select! {
+                    Some(()) = out.next() => partial = true,
+                    () = merger.batch_ready.notified() => {}
+                },
+                Step::End => {
                     self.running = false;
                     return;
                 }
-                partial = true;
-                continue;
-            }
-            tokio::select! {
-                Some(()) = out.next() => partial = true,
-                () = merger.batch_ready.notified() => {}
             }
         }
     }
@@ -514,7 +560,11 @@ mod tests {
         assert!(state.next_batch(true).is_none());
         state.came_back();
         assert!(state.may_queue(patience));
-        assert!(!state.end_flusher(), "reads out and queued");
+        assert!(
+            matches!(state.step(false), Step::Send(_, true)),
+            "one came back: a whole batch goes"
+        );
+        assert!(matches!(state.step(false), Step::Wait), "the rest waits");
     }
 
     /// Callers that gave up are not sent; a batch of only those is none.
@@ -524,7 +574,9 @@ mod tests {
         drop(queued(&mut state, 5));
         assert!(state.next_batch(true).is_none());
         assert!(state.queue.is_empty() && state.out == 0);
-        assert!(state.end_flusher());
+        state.flushing = true;
+        assert!(matches!(state.step(true), Step::End));
+        assert!(!state.flushing);
     }
 
     #[test]
@@ -544,5 +596,121 @@ mod tests {
         hand_out(batch, Ok(vec![Some(b"A".to_vec()), None]));
         assert!(matches!(rx_a.try_recv(), Ok(Reply::Value(Some(v))) if v == b"A"));
         assert!(matches!(rx_b.try_recv(), Ok(Reply::Value(None))));
+    }
+}
+
+/// A model of the merge queue's protocol, which loom runs over every
+/// interleaving (up to 3 preemptions each run) of readers routing their
+/// reads and the flusher they start, with the queue's own lock (see
+/// `sync.rs`): the flusher steps as [`Flusher::run`] does, its `MGET`s
+/// answered in turn. Run by `scripts/test.sh`.
+#[cfg(all(test, redis_cached_loom))]
+mod model {
+    use super::*;
+    use crate::sync::model;
+    use loom::thread;
+
+    /// The flusher's loop, in this thread: each `MGET` answers every key
+    /// with the key itself.
+    fn flusher(merger: &Merger) {
+        let mut out: VecDeque<Vec<Waiting>> = VecDeque::new();
+        let mut partial = true;
+        loop {
+            let step = merger.state().step(partial);
+            match step {
+                Step::Send(batch, whole) => {
+                    assert!(!batch.is_empty() && batch.len() <= MAX_MERGED);
+                    assert!(merger.state().out <= MAX_OUT);
+                    partial &= whole;
+                    out.push_back(batch);
+                }
+                Step::Wait => {
+                    let batch = out.pop_front().expect("an MGET out to wait for");
+                    merger.state().came_back();
+                    let values = batch.iter().map(|w| Some(w.key.clone().into_bytes()));
+                    let values = values.collect();
+                    hand_out(batch, Ok(values));
+                    partial = true;
+                }
+                Step::End => {
+                    assert!(out.is_empty(), "ended with MGETs out");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A read of `key`: alone (done at once), or queued, starting a
+    /// flusher thread if none runs; its reply, and the flusher it started.
+    fn read(
+        merger: &Arc<Merger>,
+        key: &str,
+    ) -> (
+        Option<oneshot::Receiver<Reply>>,
+        Option<thread::JoinHandle<()>>,
+    ) {
+        let routed = merger.state().route(key, merger.patience);
+        match routed {
+            Routed::Direct => {
+                merger.state().busy -= 1;
+                (None, None)
+            }
+            Routed::Queued(reply, wake) => {
+                let started = (wake == Wake::Start).then(|| {
+                    let merger = Arc::clone(merger);
+                    thread::spawn(move || flusher(&merger))
+                });
+                (Some(reply), started)
+            }
+        }
+    }
+
+    /// Two readers queue beside a read on the wire, while the flusher
+    /// they start sends, answers and ends: every queued read gets its own
+    /// value exactly once (none is stranded behind a flusher that ended),
+    /// and the queue ends empty, with nothing counted on the wire.
+    #[test]
+    fn every_queued_read_gets_its_own_value() {
+        model("every_queued_read_gets_its_own_value", || {
+            let merger = Arc::new(Merger::new(
+                Duration::from_secs(60),
+                Arc::new(ArcSwapOption::empty()),
+            ));
+            // A read on the wire, so that the others queue.
+            let Routed::Direct = merger.state().route("a", merger.patience) else {
+                panic!("a lone read goes alone");
+            };
+            let readers: Vec<_> = ["b", "c"]
+                .into_iter()
+                .map(|key| {
+                    let merger = Arc::clone(&merger);
+                    thread::spawn(move || {
+                        let (reply, flusher) = read(&merger, key);
+                        (key, reply, flusher)
+                    })
+                })
+                .collect();
+            // The read on the wire comes back meanwhile.
+            merger.state().busy -= 1;
+            let mut replies = Vec::new();
+            for reader in readers {
+                let (key, reply, flusher) = reader.join().unwrap();
+                if let Some(flusher) = flusher {
+                    flusher.join().unwrap();
+                }
+                replies.push((key, reply));
+            }
+            for (key, reply) in replies {
+                if let Some(mut reply) = reply {
+                    match reply.try_recv() {
+                        Ok(Reply::Value(Some(value))) => assert_eq!(value, key.as_bytes()),
+                        other => panic!("{key}: {other:?}"),
+                    }
+                }
+            }
+            let state = merger.state();
+            assert!(state.queue.is_empty() && !state.flushing);
+            assert_eq!((state.busy, state.out), (0, 0));
+        });
     }
 }
