@@ -411,6 +411,58 @@ async fn a_connection_that_delivers_no_invalidation_stops_the_tier_within_the_le
     near_hit_on(&reader, "k").await;
 }
 
+/// On a Sentinel master the tier serves (its delivery proven through the
+/// cache's own connection to the master), and after a failover a write to
+/// the new master is seen within the lease, then served from memory again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sentinel_the_tier_follows_a_failover() {
+    use support::cluster::{cli, SentinelSetup, MASTER_NAME};
+    let setup = SentinelSetup::start();
+    let urls = setup.sentinel_urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let cache = redis_cached::Cache::sentinel_builder(&urls, MASTER_NAME)
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid settings");
+    cache.set("k", &"v1", TTL).await.expect("stored");
+    near_hit_on(&cache, "k").await;
+
+    let old = setup.master_port();
+    let out = cli(
+        setup.sentinels[0].port,
+        &["SENTINEL", "FAILOVER", MASTER_NAME],
+    );
+    assert!(out.contains("OK"), "SENTINEL FAILOVER: {out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while setup.master_port() == old {
+        assert!(Instant::now() < deadline, "no failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let writer =
+        Cache::redis(&format!("redis://127.0.0.1:{}/", setup.master_port())).expect("valid URL");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The new master may still be taking over: until a write lands.
+    while writer.set("k", &"v2", TTL).await.is_err() {
+        assert!(Instant::now() < deadline, "the new master took no write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wrote = Instant::now();
+    while wrote.elapsed() < LEASE * 2 {
+        let started = wrote.elapsed();
+        let found = cache.get_near::<String>("k", NEAR).await;
+        assert!(
+            started < LEASE || found.as_deref() == Some("v2"),
+            "{found:?} read {started:?} after the write"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    near_hit_on(&cache, "k").await;
+    assert_eq!(
+        cache.get_near::<String>("k", NEAR).await.as_deref(),
+        Some("v2")
+    );
+}
+
 /// The near tier holds a value no longer than `near`, nor past its Redis
 /// TTL even when Redis has not expired the key yet (it expires lazily
 /// here: active expiry off, so no invalidation comes).
