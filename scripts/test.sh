@@ -28,6 +28,12 @@ cargo clippy -p cached-runtime --all-features --all-targets --locked -- -D warni
 # Unit, integration, trybuild and doc tests (benchmarks are type-checked by
 # clippy above and run with `cargo bench`).
 cargo test --workspace --exclude demo --locked
+# Models of the near tier's fill/invalidate/lease protocol and of the
+# merged lookups' queue: loom runs them over every interleaving of a few
+# threads (up to 3 preemptions), with the crate's own locks and atomics
+# swapped for loom's. A build of its own (another cfg), bounded in time.
+RUSTFLAGS="--cfg redis_cached_loom" CARGO_TARGET_DIR=target/loom \
+    timeout 900 cargo test -p cached-runtime --lib --locked -- model:: --nocapture
 # The optional binary codec.
 cargo test -p cached-runtime --features postcard --locked codec
 # The optional `metrics` export: every counter exact, the Prometheus text.

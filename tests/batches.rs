@@ -938,3 +938,71 @@ async fn on_redis_a_huge_batch_is_read_and_stored_in_bounded_chunks() {
     assert_eq!(again.len(), 1000);
     assert_eq!(repo.batches().len(), 1, "all from the cache");
 }
+
+/// Bursts far larger than one `MGET` on a long link (replies delayed by
+/// 200 ms, not throttled): with merging on, lookups keep up with merging
+/// off (pipelined `GET`s, one round trip each): no breaker opens, no more
+/// timeouts, at least as many hits. Several `MGET`s go out at once; one
+/// after the other, 2,500 reads would take 5 round trips, past the 800 ms
+/// `op_timeout`. (Scaled from 6,000 tasks looping on a 20 ms link: the
+/// same queue of round trips, with each task reading once per round trip,
+/// so that both settings make the same reads and the test's CPU time, in a
+/// debug build on 2 cores shared with other tests, stays small beside the
+/// bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_lookups_keep_up_with_bursts_on_a_long_link() {
+    const TASKS: u64 = 2_500;
+    const KEYS: u64 = 1_000;
+    const ROUNDS: u32 = 15;
+    let round_trip = Duration::from_millis(200);
+    let server = RedisServer::start();
+    let proxy = support::proxy::Proxy::start(server.port());
+    proxy.set_delay_line(round_trip);
+    let seeding = Cache::redis(&server.url()).unwrap();
+    let entries: Vec<(String, u64)> = (0..KEYS).map(|id| (format!("b:{id}"), id)).collect();
+    let refs: Vec<(&str, &u64)> = entries.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    seeding.set_many(&refs, TTL).await.unwrap();
+
+    let mut runs = Vec::new();
+    for merge in [false, true] {
+        let cache = Cache::builder(&proxy.url())
+            .op_timeout(round_trip * 4)
+            .merge_lookups(merge)
+            .build()
+            .unwrap();
+        // Connected before the bursts, as a running service is.
+        assert_eq!(cache.get::<u64>("b:0").await, Some(0));
+        let start = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    for round in 0..ROUNDS {
+                        tokio::time::sleep_until(start + round_trip * round).await;
+                        let id = (task + u64::from(round) * 7) % KEYS;
+                        if let Some(found) = cache.get::<u64>(&format!("b:{id}")).await {
+                            assert_eq!(found, id, "b:{id}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("no caller got a wrong value");
+        }
+        let stats = cache.stats();
+        eprintln!(
+            "merging {}: {} hits, {} timeouts, {} breaker opens, {} errors",
+            if merge { "on" } else { "off" },
+            stats.hits,
+            stats.timeouts,
+            stats.breaker_opens,
+            stats.errors
+        );
+        runs.push(stats);
+    }
+    let (off, on) = (&runs[0], &runs[1]);
+    assert_eq!(on.breaker_opens, 0, "{on:?}");
+    assert!(on.timeouts <= off.timeouts, "on {on:?}, off {off:?}");
+    assert!(on.hits >= off.hits, "on {on:?}, off {off:?}");
+}

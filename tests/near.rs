@@ -9,10 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis_cached::{cache_put, redis_cached, Cache};
+use support::proxy::Proxy;
 use support::RedisServer;
 
 const NEAR: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(600);
+/// How long the near tier may serve without a proof that invalidations
+/// arrive.
+const LEASE: Duration = Duration::from_millis(500);
 
 /// A cache on `server` whose near tier is serving, checked on `key`
 /// (which must hold a value): its calls answer from memory.
@@ -232,6 +236,66 @@ async fn near_functions_answer_from_memory_until_the_key_changes() {
     );
 }
 
+/// A hot key: ten reads start every millisecond, on a link of 2 ms, so
+/// that the fills of its misses overlap all the time. After another
+/// cache's write, the key is back in the tier as soon as a fill that began
+/// after the invalidation returns: the fills in flight do not void one
+/// another, only the invalidation voids those that began before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_is_back_in_the_tier_soon_after_a_write() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port());
+    proxy.set_delay_line(Duration::from_millis(2));
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("hot", &"v1", TTL).await.expect("stored");
+    let reader = Cache::builder(&proxy.url())
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid URL");
+    near_hit_on(&reader, "hot").await;
+
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    let mut calls = Vec::new();
+    let mut wrote = None;
+    let mut from = None;
+    while started.elapsed() < Duration::from_secs(2) {
+        ticks.tick().await;
+        for _ in 0..10 {
+            let reader = reader.clone();
+            calls.push(tokio::spawn(async move {
+                reader.get_near::<String>("hot", NEAR).await
+            }));
+        }
+        if wrote.is_none() && started.elapsed() >= Duration::from_millis(200) {
+            writer.set("hot", &"v2", TTL).await.expect("stored");
+            wrote = Some(Instant::now());
+        }
+        if from.is_none() && wrote.is_some_and(|at| at.elapsed() >= Duration::from_millis(400)) {
+            from = Some(reader.stats());
+        }
+    }
+    for call in calls {
+        assert!(
+            call.await.expect("no panic").is_some(),
+            "the key holds a value"
+        );
+    }
+    let (from, to) = (from.expect("the loop ran past the write"), reader.stats());
+    let hits = to.near_hits - from.near_hits;
+    let misses = to.near_misses - from.near_misses;
+    eprintln!("hot key, from 400 ms after a write on: {hits} near hits, {misses} misses");
+    assert!(
+        hits * 10 >= (hits + misses) * 9,
+        "{hits} near hits of {} reads",
+        hits + misses
+    );
+    assert_eq!(
+        reader.get_near::<String>("hot", NEAR).await.as_deref(),
+        Some("v2")
+    );
+}
+
 /// A dropped tracking connection empties the tier: a write made while it
 /// was down is seen by the next read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,6 +359,110 @@ async fn a_silent_server_stops_near_hits_within_the_lease() {
     near_hit_on(&reader, "k").await;
 }
 
+/// A tracking connection that still answers but no longer delivers
+/// invalidations (a proxy dropping RESP3 pushes): the tier stops within
+/// its lease, so no read later than the lease after another cache's write
+/// gets the older value; and while pushes stay lost it serves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_delivers_no_invalidation_stops_the_tier_within_the_lease() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port());
+    let writer = Cache::redis(&server.url()).expect("valid URL");
+    writer.set("k", &"v1", TTL).await.expect("stored");
+    let reader = Cache::builder(&proxy.url())
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid URL");
+    near_hit_on(&reader, "k").await;
+
+    proxy.set_drop_pushes(true);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let wrote = Instant::now();
+    writer.set("k", &"v2", TTL).await.expect("stored");
+    let mut stale_after = Duration::ZERO;
+    while wrote.elapsed() < LEASE * 3 {
+        let started = wrote.elapsed();
+        if reader.get_near::<String>("k", NEAR).await.as_deref() == Some("v1") {
+            stale_after = started;
+        }
+        tokio::task::yield_now().await;
+    }
+    eprintln!("pushes lost: the older value served until {stale_after:?} after the write");
+    assert!(
+        stale_after < LEASE,
+        "the older value served {stale_after:?} after the write"
+    );
+    let hits = reader.stats().near_hits;
+    for _ in 0..50 {
+        assert_eq!(
+            reader.get_near::<String>("k", NEAR).await.as_deref(),
+            Some("v2")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        reader.stats().near_hits,
+        hits,
+        "no near hit while no invalidation is delivered"
+    );
+
+    // Delivered again: served from memory again.
+    proxy.set_drop_pushes(false);
+    near_hit_on(&reader, "k").await;
+}
+
+/// On a Sentinel master the tier serves (its delivery proven through the
+/// cache's own connection to the master), and after a failover a write to
+/// the new master is seen within the lease, then served from memory again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sentinel_the_tier_follows_a_failover() {
+    use support::cluster::{cli, SentinelSetup, MASTER_NAME};
+    let setup = SentinelSetup::start();
+    let urls = setup.sentinel_urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let cache = redis_cached::Cache::sentinel_builder(&urls, MASTER_NAME)
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid settings");
+    cache.set("k", &"v1", TTL).await.expect("stored");
+    near_hit_on(&cache, "k").await;
+
+    let old = setup.master_port();
+    let out = cli(
+        setup.sentinels[0].port,
+        &["SENTINEL", "FAILOVER", MASTER_NAME],
+    );
+    assert!(out.contains("OK"), "SENTINEL FAILOVER: {out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while setup.master_port() == old {
+        assert!(Instant::now() < deadline, "no failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let writer =
+        Cache::redis(&format!("redis://127.0.0.1:{}/", setup.master_port())).expect("valid URL");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The new master may still be taking over: until a write lands.
+    while writer.set("k", &"v2", TTL).await.is_err() {
+        assert!(Instant::now() < deadline, "the new master took no write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wrote = Instant::now();
+    while wrote.elapsed() < LEASE * 2 {
+        let started = wrote.elapsed();
+        let found = cache.get_near::<String>("k", NEAR).await;
+        assert!(
+            started < LEASE || found.as_deref() == Some("v2"),
+            "{found:?} read {started:?} after the write"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    near_hit_on(&cache, "k").await;
+    assert_eq!(
+        cache.get_near::<String>("k", NEAR).await.as_deref(),
+        Some("v2")
+    );
+}
+
 /// The near tier holds a value no longer than `near`, nor past its Redis
 /// TTL even when Redis has not expired the key yet (it expires lazily
 /// here: active expiry off, so no invalidation comes).
@@ -352,6 +520,64 @@ async fn an_entry_lives_no_longer_than_its_bound_nor_its_ttl() {
         "past its TTL"
     );
     assert_eq!(cache.stats().near_hits, hits);
+}
+
+/// A server that refuses `CLIENT TRACKING` with a plain error (here the
+/// `CLIENT` command is renamed away): one warning, and no new attempt for
+/// a minute, not a reconnection every 2 s; calls read Redis.
+#[test]
+fn a_server_refusing_tracking_is_warned_about_once_and_left_alone() {
+    let logs = support::logs::Captured::default();
+    let _guard = tracing::subscriber::set_default(logs.subscriber(tracing::Level::DEBUG));
+    // A current-thread runtime: the tracker's task logs on this thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let server = RedisServer::start_with(&["--rename-command", "CLIENT", ""]);
+        let cache = Cache::redis(&server.url()).expect("valid URL");
+        cache.set("k", &"v", TTL).await.expect("stored");
+        let mut raw = server
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let before = connections(&mut raw).await;
+        let until = Instant::now() + Duration::from_millis(4_500);
+        while Instant::now() < until {
+            assert_eq!(
+                cache.get_near::<String>("k", NEAR).await.as_deref(),
+                Some("v")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let opened = connections(&mut raw).await - before;
+        assert_eq!(cache.stats().near_hits, 0);
+        assert!(
+            opened <= 1,
+            "{opened} connections in 4.5 s: the tracker tried again"
+        );
+    });
+    let logs = logs.text();
+    let warnings = logs
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("client tracking"))
+        .count();
+    assert_eq!(warnings, 1, "{logs}");
+}
+
+/// How many connections the server has accepted.
+async fn connections(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(raw)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a connection count")
 }
 
 /// On the in-memory backend and with `near_capacity(0)`, `near` changes

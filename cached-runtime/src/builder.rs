@@ -13,7 +13,7 @@ use crate::codec::Codec;
 use crate::core::{Inner, Settings};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
-use crate::key::MAX_NAMESPACE_LEN;
+use crate::key::{internal_key, MAX_NAMESPACE_LEN};
 use crate::stats::Counters;
 
 /// The URL that selects the in-memory backend in [`Cache::builder`].
@@ -353,11 +353,14 @@ impl CacheBuilder {
         self
     }
 
-    /// About how many bytes the near tier holds at most: each entry counts
-    /// its bytes as stored, as much again for its decoded value, and its
-    /// key. Default 64 MiB. Whichever of this and
+    /// About how much memory the near tier holds at most, decoded values
+    /// included: each entry counts its bytes as stored, its key, and, once
+    /// a hit has decoded it, an estimate of what the decoded value holds
+    /// (its strings and collections as serde shows them, each rounded up
+    /// as an allocator would; before that, as much as the stored bytes).
+    /// Default 64 MiB. Whichever of this and
     /// [`near_capacity`](Self::near_capacity) is reached first bounds it;
-    /// a value over 1/64 of it is not kept.
+    /// an entry over 1/64 of it (stored or decoded) is not kept.
     pub fn near_max_bytes(mut self, bytes: usize) -> Self {
         self.near_max_bytes = bytes;
         self
@@ -432,13 +435,20 @@ impl CacheBuilder {
             Some(ns) => format!("{ns}:redis-cached:filled"),
             None => "redis-cached:filled".to_owned(),
         };
+        // Changed every 100 ms by a cache with a near tier, to prove that
+        // its tracking connection hears invalidations.
+        let near_canary = internal_key(
+            self.namespace.as_deref(),
+            "near",
+            &crate::token::lock_token(),
+        );
         let backend = AnyBackend::Redis(RedisBackend::new(
             target,
             self.connect_timeout,
             channel,
             self.max_value_bytes,
             (self.merge_lookups && !self.bounded_reads).then_some(self.op_timeout),
-            (self.near_capacity, self.near_max_bytes),
+            (self.near_capacity, self.near_max_bytes, near_canary),
         )?);
         Ok(self.finish(backend))
     }

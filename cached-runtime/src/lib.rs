@@ -37,7 +37,9 @@ mod shape;
 mod site;
 mod spent;
 mod stats;
+mod sync;
 mod token;
+mod weigh;
 mod write_behind;
 
 #[doc(hidden)]

@@ -5,6 +5,7 @@
 
 pub mod backends;
 pub mod cluster;
+pub mod logs;
 pub mod proxy;
 pub mod stampede;
 pub mod write_behind;

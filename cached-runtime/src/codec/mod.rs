@@ -148,6 +148,51 @@ impl Codec {
 
     /// Decodes an entry written by this codec.
     pub(crate) fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<Entry<T>> {
+        self.decode_with(bytes, |payload| match self {
+            Codec::Json => {
+                serde_json::from_slice(payload).map_err(|e| json_error("deserialize", &e))
+            }
+            // postcard has no bound on nesting of its own.
+            #[cfg(feature = "postcard")]
+            Codec::Postcard => {
+                let mut de = postcard::Deserializer::from_bytes(payload);
+                serde::Deserialize::deserialize(depth::Limited::new(&mut de))
+                    .map_err(cannot_deserialize)
+            }
+        })
+    }
+
+    /// Decodes an entry written by this codec, with an estimate of the heap
+    /// bytes its value holds (see `weigh.rs`).
+    pub(crate) fn decode_weighed<T: DeserializeOwned>(
+        self,
+        bytes: &[u8],
+    ) -> Result<(Entry<T>, usize)> {
+        let tally = std::cell::Cell::new(0);
+        let entry = self.decode_with(bytes, |payload| match self {
+            Codec::Json => {
+                let mut de = serde_json::Deserializer::from_slice(payload);
+                let value = crate::weigh::deserialize(&mut de, &tally);
+                value
+                    .and_then(|value| de.end().map(|()| value))
+                    .map_err(|e| json_error("deserialize", &e))
+            }
+            #[cfg(feature = "postcard")]
+            Codec::Postcard => {
+                let mut de = postcard::Deserializer::from_bytes(payload);
+                crate::weigh::deserialize(depth::Limited::new(&mut de), &tally)
+                    .map_err(cannot_deserialize)
+            }
+        })?;
+        Ok((entry, tally.get()))
+    }
+
+    /// Decodes an entry written by this codec, its payload by `value`.
+    fn decode_with<T>(
+        self,
+        bytes: &[u8],
+        value: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<Entry<T>> {
         let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
             return Err(Error::Codec(format!(
                 "entry of {} bytes is shorter than its header",
@@ -195,20 +240,7 @@ impl Codec {
                 Err(Error::Codec("absent entry with a payload".into()))
             };
         }
-        let value = match self {
-            Codec::Json => {
-                serde_json::from_slice(payload).map_err(|e| json_error("deserialize", &e))?
-            }
-            // postcard's errors name a kind, never the data; it has no
-            // bound on nesting of its own.
-            #[cfg(feature = "postcard")]
-            Codec::Postcard => {
-                let mut de = postcard::Deserializer::from_bytes(payload);
-                serde::Deserialize::deserialize(depth::Limited::new(&mut de))
-                    .map_err(|e| Error::Codec(format!("cannot deserialize value: {e}")))?
-            }
-        };
-        Ok(Entry::Value(Some(value), timing))
+        Ok(Entry::Value(Some(value(payload)?), timing))
     }
 }
 
@@ -229,6 +261,12 @@ fn json_error(what: &str, err: &serde_json::Error) -> Error {
         err.line(),
         err.column()
     ))
+}
+
+/// A postcard error: its kind (postcard's errors never name the data).
+#[cfg(feature = "postcard")]
+fn cannot_deserialize(err: postcard::Error) -> Error {
+    Error::Codec(format!("cannot deserialize value: {err}"))
 }
 
 fn bad_timing() -> Error {

@@ -139,14 +139,15 @@ impl RedisBackend {
     /// entry; with `merge`, concurrent reads are merged, each merged read
     /// bounded by it (not on a cluster). A near tier of at most `near`
     /// entries (none for 0) and about `near_bytes` bytes is kept on a
-    /// server or a Sentinel master.
+    /// server or a Sentinel master, its delivery proven by changing the
+    /// key `canary`.
     pub(crate) fn new(
         target: Target,
         connect_timeout: Duration,
         channel: String,
         limit: usize,
         merge: Option<Duration>,
-        (near, near_bytes): (usize, usize),
+        (near, near_bytes, canary): (usize, usize, String),
     ) -> Result<Self> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
@@ -178,7 +179,8 @@ impl RedisBackend {
         };
         let tracker = track.map(|feed| {
             let store = Arc::new(crate::near::NearStore::new(near, near_bytes));
-            Arc::new(Tracker::new(store, feed, connect_timeout))
+            let main = Arc::clone(&link);
+            Arc::new(Tracker::new(store, feed, connect_timeout, main, canary))
         });
         Ok(RedisBackend {
             tracker,

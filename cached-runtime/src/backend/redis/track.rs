@@ -7,11 +7,21 @@
 //! nothing.
 //!
 //! Pushes are handled in the connection's reader, in the order they
-//! arrive, before the replies after them. The connection is pinged every
-//! [`PING_EVERY`]; each answer lets the tier serve for [`LEASE`] from the
-//! ping's sending (see `near.rs`). A drop, a failed or late ping, or a
-//! refused `CLIENT TRACKING` empties the tier, which serves nothing until
-//! a new connection tracks and answers.
+//! arrive, before the replies after them.
+//!
+//! Delivery is proven, not assumed: a connection that answers commands
+//! may still deliver no invalidation (a proxy that drops pushes, a
+//! connection left on a demoted master while writes go to the new one).
+//! Every [`PROVE_EVERY`] a round reads a canary key of this cache's own on
+//! the tracking connection (so Redis tracks it there), then changes it
+//! from the cache's main connection, where every write of this process
+//! goes; when Redis's invalidation of the canary arrives on the tracking
+//! connection, every invalidation Redis sent there before it has been
+//! handled, so the tier may serve for [`LEASE`] from the round's start
+//! (see `near.rs`). A round whose invalidation does not arrive within the
+//! lease ends the connection; a drop, an unanswered read, or a refused
+//! `CLIENT TRACKING` empties the tier, which serves nothing until a new
+//! connection proves delivery again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -20,12 +30,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
-use super::link::SentinelTarget;
+use super::link::{Link, SentinelTarget};
 use crate::backend::Bytes;
 use crate::error::{Error, Result};
-use crate::near::{Flush, NearStore, LEASE, PING_EVERY};
+use crate::near::{Flush, NearStore, LEASE, PROVE_EVERY};
 
 /// Where the tracking connection goes.
 // One per cache: boxing the client would gain nothing.
@@ -37,18 +47,24 @@ pub(crate) enum TrackFeed {
     Sentinel(Arc<SentinelTarget>),
 }
 
-/// The live tracking connection, with the generation it serves and what
-/// wakes its keep-alive to give it up.
+/// The live tracking connection, with the generation it serves, what
+/// wakes its keep-alive to give it up, and how many invalidations of the
+/// canary it has heard.
 struct Tracked {
     conn: MultiplexedConnection,
     generation: u64,
     restart: Arc<Notify>,
+    heard: watch::Receiver<u64>,
 }
 
 pub(crate) struct Tracker {
     pub(crate) store: Arc<NearStore>,
     feed: TrackFeed,
     connect_timeout: Duration,
+    /// The cache's main connection, which changes the canary.
+    main: Arc<ArcSwapOption<Link>>,
+    /// A key of this cache's own whose invalidations prove delivery.
+    canary: Arc<str>,
     live: ArcSwapOption<Tracked>,
     /// Whether the tracking task is alive; its guard clears it.
     running: Arc<AtomicBool>,
@@ -61,11 +77,21 @@ pub(crate) struct Tracker {
 pub(crate) type TrackedRead = Option<(Bytes, i64)>;
 
 impl Tracker {
-    pub(crate) fn new(store: Arc<NearStore>, feed: TrackFeed, connect_timeout: Duration) -> Self {
+    /// A tracker of `store` on `feed`, whose rounds change `canary` on the
+    /// cache's `main` connection.
+    pub(crate) fn new(
+        store: Arc<NearStore>,
+        feed: TrackFeed,
+        connect_timeout: Duration,
+        main: Arc<ArcSwapOption<Link>>,
+        canary: String,
+    ) -> Self {
         Tracker {
             store,
             feed,
             connect_timeout,
+            main,
+            canary: canary.into(),
             live: ArcSwapOption::empty(),
             running: Arc::new(AtomicBool::new(false)),
             refused: AtomicBool::new(false),
@@ -141,8 +167,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// After Redis refused tracking: it will not change its mind soon.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(60);
-/// How long an answer to a ping may take: past it the lease lapses anyway.
-const PING_TIMEOUT: Duration = LEASE;
+/// How long a round of proof may take: past it the lease lapses anyway.
+const PROOF_TIMEOUT: Duration = LEASE;
 
 async fn track_loop(tracker: Weak<Tracker>) {
     let mut backoff = FIRST_BACKOFF;
@@ -158,13 +184,18 @@ async fn track_loop(tracker: Weak<Tracker>) {
         };
         let tracked = connect(&t, switches.as_ref().map(|(_, at)| *at)).await;
         let store = Arc::clone(&t.store);
+        let prover = Prover {
+            main: Arc::clone(&t.main),
+            canary: Arc::clone(&t.canary),
+        };
         drop(t);
         let mut pause = backoff;
         match tracked {
             Ok(tracked) => {
                 // Backing off again unless it worked (a server loading its
-                // data accepts connections but answers no ping).
-                backoff = if keep_alive(&tracker, &store, tracked, switches).await {
+                // data accepts connections but answers nothing; a proxy
+                // may drop every push).
+                backoff = if keep_alive(&tracker, &store, &prover, tracked, switches).await {
                     FIRST_BACKOFF
                 } else {
                     (backoff * 2).min(MAX_BACKOFF)
@@ -186,7 +217,7 @@ async fn track_loop(tracker: Weak<Tracker>) {
                         pause = REFUSED_BACKOFF;
                     }
                     if refused && !t.refused.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(target: "redis_cached", error = %err, "the near tier is off: Redis refused client tracking (RESP3 and CLIENT TRACKING need Redis 6 or later); calls read Redis");
+                        tracing::warn!(target: "redis_cached", error = %err, "the near tier is off: Redis refused client tracking (it needs Redis 6 or later, RESP3, and the CLIENT command allowed); calls read Redis, and tracking is tried again every minute");
                     } else {
                         tracing::debug!(target: "redis_cached", error = %err, "near tier: tracking connection failed; calls read Redis meanwhile");
                     }
@@ -221,12 +252,18 @@ async fn connect(t: &Tracker, switches: Option<u64>) -> Result<Arc<Tracked>> {
     let store = Arc::downgrade(&t.store);
     let restart = Arc::new(Notify::new());
     let woken = Arc::clone(&restart);
+    let (hear, heard) = watch::channel(0u64);
+    let canary = Arc::clone(&t.canary);
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(t.connect_timeout))
         .set_response_timeout(Some(LEASE))
         .set_push_sender(move |push: redis::PushInfo| {
             if let Some(store) = store.upgrade() {
-                pushed(&store, &woken, generation, push);
+                let heard = Heard {
+                    canary: &canary,
+                    count: &hear,
+                };
+                pushed(&store, &woken, &heard, generation, push);
             }
             Ok::<(), ()>(())
         });
@@ -240,7 +277,7 @@ async fn connect(t: &Tracker, switches: Option<u64>) -> Result<Arc<Tracked>> {
             .arg("ON")
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| Error::from_redis(&e))?;
+            .map_err(|e| tracking_refused(&e))?;
         Ok::<_, Error>(conn)
     };
     let conn = tokio::time::timeout(bound, open)
@@ -257,15 +294,48 @@ async fn connect(t: &Tracker, switches: Option<u64>) -> Result<Arc<Tracked>> {
         conn,
         generation,
         restart,
+        heard,
     });
     t.live.store(Some(Arc::clone(&tracked)));
     Ok(tracked)
 }
 
+/// The error of a `CLIENT TRACKING ON` that failed. Redis answering it
+/// with a plain error (`ERR`: an unknown or renamed command, tracking
+/// unsupported or its options refused) or `NOPERM` (an ACL) refuses
+/// tracking: asking again soon would get the same answer. Other failures
+/// (a timeout, a server loading its data) are worth another try.
+fn tracking_refused(err: &redis::RedisError) -> Error {
+    match err.code() {
+        Some(code @ ("ERR" | "NOPERM")) => Error::Refused(format!("CLIENT TRACKING: {code}")),
+        _ => Error::from_redis(err),
+    }
+}
+
+/// Where a tracking connection counts the invalidations of the canary.
+struct Heard<'a> {
+    canary: &'a str,
+    count: &'a watch::Sender<u64>,
+}
+
+impl Heard<'_> {
+    fn one(&self) {
+        self.count.send_modify(|count| *count += 1);
+    }
+}
+
 /// What the tracking connection's reader does with a push: drops the named
-/// keys, or everything; a dropped connection empties the tier and wakes
-/// the keep-alive to reconnect.
-fn pushed(store: &NearStore, restart: &Notify, generation: u64, push: redis::PushInfo) {
+/// keys, or everything; counts the canary's invalidations (an invalidation
+/// of every key counts too: Redis sent it after what came before it); a
+/// dropped connection empties the tier and wakes the keep-alive to
+/// reconnect.
+fn pushed(
+    store: &NearStore,
+    restart: &Notify,
+    heard: &Heard<'_>,
+    generation: u64,
+    push: redis::PushInfo,
+) {
     match push.kind {
         redis::PushKind::Invalidate => match push.data.first() {
             Some(Value::Array(keys)) => {
@@ -273,16 +343,22 @@ fn pushed(store: &NearStore, restart: &Notify, generation: u64, push: redis::Pus
                     let Value::BulkString(key) = key else {
                         // Not a key: take it as everything.
                         store.flush(Flush::Everything);
+                        heard.one();
                         return;
                     };
                     // A key that is not UTF-8 is none of this cache's.
-                    if let Ok(key) = std::str::from_utf8(key) {
-                        store.invalidated(key);
+                    match std::str::from_utf8(key) {
+                        Ok(key) if key == heard.canary => heard.one(),
+                        Ok(key) => store.invalidated(key),
+                        Err(_) => {}
                     }
                 }
             }
             // `nil`: every key (FLUSHALL, FLUSHDB).
-            _ => store.flush(Flush::Everything),
+            _ => {
+                store.flush(Flush::Everything);
+                heard.one();
+            }
         },
         redis::PushKind::Disconnection => {
             store.disconnected(generation);
@@ -311,12 +387,89 @@ impl Drop for Ended<'_> {
     }
 }
 
-/// Pings the connection until it fails, the cache is gone, its generation
-/// is over, or (Sentinel) a failover was heard of; then ends it. Whether a
-/// ping was answered at all.
+/// What proves a tracking connection's delivery: the cache's main
+/// connection, and the canary it changes.
+struct Prover {
+    main: Arc<ArcSwapOption<Link>>,
+    canary: Arc<str>,
+}
+
+impl Prover {
+    /// Changes the canary from the main connection, within `bound`;
+    /// whether Redis took it. `false` with no main connection open yet
+    /// (the first read through Redis opens it).
+    async fn touch(&self, round: u64, bound: Duration) -> bool {
+        let Some(main) = self.main.load_full() else {
+            return false;
+        };
+        let mut conn = Link::clone(&main);
+        let mut set = redis::cmd("SET");
+        // Gone by itself a while after the cache is.
+        set.arg(&*self.canary).arg(round).arg("PX").arg(60_000);
+        let sent = set.query_async::<()>(&mut conn);
+        matches!(tokio::time::timeout(bound, sent).await, Ok(Ok(())))
+    }
+}
+
+/// How one round of the keep-alive ended.
+enum Round {
+    /// The canary's invalidation arrived: delivery proven.
+    Proven,
+    /// The main connection could not change the canary: nothing proven,
+    /// nothing against the tracking connection either.
+    Unproven,
+    /// The tracking connection did not answer, or did not deliver the
+    /// canary's invalidation in time, or is to be given up.
+    Failed,
+}
+
+/// One round of proof on `tracked`, started at `sent`: reads the canary
+/// there (Redis tracks it from then on), changes it from the main
+/// connection, and waits for its invalidation, all within the lease.
+async fn prove(tracked: &Tracked, prover: &Prover, round: u64, sent: Instant) -> Round {
+    let deadline = sent + PROOF_TIMEOUT;
+    let mut conn = tracked.conn.clone();
+    let mut heard = tracked.heard.clone();
+    let mut read = redis::cmd("GET");
+    read.arg(&*prover.canary);
+    let answered = tokio::select! {
+        answered = tokio::time::timeout(PROOF_TIMEOUT, read.query_async::<Value>(&mut conn)) => {
+            matches!(answered, Ok(Ok(_)))
+        }
+        () = tracked.restart.notified() => false,
+    };
+    if !answered {
+        return Round::Failed;
+    }
+    // Counted before the reply was handed over: what is heard from now on
+    // was sent by Redis after the read.
+    let before = *heard.borrow_and_update();
+    if !prover
+        .touch(round, deadline.saturating_duration_since(Instant::now()))
+        .await
+    {
+        return Round::Unproven;
+    }
+    let arrived = tokio::select! {
+        arrived = tokio::time::timeout_at(deadline.into(), heard.wait_for(|n| *n > before)) => {
+            matches!(arrived, Ok(Ok(_)))
+        }
+        () = tracked.restart.notified() => false,
+    };
+    if arrived {
+        Round::Proven
+    } else {
+        Round::Failed
+    }
+}
+
+/// Proves the connection's delivery every [`PROVE_EVERY`] until it fails,
+/// the cache is gone, its generation is over, or (Sentinel) a failover was
+/// heard of; then ends it. Whether delivery was proven at all.
 async fn keep_alive(
     tracker: &Weak<Tracker>,
     store: &NearStore,
+    prover: &Prover,
     tracked: Arc<Tracked>,
     switches: Option<(Arc<SentinelTarget>, u64)>,
 ) -> bool {
@@ -326,27 +479,22 @@ async fn keep_alive(
         tracked,
     };
     let tracked = &ended.tracked;
-    let mut conn = tracked.conn.clone();
     let mut proven = false;
-    loop {
+    for round in 0u64.. {
         let sent = Instant::now();
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<Value>(&mut conn);
-        let answered = tokio::select! {
-            answered = tokio::time::timeout(PING_TIMEOUT, ping) => matches!(answered, Ok(Ok(_))),
-            () = tracked.restart.notified() => false,
-        };
+        let outcome = prove(tracked, prover, round, sent).await;
         if let Some((sentinel, at)) = &switches {
             if sentinel.switches() != *at {
                 break; // the master changed: track the new one
             }
         }
-        if !answered || !store.answered(sent, tracked.generation) {
-            break;
+        match outcome {
+            Round::Proven if store.delivered(sent, tracked.generation) => proven = true,
+            Round::Unproven => {}
+            Round::Proven | Round::Failed => break,
         }
-        proven = true;
         let woken = tokio::select! {
-            () = tokio::time::sleep(PING_EVERY.saturating_sub(sent.elapsed())) => false,
+            () = tokio::time::sleep(PROVE_EVERY.saturating_sub(sent.elapsed())) => false,
             () = tracked.restart.notified() => true,
         };
         if woken || tracker.strong_count() == 0 {
