@@ -246,15 +246,15 @@ async fn replies(
                 let _ = due.send((at, bytes));
                 return;
             }
+            if let Some((old, new)) = faults.rewrite.lock().expect("not poisoned").as_ref() {
+                let mut from = 0;
+                while let Some(found) = bytes[from..].windows(old.len()).position(|w| w == old) {
+                    bytes[from + found..from + found + new.len()].copy_from_slice(new);
+                    from += found + new.len();
+                }
+            }
             if !bytes.is_empty() && due.send((at, bytes)).is_err() {
                 return;
-            }
-            if let Some((old, new)) = faults.rewrite.lock().expect("not poisoned").as_ref() {
-                let mut at = 0;
-                while let Some(found) = buf[at..n].windows(old.len()).position(|w| w == old) {
-                    buf[at + found..at + found + new.len()].copy_from_slice(new);
-                    at += found + new.len();
-                }
             }
         }
     };
