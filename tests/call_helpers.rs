@@ -22,6 +22,7 @@ per_backend!(
     a_helper_applies_to_the_call_it_wraps_only,
     a_refresh_that_finds_the_row_gone_invalidates,
     batches_bypass_and_refresh_but_have_no_one_key,
+    try_get_or_compute_stores_ok_only_and_shares_an_error_with_its_waiters,
 );
 
 struct Repo {
@@ -283,4 +284,51 @@ async fn stats_of_needs_no_cache_and_not_an_eviction() {
         let _ = id;
     }
     assert_eq!(stats_of(evict(1)), None, "an eviction has no counters");
+}
+
+async fn try_get_or_compute_stores_ok_only_and_shares_an_error_with_its_waiters(env: &Env) {
+    let cache = env.cache();
+    let ttl = std::time::Duration::from_secs(60);
+    let runs = Arc::new(AtomicU64::new(0));
+    let failing = |runs: Arc<AtomicU64>| {
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            Err::<String, String>("database down".into())
+        }
+    };
+    // Five callers at once: one computation, its error shared by all.
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let (cache, runs) = (cache.clone(), Arc::clone(&runs));
+            tokio::spawn(
+                async move { cache.try_get_or_compute("user:7", ttl, failing(runs)).await },
+            )
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for call in calls {
+        errors.push(call.await.expect("no panic").expect_err("the error"));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one computation");
+    assert!(
+        errors.iter().all(|e| Arc::ptr_eq(e, &errors[0])),
+        "one error, shared"
+    );
+    assert_eq!(*errors[0], "database down");
+    // Not stored: the next call computes, and stores its Ok value.
+    assert_eq!(cache.get::<String>("user:7").await, None);
+    let ok = cache
+        .try_get_or_compute("user:7", ttl, || async {
+            Ok::<_, String>("Ada".to_owned())
+        })
+        .await;
+    assert_eq!(ok.as_deref(), Ok("Ada"));
+    let hit = cache
+        .try_get_or_compute("user:7", ttl, || async {
+            Err::<String, String>("not called".into())
+        })
+        .await;
+    assert_eq!(hit.as_deref(), Ok("Ada"));
+    assert_eq!(cache.get::<String>("user:7").await.as_deref(), Some("Ada"));
 }

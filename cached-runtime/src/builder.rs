@@ -479,6 +479,7 @@ impl CacheBuilder {
             meters: Arc::new(crate::meters::Meters::new()),
             oversized_warned: std::sync::atomic::AtomicBool::new(false),
             flights: Flights::default(),
+            try_flights: Default::default(),
             refreshing: Claims::default(),
             recent: Default::default(),
         });

@@ -16,9 +16,10 @@ use crate::core::{Inner, Lookup};
 #[cfg(doc)]
 use crate::error::Error;
 use crate::error::Result;
+use crate::flight::TryEnd;
 use crate::key::check_user_key;
 use crate::policy::Policy;
-use crate::shape::Plain;
+use crate::shape::{Plain, ResultOf};
 use crate::spent::InSpan;
 use crate::stats::{Event, Stats};
 
@@ -360,6 +361,11 @@ impl Cache {
     /// `ttl` and returns it. Concurrent misses for one key in this process
     /// share one computation. A key with the reserved byte `~` is computed
     /// every time, uncached.
+    ///
+    /// It stores whatever `compute` returns, as is: an `Err` of a
+    /// `Result` too, which every caller then reads until `ttl` passes. For
+    /// a computation that can fail, use
+    /// [`Cache::try_get_or_compute`], which stores `Ok` values only.
     pub async fn get_or_compute<T, F, Fut>(&self, key: &str, ttl: Duration, compute: F) -> T
     where
         T: Serialize + DeserializeOwned + Send + 'static,
@@ -384,6 +390,104 @@ impl Cache {
             async move { compute().await },
         )
         .await
+    }
+
+    /// The value at `key`; on a miss, runs the fallible `compute`, stores an
+    /// `Ok` value for `ttl` and returns it. An `Err` is never stored: it
+    /// goes to this caller and to the callers of this process that waited
+    /// for the same computation (as moka's `try_get_with`), shared in an
+    /// `Arc`; the next call computes again. Concurrent misses for one key
+    /// in this process share one computation.
+    ///
+    /// ```
+    /// # extern crate cached_runtime as redis_cached;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    ///
+    /// let cache = redis_cached::Cache::in_memory();
+    /// let ttl = Duration::from_secs(60);
+    /// let failed = cache
+    ///     .try_get_or_compute("user:7", ttl, || async { Err::<String, _>("database down") })
+    ///     .await;
+    /// assert_eq!(failed.map_err(|e| *e), Err("database down"));
+    /// // Not stored: the next call computes again.
+    /// let name = cache
+    ///     .try_get_or_compute("user:7", ttl, || async { Ok::<_, &str>("Ada".to_owned()) })
+    ///     .await;
+    /// assert_eq!(name.as_deref(), Ok("Ada"));
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// `compute`'s error, this caller's or the one it waited for.
+    pub async fn try_get_or_compute<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        compute: F,
+    ) -> std::result::Result<T, Arc<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+    {
+        let run = |compute: F| async move { compute().await.map_err(Arc::new) };
+        if let Err(err) = check_user_key(key) {
+            tracing::warn!(target: "redis_cached", error = %err, "computed uncached");
+            return run(compute).await;
+        }
+        if let Some(value) = self.get::<T>(key).await {
+            return Ok(value);
+        }
+        let policy = Policy {
+            ttl: Some(ttl),
+            ..Policy::default()
+        };
+        let unset = || {};
+        loop {
+            match self.inner.try_flights.join(key) {
+                Ok(leader) => {
+                    let result =
+                        crate::call::cached::<ResultOf, std::result::Result<T, Arc<E>>, _>(
+                            Some(&self.inner),
+                            unset,
+                            key.to_owned(),
+                            &[],
+                            policy,
+                            run(compute),
+                        )
+                        .await;
+                    leader.end(match &result {
+                        Ok(_) => TryEnd::Stored,
+                        Err(err) => TryEnd::Failed(Arc::new(Arc::clone(err))),
+                    });
+                    return result;
+                }
+                Err(waiting) => match crate::flight::follow_try(waiting).await {
+                    Some(TryEnd::Failed(shared)) => {
+                        if let Some(err) = shared.downcast_ref::<Arc<E>>() {
+                            return Err(Arc::clone(err));
+                        }
+                    }
+                    // Stored: read it (computing it again if it could not
+                    // be kept). Gave up: one of the waiters leads next.
+                    Some(TryEnd::Stored) => {
+                        return crate::call::cached::<ResultOf, std::result::Result<T, Arc<E>>, _>(
+                            Some(&self.inner),
+                            unset,
+                            key.to_owned(),
+                            &[],
+                            policy,
+                            run(compute),
+                        )
+                        .await;
+                    }
+                    _ => {}
+                },
+            }
+        }
     }
 
     /// Connects now rather than at the first call: the Redis connection

@@ -87,6 +87,9 @@ pub(crate) struct Inner {
     /// Shared with the tasks a call starts (a lock's watchdog).
     pub(crate) counters: Arc<Counters>,
     pub(crate) flights: Flights,
+    /// `try_get_or_compute`'s computations in flight, whose errors their
+    /// waiting callers share.
+    pub(crate) try_flights: crate::flight::TryFlights,
     /// The keys this process is refreshing in the background.
     pub(crate) refreshing: crate::claims::Claims,
     /// The keys this process invalidated lately (for lock waiters).

@@ -13,6 +13,7 @@
 //! An invalidation detaches the key's flight: callers that start after it
 //! begin a new computation instead of joining one that read the key before.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -159,6 +160,88 @@ impl Drop for Leader<'_> {
         if std::thread::panicking() {
             let _ = self.sender.send(State::Failed);
         }
+    }
+}
+
+/// How a `Cache::try_get_or_compute` leader ended, for the callers that
+/// waited on it: it stored its value (they read it), or its error, which
+/// they share (as moka's `try_get_with` shares it).
+#[derive(Clone)]
+pub(crate) enum TryEnd {
+    Pending,
+    Stored,
+    Failed(Arc<dyn Any + Send + Sync>),
+}
+
+/// The fallible computations of this process in flight, by key: the layer
+/// `try_get_or_compute` puts over [`Flights`] so that an error reaches the
+/// callers that waited for it.
+#[derive(Default)]
+pub(crate) struct TryFlights {
+    in_flight: Mutex<HashMap<String, watch::Receiver<TryEnd>>>,
+}
+
+/// The right and duty to run one key's fallible computation; dropped
+/// unfinished (its caller gave up), the callers that waited try again.
+pub(crate) struct TryLeader<'a> {
+    flights: &'a TryFlights,
+    key: String,
+    sender: watch::Sender<TryEnd>,
+}
+
+impl TryFlights {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<TryEnd>>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Leads `key`'s fallible computation, or follows the one in flight.
+    pub(crate) fn join(&self, key: &str) -> Result<TryLeader<'_>, watch::Receiver<TryEnd>> {
+        let mut map = self.map();
+        if let Some(receiver) = map.get(key) {
+            return Err(receiver.clone());
+        }
+        let (sender, receiver) = watch::channel(TryEnd::Pending);
+        map.insert(key.to_owned(), receiver);
+        Ok(TryLeader {
+            flights: self,
+            key: key.to_owned(),
+            sender,
+        })
+    }
+}
+
+/// Waits for a fallible computation's end; `None` if its leader gave up.
+pub(crate) async fn follow_try(mut receiver: watch::Receiver<TryEnd>) -> Option<TryEnd> {
+    let end = receiver
+        .wait_for(|end| !matches!(end, TryEnd::Pending))
+        .await
+        .ok()?;
+    Some(end.clone())
+}
+
+impl TryLeader<'_> {
+    /// Tells the callers that waited how the computation ended.
+    pub(crate) fn end(self, end: TryEnd) {
+        self.leave();
+        let _ = self.sender.send(end);
+    }
+
+    fn leave(&self) {
+        let mut map = self.flights.map();
+        if map
+            .get(&self.key)
+            .is_some_and(|receiver| receiver.same_channel(&self.sender.subscribe()))
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl Drop for TryLeader<'_> {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
