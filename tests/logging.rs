@@ -505,3 +505,56 @@ async fn stored_values_and_tags_never_reach_the_logs() {
         assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
     }
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProfileV1 {
+    name: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProfileV2 {
+    name: String,
+    plan: u32,
+}
+
+#[redis_cached(key = "drift:<id>", cache = cache)]
+async fn profile_v1(cache: &Cache, id: u64) -> ProfileV1 {
+    ProfileV1 {
+        name: format!("user {id}"),
+    }
+}
+
+/// The same function after a deploy that added a field.
+#[redis_cached(key = "drift:<id>", cache = cache)]
+async fn profile_v2(cache: &Cache, id: u64) -> ProfileV2 {
+    ProfileV2 {
+        name: format!("user {id}"),
+        plan: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_return_type_is_reported_once_naming_version() {
+    let (captured, subscriber) = capture(tracing::Level::WARN, FmtSpan::NONE);
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let cache = Cache::in_memory();
+    for id in 0..5 {
+        profile_v1(&cache, id).await;
+    }
+    for id in 0..5 {
+        assert_eq!(profile_v2(&cache, id).await.plan, 1);
+    }
+    assert_eq!(cache.stats().decode_errors, 5, "every old entry recomputed");
+    let logs = captured.text();
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("does not decode"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "once per function: {logs}");
+    assert!(warnings[0].contains("version = N"), "{}", warnings[0]);
+    assert!(
+        warnings[0].contains("profile_v2"),
+        "names the function: {}",
+        warnings[0]
+    );
+}

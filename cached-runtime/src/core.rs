@@ -368,7 +368,21 @@ impl Inner {
             Ok(Entry::Tombstone) => Lookup::Miss(Seen::Bytes(bytes)),
             Err(err) => {
                 self.count(site, Event::decode_errors);
-                tracing::debug!(target: "redis_cached", error = %err, "stored value undecodable; treated as a miss");
+                match site {
+                    // Most often the value's type changed under entries
+                    // stored before a deploy: every read now goes to the
+                    // database, which must not go unnoticed.
+                    Some(site) if site.first_drift() => tracing::warn!(target: "redis_cached",
+                        function = site.name(),
+                        error = %err,
+                        "a stored value of this function does not decode as its return type (its type changed?): \
+                         such reads are recomputed (counted in decode_errors); give the function `version = N` \
+                         (or bump it) when its type changes, so that old entries are not read"
+                    ),
+                    _ => {
+                        tracing::debug!(target: "redis_cached", error = %err, "stored value undecodable; treated as a miss")
+                    }
+                }
                 Lookup::Miss(Seen::Bytes(bytes))
             }
         }

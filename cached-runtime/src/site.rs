@@ -1,6 +1,7 @@
 //! A cached function's own counters and metrics: a `static` the attribute
 //! writes in each function's body.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use crate::meters::Meters;
@@ -19,6 +20,8 @@ pub struct Site {
     /// KiB, which would otherwise sit in the binary once per function.
     counters: OnceLock<Box<Counters>>,
     meters: Meters,
+    /// Whether a stored value that no longer decodes was reported.
+    drift_warned: AtomicBool,
 }
 
 impl Site {
@@ -30,6 +33,7 @@ impl Site {
             namer,
             counters: OnceLock::new(),
             meters: Meters::new(),
+            drift_warned: AtomicBool::new(false),
         }
     }
 
@@ -50,6 +54,12 @@ impl Site {
 
     pub(crate) fn meters(&self) -> &Meters {
         &self.meters
+    }
+
+    /// Whether this is the first stored value of the function found not to
+    /// decode (reported once, at `warn`).
+    pub(crate) fn first_drift(&self) -> bool {
+        !self.drift_warned.swap(true, Ordering::Relaxed)
     }
 }
 
