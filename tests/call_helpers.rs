@@ -332,3 +332,29 @@ async fn try_get_or_compute_stores_ok_only_and_shares_an_error_with_its_waiters(
     assert_eq!(hit.as_deref(), Ok("Ada"));
     assert_eq!(cache.get::<String>("user:7").await.as_deref(), Some("Ada"));
 }
+
+#[redis_cached(key = "named:<id>", cache = cache)]
+async fn named_function(cache: &Cache, id: u64) -> u64 {
+    id
+}
+
+#[tokio::test]
+async fn a_functions_counters_are_found_by_its_name_without_a_call() {
+    let cache = Cache::in_memory();
+    assert_eq!(
+        redis_cached::stats_named("named_function"),
+        None,
+        "not called yet"
+    );
+    named_function(&cache, 1).await;
+    named_function(&cache, 1).await;
+    let stats = redis_cached::stats_named("named_function").expect("called");
+    assert_eq!((stats.hits, stats.misses), (1, 1));
+    let full = redis_cached::cached_functions()
+        .into_iter()
+        .find(|(name, _)| name.ends_with("::named_function"))
+        .expect("listed");
+    assert!(full.0.starts_with("call_helpers"), "{}", full.0);
+    assert_eq!(redis_cached::stats_named(full.0), Some(stats));
+    assert_eq!(redis_cached::stats_named("no_such_function"), None);
+}

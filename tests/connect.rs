@@ -120,4 +120,13 @@ fn url_errors_name_the_scheme_but_never_the_password() {
         .unwrap_err()
         .to_string();
     assert!(shown.contains("`redsi`"), "{shown}");
+    // A database number that is not one is named.
+    let shown = Cache::redis("redis://:s3cret@127.0.0.1:7401/5x")
+        .unwrap_err()
+        .to_string();
+    assert!(shown.contains("database number"), "{shown}");
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("5x"),
+        "{shown}"
+    );
 }

@@ -212,6 +212,14 @@ fn each_call_has_a_span_with_its_outcome() {
     assert_eq!(outcomes, ["miss", "hit", "fallback", "miss"], "{logs}");
     assert!(spans.iter().all(|l| l.contains("::traced")), "{logs}");
     assert!(spans[0].contains("compute_ms="), "{logs}");
+    // Milliseconds to the microsecond: `6.19`, not `6.190074999999999`.
+    let compute_ms = spans[0]
+        .split("compute_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default();
+    let decimals = compute_ms.split('.').nth(1).map_or(0, str::len);
+    assert!(decimals <= 3, "compute_ms={compute_ms}");
     // Time spent waiting for Redis, on Redis only.
     assert!(
         spans[0].contains("redis_ms=") && spans[1].contains("redis_ms="),
@@ -557,4 +565,25 @@ async fn a_changed_return_type_is_reported_once_naming_version() {
         "names the function: {}",
         warnings[0]
     );
+}
+
+#[redis_cached(key = "near-off:<id>", near = "30s", cache = cache)]
+async fn near_off(cache: &Cache, id: u64) -> u64 {
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_on_a_cache_without_a_near_tier_is_reported_once() {
+    let (captured, subscriber) = capture(tracing::Level::WARN, FmtSpan::NONE);
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = RedisServer::start();
+    let cache = Cache::builder(&server.url())
+        .near_capacity(0)
+        .build()
+        .expect("valid");
+    for id in 0..3 {
+        assert_eq!(near_off(&cache, id).await, id);
+    }
+    let logs = captured.text();
+    assert_eq!(logs.matches("keeps no near tier").count(), 1, "{logs}");
 }

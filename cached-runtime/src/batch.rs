@@ -261,7 +261,7 @@ async fn timed<R>(span: &Span, body: impl Future<Output = R>) -> R {
     }
     let started = Instant::now();
     let result = body.await;
-    span.record("compute_ms", started.elapsed().as_secs_f64() * 1e3);
+    span.record("compute_ms", crate::spent::millis(started.elapsed()));
     result
 }
 

@@ -478,6 +478,7 @@ impl CacheBuilder {
             counters: Arc::new(Counters::default()),
             meters: Arc::new(crate::meters::Meters::new()),
             oversized_warned: std::sync::atomic::AtomicBool::new(false),
+            near_off_warned: std::sync::atomic::AtomicBool::new(false),
             flights: Flights::default(),
             try_flights: Default::default(),
             refreshing: Claims::default(),

@@ -395,7 +395,7 @@ where
                     let result = ready!(poll_miss::<S, R>(miss, cx, body, kept));
                     span.record("outcome", miss.outcome().as_str());
                     if let Some(took) = miss.computed() {
-                        span.record("compute_ms", took.as_secs_f64() * 1e3);
+                        span.record("compute_ms", crate::spent::millis(took));
                     }
                     return Poll::Ready(result);
                 }

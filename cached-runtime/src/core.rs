@@ -96,6 +96,9 @@ pub(crate) struct Inner {
     pub(crate) recent: crate::recent::Recent,
     /// Whether a value over `max_value_bytes` was reported at `warn`.
     pub(crate) oversized_warned: AtomicBool,
+    /// Whether a `near` function on a cache without a near tier was
+    /// reported at `warn`.
+    pub(crate) near_off_warned: AtomicBool,
     /// The cache's exported metrics (feature `metrics`).
     pub(crate) meters: Arc<Meters>,
 }
@@ -485,6 +488,12 @@ impl Inner {
         site: Option<&Site>,
     ) -> std::result::Result<Bytes, Seen> {
         let Some(tracker) = self.backend.tracker() else {
+            if self.backend.is_redis() && !self.near_off_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(target: "redis_cached",
+                    "a function with `near` runs on a cache that keeps no near tier (a Redis Cluster, \
+                     or near_capacity(0)): its values are read from Redis on every call"
+                );
+            }
             return self.read(key).await;
         };
         tracker.ensure_running();

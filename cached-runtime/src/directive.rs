@@ -181,7 +181,11 @@ pub fn stats_of<F: Future>(call: F) -> Option<Stats> {
 
 /// Invalidates the entry that this call of a `#[redis_cached]` function
 /// reads, as [`Cache::invalidate`](crate::Cache::invalidate) does, without
-/// running it; returns `false` when the call has no cache or is a batch.
+/// running it. Returns `true` when the invalidation was written: the entry
+/// is gone now, whether or not there was one (an invalidation writes
+/// without reading, so that no fill that read the key before can store
+/// over it); `false` when the call has no cache or is a batch, which has
+/// no one entry.
 ///
 /// ```ignore
 /// # #[tokio::main(flavor = "current_thread")]

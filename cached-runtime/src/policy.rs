@@ -39,3 +39,13 @@ impl LockPolicy {
     /// `lock_wait` when the attribute gives none.
     pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
 }
+
+impl Policy {
+    /// Lists the calling function among those called so far (see
+    /// [`cached_functions`](crate::cached_functions)).
+    pub(crate) fn register(&self) {
+        if let Some(site) = self.site {
+            site.register();
+        }
+    }
+}

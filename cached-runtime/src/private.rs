@@ -138,6 +138,7 @@ where
     R: 'a,
     Fut: Future<Output = R> + 'a,
 {
+    policy.register();
     let inner = cache.map(|cache| &cache.inner);
     crate::call::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
@@ -159,6 +160,7 @@ where
     F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + Send + 'static,
 {
+    policy.register();
     let inner = cache.map(|cache| &cache.inner);
     crate::call::cached_refreshing::<S, R, F, Fut>(
         inner,
@@ -295,6 +297,7 @@ where
     F: FnOnce(Vec<K>) -> Fut,
     Fut: Future<Output = R>,
 {
+    policy.register();
     let inner = cache.map(|cache| &cache.inner);
     crate::batch::cached_batch::<S, R, K, V, F, Fut>(
         inner,
@@ -324,6 +327,7 @@ where
     S: Shape<R>,
     Fut: Future<Output = R>,
 {
+    policy.register();
     let directive = directive::take();
     if directive == Some(Directive::Capture) {
         let entry = cache.map(|cache| (cache.inner.full_key(key), &cache.inner));
@@ -442,6 +446,7 @@ pub async fn evict<R, Fut>(
 where
     Fut: Future<Output = R>,
 {
+    site.register();
     let directive = directive::take();
     if directive == Some(Directive::Capture) {
         // An eviction reads nothing: its key is the entry it deletes.

@@ -2,7 +2,7 @@
 //! writes in each function's body.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use crate::meters::Meters;
 use crate::stats::Counters;
@@ -22,7 +22,12 @@ pub struct Site {
     meters: Meters,
     /// Whether a stored value that no longer decodes was reported.
     drift_warned: AtomicBool,
+    /// Whether it is in [`SITES`].
+    registered: AtomicBool,
 }
+
+/// Every cached function called so far in this process.
+static SITES: Mutex<Vec<&'static Site>> = Mutex::new(Vec::new());
 
 impl Site {
     /// The site of the function whose `static` holds it; `namer` returns
@@ -34,6 +39,19 @@ impl Site {
             counters: OnceLock::new(),
             meters: Meters::new(),
             drift_warned: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    /// Lists the function among those called so far (once; an atomic
+    /// load on every later call).
+    pub(crate) fn register(&'static self) {
+        if !self.registered.load(Ordering::Relaxed) && !self.registered.swap(true, Ordering::AcqRel)
+        {
+            SITES
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(self);
         }
     }
 
@@ -61,6 +79,41 @@ impl Site {
     pub(crate) fn first_drift(&self) -> bool {
         !self.drift_warned.swap(true, Ordering::Relaxed)
     }
+}
+
+/// Every cached function called so far in this process, by name (module
+/// path, type for a method, function), with its counters: what
+/// [`stats_of`](crate::stats_of) reports for each, without a call.
+///
+/// ```
+/// # extern crate cached_runtime as redis_cached;
+/// for (function, stats) in redis_cached::cached_functions() {
+///     println!("{function}: {} hits, {} misses", stats.hits, stats.misses);
+/// }
+/// ```
+pub fn cached_functions() -> Vec<(&'static str, crate::Stats)> {
+    let sites = SITES.lock().unwrap_or_else(PoisonError::into_inner);
+    sites
+        .iter()
+        .map(|site| (site.name(), site.counters().snapshot()))
+        .collect()
+}
+
+/// The counters of the cached function named `name` (its full path, or
+/// its end: `"Repo::user"` for `my_app::repo::Repo::user`), once it has
+/// been called in this process; `None` when no function, or more than
+/// one, has that name.
+pub fn stats_named(name: &str) -> Option<crate::Stats> {
+    let sites = SITES.lock().unwrap_or_else(PoisonError::into_inner);
+    let suffix = format!("::{name}");
+    let mut named = sites
+        .iter()
+        .filter(|site| site.name() == name || site.name().ends_with(&suffix));
+    let site = named.next()?;
+    if named.next().is_some() {
+        return None;
+    }
+    Some(site.counters().snapshot())
 }
 
 #[cfg(test)]

@@ -109,6 +109,12 @@ impl<F: Future> Future for InSpan<F> {
     }
 }
 
+/// `took` in milliseconds to the microsecond, for a span field: `6.19`,
+/// not `6.190074999999999`.
+pub(crate) fn millis(took: std::time::Duration) -> f64 {
+    took.as_micros() as f64 / 1e3
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -635,8 +635,19 @@ impl ConnectionLike for Link {
 }
 
 pub(crate) fn invalid_url(err: &redis::RedisError) -> Error {
-    // The error text of a URL parse never needs the URL itself.
-    Error::InvalidUrl(format!("{:?}", err.kind()))
+    // redis-rs describes a URL problem in fixed words ("Invalid database
+    // number", "Missing hostname"), kept; its detail, which may quote the
+    // URL (and a password), is not.
+    let text = err.to_string();
+    let described = text
+        .split(" - ")
+        .next()
+        .filter(|desc| !desc.is_empty() && desc.len() < text.len())
+        .filter(|desc| !desc.contains("://") && !desc.contains('@') && !desc.contains(':'));
+    match described {
+        Some(desc) => Error::InvalidUrl(format!("{desc} ({:?})", err.kind())),
+        None => Error::InvalidUrl(format!("{:?}", err.kind())),
+    }
 }
 
 /// What is wrong with `urls`, when redis-rs refuses one: a scheme it does
