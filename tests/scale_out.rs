@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_cached::{redis_cached, Cache};
-use support::cluster::{cli, RedisCluster, SentinelSetup, MASTER_NAME};
+use support::cluster::{cli, key_slot, RedisCluster, SentinelSetup, MASTER_NAME};
 
 /// A repository whose row `id` is `id * 10`, counting its queries.
 struct Repo {
@@ -30,6 +30,12 @@ impl Repo {
     async fn row(&self, id: u32) -> u32 {
         self.queries.fetch_add(1, Ordering::SeqCst);
         id * 10
+    }
+
+    #[redis_cached(key = "member:<id>", ttl = "10m", tags = ["team"], cache = self.cache)]
+    async fn member(&self, id: u32) -> u32 {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        id * 100
     }
 
     fn queries(&self) -> u32 {
@@ -115,11 +121,15 @@ async fn wait_subscribed(cluster: &RedisCluster, key: &str) {
 }
 
 fn cluster_cache(cluster: &RedisCluster) -> Cache {
+    cluster_cache_within(cluster, Duration::from_millis(300))
+}
+
+fn cluster_cache_within(cluster: &RedisCluster, op_timeout: Duration) -> Cache {
     let urls = cluster.urls();
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
     Cache::cluster_builder(&urls)
         .namespace("app")
-        .op_timeout(Duration::from_millis(300))
+        .op_timeout(op_timeout)
         .build()
         .expect("valid settings")
 }
@@ -354,5 +364,211 @@ async fn sentinels_that_answer_late_hold_no_caller_up() {
     println!(
         "sentinels frozen: slowest call {worst:?} (op_timeout 200 ms); {:?}",
         repo.cache.stats()
+    );
+}
+
+/// A locked function whose body waits until it is let through.
+struct Gated {
+    cache: Cache,
+    entered: tokio::sync::Notify,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Gated {
+    fn new(cache: Cache, open: bool) -> Gated {
+        Gated {
+            cache,
+            entered: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(if open { 1 << 20 } else { 0 }),
+        }
+    }
+
+    #[redis_cached(key = "gated:<id>", ttl = "10m", lock = true, cache = self.cache)]
+    async fn gated(&self, id: u32) -> u32 {
+        self.entered.notify_one();
+        let _pass = self.gate.acquire().await.expect("never closed");
+        id * 10
+    }
+}
+
+/// Ends `migration` after `after`, from a thread of its own.
+fn end_after(
+    migration: support::cluster::Migration,
+    after: Duration,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        migration.end();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_in_migration_keeps_locks_and_tags_working() {
+    let cluster = RedisCluster::start();
+    let repo = Repo::new(cluster_cache(&cluster));
+    repo.cache.connect().await.expect("connect");
+
+    // A locked miss while its slot migrates (for longer than op_timeout):
+    // it takes its lock once the migration ends, with nothing counted as a
+    // Redis failure.
+    let migration = cluster.start_migration(key_slot("app:row:1"));
+    let ended = end_after(migration, Duration::from_secs(1));
+    assert_eq!(repo.row(1).await, 10);
+    ended.join().expect("ended");
+    let stats = repo.cache.stats();
+    assert_eq!(
+        (
+            stats.lock_acquired,
+            stats.errors,
+            stats.timeouts,
+            stats.breaker_opens
+        ),
+        (1, 0, 0, 0),
+        "{stats:?}"
+    );
+    repo.until_cached(1, Duration::from_secs(5)).await;
+
+    // A tag invalidated while its set's slot migrates.
+    assert_eq!(repo.member(1).await, 100);
+    let migration = cluster.start_migration(key_slot("app:~tag:team"));
+    let ended = end_after(migration, Duration::from_secs(1));
+    assert_eq!(repo.cache.invalidate_tag("team").await, Ok(1));
+    ended.join().expect("ended");
+    let before = repo.queries();
+    assert_eq!(repo.member(1).await, 100);
+    assert_eq!(repo.queries(), before + 1, "invalidated");
+    let stats = repo.cache.stats();
+    assert_eq!(
+        (stats.errors, stats.timeouts, stats.breaker_opens),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+
+    // A holder that releases its lock while the slot migrates: the release
+    // lands once the migration ends, rather than the lock staying for its
+    // TTL (10 s), or another process waiting `lock_wait` (5 s).
+    let holder = Arc::new(Gated::new(cluster_cache(&cluster), false));
+    let other = Gated::new(cluster_cache(&cluster), true);
+    let entered = holder.entered.notified();
+    let held = tokio::spawn({
+        let holder = holder.clone();
+        async move { holder.gated(1).await }
+    });
+    entered.await;
+    let migration = cluster.start_migration(key_slot("app:gated:1"));
+    holder.gate.add_permits(1);
+    assert_eq!(held.await.expect("no panic"), 10);
+    let ended = end_after(migration, Duration::from_secs(1));
+    let waited = Instant::now();
+    assert_eq!(other.gated(1).await, 10);
+    let waited = waited.elapsed();
+    ended.join().expect("ended");
+    let lock = "app:~lock{app:gated:1}";
+    let owner = cluster.master_of("app:gated:1").port();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while cli(owner, &["EXISTS", lock]).trim() != "0" {
+        assert!(Instant::now() < deadline, "the lock outlived the migration");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = other.cache.stats();
+    println!("a release during a migration: the other process waited {waited:?}; {stats:?}");
+    assert_eq!(stats.lock_wait_timeouts, 0, "{stats:?}");
+    assert!(waited < Duration::from_secs(4), "waited {waited:?}");
+    for cache in [&holder.cache, &other.cache] {
+        let stats = cache.stats();
+        assert_eq!((stats.errors, stats.breaker_opens), (0, 0), "{stats:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_of_a_thousand_slots_under_load_reaches_no_caller() {
+    let cluster = RedisCluster::start();
+    // A generous op_timeout: what is measured is how migrations are met,
+    // not how fast a loaded machine answers.
+    let cache = cluster_cache_within(&cluster, Duration::from_secs(1));
+    let repo = Arc::new(Repo::new(cache));
+    repo.cache.connect().await.expect("connect");
+    // `--cluster reshard` moves the source's first slots.
+    let id = |port: u16| cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+    let from = cluster.master_of("app:row:0").port();
+    let to = cluster
+        .nodes
+        .iter()
+        .map(|node| node.port())
+        .find(|&port| port != from && cli(port, &["ROLE"]).starts_with("master"))
+        .expect("another master");
+    let first = cluster.first_slot_of(from);
+    let moving = first..first + 1000;
+    let ids: Vec<u32> = (0..)
+        .filter(|id| moving.contains(&key_slot(&format!("app:row:{id}"))))
+        .take(200)
+        .collect();
+    // Eight tasks: locked misses (each key invalidated now and then) and
+    // hits on keys of the moving slots, tagged values and invalidations of
+    // their tag.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..8)
+        .map(|task| {
+            let (repo, stop, ids) = (repo.clone(), stop.clone(), ids.clone());
+            tokio::spawn(async move {
+                let mut calls = 0u64;
+                for (n, id) in ids.iter().cycle().skip(task * 25).enumerate() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if n % 4 == task % 4 {
+                        let _ = repo.cache.invalidate(&format!("row:{id}")).await;
+                    }
+                    assert_eq!(repo.row(*id).await, id * 10);
+                    assert_eq!(repo.member(*id).await, id * 100);
+                    if task == 0 && n % 50 == 0 {
+                        if let Err(err) = repo.cache.invalidate_tag("team").await {
+                            panic!("invalidate_tag: {err}; {:?}", repo.cache.stats());
+                        }
+                    }
+                    calls += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                calls
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let reshard = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", "1000", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs")
+    })
+    .await
+    .expect("no panic");
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut calls = 0;
+    for task in tasks {
+        calls += task.await.expect("every value was right");
+    }
+    assert!(
+        reshard.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reshard.stdout)
+    );
+    assert_eq!(cluster.master_of_slot(first), to, "the slots moved");
+    let stats = repo.cache.stats();
+    println!("reshard of 1,000 slots in {took:?} under 8 tasks: {calls} calls; {stats:?}");
+    assert!(calls > 100, "the load ran through the reshard");
+    assert_eq!(
+        (
+            stats.errors,
+            stats.timeouts,
+            stats.breaker_opens,
+            stats.lock_wait_timeouts
+        ),
+        (0, 0, 0, 0),
+        "{stats:?}"
     );
 }

@@ -431,7 +431,7 @@ impl CacheBuilder {
         };
         let backend = AnyBackend::Redis(RedisBackend::new(
             target,
-            self.connect_timeout,
+            (self.connect_timeout, self.op_timeout),
             channel,
             self.max_value_bytes,
             (self.merge_lookups && !self.bounded_reads).then_some(self.op_timeout),

@@ -33,6 +33,10 @@ pub(crate) const TAG_BATCH: usize = 500;
 /// A bound on the rounds of one `invalidate_tag` (50 million keys), against
 /// other invalidations of the same tag keeping its drain busy for ever.
 const MAX_TAG_ROUNDS: usize = 100_000;
+/// How long an invalidation waits, in all, for the cluster slot of its
+/// tag's set to finish moving between nodes (moving the set aside touches
+/// two keys of that slot, which a migrating slot refuses).
+const MIGRATION_WAIT: Duration = Duration::from_secs(5);
 
 /// The settings of a cache, fixed when it is built.
 #[derive(Debug, Clone)]
@@ -121,6 +125,26 @@ impl Inner {
     /// it runs bare.
     pub(crate) async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
         self.guarded_within(self.settings.op_timeout, op).await
+    }
+
+    /// [`Inner::guarded`] for each of `op`'s attempts, one more after a
+    /// pause while the operation is refused because its cluster slot is
+    /// moving between nodes, until `deadline` (see `MIGRATION_WAIT`).
+    async fn guarded_through_migration<T, F, Fut>(&self, deadline: Instant, op: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.guarded(op()).await {
+                Err(err) if err.is_migrating() && Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                done => return done,
+            }
+        }
     }
 
     /// [`Inner::guarded`] with another bound than `op_timeout`.
@@ -645,12 +669,11 @@ impl Inner {
         let mut invalidated = 0;
         let mut moved = false;
         let mut rounds = 0usize;
+        let migrated_by = Instant::now() + MIGRATION_WAIT;
         let result = loop {
             if !moved {
-                match self
-                    .guarded(self.backend.drain_tag(&tag_key, &drain_key))
-                    .await
-                {
+                let drain = || self.backend.drain_tag(&tag_key, &drain_key);
+                match self.guarded_through_migration(migrated_by, drain).await {
                     Ok(now) => moved = now,
                     Err(err) => break Err(err),
                 }

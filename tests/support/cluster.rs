@@ -207,6 +207,115 @@ impl RedisCluster {
             .find(|node| owns(node.port(), slot))
             .expect("a master owns every slot")
     }
+
+    /// The first slot the master on `port` serves, by its own `CLUSTER
+    /// NODES` line.
+    pub fn first_slot_of(&self, port: u16) -> u16 {
+        cli(port, &["CLUSTER", "NODES"])
+            .lines()
+            .find(|line| line.contains("myself"))
+            .and_then(|line| line.split_whitespace().nth(8))
+            .and_then(|range| range.split('-').next()?.parse().ok())
+            .expect("the master serves slots")
+    }
+
+    /// The port of the master serving `slot`.
+    pub fn master_of_slot(&self, slot: u16) -> u16 {
+        self.nodes
+            .iter()
+            .map(RedisServer::port)
+            .find(|&port| owns(port, slot))
+            .expect("a master owns every slot")
+    }
+}
+
+/// A slot set MIGRATING at its owner and IMPORTING at another master with
+/// no key moved: until [`Migration::end`], a command on two keys of the
+/// slot of which one is missing gets `ASK` at the owner, then `TRYAGAIN`
+/// at the other master (single-key commands are served).
+pub struct Migration {
+    slot: String,
+    owner_id: String,
+    ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// Starts a [`Migration`] of `slot` to another master.
+    pub fn start_migration(&self, slot: u16) -> Migration {
+        let slot = slot.to_string();
+        let owner = self
+            .nodes
+            .iter()
+            .map(RedisServer::port)
+            .find(|&port| owns(port, slot.parse().expect("a number")))
+            .expect("a master owns every slot");
+        let target = self
+            .nodes
+            .iter()
+            .map(RedisServer::port)
+            .find(|&port| port != owner && cli(port, &["ROLE"]).starts_with("master"))
+            .expect("another master");
+        let id = |port: u16| cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+        let (owner_id, target_id) = (id(owner), id(target));
+        let imported = cli(
+            target,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &owner_id],
+        );
+        let migrated = cli(
+            owner,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+        );
+        assert!(
+            imported.contains("OK") && migrated.contains("OK"),
+            "SETSLOT: {imported} {migrated}"
+        );
+        Migration {
+            slot,
+            owner_id,
+            ports: self.nodes.iter().map(RedisServer::port).collect(),
+        }
+    }
+}
+
+impl Migration {
+    /// Ends the migration with the slot where it was. (`NODE` alone would
+    /// leave the owner MIGRATING while the slot holds keys.)
+    pub fn end(&self) {
+        for &port in &self.ports {
+            cli(port, &["CLUSTER", "SETSLOT", &self.slot, "STABLE"]);
+            cli(
+                port,
+                &["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.owner_id],
+            );
+        }
+    }
+}
+
+/// `key`'s cluster slot, computed here as Redis does (CRC16/XMODEM of the
+/// hash tag, or of the whole key without one, mod 16384).
+pub fn key_slot(key: &str) -> u16 {
+    let key = key.as_bytes();
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let crc = hashed.iter().fold(0u16, |mut crc, &byte| {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+        crc
+    });
+    crc % 16384
 }
 
 /// Whether the node on `port` serves `slot` as master, by its own

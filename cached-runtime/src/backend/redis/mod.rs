@@ -26,7 +26,7 @@ mod track;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::{join_all, try_join_all};
@@ -43,7 +43,7 @@ use self::scripts::{px, Scripts, SOURCES};
 use self::track::TrackFeed;
 pub(crate) use self::track::Tracker;
 use super::{Acquire, Backend, Bytes, Seen, StoreIf};
-use crate::error::{Error, Result};
+use crate::error::{is_migrating_code, Error, Result};
 use crate::meters::Counting;
 use crate::stats::Event;
 
@@ -56,6 +56,9 @@ pub(crate) struct RedisBackend {
     scripts: Scripts,
     journal: JournalScripts,
     config: ConnectionManagerConfig,
+    /// How long a command refused while its slot moves between cluster
+    /// nodes is tried again (see [`Pacing`]).
+    migration_window: Duration,
     /// The largest entry the cache reads or writes.
     limit: usize,
     /// Read on every operation: an `ArcSwap` load shares no cache line
@@ -112,6 +115,50 @@ impl Drop for Done {
     }
 }
 
+/// Paces the retries of a command refused while its slot moves between
+/// cluster nodes: `TRYAGAIN` (a command on two keys of a migrating slot,
+/// one of them missing: a lock, a drain set), or a redirection that
+/// outlasted redis-rs's own retries. A move of a slot with few keys takes
+/// milliseconds: the command is sent again after a short pause, doubled
+/// each time, as long as the next attempt starts within the window (from
+/// the first attempt), which leaves it time to end within `op_timeout`
+/// (see [`MIGRATION_ATTEMPT`]).
+struct Pacing {
+    window: Duration,
+    started: Instant,
+    pause: Duration,
+}
+
+impl Pacing {
+    const FIRST_PAUSE: Duration = Duration::from_millis(2);
+    const MAX_PAUSE: Duration = Duration::from_millis(40);
+
+    fn new(window: Duration) -> Self {
+        Pacing {
+            window,
+            started: Instant::now(),
+            pause: Self::FIRST_PAUSE,
+        }
+    }
+
+    /// After `err`: whether to send the command again, having paused.
+    async fn again(&mut self, err: &redis::RedisError) -> bool {
+        if !err.code().is_some_and(is_migrating_code)
+            || self.started.elapsed() + self.pause >= self.window
+        {
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        true
+    }
+}
+
+/// How long one attempt of a command may take while its slot migrates:
+/// redis-rs's own retries of a `TRYAGAIN` pause up to 140 ms, plus their
+/// round trips.
+const MIGRATION_ATTEMPT: Duration = Duration::from_millis(150);
+
 /// What a merged read came to.
 enum Merged<'m> {
     /// The `MGET` that carried it answered.
@@ -135,14 +182,15 @@ pub(crate) enum Release<'a> {
 
 impl RedisBackend {
     /// Prepares the connection settings for `target`; connects nothing.
-    /// `channel` names where lock notifications go; `limit` is the largest
-    /// entry; with `merge`, concurrent reads are merged, each merged read
-    /// bounded by it (not on a cluster). A near tier of at most `near`
-    /// entries (none for 0) and about `near_bytes` bytes is kept on a
-    /// server or a Sentinel master.
+    /// Connections take at most `connect_timeout`, operations
+    /// `op_timeout`. `channel` names where lock notifications go; `limit`
+    /// is the largest entry; with `merge`, concurrent reads are merged,
+    /// each merged read bounded by it (not on a cluster). A near tier of at
+    /// most `near` entries (none for 0) and about `near_bytes` bytes is
+    /// kept on a server or a Sentinel master.
     pub(crate) fn new(
         target: Target,
-        connect_timeout: Duration,
+        (connect_timeout, op_timeout): (Duration, Duration),
         channel: String,
         limit: usize,
         merge: Option<Duration>,
@@ -187,6 +235,7 @@ impl RedisBackend {
             scripts: Scripts::default(),
             journal: JournalScripts::default(),
             config,
+            migration_window: op_timeout.saturating_sub(MIGRATION_ATTEMPT),
             limit,
             link,
             lookup: Arc::new(Lookup::default()),
@@ -361,22 +410,32 @@ impl RedisBackend {
         self.notifier.register(key)
     }
 
+    /// Runs a script; again after a pause while its slot moves between
+    /// cluster nodes (see [`Pacing`]).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let mut conn = self.connection().await?;
-        invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(&e))
+        let mut pacing = Pacing::new(self.migration_window);
+        loop {
+            match invocation.invoke_async(&mut conn).await {
+                Err(err) if pacing.again(&err).await => {}
+                done => return done.map_err(|e| self.failed(&e)),
+            }
+        }
     }
 
+    /// Runs a command, as [`RedisBackend::invoke`] runs a script.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         let mut conn = self.connection().await?;
-        cmd.query_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(&e))
+        let mut pacing = Pacing::new(self.migration_window);
+        loop {
+            match cmd.query_async(&mut conn).await {
+                Err(err) if pacing.again(&err).await => {}
+                done => return done.map_err(|e| self.failed(&e)),
+            }
+        }
     }
 
     /// A read of `key` through the merger: beside others, part of the next
@@ -517,19 +576,22 @@ impl RedisBackend {
         invocation
     }
 
-    /// Releases `lock` in a task of its own, bounded by `timeout`, storing
-    /// nothing: for a holder that was cancelled (its future dropped), that
-    /// does not know whether its acquire ran, or whose computation `failed`.
-    /// Waiters are told to try again, or (`failed`) to compute by
-    /// themselves. Without a runtime (it is shutting down), the lock expires
-    /// by its TTL.
+    /// Releases `lock` in a task of its own, storing nothing: for a holder
+    /// that was cancelled (its future dropped), that does not know whether
+    /// its acquire ran, whose computation `failed`, or whose release was
+    /// refused while the slot moved between cluster nodes. Waiters are
+    /// told to try again, or (`failed`) to compute by themselves. Each
+    /// attempt is bounded by `timeout`; one refused while the slot moves is
+    /// made again after a pause for as long as the lock may live (`ttl`),
+    /// so that no lock outlives a migration. Without a runtime (it is
+    /// shutting down), the lock expires by its TTL.
     pub(crate) fn release_detached(
         &self,
         key: &str,
         lock: &str,
         token: &str,
         failed: bool,
-        timeout: Duration,
+        (timeout, ttl): (Duration, Duration),
         counting: Counting,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -558,22 +620,32 @@ impl RedisBackend {
                 .arg(if failed { "1" } else { "0" })
                 .arg(NOTIFY_INLINE_MAX)
                 .arg(publish);
-            let release = invocation.invoke_async::<i64>(&mut conn);
-            match tokio::time::timeout(timeout, release).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
-                    counting.count(Event::errors);
-                    tracing::debug!(target: "redis_cached",
-                        error = %Error::from_redis(&err),
-                        "releasing a dropped holder's lock failed; it expires by its TTL"
-                    );
+            let mut pacing = Pacing::new(ttl.max(timeout));
+            loop {
+                let release = invocation.invoke_async::<i64>(&mut conn);
+                match tokio::time::timeout(timeout, release).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) if pacing.again(&err).await => continue,
+                    Ok(Err(err)) => {
+                        let err = Error::from_redis(&err);
+                        counting.count(if err.is_migrating() {
+                            Event::rejected
+                        } else {
+                            Event::errors
+                        });
+                        tracing::debug!(target: "redis_cached",
+                            error = %err,
+                            "releasing a lock in the background failed; it expires by its TTL"
+                        );
+                    }
+                    Err(_) => {
+                        counting.count(Event::timeouts);
+                        tracing::debug!(target: "redis_cached",
+                            "releasing a lock in the background timed out; it expires by its TTL"
+                        );
+                    }
                 }
-                Err(_) => {
-                    counting.count(Event::timeouts);
-                    tracing::debug!(target: "redis_cached",
-                        "releasing a dropped holder's lock timed out; it expires by its TTL"
-                    );
-                }
+                return;
             }
         });
     }
