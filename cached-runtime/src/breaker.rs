@@ -1,13 +1,22 @@
-//! The circuit breaker in front of Redis.
+//! The circuit breakers in front of Redis.
 //!
-//! After `failure_threshold` consecutive failures the breaker opens and every
-//! Redis operation is skipped (a miss, then the computation) for `cooldown`.
-//! Then one operation goes through as a probe: its success closes the
-//! breaker, its failure opens it for another cool-down. A probe that never
-//! reports (its caller was cancelled) is replaced after one more cool-down.
+//! After `failure_threshold` consecutive failures a breaker opens and every
+//! Redis operation it guards is skipped (a miss, then the computation) for
+//! `cooldown`. Then one operation goes through as a probe: its success
+//! closes the breaker, its failure opens it for another cool-down. A probe
+//! that never reports (its caller was cancelled) is replaced after one more
+//! cool-down.
+//!
+//! A cache has one breaker ([`Health::whole`]) for one server or a Sentinel
+//! master; on a cluster, one per master as well ([`Health::of`]), so that
+//! the keys of a sick master skip Redis while the other masters keep
+//! serving theirs (and a run of its failures opens no other's breaker).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 /// Settings of the circuit breaker, see [`CacheBuilder::breaker`](crate::CacheBuilder::breaker).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +177,74 @@ impl Breaker {
     }
 }
 
+/// A cache's breakers: the whole one, and on a cluster one per master.
+#[derive(Debug)]
+pub(crate) struct Health {
+    config: BreakerConfig,
+    /// For one server or a Sentinel master; on a cluster, for the
+    /// operations that name no key or whose master is not known yet.
+    pub(crate) whole: Breaker,
+    /// One per cluster master, by its number (see the backend's
+    /// topology); made as masters are first met, never dropped.
+    nodes: ArcSwap<Vec<Arc<Breaker>>>,
+    /// Held to add breakers, so that two callers do not both add one.
+    grow: Mutex<()>,
+}
+
+/// One of a cache's breakers.
+pub(crate) enum Guard<'a> {
+    Whole(&'a Breaker),
+    /// A cluster master's, by its number.
+    Node(usize, Arc<Breaker>),
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Breaker;
+
+    fn deref(&self) -> &Breaker {
+        match self {
+            Guard::Whole(breaker) => breaker,
+            Guard::Node(_, breaker) => breaker,
+        }
+    }
+}
+
+impl Health {
+    pub(crate) fn new(config: BreakerConfig) -> Self {
+        Health {
+            config,
+            whole: Breaker::new(config),
+            nodes: ArcSwap::from_pointee(Vec::new()),
+            grow: Mutex::new(()),
+        }
+    }
+
+    /// The breaker of cluster master number `node`, or the whole one.
+    pub(crate) fn of(&self, node: Option<usize>) -> Guard<'_> {
+        let Some(node) = node else {
+            return Guard::Whole(&self.whole);
+        };
+        if let Some(breaker) = self.nodes.load().get(node) {
+            return Guard::Node(node, Arc::clone(breaker));
+        }
+        let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        let nodes = self.nodes.load_full();
+        if let Some(breaker) = nodes.get(node) {
+            return Guard::Node(node, Arc::clone(breaker));
+        }
+        let mut grown = Vec::clone(&nodes);
+        grown.resize_with(node + 1, || Arc::new(Breaker::new(self.config)));
+        let breaker = Arc::clone(&grown[node]);
+        self.nodes.store(Arc::new(grown));
+        Guard::Node(node, breaker)
+    }
+
+    /// How many breakers are open or probing.
+    pub(crate) fn open_count(&self) -> usize {
+        usize::from(self.whole.is_open()) + self.nodes.load().iter().filter(|b| b.is_open()).count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +308,26 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         assert!(b.allow());
         assert_eq!(b.success().map(|o| o.failed_probes), Some(1));
+    }
+
+    #[test]
+    fn a_masters_failures_open_its_breaker_alone() {
+        let health = Health::new(BreakerConfig {
+            failure_threshold: 3,
+            cooldown: Duration::from_secs(10),
+        });
+        // Master 1 fails while master 0 keeps answering.
+        for _ in 0..3 {
+            assert!(health.of(Some(0)).success().is_none());
+            health.of(Some(1)).failure();
+        }
+        assert!(health.of(Some(1)).is_open());
+        assert!(!health.of(Some(1)).allow(), "its keys skip Redis");
+        assert!(health.of(Some(0)).allow(), "the other master's are served");
+        assert!(health.whole.allow());
+        assert_eq!(health.open_count(), 1);
+        // The same breaker, however many masters were met since.
+        assert!(health.of(Some(7)).allow());
+        assert!(health.of(Some(1)).is_open());
     }
 }

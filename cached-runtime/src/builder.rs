@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::backend::{
     AnyBackend, ClusterTarget, MemoryBackend, MemoryConfig, RedisBackend, SentinelTarget, Target,
 };
-use crate::breaker::{Breaker, BreakerConfig};
+use crate::breaker::{BreakerConfig, Health};
 use crate::cache::Cache;
 use crate::claims::Claims;
 use crate::codec::Codec;
@@ -461,7 +461,7 @@ impl CacheBuilder {
                 log_keys: self.log_keys,
                 codec: self.codec,
             },
-            breaker: Breaker::new(self.breaker),
+            health: Health::new(self.breaker),
             counters: Arc::new(Counters::default()),
             meters: Arc::new(crate::meters::Meters::new()),
             oversized_warned: std::sync::atomic::AtomicBool::new(false),

@@ -417,9 +417,10 @@ impl Cache {
         self.inner.settings.default_ttl
     }
 
-    /// Whether the circuit breaker currently skips Redis.
+    /// Whether a circuit breaker currently skips Redis (on a cluster, for
+    /// the keys of one master or more).
     pub fn is_degraded(&self) -> bool {
-        self.inner.breaker.is_open()
+        self.inner.health.open_count() > 0
     }
 
     /// How many entries the near tier holds (expired ones included until

@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use serde::de::DeserializeOwned;
 
-use crate::backend::{AnyBackend, Backend, Bytes, Seen, StoreIf};
-use crate::breaker::{Breaker, Transition};
+use crate::backend::{AnyBackend, Backend, Bytes, RedisBackend, Seen, StoreIf};
+use crate::breaker::{Guard, Health, Outage, Transition};
 use crate::codec::{Codec, Entry, Timing};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
@@ -61,7 +61,8 @@ pub(crate) struct Settings {
 pub(crate) struct Inner {
     pub(crate) backend: AnyBackend,
     pub(crate) settings: Settings,
-    pub(crate) breaker: Breaker,
+    /// The breakers: the whole one, and on a cluster one per master.
+    pub(crate) health: Health,
     /// Shared with the tasks a call starts (a lock's watchdog).
     pub(crate) counters: Arc<Counters>,
     pub(crate) flights: Flights,
@@ -122,22 +123,41 @@ impl Inner {
 
     /// Runs one backend operation under the breaker and `op_timeout`,
     /// counting what happens. The in-memory backend cannot fail or block, so
-    /// it runs bare.
+    /// it runs bare. For an operation that names no key: on a cluster, see
+    /// [`Inner::guarded_at`].
     pub(crate) async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
         self.guarded_within(self.settings.op_timeout, op).await
     }
 
-    /// [`Inner::guarded`] for each of `op`'s attempts, one more after a
+    /// [`Inner::guarded`] for an operation on `key` (or on keys of its
+    /// master): on a cluster, under the breaker of the master serving it,
+    /// so that a sick master's keys skip Redis while the others' do not.
+    pub(crate) async fn guarded_at<T>(
+        &self,
+        key: &str,
+        op: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let breaker = self.health.of(self.backend.node_of(key));
+        self.run_guarded(breaker, self.settings.op_timeout, op)
+            .await
+    }
+
+    /// [`Inner::guarded_at`] for each of `op`'s attempts, one more after a
     /// pause while the operation is refused because its cluster slot is
     /// moving between nodes, until `deadline` (see `MIGRATION_WAIT`).
-    async fn guarded_through_migration<T, F, Fut>(&self, deadline: Instant, op: F) -> Result<T>
+    async fn guarded_through_migration<T, F, Fut>(
+        &self,
+        key: &str,
+        deadline: Instant,
+        op: F,
+    ) -> Result<T>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
         let mut pause = Duration::from_millis(10);
         loop {
-            match self.guarded(op()).await {
+            match self.guarded_at(key, op()).await {
                 Err(err) if err.is_migrating() && Instant::now() + pause < deadline => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
@@ -153,15 +173,29 @@ impl Inner {
         bound: Duration,
         op: impl Future<Output = Result<T>>,
     ) -> Result<T> {
+        self.run_guarded(self.health.of(None), bound, op).await
+    }
+
+    async fn run_guarded<T>(
+        &self,
+        breaker: Guard<'_>,
+        bound: Duration,
+        op: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         if !self.backend.is_redis() {
             return op.await;
         }
-        if !self.breaker.allow() {
+        if !breaker.allow() {
             self.count(None, Event::breaker_skips);
             return Err(Error::BreakerOpen);
         }
+        let stuck_links = self.backend.redis().map(RedisBackend::stuck_links);
         let started = (meters::EXPORTED || spent::wanted()).then(Instant::now);
-        let outcome = tokio::time::timeout(bound, op).await;
+        let outcome = if self.backend.is_cluster() {
+            self.watched(&breaker, bound, op).await
+        } else {
+            tokio::time::timeout(bound, op).await
+        };
         if let Some(started) = started {
             let took = started.elapsed();
             self.meters.redis_time(took, self.cache_label());
@@ -169,22 +203,16 @@ impl Inner {
         }
         let err = match outcome {
             Ok(Ok(value)) => {
-                if let Some(outage) = self.breaker.success() {
-                    self.meters.breaker(false, self.cache_label());
-                    tracing::info!(
-                        target: "redis_cached",
-                        outage = ?outage.lasted,
-                        failed_probes = outage.failed_probes,
-                        "Redis reachable again after {:?} ({} failed probes); caching resumed",
-                        outage.lasted,
-                        outage.failed_probes
-                    );
+                if let Some(outage) = breaker.success() {
+                    self.recovered(&breaker, outage);
                 }
                 return Ok(value);
             }
             Ok(Err(err @ (Error::Refused(_) | Error::Rejected(_)))) => {
                 // Redis answered: it is up, only this command was refused.
-                self.breaker.success();
+                if let Some(outage) = breaker.success() {
+                    self.recovered(&breaker, outage);
+                }
                 self.count(
                     None,
                     match err {
@@ -210,27 +238,165 @@ impl Inner {
             }
         };
         tracing::debug!(target: "redis_cached", error = %err, "Redis operation failed");
-        let transition = self.breaker.failure();
-        if transition == Transition::Reopened {
-            // Once per outage at `warn`; each failed probe at `debug`.
+        if self.backend.redis().map(RedisBackend::stuck_links) != stuck_links {
+            // Sent on a cluster connection since found stuck and replaced:
+            // not the master's failure.
+            return Err(err);
+        }
+        let transition = breaker.failure();
+        if transition != Transition::None {
             self.count(None, Event::breaker_opens);
-            tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
+            self.meters
+                .breakers_open(self.health.open_count(), self.cache_label());
             if let Some(redis) = self.backend.redis() {
-                redis.reset();
+                let master = match &breaker {
+                    Guard::Whole(_) => None,
+                    Guard::Node(node, _) => Some(*node),
+                };
+                redis.failing(master, transition == Transition::Reopened);
             }
         }
-        if transition == Transition::Opened {
-            self.count(None, Event::breaker_opens);
-            self.meters.breaker(true, self.cache_label());
-            tracing::warn!(target: "redis_cached",
+        match (transition, &breaker) {
+            // Once per outage at `warn`; each failed probe at `debug`.
+            (Transition::Reopened, _) => {
+                tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
+            }
+            (Transition::Opened, Guard::Whole(_)) => tracing::warn!(target: "redis_cached",
                 error = %err,
                 "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
-            );
-            if let Some(redis) = self.backend.redis() {
-                redis.reset();
-            }
+            ),
+            (Transition::Opened, Guard::Node(node, _)) => tracing::warn!(target: "redis_cached",
+                error = %err,
+                master = %self.master_name(*node),
+                "a Redis Cluster master failing; skipping it for the breaker cool-down, \
+                 the values of its slots are computed uncached"
+            ),
+            (Transition::None, _) => {}
         }
         Err(err)
+    }
+
+    /// Runs a cluster operation within `bound`. One still out after a
+    /// quarter of it has the backend check that the cluster connection
+    /// answers at all (see `RedisBackend::check_cluster_link`), so that a
+    /// stuck connection is replaced before the operations on it time out,
+    /// and their failures are not held against the masters.
+    async fn watched<T>(
+        &self,
+        breaker: &Guard<'_>,
+        bound: Duration,
+        op: impl Future<Output = Result<T>>,
+    ) -> std::result::Result<Result<T>, tokio::time::error::Elapsed> {
+        tokio::pin!(op);
+        let early = bound / 4;
+        if let Ok(done) = tokio::time::timeout(early, &mut op).await {
+            return Ok(done);
+        }
+        if let Some(redis) = self.backend.redis() {
+            let node = match breaker {
+                Guard::Whole(_) => None,
+                Guard::Node(node, _) => Some(*node),
+            };
+            let healthy = |master| !self.health.of(Some(master)).is_open();
+            redis.check_cluster_link(node, healthy, early);
+        }
+        tokio::time::timeout(bound - early, op).await
+    }
+
+    /// Reports that `breaker` closed after `outage`.
+    fn recovered(&self, breaker: &Guard<'_>, outage: Outage) {
+        self.meters
+            .breakers_open(self.health.open_count(), self.cache_label());
+        let master = match breaker {
+            Guard::Whole(_) => String::new(),
+            Guard::Node(node, _) => format!(" (cluster master {})", self.master_name(*node)),
+        };
+        tracing::info!(
+            target: "redis_cached",
+            outage = ?outage.lasted,
+            failed_probes = outage.failed_probes,
+            "Redis reachable again{master} after {:?} ({} failed probes); caching resumed",
+            outage.lasted,
+            outage.failed_probes
+        );
+    }
+
+    /// `host:port` of cluster master number `node`, for the logs.
+    fn master_name(&self, node: usize) -> String {
+        self.backend
+            .redis()
+            .and_then(|redis| redis.master_address(node))
+            .map_or_else(
+                || format!("#{node}"),
+                |(host, port)| format!("{host}:{port}"),
+            )
+    }
+
+    /// Runs `op` on each part of `items` that one cluster master serves
+    /// (all of them at once on one server, or while the slot map is not
+    /// known), in parallel, each part under its master's breaker; each
+    /// item's outcome, in order. `op` answers one value per item it is
+    /// given.
+    async fn per_master<I, T, F, Fut>(
+        &self,
+        items: &[I],
+        key_of: impl for<'i> Fn(&'i I) -> &'i str,
+        op: F,
+    ) -> Vec<Result<T>>
+    where
+        I: Clone,
+        F: Fn(Vec<I>) -> Fut,
+        Fut: Future<Output = Result<Vec<T>>>,
+    {
+        let mut parts: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for (n, item) in items.iter().enumerate() {
+            let master = self.backend.node_of(key_of(item));
+            match parts.iter_mut().find(|(m, _)| *m == master) {
+                Some((_, positions)) => positions.push(n),
+                None => parts.push((master, vec![n])),
+            }
+        }
+        let op = &op;
+        let runs = parts.iter().filter_map(|(_, positions)| {
+            let first = items.get(*positions.first()?)?;
+            let part: Vec<I> = positions.iter().map(|&n| items[n].clone()).collect();
+            let key = key_of(first);
+            Some(async move { self.guarded_at(key, op(part)).await })
+        });
+        let outcomes = join_all(runs).await;
+        let mut results: Vec<Option<Result<T>>> = (0..items.len()).map(|_| None).collect();
+        for ((_, positions), outcome) in parts.iter().zip(outcomes) {
+            match outcome {
+                Ok(values) if values.len() == positions.len() => {
+                    for (&n, value) in positions.iter().zip(values) {
+                        results[n] = Some(Ok(value));
+                    }
+                }
+                outcome => {
+                    let err = outcome.err().unwrap_or_else(|| {
+                        Error::Redis("a multi-key operation answered with the wrong count".into())
+                    });
+                    for &n in positions {
+                        results[n] = Some(Err(err.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|| Err(Error::Redis("not sent".into()))))
+            .collect()
+    }
+
+    /// Stores each entry at its key for `ttl`, per master (see
+    /// [`Inner::per_master`]); each entry's outcome.
+    async fn set_many(&self, entries: &[(String, Arc<[u8]>)], ttl: Duration) -> Vec<Result<()>> {
+        let store = |part: Vec<(String, Arc<[u8]>)>| async move {
+            self.backend.set_many(&part, ttl).await?;
+            Ok(vec![(); part.len()])
+        };
+        self.per_master(entries, |(key, _)| key.as_str(), store)
+            .await
     }
 
     /// Reads `key`: its bytes, or what a later compare-and-set expects.
@@ -239,7 +405,7 @@ impl Inner {
             .settings
             .bounded_reads
             .then_some(self.settings.max_value_bytes);
-        match self.guarded(self.backend.get(key, limit)).await {
+        match self.guarded_at(key, self.backend.get(key, limit)).await {
             Ok(Some(bytes)) => Ok(bytes),
             Ok(None) => Err(Seen::Nothing),
             Err(_) => Err(Seen::Unknown),
@@ -257,13 +423,16 @@ impl Inner {
             .settings
             .bounded_reads
             .then_some(self.settings.max_value_bytes);
-        match self.guarded(self.backend.get_many(keys, limit)).await {
-            Ok(found) => found
-                .into_iter()
-                .map(|bytes| bytes.ok_or(Seen::Nothing))
-                .collect(),
-            Err(_) => keys.iter().map(|_| Err(Seen::Unknown)).collect(),
-        }
+        let read = |part: Vec<String>| async move { self.backend.get_many(&part, limit).await };
+        self.per_master(keys, String::as_str, read)
+            .await
+            .into_iter()
+            .map(|found| match found {
+                Ok(Some(bytes)) => Ok(bytes),
+                Ok(None) => Err(Seen::Nothing),
+                Err(_) => Err(Seen::Unknown),
+            })
+            .collect()
     }
 
     /// What a later compare-and-set expects of a key read as `read`,
@@ -393,7 +562,9 @@ impl Inner {
         // Before and after: a caller that gives up mid-write leaves no
         // older near copy than Redis's next message would.
         self.forget_near(key);
-        let stored = self.guarded(self.backend.set(key, entry, ttl)).await;
+        let stored = self
+            .guarded_at(key, self.backend.set(key, entry, ttl))
+            .await;
         // Whether or not it landed: the near copy may be older now.
         self.forget_near(key);
         stored?;
@@ -458,7 +629,7 @@ impl Inner {
         };
         tracker.ensure_running();
         self.count(site, Event::near_misses);
-        if self.breaker.is_open() {
+        if self.health.whole.is_open() {
             return self.read(key).await;
         }
         let Some(fill) = tracker.store.begin_fill(key) else {
@@ -514,15 +685,18 @@ impl Inner {
         for (key, _) in entries {
             self.forget_near(key);
         }
-        let stored = self.guarded(self.backend.set_many(entries, ttl)).await;
+        let stored = self.set_many(entries, ttl).await;
         for (key, _) in entries {
             self.forget_near(key);
         }
-        stored?;
-        for _ in entries {
-            self.count(None, Event::writes);
+        let mut failed = None;
+        for outcome in stored {
+            match outcome {
+                Ok(()) => self.count(None, Event::writes),
+                Err(err) => failed = Some(err),
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// [`Inner::store_if`] for each of `stores`, in one round trip.
@@ -546,12 +720,15 @@ impl Inner {
         for store in &sent {
             self.forget_near(&store.key);
         }
-        let stored = self.guarded(self.backend.set_many_if(&sent)).await;
+        let store = |part: Vec<StoreIf>| async move { self.backend.set_many_if(&part).await };
+        let stored = self
+            .per_master(&sent, |store| store.key.as_str(), store)
+            .await;
         for store in &sent {
             self.forget_near(&store.key);
         }
-        if let Ok(stored) = stored {
-            for (n, stored) in at.into_iter().zip(stored) {
+        for (n, stored) in at.into_iter().zip(stored) {
+            if let Ok(stored) = stored {
                 outcomes[n] = self.count_store(stored, site);
             }
         }
@@ -572,7 +749,7 @@ impl Inner {
         }
         self.forget_near(key);
         let stored = self
-            .guarded(self.backend.set_if(key, seen, entry, ttl))
+            .guarded_at(key, self.backend.set_if(key, seen, entry, ttl))
             .await;
         self.forget_near(key);
         match stored {
@@ -599,7 +776,7 @@ impl Inner {
         let window = self.settings.invalidation_window;
         self.forget_near(key);
         let written = self
-            .guarded(self.backend.set(key, tombstone.into(), window))
+            .guarded_at(key, self.backend.set(key, tombstone.into(), window))
             .await;
         // Even if the write failed: this process's later callers must not
         // join a computation that read the key before, nor take a lock
@@ -638,13 +815,23 @@ impl Inner {
         ttl: Duration,
     ) -> Result<()> {
         let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
+        if tag_keys.is_empty() {
+            return Ok(());
+        }
         let ttl = ttl.saturating_add(self.settings.invalidation_window);
         // At most TAG_BATCH members per script, so that no one call works
-        // for long; the calls go out together.
-        try_join_all(
-            keys.chunks(TAG_BATCH)
-                .map(|chunk| self.guarded(self.backend.tag(chunk, &tag_keys, ttl))),
-        )
+        // for long; the calls go out together. On a cluster, each tag's set
+        // lives in a slot of its own: one call per set, each under the
+        // breaker of its master.
+        let sets: Vec<&[String]> = if self.backend.is_cluster() {
+            tag_keys.iter().map(std::slice::from_ref).collect()
+        } else {
+            vec![&tag_keys]
+        };
+        try_join_all(keys.chunks(TAG_BATCH).flat_map(|chunk| {
+            sets.iter()
+                .map(move |&set| self.guarded_at(&set[0], self.backend.tag(chunk, set, ttl)))
+        }))
         .await?;
         Ok(())
     }
@@ -673,13 +860,16 @@ impl Inner {
         let result = loop {
             if !moved {
                 let drain = || self.backend.drain_tag(&tag_key, &drain_key);
-                match self.guarded_through_migration(migrated_by, drain).await {
+                match self
+                    .guarded_through_migration(&tag_key, migrated_by, drain)
+                    .await
+                {
                     Ok(now) => moved = now,
                     Err(err) => break Err(err),
                 }
             }
             let batch = match self
-                .guarded(self.backend.tagged(&drain_key, TAG_BATCH))
+                .guarded_at(&drain_key, self.backend.tagged(&drain_key, TAG_BATCH))
                 .await
             {
                 Ok(batch) => batch,
@@ -706,16 +896,19 @@ impl Inner {
                 .iter()
                 .map(|(key, _)| (key.clone(), tombstone.clone()))
                 .collect();
-            let tombstones = self.guarded(self.backend.set_many(&live, window)).await;
-            // Even if the write failed: some tombstones may have landed.
+            let tombstones = self.set_many(&live, window).await;
+            // Even if a write failed: some tombstones may have landed.
             for (key, _) in &live {
                 self.wrote(key);
             }
-            if let Err(err) = tombstones {
+            if let Some(Err(err)) = tombstones.into_iter().find(Result::is_err) {
                 break Err(err);
             }
             invalidated += live.len() as u64;
-            if let Err(err) = self.guarded(self.backend.untag(&drain_key, &batch)).await {
+            if let Err(err) = self
+                .guarded_at(&drain_key, self.backend.untag(&drain_key, &batch))
+                .await
+            {
                 break Err(err);
             }
             if moved && batch.len() < TAG_BATCH {

@@ -92,7 +92,10 @@ impl LockWait {
             }
             let attempt = Attempt::new(inner, redis, key, &lock, &self.token, policy.ttl);
             let reply = inner
-                .guarded(redis.acquire(key, &lock, &seen, &self.token, policy.ttl))
+                .guarded_at(
+                    key,
+                    redis.acquire(key, &lock, &seen, &self.token, policy.ttl),
+                )
                 .await;
             attempt.answered(&reply);
             let holder = match reply {
@@ -176,7 +179,7 @@ impl LockWait {
         let lock = inner.lock_key(key);
         let attempt = Attempt::new(inner, redis, key, &lock, &token, policy.ttl);
         let reply = inner
-            .guarded(redis.acquire(key, &lock, seen, &token, policy.ttl))
+            .guarded_at(key, redis.acquire(key, &lock, seen, &token, policy.ttl))
             .await;
         attempt.answered(&reply);
         match reply {
@@ -319,7 +322,7 @@ impl<'a> LockGuard<'a> {
             .redis
             .release(&self.key, &self.lock, &self.token, seen, release);
         inner.forget_near(&self.key);
-        let released = inner.guarded(released).await;
+        let released = inner.guarded_at(&self.key, released).await;
         inner.forget_near(&self.key);
         match released {
             Ok(stored) => {

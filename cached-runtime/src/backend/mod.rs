@@ -165,6 +165,18 @@ impl AnyBackend {
         matches!(self, AnyBackend::Redis(_))
     }
 
+    /// The number of the cluster master serving `key`, as last read (see
+    /// the Redis backend's topology); `None` on one server, in memory, or
+    /// while the cluster's slot map is not known.
+    pub(crate) fn node_of(&self, key: &str) -> Option<usize> {
+        self.redis().and_then(|redis| redis.node_of(key))
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.redis().is_some_and(RedisBackend::is_cluster)
+    }
+
     /// The near tier's tracking: on Redis (not a cluster), if on.
     pub(crate) fn tracker(&self) -> Option<&Arc<Tracker>> {
         self.redis().and_then(RedisBackend::tracker)

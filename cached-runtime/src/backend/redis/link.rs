@@ -23,6 +23,8 @@ use redis::{
     Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
 };
 
+use super::flag::ClearOnDrop;
+use super::topology::Topology;
 use crate::error::{Error, Result};
 
 /// The deployment a Redis-backed cache talks to.
@@ -125,6 +127,8 @@ pub(crate) struct ClusterTarget {
     connect_timeout: Duration,
     /// For the data connection (no push messages).
     client: ClusterClient,
+    /// Which master serves each slot.
+    topology: Arc<Topology>,
 }
 
 impl ClusterTarget {
@@ -152,52 +156,34 @@ impl ClusterTarget {
         let client = cluster_builder(&seeds, connect_timeout, tls_root.as_deref())
             .build()
             .map_err(|e| invalid_url_in(&seeds, &e))?;
-        Ok(ClusterTarget {
-            seeds,
-            tls_root,
-            connect_timeout,
-            client,
-        })
-    }
-}
-
-/// A range of slots and the address of the master that serves it.
-pub(crate) struct SlotRange {
-    pub(crate) first: u16,
-    pub(crate) last: u16,
-    pub(crate) host: String,
-    pub(crate) port: u16,
-}
-
-impl ClusterTarget {
-    /// The masters serving the slots now, as a node of the cluster answers
-    /// `CLUSTER SLOTS` (through a cluster connection of its own, which
-    /// finds a live node as redis-rs does).
-    pub(crate) async fn slot_ranges(&self) -> Result<Vec<SlotRange>> {
-        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-        let mut conn = self
-            .client
-            .get_async_connection()
-            .await
-            .map_err(|e| Error::from_redis(&e))?;
-        let reply = conn
-            .route_command(
-                redis::cmd("CLUSTER").arg("SLOTS").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await
-            .map_err(|e| Error::from_redis(&e))?;
-        let seed = self.seeds[0].as_str().into_connection_info().ok();
-        let fallback = match seed.as_ref().map(ConnectionInfo::addr) {
+        let seed = seeds[0].as_str().into_connection_info().ok();
+        let fallback_host = match seed.as_ref().map(ConnectionInfo::addr) {
             Some(ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. }) => {
                 host.as_str()
             }
             _ => "127.0.0.1",
         };
-        parse_slot_ranges(&reply, fallback)
-            .ok_or_else(|| Error::Redis("CLUSTER SLOTS answered in an unknown shape".into()))
+        let topology = Arc::new(Topology::new(
+            client.clone(),
+            connect_timeout,
+            fallback_host,
+        ));
+        Ok(ClusterTarget {
+            seeds,
+            tls_root,
+            connect_timeout,
+            client,
+            topology,
+        })
     }
 
+    /// Which master serves each slot.
+    pub(crate) fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+}
+
+impl ClusterTarget {
     /// How long connecting to a node may take.
     pub(crate) fn connect_timeout(&self) -> Duration {
         self.connect_timeout
@@ -225,87 +211,6 @@ impl ClusterTarget {
             .set_protocol(redis::ProtocolVersion::RESP3);
         let info = info.set_addr(addr).set_redis_settings(settings);
         open_client_with(info, self.tls_root.as_deref()).map_err(|e| invalid_url_in(&[seed], &e))
-    }
-}
-
-/// `CLUSTER SLOTS`: `[[first, last, [host, port, …], replicas…], …]`.
-/// A master named by no host (NULL or `""`: the node does not know its
-/// own address) is taken to be on `fallback_host`, the first seed's host,
-/// as redis-rs takes it to be on the node that answered; one still unknown
-/// (`?`), or an entry of another shape, is skipped.
-fn parse_slot_ranges(reply: &Value, fallback_host: &str) -> Option<Vec<SlotRange>> {
-    let Value::Array(ranges) = reply else {
-        return None;
-    };
-    let int = |v: &Value| match v {
-        Value::Int(n) => u16::try_from(*n).ok(),
-        _ => None,
-    };
-    let range = |range: &Value| {
-        let Value::Array(fields) = range else {
-            return None;
-        };
-        let (first, last) = (int(fields.first()?)?, int(fields.get(1)?)?);
-        let Value::Array(master) = fields.get(2)? else {
-            return None;
-        };
-        let host = match master.first()? {
-            Value::BulkString(host) => String::from_utf8(host.clone()).ok()?,
-            Value::SimpleString(host) => host.clone(),
-            Value::Nil => String::new(),
-            _ => return None,
-        };
-        let host = match host.as_str() {
-            "?" => return None,
-            "" => fallback_host.to_owned(),
-            _ => host,
-        };
-        let port = int(master.get(1)?)?;
-        Some(SlotRange {
-            first,
-            last,
-            host,
-            port,
-        })
-    };
-    Some(ranges.iter().filter_map(range).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slot_ranges_are_read_as_redis_rs_reads_them() {
-        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let entry = |first: i64, last: i64, host: Value, port: i64| {
-            Value::Array(vec![
-                Value::Int(first),
-                Value::Int(last),
-                Value::Array(vec![host, Value::Int(port), bulk("id")]),
-            ])
-        };
-        let reply = Value::Array(vec![
-            entry(0, 5460, bulk("10.0.0.1"), 7000),
-            entry(5461, 10922, bulk(""), 7001),
-            entry(10923, 16000, Value::Nil, 7002),
-            entry(16001, 16383, bulk("?"), 7003),
-            Value::Array(vec![Value::Int(1)]),
-        ]);
-        let ranges = parse_slot_ranges(&reply, "seed.host").expect("an array");
-        let read: Vec<_> = ranges
-            .iter()
-            .map(|r| (r.first, r.last, r.host.as_str(), r.port))
-            .collect();
-        assert_eq!(
-            read,
-            [
-                (0, 5460, "10.0.0.1", 7000),
-                (5461, 10922, "seed.host", 7001),
-                (10923, 16000, "seed.host", 7002),
-            ]
-        );
-        assert!(parse_slot_ranges(&Value::Int(1), "h").is_none());
     }
 }
 
@@ -483,15 +388,6 @@ impl SentinelTarget {
     /// Whether a task listens for failovers.
     pub(crate) fn is_watched(&self) -> bool {
         self.watching.load(Ordering::Acquire)
-    }
-}
-
-/// Clears a flag when dropped: however a task ends, it says so.
-struct ClearOnDrop(Arc<AtomicBool>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
     }
 }
 

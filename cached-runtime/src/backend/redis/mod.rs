@@ -10,21 +10,25 @@
 //! probe builds a fresh one: redis-rs only reconnects after I/O errors, so a
 //! connection that failed for another reason (a wrong password that has
 //! since been fixed, a master demoted by Sentinel) would otherwise stay
-//! failed.
+//! failed (on a cluster, see [`RedisBackend::failing`]).
 //!
 //! On a cluster every script's keys share one slot (a value and its
 //! companions), a lock notification goes to a shard channel of the value's
 //! slot, and the operations on many keys (tag records, tombstones of a
-//! tag) are sent per key, in parallel, so that none spans two slots.
+//! tag) are sent per key, in parallel, so that none spans two slots. The
+//! master serving each slot ([`topology`]) gives each master a breaker of
+//! its own.
 
+mod flag;
 mod journal;
 mod link;
 mod merge;
 mod notify;
 mod scripts;
+mod topology;
 mod track;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,6 +36,7 @@ use arc_swap::ArcSwapOption;
 use futures_util::future::{join_all, try_join_all};
 use redis::aio::ConnectionManagerConfig;
 
+use self::flag::ClearOnDrop;
 use self::journal::JournalScripts;
 pub(crate) use self::journal::{JournalKeys, Journaled};
 use self::link::Link;
@@ -44,6 +49,7 @@ use self::track::TrackFeed;
 pub(crate) use self::track::Tracker;
 use super::{Acquire, Backend, Bytes, Seen, StoreIf};
 use crate::error::{is_migrating_code, Error, Result};
+use crate::key::slot;
 use crate::meters::Counting;
 use crate::stats::Event;
 
@@ -74,6 +80,12 @@ pub(crate) struct RedisBackend {
     merger: Option<Arc<Merger>>,
     /// The near tier's tracking, on a server or a Sentinel master.
     tracker: Option<Arc<Tracker>>,
+    /// Whether a check of a cluster connection runs, and when the last
+    /// one started (see [`RedisBackend::check_cluster_link`]).
+    link_check: Arc<AtomicBool>,
+    last_link_check: std::sync::Mutex<Option<Instant>>,
+    /// How many cluster connections were found stuck and replaced.
+    stuck_links: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -239,6 +251,9 @@ impl RedisBackend {
             limit,
             link,
             lookup: Arc::new(Lookup::default()),
+            link_check: Arc::new(AtomicBool::new(false)),
+            last_link_check: std::sync::Mutex::new(None),
+            stuck_links: Arc::new(AtomicU64::new(0)),
             notifier: Notifier::new(channel, feed),
         })
     }
@@ -248,7 +263,7 @@ impl RedisBackend {
         self.tracker.as_ref()
     }
 
-    fn is_cluster(&self) -> bool {
+    pub(crate) fn is_cluster(&self) -> bool {
         matches!(self.target, Target::Cluster(_))
     }
 
@@ -357,6 +372,130 @@ impl RedisBackend {
     /// Drops the current connection; the next operation connects afresh.
     pub(crate) fn reset(&self) {
         self.link.store(None);
+    }
+
+    /// The number of the cluster master serving `key` (see
+    /// [`topology`]); `None` off a cluster or while the slot map is not
+    /// known.
+    pub(crate) fn node_of(&self, key: &str) -> Option<usize> {
+        match &self.target {
+            Target::Cluster(cluster) => cluster.topology().node_of(slot(key.as_bytes())),
+            _ => None,
+        }
+    }
+
+    /// The address of cluster master number `node`.
+    pub(crate) fn master_address(&self, node: usize) -> Option<(String, u16)> {
+        match &self.target {
+            Target::Cluster(cluster) => cluster.topology().address(node),
+            _ => None,
+        }
+    }
+
+    /// An operation on a cluster timed out: checks, in a task of its own,
+    /// that the cluster connection still answers, and replaces it if not.
+    /// redis-rs's cluster connection can stall for good: a refresh of its
+    /// slot map (after a `MOVED`, which a resharding brings by the hundred)
+    /// waits for a lock that a request it no longer polls holds, and every
+    /// command waits behind the refresh. The check is a `PING` through the
+    /// connection, within `bound`, to a master that is not failing
+    /// (`healthy`) other than `avoid` (the one that timed out, which may
+    /// only be frozen): if even it does not answer, the connection is
+    /// stuck. At most one check a second.
+    pub(crate) fn check_cluster_link(
+        &self,
+        avoid: Option<usize>,
+        healthy: impl Fn(usize) -> bool,
+        bound: Duration,
+    ) {
+        let Target::Cluster(cluster) = &self.target else {
+            return;
+        };
+        if self.link_check.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let checking = ClearOnDrop(Arc::clone(&self.link_check));
+        {
+            let mut last = self
+                .last_link_check
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let topology = cluster.topology();
+        let Some((host, port)) = topology
+            .masters()
+            .into_iter()
+            .find(|&master| Some(master) != avoid && healthy(master))
+            .and_then(|master| topology.address(master))
+        else {
+            return;
+        };
+        let (Ok(runtime), Some(link)) =
+            (tokio::runtime::Handle::try_current(), self.link.load_full())
+        else {
+            return;
+        };
+        let (links, stuck_links) = (Arc::downgrade(&self.link), Arc::clone(&self.stuck_links));
+        runtime.spawn(async move {
+            let _checking = checking;
+            let Link::Cluster(mut conn) = Link::clone(&link) else {
+                return;
+            };
+            use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+            let ping = conn.route_command(
+                redis::cmd("PING"),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
+            );
+            if tokio::time::timeout(bound, ping).await.is_ok() {
+                return;
+            }
+            let Some(links) = links.upgrade() else {
+                return;
+            };
+            let previous = links.compare_and_swap(&Some(link), None::<Arc<Link>>);
+            if previous.is_some() {
+                stuck_links.fetch_add(1, Ordering::AcqRel);
+                tracing::warn!(target: "redis_cached",
+                    "the cluster connection stopped answering (a healthy master did not answer a PING \
+                     within {bound:?}); replaced"
+                );
+            }
+        });
+    }
+
+    /// How many cluster connections were found stuck and replaced (see
+    /// [`RedisBackend::check_cluster_link`]): an operation that failed on
+    /// one of them says nothing of the master it was sent to.
+    pub(crate) fn stuck_links(&self) -> u64 {
+        self.stuck_links.load(Ordering::Acquire)
+    }
+
+    /// A breaker opened (`reopened`: a probe failed): that of cluster
+    /// master number `master`, or the whole one.
+    ///
+    /// On one server or a Sentinel master the connection is dropped, so
+    /// that the probe connects afresh: redis-rs reconnects only after I/O
+    /// errors, and one that failed for another reason (a wrong password
+    /// since fixed, a master since demoted) would stay failed. A cluster
+    /// connection reconnects to each node by itself: it is dropped only
+    /// when the whole breaker opens (not at each failed probe, which would
+    /// dial every node again), and a master's failure only has the slot map
+    /// read again, since its replica may be taking over.
+    pub(crate) fn failing(&self, master: Option<usize>, reopened: bool) {
+        match (&self.target, master) {
+            (Target::Cluster(cluster), Some(_)) => cluster.topology().refresh(),
+            (Target::Cluster(cluster), None) => {
+                cluster.topology().refresh();
+                if !reopened {
+                    self.reset();
+                }
+            }
+            _ => self.reset(),
+        }
     }
 
     /// A failed command's error. A Sentinel master that refuses writes

@@ -23,7 +23,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::link::{ClusterTarget, SentinelTarget, SlotRange};
+use super::link::{ClusterTarget, SentinelTarget};
+use super::topology::SlotRange;
 use crate::backend::Bytes;
 use crate::error::{Error, Result};
 use crate::key::{slot, slot_tag};
@@ -413,7 +414,7 @@ async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (
         Some(n) => n.shard_generation.fetch_add(1, Ordering::AcqRel) + 1,
         None => return (false, Ok(())),
     };
-    let ranges = match tokio::time::timeout(CONNECT, cluster.slot_ranges()).await {
+    let ranges = match tokio::time::timeout(CONNECT, cluster.topology().read()).await {
         Ok(Ok(ranges)) => ranges,
         Ok(Err(err)) => return (false, Err(err)),
         Err(_) => return (false, Err(Error::Timeout(CONNECT))),
@@ -487,7 +488,7 @@ struct Nodes<'a> {
     notifier: Weak<Notifier>,
     generation: u64,
     cluster: &'a ClusterTarget,
-    ranges: Vec<SlotRange>,
+    ranges: Arc<Vec<SlotRange>>,
     connections: HashMap<(String, u16), redis::aio::MultiplexedConnection>,
 }
 
