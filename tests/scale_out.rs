@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_cached::{redis_cached, Cache, Error};
-use support::cluster::{cli, key_slot, RedisCluster, SentinelSetup, MASTER_NAME};
+use support::cluster::{cli, key_slot, RedisCluster, Sentinel, SentinelSetup, MASTER_NAME};
 
 /// A repository whose row `id` is `id * 10`, counting its queries.
 struct Repo {
@@ -572,5 +572,40 @@ async fn a_reshard_of_a_thousand_slots_under_load_reaches_no_caller() {
         (stats.errors, stats.breaker_opens, stats.lock_wait_timeouts),
         (0, 0, 0),
         "{stats:?}"
+    );
+}
+
+/// A sentinel listed first names a master of its own (a compromised or
+/// misconfigured sentinel): the cache asks the others too, follows the
+/// address two sentinels agree on, and never sends the master's password
+/// to the lone sentinel's master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_sentinel_gets_no_password_sent_to_its_master() {
+    let setup = SentinelSetup::start_with_password("secret");
+    let rogue_master = support::RedisServer::start_with(&["--requirepass", "rogue"]);
+    let rogue = Sentinel::start(
+        rogue_master.port(),
+        false,
+        &format!("sentinel auth-pass {MASTER_NAME} rogue\n"),
+    );
+    let mut urls = vec![format!("redis://127.0.0.1:{}/", rogue.port)];
+    urls.extend(setup.sentinel_urls());
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let cache = Cache::sentinel_builder(&urls, MASTER_NAME)
+        .master_credentials(None, "secret")
+        .namespace("app")
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid settings");
+    cache.connect().await.expect("the master the others name");
+    let repo = Repo::new(cache);
+    repo.until_cached(1, Duration::from_secs(10)).await;
+    let refused = cli(
+        rogue_master.port(),
+        &["-a", "rogue", "--no-auth-warning", "ACL", "LOG"],
+    );
+    assert!(
+        refused.trim().is_empty(),
+        "the rogue master was sent credentials: {refused}"
     );
 }

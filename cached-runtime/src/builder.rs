@@ -267,8 +267,10 @@ impl CacheBuilder {
         self
     }
 
-    /// Trusts this CA certificate (PEM) for `rediss://` instead of the
-    /// system's roots: for servers with a private CA.
+    /// Trusts this CA certificate (PEM) for `rediss://` (or `valkeys://`)
+    /// instead of the system's roots: for servers with a private CA. With
+    /// Sentinel, for the sentinels reached with TLS and the masters (which
+    /// are reached with TLS when the sentinels are).
     #[cfg(feature = "tls")]
     pub fn tls_root_cert(mut self, pem: &[u8]) -> Self {
         self.tls_root = Some(pem.to_vec());
@@ -408,11 +410,6 @@ impl CacheBuilder {
                 )?))
             }
             Deployment::Sentinel { sentinels, master } => {
-                if self.tls_root.is_some() {
-                    return Err(Error::Config(
-                        "a private CA (tls_root_cert) is not supported with Sentinel yet".into(),
-                    ));
-                }
                 let sentinels: Vec<&str> = sentinels.iter().map(String::as_str).collect();
                 let credentials = self
                     .master_credentials
@@ -422,6 +419,8 @@ impl CacheBuilder {
                     &sentinels,
                     master,
                     credentials,
+                    self.tls_root.as_deref(),
+                    self.connect_timeout,
                 )?))
             }
         };

@@ -25,8 +25,10 @@ mod link;
 mod merge;
 mod notify;
 mod scripts;
+mod sentinel;
 mod topology;
 mod track;
+mod url;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -231,7 +233,7 @@ impl RedisBackend {
         let track = match &target {
             _ if near == 0 => None,
             Target::Server(client) => Some(TrackFeed::Server(
-                link::resp3(client).map_err(|e| Error::from_redis(&e))?,
+                url::resp3(client).map_err(|e| Error::from_redis(&e))?,
             )),
             Target::Sentinel(sentinel) => Some(TrackFeed::Sentinel(Arc::clone(sentinel))),
             Target::Cluster(_) => None,
