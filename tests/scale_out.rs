@@ -38,6 +38,12 @@ impl Repo {
         id * 100
     }
 
+    #[redis_cached(key = "plan:<id>", ttl = "10m", near = "30s", cache = self.cache)]
+    async fn plan(&self, id: u32) -> u32 {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        id * 1000
+    }
+
     fn queries(&self) -> u32 {
         self.queries.load(Ordering::SeqCst)
     }
@@ -608,4 +614,74 @@ async fn a_lone_sentinel_gets_no_password_sent_to_its_master() {
         refused.trim().is_empty(),
         "the rogue master was sent credentials: {refused}"
     );
+}
+
+/// Twenty caches on Sentinel under load while the master is frozen for ten
+/// seconds, with no failover (its replica may not be promoted): the data
+/// connection's probes, the lock subscriber and the near tier's tracking of
+/// each cache share one lookup at a time, on connections to the sentinels
+/// that they keep, so the sentinels are not dialled again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_master_does_not_make_the_caches_dial_the_sentinels() {
+    const CACHES: u64 = 20;
+    let setup = SentinelSetup::start();
+    let replica = setup.replica.port();
+    assert!(cli(replica, &["CONFIG", "SET", "replica-priority", "0"]).contains("OK"));
+    let repos: Vec<Arc<Repo>> = (0..CACHES)
+        .map(|_| {
+            Arc::new(Repo::new(sentinel_cache(
+                &setup,
+                Duration::from_millis(200),
+            )))
+        })
+        .collect();
+    for repo in &repos {
+        repo.cache.connect().await.expect("connect");
+        repo.until_cached(1, Duration::from_secs(10)).await;
+        assert_eq!(repo.plan(1).await, 1000);
+    }
+    let before: Vec<u64> = setup
+        .sentinels
+        .iter()
+        .map(|s| s.connections_received())
+        .collect();
+    let master = setup.master_port();
+    assert_eq!(master, setup.master.port());
+    setup.master.pause();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = repos
+        .iter()
+        .map(|repo| {
+            let (repo, stop) = (repo.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut id = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    id += 1;
+                    assert_eq!(repo.row(id % 7).await, (id % 7) * 10);
+                    assert_eq!(repo.plan(id % 5).await, (id % 5) * 1000);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after: Vec<u64> = setup
+        .sentinels
+        .iter()
+        .map(|s| s.connections_received())
+        .collect();
+    setup.master.resume();
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.expect("every value was right");
+    }
+    assert_eq!(setup.master_port(), master, "no failover");
+    let grew: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!("a master frozen for 10 s under {CACHES} caches: connections each sentinel received {grew:?}");
+    for grown in grew {
+        assert!(grown <= 2 * CACHES, "a sentinel was dialled {grown} times");
+    }
+    for repo in &repos {
+        repo.until_cached(1, Duration::from_secs(20)).await;
+    }
 }

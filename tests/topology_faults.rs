@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_cached::{redis_cached, Cache, CacheBuilder};
-use support::cluster::{RedisCluster, SentinelSetup, MASTER_NAME};
+use support::cluster::{cli, RedisCluster, SentinelSetup, MASTER_NAME};
 use support::RedisServer;
 
 /// A deployment of its own, and a way to reach the node serving a key.
@@ -230,6 +230,25 @@ async fn a_frozen_cluster_master_costs_only_its_own_keys() {
     let Deployment::Cluster(cluster) = &mut deployment else {
         unreachable!("a cluster")
     };
+    let healthy_masters: Vec<u16> = cluster
+        .nodes
+        .iter()
+        .map(|node| node.port())
+        .filter(|&port| port != frozen_port && cli(port, &["ROLE"]).starts_with("master"))
+        .collect();
+    let dialled = |ports: &[u16]| -> Vec<u64> {
+        ports
+            .iter()
+            .map(|&port| {
+                cli(port, &["INFO", "stats"])
+                    .lines()
+                    .find_map(|line| line.strip_prefix("total_connections_received:"))
+                    .and_then(|n| n.trim().parse().ok())
+                    .expect("INFO stats counts connections")
+            })
+            .collect()
+    };
+    let before = dialled(&healthy_masters);
     let node = cluster
         .nodes
         .iter_mut()
@@ -278,8 +297,13 @@ async fn a_frozen_cluster_master_costs_only_its_own_keys() {
         .into_iter()
         .filter(|id| healthy.binary_search(id).is_ok())
         .collect();
+    let after = dialled(&healthy_masters);
     node.resume();
     let stats = rows.cache.stats();
+    // No new cluster connection (which dials every node) per failed probe.
+    let grew: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!("connections the healthy masters received meanwhile: {grew:?}");
+    assert!(grew.iter().all(|&n| n <= 2), "{grew:?}");
     println!(
         "a frozen master under 4 tasks for {freeze:?}: {calls} calls for its keys, {slow} waited for it; {stats:?}"
     );
