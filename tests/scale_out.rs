@@ -685,3 +685,174 @@ async fn a_frozen_master_does_not_make_the_caches_dial_the_sentinels() {
         repo.until_cached(1, Duration::from_secs(20)).await;
     }
 }
+
+/// Waits until the masters have subscribers on `count` lock notification
+/// channels of the namespace `app`.
+async fn wait_channels(cluster: &RedisCluster, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let subscribed = cluster.shard_channels("app:redis-cached:filled");
+        if subscribed == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{subscribed} of {count} channels subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A process waiting in 2,000 slots: a slot that moves costs one
+/// subscription (two if the slot map it reads is a moment late), not 2,000;
+/// a master that drops the subscriber's connection has its own slots
+/// subscribed again, and no other master sees a subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_subscriber_resubscribes_only_what_changed() {
+    const SLOTS: usize = 2000;
+    let cluster = RedisCluster::start();
+    let repo = Arc::new(Repo::new(cluster_cache(&cluster)));
+    repo.cache.connect().await.expect("connect");
+    // Locked misses on keys of 2,000 slots: each slot's channel is
+    // subscribed.
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<u32> = (0..)
+        .filter(|id| seen.insert(key_slot(&format!("app:row:{id}"))))
+        .take(SLOTS)
+        .collect();
+    let tasks: Vec<_> = ids
+        .chunks(SLOTS / 16)
+        .map(|chunk| {
+            let (repo, chunk) = (repo.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                for id in chunk {
+                    assert_eq!(repo.row(id).await, id * 10);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("every value was right");
+    }
+    wait_channels(&cluster, SLOTS).await;
+
+    // One of them, emptied, moves to another master.
+    let key = format!("app:row:{}", ids[0]);
+    cli(cluster.master_of(&key).port(), &["DEL", &key]);
+    let slot = key_slot(&key);
+    let before = cluster.command_calls("ssubscribe");
+    let migration = cluster.start_migration(slot);
+    migration.end_at_target();
+    wait_subscribed(&cluster, &key).await;
+    wait_channels(&cluster, SLOTS).await;
+    let moved = cluster.command_calls("ssubscribe") - before;
+    println!("a slot moved: {moved} SSUBSCRIBE");
+    assert!(moved <= 2, "{moved} SSUBSCRIBE for one moved slot");
+
+    // One master drops its pub/sub connections.
+    let masters = cluster.master_ports();
+    let calls = |cluster: &RedisCluster| -> Vec<u64> {
+        masters
+            .iter()
+            .map(|&port| cluster.node_command_calls(port, "ssubscribe"))
+            .collect()
+    };
+    let before = calls(&cluster);
+    cli(masters[0], &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_channels(&cluster, SLOTS).await;
+    let after = calls(&cluster);
+    let grew: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!("a master dropped its subscribers: SSUBSCRIBE per master {grew:?}");
+    assert!(grew[0] > 0, "{grew:?}");
+    assert!(grew[1..].iter().all(|&n| n == 0), "{grew:?}");
+    assert_eq!(
+        cluster.crossslot_errors(),
+        0,
+        "{:?}",
+        cluster.rejected_commands()
+    );
+}
+
+/// The master serving a waited-in slot freezes (SIGSTOP: its connections
+/// stay open) and its replica takes over: the subscriber's pings find the
+/// frozen connection, and the slot's channel is subscribed at the new
+/// master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_masters_subscriptions_move_to_its_replica() {
+    let mut cluster = RedisCluster::start();
+    let repo = Repo::new(cluster_cache(&cluster));
+    repo.cache.connect().await.expect("connect");
+    repo.until_cached(1, Duration::from_secs(10)).await;
+    let key = "app:row:1";
+    wait_subscribed(&cluster, key).await;
+    let port = cluster.master_of(key).port();
+    let frozen = cluster
+        .nodes
+        .iter_mut()
+        .find(|node| node.port() == port)
+        .expect("the master is one of the nodes");
+    frozen.pause();
+    // Until its replica is promoted (node timeout 2 s), then the channel
+    // is subscribed at the replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let owner = cluster.master_of_slot_but(key_slot(key), port);
+        let subscribed = owner.is_some_and(|owner| {
+            cli(
+                owner,
+                &["PUBSUB", "SHARDCHANNELS", "app:redis-cached:filled*"],
+            )
+            .lines()
+            .any(|channel| !channel.is_empty() && key_slot(channel) == key_slot(key))
+        });
+        if subscribed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the channel was not subscribed at the promoted replica"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let frozen = cluster
+        .nodes
+        .iter_mut()
+        .find(|node| node.port() == port)
+        .expect("the old master is one of the nodes");
+    frozen.resume();
+}
+
+/// A slot that no master serves (its slots deleted, the cluster told to
+/// serve the others all the same) holds up the subscriptions of no other
+/// slot when the subscriber's connections drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_no_master_serves_holds_up_no_other() {
+    let cluster = RedisCluster::start();
+    let repo = Repo::new(cluster_cache(&cluster));
+    repo.cache.connect().await.expect("connect");
+    let keys: Vec<String> = (0..12).map(|id| format!("app:row:{id}")).collect();
+    for id in 0..12 {
+        repo.until_cached(id, Duration::from_secs(10)).await;
+    }
+    let mut slots: Vec<u16> = keys.iter().map(|key| key_slot(key)).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    wait_channels(&cluster, slots.len()).await;
+    let bad = key_slot(&keys[0]);
+    for node in &cluster.nodes {
+        cli(
+            node.port(),
+            &["CONFIG", "SET", "cluster-require-full-coverage", "no"],
+        );
+    }
+    cli(cluster.master_of(&keys[0]).port(), &["DEL", &keys[0]]);
+    for node in &cluster.nodes {
+        cli(node.port(), &["CLUSTER", "DELSLOTS", &bad.to_string()]);
+    }
+    for port in cluster.master_ports() {
+        cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    }
+    // Every other slot's channel is subscribed again.
+    wait_channels(&cluster, slots.len() - 1).await;
+}

@@ -174,6 +174,40 @@ impl RedisCluster {
             .sum()
     }
 
+    /// How many times the node on `port` ran `command` (lower case).
+    pub fn node_command_calls(&self, port: u16, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        cli(port, &["INFO", "commandstats"])
+            .lines()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// The ports of the masters.
+    pub fn master_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .map(RedisServer::port)
+            .filter(|&port| cli(port, &["ROLE"]).starts_with("master"))
+            .collect()
+    }
+
+    /// How many shard channels named `<prefix>…` the masters have
+    /// subscribers on.
+    pub fn shard_channels(&self, prefix: &str) -> usize {
+        let pattern = format!("{prefix}*");
+        self.master_ports()
+            .into_iter()
+            .map(|port| {
+                cli(port, &["PUBSUB", "SHARDCHANNELS", &pattern])
+                    .lines()
+                    .filter(|channel| !channel.is_empty())
+                    .count()
+            })
+            .sum()
+    }
+
     /// `key`'s slot, as a node that answers computes it.
     pub fn slot_of(&self, key: &str) -> u16 {
         self.nodes
@@ -219,6 +253,17 @@ impl RedisCluster {
             .expect("the master serves slots")
     }
 
+    /// The port of the master serving `slot` by its own word, asking no
+    /// node on `skip` (a frozen one would never answer); `None` while none
+    /// says it does.
+    pub fn master_of_slot_but(&self, slot: u16, skip: u16) -> Option<u16> {
+        self.nodes
+            .iter()
+            .map(RedisServer::port)
+            .filter(|&port| port != skip)
+            .find(|&port| owns(port, slot))
+    }
+
     /// The port of the master serving `slot`.
     pub fn master_of_slot(&self, slot: u16) -> u16 {
         self.nodes
@@ -236,6 +281,7 @@ impl RedisCluster {
 pub struct Migration {
     slot: String,
     owner_id: String,
+    target_id: String,
     ports: Vec<u16>,
 }
 
@@ -272,12 +318,24 @@ impl RedisCluster {
         Migration {
             slot,
             owner_id,
+            target_id,
             ports: self.nodes.iter().map(RedisServer::port).collect(),
         }
     }
 }
 
 impl Migration {
+    /// Ends the migration with the slot moved to the other master (it must
+    /// hold no key).
+    pub fn end_at_target(&self) {
+        for &port in &self.ports {
+            cli(
+                port,
+                &["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.target_id],
+            );
+        }
+    }
+
     /// Ends the migration with the slot where it was. (`NODE` alone would
     /// leave the owner MIGRATING while the slot holds keys.)
     pub fn end(&self) {

@@ -26,6 +26,7 @@ mod merge;
 mod notify;
 mod scripts;
 mod sentinel;
+mod shard;
 mod topology;
 mod track;
 mod url;
