@@ -197,7 +197,7 @@ impl Cache {
     }
 
     /// The values at `keys`, in order: one round trip for all of them (on
-    /// a cluster, one per node, in parallel). Each is `None` as for
+    /// a cluster, one `MGET` per slot, in parallel). Each is `None` as for
     /// [`Cache::get`]: absent, undecodable as a `T`, a reserved key, or
     /// Redis unavailable (all counted as misses).
     ///
@@ -261,7 +261,7 @@ impl Cache {
     }
 
     /// Stores each value at its key for `ttl`: one round trip for all of
-    /// them (on a cluster, one per node, in parallel).
+    /// them (on a cluster, one `SET` per key, in parallel).
     ///
     /// # Errors
     /// As [`Cache::set`]; nothing is stored when a key is reserved or a
