@@ -13,10 +13,8 @@
 //! serving theirs (and a run of its failures opens no other's breaker).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-use arc_swap::ArcSwap;
 
 /// Settings of the circuit breaker, see [`CacheBuilder::breaker`](crate::CacheBuilder::breaker).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,68 +178,50 @@ impl Breaker {
 /// A cache's breakers: the whole one, and on a cluster one per master.
 #[derive(Debug)]
 pub(crate) struct Health {
-    config: BreakerConfig,
     /// For one server or a Sentinel master; on a cluster, for the
     /// operations that name no key or whose master is not known yet.
     pub(crate) whole: Breaker,
-    /// One per cluster master, by its number (see the backend's
-    /// topology); made as masters are first met, never dropped.
-    nodes: ArcSwap<Vec<Arc<Breaker>>>,
-    /// Held to add breakers, so that two callers do not both add one.
-    grow: Mutex<()>,
+    /// On a cluster, one per master, by its number (see the backend's
+    /// topology), made as masters are first met: a fixed table, so that
+    /// finding a master's breaker on every operation writes nothing shared.
+    nodes: Box<[OnceLock<Breaker>]>,
+    config: BreakerConfig,
 }
 
-/// One of a cache's breakers.
-pub(crate) enum Guard<'a> {
-    Whole(&'a Breaker),
-    /// A cluster master's, by its number.
-    Node(usize, Arc<Breaker>),
-}
-
-impl std::ops::Deref for Guard<'_> {
-    type Target = Breaker;
-
-    fn deref(&self) -> &Breaker {
-        match self {
-            Guard::Whole(breaker) => breaker,
-            Guard::Node(_, breaker) => breaker,
-        }
-    }
-}
+/// How many cluster masters have a breaker of their own; the operations on
+/// masters numbered beyond (a cluster that has had more masters than this
+/// over the cache's life) share the whole one.
+const MASTERS: usize = 1024;
 
 impl Health {
-    pub(crate) fn new(config: BreakerConfig) -> Self {
+    /// The breakers of a cache; with one per master if on a `cluster`.
+    pub(crate) fn new(config: BreakerConfig, cluster: bool) -> Self {
+        let masters = if cluster { MASTERS } else { 0 };
         Health {
-            config,
             whole: Breaker::new(config),
-            nodes: ArcSwap::from_pointee(Vec::new()),
-            grow: Mutex::new(()),
+            nodes: (0..masters).map(|_| OnceLock::new()).collect(),
+            config,
         }
     }
 
-    /// The breaker of cluster master number `node`, or the whole one.
-    pub(crate) fn of(&self, node: Option<usize>) -> Guard<'_> {
-        let Some(node) = node else {
-            return Guard::Whole(&self.whole);
-        };
-        if let Some(breaker) = self.nodes.load().get(node) {
-            return Guard::Node(node, Arc::clone(breaker));
+    /// The breaker of cluster master number `node` (the whole one for
+    /// `None`, or a master with no breaker of its own), and the master's
+    /// number if it has one.
+    pub(crate) fn of(&self, node: Option<usize>) -> (&Breaker, Option<usize>) {
+        match node.and_then(|n| Some((self.nodes.get(n)?, n))) {
+            Some((breaker, n)) => (breaker.get_or_init(|| Breaker::new(self.config)), Some(n)),
+            None => (&self.whole, None),
         }
-        let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
-        let nodes = self.nodes.load_full();
-        if let Some(breaker) = nodes.get(node) {
-            return Guard::Node(node, Arc::clone(breaker));
-        }
-        let mut grown = Vec::clone(&nodes);
-        grown.resize_with(node + 1, || Arc::new(Breaker::new(self.config)));
-        let breaker = Arc::clone(&grown[node]);
-        self.nodes.store(Arc::new(grown));
-        Guard::Node(node, breaker)
     }
 
     /// How many breakers are open or probing.
     pub(crate) fn open_count(&self) -> usize {
-        usize::from(self.whole.is_open()) + self.nodes.load().iter().filter(|b| b.is_open()).count()
+        usize::from(self.whole.is_open())
+            + self
+                .nodes
+                .iter()
+                .filter(|b| b.get().is_some_and(Breaker::is_open))
+                .count()
     }
 }
 
@@ -312,22 +292,32 @@ mod tests {
 
     #[test]
     fn a_masters_failures_open_its_breaker_alone() {
-        let health = Health::new(BreakerConfig {
-            failure_threshold: 3,
-            cooldown: Duration::from_secs(10),
-        });
+        let health = Health::new(
+            BreakerConfig {
+                failure_threshold: 3,
+                cooldown: Duration::from_secs(10),
+            },
+            true,
+        );
+        let of = |node| health.of(Some(node)).0;
         // Master 1 fails while master 0 keeps answering.
         for _ in 0..3 {
-            assert!(health.of(Some(0)).success().is_none());
-            health.of(Some(1)).failure();
+            assert!(of(0).success().is_none());
+            of(1).failure();
         }
-        assert!(health.of(Some(1)).is_open());
-        assert!(!health.of(Some(1)).allow(), "its keys skip Redis");
-        assert!(health.of(Some(0)).allow(), "the other master's are served");
+        assert!(of(1).is_open());
+        assert!(!of(1).allow(), "its keys skip Redis");
+        assert!(of(0).allow(), "the other master's are served");
         assert!(health.whole.allow());
         assert_eq!(health.open_count(), 1);
         // The same breaker, however many masters were met since.
-        assert!(health.of(Some(7)).allow());
-        assert!(health.of(Some(1)).is_open());
+        assert!(of(7).allow());
+        assert!(of(1).is_open());
+        // Past the table, the whole breaker.
+        assert_eq!(health.of(Some(MASTERS)).1, None);
+        assert_eq!(
+            Health::new(BreakerConfig::default(), false).of(Some(0)).1,
+            None
+        );
     }
 }

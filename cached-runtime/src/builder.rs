@@ -446,6 +446,7 @@ impl CacheBuilder {
     }
 
     fn finish(self, backend: AnyBackend) -> Cache {
+        let health = Health::new(self.breaker, backend.is_cluster());
         let cache = Cache::from_inner(Inner {
             backend,
             settings: Settings {
@@ -460,7 +461,7 @@ impl CacheBuilder {
                 log_keys: self.log_keys,
                 codec: self.codec,
             },
-            health: Health::new(self.breaker),
+            health,
             counters: Arc::new(Counters::default()),
             meters: Arc::new(crate::meters::Meters::new()),
             oversized_warned: std::sync::atomic::AtomicBool::new(false),

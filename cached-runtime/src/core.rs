@@ -15,7 +15,7 @@ use futures_util::future::{join_all, try_join_all};
 use serde::de::DeserializeOwned;
 
 use crate::backend::{AnyBackend, Backend, Bytes, RedisBackend, Seen, StoreIf};
-use crate::breaker::{Guard, Health, Outage, Transition};
+use crate::breaker::{Breaker, Health, Outage, Transition};
 use crate::codec::{Codec, Entry, Timing};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
@@ -178,7 +178,7 @@ impl Inner {
 
     async fn run_guarded<T>(
         &self,
-        breaker: Guard<'_>,
+        (breaker, master): (&Breaker, Option<usize>),
         bound: Duration,
         op: impl Future<Output = Result<T>>,
     ) -> Result<T> {
@@ -192,7 +192,7 @@ impl Inner {
         let stuck_links = self.backend.redis().map(RedisBackend::stuck_links);
         let started = (meters::EXPORTED || spent::wanted()).then(Instant::now);
         let outcome = if self.backend.is_cluster() {
-            self.watched(&breaker, bound, op).await
+            self.watched(master, bound, op).await
         } else {
             tokio::time::timeout(bound, op).await
         };
@@ -204,14 +204,14 @@ impl Inner {
         let err = match outcome {
             Ok(Ok(value)) => {
                 if let Some(outage) = breaker.success() {
-                    self.recovered(&breaker, outage);
+                    self.recovered(master, outage);
                 }
                 return Ok(value);
             }
             Ok(Err(err @ (Error::Refused(_) | Error::Rejected(_)))) => {
                 // Redis answered: it is up, only this command was refused.
                 if let Some(outage) = breaker.success() {
-                    self.recovered(&breaker, outage);
+                    self.recovered(master, outage);
                 }
                 self.count(
                     None,
@@ -249,25 +249,21 @@ impl Inner {
             self.meters
                 .breakers_open(self.health.open_count(), self.cache_label());
             if let Some(redis) = self.backend.redis() {
-                let master = match &breaker {
-                    Guard::Whole(_) => None,
-                    Guard::Node(node, _) => Some(*node),
-                };
                 redis.failing(master, transition == Transition::Reopened);
             }
         }
-        match (transition, &breaker) {
+        match (transition, master) {
             // Once per outage at `warn`; each failed probe at `debug`.
             (Transition::Reopened, _) => {
                 tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
             }
-            (Transition::Opened, Guard::Whole(_)) => tracing::warn!(target: "redis_cached",
+            (Transition::Opened, None) => tracing::warn!(target: "redis_cached",
                 error = %err,
                 "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
             ),
-            (Transition::Opened, Guard::Node(node, _)) => tracing::warn!(target: "redis_cached",
+            (Transition::Opened, Some(node)) => tracing::warn!(target: "redis_cached",
                 error = %err,
-                master = %self.master_name(*node),
+                master = %self.master_name(node),
                 "a Redis Cluster master failing; skipping it for the breaker cool-down, \
                  the values of its slots are computed uncached"
             ),
@@ -283,7 +279,7 @@ impl Inner {
     /// and their failures are not held against the masters.
     async fn watched<T>(
         &self,
-        breaker: &Guard<'_>,
+        master: Option<usize>,
         bound: Duration,
         op: impl Future<Output = Result<T>>,
     ) -> std::result::Result<Result<T>, tokio::time::error::Elapsed> {
@@ -293,23 +289,20 @@ impl Inner {
             return Ok(done);
         }
         if let Some(redis) = self.backend.redis() {
-            let node = match breaker {
-                Guard::Whole(_) => None,
-                Guard::Node(node, _) => Some(*node),
-            };
-            let healthy = |master| !self.health.of(Some(master)).is_open();
-            redis.check_cluster_link(node, healthy, early);
+            let healthy = |other| !self.health.of(Some(other)).0.is_open();
+            redis.check_cluster_link(master, healthy, early);
         }
         tokio::time::timeout(bound - early, op).await
     }
 
-    /// Reports that `breaker` closed after `outage`.
-    fn recovered(&self, breaker: &Guard<'_>, outage: Outage) {
+    /// Reports that the breaker of `master` (or the whole one) closed after
+    /// `outage`.
+    fn recovered(&self, master: Option<usize>, outage: Outage) {
         self.meters
             .breakers_open(self.health.open_count(), self.cache_label());
-        let master = match breaker {
-            Guard::Whole(_) => String::new(),
-            Guard::Node(node, _) => format!(" (cluster master {})", self.master_name(*node)),
+        let master = match master {
+            None => String::new(),
+            Some(node) => format!(" (cluster master {})", self.master_name(node)),
         };
         tracing::info!(
             target: "redis_cached",

@@ -140,7 +140,8 @@ impl Drop for Done {
 /// (see [`MIGRATION_ATTEMPT`]).
 struct Pacing {
     window: Duration,
-    started: Instant,
+    /// `None` off a cluster (no `TRYAGAIN` there): no clock read.
+    started: Option<Instant>,
     pause: Duration,
 }
 
@@ -151,15 +152,18 @@ impl Pacing {
     fn new(window: Duration) -> Self {
         Pacing {
             window,
-            started: Instant::now(),
+            started: (!window.is_zero()).then(Instant::now),
             pause: Self::FIRST_PAUSE,
         }
     }
 
     /// After `err`: whether to send the command again, having paused.
     async fn again(&mut self, err: &redis::RedisError) -> bool {
+        let Some(started) = self.started else {
+            return false;
+        };
         if !err.code().is_some_and(is_migrating_code)
-            || self.started.elapsed() + self.pause >= self.window
+            || started.elapsed() + self.pause >= self.window
         {
             return false;
         }
@@ -227,6 +231,11 @@ impl RedisBackend {
             Target::Sentinel(sentinel) => Feed::Sentinel(Arc::clone(sentinel)),
             Target::Cluster(cluster) => Feed::Sharded(Arc::clone(cluster)),
         };
+        // Off a cluster no slot migrates.
+        let migration_window = match &target {
+            Target::Cluster(_) => op_timeout.saturating_sub(MIGRATION_ATTEMPT),
+            _ => Duration::ZERO,
+        };
         let link = Arc::new(ArcSwapOption::empty());
         let merger = merge
             .filter(|_| !matches!(target, Target::Cluster(_)))
@@ -250,7 +259,7 @@ impl RedisBackend {
             scripts: Scripts::default(),
             journal: JournalScripts::default(),
             config,
-            migration_window: op_timeout.saturating_sub(MIGRATION_ATTEMPT),
+            migration_window,
             limit,
             link,
             lookup: Arc::new(Lookup::default()),
