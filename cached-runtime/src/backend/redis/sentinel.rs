@@ -341,7 +341,8 @@ impl SentinelTarget {
 
     /// A failover announced by `message` (`<name> <old ip> <old port> <new
     /// ip> <new port>`): whether it is this master's. The address it left
-    /// is not trusted for a while.
+    /// is not trusted for a while (until then, a failover back to it ends
+    /// that, leaving the other).
     fn heard(&self, message: &[u8]) -> bool {
         let text = String::from_utf8_lossy(message);
         let mut fields = text.split(' ');
@@ -517,14 +518,23 @@ mod tests {
         assert_eq!(target.switches(), 0);
         assert!(target.heard(b"m 10.0.0.1 6379 10.0.0.2 6379"));
         assert_eq!(target.switches(), 1);
+        {
+            let trust = target.trust();
+            assert_eq!(
+                trust.confirmed, None,
+                "the old master needs two sentinels again"
+            );
+            assert_eq!(
+                trust.left.as_ref().map(|(address, _)| address.clone()),
+                Some(("10.0.0.1".into(), 6379))
+            );
+        }
+        // A failover back: the address left is the other one now.
+        assert!(target.heard(b"m 10.0.0.2 6379 10.0.0.1 6379"));
         let trust = target.trust();
         assert_eq!(
-            trust.confirmed, None,
-            "the old master needs two sentinels again"
-        );
-        assert_eq!(
             trust.left.as_ref().map(|(address, _)| address.clone()),
-            Some(("10.0.0.1".into(), 6379))
+            Some(("10.0.0.2".into(), 6379))
         );
     }
 }
