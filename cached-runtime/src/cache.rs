@@ -198,7 +198,7 @@ impl Cache {
     }
 
     /// The values at `keys`, in order: one round trip for all of them (on
-    /// a cluster, one per node, in parallel). Each is `None` as for
+    /// a cluster, one `MGET` per slot, in parallel). Each is `None` as for
     /// [`Cache::get`]: absent, undecodable as a `T`, a reserved key, or
     /// Redis unavailable (all counted as misses).
     ///
@@ -262,7 +262,7 @@ impl Cache {
     }
 
     /// Stores each value at its key for `ttl`: one round trip for all of
-    /// them (on a cluster, one per node, in parallel).
+    /// them (on a cluster, one `SET` per key, in parallel).
     ///
     /// # Errors
     /// As [`Cache::set`]; nothing is stored when a key is reserved or a
@@ -524,9 +524,10 @@ impl Cache {
         self.inner.settings.default_ttl
     }
 
-    /// Whether the circuit breaker currently skips Redis.
+    /// Whether a circuit breaker currently skips Redis (on a cluster, for
+    /// the keys of one master or more).
     pub fn is_degraded(&self) -> bool {
-        self.inner.breaker.is_open()
+        self.inner.health.open_count() > 0
     }
 
     /// How many entries the near tier holds (expired ones included until
