@@ -633,6 +633,44 @@ impl Inner {
         Ok(())
     }
 
+    /// [`Inner::tombstone`] for each of `keys`, in pipelines of up to
+    /// [`BATCH_CHUNK`] keys, a few in flight at once; the first failure.
+    /// A chunk that fails may have landed in part.
+    pub(crate) async fn tombstone_many(&self, keys: &[String]) -> Result<()> {
+        let tombstone: Arc<[u8]> = self.settings.codec.encode_tombstone().into();
+        let window = self.settings.invalidation_window;
+        let chunks = keys.chunks(BATCH_CHUNK).map(|chunk| {
+            let entries: Vec<(String, Arc<[u8]>)> = chunk
+                .iter()
+                .map(|key| {
+                    self.forget_near(key);
+                    (key.clone(), tombstone.clone())
+                })
+                .collect();
+            async move {
+                let written = self.guarded(self.backend.set_many(&entries, window)).await;
+                // Even if the write failed, as for one key.
+                for (key, _) in &entries {
+                    self.wrote(key);
+                }
+                written.map(|()| entries.len() as u64)
+            }
+        });
+        let mut invalidated = 0;
+        let mut result = Ok(());
+        for written in in_flight(chunks).await {
+            match written {
+                Ok(n) => invalidated += n,
+                Err(err) if result.is_ok() => result = Err(err),
+                Err(_) => {}
+            }
+        }
+        for _ in 0..invalidated {
+            self.count(None, Event::invalidations);
+        }
+        result
+    }
+
     /// The key of `key`'s lock, in the same hash slot.
     pub(crate) fn lock_key(&self, key: &str) -> String {
         companion_key(self.settings.namespace.as_deref(), key, "lock")
