@@ -313,15 +313,19 @@ fn check_relation(
     }
 }
 
-/// One key or tag to invalidate.
+/// The keys of one pipeline: as many as `Cache::invalidate_many` sends
+/// in one.
+const KEYS_AT_ONCE: usize = 512;
+
+/// One unit of invalidation: a pipeline of keys, or one tag.
 enum Target {
-    Key(String),
+    Keys(Vec<String>),
     Tag(String),
 }
 
-/// Invalidates every key and tag of `targets`, at most `in_flight` at
-/// once, trying the failed ones again (pausing longer each time) until
-/// all are done or `shutdown`.
+/// Invalidates every key and tag of `targets`, at most `in_flight`
+/// pipelines of keys and tags at once, trying the failed ones again
+/// (pausing longer each time) until all are done or `shutdown`.
 pub(crate) async fn invalidate(
     cache: &Cache,
     targets: Targets,
@@ -329,10 +333,10 @@ pub(crate) async fn invalidate(
     meter: &Meter,
     shutdown: &Shutdown,
 ) -> Result<(), Error> {
-    let mut left: Vec<Target> = targets
-        .keys
-        .into_iter()
-        .map(Target::Key)
+    let keys: Vec<String> = targets.keys.into_iter().collect();
+    let mut left: Vec<Target> = keys
+        .chunks(KEYS_AT_ONCE)
+        .map(|chunk| Target::Keys(chunk.to_vec()))
         .chain(targets.tags.into_iter().map(Target::Tag))
         .collect();
     let mut pause = FIRST_RETRY_PAUSE;
@@ -340,10 +344,16 @@ pub(crate) async fn invalidate(
         let results: Vec<(Target, bool)> = stream::iter(left)
             .map(|target| async move {
                 let done = match &target {
-                    Target::Key(key) => {
-                        settle(cache.invalidate(key).await.map(|()| 0), &meter.keys)
+                    Target::Keys(keys) => settle(
+                        cache
+                            .invalidate_many(keys)
+                            .await
+                            .map(|()| keys.len() as u64),
+                        &meter.keys,
+                    ),
+                    Target::Tag(tag) => {
+                        settle(cache.invalidate_tag(tag).await.map(|_| 1), &meter.tags)
                     }
-                    Target::Tag(tag) => settle(cache.invalidate_tag(tag).await, &meter.tags),
                 };
                 (target, done)
             })
@@ -372,12 +382,12 @@ pub(crate) async fn invalidate(
     }
 }
 
-/// Whether an invalidation is done (counted in `counter`), or must be
-/// tried again.
+/// Whether an invalidation of `n` keys or tags is done (counted in
+/// `counter`), or must be tried again.
 fn settle(result: redis_cached::Result<u64>, counter: &AtomicU64) -> bool {
     match result {
-        Ok(_) => {
-            add(counter, 1);
+        Ok(n) => {
+            add(counter, n);
             true
         }
         // Templates never render the reserved byte: trying again would

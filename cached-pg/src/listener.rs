@@ -64,7 +64,7 @@ impl Listener {
             publication: None,
             limits: Limits {
                 batch: 1024,
-                in_flight: 128,
+                in_flight: 16,
             },
         }
     }
@@ -135,8 +135,10 @@ impl ListenerBuilder {
         self
     }
 
-    /// How many invalidations of a batch are in flight at once (128 by
-    /// default); each is one key (one short Redis command) or one tag.
+    /// How many Redis operations of a batch are in flight at once (16 by
+    /// default): each a pipeline of at most 512 keys
+    /// ([`Cache::invalidate_many`]) or one tag ([`Cache::invalidate_tag`],
+    /// itself in rounds of at most 500 keys).
     pub fn in_flight(mut self, invalidations: usize) -> Self {
         self.limits.in_flight = invalidations.max(1);
         self

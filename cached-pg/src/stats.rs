@@ -42,8 +42,8 @@ pub struct ListenerStats {
     pub resets: u64,
     /// Times the stream was (re)connected after a failure.
     pub reconnects: u64,
-    /// Invalidations that failed (Redis down, slow, or the breaker open)
-    /// and were retried.
+    /// Invalidations (a pipeline of keys, or a tag) that failed (Redis
+    /// down, slow, or the breaker open) and were tried again.
     pub failed_invalidations: u64,
     /// Batches of invalidations sent.
     pub batches: u64,
