@@ -78,9 +78,10 @@
 //!   transaction's position is confirmed to Postgres only once all its
 //!   invalidations are done.
 //! - **A bound from `COMMIT` to invalidation.** Measured on one machine
-//!   (loopback, two shared cores, Postgres with `fsync` on): p50 0.8 ms,
-//!   p99 5.2 ms, max 7.9 ms from sending a single-row `UPDATE` to its
-//!   tombstone landing in Redis (`cargo bench -p redis-cached-pg`). A
+//!   (loopback, two cores shared with other work, Postgres with `fsync`
+//!   on), from sending a single-row `UPDATE` to its tombstone landing in
+//!   Redis, over 1,000 updates: p50 0.8 to 0.9 ms, p99 5 to 6.5 ms, max 8
+//!   to 32 ms in three runs (`cargo bench -p redis-cached-pg`). A
 //!   computation that read the row before the change and stores after the
 //!   invalidation is refused (the cache's no-stale-set rule), so a read is
 //!   stale by at most that bound while the listener streams.
@@ -106,8 +107,9 @@
 //!   tags each through
 //!   [`Cache::invalidate_tag`](redis_cached::Cache::invalidate_tag) (itself
 //!   in rounds of 500 keys), at most [`ListenerBuilder::in_flight`] at
-//!   once. Throughput measured as above: 150,000 to 170,000 rows/s, for
-//!   one 200,000-row `UPDATE` and for a backlog of 200 transactions.
+//!   once. Throughput measured as above: 155,000 to 170,000 rows/s for
+//!   one 200,000-row `UPDATE`, 137,000 to 154,000 rows/s for a backlog of
+//!   200 transactions of 1,000 rows.
 //!
 //! # Old rows: the replica identity
 //!
