@@ -316,6 +316,28 @@ impl Cache {
         ended(InSpan::new(span.clone(), invalidate).await, &span)
     }
 
+    /// Invalidates each of `keys` as [`Cache::invalidate`] does, in
+    /// pipelines of at most 512 keys (a few in flight at once), so that a
+    /// long list never becomes one long Redis command.
+    ///
+    /// # Errors
+    /// When a key holds the reserved byte `~` (nothing is invalidated
+    /// then), or Redis fails, times out or is skipped by the open breaker
+    /// for some of the pipelines: the others' keys are invalidated, and
+    /// the failed ones' may be in part.
+    pub async fn invalidate_many(&self, keys: &[impl AsRef<str>]) -> Result<()> {
+        let span = op_span("invalidate_many", Some(keys.len()));
+        let invalidate = async {
+            let mut full = Vec::with_capacity(keys.len());
+            for key in keys {
+                check_user_key(key.as_ref())?;
+                full.push(self.inner.full_key(key.as_ref().to_owned()));
+            }
+            self.inner.tombstone_many(&full).await
+        };
+        ended(InSpan::new(span.clone(), invalidate).await, &span)
+    }
+
     /// Invalidates every key cached under `tag` (the `tags = [...]` of
     /// `#[redis_cached]` and `#[cache_put]`), as [`Cache::invalidate`] does
     /// for one key; returns how many keys that was.

@@ -850,6 +850,34 @@ impl Inner {
         Ok(())
     }
 
+    /// [`Inner::tombstone`] for each of `keys`, per master and in chunks
+    /// (see [`Inner::per_master`]), each master under its own breaker; the
+    /// first failure. A chunk that fails may have landed in part.
+    pub(crate) async fn tombstone_many(&self, keys: &[String]) -> Result<()> {
+        let tombstone: Arc<[u8]> = self.settings.codec.encode_tombstone().into();
+        let entries: Vec<(String, Arc<[u8]>)> = keys
+            .iter()
+            .map(|key| {
+                self.forget_near(key);
+                (key.clone(), tombstone.clone())
+            })
+            .collect();
+        let written = self
+            .set_many(&entries, self.settings.invalidation_window)
+            .await;
+        let mut result = Ok(());
+        for ((key, _), written) in entries.iter().zip(written) {
+            // Even if the write failed, as for one key.
+            self.wrote(key);
+            match written {
+                Ok(()) => self.count(None, Event::invalidations),
+                Err(err) if result.is_ok() => result = Err(err),
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
     /// The key of `key`'s lock, in the same hash slot.
     pub(crate) fn lock_key(&self, key: &str) -> String {
         companion_key(self.settings.namespace.as_deref(), key, "lock")
