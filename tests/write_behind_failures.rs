@@ -420,6 +420,10 @@ async fn full_dead_letters_keep_writes_in_the_journal_until_drained() {
     let _: () = server.cmd(redis::cmd("DEL").arg("~wb-dead:{capped}")).await;
     wb.write(200, &"more".to_owned()).await.expect("journaled");
     drained(&wb).await;
+    until(Duration::from_secs(10), "five dead letters counted", || {
+        wb.stats().dead_letters >= 5
+    })
+    .await;
     assert_eq!(wb.stats().dead_letters, 5);
 }
 
@@ -572,6 +576,10 @@ async fn a_panic_in_the_applications_code_does_not_stop_the_flusher() {
             .expect("journaled");
     }
     drained(&wb).await;
+    until(Duration::from_secs(10), "the dead letter counted", || {
+        wb.stats().dead_letters >= 1
+    })
+    .await;
     assert_eq!(wb.stats().dead_letters, 1);
     assert_eq!(sink.writes.lock().expect("not poisoned").len(), 4);
 }
@@ -741,6 +749,13 @@ async fn with_an_integrity_key_entries_another_program_added_never_reach_the_sin
     let writes = sink.writes();
     assert_eq!(writes.len(), 1, "only the signed write: {writes:?}");
     assert_eq!(writes[0].change, Change::Upsert("ada".to_owned()));
+    // The journal empties as each dead letter lands; the count follows.
+    until(
+        Duration::from_secs(10),
+        "three dead letters counted",
+        || flusher.stats().dead_letters >= 3,
+    )
+    .await;
     assert_eq!(flusher.stats().dead_letters, 3);
     let dead: String = entries(&server, "~wb-dead:{signed}")
         .await
@@ -1088,4 +1103,89 @@ async fn pending_writes_behind_many_held_ones_keep_their_order() {
         Some(&Change::Upsert("v2".to_owned())),
         "{key1:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_write_far_from_the_journals_clock_fails_at_once() {
+    let server = RedisServer::start();
+    let cache = Cache::redis(&server.url()).expect("valid URL");
+    let sink = Recorder::default();
+    let wb = builder("skewed", &cache, sink.clone())
+        .integrity_key(b"a key the application holds")
+        .start()
+        .expect("valid");
+    wb.write(1, &"before".to_owned()).await.expect("journaled");
+    drained(&wb).await;
+    // The stream's last id ten minutes ahead (as a clock that jumped, or a
+    // neighbour's entry): every `*` id from now on is far from the time
+    // the writer signs. Acknowledged, such a write would be refused by the
+    // flusher later and never reach the database; it must fail now.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis()
+        + 600_000;
+    let _: String = server
+        .cmd(
+            redis::cmd("XADD")
+                .arg("~wb:{skewed}")
+                .arg(format!("{ahead}-0"))
+                .arg("k")
+                .arg("x"),
+        )
+        .await;
+    let _: u64 = server
+        .cmd(redis::cmd("XTRIM").arg("~wb:{skewed}").arg("MAXLEN").arg(0))
+        .await;
+    let refused = wb.write(2, &"after".to_owned()).await;
+    assert_eq!(refused.err(), Some(Error::Rejected("JOURNALSKEW".into())));
+    assert_eq!(wb.pending().await, Ok(0), "nothing was journaled");
+    assert_eq!(cache.get::<String>("user:2").await, None);
+    assert_eq!(sink.writes().len(), 1);
+    assert_eq!(wb.stats().dead_letters, 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_sinks_error_text_stays_out_of_the_logs_unless_asked_for() {
+    for asked in [false, true] {
+        let captured = support::logs::Captured::default();
+        let _guard = tracing::subscriber::set_default(captured.subscriber(tracing::Level::TRACE));
+        let server = RedisServer::start();
+        let cache = Cache::redis(&server.url()).expect("valid URL");
+        let sink = Recorder {
+            poison: Some(13),
+            ..Recorder::default()
+        };
+        let wb = builder("quiet", &cache, sink)
+            .max_attempts(2)
+            .log_sink_errors(asked)
+            .start()
+            .expect("valid");
+        wb.write(13, &"a row".to_owned()).await.expect("journaled");
+        // Other rows go through meanwhile: the database is up, row 13 is
+        // what it refuses.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut other = 100;
+        while wb.stats().dead_letters == 0 {
+            assert!(Instant::now() < deadline, "the refused row was not buried");
+            wb.write(other, &"fine".to_owned()).await.expect("journaled");
+            other += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let logs = captured.text();
+        assert!(logs.contains("the write-behind sink failed"), "{logs}");
+        assert_eq!(
+            logs.contains("row 13 violates a constraint"),
+            asked,
+            "log_sink_errors({asked}):\n{logs}"
+        );
+        // The reason is kept with the write, as private as the journal.
+        let dead = entries(&server, "~wb-dead:{quiet}").await;
+        let reason = dead[0]
+            .1
+            .iter()
+            .find(|(name, _)| name == "error")
+            .map(|(_, why)| String::from_utf8_lossy(why).into_owned());
+        assert_eq!(reason.as_deref(), Some("row 13 violates a constraint"));
+    }
 }

@@ -73,9 +73,9 @@ impl Error {
             // still work. Everything else (the server's state, the
             // credentials, `ERR max number of clients reached`) may affect
             // every key, and feeds the breaker.
-            // `JOURNALBLOCKED`: a write-behind journal that cannot take
-            // another entry (see the write-behind's docs).
-            Some(code @ ("WRONGTYPE" | "NOPERM" | "JOURNALBLOCKED")) => {
+            // `JOURNALBLOCKED`, `JOURNALSKEW`: a write-behind journal that
+            // cannot take another entry (see the write-behind's docs).
+            Some(code @ ("WRONGTYPE" | "NOPERM" | "JOURNALBLOCKED" | "JOURNALSKEW")) => {
                 return Error::Rejected(code.to_owned())
             }
             // The key's slot is being moved to another cluster node: a

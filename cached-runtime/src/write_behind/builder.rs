@@ -80,6 +80,7 @@ where
                 sink_timeout: Duration::from_secs(30),
                 max_dead_letters: 10_000,
                 park_for: Duration::from_secs(3600),
+                log_sink_errors: false,
                 flusher: true,
             },
             _types: PhantomData,
@@ -194,16 +195,42 @@ where
         self
     }
 
+    /// Whether the sink's error text goes into the log lines of a failed
+    /// flush and of a write given up on (default: no). A database's error
+    /// often quotes the row it refused (`invalid input syntax for type
+    /// integer: "…"`), and no stored value reaches the logs unless you
+    /// ask. Off, the lines say how many writes failed and how often; the
+    /// error text is always kept with the write in the dead letters,
+    /// which are as private as the journal.
+    pub fn log_sink_errors(mut self, on: bool) -> Self {
+        self.limits.log_sink_errors = on;
+        self
+    }
+
     /// Signs each journaled write with an HMAC-SHA256 under `secret`, a
     /// key the application holds (every process that shares the journal
     /// needs the same): the flusher hands the sink only writes whose MAC
-    /// matches, and moves any other entry of the stream (one another
-    /// program added: a forged database write, or an old entry added
-    /// again) to the dead letters. For a Redis shared with other
-    /// applications, on top of an ACL that keeps the journal's keys
-    /// private (see the crate's Security notes). Off by default. The
-    /// secret must be at least 16 bytes (32 random bytes are best);
-    /// [`WriteBehindBuilder::start`] refuses a shorter one.
+    /// matches, and parks, then moves to the dead letters, any other entry
+    /// of the stream (one another program added: a forged database write,
+    /// or an entry copied and added again more than five minutes after it
+    /// was signed). For a Redis shared with other applications, on top of
+    /// an ACL that keeps the journal's keys private (see the crate's
+    /// Security notes). Off by default. The secret must be at least 16
+    /// bytes (32 random bytes are best); [`WriteBehindBuilder::start`]
+    /// refuses a shorter one.
+    ///
+    /// What it does not stop: a copy of a signed entry added again within
+    /// five minutes of the original passes the check, and can put that
+    /// write's value back over a later write of the same key (the copy
+    /// has a newer journal id, so an id-fenced sink takes it too). Only
+    /// the ACL keeps others from adding to the journal at all.
+    ///
+    /// The time signed is the writer's clock, checked against the entry's
+    /// stream id (Redis's clock) as it is appended: a writer whose clock
+    /// is more than five minutes off Redis's gets
+    /// [`Error::Rejected`](crate::Error::Rejected)`("JOURNALSKEW")` and
+    /// nothing is journaled, rather than an acknowledged write that the
+    /// flusher would refuse later.
     pub fn integrity_key(mut self, secret: &[u8]) -> Self {
         self.integrity = Some(IntegrityKey::new(secret));
         self.weak_integrity = secret.len() < MIN_SECRET_BYTES;

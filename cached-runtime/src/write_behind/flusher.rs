@@ -1018,7 +1018,14 @@ where
                             self.failed();
                         }
                         self.shared.counters.add(Tally::retries, 1);
-                        tracing::warn!(target: "redis_cached", %error, writes = part.slots.len(), "the write-behind sink failed; retrying");
+                        let writes = part.slots.len();
+                        let attempts = part.failures + 1;
+                        if self.shared.limits.log_sink_errors {
+                            tracing::warn!(target: "redis_cached", %error, writes, attempts, "the write-behind sink failed; retrying");
+                        } else {
+                            tracing::warn!(target: "redis_cached", writes, attempts,
+                                "the write-behind sink failed; retrying (its error text is kept with any write given up on; log_sink_errors shows it here)");
+                        }
                         part.failures += 1;
                         part.failing_since.get_or_insert_with(Instant::now);
                         failing.extend(self.after_failure(part, &error).await?);
@@ -1289,12 +1296,16 @@ where
                 }
                 self.release(slot);
                 c.add(Tally::dead_letters, 1);
-                tracing::error!(target: "redis_cached", error, attempts, stream = %shared.journal.dead, "a write was given up on and moved to the dead letters");
+                if shared.limits.log_sink_errors {
+                    tracing::error!(target: "redis_cached", error, attempts, stream = %shared.journal.dead, "a write was given up on and moved to the dead letters");
+                } else {
+                    tracing::error!(target: "redis_cached", attempts, stream = %shared.journal.dead, "a write was given up on and moved to the dead letters, with its reason");
+                }
                 Ok(true)
             }
             Buried::Full => {
                 c.add(Tally::dead_letters_full, 1);
-                tracing::error!(target: "redis_cached", error, attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
+                tracing::error!(target: "redis_cached", attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
                     "a write given up on stays in the journal: the dead letters are full; drain them (XRANGE, then XDEL)");
                 Ok(true)
             }

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::integrity::IntegrityKey;
+use super::integrity::{IntegrityKey, MAX_SKEW_MS};
 use super::stats::{Counters, Tally};
-use crate::backend::{JournalKeys, JournalPut, RedisBackend};
+use crate::backend::{JournalKeys, JournalPut, RedisBackend, Signed};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::failpoint::{self, Action};
@@ -32,6 +32,8 @@ pub(super) struct Limits {
     pub(super) max_dead_letters: u64,
     pub(super) park_for: Duration,
     pub(super) flusher: bool,
+    /// Whether log lines carry the sink's error text.
+    pub(super) log_sink_errors: bool,
 }
 
 /// The oldest Redis the journal is supported on. Its commands (consumer
@@ -107,7 +109,11 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
             .integrity
             .as_ref()
             .map(|secret| secret.sign(&self.journal.stream, stamp, key, entry));
-        let signed = mac.as_ref().map(|mac| (stamp, &mac[..]));
+        let signed = mac.as_ref().map(|mac| Signed {
+            stamp,
+            mac: &mac[..],
+            max_skew_ms: MAX_SKEW_MS,
+        });
         let append = redis.journal_append(&self.journal, self.limits.max_len, key, entry, signed);
         let appended = inner.guarded(append).await;
         match appended {
@@ -124,8 +130,9 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
                 // nothing was journaled.
                 self.counters.add(Tally::failed, 1);
                 tracing::error!(target: "redis_cached", stream = %self.journal.stream, error = %err,
-                    "a write could not be journaled; if the stream holds the largest id there is, \
-                     drain it and delete it (see the write-behind's docs)");
+                    "a write could not be journaled: JOURNALBLOCKED, the stream holds the largest id \
+                     there is (drain it and delete it); JOURNALSKEW, this host's clock is off Redis's \
+                     by more than five minutes (see the write-behind's docs)");
                 Err(err)
             }
             Err(err) => {

@@ -18,9 +18,14 @@ use crate::error::{server_code, Error, Result};
 
 /// Appends a write unless the stream holds `max_len` entries already.
 /// KEYS: stream. ARGV: max_len, key, entry, and with an integrity check
-/// the writer's time and the MAC (else empty). Returns the entry's id, or
+/// the writer's time, the MAC and the largest distance allowed between
+/// that time and the entry id's (else empty). Returns the entry's id, or
 /// nil when full; a `JOURNALBLOCKED` error when the stream's last id is
-/// the largest there is (someone added an entry with that id by hand).
+/// the largest there is (someone added an entry with that id by hand); a
+/// `JOURNALSKEW` error, with nothing journaled, when a signed entry's id
+/// is farther from the writer's time than a flusher accepts (the writer's
+/// clock is off Redis's, or the stream holds an id in the future): the
+/// write fails now rather than being refused by the flusher later.
 const APPEND: &str = r"
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return false
@@ -38,6 +43,15 @@ if type(id) == 'table' and id.err then
     return redis.error_reply('JOURNALBLOCKED the journal stream holds the largest id there is')
   end
   return redis.error_reply(id.err)
+end
+if ARGV[4] ~= '' then
+  local ms = tonumber(string.match(id, '^(%d+)-'))
+  local stamp = tonumber(ARGV[4])
+  if ms and stamp and math.abs(ms - stamp) > tonumber(ARGV[6]) then
+    redis.call('XDEL', KEYS[1], id)
+    return redis.error_reply('JOURNALSKEW the writer signed at ' .. ARGV[4] ..
+      ' ms, the journal id is ' .. id .. ': sync the clocks (or the stream holds an id in the future)')
+  end
 end
 return id
 ";
@@ -259,6 +273,14 @@ pub(crate) struct Journaled {
     pub(crate) mac: Option<Vec<u8>>,
 }
 
+/// A journaled write's signature: the writer's time (Unix ms), the MAC,
+/// and how far the entry's id may be from that time.
+pub(crate) struct Signed<'a> {
+    pub(crate) stamp: u64,
+    pub(crate) mac: &'a [u8],
+    pub(crate) max_skew_ms: u64,
+}
+
 /// One versioned cache update: store `entry` at `key` for `ttl` unless a
 /// write journaled after `id` is stored there.
 pub(crate) struct JournalPut<'a> {
@@ -315,13 +337,16 @@ impl RedisBackend {
         max_len: u64,
         key: &[u8],
         entry: &[u8],
-        signed: Option<(u64, &[u8])>,
+        signed: Option<Signed<'_>>,
     ) -> Result<Option<String>> {
         let mut invocation = self.journal.append.key(&journal.stream);
         invocation.arg(max_len).arg(key).arg(entry);
         match signed {
-            Some((stamp, mac)) => invocation.arg(stamp).arg(mac),
-            None => invocation.arg("").arg(""),
+            Some(signed) => invocation
+                .arg(signed.stamp)
+                .arg(signed.mac)
+                .arg(signed.max_skew_ms),
+            None => invocation.arg("").arg("").arg(""),
         };
         self.invoke(&invocation).await
     }

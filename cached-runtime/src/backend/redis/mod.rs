@@ -41,7 +41,7 @@ use redis::aio::ConnectionManagerConfig;
 
 use self::flag::ClearOnDrop;
 use self::journal::JournalScripts;
-pub(crate) use self::journal::{Buried, DeadLetter, JournalKeys, JournalPut, Journaled};
+pub(crate) use self::journal::{Buried, DeadLetter, JournalKeys, JournalPut, Journaled, Signed};
 use self::link::Link;
 pub(crate) use self::link::{ClusterTarget, SentinelTarget, Target};
 use self::merge::{Busy, Merger, Reply, Route};
