@@ -481,9 +481,8 @@ async fn a_redis_too_old_for_the_journal_is_refused_at_the_first_write() {
     let proxy = Proxy::start(server.port());
     proxy.rewrite_replies(version.as_bytes(), old.as_bytes());
     let cache = Cache::redis(&proxy.url()).expect("valid URL");
-    let wb = builder("old", &cache, Recorder::default())
-        .start()
-        .expect("valid");
+    let sink = Recorder::default();
+    let wb = builder("old", &cache, sink.clone()).start().expect("valid");
     let refused = wb.write(1, &"x".to_owned()).await;
     match refused {
         Err(Error::Config(why)) => assert!(why.contains("6.2"), "{why}"),
@@ -496,6 +495,16 @@ async fn a_redis_too_old_for_the_journal_is_refused_at_the_first_write() {
         .cmd(redis::cmd("EXISTS").arg("~wb-lease:{old}"))
         .await;
     assert_eq!((held, leased), (0, 0));
+    // Upgraded in place: the handle finds out within seconds, without a
+    // restart of the application.
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(err) = wb.write(1, &"x".to_owned()).await {
+        assert!(Instant::now() < deadline, "still refused: {err:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drained(&wb).await;
+    assert_eq!(sink.writes().len(), 1);
 }
 
 /// A value whose `Clone` panics while `BOMBS` is above zero, and always
@@ -1168,7 +1177,9 @@ async fn the_sinks_error_text_stays_out_of_the_logs_unless_asked_for() {
         let mut other = 100;
         while wb.stats().dead_letters == 0 {
             assert!(Instant::now() < deadline, "the refused row was not buried");
-            wb.write(other, &"fine".to_owned()).await.expect("journaled");
+            wb.write(other, &"fine".to_owned())
+                .await
+                .expect("journaled");
             other += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -188,10 +188,10 @@ pub(crate) struct Health {
     config: BreakerConfig,
 }
 
-/// How many cluster masters have a breaker of their own; the operations on
-/// masters numbered beyond (a cluster that has had more masters than this
-/// over the cache's life) share the whole one.
-const MASTERS: usize = 1024;
+/// How many cluster masters have a breaker of their own: as many as the
+/// topology numbers (it reuses the number of a master gone once all are
+/// taken, and that master's breaker with it).
+const MASTERS: usize = crate::backend::MASTER_NUMBERS;
 
 impl Health {
     /// The breakers of a cache; with one per master if on a `cluster`.

@@ -13,7 +13,7 @@ pub(crate) use self::memory::MemoryBackend;
 pub use self::memory::MemoryConfig;
 pub(crate) use self::redis::{
     Buried, ClusterTarget, DeadLetter, JournalKeys, JournalPut, Journaled, Landing, RedisBackend,
-    Release, SentinelTarget, Signed, Target, Tracker,
+    Release, SentinelTarget, Signed, Target, Tracker, MASTER_NUMBERS,
 };
 use crate::error::Result;
 

@@ -3,7 +3,7 @@
 
 use std::marker::PhantomData;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -288,7 +288,8 @@ where
             stop: AtomicBool::new(false),
             running: AtomicBool::new(false),
             ended: tokio::sync::Notify::new(),
-            server: OnceLock::new(),
+            server_ok: OnceLock::new(),
+            server_refused: Mutex::new(None),
             _types: PhantomData,
         });
         if let Some(runtime) = runtime.filter(|_| shared.limits.flusher) {

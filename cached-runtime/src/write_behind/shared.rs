@@ -5,8 +5,8 @@
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::integrity::{IntegrityKey, MAX_SKEW_MS};
 use super::stats::{Counters, Tally};
@@ -41,6 +41,12 @@ pub(super) struct Limits {
 /// out of support and untested here.
 const OLDEST_REDIS: (u32, u32) = (6, 2);
 
+/// How long a server found too old is believed so before it is asked
+/// again (it may have been upgraded in place). A server found new enough
+/// is believed for the handle's life: a failover to an older replica is
+/// not looked for.
+const RECHECK_SERVER: Duration = Duration::from_secs(5);
+
 /// The state shared by a write-behind's handles and its flusher.
 pub(super) struct Shared<K, V, S> {
     pub(super) journal: JournalKeys,
@@ -70,7 +76,11 @@ pub(super) struct Shared<K, V, S> {
     pub(super) ended: tokio::sync::Notify,
     /// What the journal's server was found to be, once it answered:
     /// `Err` (why) when it is too old for the journal.
-    pub(super) server: OnceLock<std::result::Result<(), String>>,
+    /// Set once the journal's server was found to run its commands.
+    pub(super) server_ok: OnceLock<()>,
+    /// Why it does not, and when that was found: asked again after
+    /// [`RECHECK_SERVER`] (the server may be upgraded in place).
+    pub(super) server_refused: Mutex<Option<(String, Instant)>>,
     pub(super) _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -182,8 +192,19 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
     /// Checks, once it answers, that the journal's server runs the
     /// journal's commands (and warns if it may evict the journal).
     pub(super) async fn check_server(&self) -> Result<()> {
-        if let Some(verdict) = self.server.get() {
-            return verdict.clone().map_err(Error::Config);
+        if self.server_ok.get().is_some() {
+            return Ok(());
+        }
+        {
+            let refused = self
+                .server_refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some((why, when)) = refused.as_ref() {
+                if when.elapsed() < RECHECK_SERVER {
+                    return Err(Error::Config(why.clone()));
+                }
+            }
         }
         let redis = self.redis()?;
         let (version, policy) = self
@@ -209,7 +230,17 @@ impl<K: KeyParts, V, S> Shared<K, V, S> {
                  an evicted journal loses accepted writes; use noeviction (or a volatile-* policy)"
             );
         }
-        let _ = self.server.set(verdict.clone());
+        match &verdict {
+            Ok(()) => {
+                let _ = self.server_ok.set(());
+            }
+            Err(why) => {
+                *self
+                    .server_refused
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some((why.clone(), Instant::now()));
+            }
+        }
         verdict.map_err(Error::Config)
     }
 

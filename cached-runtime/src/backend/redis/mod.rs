@@ -48,6 +48,7 @@ use self::merge::{Busy, Merger, Reply, Route};
 use self::notify::Feed;
 pub(crate) use self::notify::{Landing, Notifier, Watch};
 use self::scripts::{px, Scripts, SOURCES};
+pub(crate) use self::topology::MASTER_NUMBERS;
 use self::track::TrackFeed;
 pub(crate) use self::track::Tracker;
 use super::{Acquire, Backend, Bytes, Seen, StoreIf};

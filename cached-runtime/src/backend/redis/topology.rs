@@ -36,6 +36,10 @@ pub(crate) struct SlotRange {
 const SLOTS: usize = 16_384;
 /// The owner of a slot that no master serves.
 const NOBODY: u16 = u16::MAX;
+/// How many masters have a number of their own (and so, above, a breaker
+/// of their own). Once that many addresses were seen (pods replaced over a
+/// long life), a new master takes the number of one that serves no slot.
+pub(crate) const MASTER_NUMBERS: usize = 1024;
 /// The least time between two reads of the slot map.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// How many nodes a read of the slot map asks before it gives up.
@@ -192,7 +196,10 @@ impl Topology {
             .ok_or_else(|| Error::Redis("CLUSTER SLOTS answered in an unknown shape".into()))
     }
 
-    /// Keeps `ranges` as the slot map, numbering new masters.
+    /// Keeps `ranges` as the slot map, numbering new masters: a master
+    /// keeps its number for as long as it is seen; a new one takes the
+    /// next, or, once [`MASTER_NUMBERS`] are taken, the lowest of a master
+    /// this map no longer names.
     fn keep(&self, ranges: &Arc<Vec<SlotRange>>) {
         let mut owners = vec![NOBODY; SLOTS].into_boxed_slice();
         {
@@ -201,18 +208,28 @@ impl Topology {
                 let address = (range.host.clone(), range.port);
                 let node = match nodes.iter().position(|known| *known == address) {
                     Some(node) => node,
-                    None => {
+                    None if nodes.len() < MASTER_NUMBERS => {
                         nodes.push(address);
                         nodes.len() - 1
                     }
+                    None => {
+                        let named = |known: &(String, u16)| {
+                            ranges
+                                .iter()
+                                .any(|r| r.port == known.1 && r.host == known.0)
+                        };
+                        let Some(free) = nodes.iter().position(|known| !named(known)) else {
+                            // Every number names a master serving slots
+                            // now: this one shares the cache-wide breaker.
+                            continue;
+                        };
+                        nodes[free] = address;
+                        free
+                    }
                 };
-                // Past 65,535 masters ever seen, the rest share no breaker.
                 let Ok(node) = u16::try_from(node) else {
                     continue;
                 };
-                if node == NOBODY {
-                    continue;
-                }
                 let (first, last) = (usize::from(range.first), usize::from(range.last));
                 if let Some(slots) = owners.get_mut(first..=last.min(SLOTS - 1)) {
                     slots.fill(node);
@@ -329,5 +346,54 @@ mod tests {
         // A slot no master serves.
         topology.keep(&Arc::new(vec![range(0, 9, 7002)]));
         assert_eq!(topology.node_of(50), None);
+    }
+
+    #[tokio::test]
+    async fn a_long_life_of_replaced_masters_never_runs_out_of_numbers() {
+        let client = ClusterClient::new(vec!["redis://127.0.0.1:1/"]).expect("a valid URL");
+        let topology = Arc::new(Topology::new(client, Duration::from_secs(1), "127.0.0.1"));
+        let map = |ports: [u16; 3]| {
+            Arc::new(vec![
+                SlotRange {
+                    first: 0,
+                    last: 5460,
+                    host: "10.0.0.1".into(),
+                    port: ports[0],
+                },
+                SlotRange {
+                    first: 5461,
+                    last: 10922,
+                    host: "10.0.0.1".into(),
+                    port: ports[1],
+                },
+                SlotRange {
+                    first: 10923,
+                    last: 16383,
+                    host: "10.0.0.1".into(),
+                    port: ports[2],
+                },
+            ])
+        };
+        // Rolling restarts, each bringing three new addresses: far more
+        // addresses over the cache's life than there are numbers.
+        for round in 0..2_000u16 {
+            let ports = [3 * round, 3 * round + 1, 3 * round + 2].map(|p| 10_000 + p);
+            topology.keep(&map(ports));
+            let nodes: Vec<Option<usize>> = [0, 6000, 12000]
+                .iter()
+                .map(|&slot| topology.node_of(slot))
+                .collect();
+            for node in &nodes {
+                assert!(
+                    node.is_some_and(|n| n < MASTER_NUMBERS),
+                    "round {round}: {nodes:?}"
+                );
+            }
+            assert!(nodes[0] != nodes[1] && nodes[1] != nodes[2] && nodes[0] != nodes[2]);
+            for (node, port) in nodes.iter().zip(ports) {
+                let address = node.and_then(|n| topology.address(n));
+                assert_eq!(address, Some(("10.0.0.1".into(), port)));
+            }
+        }
     }
 }
