@@ -30,7 +30,7 @@ cargo fmt --all -- --check
 # The demo service (examples/demo) is checked on its own: built with the
 # workspace, its `metrics` feature would be switched on for every test.
 cargo clippy --workspace --exclude demo --all-targets --locked -- -D warnings
-cargo clippy -p cached-runtime --all-features --all-targets --locked -- -D warnings
+cargo clippy -p redis-cached-runtime --all-features --all-targets --locked -- -D warnings
 # Unit, integration, trybuild and doc tests (benchmarks are type-checked by
 # clippy above and run with `cargo bench`).
 cargo test --workspace --exclude demo --locked
@@ -39,9 +39,9 @@ cargo test --workspace --exclude demo --locked
 # threads (up to 3 preemptions), with the crate's own locks and atomics
 # swapped for loom's. A build of its own (another cfg), bounded in time.
 RUSTFLAGS="--cfg redis_cached_loom" CARGO_TARGET_DIR=target/loom \
-    timeout 900 cargo test -p cached-runtime --lib --locked -- model:: --nocapture
+    timeout 900 cargo test -p redis-cached-runtime --lib --locked -- model:: --nocapture
 # The optional binary codec.
-cargo test -p cached-runtime --features postcard --locked codec
+cargo test -p redis-cached-runtime --features postcard --locked codec
 # The optional `metrics` export: every counter exact, the Prometheus text.
 cargo clippy -p redis-cached --features metrics --test metrics --locked -- -D warnings
 cargo test -p redis-cached --features metrics --locked --test metrics
