@@ -2,7 +2,7 @@
 # Runs every check and test of the project on a fresh Debian machine:
 # installs redis-server and Postgres when missing (the integration tests
 # start their own servers on free ports), then format, lint, unit,
-# integration, doc and UI tests.
+# integration, doc and UI tests, the documentation and the packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +30,7 @@ cargo fmt --all -- --check
 # The demo service (examples/demo) is checked on its own: built with the
 # workspace, its `metrics` feature would be switched on for every test.
 cargo clippy --workspace --exclude demo --all-targets --locked -- -D warnings
-cargo clippy -p cached-runtime --all-features --all-targets --locked -- -D warnings
+cargo clippy -p redis-cached-runtime --all-features --all-targets --locked -- -D warnings
 # Unit, integration, trybuild and doc tests (benchmarks are type-checked by
 # clippy above and run with `cargo bench`).
 cargo test --workspace --exclude demo --locked
@@ -39,9 +39,9 @@ cargo test --workspace --exclude demo --locked
 # threads (up to 3 preemptions), with the crate's own locks and atomics
 # swapped for loom's. A build of its own (another cfg), bounded in time.
 RUSTFLAGS="--cfg redis_cached_loom" CARGO_TARGET_DIR=target/loom \
-    timeout 900 cargo test -p cached-runtime --lib --locked -- model:: --nocapture
+    timeout 900 cargo test -p redis-cached-runtime --lib --locked -- model:: --nocapture
 # The optional binary codec.
-cargo test -p cached-runtime --features postcard --locked codec
+cargo test -p redis-cached-runtime --features postcard --locked codec
 # The optional `metrics` export: every counter exact, the Prometheus text.
 cargo clippy -p redis-cached --features metrics --test metrics --locked -- -D warnings
 cargo test -p redis-cached --features metrics --locked --test metrics
@@ -54,3 +54,16 @@ env -u REDIS_URL cargo run --locked --example quickstart
 # The demo service on SQLite: its load generator's counts against /metrics.
 cargo clippy -p demo --all-targets --locked -- -D warnings
 cargo test -p demo --locked
+# The libraries on the declared minimum Rust (rust-version), when that
+# toolchain is installed: `rustup toolchain install 1.88 --profile minimal`.
+if rustup run 1.88 rustc --version >/dev/null 2>&1; then
+    cargo +1.88 check -p redis-cached -p redis-cached-pg --all-features --locked
+else
+    echo "Rust 1.88 not installed: the minimum-version check is skipped"
+fi
+# The documentation as docs.rs builds it (every feature), each warning an
+# error: a broken link, an unclosed tag. The demo is never published.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --exclude demo --all-features --no-deps --locked
+# Each published crate built from its packaged files alone, so a file left
+# out of a package fails here, not on crates.io.
+cargo package --workspace --exclude demo --exclude renamed-dep-test --locked

@@ -3,6 +3,9 @@
 //! allocator that counts the bytes in use measures it; a test binary of its
 //! own, so that no other test's allocations are counted.
 
+// A global allocator is an `unsafe impl`.
+#![allow(unsafe_code)]
+
 mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};

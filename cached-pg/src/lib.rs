@@ -168,6 +168,7 @@
 //! notify lose what happens while the listener is disconnected, which is
 //! what the slot is for.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
 mod apply;

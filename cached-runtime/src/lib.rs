@@ -9,6 +9,7 @@
 //! algorithms (`call` → `fresh` → `aside` → `lock`), over `core` (read,
 //! decode, store), over the backends, codec, keys, breaker and counters.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
 mod aside;

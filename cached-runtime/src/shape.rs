@@ -55,7 +55,7 @@ pub trait Shape<R> {
     fn from_value(value: Self::Value) -> R;
     /// The result that a stored absence stands for, if `R` has one.
     fn absent() -> Option<R>;
-    /// Takes `result` apart (see [`Split`]).
+    /// Takes `result` apart (see `Split`).
     fn split(result: R) -> Split<Self::Value, R>;
 }
 

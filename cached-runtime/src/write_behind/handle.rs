@@ -17,7 +17,7 @@ use crate::core::Inner;
 use crate::error::{Error, Result};
 use crate::key::KeyParts;
 
-/// Write-behind over a [`Cache`] on Redis: [`WriteBehind::write`] and
+/// Write-behind over a [`Cache`](crate::Cache) on Redis: [`WriteBehind::write`] and
 /// [`WriteBehind::delete`] change the cache at once and return once the
 /// write is journaled in a Redis Stream; a flusher applies the journal to
 /// a [`Sink`] in batches, and removes writes only after the sink took them.
@@ -36,7 +36,7 @@ use crate::key::KeyParts;
 /// polls a sink call past the lease's end by its own clock, but a call
 /// already sent to the database when the process was paused or cut off may
 /// still land after the next holder's: a sink that must rule this out
-/// keeps each row's [`Write::id`] and ignores older ones.
+/// keeps each row's [`Write::id`](crate::Write::id) and ignores older ones.
 ///
 /// **The cache follows the database.** Once the sink took a write, the
 /// flusher puts it in the cache again (unless a later write of its key is

@@ -4,13 +4,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// A snapshot of a [`WriteBehind`]'s counters (this process's).
+/// A snapshot of a [`WriteBehind`](crate::WriteBehind)'s counters (this process's).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WriteBehindStats {
     /// Writes journaled through this handle.
     pub accepted: u64,
-    /// Writes refused because the journal was full ([`Error::Backlog`]).
+    /// Writes refused because the journal was full ([`Error::Backlog`](crate::Error::Backlog)).
     pub refused: u64,
     /// Writes that failed because Redis did (an error to the caller).
     pub failed: u64,

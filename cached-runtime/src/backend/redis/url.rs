@@ -81,7 +81,20 @@ pub(crate) fn open_client_with(
 #[cfg(feature = "tls")]
 pub(crate) fn install_crypto_provider() {
     // One process-wide provider; if the application installed its own, keep it.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    if rustls::crypto::CryptoProvider::get_default().is_some() {
+        return;
+    }
+    // rustls 0.23.48 deprecates the ring provider because it has no
+    // post-quantum key exchange; aws-lc-rs, which has one, needs cmake and
+    // minutes of C compilation. ring stays the choice, on purpose: an
+    // application that wants post-quantum key exchange installs the
+    // aws-lc-rs provider before its first `rediss://` connection, and it is
+    // kept (above). Without our own install, rustls would pick ring from
+    // its features only when no other crate of the application enables
+    // aws-lc-rs, and panic otherwise.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let _ = provider.install_default();
 }
 
 /// The error for a TLS URL or a CA without the `tls` feature.
