@@ -45,6 +45,9 @@ cargo test -p redis-cached-runtime --features postcard --locked codec
 # The optional `metrics` export: every counter exact, the Prometheus text.
 cargo clippy -p redis-cached --features metrics --test metrics --locked -- -D warnings
 cargo test -p redis-cached --features metrics --locked --test metrics
+# The Postgres listener's metrics: its lag, state and counters as scraped.
+cargo clippy -p redis-cached-pg --all-features --all-targets --locked -- -D warnings
+cargo test -p redis-cached-pg --features metrics --locked --test metrics
 # Write-behind faults made on purpose: a writer killed at random points,
 # a cache update that fails, a takeover whose lease lapsed (failpoints).
 cargo clippy -p redis-cached --features failpoints --test write_behind_faults --locked -- -D warnings

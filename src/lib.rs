@@ -47,7 +47,8 @@ pub use cached_runtime::{
     bypass, cached_functions, escape_into, global, invalidate_call, key_of, keys_of, refresh,
     set_global, stats_named, stats_of, tag, BreakerConfig, Cache, CacheBuilder, CacheKey, Change,
     Codec, Error, JournalId, KeyAtom, KeyBuilder, KeyParts, MemoryConfig, Result, Sink, Stats,
-    Write, WriteBehind, WriteBehindBuilder, WriteBehindStats, MAX_KEY_LEN, MEMORY_URL,
+    Write, WriteBehind, WriteBehindBuilder, WriteBehindStats, HISTOGRAM_BUCKETS, MAX_KEY_LEN,
+    MEMORY_URL,
 };
 
 pub mod guide;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
-use redis_cached::{redis_cached, stats_of, BreakerConfig, Cache};
+use redis_cached::{cache_put, redis_cached, stats_of, BreakerConfig, Cache};
 use support::RedisServer;
 
 struct Repo {
@@ -274,6 +274,253 @@ fn the_prometheus_text_shows_the_same_counts() {
             text.contains("# TYPE redis_cached_hits_total counter"),
             "{text}"
         );
+    });
+}
+
+/// The metric names of a Prometheus exposition that `kind` lines
+/// (`# HELP` or `# TYPE`) name.
+fn named_by<'a>(text: &'a str, kind: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(kind)?.split(' ').nth(1))
+        .collect()
+}
+
+/// Functions of every kind, on a Redis cache with a near tier and a
+/// write-behind: every metric of the crate is exported.
+struct Shop {
+    cache: Cache,
+}
+
+impl Shop {
+    #[redis_cached(key = "user:<id>", lock = true, near = "10s", cache = self.cache)]
+    async fn user(&self, id: u64) -> u64 {
+        id
+    }
+
+    #[redis_cached(key = "name:<id>", cache = self.cache)]
+    async fn name(&self, id: u64) -> String {
+        format!("user {id}")
+    }
+
+    #[cache_put(key = "name:<id>", cache = self.cache)]
+    async fn rename(&self, id: u64) -> String {
+        format!("renamed {id}")
+    }
+}
+
+/// The Prometheus text after [`Shop`] and a write-behind ran on a
+/// server's cache, with the histograms' buckets set as documented; made
+/// once (a function's handles belong to the recorder of its first call, so
+/// the tests that read it share one).
+fn shop_exposition() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+        let mut builder = PrometheusBuilder::new();
+        for (name, bounds) in redis_cached::HISTOGRAM_BUCKETS {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full((*name).to_owned()), bounds)
+                .expect("bounds");
+        }
+        let server = RedisServer::start();
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        recorded(&recorder, async {
+            let shop = Shop {
+                cache: Cache::builder(&server.url())
+                    .namespace("shop")
+                    .build()
+                    .expect("valid"),
+            };
+            for id in 0..3 {
+                shop.user(id).await;
+                shop.user(id).await;
+                shop.name(id).await;
+                shop.rename(id).await;
+                shop.name(id).await;
+            }
+            shop.cache.invalidate("user:1").await.expect("invalidated");
+            let wb = redis_cached::WriteBehind::builder("orders", &shop.cache, Accept)
+                .key_template("order:<id>")
+                .max_delay(Duration::from_millis(50))
+                .start()
+                .expect("valid");
+            wb.write(1, &"one".to_owned()).await.expect("journaled");
+            assert_eq!(wb.shutdown(Duration::from_secs(10)).await, Ok(0));
+        });
+        handle.run_upkeep();
+        handle.render()
+    })
+}
+
+#[test]
+fn every_exported_metric_has_help() {
+    let text = shop_exposition();
+    let typed = named_by(text, "# TYPE");
+    let helped = named_by(text, "# HELP");
+    assert!(typed.len() >= 20, "{text}");
+    for name in &typed {
+        assert!(helped.contains(name), "no # HELP for {name}:\n{text}");
+    }
+    assert!(
+        text.contains("# HELP redis_cached_hits_total Lookups answered from the cache."),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_timings_render_as_histograms_with_the_documented_buckets() {
+    let text = shop_exposition();
+    for name in [
+        "redis_cached_compute_seconds",
+        "redis_cached_redis_operation_seconds",
+        "redis_cached_write_behind_flush_lag_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram")),
+            "{name} is not a histogram:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("{name}_bucket{{")),
+            "{name} has no buckets:\n{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with(&format!("{name}_bucket{{"))
+                    && line.contains("le=\"+Inf\"")),
+            "{name} has no +Inf bucket:\n{text}"
+        );
+    }
+    assert!(!text.contains("quantile="), "no summaries left:\n{text}");
+}
+
+#[test]
+fn a_function_exports_only_the_series_it_can_produce() {
+    let text = shop_exposition();
+    let series_of = |function: &str| -> Vec<&str> {
+        text.lines()
+            .filter(|line| !line.starts_with('#') && line.contains(&format!("{function}\"")))
+            .filter_map(|line| line.split('{').next())
+            .collect()
+    };
+    let rename = series_of("Shop::rename");
+    let name = series_of("Shop::name");
+    let user = series_of("Shop::user");
+    // A `#[cache_put]` stores: no lookups, no near tier, no lock.
+    assert!(rename.contains(&"redis_cached_writes_total"), "{text}");
+    for absent in [
+        "redis_cached_hits_total",
+        "redis_cached_misses_total",
+        "redis_cached_near_hits_total",
+        "redis_cached_lock_waits_total",
+        "redis_cached_stale_serves_total",
+    ] {
+        assert!(!rename.contains(&absent), "{absent} for a put:\n{text}");
+    }
+    // A plain function: lookups, without near, lock or refresh series.
+    assert!(name.contains(&"redis_cached_hits_total"), "{text}");
+    assert!(
+        name.contains(&"redis_cached_compute_seconds_count"),
+        "{text}"
+    );
+    for absent in [
+        "redis_cached_near_hits_total",
+        "redis_cached_near_misses_total",
+        "redis_cached_lock_acquired_total",
+        "redis_cached_refreshes_total",
+    ] {
+        assert!(
+            !name.contains(&absent),
+            "{absent} for a plain function:\n{text}"
+        );
+    }
+    // `lock` and `near`: theirs too, at zero before they happen.
+    for present in [
+        "redis_cached_near_hits_total",
+        "redis_cached_near_misses_total",
+        "redis_cached_lock_acquired_total",
+        "redis_cached_lock_wait_timeouts_total",
+    ] {
+        assert!(user.contains(&present), "no {present} for `user`:\n{text}");
+    }
+    assert!(!user.contains(&"redis_cached_stale_serves_total"), "{text}");
+    // The cache's own series: its failures at zero, but no lookups of the
+    // runtime API, which this program never called.
+    let cache_wide: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("fn=\"\""))
+        .filter_map(|line| line.split('{').next())
+        .collect();
+    assert!(
+        cache_wide.contains(&"redis_cached_breaker_opens_total"),
+        "{text}"
+    );
+    assert!(
+        cache_wide.contains(&"redis_cached_invalidations_total"),
+        "{text}"
+    );
+    assert!(!cache_wide.contains(&"redis_cached_hits_total"), "{text}");
+    assert!(
+        !cache_wide.contains(&"redis_cached_near_hits_total"),
+        "{text}"
+    );
+}
+
+/// Redis down for a few seconds while calls keep coming: the breaker
+/// probes every cool-down, and each probe fails, but that is one outage.
+#[test]
+fn one_outage_counts_one_opening_and_its_failed_probes_apart() {
+    struct Outage {
+        cache: Cache,
+    }
+    impl Outage {
+        #[redis_cached(key = "o:<id>", cache = self.cache)]
+        async fn plain(&self, id: u64) -> u64 {
+            id
+        }
+    }
+    let mut server = RedisServer::start();
+    let recorder = DebuggingRecorder::new();
+    recorded(&recorder, async {
+        let repo = Outage {
+            cache: Cache::builder(&server.url())
+                .namespace("outage")
+                .op_timeout(Duration::from_millis(100))
+                .breaker(BreakerConfig {
+                    failure_threshold: 2,
+                    cooldown: Duration::from_millis(200),
+                })
+                .build()
+                .expect("valid"),
+        };
+        repo.plain(1).await;
+        server.kill();
+        let until = std::time::Instant::now() + Duration::from_millis(2_500);
+        while std::time::Instant::now() < until {
+            repo.plain(2).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.restart();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while repo.cache.is_degraded() && std::time::Instant::now() < until {
+            repo.plain(3).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!repo.cache.is_degraded(), "recovered");
+        let exported = snapshot(&recorder);
+        let outage = |name: &str| value(&exported, name, "", "outage");
+        assert_eq!(
+            outage("redis_cached_breaker_opens_total"),
+            1.0,
+            "one outage: {:?}",
+            repo.cache.stats()
+        );
+        assert_eq!(repo.cache.stats().breaker_opens, 1);
+        // A probe every cool-down (200 ms) for 2.5 s: most of them failed.
+        let probes = outage("redis_cached_breaker_failed_probes_total");
+        assert!(probes >= 3.0, "{probes} failed probes");
+        assert_eq!(probes, repo.cache.stats().breaker_failed_probes as f64);
+        assert_eq!(outage("redis_cached_breaker_open"), 0.0, "closed again");
     });
 }
 

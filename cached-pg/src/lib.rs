@@ -91,8 +91,10 @@
 //!   not confirmed (harmless). While the stream is down, the cache serves
 //!   what it holds as before: [`ListenerStats::cut_off`] says for how
 //!   long, and a warning is logged at each attempt to reconnect. When
-//!   Redis fails, invalidations are tried again and the position is not
-//!   confirmed meanwhile ([`ListenerStats::lag`] grows).
+//!   Redis fails, invalidations are tried again and the position of a
+//!   transaction is not confirmed until all of its invalidations landed
+//!   ([`ListenerStats::lag`] grows), so that a listener that dies
+//!   meanwhile leaves them to the next one.
 //! - **When it cannot know what it missed, it invalidates everything the
 //!   mapping covers** (every table tag): when it creates its slot (the
 //!   first start included), when the slot was dropped or invalidated by
@@ -140,13 +142,62 @@
 //! A replication slot keeps the WAL its listener has not confirmed. A
 //! running listener confirms as it goes (and, when idle, up to what
 //! Postgres has sent, so WAL of other tables is not held). A listener
-//! that is stopped for good leaves its slot holding WAL from then on, so:
+//! that is stopped for good (or a process that died and is not started
+//! again) leaves its slot holding WAL from then on: nothing in this crate
+//! can drop it, since only the next start knows it was not coming back.
+//! Bound it, find it, drop it:
 //!
-//! - set `max_slot_wal_keep_size` (say `10GB`): past it Postgres
-//!   invalidates the slot instead of filling the disk, and the listener,
-//!   if it ever starts again, resets (above). The listener logs a warning
-//!   when it is unlimited;
-//! - retire a listener with [`drop_slot`].
+//! - **Bound it**: set `max_slot_wal_keep_size` (say `10GB`; a reload,
+//!   no restart). Past it Postgres invalidates the slot instead of
+//!   filling the disk, and a listener started on it again resets (below).
+//!   The listener logs a warning at each start while it is unlimited. On
+//!   Postgres 18, `idle_replication_slot_timeout` also invalidates a slot
+//!   that no listener has used for that long.
+//! - **Find it**: a slot no listener streams from is `active = false`;
+//!   how much WAL it holds:
+//!   `SELECT slot_name, active, wal_status,
+//!   pg_size_pretty(pg_current_wal_lsn() - restart_lsn) FROM
+//!   pg_replication_slots`. Alert on it (or on this crate's
+//!   `redis_cached_pg_streaming` gauge, feature `metrics`, staying 0).
+//! - **Drop it**: [`drop_slot`] with the listener's URL and slot name (it
+//!   also drops the `<slot>_reset` marker), or
+//!   `SELECT pg_drop_replication_slot('<slot>')` as a superuser. A
+//!   listener started later creates a new slot and resets.
+//!
+//! # A slot lost
+//!
+//! A slot dropped by hand, or invalidated by Postgres
+//! (`max_slot_wal_keep_size`, `idle_replication_slot_timeout`, a
+//! `wal_level` lowered), no longer holds the changes made since its last
+//! confirmed position. A listener connected to it sees its stream fail,
+//! and reconnects; any listener's set-up then finds the slot missing or
+//! `wal_status = lost`, creates it again (a lost one is dropped first) and,
+//! before it streams, invalidates everything the mapping covers (every
+//! table tag, and the templates without placeholders), counted in
+//! [`ListenerStats::resets`] with a warning naming the cause. Until then
+//! (while no listener runs), entries made from rows changed after the
+//! last confirmed position stay as they are, at most until their TTL.
+//!
+//! # Metrics (feature `metrics`)
+//!
+//! With `redis-cached-pg = { …, features = ["metrics"] }`, each listener
+//! exports through the [`metrics`](https://docs.rs/metrics) facade, to
+//! the recorder the program installs, with a `slot` label, brought up to
+//! date once a second (so that a listener waiting for a failing Redis
+//! still shows its lag growing) and when it stops; each is described (a
+//! `# HELP` line in Prometheus's text):
+//!
+//! | Name | Type | What |
+//! |---|---|---|
+//! | `redis_cached_pg_streaming` | gauge | 1 while the change stream is up, else 0 |
+//! | `redis_cached_pg_cut_off_seconds` | gauge | how long the stream has been down (0 while up) |
+//! | `redis_cached_pg_lag_seconds` | gauge | age (by commit time) of the oldest transaction received but not yet invalidated; 0 when caught up |
+//! | `redis_cached_pg_lag_bytes` | gauge | WAL received but not yet confirmed to Postgres |
+//! | `redis_cached_pg_<name>_total` | counter | `transactions`, `rows`, `keys`, `tags`, `fallbacks`, `truncates`, `resets`, `reconnects`, `failed_invalidations`, `batches`, as in [`ListenerStats`] |
+//!
+//! Alert on `redis_cached_pg_lag_seconds` above the staleness the
+//! application accepts, and on `redis_cached_pg_streaming` at 0 for
+//! longer than a restart takes.
 //!
 //! # One listener per slot
 //!
@@ -173,6 +224,8 @@
 
 mod apply;
 mod error;
+#[cfg(feature = "metrics")]
+mod exported;
 mod listener;
 mod mapping;
 mod setup;

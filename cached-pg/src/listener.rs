@@ -168,6 +168,12 @@ impl ListenerBuilder {
             meter: Arc::new(Meter::new()),
         });
         let shutdown = Shutdown::new();
+        #[cfg(feature = "metrics")]
+        tokio::spawn(crate::exported::run(
+            context.meter.clone(),
+            context.names.slot.clone(),
+            shutdown.clone(),
+        ));
         let (ready, first) = oneshot::channel();
         let task = tokio::spawn(supervise(context.clone(), ready, shutdown.clone()));
         let listener = Listener {
@@ -289,7 +295,7 @@ async fn session(
         &context.meter,
         context.limits,
     );
-    let reading = stream::read(&mut stream, events, &progress, shutdown);
+    let reading = stream::read(&mut stream, events, &progress, &context.meter, shutdown);
     let applying = applier.run(received, &progress, &feedback, shutdown);
     // The reader ends first (failure or shutdown) and closes the channel;
     // the applier then applies what it holds.

@@ -91,8 +91,8 @@ fn ident(text: &str) -> Result<String, Error> {
 #[derive(Debug, PartialEq, Eq)]
 enum Slot {
     Missing,
-    /// Invalidated by Postgres (`max_slot_wal_keep_size`): the changes it
-    /// held are gone.
+    /// Invalidated by Postgres (`max_slot_wal_keep_size`, on 17 and later
+    /// `idle_replication_slot_timeout` too): the changes it held are gone.
     Lost,
     Ready,
 }
@@ -177,7 +177,10 @@ pub(crate) async fn prepare(
         )
         .await?;
         let why = match slot {
-            Slot::Lost => "the replication slot was lost (max_slot_wal_keep_size)",
+            Slot::Lost => {
+                "the replication slot was invalidated by Postgres (max_slot_wal_keep_size, \
+                 idle_replication_slot_timeout)"
+            }
             Slot::Missing => "the replication slot did not exist",
             Slot::Ready => "the replication slot predated the publication",
         };
@@ -278,8 +281,13 @@ async fn slot_state(conn: &mut PgReplicationConnection, names: &Names) -> Result
     let result = run(
         conn,
         &format!(
-            "SELECT slot_type, plugin, database = pg_catalog.current_database(), wal_status \
-             FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            // `invalidation_reason` (Postgres 17 and later: `wal_removed`,
+            // `idle_timeout`, `wal_level_insufficient`, …) read through
+            // the row as JSON, so that older versions, which lack the
+            // column, read it as NULL.
+            "SELECT slot_type, plugin, database = pg_catalog.current_database(), wal_status, \
+             pg_catalog.to_jsonb(s) ->> 'invalidation_reason' \
+             FROM pg_catalog.pg_replication_slots s WHERE slot_name = {}",
             literal(&names.slot)?
         ),
     )
@@ -297,7 +305,8 @@ async fn slot_state(conn: &mut PgReplicationConnection, names: &Names) -> Result
             names.slot
         )));
     }
-    Ok(if get(3).as_deref() == Some("lost") {
+    // A slot Postgres invalidated cannot stream again: as good as lost.
+    Ok(if get(3).as_deref() == Some("lost") || get(4).is_some() {
         Slot::Lost
     } else {
         Slot::Ready

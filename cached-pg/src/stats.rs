@@ -74,6 +74,8 @@ pub(crate) struct Meter {
     pub(crate) batches: AtomicU64,
     pub(crate) largest_batch: AtomicU64,
     pub(crate) confirmed_lsn: AtomicU64,
+    /// The end of the WAL received from the slot.
+    pub(crate) received_lsn: AtomicU64,
 }
 
 /// Adds `n` to a counter.
@@ -149,6 +151,13 @@ impl Meter {
             let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX - 1);
             self.last_latency_us.store(us + 1, Ordering::Relaxed);
         }
+    }
+
+    /// Bytes of WAL received but not yet confirmed to Postgres.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn unconfirmed_bytes(&self) -> u64 {
+        let received = self.received_lsn.load(Ordering::Relaxed);
+        received.saturating_sub(self.confirmed_lsn.load(Ordering::Relaxed))
     }
 
     /// One batch of `size` keys and tags was sent.

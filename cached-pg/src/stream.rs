@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::apply::Progress;
 use crate::error::Error;
 use crate::setup::Names;
+use crate::stats::Meter;
 use crate::Shutdown;
 
 /// How often the reader tells Postgres how far the listener has got.
@@ -44,11 +45,13 @@ pub(crate) async fn open(conninfo: &str, names: &Names) -> Result<LogicalReplica
 
 /// Hands every change event to the applier until the stream fails or
 /// `shutdown`; once a second, confirms to Postgres what the applier has
-/// settled.
+/// settled. Notes in `meter` how far it has received (and confirmed, when
+/// idle).
 pub(crate) async fn read(
     stream: &mut LogicalReplicationStream,
     events: mpsc::Sender<ChangeEvent>,
     progress: &Progress,
+    meter: &Meter,
     shutdown: &Shutdown,
 ) -> Result<(), Error> {
     let mut handed = 0u64;
@@ -63,6 +66,7 @@ pub(crate) async fn read(
                         continue;
                     }
                     handed += 1;
+                    meter.received_lsn.fetch_max(stream.current_lsn(), Ordering::Relaxed);
                     if events.send(event).await.is_err() {
                         return Ok(());
                     }
@@ -77,7 +81,9 @@ pub(crate) async fn read(
                     // the publication is not kept for an idle listener.
                     let received = stream.current_lsn();
                     stream.shared_lsn_feedback.update_applied_lsn(received);
+                    meter.confirmed_lsn.fetch_max(received, Ordering::Relaxed);
                 }
+                meter.received_lsn.fetch_max(stream.current_lsn(), Ordering::Relaxed);
                 stream.send_feedback().await?;
             }
         }

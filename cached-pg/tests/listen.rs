@@ -159,6 +159,21 @@ impl Fixture {
         self.repo.user(id).await.map(|u| u.name)
     }
 
+    /// Waits until `listener` has invalidated `transactions` in all,
+    /// and the cache reads Redis again (not a fallback to the database
+    /// while its breaker is open, which would read fresh rows whatever
+    /// Redis holds).
+    async fn caught_up(&self, listener: &Listener, transactions: u64) {
+        let done = eventually(BOUND, || async {
+            let stats = listener.stats();
+            stats.transactions >= transactions
+                && stats.lag.is_zero()
+                && !self.repo.cache.is_degraded()
+        })
+        .await;
+        assert!(done, "not caught up: {:?}", listener.stats());
+    }
+
     /// Waits until `user(id)` returns `name`.
     async fn until_name(&self, id: i64, name: Option<&str>) {
         let fresh = eventually(BOUND, || async { self.name(id).await.as_deref() == name }).await;
@@ -524,6 +539,90 @@ async fn while_cut_off_reads_are_served_and_the_lag_is_visible() {
     f.psql("UPDATE users SET name = 'back' WHERE id = 1");
     f.until_name(1, Some("back")).await;
     listener.stop().await;
+}
+
+/// Redis stops answering (SIGSTOP) while rows change: the listener keeps
+/// receiving them, but confirms none whose invalidations did not land, so
+/// that after Redis is back every changed row's entries are invalidated,
+/// by the same listener or (had it died meanwhile) by the next one, which
+/// resumes from the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failing_while_changes_stream_loses_no_invalidation() {
+    // Fewer events than the reader reads ahead: it keeps sending feedback
+    // to Postgres while the applier waits for Redis.
+    const ROWS: i64 = 1_000;
+    let f = Fixture::new("redis_paused", ROWS as u32).await;
+    let listener = f.listen("redis_paused").await;
+    let resets = listener.stats().resets;
+    fill_users(&f.repo, 1..=ROWS).await;
+
+    // Updates in separate transactions while Redis is paused, then long
+    // enough for several feedback rounds (once a second) to Postgres.
+    let updated_while_paused = |name: &str| {
+        f.redis.pause();
+        let before = f.psql("SELECT pg_current_wal_lsn()");
+        f.psql(&format!(
+            "DO $$ BEGIN FOR i IN 1..{ROWS} LOOP \
+               UPDATE users SET name = '{name} ' || i WHERE id = i; COMMIT; \
+             END LOOP; END $$"
+        ));
+        before
+    };
+    let confirmed_at_most = |lsn: &str| {
+        f.psql(&format!(
+            "SELECT confirmed_flush_lsn <= '{lsn}'::pg_lsn FROM pg_replication_slots \
+             WHERE slot_name = 'redis_paused'"
+        )) == "t"
+    };
+
+    // The same listener, once Redis is back.
+    let before = updated_while_paused("first");
+    assert!(
+        eventually(BOUND, || async {
+            listener.stats().failed_invalidations > 0
+        })
+        .await,
+        "the listener tried: {:?}",
+        listener.stats()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        confirmed_at_most(&before),
+        "the slot was confirmed past changes not invalidated: {:?}",
+        listener.stats()
+    );
+    assert!(
+        listener.stats().lag >= Duration::from_secs(2),
+        "{:?}",
+        listener.stats()
+    );
+    f.redis.resume();
+    f.caught_up(&listener, ROWS as u64).await;
+    let stale = stale_users(&f.repo, 1..=ROWS, "first ").await;
+    assert_eq!(stale, Vec::<i64>::new(), "rows whose invalidation was lost");
+    assert_eq!(listener.stats().resets, resets, "nothing was reset");
+
+    // A listener that dies while Redis is down: the next one does it.
+    let failed = listener.stats().failed_invalidations;
+    let before = updated_while_paused("second");
+    assert!(
+        eventually(BOUND, || async {
+            listener.stats().failed_invalidations > failed
+        })
+        .await,
+        "the listener tried: {:?}",
+        listener.stats()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(confirmed_at_most(&before), "{:?}", listener.stats());
+    drop(listener);
+    f.redis.resume();
+    let next = f.listen("redis_paused").await;
+    f.caught_up(&next, ROWS as u64).await;
+    let stale = stale_users(&f.repo, 1..=ROWS, "second ").await;
+    assert_eq!(stale, Vec::<i64>::new(), "rows whose invalidation was lost");
+    assert_eq!(next.stats().resets, 0, "resumed from the slot, no reset");
+    next.stop().await;
 }
 
 /// Reads `ids` through `user`, 32 at a time, so that each is cached.

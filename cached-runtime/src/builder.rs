@@ -14,6 +14,7 @@ use crate::core::{Inner, Settings};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::key::{internal_key, MAX_NAMESPACE_LEN};
+use crate::meters::{Meters, Series};
 use crate::stats::Counters;
 
 /// The URL that selects the in-memory backend in [`Cache::builder`].
@@ -460,6 +461,7 @@ impl CacheBuilder {
 
     fn finish(self, backend: AnyBackend) -> Cache {
         let health = Health::new(self.breaker, backend.is_cluster());
+        let series = Series::of_cache(backend.is_redis(), backend.tracker().is_some());
         let cache = Cache::from_inner(Inner {
             backend,
             settings: Settings {
@@ -476,7 +478,7 @@ impl CacheBuilder {
             },
             health,
             counters: Arc::new(Counters::default()),
-            meters: Arc::new(crate::meters::Meters::new()),
+            meters: Arc::new(Meters::of(series)),
             oversized_warned: std::sync::atomic::AtomicBool::new(false),
             near_off_warned: std::sync::atomic::AtomicBool::new(false),
             flights: Flights::default(),

@@ -277,7 +277,14 @@ impl Inner {
         }
         let transition = breaker.failure();
         if transition != Transition::None {
-            self.count(None, Event::breaker_opens);
+            // An outage is counted once; each probe that failed in it apart.
+            self.count(
+                None,
+                match transition {
+                    Transition::Opened => Event::breaker_opens,
+                    _ => Event::breaker_failed_probes,
+                },
+            );
             self.meters
                 .breakers_open(self.health.open_count(), self.cache_label());
             if let Some(redis) = self.backend.redis() {

@@ -66,6 +66,7 @@ pub use directive::{bypass, invalidate_call, key_of, keys_of, refresh, stats_of}
 pub use error::{Error, Result};
 pub use global::{global, set_global};
 pub use key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, KeyParts, MAX_KEY_LEN};
+pub use meters::HISTOGRAM_BUCKETS;
 pub use site::{cached_functions, stats_named};
 pub use stats::Stats;
 pub use write_behind::{

@@ -12,6 +12,7 @@ pub use crate::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
 use crate::core::Inner;
 use crate::directive::{self, Directive};
 pub use crate::key::KeyBuilder;
+use crate::policy::Role;
 pub use crate::policy::{LockPolicy, Policy};
 use crate::shape::Split;
 pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape, Storable};
@@ -138,7 +139,7 @@ where
     R: 'a,
     Fut: Future<Output = R> + 'a,
 {
-    policy.register();
+    policy.register(Role::Cached);
     let inner = cache.map(|cache| &cache.inner);
     crate::call::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
@@ -160,7 +161,7 @@ where
     F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + Send + 'static,
 {
-    policy.register();
+    policy.register(Role::Cached);
     let inner = cache.map(|cache| &cache.inner);
     crate::call::cached_refreshing::<S, R, F, Fut>(
         inner,
@@ -219,6 +220,8 @@ where
     R: 'a,
     Fut: Future<Output = R> + 'a,
 {
+    // Before a near hit counts anything.
+    policy.register(Role::Cached);
     // The result is made only to be returned, never held across an
     // `.await`: the call is `Send` whatever the error type.
     if let Some(result) = near_hit::<S, R>(cache, &key, &policy) {
@@ -243,6 +246,7 @@ where
     F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + Send + 'static,
 {
+    policy.register(Role::Cached);
     if let Some(result) = near_hit::<S, R>(cache, &key, &policy) {
         return result;
     }
@@ -297,7 +301,7 @@ where
     F: FnOnce(Vec<K>) -> Fut,
     Fut: Future<Output = R>,
 {
-    policy.register();
+    policy.register(Role::Batch);
     let inner = cache.map(|cache| &cache.inner);
     crate::batch::cached_batch::<S, R, K, V, F, Fut>(
         inner,
@@ -327,7 +331,7 @@ where
     S: Shape<R>,
     Fut: Future<Output = R>,
 {
-    policy.register();
+    policy.register(Role::Put);
     let directive = directive::take();
     if directive == Some(Directive::Capture) {
         let entry = cache.map(|cache| (cache.inner.full_key(key), &cache.inner));
@@ -446,7 +450,7 @@ pub async fn evict<R, Fut>(
 where
     Fut: Future<Output = R>,
 {
-    site.register();
+    site.register(crate::meters::Series::NONE);
     let directive = directive::take();
     if directive == Some(Directive::Capture) {
         // An eviction reads nothing: its key is the entry it deletes.

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use crate::meters::Meters;
+use crate::meters::{Meters, Series};
 use crate::stats::Counters;
 
 /// One cached function's own counters: a `static` that the attribute
@@ -43,11 +43,17 @@ impl Site {
         }
     }
 
-    /// Lists the function among those called so far (once; an atomic
-    /// load on every later call).
-    pub(crate) fn register(&'static self) {
-        if !self.registered.load(Ordering::Relaxed) && !self.registered.swap(true, Ordering::AcqRel)
-        {
+    /// Lists the function among those called so far, and notes the
+    /// `series` it can export (once; an atomic load on every later call).
+    /// Before its first event: a call registers before it counts.
+    pub(crate) fn register(&'static self, series: Series) {
+        if self.registered.load(Ordering::Acquire) {
+            return;
+        }
+        // Before the flag, so that a call that sees it set finds them; a
+        // function's series are the same on every call.
+        self.meters.expect(series);
+        if !self.registered.swap(true, Ordering::AcqRel) {
             SITES
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

@@ -32,7 +32,7 @@ fn stripe() -> usize {
 }
 
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         #[derive(Debug, Default)]
         pub(crate) struct Counters {
             $( pub(crate) $name: Striped, )*
@@ -51,30 +51,20 @@ macro_rules! counters {
             /// index).
             pub(crate) const ALL: &'static [Event] = &[$( Event::$name, )*];
 
-            /// Whether a cached function counts it (the others are the
-            /// cache's as a whole: Redis errors, the breaker, …).
-            pub(crate) fn per_function(self) -> bool {
-                !matches!(
-                    self,
-                    Event::lock_extends
-                        | Event::invalidations
-                        | Event::errors
-                        | Event::refused
-                        | Event::rejected
-                        | Event::timeouts
-                        | Event::breaker_skips
-                        | Event::breaker_opens
-                        | Event::oversized
-                        | Event::near_invalidations
-                        | Event::near_flushes
-                )
-            }
-
             /// Its exported counter's name: `redis_cached_<name>_total`.
             pub(crate) fn metric_name(self) -> &'static str {
                 match self {
                     $( Event::$name => concat!("redis_cached_", stringify!($name), "_total"), )*
                 }
+            }
+
+            /// What it counts: its field's documentation in [`Stats`], on
+            /// one line (each line of it begins with a space).
+            pub(crate) fn help(self) -> &'static str {
+                let help = match self {
+                    $( Event::$name => concat!($($doc),*), )*
+                };
+                help.trim_start()
             }
         }
 
@@ -98,7 +88,7 @@ macro_rules! counters {
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct Stats {
-            $( $(#[$doc])* pub $name: u64, )*
+            $( $(#[doc = $doc])* pub $name: u64, )*
         }
 
         /// What happened between two snapshots: `later - earlier`, counter
@@ -175,8 +165,13 @@ counters! {
     timeouts,
     /// Redis operations skipped because the circuit breaker was open.
     breaker_skips,
-    /// Times the circuit breaker opened.
+    /// Outages: times a closed circuit breaker opened. A probe that fails
+    /// while it is open keeps it open for another cool-down, in the same
+    /// outage: counted in `breaker_failed_probes`, not here.
     breaker_opens,
+    /// Probes of an open circuit breaker (one operation let through after
+    /// each cool-down) that failed: Redis was still unreachable.
+    breaker_failed_probes,
     /// Stored values that could not be decoded and were treated as misses.
     decode_errors,
     /// Values that could not be serialized and were returned uncached.
@@ -233,5 +228,20 @@ mod tests {
         assert_eq!((delta.hits, delta.misses, delta.computes), (3, 1, 0));
         assert_eq!(delta.to_string(), "hit rate 75.0%, hits 3, misses 1");
         assert_eq!((before - after).hits, 0, "never negative");
+    }
+
+    #[test]
+    fn each_event_is_described_by_its_documentation() {
+        assert_eq!(Event::hits.help(), "Lookups answered from the cache.");
+        assert!(
+            Event::misses
+                .help()
+                .starts_with("Calls and lookups that found nothing usable (absent, undecodable, or Redis unavailable): "),
+            "{}",
+            Event::misses.help()
+        );
+        for event in Event::ALL {
+            assert!(!event.help().is_empty(), "{event:?}");
+        }
     }
 }

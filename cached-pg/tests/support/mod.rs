@@ -424,6 +424,25 @@ impl Redis {
             .unwrap_or_default()
     }
 
+    /// SIGSTOP: the server keeps its connections and its data, but answers
+    /// nothing until [`Redis::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Redis::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill {signal} redis-server");
+    }
+
     /// How many times Redis ran `command` (`INFO commandstats`).
     pub fn calls(&self, command: &str) -> u64 {
         let info = self.cli(&["INFO", "commandstats"]);
@@ -436,6 +455,10 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        // A paused server is continued first, so that it surely dies.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = self.watchdog.kill();

@@ -53,9 +53,10 @@ pub struct WriteBehindStats {
 }
 
 /// This process's counters, and (feature `metrics`) their exported twins,
-/// `redis_cached_write_behind_<name>_total{journal, cache}`.
+/// `redis_cached_write_behind_<name>_total{journal, cache}`, described by
+/// `help`.
 macro_rules! write_behind_counters {
-    ($($name:ident),* $(,)?) => {
+    ($($name:ident => $help:literal),* $(,)?) => {
         #[derive(Default)]
         pub(super) struct Counters {
             $( $name: AtomicU64, )*
@@ -98,6 +99,7 @@ macro_rules! write_behind_counters {
         #[cfg(feature = "metrics")]
         impl Exported {
             fn register(journal: &str, cache: &str) -> Exported {
+                Exported::describe();
                 let labels = || {
                     vec![
                         metrics::Label::new("journal", journal.to_owned()),
@@ -113,24 +115,45 @@ macro_rules! write_behind_counters {
                     flush_lag: metrics::histogram!("redis_cached_write_behind_flush_lag_seconds", labels()),
                 }
             }
+
+            /// Tells the recorder what each metric measures, and in which
+            /// unit (a recorder keeps the first description of a name).
+            fn describe() {
+                use metrics::Unit;
+                $( metrics::describe_counter!(
+                    concat!("redis_cached_write_behind_", stringify!($name), "_total"),
+                    Unit::Count,
+                    $help
+                ); )*
+                metrics::describe_gauge!(
+                    "redis_cached_write_behind_queue_depth",
+                    Unit::Count,
+                    "Writes in the journal when the flusher last looked."
+                );
+                metrics::describe_histogram!(
+                    "redis_cached_write_behind_flush_lag_seconds",
+                    Unit::Seconds,
+                    "Age of each flushed batch's oldest write (coalesced writes included) when the sink took it."
+                );
+            }
         }
     };
 }
 
 write_behind_counters!(
-    accepted,
-    refused,
-    failed,
-    cache_update_failures,
-    flushed,
-    coalesced,
-    batches,
-    retries,
-    dead_letters,
-    claimed,
-    parked,
-    dead_letters_full,
-    flusher_restarts,
+    accepted => "Writes journaled through this handle.",
+    refused => "Writes refused because the journal was full (Error::Backlog).",
+    failed => "Writes that failed because Redis did (an error to the caller).",
+    cache_update_failures => "Journaled writes whose cache update failed; the key was invalidated instead when Redis allowed.",
+    flushed => "Writes the sink took (after coalescing).",
+    coalesced => "Journaled writes folded into a later write of the same key.",
+    batches => "Batches the sink took.",
+    retries => "Sink calls that failed and were retried.",
+    dead_letters => "Entries added to the dead-letter stream (each the last write of a key).",
+    claimed => "Pending writes taken over from another process's flusher (one that died, was cut off, or handed over).",
+    parked => "Journaled writes this flusher could not decode, each counted once: parked, retried for a flusher that can, dead-lettered after park_undecodable_for.",
+    dead_letters_full => "Times a write given up on stayed in the journal because the dead letters held max_dead_letters entries.",
+    flusher_restarts => "Times the flusher task panicked (in application code) and was started again.",
 );
 
 impl Counters {

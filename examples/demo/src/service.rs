@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::db::DbError;
@@ -34,13 +34,26 @@ pub struct Counts {
     pub misses: u64,
 }
 
-/// The process's Prometheus recorder, installed on first use.
+/// The process's Prometheus recorder, installed on first use: the cache's
+/// timings rendered as histograms (with its bucket bounds), not summaries.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        PrometheusBuilder::new()
+        let mut builder = PrometheusBuilder::new();
+        for (name, bounds) in redis_cached::HISTOGRAM_BUCKETS {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full((*name).to_owned()), bounds)
+                .expect("bucket bounds are never empty");
+        }
+        let handle = builder
             .install_recorder()
-            .expect("no other metrics recorder is installed")
+            .expect("no other metrics recorder is installed");
+        metrics::describe_counter!(
+            "demo_sql_statements_total",
+            metrics::Unit::Count,
+            "SQL statements the demo's repository ran."
+        );
+        handle
     })
 }
 
