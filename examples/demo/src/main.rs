@@ -1,5 +1,6 @@
 //! `demo serve`: the service; `demo bench`: the service under load, with
-//! the cache and without, then a table and a chart.
+//! the cache and without, in a closed loop and then in an open loop at one
+//! offered rate, then two tables and a chart.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,6 +10,7 @@ use demo::{db::Db, repo::Repo, report};
 
 const USAGE: &str = "\
 usage: demo bench [--requests N] [--zipf S] [--writes F] [--concurrency C] [--seed N] [--chart FILE]
+                  [--load F | --rate R] [--max-connections N]
        demo serve [--port P] [--no-cache]
 DATABASE_URL: sqlite://… or postgres://… (default: sqlite://demo.sqlite3?mode=rwc)
 REDIS_URL:    the cache's Redis (default: in process memory)";
@@ -77,6 +79,13 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         ..LoadConfig::default()
     };
     let chart_file: String = option(args, "--chart", "demo-chart.png".to_owned())?;
+    // The open loop: a share of the uncached service's capacity, or a rate.
+    let load: f64 = option(args, "--load", 0.6)?;
+    let fixed_rate: Option<f64> = match option(args, "--rate", 0.0)? {
+        rate if rate > 0.0 => Some(rate),
+        _ => None,
+    };
+    let max_connections: usize = option(args, "--max-connections", 256)?;
     println!(
         "database: {}",
         database.split('@').next_back().unwrap_or(database)
@@ -147,6 +156,32 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
     }
     step("without the cache (same requests as the measured run)");
     let baseline = load::run(uncached, &config).await?;
+    // The open loop: both services offered the same requests at one rate,
+    // the cached one first (its entries then match the database again,
+    // as they do after the baseline's replay).
+    let capacity = baseline.throughput();
+    let rate = fixed_rate.unwrap_or(capacity * load);
+    let open = LoadConfig {
+        seed: config.seed + 3,
+        rate: Some(rate),
+        concurrency: max_connections,
+        ..config.clone()
+    };
+    let open_step = |what: &str| {
+        println!(
+            "open loop, {what}: {} requests at {} req/s ({:.0}% of the closed-loop no-cache throughput), up to {} connections",
+            open.requests,
+            rate.round(),
+            rate / capacity * 100.0,
+            open.concurrency
+        )
+    };
+    open_step("with the cache");
+    let open_cached = load::run(cached, &open).await?;
+    open_step("without the cache");
+    let open_uncached = load::run(uncached, &open).await?;
+    println!();
+    println!("Closed loop ({} connections):", config.concurrency);
     println!();
     println!(
         "{}",
@@ -156,6 +191,15 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
             ("no cache", &baseline),
         ])
     );
+    println!(
+        "Open loop (latency from each request's scheduled time, {} req/s offered to both):",
+        rate.round()
+    );
+    println!();
+    println!(
+        "{}",
+        report::table(&[("cache, warm", &open_cached), ("no cache", &open_uncached)])
+    );
     println!("{exported}");
     match report::chart(&warm, &baseline) {
         Ok(png) => {
@@ -164,7 +208,11 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         }
         Err(err) => eprintln!("no chart: {err}"),
     }
-    if warm.failures + cold.failures + baseline.failures + replay_failures > 0 {
+    let failures = [&cold, &warm, &baseline, &open_cached, &open_uncached]
+        .iter()
+        .map(|r| r.failures)
+        .sum::<u64>();
+    if failures + replay_failures > 0 {
         return Err("some requests failed".into());
     }
     Ok(())

@@ -22,12 +22,18 @@ fn percent(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
+/// Milliseconds with two decimals, or microseconds below a millisecond.
 fn millis(d: std::time::Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    if d < std::time::Duration::from_millis(1) {
+        format!("{} µs", d.as_micros())
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    }
 }
 
 /// The runs side by side as a Markdown table; the last is the baseline
-/// (no cache) that "queries saved" compares with.
+/// (no cache) that "queries saved" compares with. Open-loop runs also
+/// show their offered rate and how late their requests were sent.
 pub fn table(runs: &[(&str, &LoadReport)]) -> String {
     let Some((_, baseline)) = runs.last() else {
         return String::new();
@@ -48,6 +54,14 @@ pub fn table(runs: &[(&str, &LoadReport)]) -> String {
         }
         out.push_str(" |\n");
     };
+    let open = runs.iter().any(|(_, r)| r.rate.is_some());
+    if open {
+        row("offered rate", &|r| {
+            r.rate.map_or("–".into(), |rate| {
+                format!("{} req/s", grouped(rate as u64))
+            })
+        });
+    }
     row("requests", &|r| grouped(r.requests));
     row("SQL queries", &|r| grouped(r.counts.sql));
     row("queries saved", &|r| {
@@ -65,11 +79,25 @@ pub fn table(runs: &[(&str, &LoadReport)]) -> String {
         }
     });
     row("hit ratio", &|r| r.hit_ratio().map_or("–".into(), percent));
-    row("p50 latency", &|r| millis(r.p50));
-    row("p99 latency", &|r| millis(r.p99));
+    row("p50 latency", &|r| millis(r.latency_at(0.50)));
+    row("p99 latency", &|r| millis(r.latency_at(0.99)));
+    row("p99.9 latency", &|r| millis(r.latency_at(0.999)));
     row("throughput", &|r| {
         format!("{} req/s", grouped(r.throughput() as u64))
     });
+    if open {
+        row("sent late, p50 / p99", &|r| {
+            if r.rate.is_some() {
+                format!(
+                    "{} / {}",
+                    millis(r.send_lag_at(0.50)),
+                    millis(r.send_lag_at(0.99))
+                )
+            } else {
+                "–".into()
+            }
+        });
+    }
     row("failed requests", &|r| grouped(r.failures));
     out
 }
@@ -152,5 +180,7 @@ mod tests {
         assert_eq!(counter_total(text, "redis_cached_stale_serves_total"), None);
         assert_eq!(grouped(1_234_567), "1,234,567");
         assert_eq!(grouped(12), "12");
+        assert_eq!(millis(std::time::Duration::from_micros(28)), "28 µs");
+        assert_eq!(millis(std::time::Duration::from_micros(2_574)), "2.57 ms");
     }
 }
