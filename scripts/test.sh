@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project on a fresh Debian machine:
-# installs redis-server when missing (the integration tests start their own
-# servers on free ports), then format, lint, unit, integration, doc and UI tests.
+# installs redis-server and Postgres when missing (the integration tests
+# start their own servers on free ports), then format, lint, unit,
+# integration, doc and UI tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,11 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# Postgres for redis-cached-pg: its tests start their own server (initdb in
+# a temporary directory, wal_level=logical); libpq-dev to build its client.
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+[ -e /usr/include/postgresql/libpq-fe.h ] || missing+=(libpq-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive

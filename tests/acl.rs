@@ -1,7 +1,9 @@
-//! A Redis user confined to its namespace (`~shop:*` `&shop:*`, the usual
-//! way to isolate an application in a shared Redis) uses every feature:
-//! every key and channel the cache touches starts with `shop:`. And no key
-//! of the runtime API can name one of the cache's own keys.
+//! A Redis user confined to its namespace, with the ACL line the README's
+//! Security section recommends (`~shop:*` `&shop:*`, no `@dangerous`
+//! command but `INFO` and `ROLE`), uses every feature: every key and
+//! channel the cache touches starts with `shop:`, and no command it sends
+//! is refused. And no key of the runtime API can name one of the cache's
+//! own keys.
 
 mod support;
 
@@ -9,7 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis_cached::{cache_evict, cache_put, redis_cached, Cache, Error};
+use redis_cached::{cache_evict, cache_put, redis_cached, Cache, Change, Error};
+use support::write_behind::{builder, drained, Recorder};
 use support::RedisServer;
 
 struct Repo {
@@ -47,6 +50,11 @@ impl Repo {
         id + 1000
     }
 
+    #[redis_cached(key = "plan:<id>", ttl = 60, near = "30s", cache = self.cache)]
+    async fn plan(&self, id: u64) -> u64 {
+        id
+    }
+
     #[cache_evict(key = "user:<id>", cache = self.cache)]
     async fn delete(&self, id: u64) -> Result<(), String> {
         let _ = id;
@@ -56,8 +64,25 @@ impl Repo {
 
 fn confined_server() -> RedisServer {
     RedisServer::start_with(&[
-        "--user", "default", "on", "nopass", "~*", "&*", "+@all", "--user", "app", "on", ">pw",
-        "~shop:*", "&shop:*", "+@all",
+        "--user",
+        "default",
+        "on",
+        "nopass",
+        "~*",
+        "&*",
+        "+@all",
+        "--user",
+        "app",
+        "on",
+        ">pw",
+        "resetkeys",
+        "~shop:*",
+        "resetchannels",
+        "&shop:*",
+        "+@all",
+        "-@dangerous",
+        "+info",
+        "+role",
     ])
 }
 
@@ -117,6 +142,38 @@ async fn a_user_confined_to_the_namespace_uses_every_feature() {
         .await
         .expect("set");
     a.cache.invalidate("direct").await.expect("invalidated");
+
+    // The near tier (client-side tracking, its invalidations on `shop:`).
+    // Its tracking connection opens in the background: read until it
+    // answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a.cache.stats().near_hits == 0 {
+        assert_eq!(a.plan(2).await, 2);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the near tier never answered: {:?}",
+            a.cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Write-behind: its journal, lease and scripts.
+    let sink = Recorder::default();
+    let wb = builder("users", &a.cache, sink.clone())
+        .max_delay(Duration::from_millis(100))
+        .start()
+        .expect("valid settings");
+    wb.write(9, &"ada".to_owned()).await.expect("journaled");
+    drained(&wb).await;
+    let writes = sink.writes();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!(writes[0].change, Change::Upsert("ada".to_owned()));
+    assert_eq!(
+        (wb.stats().failed, wb.stats().refused),
+        (0, 0),
+        "{:?}",
+        wb.stats()
+    );
 
     for (name, stats) in [("a", a.cache.stats()), ("b", b.cache.stats())] {
         assert_eq!(

@@ -134,6 +134,7 @@ impl Repo {
     /// A batch whose database call panics.
     #[redis_cached(key = "user:<ids[]>", ttl = 60, cache = self.cache)]
     async fn users_panicking(&self, ids: Vec<u64>) -> Result<HashMap<u64, User>, String> {
+        self.batches.lock().unwrap().push(ids.clone());
         tokio::time::sleep(self.delay).await;
         if !ids.is_empty() {
             panic!("the driver panicked while loading {ids:?}");
@@ -318,27 +319,31 @@ async fn a_body_that_asks_for_its_own_elements_does_not_wait_for_itself(env: &En
 /// marked as being computed.
 async fn a_dropped_or_panicking_batch_lets_its_waiters_compute(env: &Env) {
     let repo = Repo::slow(env.cache(), Duration::from_millis(300));
-    for (id, panics) in [(5u64, false), (6, true)] {
+    for (n, (id, panics)) in [(5u64, false), (6, true)].into_iter().enumerate() {
         let batch = {
             let repo = Arc::clone(&repo);
             tokio::spawn(async move {
                 if panics {
                     repo.users_panicking(vec![id]).await
                 } else {
-                    // Dropped 100 ms into its 300 ms body.
-                    tokio::time::timeout(Duration::from_millis(100), repo.users(vec![id]))
-                        .await
-                        .unwrap_or(Err("dropped".into()))
+                    repo.users(vec![id]).await
                 }
             })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The batch's body runs: its computation is registered.
+        eventually(|| repo.batches().len() > n).await;
         let single = {
             let repo = Arc::clone(&repo);
             tokio::spawn(async move { repo.user(id).await })
         };
+        // The single lookup waits for the batch's computation…
+        eventually(|| repo.cache.stats().coalesced > n as u64).await;
+        if !panics {
+            // …which is then dropped midway.
+            batch.abort();
+        }
         let outcome = batch.await;
-        assert_eq!(outcome.is_err(), panics, "the batch panicked: {panics}");
+        assert!(outcome.is_err(), "the batch ended early");
         let found = tokio::time::timeout(Duration::from_secs(5), single)
             .await
             .expect("the waiter was released")
@@ -355,6 +360,15 @@ async fn a_dropped_or_panicking_batch_lets_its_waiters_compute(env: &Env) {
         2,
         "each waited for the batch first"
     );
+}
+
+/// Waits (up to 10 s) until `done` holds.
+async fn eventually(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn a_tagged_batch_is_reached_by_its_tags(env: &Env) {

@@ -171,6 +171,15 @@ async fn batches_bypass_and_refresh_but_have_no_one_key(env: &Env) {
     assert_eq!(repo.rows(vec![1, 2]).await[&2], 2, "refresh stored");
     assert_eq!(key_of(repo.rows(vec![1])), None);
     assert!(!invalidate_call(repo.rows(vec![1])).await.unwrap());
+    // Its keys, one per element, in order: the keys single calls use.
+    let keys = redis_cached::keys_of(repo.rows(vec![2, 1]));
+    assert_eq!(keys.len(), 2);
+    assert!(
+        keys[0].ends_with("row:2") && keys[1].ends_with("row:1"),
+        "{keys:?}"
+    );
+    let single = redis_cached::keys_of(repo.summary(1));
+    assert_eq!(single, [key_of(repo.summary(1)).expect("a key")]);
 }
 
 #[tokio::test]

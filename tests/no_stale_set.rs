@@ -13,6 +13,8 @@ use tokio::sync::{oneshot, Notify};
 
 per_backend!(
     fill_then_invalidate,
+    fill_then_invalidate_many,
+    invalidate_many_reaches_every_key,
     fill_then_write_through,
     fill_with_no_interference_stores,
 );
@@ -83,6 +85,50 @@ async fn fill_then_invalidate(env: &Env) {
     assert_eq!(db.cache.stats().stale_sets_refused, 1);
     assert_eq!(db.load(1, None).await, 2, "the next call reads the new row");
     assert_eq!(db.cache.get::<u32>("row:1").await, Some(2), "and caches it");
+}
+
+async fn fill_then_invalidate_many(env: &Env) {
+    let db = Db::new(env.cache());
+    let slow = start_slow_load(&db).await;
+    db.row.store(2, Ordering::SeqCst);
+    // Its key among many, in more than one pipeline.
+    let mut keys: Vec<String> = (2..1_100).map(|n| format!("row:{n}")).collect();
+    keys.insert(700, "row:1".to_owned());
+    db.cache
+        .invalidate_many(&keys)
+        .await
+        .expect("invalidate_many");
+    db.gate.notify_one();
+    assert_eq!(slow.await.unwrap(), 1);
+    assert_eq!(
+        db.cache.get::<u32>("row:1").await,
+        None,
+        "its old value was not stored"
+    );
+    assert_eq!(db.cache.stats().stale_sets_refused, 1);
+    assert_eq!(db.load(1, None).await, 2);
+}
+
+async fn invalidate_many_reaches_every_key(env: &Env) {
+    let cache = env.cache();
+    let keys: Vec<String> = (0..1_300).map(|n| format!("many:{n}")).collect();
+    let ttl = std::time::Duration::from_secs(60);
+    for key in &keys {
+        cache.set(key, &1u32, ttl).await.expect("set");
+    }
+    cache.set("kept", &1u32, ttl).await.expect("set");
+    cache.invalidate_many(&keys).await.expect("invalidate_many");
+    for key in &keys {
+        assert_eq!(cache.get::<u32>(key).await, None, "{key}");
+    }
+    assert_eq!(cache.get::<u32>("kept").await, Some(1), "no other key");
+    assert_eq!(cache.stats().invalidations, keys.len() as u64);
+
+    // A key the runtime API refuses: nothing is invalidated.
+    cache.set("many:0", &2u32, ttl).await.expect("set");
+    let refused = cache.invalidate_many(&["many:0", "bad~key"]).await;
+    assert!(matches!(refused, Err(redis_cached::Error::InvalidKey(_))));
+    assert_eq!(cache.get::<u32>("many:0").await, Some(2));
 }
 
 async fn fill_then_write_through(env: &Env) {

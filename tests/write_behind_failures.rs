@@ -754,6 +754,26 @@ async fn with_an_integrity_key_entries_another_program_added_never_reach_the_sin
     }
 }
 
+#[tokio::test]
+async fn an_integrity_key_anyone_could_guess_is_refused() {
+    // Refused before anything connects: no server needed.
+    let cache = Cache::redis("redis://127.0.0.1:1/").expect("valid URL");
+    for short in [&b""[..], b"secret", b"fifteen bytes.."] {
+        let refused = builder("signed", &cache, Recorder::default())
+            .integrity_key(short)
+            .start();
+        assert!(
+            matches!(&refused, Err(Error::Config(why)) if why.contains("16 bytes")),
+            "{short:?}: {refused:?}"
+        );
+    }
+    builder("signed", &cache, Recorder::default())
+        .integrity_key(b"sixteen bytes..!")
+        .flusher(false)
+        .start()
+        .expect("16 bytes are enough");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_larger_than_max_value_bytes_never_reaches_the_sink() {
     let server = RedisServer::start();

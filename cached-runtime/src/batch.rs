@@ -131,8 +131,14 @@ where
 {
     let directive = directive::take();
     if directive == Some(Directive::Capture) {
-        // A batch has no one key to give: only its function is captured.
-        directive::capture(None, policy.site);
+        // One key per element (with the cache's namespace), no one key.
+        let keys = inner.map_or_else(Vec::new, |inner| {
+            elements
+                .iter()
+                .map(|(_, key)| inner.full_key(key.clone()))
+                .collect()
+        });
+        directive::capture_batch(keys, policy.site);
         return std::future::pending().await;
     }
     let inner = match (inner, directive) {

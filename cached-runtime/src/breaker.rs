@@ -1,12 +1,19 @@
-//! The circuit breaker in front of Redis.
+//! The circuit breakers in front of Redis.
 //!
-//! After `failure_threshold` consecutive failures the breaker opens and every
-//! Redis operation is skipped (a miss, then the computation) for `cooldown`.
-//! Then one operation goes through as a probe: its success closes the
-//! breaker, its failure opens it for another cool-down. A probe that never
-//! reports (its caller was cancelled) is replaced after one more cool-down.
+//! After `failure_threshold` consecutive failures a breaker opens and every
+//! Redis operation it guards is skipped (a miss, then the computation) for
+//! `cooldown`. Then one operation goes through as a probe: its success
+//! closes the breaker, its failure opens it for another cool-down. A probe
+//! that never reports (its caller was cancelled) is replaced after one more
+//! cool-down.
+//!
+//! A cache has one breaker ([`Health::whole`]) for one server or a Sentinel
+//! master; on a cluster, one per master as well ([`Health::of`]), so that
+//! the keys of a sick master skip Redis while the other masters keep
+//! serving theirs (and a run of its failures opens no other's breaker).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Settings of the circuit breaker, see [`CacheBuilder::breaker`](crate::CacheBuilder::breaker).
@@ -168,6 +175,56 @@ impl Breaker {
     }
 }
 
+/// A cache's breakers: the whole one, and on a cluster one per master.
+#[derive(Debug)]
+pub(crate) struct Health {
+    /// For one server or a Sentinel master; on a cluster, for the
+    /// operations that name no key or whose master is not known yet.
+    pub(crate) whole: Breaker,
+    /// On a cluster, one per master, by its number (see the backend's
+    /// topology), made as masters are first met: a fixed table, so that
+    /// finding a master's breaker on every operation writes nothing shared.
+    nodes: Box<[OnceLock<Breaker>]>,
+    config: BreakerConfig,
+}
+
+/// How many cluster masters have a breaker of their own; the operations on
+/// masters numbered beyond (a cluster that has had more masters than this
+/// over the cache's life) share the whole one.
+const MASTERS: usize = 1024;
+
+impl Health {
+    /// The breakers of a cache; with one per master if on a `cluster`.
+    pub(crate) fn new(config: BreakerConfig, cluster: bool) -> Self {
+        let masters = if cluster { MASTERS } else { 0 };
+        Health {
+            whole: Breaker::new(config),
+            nodes: (0..masters).map(|_| OnceLock::new()).collect(),
+            config,
+        }
+    }
+
+    /// The breaker of cluster master number `node` (the whole one for
+    /// `None`, or a master with no breaker of its own), and the master's
+    /// number if it has one.
+    pub(crate) fn of(&self, node: Option<usize>) -> (&Breaker, Option<usize>) {
+        match node.and_then(|n| Some((self.nodes.get(n)?, n))) {
+            Some((breaker, n)) => (breaker.get_or_init(|| Breaker::new(self.config)), Some(n)),
+            None => (&self.whole, None),
+        }
+    }
+
+    /// How many breakers are open or probing.
+    pub(crate) fn open_count(&self) -> usize {
+        usize::from(self.whole.is_open())
+            + self
+                .nodes
+                .iter()
+                .filter(|b| b.get().is_some_and(Breaker::is_open))
+                .count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +288,36 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         assert!(b.allow());
         assert_eq!(b.success().map(|o| o.failed_probes), Some(1));
+    }
+
+    #[test]
+    fn a_masters_failures_open_its_breaker_alone() {
+        let health = Health::new(
+            BreakerConfig {
+                failure_threshold: 3,
+                cooldown: Duration::from_secs(10),
+            },
+            true,
+        );
+        let of = |node| health.of(Some(node)).0;
+        // Master 1 fails while master 0 keeps answering.
+        for _ in 0..3 {
+            assert!(of(0).success().is_none());
+            of(1).failure();
+        }
+        assert!(of(1).is_open());
+        assert!(!of(1).allow(), "its keys skip Redis");
+        assert!(of(0).allow(), "the other master's are served");
+        assert!(health.whole.allow());
+        assert_eq!(health.open_count(), 1);
+        // The same breaker, however many masters were met since.
+        assert!(of(7).allow());
+        assert!(of(1).is_open());
+        // Past the table, the whole breaker.
+        assert_eq!(health.of(Some(MASTERS)).1, None);
+        assert_eq!(
+            Health::new(BreakerConfig::default(), false).of(Some(0)).1,
+            None
+        );
     }
 }

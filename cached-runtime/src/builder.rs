@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::backend::{
     AnyBackend, ClusterTarget, MemoryBackend, MemoryConfig, RedisBackend, SentinelTarget, Target,
 };
-use crate::breaker::{Breaker, BreakerConfig};
+use crate::breaker::{BreakerConfig, Health};
 use crate::cache::Cache;
 use crate::claims::Claims;
 use crate::codec::Codec;
@@ -269,8 +269,10 @@ impl CacheBuilder {
         self
     }
 
-    /// Trusts this CA certificate (PEM) for `rediss://` instead of the
-    /// system's roots: for servers with a private CA.
+    /// Trusts this CA certificate (PEM) for `rediss://` (or `valkeys://`)
+    /// instead of the system's roots: for servers with a private CA. With
+    /// Sentinel, for the sentinels reached with TLS and the masters (which
+    /// are reached with TLS when the sentinels are).
     #[cfg(feature = "tls")]
     pub fn tls_root_cert(mut self, pem: &[u8]) -> Self {
         self.tls_root = Some(pem.to_vec());
@@ -414,11 +416,6 @@ impl CacheBuilder {
                 )?))
             }
             Deployment::Sentinel { sentinels, master } => {
-                if self.tls_root.is_some() {
-                    return Err(Error::Config(
-                        "a private CA (tls_root_cert) is not supported with Sentinel yet".into(),
-                    ));
-                }
                 let sentinels: Vec<&str> = sentinels.iter().map(String::as_str).collect();
                 let credentials = self
                     .master_credentials
@@ -428,6 +425,8 @@ impl CacheBuilder {
                     &sentinels,
                     master,
                     credentials,
+                    self.tls_root.as_deref(),
+                    self.connect_timeout,
                 )?))
             }
         };
@@ -444,7 +443,7 @@ impl CacheBuilder {
         );
         let backend = AnyBackend::Redis(RedisBackend::new(
             target,
-            self.connect_timeout,
+            (self.connect_timeout, self.op_timeout),
             channel,
             self.max_value_bytes,
             (self.merge_lookups && !self.bounded_reads).then_some(self.op_timeout),
@@ -460,6 +459,7 @@ impl CacheBuilder {
     }
 
     fn finish(self, backend: AnyBackend) -> Cache {
+        let health = Health::new(self.breaker, backend.is_cluster());
         let cache = Cache::from_inner(Inner {
             backend,
             settings: Settings {
@@ -474,7 +474,7 @@ impl CacheBuilder {
                 log_keys: self.log_keys,
                 codec: self.codec,
             },
-            breaker: Breaker::new(self.breaker),
+            health,
             counters: Arc::new(Counters::default()),
             meters: Arc::new(crate::meters::Meters::new()),
             oversized_warned: std::sync::atomic::AtomicBool::new(false),

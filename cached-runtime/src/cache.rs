@@ -198,7 +198,7 @@ impl Cache {
     }
 
     /// The values at `keys`, in order: one round trip for all of them (on
-    /// a cluster, one per node, in parallel). Each is `None` as for
+    /// a cluster, one `MGET` per slot, in parallel). Each is `None` as for
     /// [`Cache::get`]: absent, undecodable as a `T`, a reserved key, or
     /// Redis unavailable (all counted as misses).
     ///
@@ -262,7 +262,7 @@ impl Cache {
     }
 
     /// Stores each value at its key for `ttl`: one round trip for all of
-    /// them (on a cluster, one per node, in parallel).
+    /// them (on a cluster, one `SET` per key, in parallel).
     ///
     /// # Errors
     /// As [`Cache::set`]; nothing is stored when a key is reserved or a
@@ -312,6 +312,28 @@ impl Cache {
             let key = self.inner.full_key(key.to_owned());
             self.inner.record_key(&traced, &key);
             self.inner.tombstone(&key).await
+        };
+        ended(InSpan::new(span.clone(), invalidate).await, &span)
+    }
+
+    /// Invalidates each of `keys` as [`Cache::invalidate`] does, in
+    /// pipelines of at most 512 keys (a few in flight at once), so that a
+    /// long list never becomes one long Redis command.
+    ///
+    /// # Errors
+    /// When a key holds the reserved byte `~` (nothing is invalidated
+    /// then), or Redis fails, times out or is skipped by the open breaker
+    /// for some of the pipelines: the others' keys are invalidated, and
+    /// the failed ones' may be in part.
+    pub async fn invalidate_many(&self, keys: &[impl AsRef<str>]) -> Result<()> {
+        let span = op_span("invalidate_many", Some(keys.len()));
+        let invalidate = async {
+            let mut full = Vec::with_capacity(keys.len());
+            for key in keys {
+                check_user_key(key.as_ref())?;
+                full.push(self.inner.full_key(key.as_ref().to_owned()));
+            }
+            self.inner.tombstone_many(&full).await
         };
         ended(InSpan::new(span.clone(), invalidate).await, &span)
     }
@@ -524,9 +546,10 @@ impl Cache {
         self.inner.settings.default_ttl
     }
 
-    /// Whether the circuit breaker currently skips Redis.
+    /// Whether a circuit breaker currently skips Redis (on a cluster, for
+    /// the keys of one master or more).
     pub fn is_degraded(&self) -> bool {
-        self.inner.breaker.is_open()
+        self.inner.health.open_count() > 0
     }
 
     /// How many entries the near tier holds (expired ones included until

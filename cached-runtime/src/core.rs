@@ -15,8 +15,8 @@ use futures_util::future::try_join_all;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::de::DeserializeOwned;
 
-use crate::backend::{AnyBackend, Backend, Bytes, Seen, StoreIf};
-use crate::breaker::{Breaker, Transition};
+use crate::backend::{AnyBackend, Backend, Bytes, RedisBackend, Seen, StoreIf};
+use crate::breaker::{Breaker, Health, Outage, Transition};
 use crate::codec::{Codec, Entry, Timing};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
@@ -38,13 +38,13 @@ pub(crate) const BATCH_CHUNK: usize = 512;
 /// How many chunks of one batch call are in flight at once.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
-/// Runs `chunks` with at most [`CHUNKS_IN_FLIGHT`] of them at once; their
-/// outputs in order.
-async fn in_flight<F: Future>(mut chunks: impl Iterator<Item = F>) -> Vec<F::Output> {
+/// Runs `chunks` with at most `limit` of them at once; their outputs in
+/// order.
+async fn in_flight<F: Future>(mut chunks: impl Iterator<Item = F>, limit: usize) -> Vec<F::Output> {
     let mut running = FuturesOrdered::new();
     let mut outputs = Vec::new();
     loop {
-        while running.len() < CHUNKS_IN_FLIGHT {
+        while running.len() < limit.max(1) {
             match chunks.next() {
                 Some(chunk) => running.push_back(chunk),
                 None => break,
@@ -59,6 +59,10 @@ async fn in_flight<F: Future>(mut chunks: impl Iterator<Item = F>) -> Vec<F::Out
 /// A bound on the rounds of one `invalidate_tag` (50 million keys), against
 /// other invalidations of the same tag keeping its drain busy for ever.
 const MAX_TAG_ROUNDS: usize = 100_000;
+/// How long an invalidation waits, in all, for the cluster slot of its
+/// tag's set to finish moving between nodes (moving the set aside touches
+/// two keys of that slot, which a migrating slot refuses).
+const MIGRATION_WAIT: Duration = Duration::from_secs(5);
 
 /// The settings of a cache, fixed when it is built.
 #[derive(Debug, Clone)]
@@ -83,7 +87,8 @@ pub(crate) struct Settings {
 pub(crate) struct Inner {
     pub(crate) backend: AnyBackend,
     pub(crate) settings: Settings,
-    pub(crate) breaker: Breaker,
+    /// The breakers: the whole one, and on a cluster one per master.
+    pub(crate) health: Health,
     /// Shared with the tasks a call starts (a lock's watchdog).
     pub(crate) counters: Arc<Counters>,
     pub(crate) flights: Flights,
@@ -150,9 +155,48 @@ impl Inner {
 
     /// Runs one backend operation under the breaker and `op_timeout`,
     /// counting what happens. The in-memory backend cannot fail or block, so
-    /// it runs bare.
+    /// it runs bare. For an operation that names no key: on a cluster, see
+    /// [`Inner::guarded_at`].
     pub(crate) async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
         self.guarded_within(self.settings.op_timeout, op).await
+    }
+
+    /// [`Inner::guarded`] for an operation on `key` (or on keys of its
+    /// master): on a cluster, under the breaker of the master serving it,
+    /// so that a sick master's keys skip Redis while the others' do not.
+    pub(crate) async fn guarded_at<T>(
+        &self,
+        key: &str,
+        op: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let breaker = self.health.of(self.backend.node_of(key));
+        self.run_guarded(breaker, self.settings.op_timeout, op)
+            .await
+    }
+
+    /// [`Inner::guarded_at`] for each of `op`'s attempts, one more after a
+    /// pause while the operation is refused because its cluster slot is
+    /// moving between nodes, until `deadline` (see `MIGRATION_WAIT`).
+    async fn guarded_through_migration<T, F, Fut>(
+        &self,
+        key: &str,
+        deadline: Instant,
+        op: F,
+    ) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.guarded_at(key, op()).await {
+                Err(err) if err.is_migrating() && Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                done => return done,
+            }
+        }
     }
 
     /// [`Inner::guarded`] with another bound than `op_timeout`.
@@ -161,15 +205,29 @@ impl Inner {
         bound: Duration,
         op: impl Future<Output = Result<T>>,
     ) -> Result<T> {
+        self.run_guarded(self.health.of(None), bound, op).await
+    }
+
+    async fn run_guarded<T>(
+        &self,
+        (breaker, master): (&Breaker, Option<usize>),
+        bound: Duration,
+        op: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         if !self.backend.is_redis() {
             return op.await;
         }
-        if !self.breaker.allow() {
+        if !breaker.allow() {
             self.count(None, Event::breaker_skips);
             return Err(Error::BreakerOpen);
         }
+        let stuck_links = self.backend.redis().map(RedisBackend::stuck_links);
         let started = (meters::EXPORTED || spent::wanted()).then(Instant::now);
-        let outcome = tokio::time::timeout(bound, op).await;
+        let outcome = if self.backend.is_cluster() {
+            self.watched(master, bound, op).await
+        } else {
+            tokio::time::timeout(bound, op).await
+        };
         if let Some(started) = started {
             let took = started.elapsed();
             self.meters.redis_time(took, self.cache_label());
@@ -177,22 +235,16 @@ impl Inner {
         }
         let err = match outcome {
             Ok(Ok(value)) => {
-                if let Some(outage) = self.breaker.success() {
-                    self.meters.breaker(false, self.cache_label());
-                    tracing::info!(
-                        target: "redis_cached",
-                        outage = ?outage.lasted,
-                        failed_probes = outage.failed_probes,
-                        "Redis reachable again after {:?} ({} failed probes); caching resumed",
-                        outage.lasted,
-                        outage.failed_probes
-                    );
+                if let Some(outage) = breaker.success() {
+                    self.recovered(master, outage);
                 }
                 return Ok(value);
             }
             Ok(Err(err @ (Error::Refused(_) | Error::Rejected(_)))) => {
                 // Redis answered: it is up, only this command was refused.
-                self.breaker.success();
+                if let Some(outage) = breaker.success() {
+                    self.recovered(master, outage);
+                }
                 self.count(
                     None,
                     match err {
@@ -218,27 +270,174 @@ impl Inner {
             }
         };
         tracing::debug!(target: "redis_cached", error = %err, "Redis operation failed");
-        let transition = self.breaker.failure();
-        if transition == Transition::Reopened {
-            // Once per outage at `warn`; each failed probe at `debug`.
+        if self.backend.redis().map(RedisBackend::stuck_links) != stuck_links {
+            // Sent on a cluster connection since found stuck and replaced:
+            // not the master's failure.
+            return Err(err);
+        }
+        let transition = breaker.failure();
+        if transition != Transition::None {
             self.count(None, Event::breaker_opens);
-            tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
+            self.meters
+                .breakers_open(self.health.open_count(), self.cache_label());
             if let Some(redis) = self.backend.redis() {
-                redis.reset();
+                redis.failing(master, transition == Transition::Reopened);
             }
         }
-        if transition == Transition::Opened {
-            self.count(None, Event::breaker_opens);
-            self.meters.breaker(true, self.cache_label());
-            tracing::warn!(target: "redis_cached",
+        match (transition, master) {
+            // Once per outage at `warn`; each failed probe at `debug`.
+            (Transition::Reopened, _) => {
+                tracing::debug!(target: "redis_cached", error = %err, "probe failed; Redis still skipped");
+            }
+            (Transition::Opened, None) => tracing::warn!(target: "redis_cached",
                 error = %err,
                 "Redis failing; skipping it for the breaker cool-down, values are computed uncached"
-            );
-            if let Some(redis) = self.backend.redis() {
-                redis.reset();
-            }
+            ),
+            (Transition::Opened, Some(node)) => tracing::warn!(target: "redis_cached",
+                error = %err,
+                master = %self.master_name(node),
+                "a Redis Cluster master failing; skipping it for the breaker cool-down, \
+                 the values of its slots are computed uncached"
+            ),
+            (Transition::None, _) => {}
         }
         Err(err)
+    }
+
+    /// Runs a cluster operation within `bound`. One still out after a
+    /// quarter of it has the backend check that the cluster connection
+    /// answers at all (see `RedisBackend::check_cluster_link`), so that a
+    /// stuck connection is replaced before the operations on it time out,
+    /// and their failures are not held against the masters.
+    async fn watched<T>(
+        &self,
+        master: Option<usize>,
+        bound: Duration,
+        op: impl Future<Output = Result<T>>,
+    ) -> std::result::Result<Result<T>, tokio::time::error::Elapsed> {
+        tokio::pin!(op);
+        let early = bound / 4;
+        if let Ok(done) = tokio::time::timeout(early, &mut op).await {
+            return Ok(done);
+        }
+        if let Some(redis) = self.backend.redis() {
+            let healthy = |other| !self.health.of(Some(other)).0.is_open();
+            redis.check_cluster_link(master, healthy, early);
+        }
+        tokio::time::timeout(bound - early, op).await
+    }
+
+    /// Reports that the breaker of `master` (or the whole one) closed after
+    /// `outage`.
+    fn recovered(&self, master: Option<usize>, outage: Outage) {
+        self.meters
+            .breakers_open(self.health.open_count(), self.cache_label());
+        let master = match master {
+            None => String::new(),
+            Some(node) => format!(" (cluster master {})", self.master_name(node)),
+        };
+        tracing::info!(
+            target: "redis_cached",
+            outage = ?outage.lasted,
+            failed_probes = outage.failed_probes,
+            "Redis reachable again{master} after {:?} ({} failed probes); caching resumed",
+            outage.lasted,
+            outage.failed_probes
+        );
+    }
+
+    /// `host:port` of cluster master number `node`, for the logs.
+    fn master_name(&self, node: usize) -> String {
+        self.backend
+            .redis()
+            .and_then(|redis| redis.master_address(node))
+            .map_or_else(
+                || format!("#{node}"),
+                |(host, port)| format!("{host}:{port}"),
+            )
+    }
+
+    /// Runs `op` on each part of `items` that one cluster master serves
+    /// (all of them at once on one server, or while the slot map is not
+    /// known), each part under its master's breaker and cut in chunks of at
+    /// most [`BATCH_CHUNK`] items; every master's first chunk runs at once,
+    /// and no more than [`CHUNKS_IN_FLIGHT`] chunks beyond. Each item's
+    /// outcome, in order. `op` answers one value per item it is given.
+    async fn per_master<I, T, F, Fut>(
+        &self,
+        items: &[I],
+        key_of: impl for<'i> Fn(&'i I) -> &'i str,
+        op: F,
+    ) -> Vec<Result<T>>
+    where
+        I: Clone,
+        F: Fn(Vec<I>) -> Fut,
+        Fut: Future<Output = Result<Vec<T>>>,
+    {
+        let mut parts: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for (n, item) in items.iter().enumerate() {
+            let master = self.backend.node_of(key_of(item));
+            match parts.iter_mut().find(|(m, _)| *m == master) {
+                Some((_, positions)) => positions.push(n),
+                None => parts.push((master, vec![n])),
+            }
+        }
+        // Round-robin over the masters, so that each one's first chunk is
+        // among the first sent.
+        let mut per_part: Vec<_> = parts
+            .iter()
+            .map(|(_, positions)| positions.chunks(BATCH_CHUNK))
+            .collect();
+        let mut chunks: Vec<&[usize]> = Vec::new();
+        loop {
+            let before = chunks.len();
+            chunks.extend(per_part.iter_mut().filter_map(Iterator::next));
+            if chunks.len() == before {
+                break;
+            }
+        }
+        let op = &op;
+        let key_of = &key_of;
+        let runs = chunks.iter().filter_map(|positions| {
+            let first = items.get(*positions.first()?)?;
+            let part: Vec<I> = positions.iter().map(|&n| items[n].clone()).collect();
+            let key = key_of(first);
+            Some(async move { self.guarded_at(key, op(part)).await })
+        });
+        let outcomes = in_flight(runs, CHUNKS_IN_FLIGHT.max(parts.len())).await;
+        let mut results: Vec<Option<Result<T>>> = (0..items.len()).map(|_| None).collect();
+        for (positions, outcome) in chunks.iter().zip(outcomes) {
+            match outcome {
+                Ok(values) if values.len() == positions.len() => {
+                    for (&n, value) in positions.iter().zip(values) {
+                        results[n] = Some(Ok(value));
+                    }
+                }
+                outcome => {
+                    let err = outcome.err().unwrap_or_else(|| {
+                        Error::Redis("a multi-key operation answered with the wrong count".into())
+                    });
+                    for &n in positions.iter() {
+                        results[n] = Some(Err(err.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|| Err(Error::Redis("not sent".into()))))
+            .collect()
+    }
+
+    /// Stores each entry at its key for `ttl`, per master (see
+    /// [`Inner::per_master`]); each entry's outcome.
+    async fn set_many(&self, entries: &[(String, Arc<[u8]>)], ttl: Duration) -> Vec<Result<()>> {
+        let store = |part: Vec<(String, Arc<[u8]>)>| async move {
+            self.backend.set_many(&part, ttl).await?;
+            Ok(vec![(); part.len()])
+        };
+        self.per_master(entries, |(key, _)| key.as_str(), store)
+            .await
     }
 
     /// Reads `key`: its bytes, or what a later compare-and-set expects.
@@ -247,7 +446,7 @@ impl Inner {
             .settings
             .bounded_reads
             .then_some(self.settings.max_value_bytes);
-        match self.guarded(self.backend.get(key, limit)).await {
+        match self.guarded_at(key, self.backend.get(key, limit)).await {
             Ok(Some(bytes)) => Ok(bytes),
             Ok(None) => Err(Seen::Nothing),
             Err(_) => Err(Seen::Unknown),
@@ -266,24 +465,16 @@ impl Inner {
             .settings
             .bounded_reads
             .then_some(self.settings.max_value_bytes);
-        let chunks = keys
-            .chunks(BATCH_CHUNK)
-            .map(|chunk| self.read_chunk(chunk, limit));
-        in_flight(chunks).await.into_iter().flatten().collect()
-    }
-
-    async fn read_chunk(
-        &self,
-        keys: &[String],
-        limit: Option<usize>,
-    ) -> Vec<std::result::Result<Bytes, Seen>> {
-        match self.guarded(self.backend.get_many(keys, limit)).await {
-            Ok(found) => found
-                .into_iter()
-                .map(|bytes| bytes.ok_or(Seen::Nothing))
-                .collect(),
-            Err(_) => keys.iter().map(|_| Err(Seen::Unknown)).collect(),
-        }
+        let read = |part: Vec<String>| async move { self.backend.get_many(&part, limit).await };
+        self.per_master(keys, String::as_str, read)
+            .await
+            .into_iter()
+            .map(|found| match found {
+                Ok(Some(bytes)) => Ok(bytes),
+                Ok(None) => Err(Seen::Nothing),
+                Err(_) => Err(Seen::Unknown),
+            })
+            .collect()
     }
 
     /// What a later compare-and-set expects of a key read as `read`,
@@ -427,7 +618,9 @@ impl Inner {
         // Before and after: a caller that gives up mid-write leaves no
         // older near copy than Redis's next message would.
         self.forget_near(key);
-        let stored = self.guarded(self.backend.set(key, entry, ttl)).await;
+        let stored = self
+            .guarded_at(key, self.backend.set(key, entry, ttl))
+            .await;
         // Whether or not it landed: the near copy may be older now.
         self.forget_near(key);
         stored?;
@@ -498,7 +691,7 @@ impl Inner {
         };
         tracker.ensure_running();
         self.count(site, Event::near_misses);
-        if self.breaker.is_open() {
+        if self.health.whole.is_open() {
             return self.read(key).await;
         }
         let Some(fill) = tracker.store.begin_fill(key) else {
@@ -554,18 +747,18 @@ impl Inner {
         for (key, _) in entries {
             self.forget_near(key);
         }
-        let chunks = entries
-            .chunks(BATCH_CHUNK)
-            .map(|chunk| self.guarded(self.backend.set_many(chunk, ttl)));
-        let stored = in_flight(chunks).await;
+        let stored = self.set_many(entries, ttl).await;
         for (key, _) in entries {
             self.forget_near(key);
         }
-        stored.into_iter().collect::<Result<Vec<()>>>()?;
-        for _ in entries {
-            self.count(None, Event::writes);
+        let mut failed = None;
+        for outcome in stored {
+            match outcome {
+                Ok(()) => self.count(None, Event::writes),
+                Err(err) => failed = Some(err),
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// [`Inner::store_if`] for each of `stores`, in one round trip for up
@@ -590,18 +783,16 @@ impl Inner {
         for store in &sent {
             self.forget_near(&store.key);
         }
-        let chunks = sent
-            .chunks(BATCH_CHUNK)
-            .map(|chunk| self.guarded(self.backend.set_many_if(chunk)));
-        let stored = in_flight(chunks).await;
+        let store = |part: Vec<StoreIf>| async move { self.backend.set_many_if(&part).await };
+        let stored = self
+            .per_master(&sent, |store| store.key.as_str(), store)
+            .await;
         for store in &sent {
             self.forget_near(&store.key);
         }
-        for (at, stored) in at.chunks(BATCH_CHUNK).zip(stored) {
+        for (n, stored) in at.into_iter().zip(stored) {
             if let Ok(stored) = stored {
-                for (&n, stored) in at.iter().zip(stored) {
-                    outcomes[n] = self.count_store(stored, site);
-                }
+                outcomes[n] = self.count_store(stored, site);
             }
         }
         outcomes
@@ -621,7 +812,7 @@ impl Inner {
         }
         self.forget_near(key);
         let stored = self
-            .guarded(self.backend.set_if(key, seen, entry, ttl))
+            .guarded_at(key, self.backend.set_if(key, seen, entry, ttl))
             .await;
         self.forget_near(key);
         match stored {
@@ -648,7 +839,7 @@ impl Inner {
         let window = self.settings.invalidation_window;
         self.forget_near(key);
         let written = self
-            .guarded(self.backend.set(key, tombstone.into(), window))
+            .guarded_at(key, self.backend.set(key, tombstone.into(), window))
             .await;
         // Even if the write failed: this process's later callers must not
         // join a computation that read the key before, nor take a lock
@@ -657,6 +848,34 @@ impl Inner {
         written?;
         self.count(None, Event::invalidations);
         Ok(())
+    }
+
+    /// [`Inner::tombstone`] for each of `keys`, per master and in chunks
+    /// (see [`Inner::per_master`]), each master under its own breaker; the
+    /// first failure. A chunk that fails may have landed in part.
+    pub(crate) async fn tombstone_many(&self, keys: &[String]) -> Result<()> {
+        let tombstone: Arc<[u8]> = self.settings.codec.encode_tombstone().into();
+        let entries: Vec<(String, Arc<[u8]>)> = keys
+            .iter()
+            .map(|key| {
+                self.forget_near(key);
+                (key.clone(), tombstone.clone())
+            })
+            .collect();
+        let written = self
+            .set_many(&entries, self.settings.invalidation_window)
+            .await;
+        let mut result = Ok(());
+        for ((key, _), written) in entries.iter().zip(written) {
+            // Even if the write failed, as for one key.
+            self.wrote(key);
+            match written {
+                Ok(()) => self.count(None, Event::invalidations),
+                Err(err) if result.is_ok() => result = Err(err),
+                Err(_) => {}
+            }
+        }
+        result
     }
 
     /// The key of `key`'s lock, in the same hash slot.
@@ -687,13 +906,23 @@ impl Inner {
         ttl: Duration,
     ) -> Result<()> {
         let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
+        if tag_keys.is_empty() {
+            return Ok(());
+        }
         let ttl = ttl.saturating_add(self.settings.invalidation_window);
         // At most TAG_BATCH members per script, so that no one call works
-        // for long; the calls go out together.
-        try_join_all(
-            keys.chunks(TAG_BATCH)
-                .map(|chunk| self.guarded(self.backend.tag(chunk, &tag_keys, ttl))),
-        )
+        // for long; the calls go out together. On a cluster, each tag's set
+        // lives in a slot of its own: one call per set, each under the
+        // breaker of its master.
+        let sets: Vec<&[String]> = if self.backend.is_cluster() {
+            tag_keys.iter().map(std::slice::from_ref).collect()
+        } else {
+            vec![&tag_keys]
+        };
+        try_join_all(keys.chunks(TAG_BATCH).flat_map(|chunk| {
+            sets.iter()
+                .map(move |&set| self.guarded_at(&set[0], self.backend.tag(chunk, set, ttl)))
+        }))
         .await?;
         Ok(())
     }
@@ -718,10 +947,12 @@ impl Inner {
         let mut invalidated = 0;
         let mut moved = false;
         let mut rounds = 0usize;
+        let migrated_by = Instant::now() + MIGRATION_WAIT;
         let result = loop {
             if !moved {
+                let drain = || self.backend.drain_tag(&tag_key, &drain_key);
                 match self
-                    .guarded(self.backend.drain_tag(&tag_key, &drain_key))
+                    .guarded_through_migration(&tag_key, migrated_by, drain)
                     .await
                 {
                     Ok(now) => moved = now,
@@ -729,7 +960,7 @@ impl Inner {
                 }
             }
             let batch = match self
-                .guarded(self.backend.tagged(&drain_key, TAG_BATCH))
+                .guarded_at(&drain_key, self.backend.tagged(&drain_key, TAG_BATCH))
                 .await
             {
                 Ok(batch) => batch,
@@ -757,16 +988,19 @@ impl Inner {
                 .iter()
                 .map(|(key, _)| (key.clone(), tombstone.clone()))
                 .collect();
-            let tombstones = self.guarded(self.backend.set_many(&live, window)).await;
-            // Even if the write failed: some tombstones may have landed.
+            let tombstones = self.set_many(&live, window).await;
+            // Even if a write failed: some tombstones may have landed.
             for (key, _) in &live {
                 self.wrote(key);
             }
-            if let Err(err) = tombstones {
+            if let Some(Err(err)) = tombstones.into_iter().find(Result::is_err) {
                 break Err(err);
             }
             invalidated += live.len() as u64;
-            if let Err(err) = self.guarded(self.backend.untag(&drain_key, &batch)).await {
+            if let Err(err) = self
+                .guarded_at(&drain_key, self.backend.untag(&drain_key, &batch))
+                .await
+            {
                 break Err(err);
             }
             if moved && batch.len() < TAG_BATCH {

@@ -40,6 +40,8 @@ pub(crate) enum Directive {
 #[derive(Default)]
 struct Call {
     entry: Option<(String, Arc<Inner>)>,
+    /// A batch call's keys, one per element.
+    elements: Vec<String>,
     site: Option<&'static Site>,
 }
 
@@ -108,6 +110,22 @@ pub(crate) fn capture(entry: Option<(String, &Arc<Inner>)>, site: Option<&'stati
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Call {
             entry: entry.map(|(key, inner)| (key, Arc::clone(inner))),
+            elements: Vec::new(),
+            site,
+        };
+    });
+}
+
+/// Records what a captured batch call would have read: its elements' keys
+/// (none without a cache), and which function it is.
+pub(crate) fn capture_batch(elements: Vec<String>, site: Option<&'static Site>) {
+    let _ = SCOPE.try_with(|scope| {
+        *scope
+            .captured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Call {
+            entry: None,
+            elements,
             site,
         };
     });
@@ -153,6 +171,30 @@ fn captured<F: Future>(call: F) -> Call {
 /// ```
 pub fn key_of<F: Future>(call: F) -> Option<String> {
     captured(call).entry.map(|(key, _)| key)
+}
+
+/// The Redis keys that this call reads, without running it: the one key
+/// of [`key_of`], or for a batch function (`<ids[]>`) one key per element,
+/// in the order of its elements; empty when it has no cache.
+///
+/// ```ignore
+/// use redis_cached::{keys_of, redis_cached, Cache};
+/// use std::collections::HashMap;
+///
+/// #[redis_cached(key = "user:<ids[]>", cache = cache)]
+/// async fn users(cache: &Cache, ids: Vec<u64>) -> HashMap<u64, String> {
+///     ids.into_iter().map(|id| (id, format!("user {id}"))).collect()
+/// }
+///
+/// let cache = Cache::in_memory();
+/// assert_eq!(keys_of(users(&cache, vec![1, 2])), ["user:1", "user:2"]);
+/// ```
+pub fn keys_of<F: Future>(call: F) -> Vec<String> {
+    let call = captured(call);
+    match call.entry {
+        Some((key, _)) => vec![key],
+        None => call.elements,
+    }
 }
 
 /// The counters of the cached function that `call` calls, without running

@@ -29,8 +29,10 @@ pub enum Error {
     Refused(String),
     /// Redis rejected this command for this key or this user (`WRONGTYPE`:
     /// another program's data of another type at the key; `NOPERM`: an ACL
-    /// forbids it): a miss for this key alone, counted, and not held
-    /// against the circuit breaker, since other keys still work.
+    /// forbids it; `TRYAGAIN`: the key's cluster slot is being moved to
+    /// another node for longer than the command could wait): a miss for
+    /// this key alone, counted, and not held against the circuit breaker,
+    /// since other keys still work.
     #[error("Redis rejected the command: {0}")]
     Rejected(String),
     /// A Redis operation took longer than the cache's `op_timeout`.
@@ -76,6 +78,10 @@ impl Error {
             Some(code @ ("WRONGTYPE" | "NOPERM" | "JOURNALBLOCKED")) => {
                 return Error::Rejected(code.to_owned())
             }
+            // The key's slot is being moved to another cluster node: a
+            // command on several of its keys cannot run until the move
+            // ends. The node is fine, and the slot's other commands work.
+            Some(code @ ("TRYAGAIN" | "ASK" | "MOVED")) => return Error::Rejected(code.to_owned()),
             _ => {}
         }
         // Credentials: say what to fix (neither message carries a secret;
@@ -107,6 +113,17 @@ impl Error {
         }
         Error::Redis(text)
     }
+
+    /// Whether this is a command refused while its slot moves between
+    /// cluster nodes: worth trying again after a pause.
+    pub(crate) fn is_migrating(&self) -> bool {
+        matches!(self, Error::Rejected(code) if is_migrating_code(code))
+    }
+}
+
+/// The error codes of a slot being moved between cluster nodes.
+pub(crate) fn is_migrating_code(code: &str) -> bool {
+    matches!(code, "TRYAGAIN" | "ASK" | "MOVED")
 }
 
 /// The server's error code of `err` (`OOM`, `NOSCRIPT`, …), also when it

@@ -61,7 +61,7 @@ pub use breaker::BreakerConfig;
 pub use builder::{CacheBuilder, MEMORY_URL};
 pub use cache::Cache;
 pub use codec::Codec;
-pub use directive::{bypass, invalidate_call, key_of, refresh, stats_of};
+pub use directive::{bypass, invalidate_call, key_of, keys_of, refresh, stats_of};
 pub use error::{Error, Result};
 pub use global::{global, set_global};
 pub use key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, KeyParts, MAX_KEY_LEN};

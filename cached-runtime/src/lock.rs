@@ -90,12 +90,15 @@ impl LockWait {
                     failed: false,
                 };
             }
-            let attempt = Attempt::new(inner, redis, key, &lock, &self.token);
+            let attempt = Attempt::new(inner, redis, key, &lock, &self.token, policy.ttl);
             let reply = inner
-                .guarded(redis.acquire(key, &lock, &seen, &self.token, policy.ttl))
+                .guarded_at(
+                    key,
+                    redis.acquire(key, &lock, &seen, &self.token, policy.ttl),
+                )
                 .await;
             attempt.answered(&reply);
-            match reply {
+            let holder = match reply {
                 Ok(Acquire::Acquired(now)) => {
                     inner.count(self.site, Event::lock_acquired);
                     let guard =
@@ -104,49 +107,22 @@ impl LockWait {
                 }
                 Ok(Acquire::Landed(Seen::Bytes(bytes))) => return Waited::Landed(bytes),
                 // A value too large to read: it counts as seen.
-                Ok(Acquire::Landed(now)) => seen = now,
-                // Only the value of the holder found is taken from a
-                // message: another's may predate an invalidation made
-                // anywhere.
+                Ok(Acquire::Landed(now)) => {
+                    seen = now;
+                    continue;
+                }
                 Ok(Acquire::Held(holder)) => {
                     if !self.waited {
                         self.waited = true;
                         inner.count(self.site, Event::lock_waits);
                     }
-                    let now = Instant::now();
-                    if now >= self.deadline {
-                        inner.count(self.site, Event::lock_wait_timeouts);
-                        return Waited::Compute {
-                            seen,
-                            failed: false,
-                        };
-                    }
-                    // Jittered, so that waiters started together do not
-                    // all retry at once (possibly just as the value lands).
-                    let pause = self.retry.mul_f64(0.5 + unit_interval());
-                    let _ = tokio::time::timeout(pause.min(self.deadline - now), notified).await;
-                    match watch.landed() {
-                        // A value from another holder than the one waited
-                        // for (a late message from an earlier one), or for
-                        // a key invalidated here lately, may have been
-                        // computed before an invalidation: read what the
-                        // key holds instead.
-                        Some(Landing::Value(bytes, Some(by)))
-                            if holder.as_deref() == Some(&*by)
-                                && !inner
-                                    .recent
-                                    .within(key, inner.settings.invalidation_window) =>
-                        {
-                            return Waited::Landed(bytes)
-                        }
-                        Some(Landing::Value(..) | Landing::Fetch) => match inner.read(key).await {
-                            Ok(bytes) => return Waited::Landed(bytes),
-                            Err(now) => seen = now,
-                        },
-                        Some(Landing::Failed) => return Waited::Compute { seen, failed: true },
-                        Some(Landing::Retry) | None => {}
-                    }
+                    holder
                 }
+                // The key's cluster slot is moving to another node: a
+                // command on the value and its lock cannot run until the
+                // move ends (milliseconds per slot). Wait as for a holder
+                // (there may be one), then try again.
+                Err(err) if err.is_migrating() => None,
                 // Redis is failing: compute without the lock, like any miss.
                 Err(_) => {
                     return Waited::Compute {
@@ -154,6 +130,37 @@ impl LockWait {
                         failed: false,
                     }
                 }
+            };
+            let now = Instant::now();
+            if now >= self.deadline {
+                inner.count(self.site, Event::lock_wait_timeouts);
+                return Waited::Compute {
+                    seen,
+                    failed: false,
+                };
+            }
+            // Jittered, so that waiters started together do not all retry
+            // at once (possibly just as the value lands).
+            let pause = self.retry.mul_f64(0.5 + unit_interval());
+            let _ = tokio::time::timeout(pause.min(self.deadline - now), notified).await;
+            match watch.landed() {
+                // Only the value of the holder found is taken from a
+                // message: another's (a late message from an earlier one),
+                // or one for a key invalidated here lately, may have been
+                // computed before an invalidation made anywhere: read what
+                // the key holds instead.
+                Some(Landing::Value(bytes, Some(by)))
+                    if holder.as_deref() == Some(&*by)
+                        && !inner.recent.within(key, inner.settings.invalidation_window) =>
+                {
+                    return Waited::Landed(bytes)
+                }
+                Some(Landing::Value(..) | Landing::Fetch) => match inner.read(key).await {
+                    Ok(bytes) => return Waited::Landed(bytes),
+                    Err(now) => seen = now,
+                },
+                Some(Landing::Failed) => return Waited::Compute { seen, failed: true },
+                Some(Landing::Retry) | None => {}
             }
         }
     }
@@ -170,9 +177,9 @@ impl LockWait {
         let redis = inner.backend.redis()?;
         let token = lock_token();
         let lock = inner.lock_key(key);
-        let attempt = Attempt::new(inner, redis, key, &lock, &token);
+        let attempt = Attempt::new(inner, redis, key, &lock, &token, policy.ttl);
         let reply = inner
-            .guarded(redis.acquire(key, &lock, seen, &token, policy.ttl))
+            .guarded_at(key, redis.acquire(key, &lock, seen, &token, policy.ttl))
             .await;
         attempt.answered(&reply);
         match reply {
@@ -199,6 +206,8 @@ struct Attempt<'a> {
     key: &'a str,
     lock: &'a str,
     token: &'a str,
+    /// How long the lock lives if the attempt took it.
+    ttl: Duration,
     answered: bool,
 }
 
@@ -209,6 +218,7 @@ impl<'a> Attempt<'a> {
         key: &'a str,
         lock: &'a str,
         token: &'a str,
+        ttl: Duration,
     ) -> Self {
         Attempt {
             inner,
@@ -216,6 +226,7 @@ impl<'a> Attempt<'a> {
             key,
             lock,
             token,
+            ttl,
             answered: false,
         }
     }
@@ -236,21 +247,24 @@ impl Drop for Attempt<'_> {
                 self.lock,
                 self.token,
                 false,
-                timeout,
+                (timeout, self.ttl),
                 self.inner.counting(),
             );
         }
     }
 }
 
-/// A held lock. Dropped without [`LockGuard::release`] (its holder was
-/// cancelled or panicked), it releases the lock from a task of its own.
+/// A held lock. Dropped unreleased (its holder was cancelled or panicked,
+/// or [`LockGuard::release`] failed: Redis slow, or the key's cluster slot
+/// migrating), it releases the lock from a task of its own.
 pub(crate) struct LockGuard<'a> {
     inner: &'a Inner,
     redis: &'a RedisBackend,
     key: String,
     lock: String,
     token: String,
+    /// How long the lock lives after its last extension.
+    ttl: Duration,
     released: bool,
     /// Extends the lock while it is held; stopped with the guard.
     watchdog: Option<tokio::task::JoinHandle<()>>,
@@ -280,6 +294,7 @@ impl<'a> LockGuard<'a> {
             key: key.to_owned(),
             lock,
             token: token.to_owned(),
+            ttl: policy.ttl,
             released: false,
             watchdog,
             site,
@@ -307,7 +322,7 @@ impl<'a> LockGuard<'a> {
             .redis
             .release(&self.key, &self.lock, &self.token, seen, release);
         inner.forget_near(&self.key);
-        let released = inner.guarded(released).await;
+        let released = inner.guarded_at(&self.key, released).await;
         inner.forget_near(&self.key);
         match released {
             Ok(stored) => {
@@ -332,7 +347,7 @@ impl<'a> LockGuard<'a> {
             &self.lock,
             &self.token,
             true,
-            timeout,
+            (timeout, self.ttl),
             self.inner.counting(),
         );
     }
@@ -351,7 +366,7 @@ impl Drop for LockGuard<'_> {
                 &self.lock,
                 &self.token,
                 failed,
-                timeout,
+                (timeout, self.ttl),
                 self.inner.counting(),
             );
         }

@@ -191,12 +191,10 @@ mod on {
             );
         }
 
-        pub(crate) fn breaker(&self, open: bool, cache: &str) {
-            self.with(
-                || NO_FUNCTION,
-                cache,
-                |h| h.breaker.set(if open { 1.0 } else { 0.0 }),
-            );
+        /// How many of the cache's breakers are open (0 or 1 on one
+        /// server; on a cluster, one per master may be).
+        pub(crate) fn breakers_open(&self, open: usize, cache: &str) {
+            self.with(|| NO_FUNCTION, cache, |h| h.breaker.set(open as f64));
         }
     }
 }
@@ -231,7 +229,7 @@ impl Meters {
     pub(crate) fn redis_time(&self, _: std::time::Duration, _: &str) {}
 
     #[inline(always)]
-    pub(crate) fn breaker(&self, _: bool, _: &str) {}
+    pub(crate) fn breakers_open(&self, _: usize, _: &str) {}
 }
 
 /// Whether metrics are exported (feature `metrics`): without it, no label

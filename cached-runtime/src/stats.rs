@@ -167,7 +167,9 @@ counters! {
     errors,
     /// Commands Redis refused while up (out of memory under `noeviction`, read-only replica).
     refused,
-    /// Commands Redis rejected for one key or user (`WRONGTYPE`, `NOPERM`): misses for that key only.
+    /// Commands Redis rejected for one key or user (`WRONGTYPE`, `NOPERM`),
+    /// or for a cluster slot being moved for longer than the command could
+    /// wait (`TRYAGAIN`): misses for that key only.
     rejected,
     /// Redis operations abandoned after `op_timeout`.
     timeouts,

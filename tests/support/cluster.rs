@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{free_port, unique_dir, RedisServer};
+use super::{free_port, unique_dir, RedisServer, TlsFiles};
 
 /// A cluster of six `redis-server --cluster-enabled yes` nodes.
 pub struct RedisCluster {
@@ -174,6 +174,40 @@ impl RedisCluster {
             .sum()
     }
 
+    /// How many times the node on `port` ran `command` (lower case).
+    pub fn node_command_calls(&self, port: u16, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        cli(port, &["INFO", "commandstats"])
+            .lines()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// The ports of the masters.
+    pub fn master_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .map(RedisServer::port)
+            .filter(|&port| cli(port, &["ROLE"]).starts_with("master"))
+            .collect()
+    }
+
+    /// How many shard channels named `<prefix>…` the masters have
+    /// subscribers on.
+    pub fn shard_channels(&self, prefix: &str) -> usize {
+        let pattern = format!("{prefix}*");
+        self.master_ports()
+            .into_iter()
+            .map(|port| {
+                cli(port, &["PUBSUB", "SHARDCHANNELS", &pattern])
+                    .lines()
+                    .filter(|channel| !channel.is_empty())
+                    .count()
+            })
+            .sum()
+    }
+
     /// `key`'s slot, as a node that answers computes it.
     pub fn slot_of(&self, key: &str) -> u16 {
         self.nodes
@@ -207,6 +241,139 @@ impl RedisCluster {
             .find(|node| owns(node.port(), slot))
             .expect("a master owns every slot")
     }
+
+    /// The first slot the master on `port` serves, by its own `CLUSTER
+    /// NODES` line.
+    pub fn first_slot_of(&self, port: u16) -> u16 {
+        cli(port, &["CLUSTER", "NODES"])
+            .lines()
+            .find(|line| line.contains("myself"))
+            .and_then(|line| line.split_whitespace().nth(8))
+            .and_then(|range| range.split('-').next()?.parse().ok())
+            .expect("the master serves slots")
+    }
+
+    /// The port of the master serving `slot` by its own word, asking no
+    /// node on `skip` (a frozen one would never answer); `None` while none
+    /// says it does.
+    pub fn master_of_slot_but(&self, slot: u16, skip: u16) -> Option<u16> {
+        self.nodes
+            .iter()
+            .map(RedisServer::port)
+            .filter(|&port| port != skip)
+            .find(|&port| owns(port, slot))
+    }
+
+    /// The port of the master serving `slot`.
+    pub fn master_of_slot(&self, slot: u16) -> u16 {
+        self.nodes
+            .iter()
+            .map(RedisServer::port)
+            .find(|&port| owns(port, slot))
+            .expect("a master owns every slot")
+    }
+}
+
+/// A slot set MIGRATING at its owner and IMPORTING at another master with
+/// no key moved: until [`Migration::end`], a command on two keys of the
+/// slot of which one is missing gets `ASK` at the owner, then `TRYAGAIN`
+/// at the other master (single-key commands are served).
+pub struct Migration {
+    slot: String,
+    owner_id: String,
+    target_id: String,
+    ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// Starts a [`Migration`] of `slot` to another master.
+    pub fn start_migration(&self, slot: u16) -> Migration {
+        let slot = slot.to_string();
+        let owner = self
+            .nodes
+            .iter()
+            .map(RedisServer::port)
+            .find(|&port| owns(port, slot.parse().expect("a number")))
+            .expect("a master owns every slot");
+        let target = self
+            .nodes
+            .iter()
+            .map(RedisServer::port)
+            .find(|&port| port != owner && cli(port, &["ROLE"]).starts_with("master"))
+            .expect("another master");
+        let id = |port: u16| cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+        let (owner_id, target_id) = (id(owner), id(target));
+        let imported = cli(
+            target,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &owner_id],
+        );
+        let migrated = cli(
+            owner,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+        );
+        assert!(
+            imported.contains("OK") && migrated.contains("OK"),
+            "SETSLOT: {imported} {migrated}"
+        );
+        Migration {
+            slot,
+            owner_id,
+            target_id,
+            ports: self.nodes.iter().map(RedisServer::port).collect(),
+        }
+    }
+}
+
+impl Migration {
+    /// Ends the migration with the slot moved to the other master (it must
+    /// hold no key).
+    pub fn end_at_target(&self) {
+        for &port in &self.ports {
+            cli(
+                port,
+                &["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.target_id],
+            );
+        }
+    }
+
+    /// Ends the migration with the slot where it was. (`NODE` alone would
+    /// leave the owner MIGRATING while the slot holds keys.)
+    pub fn end(&self) {
+        for &port in &self.ports {
+            cli(port, &["CLUSTER", "SETSLOT", &self.slot, "STABLE"]);
+            cli(
+                port,
+                &["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.owner_id],
+            );
+        }
+    }
+}
+
+/// `key`'s cluster slot, computed here as Redis does (CRC16/XMODEM of the
+/// hash tag, or of the whole key without one, mod 16384).
+pub fn key_slot(key: &str) -> u16 {
+    let key = key.as_bytes();
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let crc = hashed.iter().fold(0u16, |mut crc, &byte| {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+        crc
+    });
+    crc % 16384
 }
 
 /// Whether the node on `port` serves `slot` as master, by its own
@@ -276,6 +443,8 @@ pub struct SentinelSetup {
     pub master: RedisServer,
     pub replica: RedisServer,
     pub sentinels: Vec<Sentinel>,
+    /// The master's and the replica's password, if they need one.
+    password: Option<String>,
 }
 
 /// One `redis-server --sentinel` process.
@@ -283,6 +452,8 @@ pub struct Sentinel {
     pub port: u16,
     child: Option<std::process::Child>,
     dir: std::path::PathBuf,
+    /// Set for a sentinel that speaks only TLS.
+    tls: Option<TlsFiles>,
 }
 
 pub const MASTER_NAME: &str = "mymaster";
@@ -300,12 +471,25 @@ impl SentinelSetup {
         SHARED.get_or_init(|| Self::launch(true))
     }
 
+    /// A set-up of its own whose master and replica need `password`.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::launch_with(false, Some(password))
+    }
+
     fn launch(shared: bool) -> Self {
+        Self::launch_with(shared, None)
+    }
+
+    fn launch_with(shared: bool, password: Option<&str>) -> Self {
         let start = |args: &[&str]| {
+            let mut args = args.to_vec();
+            if let Some(password) = password {
+                args.extend(["--requirepass", password, "--masterauth", password]);
+            }
             if shared {
-                RedisServer::start_shared(args)
+                RedisServer::start_shared(&args)
             } else {
-                RedisServer::start_with(args)
+                RedisServer::start_with(&args)
             }
         };
         let master = start(&["--repl-diskless-sync-delay", "0"]);
@@ -317,13 +501,17 @@ impl SentinelSetup {
             "--repl-diskless-sync-delay",
             "0",
         ]);
+        let auth = password
+            .map(|password| format!("sentinel auth-pass {MASTER_NAME} {password}\n"))
+            .unwrap_or_default();
         let sentinels = (0..3)
-            .map(|_| Sentinel::start(master.port(), shared))
+            .map(|_| Sentinel::start(master.port(), shared, &auth))
             .collect();
         let setup = SentinelSetup {
             master,
             replica,
             sentinels,
+            password: password.map(str::to_owned),
         };
         setup.wait_ready();
         setup
@@ -331,10 +519,24 @@ impl SentinelSetup {
 
     /// Waits until the replica is in sync and every sentinel knows the
     /// master, its replica and the other sentinels.
+    /// `redis-cli args…`'s output from the master or the replica (on
+    /// `port`), with the password if they need one.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        match &self.password {
+            None => cli(port, args),
+            Some(password) => {
+                let mut all = vec!["-a", password.as_str(), "--no-auth-warning"];
+                all.extend_from_slice(args);
+                cli(port, &all)
+            }
+        }
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let synced = cli(self.replica.port(), &["INFO", "replication"])
+            let synced = self
+                .cli(self.replica.port(), &["INFO", "replication"])
                 .contains("master_link_status:up");
             let known = self.sentinels.iter().all(|s| {
                 let info = cli(s.port, &["SENTINEL", "MASTER", MASTER_NAME]);
@@ -377,27 +579,55 @@ impl SentinelSetup {
 impl Sentinel {
     /// Starts a sentinel on a free port, trying another one if it does not
     /// come up (another process took the port between the check and the
-    /// bind).
-    fn start(master_port: u16, shared: bool) -> Sentinel {
+    /// bind). `extra` is more configuration (`sentinel auth-pass …`).
+    pub fn start(master_port: u16, shared: bool, extra: &str) -> Sentinel {
+        Self::start_with_tls(master_port, shared, extra, None)
+    }
+
+    /// [`Sentinel::start`] for a TLS master: the sentinel speaks only TLS
+    /// (with `files`), and reaches the master with TLS.
+    pub fn start_tls(master_port: u16, files: &TlsFiles) -> Sentinel {
+        Self::start_with_tls(master_port, false, "", Some(files))
+    }
+
+    fn start_with_tls(
+        master_port: u16,
+        shared: bool,
+        extra: &str,
+        tls: Option<&TlsFiles>,
+    ) -> Sentinel {
         for _ in 0..5 {
-            if let Some(sentinel) = Self::try_start(master_port, shared) {
+            if let Some(sentinel) = Self::try_start(master_port, shared, extra, tls) {
                 return sentinel;
             }
         }
         panic!("no sentinel started on any of 5 free ports");
     }
 
-    fn try_start(master_port: u16, shared: bool) -> Option<Sentinel> {
+    fn try_start(
+        master_port: u16,
+        shared: bool,
+        extra: &str,
+        tls: Option<&TlsFiles>,
+    ) -> Option<Sentinel> {
         let port = free_port();
         let dir = unique_dir("redis-cached-sentinel", port);
         let config = dir.join("sentinel.conf");
+        let listen = match tls {
+            None => format!("port {port}\n"),
+            Some(files) => format!(
+                "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                files.cert, files.key, files.ca
+            ),
+        };
         std::fs::write(
             &config,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "{listen}bind 127.0.0.1\ndir {}\n\
                  sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                 sentinel failover-timeout {MASTER_NAME} 5000\n",
+                 sentinel failover-timeout {MASTER_NAME} 5000\n{extra}",
                 dir.display()
             ),
         )
@@ -435,9 +665,10 @@ impl Sentinel {
             port,
             child: Some(child),
             dir,
+            tls: tls.cloned(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !cli(port, &["INFO", "server"]).contains(&name) {
+        while !sentinel.cli(&["INFO", "server"]).contains(&name) {
             let exited = sentinel
                 .child
                 .as_mut()
@@ -453,6 +684,48 @@ impl Sentinel {
 }
 
 impl Sentinel {
+    /// `redis-cli args…`'s output, from this sentinel (with TLS if it
+    /// speaks only TLS).
+    pub fn cli(&self, args: &[&str]) -> String {
+        match &self.tls {
+            None => cli(self.port, args),
+            Some(files) => {
+                let mut all = vec!["--tls", "--cacert", files.ca.as_str()];
+                all.extend_from_slice(args);
+                cli(self.port, &all)
+            }
+        }
+    }
+
+    /// How many connections the sentinel has accepted since it started.
+    pub fn connections_received(&self) -> u64 {
+        self.cli(&["INFO", "stats"])
+            .lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("INFO stats counts connections")
+    }
+
+    /// Waits until this sentinel knows its master and `others` other
+    /// sentinels.
+    pub fn wait_knows(&self, others: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = self.cli(&["SENTINEL", "MASTER", MASTER_NAME]);
+            let mut lines = info.lines();
+            let known = lines.any(|l| l.trim() == "num-other-sentinels")
+                && lines.next().map(str::trim) == Some(&*others.to_string());
+            if known {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel did not meet the others: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGSTOP: the sentinel keeps its connections but answers nothing.
     /// For a set-up of its own ([`SentinelSetup::start`]).
     pub fn pause(&self) {

@@ -17,6 +17,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// The files a TLS server (or a sentinel beside it) is started with.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+}
+
 /// A `redis-server` owned by one test; killed on drop.
 pub struct RedisServer {
     port: u16,
@@ -320,6 +328,17 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The certificate, key and CA files of a server from
+    /// [`RedisServer::start_tls`], for other TLS processes to use.
+    pub fn tls_files(&self) -> TlsFiles {
+        let path = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
+        TlsFiles {
+            cert: path("server.crt"),
+            key: path("server.key"),
+            ca: path("ca.crt"),
+        }
     }
 
     /// A plain redis-rs client, to inspect and tamper with what is stored.

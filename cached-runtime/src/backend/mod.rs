@@ -100,7 +100,7 @@ pub(crate) trait Backend: Send + Sync {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool>> + Send;
     /// [`Backend::set_if`] for each of `stores`, in one round trip (on a
-    /// cluster, one per node, in parallel); whether each stored.
+    /// cluster, one script call per key, in parallel); whether each stored.
     fn set_many_if(&self, stores: &[StoreIf]) -> impl Future<Output = Result<Vec<bool>>> + Send;
     /// Adds each of `keys` to each tag set in `tag_keys`, each kept at
     /// least `ttl` (one round trip; on a cluster, one per tag set, in
@@ -119,14 +119,14 @@ pub(crate) trait Backend: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(String, u64)>>> + Send;
     /// The entries at `keys`, in order (one round trip; on a cluster, one
-    /// per node, in parallel). `limit` as for [`Backend::get`].
+    /// `MGET` per slot, in parallel). `limit` as for [`Backend::get`].
     fn get_many(
         &self,
         keys: &[String],
         limit: Option<usize>,
     ) -> impl Future<Output = Result<Vec<Option<Bytes>>>> + Send;
     /// Stores each entry at its key for `ttl`, replacing what was there
-    /// (one round trip; on a cluster, one per node, in parallel).
+    /// (one round trip; on a cluster, one `SET` per key, in parallel).
     fn set_many(
         &self,
         entries: &[(String, Arc<[u8]>)],
@@ -163,6 +163,18 @@ pub(crate) enum AnyBackend {
 impl AnyBackend {
     pub(crate) fn is_redis(&self) -> bool {
         matches!(self, AnyBackend::Redis(_))
+    }
+
+    /// The number of the cluster master serving `key`, as last read (see
+    /// the Redis backend's topology); `None` on one server, in memory, or
+    /// while the cluster's slot map is not known.
+    pub(crate) fn node_of(&self, key: &str) -> Option<usize> {
+        self.redis().and_then(|redis| redis.node_of(key))
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.redis().is_some_and(RedisBackend::is_cluster)
     }
 
     /// The near tier's tracking: on Redis (not a cluster), if on.

@@ -21,6 +21,23 @@ use crate::error::{Error, Result};
 use crate::key::{internal_key, KeyParts, Template};
 use crate::token::lock_token;
 
+impl WriteBehind<(), ()> {
+    /// Starts building a write-behind named `name` (its journal's name in
+    /// Redis; processes that share it share the journal) over `cache`,
+    /// flushing to `sink`.
+    pub fn builder<K, V, S>(name: &str, cache: &Cache, sink: S) -> WriteBehindBuilder<K, V, S>
+    where
+        K: Serialize + DeserializeOwned + KeyParts + Clone + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        S: Sink<K, V>,
+    {
+        WriteBehindBuilder::new(name, cache, sink)
+    }
+}
+
+/// The shortest secret `integrity_key` takes.
+const MIN_SECRET_BYTES: usize = 16;
+
 /// Builds a [`WriteBehind`]; from [`WriteBehind::builder`].
 pub struct WriteBehindBuilder<K, V, S> {
     name: String,
@@ -29,6 +46,9 @@ pub struct WriteBehindBuilder<K, V, S> {
     key: Option<String>,
     version: Option<u32>,
     integrity: Option<IntegrityKey>,
+    /// Whether the secret given to `integrity_key` was too short to keep
+    /// anyone from guessing it.
+    weak_integrity: bool,
     limits: Limits,
     _types: PhantomData<fn(K, V)>,
 }
@@ -47,6 +67,7 @@ where
             key: None,
             version: None,
             integrity: None,
+            weak_integrity: false,
             limits: Limits {
                 ttl: cache.default_ttl(),
                 batch_size: 256,
@@ -180,9 +201,12 @@ where
     /// program added: a forged database write, or an old entry added
     /// again) to the dead letters. For a Redis shared with other
     /// applications, on top of an ACL that keeps the journal's keys
-    /// private (see the crate's Security notes). Off by default.
+    /// private (see the crate's Security notes). Off by default. The
+    /// secret must be at least 16 bytes (32 random bytes are best);
+    /// [`WriteBehindBuilder::start`] refuses a shorter one.
     pub fn integrity_key(mut self, secret: &[u8]) -> Self {
         self.integrity = Some(IntegrityKey::new(secret));
+        self.weak_integrity = secret.len() < MIN_SECRET_BYTES;
         self
     }
 
@@ -260,6 +284,8 @@ where
                 .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
         {
             Some("a write-behind name is ASCII letters, digits and `_-.:`")
+        } else if self.weak_integrity {
+            Some("an integrity_key secret must be at least 16 bytes (32 random bytes are best)")
         } else if !(1..=4096).contains(&limits.batch_size) {
             Some("batch_size must be 1 to 4096")
         } else if limits.max_len == 0 || limits.max_attempts == 0 || limits.max_dead_letters == 0 {

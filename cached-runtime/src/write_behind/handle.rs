@@ -9,12 +9,10 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::builder::WriteBehindBuilder;
 use super::flusher;
 use super::shared::Shared;
 use super::{JournalId, Sink, WriteBehindStats};
 use crate::backend::JournalKeys;
-use crate::cache::Cache;
 use crate::core::Inner;
 use crate::error::{Error, Result};
 use crate::key::KeyParts;
@@ -108,20 +106,6 @@ impl<K, V> std::fmt::Debug for WriteBehind<K, V> {
         f.debug_struct("WriteBehind")
             .field("stream", &self.handle.0.journal().stream)
             .finish_non_exhaustive()
-    }
-}
-
-impl WriteBehind<(), ()> {
-    /// Starts building a write-behind named `name` (its journal's name in
-    /// Redis; processes that share it share the journal) over `cache`,
-    /// flushing to `sink`.
-    pub fn builder<K, V, S>(name: &str, cache: &Cache, sink: S) -> WriteBehindBuilder<K, V, S>
-    where
-        K: Serialize + DeserializeOwned + KeyParts + Clone + Send + Sync + 'static,
-        V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
-        S: Sink<K, V>,
-    {
-        WriteBehindBuilder::new(name, cache, sink)
     }
 }
 

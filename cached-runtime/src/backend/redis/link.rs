@@ -5,24 +5,29 @@
 //!
 //! A cluster connection routes each command by its key's slot and follows
 //! `MOVED`/`ASK` redirections and topology changes by itself. A Sentinel
-//! target asks the sentinels for the master each time it connects afresh;
-//! the backend drops its link when the master stops being one (errors open
-//! the breaker, or a write is refused as `READONLY`), so the next probe
-//! finds the promoted replica.
+//! target asks the sentinels for the master (see [`SentinelTarget`]) each
+//! time it connects afresh; the backend drops its link when the master
+//! stops being one (errors open the breaker, or a write is refused as
+//! `READONLY`), so the next probe finds the promoted replica.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{
     Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
 };
 
+pub(crate) use super::sentinel::SentinelTarget;
+use super::topology::Topology;
+#[cfg(feature = "tls")]
+use super::url::install_crypto_provider;
+pub(crate) use super::url::resp3;
+use super::url::{invalid_url_in, open_client, open_client_with};
+#[cfg(not(feature = "tls"))]
+use super::url::{no_tls, wants_tls};
 use crate::error::{Error, Result};
 
 /// The deployment a Redis-backed cache talks to.
@@ -44,7 +49,7 @@ impl std::fmt::Debug for Target {
                 write!(f, "server {}", client.get_connection_info().addr())
             }
             Target::Cluster(cluster) => write!(f, "cluster of {} seed nodes", cluster.seeds.len()),
-            Target::Sentinel(sentinel) => write!(f, "sentinel master {:?}", sentinel.master),
+            Target::Sentinel(sentinel) => write!(f, "sentinel master {:?}", sentinel.name()),
         }
     }
 }
@@ -57,66 +62,6 @@ impl Target {
     }
 }
 
-fn open_client(url: &str, tls_root: Option<&[u8]>) -> Result<redis::Client> {
-    #[cfg(not(feature = "tls"))]
-    if tls_root.is_some() || url.starts_with("rediss://") {
-        return Err(no_tls());
-    }
-    let info = url
-        .into_connection_info()
-        .map_err(|e| invalid_url_in(&[url], &e))?;
-    open_client_with(info, tls_root).map_err(|e| invalid_url_in(&[url], &e))
-}
-
-/// A client for the server `client` connects to, speaking RESP3 (for
-/// push messages), with the same credentials and TLS settings.
-pub(crate) fn resp3(client: &redis::Client) -> redis::RedisResult<redis::Client> {
-    let info = client.get_connection_info().clone();
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(redis::ProtocolVersion::RESP3);
-    redis::Client::open(info.set_redis_settings(settings))
-}
-
-#[cfg(feature = "tls")]
-fn open_client_with(
-    info: ConnectionInfo,
-    tls_root: Option<&[u8]>,
-) -> redis::RedisResult<redis::Client> {
-    install_crypto_provider();
-    match tls_root {
-        Some(pem) => redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.to_vec()),
-            },
-        ),
-        None => redis::Client::open(info),
-    }
-}
-
-/// Without the `tls` feature, callers refuse a root certificate first.
-#[cfg(not(feature = "tls"))]
-fn open_client_with(
-    info: ConnectionInfo,
-    _tls_root: Option<&[u8]>,
-) -> redis::RedisResult<redis::Client> {
-    redis::Client::open(info)
-}
-
-#[cfg(feature = "tls")]
-fn install_crypto_provider() {
-    // One process-wide provider; if the application installed its own, keep it.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-#[cfg(not(feature = "tls"))]
-fn no_tls() -> Error {
-    Error::Config("rediss:// needs the `tls` feature of redis-cached".into())
-}
-
 /// How to reach a cluster: its seed nodes, and what every connection to
 /// it is built with.
 pub(crate) struct ClusterTarget {
@@ -125,6 +70,8 @@ pub(crate) struct ClusterTarget {
     connect_timeout: Duration,
     /// For the data connection (no push messages).
     client: ClusterClient,
+    /// Which master serves each slot.
+    topology: Arc<Topology>,
 }
 
 impl ClusterTarget {
@@ -139,7 +86,7 @@ impl ClusterTarget {
             ));
         }
         #[cfg(not(feature = "tls"))]
-        if tls_root.is_some() || seeds.iter().any(|url| url.starts_with("rediss://")) {
+        if tls_root.is_some() || seeds.iter().any(|url| wants_tls(url)) {
             return Err(no_tls());
         }
         #[cfg(feature = "tls")]
@@ -152,52 +99,34 @@ impl ClusterTarget {
         let client = cluster_builder(&seeds, connect_timeout, tls_root.as_deref())
             .build()
             .map_err(|e| invalid_url_in(&seeds, &e))?;
-        Ok(ClusterTarget {
-            seeds,
-            tls_root,
-            connect_timeout,
-            client,
-        })
-    }
-}
-
-/// A range of slots and the address of the master that serves it.
-pub(crate) struct SlotRange {
-    pub(crate) first: u16,
-    pub(crate) last: u16,
-    pub(crate) host: String,
-    pub(crate) port: u16,
-}
-
-impl ClusterTarget {
-    /// The masters serving the slots now, as a node of the cluster answers
-    /// `CLUSTER SLOTS` (through a cluster connection of its own, which
-    /// finds a live node as redis-rs does).
-    pub(crate) async fn slot_ranges(&self) -> Result<Vec<SlotRange>> {
-        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-        let mut conn = self
-            .client
-            .get_async_connection()
-            .await
-            .map_err(|e| Error::from_redis(&e))?;
-        let reply = conn
-            .route_command(
-                redis::cmd("CLUSTER").arg("SLOTS").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await
-            .map_err(|e| Error::from_redis(&e))?;
-        let seed = self.seeds[0].as_str().into_connection_info().ok();
-        let fallback = match seed.as_ref().map(ConnectionInfo::addr) {
+        let seed = seeds[0].as_str().into_connection_info().ok();
+        let fallback_host = match seed.as_ref().map(ConnectionInfo::addr) {
             Some(ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. }) => {
                 host.as_str()
             }
             _ => "127.0.0.1",
         };
-        parse_slot_ranges(&reply, fallback)
-            .ok_or_else(|| Error::Redis("CLUSTER SLOTS answered in an unknown shape".into()))
+        let topology = Arc::new(Topology::new(
+            client.clone(),
+            connect_timeout,
+            fallback_host,
+        ));
+        Ok(ClusterTarget {
+            seeds,
+            tls_root,
+            connect_timeout,
+            client,
+            topology,
+        })
     }
 
+    /// Which master serves each slot.
+    pub(crate) fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+}
+
+impl ClusterTarget {
     /// How long connecting to a node may take.
     pub(crate) fn connect_timeout(&self) -> Duration {
         self.connect_timeout
@@ -228,87 +157,6 @@ impl ClusterTarget {
     }
 }
 
-/// `CLUSTER SLOTS`: `[[first, last, [host, port, …], replicas…], …]`.
-/// A master named by no host (NULL or `""`: the node does not know its
-/// own address) is taken to be on `fallback_host`, the first seed's host,
-/// as redis-rs takes it to be on the node that answered; one still unknown
-/// (`?`), or an entry of another shape, is skipped.
-fn parse_slot_ranges(reply: &Value, fallback_host: &str) -> Option<Vec<SlotRange>> {
-    let Value::Array(ranges) = reply else {
-        return None;
-    };
-    let int = |v: &Value| match v {
-        Value::Int(n) => u16::try_from(*n).ok(),
-        _ => None,
-    };
-    let range = |range: &Value| {
-        let Value::Array(fields) = range else {
-            return None;
-        };
-        let (first, last) = (int(fields.first()?)?, int(fields.get(1)?)?);
-        let Value::Array(master) = fields.get(2)? else {
-            return None;
-        };
-        let host = match master.first()? {
-            Value::BulkString(host) => String::from_utf8(host.clone()).ok()?,
-            Value::SimpleString(host) => host.clone(),
-            Value::Nil => String::new(),
-            _ => return None,
-        };
-        let host = match host.as_str() {
-            "?" => return None,
-            "" => fallback_host.to_owned(),
-            _ => host,
-        };
-        let port = int(master.get(1)?)?;
-        Some(SlotRange {
-            first,
-            last,
-            host,
-            port,
-        })
-    };
-    Some(ranges.iter().filter_map(range).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slot_ranges_are_read_as_redis_rs_reads_them() {
-        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let entry = |first: i64, last: i64, host: Value, port: i64| {
-            Value::Array(vec![
-                Value::Int(first),
-                Value::Int(last),
-                Value::Array(vec![host, Value::Int(port), bulk("id")]),
-            ])
-        };
-        let reply = Value::Array(vec![
-            entry(0, 5460, bulk("10.0.0.1"), 7000),
-            entry(5461, 10922, bulk(""), 7001),
-            entry(10923, 16000, Value::Nil, 7002),
-            entry(16001, 16383, bulk("?"), 7003),
-            Value::Array(vec![Value::Int(1)]),
-        ]);
-        let ranges = parse_slot_ranges(&reply, "seed.host").expect("an array");
-        let read: Vec<_> = ranges
-            .iter()
-            .map(|r| (r.first, r.last, r.host.as_str(), r.port))
-            .collect();
-        assert_eq!(
-            read,
-            [
-                (0, 5460, "10.0.0.1", 7000),
-                (5461, 10922, "seed.host", 7001),
-                (10923, 16000, "seed.host", 7002),
-            ]
-        );
-        assert!(parse_slot_ranges(&Value::Int(1), "h").is_none());
-    }
-}
-
 fn cluster_builder(
     seeds: &[String],
     connect_timeout: Duration,
@@ -319,7 +167,10 @@ fn cluster_builder(
         // Redirections and reconnections are retried inside the client
         // (each operation stays bounded by the cache's op_timeout), a
         // few times and quickly: a failover takes seconds, during
-        // which the breaker, not a retry loop, paces the attempts.
+        // which the breaker, not a retry loop, paces the attempts. (The
+        // three pauses take at most 140 ms: up to 20, 40 and 80 ms.) A
+        // `TRYAGAIN` (a slot being moved) that outlasts these retries is
+        // tried again by the backend, as long as the operation may last.
         .retries(3)
         .min_retry_wait(10)
         .max_retry_wait(200);
@@ -334,212 +185,6 @@ fn cluster_builder(
     #[cfg(not(feature = "tls"))]
     let _ = tls_root;
     builder
-}
-
-/// How to find a Sentinel-managed master.
-pub(crate) struct SentinelTarget {
-    master: String,
-    node: SentinelNodeConnectionInfo,
-    /// One client per sentinel, to hear of failovers (`+switch-master`).
-    sentinels: Vec<redis::Client>,
-    /// Whether a task listens for failovers; cleared when it ends.
-    watching: Arc<AtomicBool>,
-    /// The sentinels' URLs, in the order given.
-    urls: Vec<String>,
-    /// Failovers heard of so far: a lookup that started before one may
-    /// have found the old master.
-    switches: AtomicU64,
-    /// The sentinel that announced the last failover, asked first since
-    /// it knows of it (the others may hear of it seconds later).
-    announced_by: AtomicUsize,
-}
-
-impl SentinelTarget {
-    pub(crate) fn new(
-        sentinels: &[&str],
-        master: &str,
-        credentials: Option<(Option<&str>, &str)>,
-    ) -> Result<Self> {
-        if sentinels.is_empty() {
-            return Err(Error::Config(
-                "Sentinel needs at least one sentinel URL".into(),
-            ));
-        }
-        if master.is_empty() {
-            return Err(Error::Config("Sentinel needs the master's name".into()));
-        }
-        let tls = sentinels.iter().any(|url| url.starts_with("rediss://"));
-        #[cfg(not(feature = "tls"))]
-        if tls {
-            return Err(no_tls());
-        }
-        #[cfg(feature = "tls")]
-        install_crypto_provider();
-        // Checks the URLs now; lookups build their own.
-        Sentinel::build(sentinels.to_vec()).map_err(|e| invalid_url_in(sentinels, &e))?;
-        let clients = sentinels
-            .iter()
-            .map(|url| redis::Client::open(*url).map_err(|e| invalid_url_in(&[url], &e)))
-            .collect::<Result<Vec<_>>>()?;
-        let mut redis_info = redis::RedisConnectionInfo::default();
-        if let Some((username, password)) = credentials {
-            redis_info = redis_info.set_password(password);
-            if let Some(username) = username {
-                redis_info = redis_info.set_username(username);
-            }
-        }
-        let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info);
-        if tls {
-            node = node.set_tls_mode(redis::TlsMode::Secure);
-        }
-        Ok(SentinelTarget {
-            master: master.to_owned(),
-            node,
-            sentinels: clients,
-            watching: Arc::new(AtomicBool::new(false)),
-            urls: sentinels.iter().map(|url| (*url).to_owned()).collect(),
-            switches: AtomicU64::new(0),
-            announced_by: AtomicUsize::new(0),
-        })
-    }
-
-    /// Starts, unless one runs, a task that listens to the sentinels'
-    /// `+switch-master` events (from one sentinel at a time, the next one
-    /// when it fails) and calls `switched` when this master fails over, so
-    /// that the cache moves to the new master at once rather than when the
-    /// old one starts refusing writes (Sentinel demotes a live old master
-    /// only about ten seconds later; writes in between would be lost). The
-    /// task ends when `alive` says the cache is gone.
-    pub(crate) fn watch_failovers(
-        self: &Arc<Self>,
-        alive: impl Fn() -> bool + Send + Sync + 'static,
-        switched: impl Fn() + Send + Sync + 'static,
-    ) {
-        if self.watching.load(Ordering::Acquire) || self.watching.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let watching = ClearOnDrop(Arc::clone(&self.watching));
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let target = Arc::downgrade(self);
-        runtime.spawn(async move {
-            let _watching = watching;
-            let mut next = 0;
-            loop {
-                let Some((client, master)) = target.upgrade().and_then(|t| {
-                    let client = t.sentinels.get(next % t.sentinels.len())?.clone();
-                    Some((client, t.master.clone()))
-                }) else {
-                    return;
-                };
-                next += 1;
-                if !alive() {
-                    return;
-                }
-                let heard = || {
-                    if let Some(t) = target.upgrade() {
-                        t.announced_by.store(next - 1, Ordering::Relaxed);
-                        t.switches.fetch_add(1, Ordering::AcqRel);
-                    }
-                    switched();
-                };
-                if !listen_for_switches(&client, &master, &alive, &heard).await {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-    }
-
-    /// A client for the current master, as the sentinels name it (checked
-    /// to call itself master).
-    ///
-    /// Each lookup connects to the sentinels afresh (lookups are rare: a
-    /// first connection, a failover), so none waits for another; the one
-    /// that announced the last failover is asked first.
-    pub(crate) async fn master(&self) -> Result<redis::Client> {
-        let first = self.announced_by.load(Ordering::Relaxed) % self.urls.len();
-        let order: Vec<&str> = self.urls[first..]
-            .iter()
-            .chain(&self.urls[..first])
-            .map(String::as_str)
-            .collect();
-        let mut sentinel = Sentinel::build(order).map_err(|e| invalid_url(&e))?;
-        sentinel
-            .async_master_for(&self.master, Some(&self.node))
-            .await
-            .map_err(|e| Error::from_redis(&e))
-    }
-
-    /// How many failovers this process has heard of.
-    pub(crate) fn switches(&self) -> u64 {
-        self.switches.load(Ordering::Acquire)
-    }
-
-    /// Whether a task listens for failovers.
-    pub(crate) fn is_watched(&self) -> bool {
-        self.watching.load(Ordering::Acquire)
-    }
-}
-
-/// Clears a flag when dropped: however a task ends, it says so.
-struct ClearOnDrop(Arc<AtomicBool>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-/// Listens to one sentinel's `+switch-master` until its connection fails
-/// (`true`: try another) or the cache is gone (`false`).
-async fn listen_for_switches(
-    sentinel: &redis::Client,
-    master: &str,
-    alive: &(impl Fn() -> bool + Send + Sync),
-    switched: &(impl Fn() + Send + Sync),
-) -> bool {
-    const CONNECT: Duration = Duration::from_secs(2);
-    let connect = async {
-        let mut pubsub = sentinel.get_async_pubsub().await?;
-        pubsub.subscribe("+switch-master").await?;
-        Ok::<_, redis::RedisError>(pubsub)
-    };
-    let Ok(Ok(pubsub)) = tokio::time::timeout(CONNECT, connect).await else {
-        return true;
-    };
-    let (mut sink, mut messages) = pubsub.split();
-    let mut quiet = 0;
-    loop {
-        // Wake up now and then to notice a dropped cache, and after a few
-        // quiet seconds make sure the sentinel is still there: one that
-        // vanished without closing the connection would otherwise be
-        // listened to for ever.
-        match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
-            // `<master name> <old ip> <old port> <new ip> <new port>`
-            Ok(Some(message)) => {
-                quiet = 0;
-                let payload = message.get_payload_bytes();
-                if payload.split(|&b| b == b' ').next() == Some(master.as_bytes()) {
-                    tracing::info!(target: "redis_cached", "Redis Sentinel failed the master over; following it");
-                    switched();
-                }
-            }
-            Ok(None) => return true,
-            Err(_) if !alive() => return false,
-            Err(_) => {
-                quiet += 1;
-                if quiet >= 5 {
-                    quiet = 0;
-                    let ping = tokio::time::timeout(CONNECT, sink.ping::<redis::Value>()).await;
-                    if !matches!(ping, Ok(Ok(_))) {
-                        return true;
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// One live connection to a [`Target`]; cheap to clone (a handle).
@@ -631,53 +276,5 @@ impl ConnectionLike for Link {
             Link::Server(conn) => conn.get_db(),
             Link::Cluster(conn) => conn.get_db(),
         }
-    }
-}
-
-pub(crate) fn invalid_url(err: &redis::RedisError) -> Error {
-    // redis-rs describes a URL problem in fixed words ("Invalid database
-    // number", "Missing hostname"), kept; its detail, which may quote the
-    // URL (and a password), is not.
-    let text = err.to_string();
-    let described = text
-        .split(" - ")
-        .next()
-        .filter(|desc| !desc.is_empty() && desc.len() < text.len())
-        .filter(|desc| !desc.contains("://") && !desc.contains('@') && !desc.contains(':'));
-    match described {
-        Some(desc) => Error::InvalidUrl(format!("{desc} ({:?})", err.kind())),
-        None => Error::InvalidUrl(format!("{:?}", err.kind())),
-    }
-}
-
-/// What is wrong with `urls`, when redis-rs refuses one: a scheme it does
-/// not know, named (never the rest of a URL, which may hold a password), a
-/// URL with no scheme, or else redis-rs's kind of error.
-pub(crate) fn invalid_url_in<S: AsRef<str>>(urls: &[S], err: &redis::RedisError) -> Error {
-    urls.iter()
-        .find_map(|url| scheme_problem(url.as_ref()))
-        .unwrap_or_else(|| invalid_url(err))
-}
-
-fn scheme_problem(url: &str) -> Option<Error> {
-    const SCHEMES: &str = "redis:// (or valkey://), rediss:// (TLS), redis+unix:// or unix://";
-    match url.split_once("://") {
-        Some((scheme, _))
-            if !scheme.is_empty()
-                && scheme.len() <= 16
-                && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+')
-                && !matches!(
-                    scheme,
-                    "redis" | "rediss" | "valkey" | "valkeys" | "redis+unix" | "unix"
-                ) =>
-        {
-            Some(Error::InvalidUrl(format!(
-                "unknown scheme `{scheme}`: use {SCHEMES}"
-            )))
-        }
-        None => Some(Error::InvalidUrl(format!(
-            "not a Redis URL (no `scheme://`): write e.g. redis://[user:password@]host[:port][/db]; schemes are {SCHEMES}"
-        ))),
-        Some(_) => None,
     }
 }

@@ -10,28 +10,36 @@
 //! probe builds a fresh one: redis-rs only reconnects after I/O errors, so a
 //! connection that failed for another reason (a wrong password that has
 //! since been fixed, a master demoted by Sentinel) would otherwise stay
-//! failed.
+//! failed (on a cluster, see [`RedisBackend::failing`]).
 //!
 //! On a cluster every script's keys share one slot (a value and its
 //! companions), a lock notification goes to a shard channel of the value's
 //! slot, and the operations on many keys (tag records, tombstones of a
-//! tag) are sent per key, in parallel, so that none spans two slots.
+//! tag) are sent per key, in parallel, so that none spans two slots. The
+//! master serving each slot ([`topology`]) gives each master a breaker of
+//! its own.
 
+mod flag;
 mod journal;
 mod link;
 mod merge;
 mod notify;
 mod scripts;
+mod sentinel;
+mod shard;
+mod topology;
 mod track;
+mod url;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::{join_all, try_join_all};
 use redis::aio::ConnectionManagerConfig;
 
+use self::flag::ClearOnDrop;
 use self::journal::JournalScripts;
 pub(crate) use self::journal::{Buried, DeadLetter, JournalKeys, JournalPut, Journaled};
 use self::link::Link;
@@ -43,7 +51,8 @@ use self::scripts::{px, Scripts, SOURCES};
 use self::track::TrackFeed;
 pub(crate) use self::track::Tracker;
 use super::{Acquire, Backend, Bytes, Seen, StoreIf};
-use crate::error::{Error, Result};
+use crate::error::{is_migrating_code, Error, Result};
+use crate::key::slot;
 use crate::meters::Counting;
 use crate::stats::Event;
 
@@ -56,6 +65,9 @@ pub(crate) struct RedisBackend {
     scripts: Scripts,
     journal: JournalScripts,
     config: ConnectionManagerConfig,
+    /// How long a command refused while its slot moves between cluster
+    /// nodes is tried again (see [`Pacing`]).
+    migration_window: Duration,
     /// The largest entry the cache reads or writes.
     limit: usize,
     /// Read on every operation: an `ArcSwap` load shares no cache line
@@ -71,6 +83,12 @@ pub(crate) struct RedisBackend {
     merger: Option<Arc<Merger>>,
     /// The near tier's tracking, on a server or a Sentinel master.
     tracker: Option<Arc<Tracker>>,
+    /// Whether a check of a cluster connection runs, and when the last
+    /// one started (see [`RedisBackend::check_cluster_link`]).
+    link_check: Arc<AtomicBool>,
+    last_link_check: std::sync::Mutex<Option<Instant>>,
+    /// How many cluster connections were found stuck and replaced.
+    stuck_links: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -112,6 +130,54 @@ impl Drop for Done {
     }
 }
 
+/// Paces the retries of a command refused while its slot moves between
+/// cluster nodes: `TRYAGAIN` (a command on two keys of a migrating slot,
+/// one of them missing: a lock, a drain set), or a redirection that
+/// outlasted redis-rs's own retries. A move of a slot with few keys takes
+/// milliseconds: the command is sent again after a short pause, doubled
+/// each time, as long as the next attempt starts within the window (from
+/// the first attempt), which leaves it time to end within `op_timeout`
+/// (see [`MIGRATION_ATTEMPT`]).
+struct Pacing {
+    window: Duration,
+    /// `None` off a cluster (no `TRYAGAIN` there): no clock read.
+    started: Option<Instant>,
+    pause: Duration,
+}
+
+impl Pacing {
+    const FIRST_PAUSE: Duration = Duration::from_millis(2);
+    const MAX_PAUSE: Duration = Duration::from_millis(40);
+
+    fn new(window: Duration) -> Self {
+        Pacing {
+            window,
+            started: (!window.is_zero()).then(Instant::now),
+            pause: Self::FIRST_PAUSE,
+        }
+    }
+
+    /// After `err`: whether to send the command again, having paused.
+    async fn again(&mut self, err: &redis::RedisError) -> bool {
+        let Some(started) = self.started else {
+            return false;
+        };
+        if !err.code().is_some_and(is_migrating_code)
+            || started.elapsed() + self.pause >= self.window
+        {
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        true
+    }
+}
+
+/// How long one attempt of a command may take while its slot migrates:
+/// redis-rs's own retries of a `TRYAGAIN` pause up to 140 ms, plus their
+/// round trips.
+const MIGRATION_ATTEMPT: Duration = Duration::from_millis(150);
+
 /// What a merged read came to.
 enum Merged<'m> {
     /// The `MGET` that carried it answered.
@@ -135,15 +201,16 @@ pub(crate) enum Release<'a> {
 
 impl RedisBackend {
     /// Prepares the connection settings for `target`; connects nothing.
-    /// `channel` names where lock notifications go; `limit` is the largest
-    /// entry; with `merge`, concurrent reads are merged, each merged read
-    /// bounded by it (not on a cluster). A near tier of at most `near`
-    /// entries (none for 0) and about `near_bytes` bytes is kept on a
-    /// server or a Sentinel master, its delivery proven by changing the
-    /// key `canary`.
+    /// Connections take at most `connect_timeout`, operations
+    /// `op_timeout`. `channel` names where lock notifications go; `limit`
+    /// is the largest entry; with `merge`, concurrent reads are merged,
+    /// each merged read bounded by it (not on a cluster). A near tier of at
+    /// most `near` entries (none for 0) and about `near_bytes` bytes is
+    /// kept on a server or a Sentinel master, its delivery proven by
+    /// changing the key `canary`.
     pub(crate) fn new(
         target: Target,
-        connect_timeout: Duration,
+        (connect_timeout, op_timeout): (Duration, Duration),
         channel: String,
         limit: usize,
         merge: Option<Duration>,
@@ -165,6 +232,11 @@ impl RedisBackend {
             Target::Sentinel(sentinel) => Feed::Sentinel(Arc::clone(sentinel)),
             Target::Cluster(cluster) => Feed::Sharded(Arc::clone(cluster)),
         };
+        // Off a cluster no slot migrates.
+        let migration_window = match &target {
+            Target::Cluster(_) => op_timeout.saturating_sub(MIGRATION_ATTEMPT),
+            _ => Duration::ZERO,
+        };
         let link = Arc::new(ArcSwapOption::empty());
         let merger = merge
             .filter(|_| !matches!(target, Target::Cluster(_)))
@@ -172,7 +244,7 @@ impl RedisBackend {
         let track = match &target {
             _ if near == 0 => None,
             Target::Server(client) => Some(TrackFeed::Server(
-                link::resp3(client).map_err(|e| Error::from_redis(&e))?,
+                url::resp3(client).map_err(|e| Error::from_redis(&e))?,
             )),
             Target::Sentinel(sentinel) => Some(TrackFeed::Sentinel(Arc::clone(sentinel))),
             Target::Cluster(_) => None,
@@ -189,9 +261,13 @@ impl RedisBackend {
             scripts: Scripts::default(),
             journal: JournalScripts::default(),
             config,
+            migration_window,
             limit,
             link,
             lookup: Arc::new(Lookup::default()),
+            link_check: Arc::new(AtomicBool::new(false)),
+            last_link_check: std::sync::Mutex::new(None),
+            stuck_links: Arc::new(AtomicU64::new(0)),
             notifier: Notifier::new(channel, feed),
         })
     }
@@ -201,7 +277,7 @@ impl RedisBackend {
         self.tracker.as_ref()
     }
 
-    fn is_cluster(&self) -> bool {
+    pub(crate) fn is_cluster(&self) -> bool {
         matches!(self.target, Target::Cluster(_))
     }
 
@@ -312,6 +388,130 @@ impl RedisBackend {
         self.link.store(None);
     }
 
+    /// The number of the cluster master serving `key` (see
+    /// [`topology`]); `None` off a cluster or while the slot map is not
+    /// known.
+    pub(crate) fn node_of(&self, key: &str) -> Option<usize> {
+        match &self.target {
+            Target::Cluster(cluster) => cluster.topology().node_of(slot(key.as_bytes())),
+            _ => None,
+        }
+    }
+
+    /// The address of cluster master number `node`.
+    pub(crate) fn master_address(&self, node: usize) -> Option<(String, u16)> {
+        match &self.target {
+            Target::Cluster(cluster) => cluster.topology().address(node),
+            _ => None,
+        }
+    }
+
+    /// An operation on a cluster timed out: checks, in a task of its own,
+    /// that the cluster connection still answers, and replaces it if not.
+    /// redis-rs's cluster connection can stall for good: a refresh of its
+    /// slot map (after a `MOVED`, which a resharding brings by the hundred)
+    /// waits for a lock that a request it no longer polls holds, and every
+    /// command waits behind the refresh. The check is a `PING` through the
+    /// connection, within `bound`, to a master that is not failing
+    /// (`healthy`) other than `avoid` (the one that timed out, which may
+    /// only be frozen): if even it does not answer, the connection is
+    /// stuck. At most one check a second.
+    pub(crate) fn check_cluster_link(
+        &self,
+        avoid: Option<usize>,
+        healthy: impl Fn(usize) -> bool,
+        bound: Duration,
+    ) {
+        let Target::Cluster(cluster) = &self.target else {
+            return;
+        };
+        if self.link_check.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let checking = ClearOnDrop(Arc::clone(&self.link_check));
+        {
+            let mut last = self
+                .last_link_check
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let topology = cluster.topology();
+        let Some((host, port)) = topology
+            .masters()
+            .into_iter()
+            .find(|&master| Some(master) != avoid && healthy(master))
+            .and_then(|master| topology.address(master))
+        else {
+            return;
+        };
+        let (Ok(runtime), Some(link)) =
+            (tokio::runtime::Handle::try_current(), self.link.load_full())
+        else {
+            return;
+        };
+        let (links, stuck_links) = (Arc::downgrade(&self.link), Arc::clone(&self.stuck_links));
+        runtime.spawn(async move {
+            let _checking = checking;
+            let Link::Cluster(mut conn) = Link::clone(&link) else {
+                return;
+            };
+            use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+            let ping = conn.route_command(
+                redis::cmd("PING"),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
+            );
+            if tokio::time::timeout(bound, ping).await.is_ok() {
+                return;
+            }
+            let Some(links) = links.upgrade() else {
+                return;
+            };
+            let previous = links.compare_and_swap(&Some(link), None::<Arc<Link>>);
+            if previous.is_some() {
+                stuck_links.fetch_add(1, Ordering::AcqRel);
+                tracing::warn!(target: "redis_cached",
+                    "the cluster connection stopped answering (a healthy master did not answer a PING \
+                     within {bound:?}); replaced"
+                );
+            }
+        });
+    }
+
+    /// How many cluster connections were found stuck and replaced (see
+    /// [`RedisBackend::check_cluster_link`]): an operation that failed on
+    /// one of them says nothing of the master it was sent to.
+    pub(crate) fn stuck_links(&self) -> u64 {
+        self.stuck_links.load(Ordering::Acquire)
+    }
+
+    /// A breaker opened (`reopened`: a probe failed): that of cluster
+    /// master number `master`, or the whole one.
+    ///
+    /// On one server or a Sentinel master the connection is dropped, so
+    /// that the probe connects afresh: redis-rs reconnects only after I/O
+    /// errors, and one that failed for another reason (a wrong password
+    /// since fixed, a master since demoted) would stay failed. A cluster
+    /// connection reconnects to each node by itself: it is dropped only
+    /// when the whole breaker opens (not at each failed probe, which would
+    /// dial every node again), and a master's failure only has the slot map
+    /// read again, since its replica may be taking over.
+    pub(crate) fn failing(&self, master: Option<usize>, reopened: bool) {
+        match (&self.target, master) {
+            (Target::Cluster(cluster), Some(_)) => cluster.topology().refresh(),
+            (Target::Cluster(cluster), None) => {
+                cluster.topology().refresh();
+                if !reopened {
+                    self.reset();
+                }
+            }
+            _ => self.reset(),
+        }
+    }
+
     /// A failed command's error. A Sentinel master that refuses writes
     /// (`READONLY`) was demoted: the next operation looks the master up.
     fn failed(&self, err: &redis::RedisError) -> Error {
@@ -363,22 +563,32 @@ impl RedisBackend {
         self.notifier.register(key)
     }
 
+    /// Runs a script; again after a pause while its slot moves between
+    /// cluster nodes (see [`Pacing`]).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let mut conn = self.connection().await?;
-        invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(&e))
+        let mut pacing = Pacing::new(self.migration_window);
+        loop {
+            match invocation.invoke_async(&mut conn).await {
+                Err(err) if pacing.again(&err).await => {}
+                done => return done.map_err(|e| self.failed(&e)),
+            }
+        }
     }
 
+    /// Runs a command, as [`RedisBackend::invoke`] runs a script.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         let mut conn = self.connection().await?;
-        cmd.query_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(&e))
+        let mut pacing = Pacing::new(self.migration_window);
+        loop {
+            match cmd.query_async(&mut conn).await {
+                Err(err) if pacing.again(&err).await => {}
+                done => return done.map_err(|e| self.failed(&e)),
+            }
+        }
     }
 
     /// A read of `key` through the merger: beside others, part of the next
@@ -519,19 +729,22 @@ impl RedisBackend {
         invocation
     }
 
-    /// Releases `lock` in a task of its own, bounded by `timeout`, storing
-    /// nothing: for a holder that was cancelled (its future dropped), that
-    /// does not know whether its acquire ran, or whose computation `failed`.
-    /// Waiters are told to try again, or (`failed`) to compute by
-    /// themselves. Without a runtime (it is shutting down), the lock expires
-    /// by its TTL.
+    /// Releases `lock` in a task of its own, storing nothing: for a holder
+    /// that was cancelled (its future dropped), that does not know whether
+    /// its acquire ran, whose computation `failed`, or whose release was
+    /// refused while the slot moved between cluster nodes. Waiters are
+    /// told to try again, or (`failed`) to compute by themselves. Each
+    /// attempt is bounded by `timeout`; one refused while the slot moves is
+    /// made again after a pause for as long as the lock may live (`ttl`),
+    /// so that no lock outlives a migration. Without a runtime (it is
+    /// shutting down), the lock expires by its TTL.
     pub(crate) fn release_detached(
         &self,
         key: &str,
         lock: &str,
         token: &str,
         failed: bool,
-        timeout: Duration,
+        (timeout, ttl): (Duration, Duration),
         counting: Counting,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -560,22 +773,32 @@ impl RedisBackend {
                 .arg(if failed { "1" } else { "0" })
                 .arg(NOTIFY_INLINE_MAX)
                 .arg(publish);
-            let release = invocation.invoke_async::<i64>(&mut conn);
-            match tokio::time::timeout(timeout, release).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
-                    counting.count(Event::errors);
-                    tracing::debug!(target: "redis_cached",
-                        error = %Error::from_redis(&err),
-                        "releasing a dropped holder's lock failed; it expires by its TTL"
-                    );
+            let mut pacing = Pacing::new(ttl.max(timeout));
+            loop {
+                let release = invocation.invoke_async::<i64>(&mut conn);
+                match tokio::time::timeout(timeout, release).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) if pacing.again(&err).await => continue,
+                    Ok(Err(err)) => {
+                        let err = Error::from_redis(&err);
+                        counting.count(if err.is_migrating() {
+                            Event::rejected
+                        } else {
+                            Event::errors
+                        });
+                        tracing::debug!(target: "redis_cached",
+                            error = %err,
+                            "releasing a lock in the background failed; it expires by its TTL"
+                        );
+                    }
+                    Err(_) => {
+                        counting.count(Event::timeouts);
+                        tracing::debug!(target: "redis_cached",
+                            "releasing a lock in the background timed out; it expires by its TTL"
+                        );
+                    }
                 }
-                Err(_) => {
-                    counting.count(Event::timeouts);
-                    tracing::debug!(target: "redis_cached",
-                        "releasing a dropped holder's lock timed out; it expires by its TTL"
-                    );
-                }
+                return;
             }
         });
     }

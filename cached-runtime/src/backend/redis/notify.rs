@@ -6,27 +6,29 @@
 //! (`SPUBLISH`, from the release script, which may only touch its own
 //! slot): one channel per slot, `<channel>{<tag>}`, the tag a short text of
 //! that slot. The subscriber subscribes (`SSUBSCRIBE`) to the channel of
-//! each slot this process has waited in, at most 16,384, on a RESP3
-//! connection to the master serving the slot; after a connection drops or
-//! a slot moves, it asks where the slots are and subscribes again.
+//! each slot this process has lock waiters in (until a minute after the
+//! last one left), on a RESP3 connection to the master serving the slot;
+//! a slot that moves, or a connection that drops or stops answering, has
+//! its own channels subscribed again, and no others (see [`super::shard`]).
 //!
 //! A message is `<key length>:<key><kind>[entry]` (see the release script):
 //! the waiter learns what happened without a further read when the entry
 //! is small, and otherwise what to do next.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::link::{ClusterTarget, SentinelTarget, SlotRange};
+use super::link::{ClusterTarget, SentinelTarget};
+use super::shard::{shard_channel, Event, Subscriptions, Wanted, LINGER};
 use crate::backend::Bytes;
 use crate::error::{Error, Result};
-use crate::key::{slot, slot_tag};
+use crate::key::slot;
 
 /// Where notifications are heard.
 // One per cache: boxing the client would gain nothing.
@@ -43,11 +45,11 @@ pub(crate) enum Feed {
 /// The shard channels a cluster subscriber listens to.
 #[derive(Default)]
 struct Shards {
-    /// Slots whose channel this process wants (waited in once).
-    wanted: HashSet<u16>,
-    /// Asks the live subscriber to add a slot's channel; `None` while
+    /// Slots whose channel this process wants.
+    wanted: Wanted,
+    /// Tells the live subscriber of a newly wanted slot; `None` while
     /// none is.
-    requests: Option<mpsc::UnboundedSender<u16>>,
+    events: Option<mpsc::UnboundedSender<Event>>,
 }
 
 /// What a notification said about a key.
@@ -76,9 +78,6 @@ pub(crate) struct Notifier {
     listening: watch::Sender<bool>,
     /// Tells the subscriber to connect afresh (the master changed).
     restart: Arc<Notify>,
-    /// Which cluster subscriber connection is the live one: an older
-    /// one's last messages (its disconnection) must not restart the new.
-    shard_generation: AtomicU64,
 }
 
 /// The waiters of one key in this process.
@@ -119,6 +118,10 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
+        if let Feed::Sharded(_) = self.notifier.feed {
+            let slot = slot(self.key.as_bytes());
+            self.notifier.shards().wanted.leave(slot, Instant::now());
+        }
         let mut waiters = self.notifier.lock();
         if let Some(slot) = waiters.get_mut(&self.key) {
             slot.watches -= 1;
@@ -148,7 +151,6 @@ impl Notifier {
             running: Arc::new(AtomicBool::new(false)),
             listening: watch::Sender::new(false),
             restart: Arc::new(Notify::new()),
-            shard_generation: AtomicU64::new(0),
         })
     }
 
@@ -182,9 +184,9 @@ impl Notifier {
         if let Feed::Sharded(_) = self.feed {
             let slot = slot(key.as_bytes());
             let mut shards = self.shards();
-            if shards.wanted.insert(slot) {
-                if let Some(requests) = &shards.requests {
-                    let _ = requests.send(slot);
+            if shards.wanted.enter(slot) {
+                if let Some(events) = &shards.events {
+                    let _ = events.send(Event::Want(slot));
                 }
             }
         }
@@ -251,11 +253,6 @@ impl Notifier {
     }
 }
 
-/// The shard channel of `slot`: `<channel>{<tag>}`, hashed to that slot.
-fn shard_channel(channel: &str, slot: u16) -> String {
-    format!("{channel}{{{}}}", slot_tag(slot))
-}
-
 /// `<length>:<that many bytes>` at the start of `bytes` → those bytes and
 /// the rest.
 fn counted(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -317,7 +314,7 @@ async fn subscribe_loop(notifier: Weak<Notifier>) {
                 Feed::Sharded(cluster) => {
                     let cluster = Arc::clone(cluster);
                     drop(n);
-                    listen_sharded(&notifier, &cluster).await
+                    listen_sharded(&notifier, cluster).await
                 }
             },
             None => return,
@@ -395,174 +392,112 @@ async fn listen(
     }
 }
 
-/// [`listen`] on a cluster: subscribes to the shard channel of every slot
-/// wanted, then of each slot wanted later, until a connection fails or the
-/// cache is gone.
+/// How often (in seconds of the subscriber's tick) shard connections are
+/// pinged.
+const PING_EVERY: u64 = 5;
+
+/// [`listen`] on a cluster: keeps the shard channel of every wanted slot
+/// subscribed at the master serving it (see [`super::shard`]), until the cache is
+/// gone (`Ok`) or the slot map cannot be read to start with (`Err`).
 ///
-/// Each channel is subscribed on its own connection to the master serving
-/// its slot (one connection per master, opened on demand), one channel per
-/// command: channels of two slots in one `SSUBSCRIBE` are refused
-/// (`CROSSSLOT`). These connections never reconnect or resubscribe by
-/// themselves (a cluster connection of redis-rs would, sending all of a
-/// node's channels in one command). A node that drops its connection, or a
-/// slot that moves away from the node its channel was subscribed on (Redis
-/// then unsubscribes it), ends them all: the next round asks the cluster
-/// where the slots are and subscribes every wanted channel again.
-async fn listen_sharded(notifier: &Weak<Notifier>, cluster: &ClusterTarget) -> (bool, Result<()>) {
-    let generation = match notifier.upgrade() {
-        Some(n) => n.shard_generation.fetch_add(1, Ordering::AcqRel) + 1,
-        None => return (false, Ok(())),
-    };
-    let ranges = match tokio::time::timeout(CONNECT, cluster.slot_ranges()).await {
-        Ok(Ok(ranges)) => ranges,
-        Ok(Err(err)) => return (false, Err(err)),
-        Err(_) => return (false, Err(Error::Timeout(CONNECT))),
-    };
-    // Declared before `_detach`, so dropped after it: the connections'
-    // last messages then belong to a retired generation.
-    let mut nodes = Nodes {
-        notifier: notifier.clone(),
-        generation,
-        cluster,
-        ranges,
-        connections: HashMap::new(),
-    };
-    let (requests, mut requested) = mpsc::unbounded_channel();
-    let initial: Vec<u16> = match notifier.upgrade() {
+/// Each change is met by itself: a newly wanted slot is subscribed; a slot
+/// that moved (its master unsubscribed its channel) or the slots of a
+/// connection that dropped are subscribed again where the slot map, read
+/// again, says; every second, slots with no waiter for a minute are
+/// forgotten and slots not subscribed yet are tried again; every few
+/// seconds each connection is pinged.
+async fn listen_sharded(
+    notifier: &Weak<Notifier>,
+    cluster: Arc<ClusterTarget>,
+) -> (bool, Result<()>) {
+    // Where the slots are, first: without it no channel has a master.
+    if let Err(err) = cluster.topology().read().await {
+        return (false, Err(err));
+    }
+    let (events, mut heard) = mpsc::unbounded_channel();
+    let (channel, wanted) = match notifier.upgrade() {
         Some(n) => {
             let mut shards = n.shards();
-            shards.requests = Some(requests);
-            shards.wanted.iter().copied().collect()
+            shards.events = Some(events.clone());
+            (n.channel.clone(), shards.wanted.slots())
         }
         None => return (false, Ok(())),
     };
-    // Clears `requests` however this ends, so that a later subscriber
-    // starts from `wanted` again, and retires this round's generation, so
-    // that its connections' last messages restart nothing.
+    // Clears `events` however this ends, so that newly wanted slots wait
+    // for the next subscriber (which starts from `wanted`).
     struct Detach<'a>(&'a Weak<Notifier>);
     impl Drop for Detach<'_> {
         fn drop(&mut self) {
             if let Some(n) = self.0.upgrade() {
-                n.shards().requests = None;
-                n.shard_generation.fetch_add(1, Ordering::AcqRel);
+                n.shards().events = None;
             }
         }
     }
     let _detach = Detach(notifier);
-    for slot in initial {
-        if let Err(err) = nodes.subscribe(slot).await {
-            return (false, Err(err));
-        }
-    }
-    let restart = match notifier.upgrade() {
-        Some(n) => {
-            n.listening.send_replace(true);
-            Arc::clone(&n.restart)
-        }
+    let wake = {
+        let notifier = notifier.clone();
+        Arc::new(move |payload: &[u8]| {
+            if let Some(n) = notifier.upgrade() {
+                n.wake(payload);
+            }
+        })
+    };
+    let mut subscriptions = Subscriptions::new(Arc::clone(&cluster), channel, events, wake);
+    subscriptions.want(wanted);
+    subscriptions.place().await;
+    match notifier.upgrade() {
+        Some(n) => n.listening.send_replace(true),
         None => return (true, Ok(())),
     };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticks = 0u64;
     loop {
-        let next = tokio::select! {
-            next = tokio::time::timeout(Duration::from_secs(1), requested.recv()) => next,
-            () = restart.notified() => {
-                return (true, Err(Error::Redis("a node dropped its connection or a slot moved".into())));
+        tokio::select! {
+            event = heard.recv() => {
+                // `subscriptions` holds a sender: the channel never closes.
+                let mut next = event;
+                let mut moved = false;
+                while let Some(event) = next {
+                    match event {
+                        Event::Want(slot) => subscriptions.want([slot]),
+                        Event::Moved(shard, slot) => {
+                            subscriptions.moved(shard, slot);
+                            moved = true;
+                        }
+                        Event::Dropped(shard) => {
+                            subscriptions.dropped(shard);
+                            moved = true;
+                        }
+                    }
+                    next = heard.try_recv().ok();
+                }
+                if moved {
+                    // Where the moved slots are now; if it cannot be read,
+                    // they wait for the next tick.
+                    let _ = cluster.topology().read().await;
+                }
+                subscriptions.place().await;
             }
-        };
-        match next {
-            Ok(Some(slot)) => {
-                if let Err(err) = nodes.subscribe(slot).await {
-                    return (true, Err(err));
+            _ = tick.tick() => {
+                let Some(n) = notifier.upgrade() else {
+                    return (true, Ok(()));
+                };
+                let idle = n.shards().wanted.forget_idle(Instant::now(), LINGER);
+                drop(n);
+                if !idle.is_empty() {
+                    subscriptions.forget(&idle).await;
+                }
+                ticks += 1;
+                if ticks.is_multiple_of(PING_EVERY) {
+                    subscriptions.ping().await;
+                }
+                if subscriptions.has_pending() {
+                    cluster.topology().refresh();
+                    subscriptions.place().await;
                 }
             }
-            Ok(None) => return (true, Ok(())),
-            Err(_) if notifier.strong_count() == 0 => return (true, Ok(())),
-            Err(_) => {}
         }
-    }
-}
-
-/// One round of a cluster subscriber: the slot map it started from and a
-/// connection per master it subscribed on.
-struct Nodes<'a> {
-    notifier: Weak<Notifier>,
-    generation: u64,
-    cluster: &'a ClusterTarget,
-    ranges: Vec<SlotRange>,
-    connections: HashMap<(String, u16), redis::aio::MultiplexedConnection>,
-}
-
-impl Nodes<'_> {
-    /// Subscribes to `slot`'s channel at the master serving it.
-    async fn subscribe(&mut self, slot: u16) -> Result<()> {
-        let Some(range) = self
-            .ranges
-            .iter()
-            .find(|r| r.first <= slot && slot <= r.last)
-        else {
-            return Err(Error::Redis(format!("no node serves slot {slot}")));
-        };
-        let address = (range.host.clone(), range.port);
-        let channel = match self.notifier.upgrade() {
-            Some(n) => shard_channel(&n.channel, slot),
-            None => return Ok(()),
-        };
-        let subscribe = async {
-            let conn = match self.connections.entry(address) {
-                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-                std::collections::hash_map::Entry::Vacant(entry) => {
-                    let (host, port) = entry.key();
-                    let client = self.cluster.node_client(host, *port)?;
-                    let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(self.cluster.connect_timeout()))
-                        .set_response_timeout(Some(CONNECT))
-                        .set_push_sender(pushes(self.notifier.clone(), self.generation));
-                    let conn = client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await
-                        .map_err(|e| Error::from_redis(&e))?;
-                    entry.insert(conn)
-                }
-            };
-            redis::cmd("SSUBSCRIBE")
-                .arg(&channel)
-                .query_async::<redis::Value>(conn)
-                .await
-                .map_err(|e| Error::from_redis(&e))
-        };
-        match tokio::time::timeout(CONNECT, subscribe).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Err(Error::Timeout(CONNECT)),
-        }
-    }
-}
-
-/// What a subscriber connection does with what the server pushes: wakes
-/// waiters on a message; restarts the subscriber when the connection
-/// drops or the server unsubscribes a channel (its slot moved), unless a
-/// later round has taken over.
-fn pushes(
-    notifier: Weak<Notifier>,
-    generation: u64,
-) -> impl Fn(redis::PushInfo) -> std::result::Result<(), ()> + Send + Sync + 'static {
-    move |push: redis::PushInfo| {
-        let Some(n) = notifier.upgrade() else {
-            return Ok(());
-        };
-        match push.kind {
-            redis::PushKind::SMessage => {
-                if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
-                    n.wake(payload);
-                }
-            }
-            redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe
-                if n.shard_generation.load(Ordering::Acquire) == generation =>
-            {
-                n.restart();
-            }
-            _ => {}
-        }
-        Ok(())
     }
 }
 
