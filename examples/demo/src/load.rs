@@ -449,6 +449,19 @@ async fn closed_loop(
     Ok(started.elapsed())
 }
 
+/// Lets this thread's sleeps end when asked: Linux lets a sleep run up to
+/// a thread's timer slack (50 µs by default) late, to batch wake-ups, and
+/// that delay would count in the latency of every request an open loop
+/// sends.
+fn precise_sleep() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_TIMERSLACK takes a number of nanoseconds and changes
+    // only the calling thread's timer slack; it reads and writes no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
 /// Idle connections of an open-loop run, and the right to open one more
 /// (at most `config.concurrency` at once).
 struct Connections {
@@ -485,62 +498,89 @@ async fn open_loop(
         opened.push(Connection::open(addr).await?);
     }
     *lock(&connections.idle) = opened;
-    let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
     let first = Instant::now();
-    let requests = config.requests;
+    let runtime = tokio::runtime::Handle::current();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
     // The schedule keeps its own thread: the runtime's timers have a
     // resolution of a millisecond, a thread's sleep of tens of
-    // microseconds, and a request's lateness counts in its latency.
-    let schedule = std::thread::spawn(move || {
-        for index in 0..requests {
+    // microseconds, and a request's lateness counts in its latency. It
+    // starts each request on the runtime itself, at its time (a hop
+    // through a channel to a task of the runtime would add that task's
+    // wait for a worker to every request).
+    std::thread::spawn(move || {
+        precise_sleep();
+        let mut inflight = tokio::task::JoinSet::new();
+        let mut failed = None;
+        for index in 0..config.requests {
+            if failed.is_some() || ended_tx.is_closed() {
+                break; // a request failed, or the run was dropped
+            }
+            let (method, path, body) = request(&config, &zipf, index);
+            if config.writes_only && method == "GET" {
+                continue;
+            }
             let due = first + Duration::from_secs_f64(index as f64 / rate);
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
             }
-            if due_tx.send((index, due)).is_err() {
-                return; // the run has ended early
+            let request =
+                send_when_due(connections.clone(), tally.clone(), due, method, path, body);
+            inflight.spawn_on(request, &runtime);
+            // Collects what has ended, so that a long run holds only the
+            // requests in flight.
+            while let Some(ended) = inflight.try_join_next() {
+                if let Err(err) = joined(ended) {
+                    failed = Some(err);
+                }
             }
         }
+        // (the receiver is gone only if the run was dropped)
+        let _ = ended_tx.send((inflight, failed));
     });
-    let mut inflight = tokio::task::JoinSet::new();
-    while let Some((index, due)) = due_rx.recv().await {
-        let (method, path, body) = request(&config, &zipf, index);
-        if config.writes_only && method == "GET" {
-            continue;
-        }
-        let (connections, tally) = (connections.clone(), tally.clone());
-        inflight.spawn(async move {
-            let _slot = connections
-                .slots
-                .acquire()
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            let idle = lock(&connections.idle).pop();
-            let mut conn = match idle {
-                Some(conn) => conn,
-                None => Connection::open(connections.addr).await?,
-            };
-            lock(&tally.send_lag).saturating_record(micros(due.elapsed()));
-            let (status, _) = conn.send(method, &path, &body).await?;
-            tally.answer(status, due.elapsed());
-            lock(&connections.idle).push(conn);
-            Ok::<_, io::Error>(())
-        });
-        // Collects what has ended, so that a long run holds only the
-        // requests in flight.
-        while let Some(ended) = inflight.try_join_next() {
-            ended.map_err(|e| io::Error::other(e.to_string()))??;
-        }
+    let (mut inflight, failed) = ended
+        .await
+        .map_err(|_| io::Error::other("the schedule's thread ended early"))?;
+    if let Some(err) = failed {
+        return Err(err);
     }
     while let Some(ended) = inflight.join_next().await {
-        ended.map_err(|e| io::Error::other(e.to_string()))??;
+        joined(ended)?;
     }
-    let elapsed = first.elapsed();
-    schedule
-        .join()
-        .map_err(|_| io::Error::other("the schedule's thread panicked"))?;
-    Ok(elapsed)
+    Ok(first.elapsed())
+}
+
+/// A request of an open loop, due at `due`: on an idle connection, or a
+/// new one if fewer than the most allowed are open, else the first that
+/// frees up.
+async fn send_when_due(
+    connections: Arc<Connections>,
+    tally: Arc<Tally>,
+    due: Instant,
+    method: &'static str,
+    path: String,
+    body: String,
+) -> io::Result<()> {
+    let _slot = connections
+        .slots
+        .acquire()
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let idle = lock(&connections.idle).pop();
+    let mut conn = match idle {
+        Some(conn) => conn,
+        None => Connection::open(connections.addr).await?,
+    };
+    lock(&tally.send_lag).saturating_record(micros(due.elapsed()));
+    let (status, _) = conn.send(method, &path, &body).await?;
+    tally.answer(status, due.elapsed());
+    lock(&connections.idle).push(conn);
+    Ok(())
+}
+
+/// What a request's task ended with.
+fn joined(ended: Result<io::Result<()>, tokio::task::JoinError>) -> io::Result<()> {
+    ended.map_err(|e| io::Error::other(e.to_string()))?
 }
 
 #[cfg(test)]
