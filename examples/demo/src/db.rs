@@ -210,7 +210,8 @@ impl Db {
     }
 
     /// Undoes what requests changed: orders added after the seeded ones
-    /// are deleted, renamed users get their seeded names back. Not
+    /// are deleted, renamed users get their seeded names back (and their
+    /// seeded addresses, which only an outside writer changes). Not
     /// counted (set-up, like seeding).
     pub async fn reset(&self) -> Result<(), DbError> {
         // The seeded orders were inserted first, in one transaction: they
@@ -231,6 +232,13 @@ impl Db {
         sqlx::query("UPDATE users SET name = 'user ' || CAST(id AS TEXT) WHERE name <> 'user ' || CAST(id AS TEXT)")
             .execute(&self.pool)
             .await?;
+        // (what an outside writer changed: crate::outside)
+        sqlx::query(
+            "UPDATE users SET email = 'user' || CAST(id AS TEXT) || '@example.com' \
+             WHERE email <> 'user' || CAST(id AS TEXT) || '@example.com'",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

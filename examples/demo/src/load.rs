@@ -56,6 +56,9 @@ pub struct LoadConfig {
     /// Send only the run's writes (to bring a database to the state this
     /// run leaves it in, without measuring anything).
     pub writes_only: bool,
+    /// Keep which version of each user's row every `GET /users/{id}`
+    /// answered, and when it was sent ([`LoadReport::reads`]).
+    pub record_reads: bool,
 }
 
 impl Default for LoadConfig {
@@ -71,6 +74,7 @@ impl Default for LoadConfig {
             seed: 1,
             progress: false,
             writes_only: false,
+            record_reads: false,
         }
     }
 }
@@ -110,6 +114,20 @@ pub struct LoadReport {
     pub send_lag: Histogram<u64>,
     /// The run in intervals of 250 ms.
     pub timeline: Vec<Sample>,
+    /// With [`LoadConfig::record_reads`]: every user read answered.
+    pub reads: Vec<UserRead>,
+}
+
+/// A `GET /users/{id}` answered, and what it showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserRead {
+    /// Whose row.
+    pub id: i64,
+    /// The version of the row's `email` it showed (see
+    /// [`crate::outside::email_version`]).
+    pub version: u64,
+    /// When the request was sent (after any wait for a connection).
+    pub sent: Instant,
 }
 
 impl LoadReport {
@@ -305,10 +323,30 @@ struct Tally {
     failures: AtomicU64,
     latency: Mutex<Histogram<u64>>,
     send_lag: Mutex<Histogram<u64>>,
+    reads: Option<Mutex<Vec<UserRead>>>,
     bar: ProgressBar,
 }
 
 impl Tally {
+    /// Sends one request on `conn` and counts its answer, `latency` from
+    /// `since` (when it was sent, or due).
+    async fn exchange(
+        &self,
+        conn: &mut Connection,
+        (method, path, body): (&str, &str, &str),
+        since: Option<Instant>,
+    ) -> io::Result<()> {
+        let sent = Instant::now();
+        let (status, answer) = conn.send(method, path, body).await?;
+        self.answer(status, since.unwrap_or(sent).elapsed());
+        if let Some(reads) = &self.reads {
+            if let Some(read) = user_read(method, path, status, &answer, sent) {
+                lock(reads).push(read);
+            }
+        }
+        Ok(())
+    }
+
     /// An answer with `status`, `latency` after it was sent or due.
     fn answer(&self, status: u16, latency: Duration) {
         lock(&self.latency).saturating_record(micros(latency));
@@ -318,6 +356,29 @@ impl Tally {
         self.answered.fetch_add(1, Ordering::Relaxed);
         self.bar.inc(1);
     }
+}
+
+/// The user row a `GET /users/{id}` answered, if that is what it was.
+fn user_read(
+    method: &str,
+    path: &str,
+    status: u16,
+    answer: &[u8],
+    sent: Instant,
+) -> Option<UserRead> {
+    if method != "GET" || status != 200 {
+        return None;
+    }
+    let id = path.strip_prefix("/users/")?;
+    if id.contains('/') {
+        return None; // the orders, not the user
+    }
+    let user: crate::db::User = serde_json::from_slice(answer).ok()?;
+    Some(UserRead {
+        id: user.id,
+        version: crate::outside::email_version(&user.email)?,
+        sent,
+    })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -354,6 +415,7 @@ pub async fn run(addr: SocketAddr, config: &LoadConfig) -> io::Result<LoadReport
         failures: AtomicU64::new(0),
         latency: Mutex::new(histogram()),
         send_lag: Mutex::new(histogram()),
+        reads: config.record_reads.then(|| Mutex::new(Vec::new())),
         bar: progress_bar(config),
     });
     let started = Instant::now();
@@ -393,6 +455,11 @@ pub async fn run(addr: SocketAddr, config: &LoadConfig) -> io::Result<LoadReport
     let after = probe.counts().await?;
     let latency = lock(&tally.latency).clone();
     let send_lag = lock(&tally.send_lag).clone();
+    let reads = tally
+        .reads
+        .as_ref()
+        .map(|reads| std::mem::take(&mut *lock(reads)))
+        .unwrap_or_default();
     Ok(LoadReport {
         requests: latency.len(),
         failures: tally.failures.load(Ordering::Relaxed),
@@ -406,6 +473,7 @@ pub async fn run(addr: SocketAddr, config: &LoadConfig) -> io::Result<LoadReport
         latency,
         send_lag,
         timeline,
+        reads,
     })
 }
 
@@ -437,9 +505,9 @@ async fn closed_loop(
                 if config.writes_only && method == "GET" {
                     continue;
                 }
-                let sent = Instant::now();
-                let (status, _) = conn.send(method, &path, &body).await?;
-                tally.answer(status, sent.elapsed());
+                tally
+                    .exchange(&mut conn, (method, &path, &body), None)
+                    .await?;
             }
         });
     }
@@ -572,8 +640,9 @@ async fn send_when_due(
         None => Connection::open(connections.addr).await?,
     };
     lock(&tally.send_lag).saturating_record(micros(due.elapsed()));
-    let (status, _) = conn.send(method, &path, &body).await?;
-    tally.answer(status, due.elapsed());
+    tally
+        .exchange(&mut conn, (method, &path, &body), Some(due))
+        .await?;
     lock(&connections.idle).push(conn);
     Ok(())
 }
@@ -622,6 +691,7 @@ mod tests {
             latency: hundred,
             send_lag: histogram(),
             timeline: Vec::new(),
+            reads: Vec::new(),
         };
         let near = |q: f64, ms: u64| {
             let at = report.latency_at(q).as_micros() as u64;

@@ -1,8 +1,14 @@
 //! `demo serve`: the service; `demo bench`: the service under load, with
 //! the cache and without, in a closed loop and then in an open loop at one
-//! offered rate, then two tables and a chart.
+//! offered rate, then two tables and a chart; with `--outside-writer`, the
+//! cached service once more while rows change behind its back, with the
+//! stale reads counted (and on Postgres again with a listener).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use demo::load::LoadReport;
+use demo::outside::{self, OutsideConfig, OutsideWriter, Staleness};
+use redis_cached::Cache;
 
 use demo::load::{self, LoadConfig};
 use demo::service::{prometheus, App};
@@ -11,6 +17,7 @@ use demo::{db::Db, repo::Repo, report};
 const USAGE: &str = "\
 usage: demo bench [--requests N] [--zipf S] [--writes F] [--concurrency C] [--seed N] [--chart FILE]
                   [--load F | --rate R] [--max-connections N]
+                  [--outside-writer UPDATES_PER_S] [--stale-bound MS]
        demo serve [--port P] [--no-cache]
 DATABASE_URL: sqlite://… or postgres://… (default: sqlite://demo.sqlite3?mode=rwc)
 REDIS_URL:    the cache's Redis (default: in process memory)";
@@ -86,6 +93,8 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         _ => None,
     };
     let max_connections: usize = option(args, "--max-connections", 256)?;
+    let outside_rate: f64 = option(args, "--outside-writer", 0.0)?;
+    let stale_bound = Duration::from_millis(option(args, "--stale-bound", 100)?);
     println!(
         "database: {}",
         database.split('@').next_back().unwrap_or(database)
@@ -108,7 +117,7 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
     let cached = demo::spawn(App {
         repo: Repo {
             db: db.clone(),
-            cache,
+            cache: cache.clone(),
         },
         cached: true,
     })
@@ -201,6 +210,24 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         report::table(&[("cache, warm", &open_cached), ("no cache", &open_uncached)])
     );
     println!("{exported}");
+    let mut outside_failures = 0;
+    if outside_rate > 0.0 {
+        let load = LoadConfig {
+            seed: open.seed + 1,
+            record_reads: true,
+            ..open.clone()
+        };
+        outside_failures = outside_runs(
+            database,
+            cached,
+            cache,
+            &load,
+            outside_rate,
+            stale_bound,
+            stamp,
+        )
+        .await?;
+    }
     match report::chart(&warm, &baseline) {
         Ok(png) => {
             std::fs::write(&chart_file, png)?;
@@ -212,10 +239,98 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         .iter()
         .map(|r| r.failures)
         .sum::<u64>();
-    if failures + replay_failures > 0 {
+    if failures + replay_failures + outside_failures > 0 {
         return Err("some requests failed".into());
     }
     Ok(())
+}
+
+/// The cached service offered `load` while an outside writer updates
+/// rows at `rate`: without a listener, then (on Postgres) with one; a
+/// table of the stale reads. The failed requests.
+async fn outside_runs(
+    database: &str,
+    service: std::net::SocketAddr,
+    cache: Cache,
+    load: &LoadConfig,
+    rate: f64,
+    bound: Duration,
+    stamp: u64,
+) -> Result<u64, Failure> {
+    let writer = |seed: u64, first_version: u64| OutsideConfig {
+        rate,
+        users: load.users,
+        zipf_s: load.zipf_s,
+        seed,
+        first_version,
+    };
+    let step = |what: &str| {
+        println!(
+            "outside writer, {what}: {rate} updates/s of users.email in SQL, while the cached service is offered {} requests at {} req/s",
+            load.requests,
+            load.rate.unwrap_or_default().round()
+        )
+    };
+    step("no listener");
+    let outside = OutsideWriter::start(database, writer(load.seed, 1)).await?;
+    let without = load::run(service, load).await?;
+    let mut writes = outside.stop().await?;
+    let mut runs = vec![(
+        "no listener",
+        staleness_of(&without, &writes, bound),
+        writes.len(),
+        without,
+    )];
+    if database.starts_with("postgres") {
+        // A slot of its own, dropped at the end: a slot left behind keeps
+        // the database's WAL.
+        let slot = format!("demo_{stamp}");
+        let listener = outside::listen(database, cache, &slot).await?;
+        step("with the redis-cached-pg listener");
+        let next = writes.last().map_or(1, |w| w.version + 1);
+        let load = LoadConfig {
+            seed: load.seed + 1,
+            ..load.clone()
+        };
+        let outside = OutsideWriter::start(database, writer(load.seed, next)).await?;
+        let with = load::run(service, &load).await?;
+        let more = outside.stop().await?;
+        let count = more.len();
+        writes.extend(more);
+        let stats = listener.stats();
+        listener.stop().await;
+        redis_cached_pg::drop_slot(database, &slot).await?;
+        println!(
+            "listener: {} rows changed, {} keys and {} tags invalidated, last commit-to-invalidation {:?}",
+            stats.rows, stats.keys, stats.tags, stats.last_latency
+        );
+        runs.push((
+            "redis-cached-pg listener",
+            staleness_of(&with, &writes, bound),
+            count,
+            with,
+        ));
+    } else {
+        println!(
+            "(the listener needs Postgres: DATABASE_URL=postgres://…, see examples/demo/README.md)"
+        );
+    }
+    println!();
+    println!(
+        "Outside writer ({rate} updates/s), reads of a user checked against the rows' versions (bound {} ms):",
+        bound.as_millis()
+    );
+    println!();
+    let rows: Vec<_> = runs
+        .iter()
+        .map(|(name, stale, writes, run)| (*name, stale, *writes, run))
+        .collect();
+    println!("{}", report::stale_table(&rows, bound));
+    Ok(runs.iter().map(|(_, _, _, run)| run.failures).sum())
+}
+
+fn staleness_of(run: &LoadReport, writes: &[outside::OutsideWrite], bound: Duration) -> Staleness {
+    outside::staleness(&run.reads, writes, bound)
 }
 
 /// Compares `/metrics` with `/stats` at the end of the cached runs.

@@ -102,6 +102,51 @@ pub fn table(runs: &[(&str, &LoadReport)]) -> String {
     out
 }
 
+/// The outside writer's runs side by side as a Markdown table: each
+/// run's name, its stale reads, the outside writes made during it, the run.
+pub fn stale_table(
+    runs: &[(&str, &crate::outside::Staleness, usize, &LoadReport)],
+    bound: std::time::Duration,
+) -> String {
+    let mut out = String::from("|");
+    for (name, ..) in runs {
+        let _ = write!(out, " | {name}");
+    }
+    out.push_str(" |\n|---");
+    for _ in runs {
+        out.push_str("|---:");
+    }
+    out.push_str("|\n");
+    let mut row =
+        |label: &str, cell: &dyn Fn(&crate::outside::Staleness, usize, &LoadReport) -> String| {
+            let _ = write!(out, "| {label}");
+            for (_, stale, writes, run) in runs {
+                let _ = write!(out, " | {}", cell(stale, *writes, run));
+            }
+            out.push_str(" |\n");
+        };
+    row("outside updates", &|_, writes, _| grouped(writes as u64));
+    row("user reads checked", &|s, _, _| grouped(s.reads));
+    row("stale reads", &|s, _, _| grouped(s.stale));
+    row(
+        &format!("stale beyond {} ms", bound.as_millis()),
+        &|s, _, _| grouped(s.beyond_bound),
+    );
+    row("stalest read", &|s, _, _| millis(s.worst));
+    row("SQL queries", &|_, _, r| grouped(r.counts.sql));
+    row("hit ratio", &|_, _, r| {
+        r.hit_ratio().map_or("–".into(), percent)
+    });
+    row("p50 / p99 latency", &|_, _, r| {
+        format!(
+            "{} / {}",
+            millis(r.latency_at(0.50)),
+            millis(r.latency_at(0.99))
+        )
+    });
+    out
+}
+
 /// A PNG: SQL queries per second over time with the cache and without,
 /// and the cache's hit ratio (right axis).
 pub fn chart(cached: &LoadReport, uncached: &LoadReport) -> Result<Vec<u8>, String> {

@@ -88,5 +88,13 @@ async fn metrics_show_what_the_load_generator_counted() {
         counter_total(&text, "redis_cached_hits_total"),
         Some((report.counts.hits + open.counts.hits) as f64)
     );
+    assert_eq!(
+        counter_total(&text, "redis_cached_misses_total"),
+        Some((report.counts.misses + open.counts.misses) as f64)
+    );
+    assert_eq!(
+        counter_total(&text, "demo_sql_statements_total"),
+        Some((report.counts.sql + open.counts.sql) as f64)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
