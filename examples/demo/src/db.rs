@@ -5,10 +5,12 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use tokio::sync::Mutex;
 
 /// Users seeded.
 pub const USERS: i64 = 10_000;
@@ -64,6 +66,8 @@ impl From<sqlx::Error> for DbError {
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    /// SQLite: the one connection that writes while the service runs.
+    writer: Option<Arc<Mutex<AnyConnection>>>,
     statements: Arc<AtomicU64>,
 }
 
@@ -71,14 +75,50 @@ impl Db {
     /// Connects to `url` (`sqlite://file?mode=rwc` or `postgres://…`),
     /// creates the tables if missing and seeds them if empty.
     pub async fn open(url: &str) -> Result<Db, DbError> {
+        Db::open_with_busy_timeout(url, Duration::from_secs(5)).await
+    }
+
+    /// [`Db::open`], with how long a SQLite connection that finds the
+    /// database locked by another's write waits for it (SQLite's
+    /// `busy_timeout`: 5 s in [`Db::open`]; zero: it fails at once with
+    /// "database is locked"). Postgres does not use it.
+    pub async fn open_with_busy_timeout(url: &str, busy_timeout: Duration) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
+        let pragma = format!("PRAGMA busy_timeout = {}", busy_timeout.as_millis());
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                let pragma = pragma.clone();
+                Box::pin(async move {
+                    if sqlite {
+                        conn.execute(sqlx::AssertSqlSafe(pragma)).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await?;
+        // SQLite lets one connection write at a time, and a second one
+        // that tries does not queue: it sleeps in SQLite's busy handler
+        // (1, 2, 5, 10 … 100 ms, longer while other writers keep taking
+        // the lock) on one of the pool's connections, so reads wait behind
+        // it too. With the cache, writes are half of the statements, and
+        // those sleeps were its slowest answers. The service's writes
+        // queue for one connection of their own instead (a pool of one
+        // would ping it at each checkout and return), beside the reads
+        // (WAL).
+        let writer = if sqlite {
+            let mut conn = AnyConnection::connect(url).await?;
+            let pragma = format!("PRAGMA busy_timeout = {}", busy_timeout.as_millis());
+            conn.execute(sqlx::AssertSqlSafe(pragma)).await?;
+            Some(Arc::new(Mutex::new(conn)))
+        } else {
+            None
+        };
         let db = Db {
             pool,
+            writer,
             statements: Arc::new(AtomicU64::new(0)),
         };
         db.create_and_seed(sqlite).await?;
@@ -170,7 +210,8 @@ impl Db {
     }
 
     /// Undoes what requests changed: orders added after the seeded ones
-    /// are deleted, renamed users get their seeded names back. Not
+    /// are deleted, renamed users get their seeded names back (and their
+    /// seeded addresses, which only an outside writer changes). Not
     /// counted (set-up, like seeding).
     pub async fn reset(&self) -> Result<(), DbError> {
         // The seeded orders were inserted first, in one transaction: they
@@ -191,6 +232,13 @@ impl Db {
         sqlx::query("UPDATE users SET name = 'user ' || CAST(id AS TEXT) WHERE name <> 'user ' || CAST(id AS TEXT)")
             .execute(&self.pool)
             .await?;
+        // (what an outside writer changed: crate::outside)
+        sqlx::query(
+            "UPDATE users SET email = 'user' || CAST(id AS TEXT) || '@example.com' \
+             WHERE email <> 'user' || CAST(id AS TEXT) || '@example.com'",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -224,25 +272,29 @@ impl Db {
     /// Renames a user; the row as it is now, `None` if there is none.
     pub async fn rename_user(&self, id: i64, name: &str) -> Result<Option<User>, DbError> {
         self.count();
-        let row = sqlx::query(
+        let query = sqlx::query(
             "UPDATE users SET name = $1 WHERE id = $2 RETURNING id, name, email, country",
         )
         .bind(name)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(id);
+        let row = match &self.writer {
+            Some(writer) => query.fetch_optional(&mut *writer.lock().await).await?,
+            None => query.fetch_optional(&self.pool).await?,
+        };
         row.map(|row| user_of(&row)).transpose()
     }
 
     /// Inserts an order; its id.
     pub async fn add_order(&self, user_id: i64, amount_cents: i64) -> Result<i64, DbError> {
         self.count();
-        let row =
+        let query =
             sqlx::query("INSERT INTO orders (user_id, amount_cents) VALUES ($1, $2) RETURNING id")
                 .bind(user_id)
-                .bind(amount_cents)
-                .fetch_one(&self.pool)
-                .await?;
+                .bind(amount_cents);
+        let row = match &self.writer {
+            Some(writer) => query.fetch_one(&mut *writer.lock().await).await?,
+            None => query.fetch_one(&self.pool).await?,
+        };
         Ok(row.try_get(0)?)
     }
 }

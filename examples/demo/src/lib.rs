@@ -5,6 +5,7 @@
 
 pub mod db;
 pub mod load;
+pub mod outside;
 pub mod repo;
 pub mod report;
 pub mod service;

@@ -1,7 +1,14 @@
 //! `demo serve`: the service; `demo bench`: the service under load, with
-//! the cache and without, then a table and a chart.
+//! the cache and without, in a closed loop and then in an open loop at one
+//! offered rate, then two tables and a chart; with `--outside-writer`, the
+//! cached service once more while rows change behind its back, with the
+//! stale reads counted (and on Postgres again with a listener).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use demo::load::LoadReport;
+use demo::outside::{self, OutsideConfig, OutsideWriter, Staleness};
+use redis_cached::Cache;
 
 use demo::load::{self, LoadConfig};
 use demo::service::{prometheus, App};
@@ -9,6 +16,8 @@ use demo::{db::Db, repo::Repo, report};
 
 const USAGE: &str = "\
 usage: demo bench [--requests N] [--zipf S] [--writes F] [--concurrency C] [--seed N] [--chart FILE]
+                  [--load F | --rate R] [--max-connections N]
+                  [--outside-writer UPDATES_PER_S] [--stale-bound MS]
        demo serve [--port P] [--no-cache]
 DATABASE_URL: sqlite://… or postgres://… (default: sqlite://demo.sqlite3?mode=rwc)
 REDIS_URL:    the cache's Redis (default: in process memory)";
@@ -77,6 +86,15 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         ..LoadConfig::default()
     };
     let chart_file: String = option(args, "--chart", "demo-chart.png".to_owned())?;
+    // The open loop: a share of the uncached service's capacity, or a rate.
+    let load: f64 = option(args, "--load", 0.6)?;
+    let fixed_rate: Option<f64> = match option(args, "--rate", 0.0)? {
+        rate if rate > 0.0 => Some(rate),
+        _ => None,
+    };
+    let max_connections: usize = option(args, "--max-connections", 256)?;
+    let outside_rate: f64 = option(args, "--outside-writer", 0.0)?;
+    let stale_bound = Duration::from_millis(option(args, "--stale-bound", 100)?);
     println!(
         "database: {}",
         database.split('@').next_back().unwrap_or(database)
@@ -99,7 +117,7 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
     let cached = demo::spawn(App {
         repo: Repo {
             db: db.clone(),
-            cache,
+            cache: cache.clone(),
         },
         cached: true,
     })
@@ -147,6 +165,32 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
     }
     step("without the cache (same requests as the measured run)");
     let baseline = load::run(uncached, &config).await?;
+    // The open loop: both services offered the same requests at one rate,
+    // the cached one first (its entries then match the database again,
+    // as they do after the baseline's replay).
+    let capacity = baseline.throughput();
+    let rate = fixed_rate.unwrap_or(capacity * load);
+    let open = LoadConfig {
+        seed: config.seed + 3,
+        rate: Some(rate),
+        concurrency: max_connections,
+        ..config.clone()
+    };
+    let open_step = |what: &str| {
+        println!(
+            "open loop, {what}: {} requests at {} req/s ({:.0}% of the closed-loop no-cache throughput), up to {} connections",
+            open.requests,
+            rate.round(),
+            rate / capacity * 100.0,
+            open.concurrency
+        )
+    };
+    open_step("with the cache");
+    let open_cached = load::run(cached, &open).await?;
+    open_step("without the cache");
+    let open_uncached = load::run(uncached, &open).await?;
+    println!();
+    println!("Closed loop ({} connections):", config.concurrency);
     println!();
     println!(
         "{}",
@@ -156,7 +200,34 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
             ("no cache", &baseline),
         ])
     );
+    println!(
+        "Open loop (latency from each request's scheduled time, {} req/s offered to both):",
+        rate.round()
+    );
+    println!();
+    println!(
+        "{}",
+        report::table(&[("cache, warm", &open_cached), ("no cache", &open_uncached)])
+    );
     println!("{exported}");
+    let mut outside_failures = 0;
+    if outside_rate > 0.0 {
+        let load = LoadConfig {
+            seed: open.seed + 1,
+            record_reads: true,
+            ..open.clone()
+        };
+        outside_failures = outside_runs(
+            database,
+            cached,
+            cache,
+            &load,
+            outside_rate,
+            stale_bound,
+            stamp,
+        )
+        .await?;
+    }
     match report::chart(&warm, &baseline) {
         Ok(png) => {
             std::fs::write(&chart_file, png)?;
@@ -164,10 +235,102 @@ async fn bench(args: &[String], database: &str, redis: Option<&str>) -> Result<(
         }
         Err(err) => eprintln!("no chart: {err}"),
     }
-    if warm.failures + cold.failures + baseline.failures + replay_failures > 0 {
+    let failures = [&cold, &warm, &baseline, &open_cached, &open_uncached]
+        .iter()
+        .map(|r| r.failures)
+        .sum::<u64>();
+    if failures + replay_failures + outside_failures > 0 {
         return Err("some requests failed".into());
     }
     Ok(())
+}
+
+/// The cached service offered `load` while an outside writer updates
+/// rows at `rate`: without a listener, then (on Postgres) with one; a
+/// table of the stale reads. The failed requests.
+async fn outside_runs(
+    database: &str,
+    service: std::net::SocketAddr,
+    cache: Cache,
+    load: &LoadConfig,
+    rate: f64,
+    bound: Duration,
+    stamp: u64,
+) -> Result<u64, Failure> {
+    let writer = |seed: u64, first_version: u64| OutsideConfig {
+        rate,
+        users: load.users,
+        zipf_s: load.zipf_s,
+        seed,
+        first_version,
+    };
+    let step = |what: &str| {
+        println!(
+            "outside writer, {what}: {rate} updates/s of users.email in SQL, while the cached service is offered {} requests at {} req/s",
+            load.requests,
+            load.rate.unwrap_or_default().round()
+        )
+    };
+    step("no listener");
+    let outside = OutsideWriter::start(database, writer(load.seed, 1)).await?;
+    let without = load::run(service, load).await?;
+    let mut writes = outside.stop().await?;
+    let mut runs = vec![(
+        "no listener",
+        staleness_of(&without, &writes, bound),
+        writes.len(),
+        without,
+    )];
+    if database.starts_with("postgres") {
+        // A slot of its own, dropped at the end: a slot left behind keeps
+        // the database's WAL.
+        let slot = format!("demo_{stamp}");
+        let listener = outside::listen(database, cache, &slot).await?;
+        step("with the redis-cached-pg listener");
+        let next = writes.last().map_or(1, |w| w.version + 1);
+        let load = LoadConfig {
+            seed: load.seed + 1,
+            ..load.clone()
+        };
+        let outside = OutsideWriter::start(database, writer(load.seed, next)).await?;
+        let with = load::run(service, &load).await?;
+        let more = outside.stop().await?;
+        let count = more.len();
+        writes.extend(more);
+        let stats = listener.stats();
+        listener.stop().await;
+        redis_cached_pg::drop_slot(database, &slot).await?;
+        println!(
+            "listener: {} rows changed, {} keys and {} tags invalidated, last commit-to-invalidation {:?}",
+            stats.rows, stats.keys, stats.tags, stats.last_latency
+        );
+        runs.push((
+            "redis-cached-pg listener",
+            staleness_of(&with, &writes, bound),
+            count,
+            with,
+        ));
+    } else {
+        println!(
+            "(the listener needs Postgres: DATABASE_URL=postgres://…, see examples/demo/README.md)"
+        );
+    }
+    println!();
+    println!(
+        "Outside writer ({rate} updates/s), reads of a user checked against the rows' versions (bound {} ms):",
+        bound.as_millis()
+    );
+    println!();
+    let rows: Vec<_> = runs
+        .iter()
+        .map(|(name, stale, writes, run)| (*name, stale, *writes, run))
+        .collect();
+    println!("{}", report::stale_table(&rows, bound));
+    Ok(runs.iter().map(|(_, _, _, run)| run.failures).sum())
+}
+
+fn staleness_of(run: &LoadReport, writes: &[outside::OutsideWrite], bound: Duration) -> Staleness {
+    outside::staleness(&run.reads, writes, bound)
 }
 
 /// Compares `/metrics` with `/stats` at the end of the cached runs.

@@ -16,8 +16,17 @@ pub struct Repo {
 
 impl Repo {
     /// One user; a missing user is cached as absent too. `lock`: when a
-    /// hot user expires, one caller in all processes reads the row.
-    #[redis_cached(key = "user:<id>", ttl = "60s", cache_none = "60s", lock = true, cache = self.cache)]
+    /// hot user expires, one caller in all processes reads the row. The
+    /// tag `users` is on every entry made from `users` rows, for a
+    /// listener on the database (`crate::outside`).
+    #[redis_cached(
+        key = "user:<id>",
+        ttl = "60s",
+        cache_none = "60s",
+        lock = true,
+        tags = ["users"],
+        cache = self.cache
+    )]
     pub async fn user(&self, id: i64) -> Result<Option<User>, DbError> {
         self.db.user(id).await
     }
@@ -30,15 +39,23 @@ impl Repo {
         ttl = "60s",
         stale = "5m",
         lock = true,
-        tags = ["orders-of:<user_id>"],
+        tags = ["orders-of:<user_id>", "orders"],
         cache = self.cache
     )]
     pub async fn order_summary(&self, user_id: i64) -> Result<OrderSummary, DbError> {
         self.db.order_summary(user_id).await
     }
 
-    /// Renames a user and writes the new row to the cache (write-through).
-    #[cache_put(key = "user:<id>", ttl = "60s", cache_none = "60s", cache = self.cache)]
+    /// Renames a user and writes the new row to the cache (write-through),
+    /// under the tags of [`Repo::user`]: an entry made here is one that
+    /// invalidating a tag must reach too.
+    #[cache_put(
+        key = "user:<id>",
+        ttl = "60s",
+        cache_none = "60s",
+        tags = ["users"],
+        cache = self.cache
+    )]
     pub async fn rename_user(&self, id: i64, name: String) -> Result<Option<User>, DbError> {
         self.db.rename_user(id, &name).await
     }

@@ -22,12 +22,18 @@ fn percent(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
+/// Milliseconds with two decimals, or microseconds below a millisecond.
 fn millis(d: std::time::Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    if d < std::time::Duration::from_millis(1) {
+        format!("{} µs", d.as_micros())
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    }
 }
 
 /// The runs side by side as a Markdown table; the last is the baseline
-/// (no cache) that "queries saved" compares with.
+/// (no cache) that "queries saved" compares with. Open-loop runs also
+/// show their offered rate and how late their requests were sent.
 pub fn table(runs: &[(&str, &LoadReport)]) -> String {
     let Some((_, baseline)) = runs.last() else {
         return String::new();
@@ -48,6 +54,14 @@ pub fn table(runs: &[(&str, &LoadReport)]) -> String {
         }
         out.push_str(" |\n");
     };
+    let open = runs.iter().any(|(_, r)| r.rate.is_some());
+    if open {
+        row("offered rate", &|r| {
+            r.rate.map_or("–".into(), |rate| {
+                format!("{} req/s", grouped(rate as u64))
+            })
+        });
+    }
     row("requests", &|r| grouped(r.requests));
     row("SQL queries", &|r| grouped(r.counts.sql));
     row("queries saved", &|r| {
@@ -65,12 +79,71 @@ pub fn table(runs: &[(&str, &LoadReport)]) -> String {
         }
     });
     row("hit ratio", &|r| r.hit_ratio().map_or("–".into(), percent));
-    row("p50 latency", &|r| millis(r.p50));
-    row("p99 latency", &|r| millis(r.p99));
+    row("p50 latency", &|r| millis(r.latency_at(0.50)));
+    row("p99 latency", &|r| millis(r.latency_at(0.99)));
+    row("p99.9 latency", &|r| millis(r.latency_at(0.999)));
     row("throughput", &|r| {
         format!("{} req/s", grouped(r.throughput() as u64))
     });
+    if open {
+        row("sent late, p50 / p99", &|r| {
+            if r.rate.is_some() {
+                format!(
+                    "{} / {}",
+                    millis(r.send_lag_at(0.50)),
+                    millis(r.send_lag_at(0.99))
+                )
+            } else {
+                "–".into()
+            }
+        });
+    }
     row("failed requests", &|r| grouped(r.failures));
+    out
+}
+
+/// The outside writer's runs side by side as a Markdown table: each
+/// run's name, its stale reads, the outside writes made during it, the run.
+pub fn stale_table(
+    runs: &[(&str, &crate::outside::Staleness, usize, &LoadReport)],
+    bound: std::time::Duration,
+) -> String {
+    let mut out = String::from("|");
+    for (name, ..) in runs {
+        let _ = write!(out, " | {name}");
+    }
+    out.push_str(" |\n|---");
+    for _ in runs {
+        out.push_str("|---:");
+    }
+    out.push_str("|\n");
+    let mut row =
+        |label: &str, cell: &dyn Fn(&crate::outside::Staleness, usize, &LoadReport) -> String| {
+            let _ = write!(out, "| {label}");
+            for (_, stale, writes, run) in runs {
+                let _ = write!(out, " | {}", cell(stale, *writes, run));
+            }
+            out.push_str(" |\n");
+        };
+    row("outside updates", &|_, writes, _| grouped(writes as u64));
+    row("user reads checked", &|s, _, _| grouped(s.reads));
+    row("stale reads", &|s, _, _| grouped(s.stale));
+    row(
+        &format!("stale beyond {} ms", bound.as_millis()),
+        &|s, _, _| grouped(s.beyond_bound),
+    );
+    row("stalest read", &|s, _, _| millis(s.worst));
+    row("SQL queries", &|_, _, r| grouped(r.counts.sql));
+    row("hit ratio", &|_, _, r| {
+        r.hit_ratio().map_or("–".into(), percent)
+    });
+    row("p50 / p99 latency", &|_, _, r| {
+        format!(
+            "{} / {}",
+            millis(r.latency_at(0.50)),
+            millis(r.latency_at(0.99))
+        )
+    });
     out
 }
 
@@ -152,5 +225,7 @@ mod tests {
         assert_eq!(counter_total(text, "redis_cached_stale_serves_total"), None);
         assert_eq!(grouped(1_234_567), "1,234,567");
         assert_eq!(grouped(12), "12");
+        assert_eq!(millis(std::time::Duration::from_micros(28)), "28 µs");
+        assert_eq!(millis(std::time::Duration::from_micros(2_574)), "2.57 ms");
     }
 }

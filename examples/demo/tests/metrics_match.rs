@@ -65,5 +65,36 @@ async fn metrics_show_what_the_load_generator_counted() {
         text.contains("fn=\"demo::repo::Repo::order_summary\""),
         "{text}"
     );
+
+    // The same service in an open loop: every request answered, on the
+    // schedule (the last is due at 249.5 ms), and counted the same way.
+    let open = load::run(
+        addr,
+        &LoadConfig {
+            requests: 500,
+            rate: Some(2_000.0),
+            seed: 2,
+            ..config
+        },
+    )
+    .await
+    .expect("the open loop runs");
+    assert_eq!((open.requests, open.failures), (500, 0));
+    assert!(open.elapsed.as_micros() >= 249_500, "{:?}", open.elapsed);
+    assert!(open.counts.hits > 0, "{open:?}");
+    let (_, body) = conn.send("GET", "/metrics", "").await.expect("/metrics");
+    let text = String::from_utf8(body).expect("UTF-8");
+    assert_eq!(
+        counter_total(&text, "redis_cached_hits_total"),
+        Some((report.counts.hits + open.counts.hits) as f64)
+    );
+    assert_eq!(
+        counter_total(&text, "redis_cached_misses_total"),
+        Some((report.counts.misses + open.counts.misses) as f64)
+    );
+    assert_eq!(
+        counter_total(&text, "demo_sql_statements_total"),
+        Some((report.counts.sql + open.counts.sql) as f64)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
