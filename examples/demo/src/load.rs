@@ -521,6 +521,8 @@ async fn closed_loop(
 /// a thread's timer slack (50 µs by default) late, to batch wake-ups, and
 /// that delay would count in the latency of every request an open loop
 /// sends.
+// The one `unsafe` call of the demo (the workspace denies `unsafe_code`).
+#[allow(unsafe_code)]
 fn precise_sleep() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_TIMERSLACK takes a number of nanoseconds and changes
