@@ -11,35 +11,19 @@
 
 #![warn(missing_docs)]
 
-mod aside;
 mod backend;
-mod batch;
-mod breaker;
 mod builder;
 mod cache;
 mod call;
-mod claims;
-mod codec;
-mod core;
-mod directive;
+mod encoding;
+mod engine;
 mod error;
 mod failpoint;
-mod flight;
-mod fresh;
 mod global;
-mod key;
-mod lock;
-mod meters;
 mod near;
-mod policy;
-mod recent;
-mod shape;
-mod site;
-mod spent;
-mod stats;
+mod observe;
 mod sync;
 mod token;
-mod weigh;
 mod write_behind;
 
 #[doc(hidden)]
@@ -57,16 +41,16 @@ pub mod __private {
 mod private;
 
 pub use backend::MemoryConfig;
-pub use breaker::BreakerConfig;
 pub use builder::{CacheBuilder, MEMORY_URL};
 pub use cache::Cache;
-pub use codec::Codec;
-pub use directive::{bypass, invalidate_call, key_of, keys_of, refresh, stats_of};
+pub use call::directive::{bypass, invalidate_call, key_of, keys_of, refresh, stats_of};
+pub use encoding::codec::Codec;
+pub use encoding::key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, KeyParts, MAX_KEY_LEN};
+pub use engine::breaker::BreakerConfig;
 pub use error::{Error, Result};
 pub use global::{global, set_global};
-pub use key::{escape_into, tag, CacheKey, KeyAtom, KeyBuilder, KeyParts, MAX_KEY_LEN};
-pub use site::{cached_functions, stats_named};
-pub use stats::Stats;
+pub use observe::site::{cached_functions, stats_named};
+pub use observe::stats::Stats;
 pub use write_behind::{
     Change, JournalId, Sink, Write, WriteBehind, WriteBehindBuilder, WriteBehindStats,
 };

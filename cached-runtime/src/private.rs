@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 
 use tracing::Span;
 
-pub use crate::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
-use crate::core::Inner;
-use crate::directive::{self, Directive};
-pub use crate::key::KeyBuilder;
-pub use crate::policy::{LockPolicy, Policy};
-use crate::shape::Split;
-pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape, Storable};
-pub use crate::site::Site;
-use crate::spent::InSpan;
-use crate::stats::Event;
+pub use crate::call::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
+use crate::call::directive::{self, Directive};
+pub use crate::encoding::key::KeyBuilder;
+use crate::encoding::shape::Split;
+pub use crate::encoding::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape, Storable};
+pub use crate::engine::policy::{LockPolicy, Policy};
+use crate::engine::store::Inner;
+use crate::observe::redis_time::InSpan;
+pub use crate::observe::site::Site;
+use crate::observe::stats::Event;
 use crate::{global, Cache};
 
 /// The cache one call uses, held for the call: borrowed where the
@@ -140,7 +140,7 @@ where
 {
     policy.register();
     let inner = cache.map(|cache| &cache.inner);
-    crate::call::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
+    crate::call::hit::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
@@ -162,7 +162,7 @@ where
 {
     policy.register();
     let inner = cache.map(|cache| &cache.inner);
-    crate::call::cached_refreshing::<S, R, F, Fut>(
+    crate::call::hit::cached_refreshing::<S, R, F, Fut>(
         inner,
         global::warn_unset,
         key,
@@ -299,7 +299,7 @@ where
 {
     policy.register();
     let inner = cache.map(|cache| &cache.inner);
-    crate::batch::cached_batch::<S, R, K, V, F, Fut>(
+    crate::call::batch::cached_batch::<S, R, K, V, F, Fut>(
         inner,
         global::warn_unset,
         elements,
@@ -573,7 +573,7 @@ pub const is_ok: IsOk = IsOk;
 /// Decodes `bytes` as stored entries of a few types, for the fuzz targets;
 /// returns how many decoded.
 pub fn fuzz_decode(bytes: &[u8]) -> usize {
-    use crate::codec::Codec;
+    use crate::encoding::codec::Codec;
     let ok = [
         Codec::Json.decode::<u64>(bytes).is_ok(),
         Codec::Json.decode::<String>(bytes).is_ok(),

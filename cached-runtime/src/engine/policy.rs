@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::site::Site;
+use crate::observe::site::Site;
 
 /// The settings of one cached function.
 #[derive(Debug, Clone, Copy, Default)]

@@ -8,7 +8,7 @@
 //! a recorder must be installed before the first cached call (as every
 //! recorder's documentation asks).
 
-use crate::stats::Event;
+use crate::observe::stats::Event;
 
 /// The name and extra label under which `event` is exported.
 #[cfg(feature = "metrics")]
@@ -30,7 +30,7 @@ pub(crate) const NO_FUNCTION: &str = "";
 /// call that started it (a lock's watchdog, a background release, the
 /// near tier's invalidations): counts events of the cache as a whole.
 pub(crate) struct Counting {
-    pub(crate) counters: std::sync::Arc<crate::stats::Counters>,
+    pub(crate) counters: std::sync::Arc<crate::observe::stats::Counters>,
     pub(crate) meters: std::sync::Arc<Meters>,
     /// The cache's label in exported metrics (empty when none are).
     pub(crate) cache: String,
@@ -53,7 +53,7 @@ mod on {
     use metrics::{Counter, Gauge, Histogram, Label};
 
     use super::{metric_of, NO_FUNCTION};
-    use crate::stats::Event;
+    use crate::observe::stats::Event;
 
     /// The labels of a series of `function` on `cache`.
     fn labels(function: &str, cache: &str, kind: Option<&'static str>) -> Vec<Label> {

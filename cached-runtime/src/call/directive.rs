@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Waker};
 
-use crate::core::Inner;
+use crate::engine::store::Inner;
 use crate::error::Result;
-use crate::site::Site;
-use crate::stats::Stats;
+use crate::observe::site::Site;
+use crate::observe::stats::Stats;
 
 /// A directive for the next cached call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

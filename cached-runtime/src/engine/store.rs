@@ -16,17 +16,17 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::de::DeserializeOwned;
 
 use crate::backend::{AnyBackend, Backend, Bytes, RedisBackend, Seen, StoreIf};
-use crate::breaker::{Breaker, Health, Outage, Transition};
-use crate::codec::{Codec, Entry, Timing};
+use crate::encoding::codec::{Codec, Entry, Timing};
+use crate::encoding::key::{companion_key, full_key, internal_key};
+use crate::encoding::shape::{Shape, Stored};
+use crate::engine::breaker::{Breaker, Health, Outage, Transition};
+use crate::engine::flight::Flights;
+use crate::engine::policy::Policy;
 use crate::error::{Error, Result};
-use crate::flight::Flights;
-use crate::key::{companion_key, full_key, internal_key};
-use crate::meters::{self, Meters, NO_FUNCTION};
-use crate::policy::Policy;
-use crate::shape::{Shape, Stored};
-use crate::site::Site;
-use crate::spent;
-use crate::stats::{Counters, Event};
+use crate::observe::meters::{self, Meters, NO_FUNCTION};
+use crate::observe::redis_time;
+use crate::observe::site::Site;
+use crate::observe::stats::{Counters, Event};
 use crate::token::now_unix_ms;
 
 /// How many keys of a tag one round of `invalidate_tag` handles.
@@ -94,11 +94,11 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights,
     /// `try_get_or_compute`'s computations in flight, whose errors their
     /// waiting callers share.
-    pub(crate) try_flights: crate::flight::TryFlights,
+    pub(crate) try_flights: crate::engine::flight::TryFlights,
     /// The keys this process is refreshing in the background.
-    pub(crate) refreshing: crate::claims::Claims,
+    pub(crate) refreshing: crate::engine::refresh_claims::Claims,
     /// The keys this process invalidated lately (for lock waiters).
-    pub(crate) recent: crate::recent::Recent,
+    pub(crate) recent: crate::engine::recent_invalidations::Recent,
     /// Whether a value over `max_value_bytes` was reported at `warn`.
     pub(crate) oversized_warned: AtomicBool,
     /// Whether a `near` function on a cache without a near tier was
@@ -222,7 +222,7 @@ impl Inner {
             return Err(Error::BreakerOpen);
         }
         let stuck_links = self.backend.redis().map(RedisBackend::stuck_links);
-        let started = (meters::EXPORTED || spent::wanted()).then(Instant::now);
+        let started = (meters::EXPORTED || redis_time::wanted()).then(Instant::now);
         let outcome = if self.backend.is_cluster() {
             self.watched(master, bound, op).await
         } else {
@@ -231,7 +231,7 @@ impl Inner {
         if let Some(started) = started {
             let took = started.elapsed();
             self.meters.redis_time(took, self.cache_label());
-            spent::add(took);
+            redis_time::add(took);
         }
         let err = match outcome {
             Ok(Ok(value)) => {
@@ -713,10 +713,10 @@ impl Inner {
             self.count(None, Event::timeouts);
             return Err(Seen::Unknown);
         }
-        if meters::EXPORTED || spent::wanted() {
+        if meters::EXPORTED || redis_time::wanted() {
             let took = sent.elapsed();
             self.meters.redis_time(took, self.cache_label());
-            spent::add(took);
+            redis_time::add(took);
         }
         match read {
             Ok(Ok(Some((bytes, pttl)))) => {

@@ -35,11 +35,11 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::codec::{Codec, Entry};
-use crate::meters::Counting;
-use crate::stats::Event;
+use crate::encoding::codec::{Codec, Entry};
+use crate::encoding::weigh;
+use crate::observe::meters::Counting;
+use crate::observe::stats::Event;
 use crate::sync::{AtomicU64, Mutex, MutexGuard};
-use crate::weigh;
 
 /// How long a proof of delivery lets the tier serve hits, counted from its
 /// start.

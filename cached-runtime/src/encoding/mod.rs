@@ -1,0 +1,6 @@
+//! Bytes and keys.
+
+pub(crate) mod codec;
+pub(crate) mod key;
+pub(crate) mod shape;
+pub(crate) mod weigh;
