@@ -5,9 +5,23 @@
 //! Users depend on the `redis-cached` facade, which re-exports this crate;
 //! the attributes' generated code calls [`__private`].
 //!
-//! Imports run one way: `cache` and `builder` (the public handle) over the
-//! algorithms (`call` → `fresh` → `aside` → `lock`), over `core` (read,
-//! decode, store), over the backends, codec, keys, breaker and counters.
+//! Imports run one way. Each folder may import only the folders below it,
+//! in this order (each `mod.rs` says what its folder owns):
+//!
+//! 1. `write_behind`: journaled writes, a client of the [`Cache`] handle;
+//! 2. the handle, at the top of `src/`: `cache`, `builder`, `global`, and
+//!    `private` (the entry points the attributes' generated code calls);
+//! 3. `call`: one call's algorithms (hit, miss, refresh, lock, batch);
+//! 4. `engine`: settings, the store layer, coalescing, the breaker;
+//! 5. `backend`: Redis (single, cluster, sentinel) and in memory;
+//! 6. `near`: the in-process tier the Redis backend fills;
+//! 7. `encoding`: codec, keys, return shapes;
+//! 8. `observe`: counters, function sites, metrics, Redis time;
+//! 9. the leaves, which import nothing of the crate: `error`, `failpoint`,
+//!    `sync` (loom's or std's locks), `token` (randomness and the clock).
+//!
+//! `tests/layers.rs` reads the sources and fails on an import against
+//! this order.
 
 #![warn(missing_docs)]
 

@@ -1,6 +1,9 @@
 //! The near tier: entries kept in this process as well as in Redis, with
 //! their decoded values, for the functions with `near = "…"`.
 //!
+//! May import `encoding`, `observe` and the leaves; never `backend`: the
+//! Redis backend drives this tier, not the other way round.
+//!
 //! An entry is only ever filled from a read made on the tracking
 //! connection (see the Redis backend's `track` module), on which Redis
 //! remembers the key and later pushes an invalidation when anyone changes
