@@ -131,6 +131,23 @@ pub(crate) fn capture_batch(elements: Vec<String>, site: Option<&'static Site>) 
     });
 }
 
+/// The cache a write (`#[cache_put]`, `#[cache_evict]`) goes to: none
+/// under `bypass(…)`, or when no cache is set (`unset` warns).
+pub(crate) fn writing_with(
+    directive: Option<Directive>,
+    inner: Option<&Arc<Inner>>,
+    unset: fn(),
+) -> Option<&Arc<Inner>> {
+    match (directive, inner) {
+        (Some(Directive::Bypass), _) => None,
+        (_, None) => {
+            unset();
+            None
+        }
+        (_, Some(inner)) => Some(inner),
+    }
+}
+
 fn scope(directive: Directive) -> (Scope, Captured) {
     let captured = Captured::default();
     let scope = Scope {

@@ -471,3 +471,33 @@ impl<S: Shape<R>, R> Compute for Turn<'_, S, R> {
         }
     }
 }
+
+/// The result the near tier holds for `key`, if it may serve it now; not
+/// under a directive (`bypass`, `refresh`, `key_of`, …), which the call
+/// itself follows.
+pub(crate) fn near_hit<S, R>(inner: Option<&Arc<Inner>>, key: &str, policy: &Policy) -> Option<R>
+where
+    S: Shape<R>,
+    S::Value: Clone + Send + Sync + 'static,
+{
+    let inner = inner?;
+    if directive::pending() {
+        return None;
+    }
+    let full = inner.full_key(key.to_owned());
+    let result = match inner.near_get::<S::Value>(&full)? {
+        Some(value) => S::from_value(value),
+        None => S::absent()?,
+    };
+    inner.count(policy.site, Event::hits);
+    inner.count(policy.site, Event::near_hits);
+    let span = tracing::debug_span!(
+        target: "redis_cached",
+        "cached",
+        function = policy.site.map_or("", Site::name),
+        outcome = "near",
+        key = tracing::field::Empty,
+    );
+    inner.record_key(&span, &full);
+    Some(result)
+}
