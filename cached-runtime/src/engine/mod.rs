@@ -3,7 +3,8 @@
 //! backend operation under the timeout and the breaker), in-process
 //! coalescing (`flight`), the background refreshes this process holds
 //! (`refresh_claims`), the keys it invalidated lately
-//! (`recent_invalidations`), and the circuit breaker (`breaker`).
+//! (`recent_invalidations`), tags (`tags`: recording keys under a tag and
+//! invalidating them together), and the circuit breaker (`breaker`).
 //!
 //! May import `backend`, `near`, `encoding`, `observe` and the leaves;
 //! never `call`, the handle, nor `write_behind`.
@@ -14,3 +15,4 @@ pub(crate) mod policy;
 pub(crate) mod recent_invalidations;
 pub(crate) mod refresh_claims;
 pub(crate) mod store;
+pub(crate) mod tags;
