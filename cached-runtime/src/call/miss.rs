@@ -9,7 +9,7 @@
 //! older result is not stored, nor handed to this process's followers.
 //!
 //! The algorithm is a [`Fill`]: a state machine on bytes, compiled once,
-//! and so is the [`Miss`] that drives it for a call (`call` has the rest of
+//! and so is the [`Miss`] that drives it for a call (`call::hit` has the rest of
 //! a call, the hit path). The work that depends on the result's type
 //! (decode, run the body, encode) is handed to the call's own code, a
 //! [`Compute`], at each poll. No result is held from one poll to the next
@@ -605,7 +605,7 @@ impl<'a> Miss<'a> {
     }
 
     /// Advances the miss; `Ready` once the call has its result (in
-    /// `call`).
+    /// `call::hit`).
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, call: &mut dyn Compute) -> Poll<()> {
         loop {
             let stage = match &mut self.stage {
