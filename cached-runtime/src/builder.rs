@@ -6,16 +6,16 @@ use std::time::Duration;
 use crate::backend::{
     AnyBackend, ClusterTarget, MemoryBackend, MemoryConfig, RedisBackend, SentinelTarget, Target,
 };
-use crate::breaker::{BreakerConfig, Health};
 use crate::cache::Cache;
-use crate::claims::Claims;
-use crate::codec::Codec;
-use crate::core::{Inner, Settings};
+use crate::encoding::codec::Codec;
+use crate::encoding::key::{internal_key, MAX_NAMESPACE_LEN};
+use crate::engine::breaker::{BreakerConfig, Health};
+use crate::engine::flight::Flights;
+use crate::engine::refresh_claims::Claims;
+use crate::engine::store::{Inner, Settings};
 use crate::error::{Error, Result};
-use crate::flight::Flights;
-use crate::key::{internal_key, MAX_NAMESPACE_LEN};
-use crate::meters::{Meters, Series};
-use crate::stats::Counters;
+use crate::observe::meters::{Meters, Series};
+use crate::observe::stats::Counters;
 
 /// The URL that selects the in-memory backend in [`Cache::builder`].
 pub const MEMORY_URL: &str = "memory://";

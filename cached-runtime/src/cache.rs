@@ -10,18 +10,18 @@ use serde::Serialize;
 
 use tracing::Span;
 
-use crate::aside::Outcome;
 use crate::backend::{AnyBackend, Seen};
-use crate::core::{Inner, Lookup};
+use crate::call::miss::Outcome;
+use crate::encoding::key::check_user_key;
+use crate::encoding::shape::{Plain, ResultOf};
+use crate::engine::flight::TryEnd;
+use crate::engine::policy::Policy;
+use crate::engine::store::{Inner, Lookup};
 #[cfg(doc)]
 use crate::error::Error;
 use crate::error::Result;
-use crate::flight::TryEnd;
-use crate::key::check_user_key;
-use crate::policy::Policy;
-use crate::shape::{Plain, ResultOf};
-use crate::spent::InSpan;
-use crate::stats::{Event, Stats};
+use crate::observe::redis_time::InSpan;
+use crate::observe::stats::{Event, Stats};
 
 /// A cache: a backend (Redis or in-memory) plus the policy around it.
 ///
@@ -403,7 +403,7 @@ impl Cache {
             ..Policy::default()
         };
         let unset = || {};
-        crate::call::cached::<Plain, T, _>(
+        crate::call::hit::cached::<Plain, T, _>(
             Some(&self.inner),
             unset,
             key.to_owned(),
@@ -472,7 +472,7 @@ impl Cache {
             match self.inner.try_flights.join(key) {
                 Ok(leader) => {
                     let result =
-                        crate::call::cached::<ResultOf, std::result::Result<T, Arc<E>>, _>(
+                        crate::call::hit::cached::<ResultOf, std::result::Result<T, Arc<E>>, _>(
                             Some(&self.inner),
                             unset,
                             key.to_owned(),
@@ -487,7 +487,7 @@ impl Cache {
                     });
                     return result;
                 }
-                Err(waiting) => match crate::flight::follow_try(waiting).await {
+                Err(waiting) => match crate::engine::flight::follow_try(waiting).await {
                     Some(TryEnd::Failed(shared)) => {
                         if let Some(err) = shared.downcast_ref::<Arc<E>>() {
                             return Err(Arc::clone(err));
@@ -496,7 +496,11 @@ impl Cache {
                     // Stored: read it (computing it again if it could not
                     // be kept). Gave up: one of the waiters leads next.
                     Some(TryEnd::Stored) => {
-                        return crate::call::cached::<ResultOf, std::result::Result<T, Arc<E>>, _>(
+                        return crate::call::hit::cached::<
+                            ResultOf,
+                            std::result::Result<T, Arc<E>>,
+                            _,
+                        >(
                             Some(&self.inner),
                             unset,
                             key.to_owned(),

@@ -1,24 +1,24 @@
 //! What generated code calls. Not a stable API: reached only through
 //! `redis_cached::__private`, by code the attributes write.
+//!
+//! Each entry point only registers the function's site and hands the call
+//! to its algorithm in `call` (which never names the [`Cache`] handle):
+//! the algorithms live there, the macro's vocabulary (the traits that turn
+//! a user's mistake into one readable error) lives here.
 
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tracing::Span;
-
-pub use crate::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
-use crate::core::Inner;
-use crate::directive::{self, Directive};
-pub use crate::key::KeyBuilder;
-use crate::policy::Role;
-pub use crate::policy::{LockPolicy, Policy};
-use crate::shape::Split;
-pub use crate::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape, Storable};
-pub use crate::site::Site;
-use crate::spent::InSpan;
-use crate::stats::Event;
+pub use crate::call::batch::{BatchMap, BatchShape, MapOf, ResultMapOf};
+pub use crate::call::evict::{always, is_ok, Always, IsOk, Success};
+pub use crate::encoding::key::KeyBuilder;
+pub use crate::encoding::shape::{OptionOf, Plain, ResultOf, ResultOptionOf, Shape, Storable};
+use crate::engine::policy::Role;
+pub use crate::engine::policy::{LockPolicy, Policy};
+use crate::engine::store::Inner;
+pub use crate::observe::site::Site;
 use crate::{global, Cache};
 
 /// The cache one call uses, held for the call: borrowed where the
@@ -140,8 +140,8 @@ where
     Fut: Future<Output = R> + 'a,
 {
     policy.register(Role::Cached);
-    let inner = cache.map(|cache| &cache.inner);
-    crate::call::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
+    let inner = inner_of(cache);
+    crate::call::hit::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
@@ -162,8 +162,8 @@ where
     Fut: Future<Output = R> + Send + 'static,
 {
     policy.register(Role::Cached);
-    let inner = cache.map(|cache| &cache.inner);
-    crate::call::cached_refreshing::<S, R, F, Fut>(
+    let inner = inner_of(cache);
+    crate::call::hit::cached_refreshing::<S, R, F, Fut>(
         inner,
         global::warn_unset,
         key,
@@ -224,7 +224,7 @@ where
     policy.register(Role::Cached);
     // The result is made only to be returned, never held across an
     // `.await`: the call is `Send` whatever the error type.
-    if let Some(result) = near_hit::<S, R>(cache, &key, &policy) {
+    if let Some(result) = crate::call::hit::near_hit::<S, R>(inner_of(cache), &key, &policy) {
         return result;
     }
     cached::<S, R, Fut>(cache, key, tags, policy, body).await
@@ -247,40 +247,15 @@ where
     Fut: Future<Output = R> + Send + 'static,
 {
     policy.register(Role::Cached);
-    if let Some(result) = near_hit::<S, R>(cache, &key, &policy) {
+    if let Some(result) = crate::call::hit::near_hit::<S, R>(inner_of(cache), &key, &policy) {
         return result;
     }
     cached_refreshing::<S, R, F, Fut>(cache, key, tags, policy, make).await
 }
 
-/// The result the near tier holds for `key`, if it may serve it now; not
-/// under a directive (`bypass`, `refresh`, `key_of`, …), which the call
-/// itself follows.
-fn near_hit<S, R>(cache: Option<&Cache>, key: &str, policy: &Policy) -> Option<R>
-where
-    S: Shape<R>,
-    S::Value: NearValue,
-{
-    let inner = &cache?.inner;
-    if directive::pending() {
-        return None;
-    }
-    let full = inner.full_key(key.to_owned());
-    let result = match inner.near_get::<S::Value>(&full)? {
-        Some(value) => S::from_value(value),
-        None => S::absent()?,
-    };
-    inner.count(policy.site, Event::hits);
-    inner.count(policy.site, Event::near_hits);
-    let span = tracing::debug_span!(
-        target: "redis_cached",
-        "cached",
-        function = policy.site.map_or("", Site::name),
-        outcome = "near",
-        key = tracing::field::Empty,
-    );
-    inner.record_key(&span, &full);
-    Some(result)
+/// The cache's core, as the algorithms take it.
+fn inner_of(cache: Option<&Cache>) -> Option<&Arc<Inner>> {
+    cache.map(|cache| &cache.inner)
 }
 
 /// The body of a batch function (`<ids[]>` in its key): `elements` are the
@@ -302,8 +277,8 @@ where
     Fut: Future<Output = R>,
 {
     policy.register(Role::Batch);
-    let inner = cache.map(|cache| &cache.inner);
-    crate::batch::cached_batch::<S, R, K, V, F, Fut>(
+    let inner = inner_of(cache);
+    crate::call::batch::cached_batch::<S, R, K, V, F, Fut>(
         inner,
         global::warn_unset,
         elements,
@@ -332,107 +307,8 @@ where
     Fut: Future<Output = R>,
 {
     policy.register(Role::Put);
-    let directive = directive::take();
-    if directive == Some(Directive::Capture) {
-        let entry = cache.map(|cache| (cache.inner.full_key(key), &cache.inner));
-        directive::capture(entry, policy.site);
-        return std::future::pending().await;
-    }
-    let span = tracing::debug_span!(
-        target: "redis_cached",
-        "cache_put",
-        function = policy.site.map_or("", Site::name),
-        outcome = tracing::field::Empty,
-        compute_ms = tracing::field::Empty,
-        redis_ms = tracing::field::Empty,
-        key = tracing::field::Empty,
-    );
-    let cache = writing_with(directive, cache);
-    let put = write_through::<S, R, Fut>(cache, key, tags, policy, body, span.clone());
-    InSpan::new(span, put).await
-}
-
-/// The cache a write (`#[cache_put]`, `#[cache_evict]`) goes to: none
-/// under `bypass(…)`, or when no cache is set (which warns).
-fn writing_with(directive: Option<Directive>, cache: Option<&Cache>) -> Option<&Arc<Inner>> {
-    match (directive, cache) {
-        (Some(Directive::Bypass), _) => None,
-        (_, None) => {
-            global::warn_unset();
-            None
-        }
-        (_, Some(cache)) => Some(&cache.inner),
-    }
-}
-
-/// [`put`] once its span is open; `inner` is `None` when it runs uncached.
-async fn write_through<S, R, Fut>(
-    inner: Option<&Arc<Inner>>,
-    key: String,
-    tags: &[String],
-    policy: Policy,
-    body: Fut,
-    span: Span,
-) -> R
-where
-    S: Shape<R>,
-    Fut: Future<Output = R>,
-{
-    let Some(inner) = inner else {
-        span.record("outcome", "uncached");
-        return body.await;
-    };
-    let key = inner.full_key(key);
-    inner.record_key(&span, &key);
-    // Only the stored part of the result is kept across the writes below.
-    let (encoded, kept) = {
-        let started = (!span.is_disabled()).then(Instant::now);
-        let result = body.await;
-        if let Some(started) = started {
-            span.record("compute_ms", started.elapsed().as_secs_f64() * 1e3);
-        }
-        let encoded = inner.encode_result::<S, R>(&result, &policy, Duration::ZERO);
-        let kept: Result<S::Value, fn() -> R> = match S::split(result) {
-            Split::Value(value) => Ok(value),
-            Split::Absent(absent) => Err(absent),
-            Split::Other(result) => {
-                span.record("outcome", "skipped");
-                return result;
-            }
-        };
-        (encoded, kept)
-    };
-    // The written key lives on: so must its tag records. Before the write,
-    // so that an invalidation of a tag from now on reaches it; a key that
-    // could not be recorded is invalidated rather than written.
-    let tagged = tags.is_empty() || {
-        let ttl = encoded
-            .as_ref()
-            .and_then(|(_, ttl)| *ttl)
-            .unwrap_or(inner.settings.default_ttl);
-        inner.tag(&key, tags, ttl).await.is_ok()
-    };
-    let written = match encoded.filter(|_| tagged) {
-        Some((entry, Some(ttl))) => inner.store(&key, entry, ttl, policy.site).await,
-        _ => Err(crate::Error::Config("not storable".into())),
-    };
-    if written.is_err() {
-        // Failures are counted inside; the caller gets its value anyway.
-        let _ = inner.tombstone(&key).await;
-    }
-    span.record(
-        "outcome",
-        if written.is_ok() {
-            "stored"
-        } else {
-            "invalidated"
-        },
-    );
-    inner.wrote(&key);
-    match kept {
-        Ok(value) => S::from_value(value),
-        Err(absent) => absent(),
-    }
+    crate::call::put::put::<S, R, Fut>(inner_of(cache), global::warn_unset, key, tags, policy, body)
+        .await
 }
 
 /// The body of a `#[cache_evict]` function: run it, then, if it succeeded,
@@ -450,134 +326,23 @@ pub async fn evict<R, Fut>(
 where
     Fut: Future<Output = R>,
 {
-    site.register(crate::meters::Series::NONE);
-    let directive = directive::take();
-    if directive == Some(Directive::Capture) {
-        // An eviction reads nothing: its key is the entry it deletes.
-        if let (Some(cache), Some(key)) = (cache, key) {
-            let inner = &cache.inner;
-            directive::capture(Some((inner.full_key(key), inner)), None);
-        }
-        return std::future::pending().await;
-    }
-    let span = tracing::debug_span!(
-        target: "redis_cached",
-        "cache_evict",
-        function = site.name(),
-        outcome = tracing::field::Empty,
-        evicted = tracing::field::Empty,
-        redis_ms = tracing::field::Empty,
-        key = tracing::field::Empty,
-    );
-    let cache = writing_with(directive, cache);
-    let evict = invalidate_after(cache, key, tags, succeeded, body, span.clone());
-    InSpan::new(span, evict).await
+    site.register(crate::observe::meters::Series::NONE);
+    crate::call::evict::evict(
+        inner_of(cache),
+        global::warn_unset,
+        site,
+        key,
+        tags,
+        succeeded,
+        body,
+    )
+    .await
 }
-
-/// [`evict`] once its span is open; `inner` is `None` when it runs
-/// uncached.
-async fn invalidate_after<R, Fut>(
-    inner: Option<&Arc<Inner>>,
-    key: Option<String>,
-    tags: &[String],
-    succeeded: impl Success<R>,
-    body: Fut,
-    span: Span,
-) -> R
-where
-    Fut: Future<Output = R>,
-{
-    let Some(inner) = inner else {
-        span.record("outcome", "uncached");
-        return body.await;
-    };
-    let key = key.map(|key| inner.full_key(key));
-    if let Some(key) = &key {
-        inner.record_key(&span, key);
-    }
-    let kept = match succeeded.split(body.await) {
-        Ok(kept) => kept,
-        Err(failed) => {
-            span.record("outcome", "skipped");
-            return failed;
-        }
-    };
-    // Failures are counted inside; the caller gets its value anyway.
-    let mut evicted = 0;
-    let mut failed = false;
-    if let Some(key) = key {
-        match inner.tombstone(&key).await {
-            Ok(()) => evicted += 1,
-            Err(_) => failed = true,
-        }
-    }
-    for tag in tags {
-        match inner.invalidate_tag(tag).await {
-            Ok(keys) => evicted += keys,
-            Err(err) => {
-                failed = true;
-                tracing::warn!(target: "redis_cached", error = %err, "a tag's eviction failed; its keys live until their TTL");
-            }
-        }
-    }
-    span.record("evicted", evicted);
-    span.record("outcome", if failed { "failed" } else { "evicted" });
-    succeeded.rebuild(kept)
-}
-
-/// Which results of a `#[cache_evict]` function count as success.
-pub trait Success<R>: Copy {
-    /// The part of a successful result kept while the key is deleted.
-    type Kept;
-    /// The successful part, or the whole result back if it failed.
-    fn split(self, result: R) -> Result<Self::Kept, R>;
-    /// The result again.
-    fn rebuild(self, kept: Self::Kept) -> R;
-}
-
-/// Any result is a success: for functions that do not return a `Result`.
-#[derive(Debug, Clone, Copy)]
-pub struct Always;
-
-impl<R> Success<R> for Always {
-    type Kept = R;
-    fn split(self, result: R) -> Result<R, R> {
-        Ok(result)
-    }
-    fn rebuild(self, kept: R) -> R {
-        kept
-    }
-}
-
-/// `Ok` is a success.
-#[derive(Debug, Clone, Copy)]
-pub struct IsOk;
-
-impl<T, E> Success<Result<T, E>> for IsOk {
-    type Kept = T;
-    fn split(self, result: Result<T, E>) -> Result<T, Result<T, E>> {
-        match result {
-            Ok(value) => Ok(value),
-            failed => Err(failed),
-        }
-    }
-    fn rebuild(self, kept: T) -> Result<T, E> {
-        Ok(kept)
-    }
-}
-
-/// `#[cache_evict]` on a function that does not return a `Result`.
-#[allow(non_upper_case_globals)] // named like the function it replaced
-pub const always: Always = Always;
-
-/// `#[cache_evict]` on a function that returns a `Result`.
-#[allow(non_upper_case_globals)] // named like the function it replaced
-pub const is_ok: IsOk = IsOk;
 
 /// Decodes `bytes` as stored entries of a few types, for the fuzz targets;
 /// returns how many decoded.
 pub fn fuzz_decode(bytes: &[u8]) -> usize {
-    use crate::codec::Codec;
+    use crate::encoding::codec::Codec;
     let ok = [
         Codec::Json.decode::<u64>(bytes).is_ok(),
         Codec::Json.decode::<String>(bytes).is_ok(),

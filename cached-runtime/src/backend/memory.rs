@@ -34,7 +34,7 @@ use quick_cache::sync::Cache as Store;
 use quick_cache::{DefaultHashBuilder, Weighter};
 
 use super::{Backend, Bytes, Seen, StoreIf};
-use crate::codec::Codec;
+use crate::encoding::codec::Codec;
 use crate::error::Result;
 use crate::token::now_unix_ms;
 

@@ -1,5 +1,8 @@
 //! Where entries live: Redis, or an embedded in-memory store with the same
 //! semantics. Both speak [`Backend`]; [`AnyBackend`] picks one at run time.
+//!
+//! May import `near` (the Redis backend fills the near tier from its
+//! tracking connection), `encoding`, `observe` and the leaves.
 
 mod memory;
 mod redis;

@@ -17,8 +17,8 @@ use super::stats::Counters;
 use super::Sink;
 use crate::backend::JournalKeys;
 use crate::cache::Cache;
+use crate::encoding::key::{internal_key, KeyParts, Template};
 use crate::error::{Error, Result};
-use crate::key::{internal_key, KeyParts, Template};
 use crate::token::lock_token;
 
 impl WriteBehind<(), ()> {

@@ -50,11 +50,11 @@ use super::shared::{Limits, Shared};
 use super::stats::Tally;
 use super::{Change, JournalId, Sink, Write};
 use crate::backend::{Buried, DeadLetter, JournalPut, Journaled};
-use crate::codec::Entry;
+use crate::encoding::codec::Entry;
+use crate::encoding::key::KeyParts;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::key::KeyParts;
-use crate::stats::Event;
+use crate::observe::stats::Event;
 use crate::token::now_unix_ms;
 
 /// Failures of a part before it is split in halves.

@@ -13,9 +13,9 @@ use super::flusher;
 use super::shared::Shared;
 use super::{JournalId, Sink, WriteBehindStats};
 use crate::backend::JournalKeys;
-use crate::core::Inner;
+use crate::encoding::key::KeyParts;
+use crate::engine::store::Inner;
 use crate::error::{Error, Result};
-use crate::key::KeyParts;
 
 /// Write-behind over a [`Cache`](crate::Cache) on Redis: [`WriteBehind::write`] and
 /// [`WriteBehind::delete`] change the cache at once and return once the

@@ -14,6 +14,9 @@
 //! [`WriteBehind`]) and `builder` over `flusher` (lease, batches,
 //! failures, settling) over `shared` (the state both sides use, and the
 //! write path) over `stats` and this module's vocabulary.
+//!
+//! The top folder: may import the [`Cache`](crate::Cache) handle and
+//! everything below it.
 
 mod builder;
 mod flusher;

@@ -12,9 +12,9 @@ use super::integrity::{IntegrityKey, MAX_SKEW_MS};
 use super::stats::{Counters, Tally};
 use crate::backend::{JournalKeys, JournalPut, RedisBackend, Signed};
 use crate::cache::Cache;
+use crate::encoding::key::{companion_key, KeyParts, Template};
 use crate::error::{Error, Result};
 use crate::failpoint::{self, Action};
-use crate::key::{companion_key, KeyParts, Template};
 use crate::token::now_unix_ms;
 
 /// The settings of a write-behind; see its builder.

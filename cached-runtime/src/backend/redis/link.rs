@@ -93,7 +93,7 @@ impl ClusterTarget {
         install_crypto_provider();
         // Builds the table of slot tags now rather than in the first
         // lock release.
-        crate::key::slot_tag(0);
+        crate::encoding::key::slot_tag(0);
         let seeds: Vec<String> = seeds.iter().map(|s| (*s).to_owned()).collect();
         let tls_root = tls_root.map(<[u8]>::to_vec);
         let client = cluster_builder(&seeds, connect_timeout, tls_root.as_deref())

@@ -52,10 +52,10 @@ pub(crate) use self::topology::MASTER_NUMBERS;
 use self::track::TrackFeed;
 pub(crate) use self::track::Tracker;
 use super::{Acquire, Backend, Bytes, Seen, StoreIf};
+use crate::encoding::key::slot;
 use crate::error::{is_migrating_code, Error, Result};
-use crate::key::slot;
-use crate::meters::Counting;
-use crate::stats::Event;
+use crate::observe::meters::Counting;
+use crate::observe::stats::Event;
 
 /// The largest entry a lock notification carries; waiters fetch larger
 /// ones, so that no message nears Redis's pub/sub output-buffer limits.

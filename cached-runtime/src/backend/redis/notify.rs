@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::link::{ClusterTarget, SentinelTarget};
 use super::shard::{shard_channel, Event, Subscriptions, Wanted, LINGER};
 use crate::backend::Bytes;
+use crate::encoding::key::slot;
 use crate::error::{Error, Result};
-use crate::key::slot;
 
 /// Where notifications are heard.
 // One per cache: boxing the client would gain nothing.

@@ -20,8 +20,8 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc;
 
 use super::link::ClusterTarget;
+use crate::encoding::key::{slot, slot_tag};
 use crate::error::{Error, Result};
-use crate::key::{slot, slot_tag};
 
 /// How long a slot's channel stays subscribed after its last waiter left.
 pub(crate) const LINGER: Duration = Duration::from_secs(60);

@@ -11,7 +11,7 @@
 //! the runtime API counts under `fn=""`) on its first occurrence. Every
 //! metric is described (help text, unit) to the recorder as they are.
 
-use crate::stats::Event;
+use crate::observe::stats::Event;
 
 /// The bucket bounds, in seconds, under which each histogram of this crate
 /// is best rendered as a Prometheus histogram: `(metric name, bounds)`.
@@ -147,7 +147,7 @@ pub(crate) const NO_FUNCTION: &str = "";
 /// call that started it (a lock's watchdog, a background release, the
 /// near tier's invalidations): counts events of the cache as a whole.
 pub(crate) struct Counting {
-    pub(crate) counters: std::sync::Arc<crate::stats::Counters>,
+    pub(crate) counters: std::sync::Arc<crate::observe::stats::Counters>,
     pub(crate) meters: std::sync::Arc<Meters>,
     /// The cache's label in exported metrics (empty when none are).
     pub(crate) cache: String,
@@ -171,7 +171,7 @@ mod on {
     use metrics::{Counter, Gauge, Histogram, Label, Unit};
 
     use super::{metric_of, Series, NO_FUNCTION};
-    use crate::stats::Event;
+    use crate::observe::stats::Event;
 
     /// The labels of a series of `function` on `cache`.
     fn labels(function: &str, cache: &str, kind: Option<&'static str>) -> Vec<Label> {

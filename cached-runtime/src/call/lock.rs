@@ -21,11 +21,11 @@
 use std::time::{Duration, Instant};
 
 use crate::backend::{Acquire, Bytes, Landing, RedisBackend, Release, Seen};
-use crate::core::{Encoded, Inner, StoreOutcome};
+use crate::engine::policy::LockPolicy;
+use crate::engine::store::{Encoded, Inner, StoreOutcome};
 use crate::error::Error;
-use crate::policy::LockPolicy;
-use crate::site::Site;
-use crate::stats::Event;
+use crate::observe::site::Site;
+use crate::observe::stats::Event;
 use crate::token::{lock_token, unit_interval};
 
 /// What waiting for a key's lock ended with.

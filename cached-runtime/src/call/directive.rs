@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Waker};
 
-use crate::core::Inner;
+use crate::engine::store::Inner;
 use crate::error::Result;
-use crate::site::Site;
-use crate::stats::Stats;
+use crate::observe::site::Site;
+use crate::observe::stats::Stats;
 
 /// A directive for the next cached call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +129,23 @@ pub(crate) fn capture_batch(elements: Vec<String>, site: Option<&'static Site>) 
             site,
         };
     });
+}
+
+/// The cache a write (`#[cache_put]`, `#[cache_evict]`) goes to: none
+/// under `bypass(…)`, or when no cache is set (`unset` warns).
+pub(crate) fn writing_with(
+    directive: Option<Directive>,
+    inner: Option<&Arc<Inner>>,
+    unset: fn(),
+) -> Option<&Arc<Inner>> {
+    match (directive, inner) {
+        (Some(Directive::Bypass), _) => None,
+        (_, None) => {
+            unset();
+            None
+        }
+        (_, Some(inner)) => Some(inner),
+    }
 }
 
 fn scope(directive: Directive) -> (Scope, Captured) {

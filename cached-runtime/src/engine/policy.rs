@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use crate::meters::Series;
-use crate::site::Site;
-use crate::stats::Event;
+use crate::observe::meters::Series;
+use crate::observe::site::Site;
+use crate::observe::stats::Event;
 
 /// The settings of one cached function.
 #[derive(Debug, Clone, Copy, Default)]

@@ -358,7 +358,7 @@ mod tests {
         }
         payload.extend_from_slice(&[0, 0, 0]);
         let entry = [&[0xCA, 1, 2, 0][..], &payload].concat();
-        assert!(crate::codec::Codec::Postcard
+        assert!(crate::encoding::codec::Codec::Postcard
             .decode::<Node>(&entry)
             .is_err());
     }

@@ -9,7 +9,7 @@
 //! older result is not stored, nor handed to this process's followers.
 //!
 //! The algorithm is a [`Fill`]: a state machine on bytes, compiled once,
-//! and so is the [`Miss`] that drives it for a call (`call` has the rest of
+//! and so is the [`Miss`] that drives it for a call (`call::hit` has the rest of
 //! a call, the hit path). The work that depends on the result's type
 //! (decode, run the body, encode) is handed to the call's own code, a
 //! [`Compute`], at each poll. No result is held from one poll to the next
@@ -23,13 +23,13 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Bytes, Seen};
-use crate::core::{Encoded, Hit, Inner, StoreOutcome};
-use crate::flight::{self, Followed, Leader, Role};
-use crate::lock::{LockGuard, LockWait, Waited};
-use crate::policy::Policy;
-use crate::shape::{Shape, Split};
-use crate::site::Site;
-use crate::stats::Event;
+use crate::call::lock::{LockGuard, LockWait, Waited};
+use crate::encoding::shape::{Shape, Split};
+use crate::engine::flight::{self, Followed, Leader, Role};
+use crate::engine::policy::Policy;
+use crate::engine::store::{Encoded, Hit, Inner, StoreOutcome};
+use crate::observe::site::Site;
+use crate::observe::stats::Event;
 
 tokio::task_local! {
     /// The keys the current task is computing, innermost first: a body
@@ -605,7 +605,7 @@ impl<'a> Miss<'a> {
     }
 
     /// Advances the miss; `Ready` once the call has its result (in
-    /// `call`).
+    /// `call::hit`).
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, call: &mut dyn Compute) -> Poll<()> {
         loop {
             let stage = match &mut self.stage {
@@ -747,8 +747,8 @@ impl Inner {
         site: Option<&Site>,
     ) -> Result<R, Seen> {
         match self.decode::<S::Value>(bytes, site) {
-            crate::core::Lookup::Hit(hit) => rebuild::<S, R>(hit),
-            crate::core::Lookup::Miss(seen) => Err(seen),
+            crate::engine::store::Lookup::Hit(hit) => rebuild::<S, R>(hit),
+            crate::engine::store::Lookup::Miss(seen) => Err(seen),
         }
     }
 }

@@ -21,15 +21,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::Span;
 
-use crate::aside::{marked_all, reentrant, Outcome};
 use crate::backend::{Bytes, Seen, StoreIf};
-use crate::core::{Encoded, Inner, Lookup, StoreOutcome};
-use crate::directive::{self, Directive};
-use crate::flight::{self, Followed, Leader, Role};
-use crate::policy::Policy;
-use crate::site::Site;
-use crate::spent::InSpan;
-use crate::stats::Event;
+use crate::call::directive::{self, Directive};
+use crate::call::miss::{marked_all, reentrant, Outcome};
+use crate::engine::flight::{self, Followed, Leader, Role};
+use crate::engine::policy::Policy;
+use crate::engine::store::{Encoded, Inner, Lookup, StoreOutcome};
+use crate::observe::redis_time::InSpan;
+use crate::observe::site::Site;
+use crate::observe::stats::Event;
 
 /// The map a batch function returns: element to value.
 pub trait BatchMap<K, V>: Default {
@@ -267,7 +267,10 @@ async fn timed<R>(span: &Span, body: impl Future<Output = R>) -> R {
     }
     let started = Instant::now();
     let result = body.await;
-    span.record("compute_ms", crate::spent::millis(started.elapsed()));
+    span.record(
+        "compute_ms",
+        crate::observe::redis_time::millis(started.elapsed()),
+    );
     result
 }
 

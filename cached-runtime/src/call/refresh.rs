@@ -22,13 +22,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aside::{marked, rebuild, Fill};
 use crate::backend::{Bytes, Seen};
-use crate::codec::Timing;
-use crate::core::{Inner, Lookup};
-use crate::policy::Policy;
-use crate::shape::{Shape, Stored};
-use crate::stats::Event;
+use crate::call::miss::{marked, rebuild, Fill};
+use crate::encoding::codec::Timing;
+use crate::encoding::shape::{Shape, Stored};
+use crate::engine::policy::Policy;
+use crate::engine::store::{Inner, Lookup};
+use crate::observe::stats::Event;
 use crate::token::{now_unix_ms, unit_interval};
 
 /// The shortest time bound of a background refresh.

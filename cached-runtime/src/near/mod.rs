@@ -1,6 +1,9 @@
 //! The near tier: entries kept in this process as well as in Redis, with
 //! their decoded values, for the functions with `near = "…"`.
 //!
+//! May import `encoding`, `observe` and the leaves; never `backend`: the
+//! Redis backend drives this tier, not the other way round.
+//!
 //! An entry is only ever filled from a read made on the tracking
 //! connection (see the Redis backend's `track` module), on which Redis
 //! remembers the key and later pushes an invalidation when anyone changes
@@ -35,11 +38,11 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::codec::{Codec, Entry};
-use crate::meters::Counting;
-use crate::stats::Event;
+use crate::encoding::codec::{Codec, Entry};
+use crate::encoding::weigh;
+use crate::observe::meters::Counting;
+use crate::observe::stats::Event;
 use crate::sync::{AtomicU64, Mutex, MutexGuard};
-use crate::weigh;
 
 /// How long a proof of delivery lets the tier serve hits, counted from its
 /// start.

@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use crate::meters::{Meters, Series};
-use crate::stats::Counters;
+use crate::observe::meters::{Meters, Series};
+use crate::observe::stats::Counters;
 
 /// One cached function's own counters: a `static` that the attribute
 /// writes in each function, so that [`stats_of`](crate::stats_of) can
@@ -137,7 +137,10 @@ mod tests {
         }
         let name = Repo::get_user().name();
         assert!(name.ends_with("::Repo::get_user"), "{name}");
-        assert!(name.starts_with("cached_runtime::site::tests"), "{name}");
+        assert!(
+            name.starts_with("cached_runtime::observe::site::tests"),
+            "{name}"
+        );
         // In an `async fn`, the static is inside the body's closure.
         async fn load() -> &'static Site {
             static SITE: Site = Site::new(|| std::any::type_name_of_val(&|| ()));

@@ -19,16 +19,16 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
-use crate::aside::{keep, unkeep, Compute, Fill, Kept, Miss, Outcome};
 use crate::backend::{Bytes, Seen};
-use crate::core::{Encoded, Inner};
-use crate::directive::{self, Directive};
-use crate::fresh::{Detached, Due};
-use crate::policy::Policy;
-use crate::shape::Shape;
-use crate::site::Site;
-use crate::spent;
-use crate::stats::Event;
+use crate::call::directive::{self, Directive};
+use crate::call::miss::{keep, unkeep, Compute, Fill, Kept, Miss, Outcome};
+use crate::call::refresh::{Detached, Due};
+use crate::encoding::shape::Shape;
+use crate::engine::policy::Policy;
+use crate::engine::store::{Encoded, Inner};
+use crate::observe::redis_time;
+use crate::observe::site::Site;
+use crate::observe::stats::Event;
 
 /// A cached function's body, as its call runs it.
 pub(crate) trait Body<R> {
@@ -262,7 +262,7 @@ fn start<'a, S: Shape<R>, R>(
     let directive = directive::take();
     // The key as the span may name it (opt-in): kept only when wanted.
     let logged_key = inner
-        .filter(|inner| inner.settings.log_keys && spent::wanted())
+        .filter(|inner| inner.settings.log_keys && redis_time::wanted())
         .map(|_| key.clone());
     let stage = match (inner, directive) {
         (_, Some(Directive::Bypass)) => Stage::Uncached,
@@ -329,7 +329,7 @@ where
         let this = self.project();
         let span = &*this.span;
         let (stage, kept) = (this.stage, this.kept);
-        spent::poll_in(span, this.redis, || {
+        redis_time::poll_in(span, this.redis, || {
             Self::advance(stage, kept, span, cx, body)
         })
     }
@@ -395,7 +395,7 @@ where
                     let result = ready!(poll_miss::<S, R>(miss, cx, body, kept));
                     span.record("outcome", miss.outcome().as_str());
                     if let Some(took) = miss.computed() {
-                        span.record("compute_ms", crate::spent::millis(took));
+                        span.record("compute_ms", crate::observe::redis_time::millis(took));
                     }
                     return Poll::Ready(result);
                 }
@@ -470,4 +470,34 @@ impl<S: Shape<R>, R> Compute for Turn<'_, S, R> {
             }
         }
     }
+}
+
+/// The result the near tier holds for `key`, if it may serve it now; not
+/// under a directive (`bypass`, `refresh`, `key_of`, …), which the call
+/// itself follows.
+pub(crate) fn near_hit<S, R>(inner: Option<&Arc<Inner>>, key: &str, policy: &Policy) -> Option<R>
+where
+    S: Shape<R>,
+    S::Value: Clone + Send + Sync + 'static,
+{
+    let inner = inner?;
+    if directive::pending() {
+        return None;
+    }
+    let full = inner.full_key(key.to_owned());
+    let result = match inner.near_get::<S::Value>(&full)? {
+        Some(value) => S::from_value(value),
+        None => S::absent()?,
+    };
+    inner.count(policy.site, Event::hits);
+    inner.count(policy.site, Event::near_hits);
+    let span = tracing::debug_span!(
+        target: "redis_cached",
+        "cached",
+        function = policy.site.map_or("", Site::name),
+        outcome = "near",
+        key = tracing::field::Empty,
+    );
+    inner.record_key(&span, &full);
+    Some(result)
 }

@@ -172,7 +172,7 @@ impl Codec {
         let entry = self.decode_with(bytes, |payload| match self {
             Codec::Json => {
                 let mut de = serde_json::Deserializer::from_slice(payload);
-                let value = crate::weigh::deserialize(&mut de, &tally);
+                let value = crate::encoding::weigh::deserialize(&mut de, &tally);
                 value
                     .and_then(|value| de.end().map(|()| value))
                     .map_err(|e| json_error("deserialize", &e))
@@ -180,7 +180,7 @@ impl Codec {
             #[cfg(feature = "postcard")]
             Codec::Postcard => {
                 let mut de = postcard::Deserializer::from_bytes(payload);
-                crate::weigh::deserialize(depth::Limited::new(&mut de), &tally)
+                crate::encoding::weigh::deserialize(depth::Limited::new(&mut de), &tally)
                     .map_err(cannot_deserialize)
             }
         })?;
