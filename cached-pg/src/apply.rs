@@ -60,6 +60,9 @@ pub(crate) struct Applier<'a> {
     last_commit: Option<SystemTime>,
     /// When the first of them arrived.
     first_commit_seen: Option<Instant>,
+    /// When the transaction begun and not yet committed committed (its
+    /// `Begin` carries that time): still waiting after a flush.
+    open: Option<SystemTime>,
 }
 
 impl<'a> Applier<'a> {
@@ -75,6 +78,7 @@ impl<'a> Applier<'a> {
             commits: 0,
             last_commit: None,
             first_commit_seen: None,
+            open: None,
         }
     }
 
@@ -180,13 +184,18 @@ impl<'a> Applier<'a> {
             }
             EventType::Begin {
                 commit_timestamp, ..
-            } => self.meter.pending_since(SystemTime::from(commit_timestamp)),
+            } => {
+                let at = SystemTime::from(commit_timestamp);
+                self.open = Some(at);
+                self.meter.pending_since(at);
+            }
             EventType::Commit {
                 end_lsn,
                 commit_timestamp,
                 ..
             } => {
                 self.ack = Some(end_lsn.value());
+                self.open = None;
                 self.commits += 1;
                 self.last_commit = Some(SystemTime::from(commit_timestamp));
                 self.first_commit_seen.get_or_insert_with(Instant::now);
@@ -279,7 +288,9 @@ impl<'a> Applier<'a> {
             self.meter.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed);
         }
         add(&self.meter.transactions, std::mem::take(&mut self.commits));
-        self.meter.caught_up(self.last_commit.take());
+        // A transaction still open (its `Begin` applied after the last
+        // `Commit` sent, or a batch cut in its middle) keeps the lag going.
+        self.meter.caught_up(self.last_commit.take(), self.open);
         self.first_commit_seen = None;
         Ok(())
     }
@@ -397,5 +408,71 @@ fn settle(result: redis_cached::Result<u64>, counter: &AtomicU64) -> bool {
             true
         }
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::{Mapping, Table};
+    use pg_walstream::Lsn;
+
+    fn event(event_type: EventType) -> ChangeEvent {
+        ChangeEvent {
+            event_type,
+            lsn: Lsn::new(1),
+            metadata: None,
+            xid: None,
+        }
+    }
+
+    /// A commit time `seconds_ago`, as Postgres sends it.
+    fn at<T: From<SystemTime>>(seconds_ago: u64) -> T {
+        T::from(SystemTime::now() - Duration::from_secs(seconds_ago))
+    }
+
+    /// A flush that confirms one transaction while the next has begun
+    /// leaves the lag counting from that next one: its invalidations may
+    /// still fail, and the lag is what says so.
+    #[tokio::test]
+    async fn a_transaction_still_open_after_a_flush_keeps_the_lag() {
+        let plan = Mapping::new()
+            .table(Table::new("users", "users"))
+            .compile()
+            .expect("a valid mapping");
+        let cache = Cache::in_memory();
+        let meter = Meter::new();
+        let limits = Limits {
+            batch: 16,
+            in_flight: 1,
+        };
+        let mut applier = Applier::new(&plan, &cache, &meter, limits);
+        let (feedback, shutdown) = (SharedLsnFeedback::new(), Shutdown::new());
+        applier.apply(event(EventType::Begin {
+            transaction_id: 1,
+            final_lsn: Lsn::new(10),
+            commit_timestamp: at(30),
+        }));
+        applier.apply(event(EventType::Commit {
+            commit_timestamp: at(30),
+            commit_lsn: Lsn::new(10),
+            end_lsn: Lsn::new(11),
+        }));
+        applier.apply(event(EventType::Begin {
+            transaction_id: 2,
+            final_lsn: Lsn::new(20),
+            commit_timestamp: at(20),
+        }));
+        applier.flush(&feedback, &shutdown).await.expect("flushed");
+        assert_eq!(feedback.get_applied_lsn(), 11, "the first is confirmed");
+        let lag = meter.snapshot().lag;
+        assert!(lag >= Duration::from_secs(19), "lag {lag:?}");
+        applier.apply(event(EventType::Commit {
+            commit_timestamp: at(20),
+            commit_lsn: Lsn::new(20),
+            end_lsn: Lsn::new(21),
+        }));
+        applier.flush(&feedback, &shutdown).await.expect("flushed");
+        assert_eq!(meter.snapshot().lag, Duration::ZERO);
     }
 }

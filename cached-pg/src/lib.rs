@@ -84,7 +84,14 @@
 //!   to 32 ms in three runs (`cargo bench -p redis-cached-pg`). A
 //!   computation that read the row before the change and stores after the
 //!   invalidation is refused (the cache's no-stale-set rule), so a read is
-//!   stale by at most that bound while the listener streams.
+//!   stale by at most that bound while the listener streams. One
+//!   exception: a `#[cache_put]` (write-through) stores its value over
+//!   whatever the key holds, tombstones included. If another writer
+//!   commits a change to the same row between the put's own `COMMIT` and
+//!   its store, the listener's invalidation can land first and the put's
+//!   older row then stays until its TTL. Where outside writers change the
+//!   rows that a `#[cache_put]` writes, prefer `#[cache_evict]` there (an
+//!   eviction stores nothing) or give those entries a short TTL.
 //! - **Nothing is missed across a disconnect or a restart.** The slot
 //!   keeps every change not yet confirmed; a new connection, or a listener
 //!   started again, resumes from it, and invalidates again what it had

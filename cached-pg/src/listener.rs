@@ -295,7 +295,15 @@ async fn session(
         &context.meter,
         context.limits,
     );
-    let reading = stream::read(&mut stream, events, &progress, &context.meter, shutdown);
+    let reading = async {
+        let read = stream::read(&mut stream, events, &progress, &context.meter, shutdown).await;
+        if read.is_err() {
+            // Cut off now, even while the applier still works through
+            // what it holds (it may wait on a failing Redis).
+            context.meter.disconnected();
+        }
+        read
+    };
     let applying = applier.run(received, &progress, &feedback, shutdown);
     // The reader ends first (failure or shutdown) and closes the channel;
     // the applier then applies what it holds.

@@ -36,6 +36,12 @@ impl Names {
                 "slot name {slot:?}: use 1 to 57 lower-case letters, digits and `_`"
             )));
         }
+        if slot.ends_with("_reset") {
+            // Another listener's reset marker would be this name.
+            return Err(Error::Config(format!(
+                "slot name {slot:?}: a name ending in `_reset` is kept for reset markers"
+            )));
+        }
         if publication.is_empty() || publication.len() > 63 {
             return Err(Error::Config(format!(
                 "publication name {publication:?}: use 1 to 63 bytes"
@@ -106,7 +112,7 @@ pub(crate) async fn prepare(
 ) -> Result<bool, Error> {
     check_columns(conn, plan).await?;
     warn_if_unbounded(conn).await;
-    let marker = slot_exists(conn, &names.marker).await?;
+    let marker = marker_exists(conn, &names.marker).await?;
     let publication = publication_state(conn, names, plan).await?;
     let slot = slot_state(conn, names).await?;
     let reset = marker || publication != Publication::Complete || slot != Slot::Ready;
@@ -197,7 +203,8 @@ pub(crate) async fn reset_done(
     run(
         conn,
         &format!(
-            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name = {} AND slot_type = 'physical'",
             literal(&names.marker)?
         ),
     )
@@ -265,12 +272,14 @@ async fn warn_if_unbounded(conn: &mut PgReplicationConnection) {
     }
 }
 
-async fn slot_exists(conn: &mut PgReplicationConnection, slot: &str) -> Result<bool, Error> {
+/// Whether the reset marker `marker` (a physical slot) is in place.
+async fn marker_exists(conn: &mut PgReplicationConnection, marker: &str) -> Result<bool, Error> {
     let rows = column(
         conn,
         &format!(
-            "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
-            literal(slot)?
+            "SELECT 1 FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name = {} AND slot_type = 'physical'",
+            literal(marker)?
         ),
     )
     .await?;
@@ -402,12 +411,12 @@ async fn publication_state(
 pub async fn drop_slot(url: &str, slot: &str) -> Result<(), Error> {
     let names = Names::new(slot, "unused")?;
     let mut conn = PgReplicationConnection::connect_async(&replication_conninfo(url)).await?;
-    for name in [&names.slot, &names.marker] {
+    for (name, kind) in [(&names.slot, "logical"), (&names.marker, "physical")] {
         run(
             &mut conn,
             &format!(
                 "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
-                 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = {} AND slot_type = '{kind}'",
                 literal(name)?
             ),
         )
@@ -444,7 +453,7 @@ mod tests {
     fn slot_names_are_checked() {
         assert!(Names::new("redis_cached", "p").is_ok());
         assert_eq!(Names::new("a1", "p").unwrap().marker, "a1_reset");
-        for bad in ["", "Upper", "with-dash", &"x".repeat(58)] {
+        for bad in ["", "Upper", "with-dash", &"x".repeat(58), "orders_reset"] {
             assert!(Names::new(bad, "p").is_err(), "{bad:?}");
         }
         assert!(Names::new("s", "").is_err());

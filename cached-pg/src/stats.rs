@@ -142,10 +142,11 @@ impl Meter {
         lock(&self.oldest_pending).get_or_insert(at);
     }
 
-    /// Every transaction received is invalidated; the last one committed
-    /// at `last_commit`.
-    pub(crate) fn caught_up(&self, last_commit: Option<SystemTime>) {
-        *lock(&self.oldest_pending) = None;
+    /// Every transaction received is invalidated but the one still open,
+    /// committed at `open` if there is one; the last one invalidated
+    /// committed at `last_commit`.
+    pub(crate) fn caught_up(&self, last_commit: Option<SystemTime>, open: Option<SystemTime>) {
+        *lock(&self.oldest_pending) = open;
         if let Some(at) = last_commit {
             let latency = SystemTime::now().duration_since(at).unwrap_or_default();
             let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX - 1);

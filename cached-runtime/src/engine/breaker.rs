@@ -13,7 +13,7 @@
 //! serving theirs (and a run of its failures opens no other's breaker).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Settings of the circuit breaker, see [`CacheBuilder::breaker`](crate::CacheBuilder::breaker).
@@ -111,7 +111,15 @@ impl Breaker {
                         )
                         .is_ok()
                     && {
-                        self.state.store(HALF_OPEN, Ordering::Release);
+                        // Half-open only if still open: an operation sent
+                        // before the outage may have closed it meanwhile,
+                        // and a closed breaker must stay closed.
+                        let _ = self.state.compare_exchange(
+                            OPEN,
+                            HALF_OPEN,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
                         true
                     }
             }
@@ -186,6 +194,9 @@ pub(crate) struct Health {
     /// finding a master's breaker on every operation writes nothing shared.
     nodes: Box<[OnceLock<Breaker>]>,
     config: BreakerConfig,
+    /// Held while the number of open breakers is counted and published,
+    /// so that two transitions at once cannot publish in the wrong order.
+    publishing: Mutex<()>,
 }
 
 /// How many cluster masters have a breaker of their own: as many as the
@@ -201,6 +212,7 @@ impl Health {
             whole: Breaker::new(config),
             nodes: (0..masters).map(|_| OnceLock::new()).collect(),
             config,
+            publishing: Mutex::new(()),
         }
     }
 
@@ -215,6 +227,18 @@ impl Health {
     }
 
     /// How many breakers are open or probing.
+    /// Counts the open breakers and hands the count to `publish`, one
+    /// transition at a time (a gauge set from two threads at once could
+    /// keep the older count).
+    pub(crate) fn publish_open_count(&self, publish: impl FnOnce(usize)) {
+        let _one = self
+            .publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        publish(self.open_count());
+    }
+
+    /// How many breakers are open or probing now.
     pub(crate) fn open_count(&self) -> usize {
         usize::from(self.whole.is_open())
             + self

@@ -274,8 +274,8 @@ impl Inner {
                     _ => Event::breaker_failed_probes,
                 },
             );
-            self.meters
-                .breakers_open(self.health.open_count(), self.cache_label());
+            self.health
+                .publish_open_count(|open| self.meters.breakers_open(open, self.cache_label()));
             if let Some(redis) = self.backend.redis() {
                 redis.failing(master, transition == Transition::Reopened);
             }
@@ -326,8 +326,8 @@ impl Inner {
     /// Reports that the breaker of `master` (or the whole one) closed after
     /// `outage`.
     fn recovered(&self, master: Option<usize>, outage: Outage) {
-        self.meters
-            .breakers_open(self.health.open_count(), self.cache_label());
+        self.health
+            .publish_open_count(|open| self.meters.breakers_open(open, self.cache_label()));
         let master = match master {
             None => String::new(),
             Some(node) => format!(" (cluster master {})", self.master_name(node)),

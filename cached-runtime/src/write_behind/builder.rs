@@ -200,8 +200,10 @@ where
     /// often quotes the row it refused (`invalid input syntax for type
     /// integer: "…"`), and no stored value reaches the logs unless you
     /// ask. Off, the lines say how many writes failed and how often; the
-    /// error text is always kept with the write in the dead letters,
-    /// which are as private as the journal.
+    /// error text is kept with the write when it is moved to the dead
+    /// letters, which are as private as the journal (while they are full,
+    /// the write stays in the journal and is tried again, and its reason
+    /// with it).
     pub fn log_sink_errors(mut self, on: bool) -> Self {
         self.limits.log_sink_errors = on;
         self

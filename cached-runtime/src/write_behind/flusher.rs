@@ -1305,8 +1305,14 @@ where
             }
             Buried::Full => {
                 c.add(Tally::dead_letters_full, 1);
-                tracing::error!(target: "redis_cached", attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
-                    "a write given up on stays in the journal: the dead letters are full; drain them (XRANGE, then XDEL)");
+                if shared.limits.log_sink_errors {
+                    tracing::error!(target: "redis_cached", error, attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
+                        "a write given up on stays in the journal: the dead letters are full; drain them (XRANGE, then XDEL)");
+                } else {
+                    tracing::error!(target: "redis_cached", attempts, most = shared.limits.max_dead_letters, stream = %shared.journal.dead,
+                        "a write given up on stays in the journal: the dead letters are full; drain them (XRANGE, then XDEL); \
+                         its reason is kept once it is buried (log_sink_errors shows it here)");
+                }
                 Ok(true)
             }
             Buried::NoLease => {
