@@ -172,11 +172,14 @@ impl<'a> Applier<'a> {
             } => self.row_changed(&schema, &table, relation_oid, Some(Some(&old_data)), None),
             EventType::Truncate { tables, .. } => {
                 for truncated in &tables {
-                    let plan = self
+                    // Named `schema.table`, which a dot inside either name
+                    // makes ambiguous: every mapped table so named is
+                    // invalidated (more than needed, never less).
+                    let plans = self
                         .plan
                         .tables()
-                        .find(|((schema, name), _)| format!("{schema}.{name}") == **truncated);
-                    if let Some((_, plan)) = plan {
+                        .filter(|((schema, name), _)| format!("{schema}.{name}") == **truncated);
+                    for (_, plan) in plans {
                         add(&self.meter.truncates, 1);
                         plan.whole(&mut self.pending);
                     }
