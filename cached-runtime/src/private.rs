@@ -326,7 +326,7 @@ pub async fn evict<R, Fut>(
 where
     Fut: Future<Output = R>,
 {
-    site.register(crate::observe::meters::Series::NONE);
+    site.register(|| crate::observe::meters::Series::NONE);
     crate::call::evict::evict(
         inner_of(cache),
         global::warn_unset,

@@ -60,7 +60,7 @@ impl Policy {
     /// can export in its `role`.
     pub(crate) fn register(&self, role: Role) {
         if let Some(site) = self.site {
-            site.register(self.series(role));
+            site.register(|| self.series(role));
         }
     }
 

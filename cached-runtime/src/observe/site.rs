@@ -44,15 +44,16 @@ impl Site {
     }
 
     /// Lists the function among those called so far, and notes the
-    /// `series` it can export (once; an atomic load on every later call).
+    /// `series` it can export (computed once; an atomic load on every later
+    /// call).
     /// Before its first event: a call registers before it counts.
-    pub(crate) fn register(&'static self, series: Series) {
+    pub(crate) fn register(&'static self, series: impl FnOnce() -> Series) {
         if self.registered.load(Ordering::Acquire) {
             return;
         }
         // Before the flag, so that a call that sees it set finds them; a
         // function's series are the same on every call.
-        self.meters.expect(series);
+        self.meters.expect(series());
         if !self.registered.swap(true, Ordering::AcqRel) {
             SITES
                 .lock()
