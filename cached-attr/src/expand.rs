@@ -7,7 +7,8 @@
 //!     let __cache = <the cache>;
 //!     let __key = <the rendered key>;          // before the body moves the arguments
 //!     let __body = async move { let __ret: R = <body>; __ret };
-//!     ::redis_cached::__private::cached::<Shape, R, _>(__cache, __key, policy, __body).await
+//!     ::redis_cached::__private::cached::<Shape, R, _>(__cache, __key, policy, __body,
+//!         /* how a hit in this process is served: see the runtime's `Probe` */).await
 //! }
 //! ```
 
@@ -66,8 +67,18 @@ pub(crate) fn expand(model: &Model) -> TokenStream {
             // Spanned at the return type, path included: an unserializable
             // value is reported there, and only there.
             let private = respan(private.clone(), model.ret_span);
+            // How a hit in this process is served: picked by what the value
+            // type implements (see the runtime's `Probe`).
+            let hit_path = (entry == "cached").then(|| {
+                quote_spanned!(model.ret_span=> , {
+                    // One of the two is used.
+                    #[allow(unused_imports)]
+                    use #private::{CloneHit as _, DecodeHit as _};
+                    (&&#private::Probe::<#private::#shape, #ret>::new()).hit_path()
+                })
+            });
             quote_spanned!(model.ret_span=>
-                #private::#entry::<#private::#shape, #ret, #(#infer),*>(#cache.get(), #key, #tags_arg #policy, #body).await
+                #private::#entry::<#private::#shape, #ret, #(#infer),*>(#cache.get(), #key, #tags_arg #policy, #body #hit_path).await
             )
         }
         Kind::Evict => {

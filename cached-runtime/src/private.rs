@@ -7,6 +7,7 @@
 //! a user's mistake into one readable error) lives here.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,22 +127,126 @@ impl Ttl for &u64 {
     }
 }
 
-/// The body of a `#[redis_cached]` function.
-pub fn cached<'a, S, R, Fut>(
+/// A hit served from a decoded copy: the result, if there is one for the
+/// key (as rendered) on the cache.
+type ClonedHit<R> = fn(&Cache, &str, &Policy) -> Option<R>;
+
+/// How a hit of a function in this process is served: cloned from the
+/// decoded copy the in-memory backend keeps of an entry, for a value type
+/// that is `Clone` (and `Sync`), or decoded from the entry's bytes. The
+/// attribute picks it with [`Probe`], so that no bound is added to the
+/// value types it accepts.
+pub struct HitPath<S, R> {
+    cloned: Option<ClonedHit<R>>,
+    shape: PhantomData<fn() -> S>,
+}
+
+impl<S, R> HitPath<S, R> {
+    /// Hits decode the entry's bytes.
+    pub const fn decoding() -> Self {
+        HitPath {
+            cloned: None,
+            shape: PhantomData,
+        }
+    }
+}
+
+impl<S: Shape<R>, R> HitPath<S, R> {
+    /// Hits clone the decoded copy of the entry.
+    pub fn cloning() -> Self
+    where
+        S::Value: Clone + Sync,
+    {
+        fn hit<S: Shape<R>, R>(cache: &Cache, key: &str, policy: &Policy) -> Option<R>
+        where
+            S::Value: Clone + Sync,
+        {
+            crate::call::hit::memory_hit::<S, R>(Some(&cache.inner), key, policy)
+        }
+        HitPath {
+            cloned: Some(hit::<S, R>),
+            shape: PhantomData,
+        }
+    }
+}
+
+/// Picks a function's [`HitPath`] from what its value type implements, by
+/// method resolution (autoref specialization):
+/// `(&&Probe::<S, R>::new()).hit_path()` with [`CloneHit`] and
+/// [`DecodeHit`] in scope is [`HitPath::cloning`] when the value is `Clone
+/// + Sync` (as far as the calling code knows: in a generic function, as its
+/// bounds say), [`HitPath::decoding`] otherwise.
+pub struct Probe<S, R>(PhantomData<fn() -> (S, R)>);
+
+impl<S, R> Probe<S, R> {
+    /// The probe of shape `S` of result `R`.
+    pub const fn new() -> Self {
+        Probe(PhantomData)
+    }
+}
+
+impl<S, R> Default for Probe<S, R> {
+    fn default() -> Self {
+        Probe::new()
+    }
+}
+
+/// See [`Probe`]: chosen when the value is `Clone + Sync`.
+pub trait CloneHit<S, R> {
+    /// Hits clone the decoded copy.
+    fn hit_path(&self) -> HitPath<S, R>;
+}
+
+impl<S: Shape<R>, R> CloneHit<S, R> for &Probe<S, R>
+where
+    S::Value: Clone + Sync,
+{
+    fn hit_path(&self) -> HitPath<S, R> {
+        HitPath::cloning()
+    }
+}
+
+/// See [`Probe`]: chosen otherwise.
+pub trait DecodeHit<S, R> {
+    /// Hits decode the bytes.
+    fn hit_path(&self) -> HitPath<S, R>;
+}
+
+// Whatever `S` and `R`: a value that cannot be stored is reported once,
+// at the call, not here too.
+impl<S, R> DecodeHit<S, R> for Probe<S, R> {
+    fn hit_path(&self) -> HitPath<S, R> {
+        HitPath::decoding()
+    }
+}
+
+/// The body of a `#[redis_cached]` function. A hit in this process (the
+/// in-memory backend, a value type that is `Clone`) is answered before any
+/// future of the call is made.
+pub async fn cached<'a, S, R, Fut>(
     cache: Option<&'a Cache>,
     key: String,
     tags: &'a [String],
     policy: Policy,
     body: Fut,
-) -> impl Future<Output = R> + 'a
+    hit_path: HitPath<S, R>,
+) -> R
 where
     S: Shape<R> + 'a,
     R: 'a,
     Fut: Future<Output = R> + 'a,
 {
     policy.register(Role::Cached);
+    // The result is made only to be returned, never held across an
+    // `.await`: the call is `Send` whatever the error type.
+    if let (Some(hit), Some(cache)) = (hit_path.cloned, cache) {
+        if let Some(result) = hit(cache, &key, &policy) {
+            crate::encoding::key::recycle(key);
+            return result;
+        }
+    }
     let inner = inner_of(cache);
-    crate::call::hit::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body)
+    crate::call::hit::cached::<S, R, Fut>(inner, global::warn_unset, key, tags, policy, body).await
 }
 
 /// The body of a `#[redis_cached]` function with `stale` or `early`: its
@@ -225,9 +330,10 @@ where
     // The result is made only to be returned, never held across an
     // `.await`: the call is `Send` whatever the error type.
     if let Some(result) = crate::call::hit::near_hit::<S, R>(inner_of(cache), &key, &policy) {
+        crate::encoding::key::recycle(key);
         return result;
     }
-    cached::<S, R, Fut>(cache, key, tags, policy, body).await
+    cached::<S, R, Fut>(cache, key, tags, policy, body, HitPath::cloning()).await
 }
 
 /// [`cached_near`] for a function with `stale` or `early` (see
@@ -248,6 +354,7 @@ where
 {
     policy.register(Role::Cached);
     if let Some(result) = crate::call::hit::near_hit::<S, R>(inner_of(cache), &key, &policy) {
+        crate::encoding::key::recycle(key);
         return result;
     }
     cached_refreshing::<S, R, F, Fut>(cache, key, tags, policy, make).await

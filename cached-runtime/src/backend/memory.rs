@@ -19,11 +19,19 @@
 //! nothing. They are bounded by the invalidations of one window, not by
 //! `max_entries`.
 //!
+//! An entry read by a hit of a type that can be cloned keeps its decoded
+//! value beside its bytes (as the near tier does): later hits clone it
+//! rather than decode the bytes. The value is weighed when it is kept (an
+//! estimate of what it holds, see `weigh.rs`), so the byte bound counts it;
+//! one too large to keep within it is not kept, and hits of its entry
+//! decode the bytes.
+//!
 //! An expired entry is never returned: a read that finds one removes it.
 //! Expired entries nobody reads are reclaimed by a sweep that runs after
 //! every `max_entries / 4` writes, so they cost at most the bound's memory
 //! for a short while, never more.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,9 +40,11 @@ use std::time::{Duration, Instant};
 
 use quick_cache::sync::Cache as Store;
 use quick_cache::{DefaultHashBuilder, Weighter};
+use serde::de::DeserializeOwned;
 
 use super::{Backend, Bytes, Seen, StoreIf};
-use crate::encoding::codec::Codec;
+use crate::encoding::codec::{self, Codec};
+use crate::encoding::weigh;
 use crate::error::Result;
 use crate::token::now_unix_ms;
 
@@ -79,7 +89,7 @@ struct ByBytes {
 
 impl Weighter<String, Entry> for ByBytes {
     fn weight(&self, key: &String, entry: &Entry) -> u64 {
-        let bytes = (key.len() + entry.bytes.len()) as u64 + ENTRY_OVERHEAD;
+        let bytes = (key.len() + entry.bytes.len()) as u64 + ENTRY_OVERHEAD + entry.decoded_bytes;
         bytes.max(self.floor)
     }
 }
@@ -88,6 +98,11 @@ impl Weighter<String, Entry> for ByBytes {
 struct Entry {
     bytes: Arc<[u8]>,
     expires_at: Instant,
+    /// The value the bytes decode to, as an `Option<T>` (`None`: a stored
+    /// absence), once a hit of a type that can be cloned decoded them.
+    decoded: Option<Arc<dyn Any + Send + Sync>>,
+    /// An estimate of the memory `decoded` holds; 0 without it.
+    decoded_bytes: u64,
 }
 
 const STRIPES: usize = 64;
@@ -102,6 +117,8 @@ struct Record {
 
 pub(crate) struct MemoryBackend {
     entries: Store<String, Entry, ByBytes, DefaultHashBuilder>,
+    /// How `entries` weighs an entry.
+    weigher: ByBytes,
     /// Tag set → the keys cached under it, with when each record expires
     /// (Unix ms, as on Redis) and when it was made. The sweep drops expired
     /// records, records of keys that hold nothing (evicted or expired)
@@ -137,8 +154,10 @@ impl MemoryBackend {
         let capacity = config.max_entries.max(1);
         let max_bytes = config.max_bytes.max(1);
         let floor = (max_bytes / capacity as u64).max(1);
+        let weigher = ByBytes { floor };
         MemoryBackend {
-            entries: Store::with_weighter(capacity, max_bytes, ByBytes { floor }),
+            entries: Store::with_weighter(capacity, max_bytes, weigher),
+            weigher,
             tags: Mutex::new(HashMap::new()),
             record_grace,
             tombstones: Mutex::new(HashMap::new()),
@@ -194,6 +213,8 @@ impl MemoryBackend {
         let entry = Entry {
             bytes: value,
             expires_at,
+            decoded: None,
+            decoded_bytes: 0,
         };
         // A tombstone goes in before the value it replaces goes out, so
         // that a lock-free reader never finds neither.
@@ -262,6 +283,74 @@ impl MemoryBackend {
 
     pub(crate) fn entry_count(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The value at `key` (`Some(None)`: a stored absence), if it holds
+    /// one that is unexpired, at most `max_value_bytes` as stored, and
+    /// decodes as a `T`: cloned from the entry's decoded value, which the
+    /// first such read keeps. `None` for anything else (a miss, a
+    /// tombstone, an entry of another type or that does not decode),
+    /// which a read of the bytes then handles.
+    pub(crate) fn get_decoded<T>(
+        &self,
+        key: &str,
+        codec: Codec,
+        max_value_bytes: usize,
+    ) -> Option<Option<T>>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let entry = self.entries.get(key)?;
+        if entry.expires_at <= Instant::now() {
+            return None;
+        }
+        if let Some(decoded) = &entry.decoded {
+            // Another type's entry: its bytes are decoded by the caller.
+            return decoded.downcast_ref::<Option<T>>().cloned();
+        }
+        if entry.bytes.len() > max_value_bytes {
+            return None;
+        }
+        let (value, heap) = match codec.decode_weighed::<T>(&entry.bytes) {
+            Ok((codec::Entry::Value(value, _), heap)) => (value, heap),
+            _ => return None,
+        };
+        // The `Arc`'s counts and the `Option<T>` it holds, and what that holds.
+        let bytes = weigh::allocation(16 + size_of::<Option<T>>()) + heap;
+        self.keep_decoded(key, &entry, Arc::new(value.clone()), bytes as u64);
+        Some(value)
+    }
+
+    /// Replaces `key`'s entry `read`, if it still holds it, by one that
+    /// also holds `decoded`, weighed `bytes` more; not if that entry would
+    /// weigh over an eighth of a shard of the store (it would not be held
+    /// at all, and its value would be lost).
+    fn keep_decoded(
+        &self,
+        key: &str,
+        read: &Entry,
+        decoded: Arc<dyn Any + Send + Sync>,
+        bytes: u64,
+    ) {
+        // Under the key's write lock: a write that came since the read
+        // replaced its bytes, one that comes later replaces this entry.
+        let _write = self.write_lock(key);
+        let Some(current) = self.entries.peek(key) else {
+            return;
+        };
+        if !Arc::ptr_eq(&current.bytes, &read.bytes) || current.decoded.is_some() {
+            return;
+        }
+        let kept = Entry {
+            decoded: Some(decoded),
+            decoded_bytes: bytes,
+            ..current
+        };
+        let key = key.to_owned();
+        if self.weigher.weight(&key, &kept) > self.entries.shard_capacity() / 8 {
+            return;
+        }
+        self.entries.insert(key, kept);
     }
 }
 
@@ -600,5 +689,73 @@ mod tests {
             m.entry_count()
         );
         assert!(m.entry_count() >= 64, "still caches: {}", m.entry_count());
+    }
+
+    fn entry_of<T: serde::Serialize>(value: &T) -> Arc<[u8]> {
+        Codec::Json.encode(value, None).unwrap().into()
+    }
+
+    /// A decoded copy counts in the byte bound: with every entry's value
+    /// kept decoded (as large again as its bytes), the store holds at most
+    /// `max_bytes` of both.
+    #[tokio::test]
+    async fn decoded_values_count_in_the_byte_bound() {
+        let max_bytes = 8 << 20;
+        let m = MemoryBackend::new(
+            MemoryConfig {
+                max_entries: 100_000,
+                max_bytes,
+            },
+            GRACE,
+        );
+        let value = entry_of(&"x".repeat(16 * 1024));
+        let ttl = Duration::from_secs(60);
+        for i in 0..1_000 {
+            let key = format!("k{i}");
+            m.set(&key, value.clone(), ttl).await.unwrap();
+            let read = m.get_decoded::<String>(&key, Codec::Json, usize::MAX);
+            assert_eq!(read.flatten().map(|s| s.len()), Some(16 * 1024));
+        }
+        let kept = m
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.decoded.is_some())
+            .count() as u64;
+        assert!(kept >= 64, "decoded copies kept: {kept}");
+        let held = m.entry_count() as u64 * value.len() as u64 + kept * 16 * 1024;
+        assert!(
+            held <= max_bytes,
+            "{} entries, {kept} decoded, {held} bytes",
+            m.entry_count()
+        );
+    }
+
+    /// A decoded copy is of the entry it was read from: one written since
+    /// is decoded afresh, never shadowed by the older copy.
+    #[tokio::test]
+    async fn a_decoded_copy_goes_with_its_entry() {
+        let m = MemoryBackend::new(MemoryConfig::default(), GRACE);
+        let ttl = Duration::from_secs(60);
+        m.set("k", entry_of(&1u32), ttl).await.unwrap();
+        assert_eq!(
+            m.get_decoded::<u32>("k", Codec::Json, usize::MAX),
+            Some(Some(1))
+        );
+        assert_eq!(
+            m.get_decoded::<u32>("k", Codec::Json, usize::MAX),
+            Some(Some(1))
+        );
+        m.set("k", entry_of(&2u32), ttl).await.unwrap();
+        assert_eq!(
+            m.get_decoded::<u32>("k", Codec::Json, usize::MAX),
+            Some(Some(2))
+        );
+        // Read as another type: not served from the copy, nor decodable.
+        assert_eq!(m.get_decoded::<String>("k", Codec::Json, usize::MAX), None);
+        // A tombstone is no value.
+        m.set("k", Codec::Json.encode_tombstone().into(), ttl)
+            .await
+            .unwrap();
+        assert_eq!(m.get_decoded::<u32>("k", Codec::Json, usize::MAX), None);
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
-use crate::backend::{Bytes, Seen};
+use crate::backend::{AnyBackend, Bytes, Seen};
 use crate::call::directive::{self, Directive};
 use crate::call::miss::{keep, unkeep, Compute, Fill, Kept, Miss, Outcome};
 use crate::call::refresh::{Detached, Due};
@@ -484,20 +484,53 @@ where
     if directive::pending() {
         return None;
     }
-    let full = inner.full_key(key.to_owned());
-    let result = match inner.near_get::<S::Value>(&full)? {
+    let value = inner.with_full_key(key, |full| inner.near_get::<S::Value>(full))?;
+    let result = in_process::<S, R>(inner, key, policy, value, "near")?;
+    inner.count(policy.site, Event::near_hits);
+    Some(result)
+}
+
+/// The result the in-memory backend holds for `key`, from the decoded copy
+/// of its entry: no decode, nothing read but the entry. `None` (the call
+/// then reads and decodes as any other) on Redis, under a directive, and
+/// for anything but a hit.
+pub(crate) fn memory_hit<S, R>(inner: Option<&Arc<Inner>>, key: &str, policy: &Policy) -> Option<R>
+where
+    S: Shape<R>,
+    S::Value: Clone + Send + Sync + 'static,
+{
+    let inner = inner?;
+    if !matches!(inner.backend, AnyBackend::Memory(_)) || directive::pending() {
+        return None;
+    }
+    let value = inner.with_full_key(key, |full| inner.memory_get::<S::Value>(full))?;
+    in_process::<S, R>(inner, key, policy, value, Outcome::Hit.as_str())
+}
+
+/// The result of a hit in this process (`value`: `None` for a stored
+/// absence, which not every result has), counted, and its span made only
+/// if someone listens.
+fn in_process<S: Shape<R>, R>(
+    inner: &Inner,
+    key: &str,
+    policy: &Policy,
+    value: Option<S::Value>,
+    outcome: &'static str,
+) -> Option<R> {
+    let result = match value {
         Some(value) => S::from_value(value),
         None => S::absent()?,
     };
     inner.count(policy.site, Event::hits);
-    inner.count(policy.site, Event::near_hits);
     let span = tracing::debug_span!(
         target: "redis_cached",
         "cached",
         function = policy.site.map_or("", Site::name),
-        outcome = "near",
+        outcome,
         key = tracing::field::Empty,
     );
-    inner.record_key(&span, &full);
+    if !span.is_disabled() {
+        inner.with_full_key(key, |full| inner.record_key(&span, full));
+    }
     Some(result)
 }

@@ -244,11 +244,13 @@ pub struct KeyBuilder {
 }
 
 impl KeyBuilder {
-    /// Starts a key with room for `capacity` bytes.
+    /// Starts a key with room for `capacity` bytes: in the buffer of the
+    /// last key a hit of this thread gave back ([`recycle`]), if there is
+    /// one, so that a hit allocates no key.
     pub fn with_capacity(capacity: usize) -> Self {
-        KeyBuilder {
-            buf: String::with_capacity(capacity),
-        }
+        let mut buf = SPARE_KEY.try_with(|spare| spare.take()).unwrap_or_default();
+        buf.reserve(capacity);
+        KeyBuilder { buf }
     }
 
     /// Appends literal template text as written.
@@ -544,6 +546,50 @@ pub(crate) fn check_user_key(key: &str) -> crate::Result<()> {
         )));
     }
     Ok(())
+}
+
+thread_local! {
+    /// A key's buffer, given back by the hit that used it, for the next
+    /// key rendered on this thread.
+    static SPARE_KEY: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// Keeps `key`'s buffer for the next key this thread renders (see
+/// [`KeyBuilder::with_capacity`]); a large one is freed instead.
+pub(crate) fn recycle(mut key: String) {
+    if key.capacity() <= 4 * MAX_KEY_LEN {
+        key.clear();
+        let _ = SPARE_KEY.try_with(|spare| spare.set(key));
+    }
+}
+
+/// Runs `with` on the full key of `key` ([`full_key`]), built in a buffer
+/// this thread reuses rather than in a new `String`.
+pub(crate) fn with_full_key<T>(
+    namespace: Option<&str>,
+    key: &str,
+    with: impl FnOnce(&str) -> T,
+) -> T {
+    thread_local! {
+        static FULL: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+    }
+    let len = namespace.map_or(0, |ns| ns.len() + 1) + key.len();
+    let Some(namespace) = namespace.filter(|_| len <= MAX_KEY_LEN) else {
+        return if len <= MAX_KEY_LEN {
+            with(key)
+        } else {
+            with(&full_key(namespace, key.to_owned()))
+        };
+    };
+    // Taken, not borrowed: `with` may build a full key of its own.
+    let mut full = FULL.try_with(|full| full.take()).unwrap_or_default();
+    full.clear();
+    full.push_str(namespace);
+    full.push(':');
+    full.push_str(key);
+    let result = with(&full);
+    let _ = FULL.try_with(|spare| spare.set(full));
+    result
 }
 
 /// The key sent to Redis for `key` under `namespace`: `<namespace>:<key>`,

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use crate::backend::{AnyBackend, Backend, Bytes, RedisBackend, Seen, StoreIf};
 use crate::encoding::codec::{Codec, Entry, Timing};
-use crate::encoding::key::{companion_key, full_key};
+use crate::encoding::key::{companion_key, full_key, with_full_key};
 use crate::encoding::shape::{Shape, Stored};
 use crate::engine::breaker::{Breaker, Health, Outage, Transition};
 use crate::engine::flight::Flights;
@@ -132,6 +132,12 @@ impl Inner {
     /// The key sent to the backend for `key`.
     pub(crate) fn full_key(&self, key: String) -> String {
         full_key(self.settings.namespace.as_deref(), key)
+    }
+
+    /// Runs `with` on the key sent to the backend for `key`, built without
+    /// allocating (for a lookup in this process).
+    pub(crate) fn with_full_key<T>(&self, key: &str, with: impl FnOnce(&str) -> T) -> T {
+        with_full_key(self.settings.namespace.as_deref(), key, with)
     }
 
     /// Names `key` (as sent to the backend) in `span`'s field `key`, if
@@ -655,6 +661,21 @@ impl Inner {
             .tracker()?
             .store
             .get::<T>(key, self.settings.codec)
+    }
+
+    /// The value of `key` (as sent to the backend) in the in-memory
+    /// backend, cloned from its decoded copy (see
+    /// `MemoryBackend::get_decoded`); `None` on Redis, and for anything
+    /// but a usable entry of a `T`.
+    pub(crate) fn memory_get<T>(&self, key: &str) -> Option<Option<T>>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let AnyBackend::Memory(memory) = &self.backend else {
+            return None;
+        };
+        let settings = &self.settings;
+        memory.get_decoded::<T>(key, settings.codec, settings.max_value_bytes)
     }
 
     /// Reads `key` for a call of a function with `policy`: through the
