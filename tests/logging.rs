@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis_cached::{cache_evict, cache_put, redis_cached, BreakerConfig, Cache};
+use support::write_behind::{builder, Recorder};
 use support::RedisServer;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -590,4 +591,70 @@ async fn near_on_a_cache_without_a_near_tier_is_reported_once() {
     }
     let logs = captured.text();
     assert_eq!(logs.matches("keeps no near tier").count(), 1, "{logs}");
+}
+
+/// A stream entry as `XRANGE` gives it: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// A database's error often quotes the row it refused: write-behind keeps
+/// it out of the logs unless asked (and in the dead letter always). Here,
+/// not beside the other write-behind tests: their flushers hit the same
+/// log lines from other threads, and a callsite first met on another
+/// thread while this test installs its subscriber can be cached as
+/// disabled (tracing's interest cache), which would hide every line.
+#[tokio::test(flavor = "current_thread")]
+async fn the_sinks_error_text_stays_out_of_the_logs_unless_asked_for() {
+    for asked in [false, true] {
+        let captured = support::logs::Captured::default();
+        let _guard = tracing::subscriber::set_default(captured.subscriber(tracing::Level::TRACE));
+        let server = RedisServer::start();
+        let cache = Cache::redis(&server.url()).expect("valid URL");
+        let sink = Recorder {
+            poison: Some(13),
+            ..Recorder::default()
+        };
+        let wb = builder("quiet", &cache, sink)
+            .max_attempts(2)
+            .log_sink_errors(asked)
+            .start()
+            .expect("valid");
+        wb.write(13, &"a row".to_owned()).await.expect("journaled");
+        // Other rows go through meanwhile: the database is up, row 13 is
+        // what it refuses.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut other = 100;
+        while wb.stats().dead_letters == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the refused row was not buried"
+            );
+            wb.write(other, &"fine".to_owned())
+                .await
+                .expect("journaled");
+            other += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let logs = captured.text();
+        assert!(logs.contains("the write-behind sink failed"), "{logs}");
+        assert_eq!(
+            logs.contains("row 13 violates a constraint"),
+            asked,
+            "log_sink_errors({asked}):\n{logs}"
+        );
+        // The reason is kept with the write, as private as the journal.
+        let dead: Vec<StreamEntry> = server
+            .cmd(
+                redis::cmd("XRANGE")
+                    .arg("~wb-dead:{quiet}")
+                    .arg("-")
+                    .arg("+"),
+            )
+            .await;
+        let reason = dead[0]
+            .1
+            .iter()
+            .find(|(name, _)| name == "error")
+            .map(|(_, why)| String::from_utf8_lossy(why).into_owned());
+        assert_eq!(reason.as_deref(), Some("row 13 violates a constraint"));
+    }
 }

@@ -1291,11 +1291,13 @@ where
         let c = &shared.counters;
         match inner.guarded(bury).await? {
             Buried::Yes => {
+                // Counted as soon as the dead letter is written, before the
+                // rest of its ids leave the journal.
+                c.add(Tally::dead_letters, 1);
                 if !self.ack(rest).await? {
                     return Ok(false);
                 }
                 self.release(slot);
-                c.add(Tally::dead_letters, 1);
                 if shared.limits.log_sink_errors {
                     tracing::error!(target: "redis_cached", error, attempts, stream = %shared.journal.dead, "a write was given up on and moved to the dead letters");
                 } else {
