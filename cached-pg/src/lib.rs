@@ -76,7 +76,10 @@
 //!   renders; an `UPDATE` those of the old row and of the new one, so that
 //!   a row moved from one tag to another invalidates both. A
 //!   transaction's position is confirmed to Postgres only once all its
-//!   invalidations are done.
+//!   invalidations are done. The keys and tags of one batch (of one or
+//!   several transactions) go out as several invalidations at once, so a
+//!   reader may see one of them land a moment before another; all land
+//!   within the bound below.
 //! - **A bound from `COMMIT` to invalidation.** Measured on one machine
 //!   (loopback, two cores shared with other work, Postgres with `fsync`
 //!   on), from sending a single-row `UPDATE` to its tombstone landing in
