@@ -69,4 +69,8 @@ fi
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --exclude demo --all-features --no-deps --locked
 # Each published crate built from its packaged files alone, so a file left
 # out of a package fails here, not on crates.io.
+# cargo unpacks the packaged crates into a registry source directory keyed
+# by name and version, and reuses a copy an earlier run of the same version
+# left there: it would verify the facade against an older runtime.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/redis-cached-*
 cargo package --workspace --exclude demo --exclude renamed-dep-test --locked

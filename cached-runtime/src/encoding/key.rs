@@ -245,8 +245,8 @@ pub struct KeyBuilder {
 
 impl KeyBuilder {
     /// Starts a key with room for `capacity` bytes: in the buffer of the
-    /// last key a hit of this thread gave back ([`recycle`]), if there is
-    /// one, so that a hit allocates no key.
+    /// last key a hit of this thread gave back, if there is one, so that a
+    /// hit allocates no key.
     pub fn with_capacity(capacity: usize) -> Self {
         let mut buf = SPARE_KEY.try_with(|spare| spare.take()).unwrap_or_default();
         buf.reserve(capacity);
