@@ -22,7 +22,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{median, percentile, user, verdict, User};
+use common::{median, user, verdict, User};
 use redis_cached::{redis_cached, Cache, MemoryConfig};
 
 #[derive(Clone)]
@@ -119,26 +119,23 @@ async fn compare(server: &support::RedisServer) {
     let near_before = sides.near.cache.stats().near_hits;
 
     let n = SIDES.len();
-    let mut p50s = vec![Vec::new(); n];
-    let mut over_moka = vec![Vec::new(); n];
-    for round in 0..SEQ_ROUNDS {
-        let mut round_p50 = vec![Duration::ZERO; n];
-        for k in 0..n {
-            let side = (round + k) % n;
-            let mut samples = Vec::with_capacity(SEQ_OPS);
-            for i in 0..SEQ_OPS {
-                let start = Instant::now();
-                call(side, &sides, i as u64 % KEYS).await;
-                samples.push(start.elapsed());
-            }
-            samples.sort();
-            round_p50[side] = percentile(&samples, 0.5);
-            p50s[side].push(round_p50[side].as_secs_f64());
-        }
-        for side in 0..n {
-            over_moka[side].push(round_p50[side].as_secs_f64() / round_p50[MOKA].as_secs_f64());
-        }
-    }
+    let rounds = common::sequential_p50s(n, SEQ_ROUNDS, SEQ_OPS, |side, i| {
+        call(side, &sides, i as u64 % KEYS)
+    })
+    .await;
+    let mut p50s: Vec<Vec<f64>> = rounds
+        .iter()
+        .map(|side| side.iter().map(Duration::as_secs_f64).collect())
+        .collect();
+    let mut over_moka: Vec<Vec<f64>> = rounds
+        .iter()
+        .map(|side| {
+            side.iter()
+                .zip(&rounds[MOKA])
+                .map(|(p50, moka)| p50.as_secs_f64() / moka.as_secs_f64())
+                .collect()
+        })
+        .collect();
     println!("Sequential p50 ({SEQ_ROUNDS} rounds x {SEQ_OPS} calls per side; median of rounds)");
     for (side, name) in SIDES.iter().enumerate() {
         println!(

@@ -38,6 +38,36 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Sequential rounds over `sides` contenders that take turns, a different
+/// one first in each round: `call(side, i)` is timed `ops` times per side
+/// and round. Each round's p50 of each side, by side.
+pub async fn sequential_p50s<F, Fut>(
+    sides: usize,
+    rounds: usize,
+    ops: usize,
+    mut call: F,
+) -> Vec<Vec<Duration>>
+where
+    F: FnMut(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut p50s = vec![Vec::with_capacity(rounds); sides];
+    for round in 0..rounds {
+        for k in 0..sides {
+            let side = (round + k) % sides;
+            let mut samples = Vec::with_capacity(ops);
+            for i in 0..ops {
+                let start = std::time::Instant::now();
+                call(side, i).await;
+                samples.push(start.elapsed());
+            }
+            samples.sort();
+            p50s[side].push(percentile(&samples, 0.5));
+        }
+    }
+    p50s
+}
+
 /// How a line reports a target.
 pub fn verdict(ok: bool) -> &'static str {
     if ok {
